@@ -1,0 +1,106 @@
+//! The ingest actor: enrich a request's events and hand them to the durable log.
+//!
+//! One per tenant, child of the [`super::supervisor::TenantSupervisor`]. It runs on an arbiter
+//! thread and does only CPU work (enrichment); dedup, sequencing and the fsync happen on the
+//! log writer thread, which answers the request through the reply it is given. The actor keeps
+//! no state of its own: the tenant's settings and hashing key are read from the directory for
+//! each batch, so a rebuilt actor is immediately equivalent to the one it replaces.
+
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, Message};
+use tokio::sync::oneshot;
+
+use crate::actors::{PipelineDeps, PipelineError};
+use crate::enrich::{enrich_all, EnrichContext};
+use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
+use crate::storage::log::{AppendOutcome, AppendRequest};
+use crate::storage::StorageError;
+use crate::tenant::TenantId;
+
+/// One request's validated events.
+pub struct IngestBatch {
+    pub events: Vec<IncomingEvent>,
+    pub source: BatchSource,
+    pub received_at: Micros,
+    pub reply: oneshot::Sender<Result<AppendOutcome, PipelineError>>,
+}
+
+impl Message for IngestBatch {
+    type Result = ();
+}
+
+pub struct IngestActor {
+    tenant: TenantId,
+    deps: Arc<PipelineDeps>,
+}
+
+impl IngestActor {
+    pub fn new(tenant: TenantId, deps: Arc<PipelineDeps>) -> IngestActor {
+        IngestActor { tenant, deps }
+    }
+}
+
+impl Actor for IngestActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.deps.actors.mailbox_capacity);
+    }
+}
+
+impl Handler<IngestBatch> for IngestActor {
+    type Result = ();
+
+    fn handle(&mut self, message: IngestBatch, _ctx: &mut Self::Context) {
+        let IngestBatch {
+            events,
+            source,
+            received_at,
+            reply,
+        } = message;
+        let Some(tenant) = self.deps.directory.get(self.tenant) else {
+            let _ = reply.send(Err(StorageError::TenantDeleted(self.tenant).into()));
+            return;
+        };
+        let context = EnrichContext {
+            received_at,
+            future_tolerance: self.deps.future_tolerance,
+            user_hash_key: &tenant.user_hash_key,
+        };
+        let batch = LogBatch {
+            batch_id: uuid::Uuid::now_v7().as_u128(),
+            received_at,
+            source,
+            events: enrich_all(events, &context),
+        };
+        let request = AppendRequest {
+            tenant: self.tenant,
+            dedup_window: tenant.settings.dedup_window,
+            batch,
+            reply: Box::new(move |outcome| {
+                let _ = reply.send(outcome.map_err(PipelineError::from));
+            }),
+        };
+        if let Err((request, error)) = self.deps.writer.submit(request) {
+            (request.reply)(Err(error));
+        }
+    }
+}
+
+/// Test hook: makes the actor panic, to prove that the supervisor rebuilds it.
+#[cfg(test)]
+pub(crate) struct Crash;
+
+#[cfg(test)]
+impl Message for Crash {
+    type Result = ();
+}
+
+#[cfg(test)]
+impl Handler<Crash> for IngestActor {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _ctx: &mut Self::Context) {
+        panic!("injected failure in the ingest actor");
+    }
+}

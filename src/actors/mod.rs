@@ -1,0 +1,241 @@
+//! Per-tenant actors.
+//!
+//! Every tenant gets a [`supervisor::TenantSupervisor`], started lazily on the tenant's first
+//! request on one of a fixed set of arbiters (threads), round-robin. The supervisor owns the
+//! tenant's child actors (today the [`ingest::IngestActor`]; rollup, live and flush actors hang
+//! off it later), restarts a failed child with capped backoff, and is the stable address senders
+//! use across child restarts.
+//!
+//! [`Pipelines`] is the registry the HTTP layer talks to. Each tenant's pipeline admits at most
+//! `actors.mailbox_capacity` batches in flight ([`InflightLimit`]); beyond that its requests get
+//! 503 at once, while other tenants' pipelines are untouched. (actix's own mailbox bound is per
+//! sender, so the bound is enforced here, in one place.)
+
+pub mod ingest;
+pub mod supervisor;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Arbiter};
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+use crate::config::ActorsConfig;
+use crate::event::{BatchSource, IncomingEvent, Micros};
+use crate::storage::log::{AppendOutcome, LogWriter};
+use crate::storage::StorageError;
+use crate::telemetry;
+use crate::tenant::{TenantDirectory, TenantId};
+
+use self::ingest::IngestBatch;
+use self::supervisor::{StopPipeline, TenantSupervisor};
+
+/// Why a pipeline did not take or finish a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// Backpressure: the tenant's pipeline or the log writer is full, or a child is restarting.
+    #[error("{0}")]
+    Busy(&'static str),
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+impl From<StorageError> for PipelineError {
+    fn from(error: StorageError) -> PipelineError {
+        match error {
+            StorageError::QueueFull => PipelineError::Busy("the log writer queue is full"),
+            other => PipelineError::Storage(other),
+        }
+    }
+}
+
+/// What every tenant actor needs; shared by all pipelines.
+pub struct PipelineDeps {
+    pub writer: Arc<LogWriter>,
+    pub directory: Arc<TenantDirectory>,
+    pub actors: ActorsConfig,
+    pub future_tolerance: Duration,
+}
+
+/// Counts a tenant's batches in flight; a permit is held from admission to reply.
+pub struct InflightLimit {
+    tenant: String,
+    capacity: usize,
+    current: AtomicUsize,
+}
+
+impl InflightLimit {
+    fn new(tenant: TenantId, capacity: usize) -> InflightLimit {
+        InflightLimit {
+            tenant: tenant.to_string(),
+            capacity,
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<InflightPermit> {
+        let mut current = self.current.load(Ordering::Acquire);
+        loop {
+            if current >= self.capacity {
+                return None;
+            }
+            match self.current.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    telemetry::mailbox_depth(&self.tenant, current + 1);
+                    return Some(InflightPermit(Arc::clone(self)));
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Acquire)
+    }
+}
+
+/// Releases its slot when dropped, whatever happened to the batch.
+pub struct InflightPermit(Arc<InflightLimit>);
+
+impl Drop for InflightPermit {
+    fn drop(&mut self) {
+        let before = self.0.current.fetch_sub(1, Ordering::AcqRel);
+        telemetry::mailbox_depth(&self.0.tenant, before.saturating_sub(1));
+    }
+}
+
+/// Handle to one tenant's running pipeline.
+#[derive(Clone)]
+pub struct TenantPipeline {
+    supervisor: Addr<TenantSupervisor>,
+    inflight: Arc<InflightLimit>,
+}
+
+impl TenantPipeline {
+    /// Sends a request's events through the tenant's pipeline; resolves once they are durable.
+    pub async fn ingest(
+        &self,
+        events: Vec<IncomingEvent>,
+        source: BatchSource,
+        received_at: Micros,
+    ) -> Result<AppendOutcome, PipelineError> {
+        let Some(_permit) = self.inflight.try_acquire() else {
+            return Err(PipelineError::Busy("the tenant's ingestion pipeline is full"));
+        };
+        let (reply, answer) = oneshot::channel();
+        let message = IngestBatch {
+            events,
+            source,
+            received_at,
+            reply,
+        };
+        if self.supervisor.try_send(message).is_err() {
+            return Err(PipelineError::Busy("the tenant's ingestion pipeline is not accepting batches"));
+        }
+        match answer.await {
+            Ok(outcome) => outcome,
+            // The actor holding the batch died before answering: nothing was acknowledged.
+            Err(_) => Err(PipelineError::Busy("the tenant's ingestion pipeline restarted")),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.current()
+    }
+}
+
+/// The registry of running tenant pipelines.
+pub struct Pipelines {
+    deps: Arc<PipelineDeps>,
+    arbiters: std::sync::Mutex<Vec<Arbiter>>,
+    handles: Vec<actix_rt::ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+    running: DashMap<TenantId, TenantPipeline>,
+}
+
+impl Pipelines {
+    /// Starts `arbiter_count` arbiters for tenant actors. Must run inside an actix System.
+    pub fn new(deps: PipelineDeps, arbiter_count: usize) -> Pipelines {
+        let arbiters: Vec<Arbiter> = (0..arbiter_count.max(1)).map(|_| Arbiter::new()).collect();
+        let handles = arbiters.iter().map(|a| a.handle()).collect();
+        Pipelines {
+            deps: Arc::new(deps),
+            arbiters: std::sync::Mutex::new(arbiters),
+            handles,
+            next_arbiter: AtomicUsize::new(0),
+            running: DashMap::new(),
+        }
+    }
+
+    /// The tenant's pipeline, started if it is not running.
+    pub fn pipeline(&self, tenant: TenantId) -> TenantPipeline {
+        if let Some(pipeline) = self.running.get(&tenant) {
+            if pipeline.supervisor.connected() {
+                return pipeline.clone();
+            }
+        }
+        let pipeline = self
+            .running
+            .entry(tenant)
+            .and_modify(|existing| {
+                if !existing.supervisor.connected() {
+                    tracing::warn!(%tenant, "tenant supervisor died; starting a new one");
+                    *existing = self.start(tenant);
+                }
+            })
+            .or_insert_with(|| self.start(tenant))
+            .clone();
+        telemetry::tenant_pipelines(self.running.len());
+        pipeline
+    }
+
+    fn start(&self, tenant: TenantId) -> TenantPipeline {
+        let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        let deps = Arc::clone(&self.deps);
+        let supervisor = TenantSupervisor::start_in_arbiter(&self.handles[index], move |_| {
+            TenantSupervisor::new(tenant, deps)
+        });
+        tracing::debug!(%tenant, arbiter = index, "started tenant pipeline");
+        TenantPipeline {
+            supervisor,
+            inflight: Arc::new(InflightLimit::new(tenant, self.deps.actors.mailbox_capacity)),
+        }
+    }
+
+    /// Stops a tenant's pipeline (tenant deleted).
+    pub fn stop(&self, tenant: TenantId) {
+        if let Some((_, pipeline)) = self.running.remove(&tenant) {
+            pipeline.supervisor.do_send(StopPipeline);
+        }
+        telemetry::tenant_pipelines(self.running.len());
+    }
+
+    /// True while every arbiter is running.
+    pub fn healthy(&self) -> bool {
+        self.handles.iter().all(|h| h.spawn(async {}))
+    }
+
+    /// Stops every pipeline and arbiter (shutdown, after HTTP has drained). Blocking.
+    pub fn shutdown(&self) {
+        let tenants: Vec<TenantId> = self.running.iter().map(|e| *e.key()).collect();
+        for tenant in tenants {
+            self.stop(tenant);
+        }
+        let arbiters = match self.arbiters.lock() {
+            Ok(mut guard) => std::mem::take(&mut *guard),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for arbiter in arbiters {
+            arbiter.stop();
+            let _ = arbiter.join();
+        }
+    }
+}

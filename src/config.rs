@@ -1,0 +1,372 @@
+//! Typed configuration.
+//!
+//! Layers, later ones win: the embedded `config/default.toml`, an optional file given with
+//! `--config`, environment variables `STATSREMOTE__SECTION__KEY`, then the `--listen` and
+//! `--data-dir` flags. Every struct denies unknown keys, and [`Config::validate`] checks the
+//! values; both produce an error naming the setting, and the server refuses to start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The defaults, compiled in so that the binary needs no file to start.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "STATSREMOTE__";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Parsing or type error; figment's message names the key and the source.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value that parses but makes no sense.
+    #[error("invalid configuration: setting `{setting}` = {value}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub limits: LimitsConfig,
+    pub actors: ActorsConfig,
+    pub tenant_defaults: TenantDefaults,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// 0 = one worker per core.
+    pub workers: usize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Only meaningful behind a proxy that sets X-Forwarded-For; otherwise clients could spoof it.
+    pub trust_forwarded_for: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Reply after fsync (group commit).
+    Fsync,
+    /// Reply after the write reached the OS page cache.
+    Buffered,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    /// Bounded queue in front of the log writer thread.
+    pub queue_capacity: usize,
+    /// Upper bound on requests per group commit, so one commit cannot grow without limit.
+    pub max_group_requests: usize,
+    pub cache_size: ByteSize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_body_bytes: ByteSize,
+    pub max_event_bytes: ByteSize,
+    pub max_events_per_request: usize,
+    #[serde(with = "humantime_serde")]
+    pub future_tolerance: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsConfig {
+    pub mailbox_capacity: usize,
+    /// 0 = one per core.
+    pub arbiters: usize,
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantDefaults {
+    pub rate_limit_events_per_second: u32,
+    pub rate_limit_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Empty means "not set here".
+    pub admin_token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Command-line values that override the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the layered configuration and validates it.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(overrides, &env)
+    }
+
+    /// Same as [`Config::load`] with an explicit environment (tests use this).
+    pub fn load_from(
+        overrides: &Overrides,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        if let Some(path) = &overrides.config_file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key_path = rest.split("__").collect::<Vec<_>>().join(".").to_ascii_lowercase();
+            let parsed: figment::value::Value = value
+                .parse()
+                .unwrap_or_else(|never: std::convert::Infallible| match never {});
+            figment = figment.merge(Serialized::default(&key_path, parsed));
+        }
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(dir) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("storage.data_dir", dir));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
+            ConfigError::Invalid {
+                setting,
+                value: value.to_string(),
+                reason,
+            }
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "\"\"", "must not be empty"));
+        }
+        if self.storage.queue_capacity == 0 {
+            return Err(invalid("storage.queue_capacity", 0, "must be at least 1"));
+        }
+        if self.storage.max_group_requests == 0 {
+            return Err(invalid("storage.max_group_requests", 0, "must be at least 1"));
+        }
+        if self.limits.max_event_bytes.as_u64() < 256 {
+            return Err(invalid(
+                "limits.max_event_bytes",
+                self.limits.max_event_bytes,
+                "must be at least 256B",
+            ));
+        }
+        if self.limits.max_body_bytes < self.limits.max_event_bytes {
+            return Err(invalid(
+                "limits.max_body_bytes",
+                self.limits.max_body_bytes,
+                "must be at least limits.max_event_bytes",
+            ));
+        }
+        if self.limits.max_body_bytes.as_u64() > 1 << 30 {
+            return Err(invalid(
+                "limits.max_body_bytes",
+                self.limits.max_body_bytes,
+                "must be at most 1GiB",
+            ));
+        }
+        if self.limits.max_events_per_request == 0 {
+            return Err(invalid("limits.max_events_per_request", 0, "must be at least 1"));
+        }
+        if self.actors.mailbox_capacity == 0 {
+            return Err(invalid("actors.mailbox_capacity", 0, "must be at least 1"));
+        }
+        if self.actors.restart_backoff_min.is_zero() {
+            return Err(invalid("actors.restart_backoff_min", "0s", "must be positive"));
+        }
+        if self.actors.restart_backoff_max < self.actors.restart_backoff_min {
+            return Err(invalid(
+                "actors.restart_backoff_max",
+                humantime::format_duration(self.actors.restart_backoff_max),
+                "must be at least actors.restart_backoff_min",
+            ));
+        }
+        if self.actors.heartbeat.is_zero() {
+            return Err(invalid("actors.heartbeat", "0s", "must be positive"));
+        }
+        if self.tenant_defaults.rate_limit_events_per_second == 0 {
+            return Err(invalid(
+                "tenant_defaults.rate_limit_events_per_second",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.tenant_defaults.rate_limit_burst == 0 {
+            return Err(invalid("tenant_defaults.rate_limit_burst", 0, "must be at least 1"));
+        }
+        if self.tenant_defaults.dedup_window.is_zero() {
+            return Err(invalid("tenant_defaults.dedup_window", "0s", "must be positive"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", &self.log.level, "not a valid tracing filter"));
+        }
+        Ok(())
+    }
+
+    /// Number of actix-web workers to run.
+    pub fn http_workers(&self) -> usize {
+        non_zero_or_cores(self.server.workers)
+    }
+
+    /// Number of arbiters hosting tenant actors.
+    pub fn actor_arbiters(&self) -> usize {
+        non_zero_or_cores(self.actors.arbiters)
+    }
+
+    /// Directory of the fjall database inside the data dir.
+    pub fn database_path(&self) -> PathBuf {
+        database_path(&self.storage.data_dir)
+    }
+}
+
+/// Where the fjall database lives inside a data dir.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("db")
+}
+
+fn non_zero_or_cores(value: usize) -> usize {
+    if value > 0 {
+        return value;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_load() {
+        let config = Config::load_from(&Overrides::default(), &[]).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.storage.durability, Durability::Fsync);
+        assert_eq!(config.tenant_defaults.dedup_window, Duration::from_secs(7 * 86400));
+    }
+
+    #[test]
+    fn environment_overrides_nested_settings() {
+        let config = Config::load_from(
+            &Overrides::default(),
+            &env(&[
+                ("STATSREMOTE__STORAGE__DURABILITY", "buffered"),
+                ("STATSREMOTE__LIMITS__MAX_EVENT_BYTES", "128KiB"),
+                ("STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_BURST", "7"),
+                ("STATSREMOTE_ADMIN_TOKEN", "not a setting"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.storage.durability, Durability::Buffered);
+        assert_eq!(config.limits.max_event_bytes.as_u64(), 128 * 1024);
+        assert_eq!(config.tenant_defaults.rate_limit_burst, 7);
+    }
+
+    #[test]
+    fn unknown_environment_key_names_the_setting() {
+        let err = Config::load_from(
+            &Overrides::default(),
+            &env(&[("STATSREMOTE__STORAGE__DURABILTY", "buffered")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("durabilty"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_setting() {
+        let err = Config::load_from(
+            &Overrides::default(),
+            &env(&[("STATSREMOTE__STORAGE__DURABILITY", "sometimes")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("durability"), "{err}");
+        let err = Config::load_from(
+            &Overrides::default(),
+            &env(&[("STATSREMOTE__ACTORS__MAILBOX_CAPACITY", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("actors.mailbox_capacity"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_environment() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: Some(PathBuf::from("/tmp/x")),
+            ..Overrides::default()
+        };
+        let config = Config::load_from(
+            &overrides,
+            &env(&[("STATSREMOTE__SERVER__LISTEN", "127.0.0.1:9")]),
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.port(), 0);
+        assert_eq!(config.storage.data_dir, PathBuf::from("/tmp/x"));
+    }
+}

@@ -1,0 +1,215 @@
+//! Enrichment: what the server adds to every event before it is stored.
+//!
+//! - `received_at`, the server clock when the request arrived;
+//! - `timestamp` corrected for client clock skew as Segment defines it:
+//!   `receivedAt − (sentAt − originalTimestamp)` when `sentAt` is known, else the client's
+//!   timestamp, else `receivedAt`; a result beyond the future tolerance is clamped to
+//!   `receivedAt` and flagged ([`flags::CLAMPED_FUTURE`]);
+//! - a per-tenant keyed BLAKE3 hash of the user (`userId`, else `anonymousId`), the identity used
+//!   for unique-user counts without exposing ids;
+//! - the SDK library name/version from `context.library`;
+//! - a server-generated `messageId` (UUIDv4) when the client sent none.
+//!
+//! Per-request facts (endpoint, anonymised client IP, batch id) live on the
+//! [`crate::event::LogBatch`]. Everything here is pure and allocation-light: strings move from
+//! the incoming event, nothing is re-serialised.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::event::{flags, EventKind, IncomingEvent, Micros, StoredEvent};
+
+/// What enrichment needs to know about the request and the tenant.
+pub struct EnrichContext<'a> {
+    pub received_at: Micros,
+    pub future_tolerance: Duration,
+    pub user_hash_key: &'a [u8; 32],
+}
+
+/// Enriches every event of a request.
+pub fn enrich_all(events: Vec<IncomingEvent>, context: &EnrichContext<'_>) -> Vec<StoredEvent> {
+    events.into_iter().map(|e| enrich(e, context)).collect()
+}
+
+/// Enriches one event.
+pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent {
+    let mut event_flags = 0u8;
+    let message_id = match event.message_id {
+        Some(id) => id,
+        None => {
+            event_flags |= flags::GENERATED_ID;
+            uuid::Uuid::new_v4().to_string()
+        }
+    };
+    let mut timestamp = corrected_timestamp(event.timestamp, event.sent_at, context.received_at);
+    let tolerance = i64::try_from(context.future_tolerance.as_micros()).unwrap_or(i64::MAX);
+    if timestamp > context.received_at.saturating_add(tolerance) {
+        timestamp = context.received_at;
+        event_flags |= flags::CLAMPED_FUTURE;
+    }
+    let identity = event
+        .user_id
+        .as_deref()
+        .or(event.anonymous_id.as_deref())
+        .unwrap_or("");
+    let user_hash = user_hash(context.user_hash_key, identity);
+    let (library_name, library_version) = event
+        .context
+        .as_deref()
+        .map(library_of)
+        .unwrap_or((None, None));
+    StoredEvent {
+        kind: event.kind.unwrap_or(EventKind::Track),
+        message_id,
+        name: event.name,
+        user_id: event.user_id,
+        anonymous_id: event.anonymous_id,
+        group_id: event.group_id,
+        previous_id: event.previous_id,
+        timestamp,
+        original_timestamp: event.timestamp,
+        sent_at: event.sent_at,
+        received_at: context.received_at,
+        user_hash,
+        library_name,
+        library_version,
+        flags: event_flags,
+        properties: event.properties,
+        traits: event.traits,
+        context: event.context,
+        integrations: event.integrations,
+        extra: event.extra,
+    }
+}
+
+/// Segment's clock-skew correction.
+pub fn corrected_timestamp(
+    timestamp: Option<Micros>,
+    sent_at: Option<Micros>,
+    received_at: Micros,
+) -> Micros {
+    match (timestamp, sent_at) {
+        (Some(timestamp), Some(sent_at)) => {
+            received_at.saturating_sub(sent_at.saturating_sub(timestamp))
+        }
+        (Some(timestamp), None) => timestamp,
+        (None, _) => received_at,
+    }
+}
+
+/// Keyed hash of a user identity: stable per tenant, meaningless across tenants.
+pub fn user_hash(key: &[u8; 32], identity: &str) -> u64 {
+    let hash = blake3::keyed_hash(key, identity.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+#[derive(Deserialize)]
+struct ContextLibrary {
+    library: Option<Library>,
+}
+
+#[derive(Deserialize)]
+struct Library {
+    name: Option<String>,
+    version: Option<String>,
+}
+
+/// `context.library.{name,version}` if they are strings.
+fn library_of(context_json: &str) -> (Option<String>, Option<String>) {
+    match serde_json::from_str::<ContextLibrary>(context_json) {
+        Ok(ContextLibrary {
+            library: Some(library),
+        }) => (library.name, library.version),
+        _ => (None, None),
+    }
+}
+
+/// The client IP with the host part zeroed: IPv4 keeps /24, IPv6 keeps /48.
+pub fn anonymize_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            std::net::Ipv4Addr::new(a, b, c, 0).to_string()
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return anonymize_ip(IpAddr::V4(v4));
+            }
+            let mut segments = v6.segments();
+            for segment in segments.iter_mut().skip(3) {
+                *segment = 0;
+            }
+            std::net::Ipv6Addr::from(segments).to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn context(received_at: Micros) -> EnrichContext<'static> {
+        EnrichContext {
+            received_at,
+            future_tolerance: Duration::from_secs(3600),
+            user_hash_key: &KEY,
+        }
+    }
+
+    #[test]
+    fn clock_skew_is_corrected_as_segment_defines_it() {
+        // Client clock 10 s ahead: event at client 1000 s, sent at client 1005 s, received 995 s.
+        let at = corrected_timestamp(Some(1_000_000_000), Some(1_005_000_000), 995_000_000);
+        assert_eq!(at, 990_000_000);
+        assert_eq!(corrected_timestamp(Some(5), None, 9), 5);
+        assert_eq!(corrected_timestamp(None, Some(5), 9), 9);
+    }
+
+    #[test]
+    fn far_future_timestamps_are_clamped_and_flagged() {
+        let now = 1_000_000_000_000;
+        let event = IncomingEvent {
+            kind: Some(EventKind::Track),
+            name: Some("x".into()),
+            user_id: Some("u".into()),
+            timestamp: Some(now + 2 * 3_600_000_000),
+            ..IncomingEvent::default()
+        };
+        let stored = enrich(event, &context(now));
+        assert_eq!(stored.timestamp, now);
+        assert_eq!(stored.original_timestamp, Some(now + 2 * 3_600_000_000));
+        assert!(stored.flags & flags::CLAMPED_FUTURE != 0);
+        assert!(stored.flags & flags::GENERATED_ID != 0);
+        assert_eq!(stored.message_id.len(), 36);
+    }
+
+    #[test]
+    fn user_hash_prefers_user_id_and_is_keyed() {
+        let event = IncomingEvent {
+            user_id: Some("alice".into()),
+            anonymous_id: Some("anon".into()),
+            context: Some(r#"{"library":{"name":"analytics-node","version":"1.2.3"},"ip":"1.2.3.4"}"#.into()),
+            ..IncomingEvent::default()
+        };
+        let stored = enrich(event, &context(1));
+        assert_eq!(stored.user_hash, user_hash(&KEY, "alice"));
+        assert_ne!(user_hash(&KEY, "alice"), user_hash(&[8; 32], "alice"));
+        assert_eq!(stored.library_name.as_deref(), Some("analytics-node"));
+        assert_eq!(stored.library_version.as_deref(), Some("1.2.3"));
+    }
+
+    #[test]
+    fn ips_are_anonymised() {
+        assert_eq!(anonymize_ip("203.0.113.77".parse().unwrap_or(IpAddr::from([0; 4]))), "203.0.113.0");
+        assert_eq!(
+            anonymize_ip("2001:db8:abcd:12::1".parse().unwrap_or(IpAddr::from([0; 4]))),
+            "2001:db8:abcd::"
+        );
+    }
+}

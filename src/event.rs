@@ -1,0 +1,171 @@
+//! The event model.
+//!
+//! [`IncomingEvent`] is what a compat parser (Segment today) produces from one event of a request:
+//! typed identity and time fields, and the free-form objects (`properties`, `traits`, `context`,
+//! `integrations`) kept as their original JSON text, so they are never re-serialised on the hot
+//! path. Enrichment turns it into a [`StoredEvent`]; a request's stored events travel together as
+//! one [`LogBatch`], which is the value of one event-log entry.
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::{Iso8601, Rfc3339};
+use time::OffsetDateTime;
+
+/// Microseconds since the Unix epoch, UTC.
+pub type Micros = i64;
+
+/// Segment's event types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Track,
+    Identify,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Track => "track",
+            EventKind::Identify => "identify",
+            EventKind::Page => "page",
+            EventKind::Screen => "screen",
+            EventKind::Group => "group",
+            EventKind::Alias => "alias",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventKind> {
+        Some(match name {
+            "track" => EventKind::Track,
+            "identify" => EventKind::Identify,
+            "page" => EventKind::Page,
+            "screen" => EventKind::Screen,
+            "group" => EventKind::Group,
+            "alias" => EventKind::Alias,
+            _ => return None,
+        })
+    }
+}
+
+/// One event as sent by a client, after parsing and validation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IncomingEvent {
+    pub kind: Option<EventKind>,
+    /// Client's dedup id; `None` means the server generates one (and skips dedup).
+    pub message_id: Option<String>,
+    /// `event` of a track call, `name` of a page or screen call.
+    pub name: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub group_id: Option<String>,
+    pub previous_id: Option<String>,
+    /// Client clock: `timestamp` (or `originalTimestamp`).
+    pub timestamp: Option<Micros>,
+    /// Client clock when the event (or its batch) was sent.
+    pub sent_at: Option<Micros>,
+    pub properties: Option<String>,
+    pub traits: Option<String>,
+    pub context: Option<String>,
+    pub integrations: Option<String>,
+    /// Other top-level fields, as (key, JSON text), kept so that nothing a client sent is lost.
+    pub extra: Vec<(String, String)>,
+}
+
+/// Flags set by enrichment.
+pub mod flags {
+    /// The server generated the messageId (the client sent none).
+    pub const GENERATED_ID: u8 = 1;
+    /// The corrected timestamp was beyond the future tolerance and was clamped to `received_at`.
+    pub const CLAMPED_FUTURE: u8 = 2;
+}
+
+/// An enriched event as stored in the log. Field order is the bincode layout: append new fields
+/// only together with a new codec format version (see `storage::codec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub kind: EventKind,
+    pub message_id: String,
+    pub name: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub group_id: Option<String>,
+    pub previous_id: Option<String>,
+    /// Corrected for client clock skew, clamped if too far in the future.
+    pub timestamp: Micros,
+    /// What the client said, uncorrected.
+    pub original_timestamp: Option<Micros>,
+    pub sent_at: Option<Micros>,
+    pub received_at: Micros,
+    /// Per-tenant keyed hash of `user_id`, else `anonymous_id`: privacy-safe identity for uniques.
+    pub user_hash: u64,
+    pub library_name: Option<String>,
+    pub library_version: Option<String>,
+    pub flags: u8,
+    pub properties: Option<String>,
+    pub traits: Option<String>,
+    pub context: Option<String>,
+    pub integrations: Option<String>,
+    pub extra: Vec<(String, String)>,
+}
+
+/// Where a batch came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSource {
+    /// The route, e.g. `/v1/batch`.
+    pub endpoint: String,
+    /// Client IP with the host part zeroed (IPv4 /24, IPv6 /48).
+    pub client_ip: Option<String>,
+}
+
+/// The events of one request, as one event-log value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogBatch {
+    /// Lineage: which request these events came in with (UUIDv7, time-ordered).
+    pub batch_id: u128,
+    pub received_at: Micros,
+    pub source: BatchSource,
+    pub events: Vec<StoredEvent>,
+}
+
+/// Parses an ISO 8601 / RFC 3339 date-time into microseconds.
+pub fn parse_timestamp(text: &str) -> Option<Micros> {
+    let parsed = OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|_| OffsetDateTime::parse(text, &Iso8601::DEFAULT))
+        .ok()?;
+    i64::try_from(parsed.unix_timestamp_nanos() / 1000).ok()
+}
+
+/// Formats microseconds as RFC 3339 UTC with millisecond precision (Segment's own format).
+pub fn format_timestamp(micros: Micros) -> String {
+    let nanos = i128::from(micros) * 1000;
+    match OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(at) => {
+            let format = time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            );
+            at.format(&format).unwrap_or_else(|_| micros.to_string())
+        }
+        Err(_) => micros.to_string(),
+    }
+}
+
+/// Now, in microseconds.
+pub fn now_micros() -> Micros {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_parse_with_offsets_and_fractions() {
+        assert_eq!(parse_timestamp("1970-01-01T00:00:01Z"), Some(1_000_000));
+        assert_eq!(parse_timestamp("1970-01-01T01:00:01.5+01:00"), Some(1_500_000));
+        assert_eq!(parse_timestamp("2024-02-30T00:00:00Z"), None);
+        assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(format_timestamp(1_500_000), "1970-01-01T00:00:01.500Z");
+    }
+}

@@ -1,0 +1,202 @@
+//! Admin API: tenants, their settings and keys. Guarded by the admin token.
+//!
+//! Writes go through the [`crate::tenant::TenantDirectory`] on a blocking thread (they fsync).
+//! Deleting a tenant revokes its keys at once, stops its pipeline and purges its events.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::event::format_timestamp;
+use crate::http::errors::ApiError;
+use crate::http::{auth, AppState};
+use crate::tenant::{DirectoryError, RotateWhich, SettingsPatch, TenantId, TenantRecord, TenantSettings};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    name: String,
+    #[serde(default)]
+    settings: Option<SettingsPatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    name: Option<String>,
+    #[serde(default)]
+    settings: Option<SettingsPatch>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKeys {
+    which: Option<RotateWhich>,
+}
+
+/// A tenant as the API shows it (never with key digests or the hashing secret).
+#[derive(Debug, Serialize)]
+pub struct TenantView {
+    id: String,
+    name: String,
+    created_at: String,
+    settings: TenantSettings,
+}
+
+impl From<&TenantRecord> for TenantView {
+    fn from(record: &TenantRecord) -> TenantView {
+        TenantView {
+            id: record.id.to_string(),
+            name: record.name.clone(),
+            created_at: format_timestamp(record.created_at),
+            settings: record.settings.clone(),
+        }
+    }
+}
+
+fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    raw.parse()
+        .map_err(|()| ApiError::NotFound(format!("tenant {raw:?} not found")))
+}
+
+fn directory_error(error: DirectoryError) -> ApiError {
+    match error {
+        DirectoryError::NotFound(id) => ApiError::NotFound(format!("tenant {id} not found")),
+        DirectoryError::Invalid(detail) => ApiError::bad_request(detail),
+        DirectoryError::Storage(error) => {
+            tracing::error!(%error, "admin write failed");
+            ApiError::Internal(format!("storage failure: {error}"))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DirectoryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
+        .map_err(directory_error)
+}
+
+pub async fn create(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<CreateTenant>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let CreateTenant { name, settings } = body.into_inner();
+    let directory = state.directory.clone();
+    let (record, keys) = blocking(move || {
+        let (record, keys) = directory.create(&name)?;
+        let record = match settings {
+            Some(patch) => match directory.update(record.id, None, &patch) {
+                Ok(updated) => updated,
+                Err(error) => {
+                    // Don't leave a half-configured tenant behind.
+                    let _ = directory.remove(record.id);
+                    return Err(error);
+                }
+            },
+            None => record,
+        };
+        Ok((record, keys))
+    })
+    .await?;
+    tracing::info!(tenant = %record.id, name = %record.name, "tenant created");
+    let view = TenantView::from(&*record);
+    Ok(HttpResponse::Created().json(serde_json::json!({
+        "id": view.id,
+        "name": view.name,
+        "created_at": view.created_at,
+        "settings": view.settings,
+        "write_key": keys.write_key,
+        "read_key": keys.read_key,
+    })))
+}
+
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let tenants: Vec<TenantView> = state
+        .directory
+        .list()
+        .iter()
+        .map(|r| TenantView::from(&**r))
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenants": tenants })))
+}
+
+pub async fn get(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = tenant_id(&path)?;
+    let record = state
+        .directory
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("tenant {id} not found")))?;
+    Ok(HttpResponse::Ok().json(TenantView::from(&*record)))
+}
+
+pub async fn update(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<UpdateTenant>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = tenant_id(&path)?;
+    let UpdateTenant { name, settings } = body.into_inner();
+    let directory = state.directory.clone();
+    let record = blocking(move || {
+        directory.update(id, name.as_deref(), &settings.unwrap_or_default())
+    })
+    .await?;
+    tracing::info!(tenant = %id, "tenant updated");
+    Ok(HttpResponse::Ok().json(TenantView::from(&*record)))
+}
+
+pub async fn rotate(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: Option<web::Json<RotateKeys>>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = tenant_id(&path)?;
+    let which = body
+        .and_then(|b| b.into_inner().which)
+        .unwrap_or(RotateWhich::Both);
+    let directory = state.directory.clone();
+    let (record, keys) = blocking(move || directory.rotate(id, which)).await?;
+    tracing::info!(tenant = %id, ?which, "tenant keys rotated");
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": record.id.to_string(),
+        "write_key": keys.write_key,
+        "read_key": keys.read_key,
+    })))
+}
+
+pub async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = tenant_id(&path)?;
+    let directory = state.directory.clone();
+    blocking(move || directory.remove(id)).await?;
+    state.pipelines.stop(id);
+    state.rate_limits.forget(id);
+    let purged = state.writer.purge(id).await.map_err(|error| {
+        tracing::error!(tenant = %id, %error, "purge failed");
+        ApiError::Internal(format!("tenant removed but purging its data failed: {error}"))
+    })?;
+    tracing::info!(tenant = %id, purged_batches = purged, "tenant deleted and purged");
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": id.to_string(),
+        "deleted": true,
+        "purged_log_entries": purged,
+    })))
+}

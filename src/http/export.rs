@@ -1,0 +1,216 @@
+//! `GET /v1/events/export`: a tenant's stored, enriched events as NDJSON, in sequence order.
+//!
+//! The log is read in chunks on a blocking thread and streamed through a small bounded channel,
+//! so memory stays flat whatever the size of the export, and a client that stops reading stops
+//! the scan. Filters: `from`/`to` (RFC 3339, on the corrected event timestamp, `to` exclusive)
+//! and `event` (the event name).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
+use crate::http::errors::ApiError;
+use crate::http::{auth, AppState};
+use crate::storage::log::read_batches;
+use crate::tenant::KeyKind;
+
+/// Log entries read per blocking step.
+const CHUNK_BATCHES: usize = 64;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    from: Option<String>,
+    to: Option<String>,
+    event: Option<String>,
+}
+
+/// Parses an optional RFC 3339 query parameter, naming it on error.
+pub fn time_param(name: &str, value: Option<&str>) -> Result<Option<Micros>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(text) => parse_timestamp(text).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "query parameter `{name}` is not an RFC 3339 date-time: {text:?}"
+            ))
+        }),
+    }
+}
+
+pub async fn export(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<ExportQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let key = auth::header_credential(&req)?;
+    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let query = query.into_inner();
+    let from = time_param("from", query.from.as_deref())?.unwrap_or(i64::MIN);
+    let to = time_param("to", query.to.as_deref())?.unwrap_or(i64::MAX);
+    if from >= to {
+        return Err(ApiError::bad_request("query parameter `from` must be before `to`"));
+    }
+    let filter = Filter {
+        from,
+        to,
+        event: query.event,
+    };
+    let storage = state.storage.clone();
+    let tenant_id = tenant.id;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    actix_web::rt::task::spawn_blocking(move || {
+        let mut next_seq = 0u64;
+        loop {
+            let batches = match read_batches(&storage, tenant_id, next_seq, CHUNK_BATCHES) {
+                Ok(batches) => batches,
+                Err(error) => {
+                    tracing::error!(tenant = %tenant_id, %error, "export failed while reading the log");
+                    let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
+                    return;
+                }
+            };
+            if batches.is_empty() {
+                return;
+            }
+            let mut chunk = Vec::with_capacity(64 * 1024);
+            for (first_seq, batch) in &batches {
+                write_batch(&mut chunk, *first_seq, batch, &filter);
+                next_seq = first_seq + (batch.events.len() as u64).max(1);
+            }
+            if !chunk.is_empty() && sender.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                return; // The client went away.
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .streaming(stream))
+}
+
+struct Filter {
+    from: Micros,
+    to: Micros,
+    event: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, event: &StoredEvent) -> bool {
+        event.timestamp >= self.from
+            && event.timestamp < self.to
+            && self
+                .event
+                .as_deref()
+                .is_none_or(|wanted| event.name.as_deref() == Some(wanted))
+    }
+}
+
+fn write_batch(out: &mut Vec<u8>, first_seq: u64, batch: &LogBatch, filter: &Filter) {
+    for (offset, event) in batch.events.iter().enumerate() {
+        if !filter.matches(event) {
+            continue;
+        }
+        let line = ExportLine {
+            seq: first_seq + offset as u64,
+            batch,
+            event,
+        };
+        if serde_json::to_writer(&mut *out, &line).is_ok() {
+            out.push(b'\n');
+        }
+    }
+}
+
+/// One exported event: Segment's field names, plus what StatsRemote added under `statsremote`.
+struct ExportLine<'a> {
+    seq: u64,
+    batch: &'a LogBatch,
+    event: &'a StoredEvent,
+}
+
+fn raw(text: &str) -> Option<&RawValue> {
+    serde_json::from_str(text).ok()
+}
+
+impl Serialize for ExportLine<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let e = self.event;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("type", e.kind.as_str())?;
+        map.serialize_entry("messageId", &e.message_id)?;
+        if let Some(name) = &e.name {
+            let key = if e.kind == crate::event::EventKind::Track { "event" } else { "name" };
+            map.serialize_entry(key, name)?;
+        }
+        for (key, value) in [
+            ("userId", &e.user_id),
+            ("anonymousId", &e.anonymous_id),
+            ("groupId", &e.group_id),
+            ("previousId", &e.previous_id),
+        ] {
+            if let Some(value) = value {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.serialize_entry("timestamp", &format_timestamp(e.timestamp))?;
+        if let Some(at) = e.original_timestamp {
+            map.serialize_entry("originalTimestamp", &format_timestamp(at))?;
+        }
+        if let Some(at) = e.sent_at {
+            map.serialize_entry("sentAt", &format_timestamp(at))?;
+        }
+        map.serialize_entry("receivedAt", &format_timestamp(e.received_at))?;
+        for (key, value) in [
+            ("properties", &e.properties),
+            ("traits", &e.traits),
+            ("context", &e.context),
+            ("integrations", &e.integrations),
+        ] {
+            if let Some(json) = value.as_deref().and_then(raw) {
+                map.serialize_entry(key, json)?;
+            }
+        }
+        for (key, value) in &e.extra {
+            if let Some(json) = raw(value) {
+                map.serialize_entry(key, json)?;
+            }
+        }
+        map.serialize_entry(
+            "statsremote",
+            &Enrichment {
+                seq: self.seq,
+                batch_id: uuid::Uuid::from_u128(self.batch.batch_id).to_string(),
+                user_hash: format!("{:016x}", e.user_hash),
+                endpoint: &self.batch.source.endpoint,
+                client_ip: self.batch.source.client_ip.as_deref(),
+                library_name: e.library_name.as_deref(),
+                library_version: e.library_version.as_deref(),
+                generated_message_id: e.flags & flags::GENERATED_ID != 0,
+                clamped_future_timestamp: e.flags & flags::CLAMPED_FUTURE != 0,
+            },
+        )?;
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Enrichment<'a> {
+    seq: u64,
+    batch_id: String,
+    user_hash: String,
+    endpoint: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_ip: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    library_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    library_version: Option<&'a str>,
+    generated_message_id: bool,
+    clamped_future_timestamp: bool,
+}

@@ -1,0 +1,166 @@
+//! The HTTP API (actix-web).
+//!
+//! - [`ingest`]: Segment-compatible ingestion endpoints, parsed by [`segment`], bodies read by
+//!   [`body`];
+//! - [`export`]: reading stored events back;
+//! - [`admin`]: tenants and keys;
+//! - [`ops`]: health, readiness, metrics, the OpenAPI document;
+//! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json).
+//!
+//! [`AppState`] is built once, before `HttpServer::new`, and shared by every worker.
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod errors;
+pub mod export;
+pub mod ingest;
+pub mod ops;
+pub mod segment;
+
+use std::sync::Arc;
+
+use actix_cors::Cors;
+use actix_web::dev::Service;
+use actix_web::{web, HttpRequest, HttpResponse};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::Pipelines;
+use crate::config::Config;
+use crate::event::EventKind;
+use crate::ratelimit::RateLimits;
+use crate::storage::log::LogWriter;
+use crate::storage::Storage;
+use crate::telemetry;
+use crate::tenant::TenantDirectory;
+
+use self::errors::{extractor_error, ApiError};
+use self::segment::Route;
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub storage: Storage,
+    pub writer: Arc<LogWriter>,
+    pub directory: Arc<TenantDirectory>,
+    pub pipelines: Arc<Pipelines>,
+    pub rate_limits: RateLimits,
+    pub metrics: PrometheusHandle,
+}
+
+/// Segment routes: path and how its body is read.
+const SEGMENT_ROUTES: [(&str, Route); 8] = [
+    ("/v1/batch", Route::Batch),
+    ("/v1/import", Route::Batch),
+    ("/v1/track", Route::Single(EventKind::Track)),
+    ("/v1/identify", Route::Single(EventKind::Identify)),
+    ("/v1/page", Route::Single(EventKind::Page)),
+    ("/v1/screen", Route::Single(EventKind::Screen)),
+    ("/v1/group", Route::Single(EventKind::Group)),
+    ("/v1/alias", Route::Single(EventKind::Alias)),
+];
+
+/// Largest admin JSON body.
+const ADMIN_JSON_LIMIT: usize = 64 * 1024;
+
+/// Registers every route.
+pub fn configure(config: &mut web::ServiceConfig) {
+    for (path, route) in SEGMENT_ROUTES {
+        config.service(
+            web::resource(path)
+                .route(web::post().to(
+                    move |req: HttpRequest, payload: web::Payload, state: web::Data<AppState>| {
+                        ingest::handle(req, payload, state, route, path)
+                    },
+                ))
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+    config
+        .app_data(
+            web::JsonConfig::default()
+                .limit(ADMIN_JSON_LIMIT)
+                .error_handler(|err, _| extractor_error("JSON body", err)),
+        )
+        .app_data(web::QueryConfig::default().error_handler(|err, _| extractor_error("query string", err)))
+        .app_data(web::PathConfig::default().error_handler(|err, _| extractor_error("path", err)))
+        .service(
+            web::resource("/v1/events/export")
+                .route(web::get().to(export::export))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants")
+                .route(web::get().to(admin::list))
+                .route(web::post().to(admin::create))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}")
+                .route(web::get().to(admin::get))
+                .route(web::patch().to(admin::update))
+                .route(web::delete().to(admin::delete))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/rotate-keys")
+                .route(web::post().to(admin::rotate))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route("/healthz", web::get().to(ops::healthz))
+        .route("/readyz", web::get().to(ops::readyz))
+        .route("/metrics", web::get().to(ops::metrics))
+        .route("/openapi.json", web::get().to(ops::openapi));
+}
+
+/// Builds the actix-web app for one worker.
+pub fn app(
+    state: web::Data<AppState>,
+) -> actix_web::App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let cors = Cors::default()
+        .allow_any_origin()
+        .allowed_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
+        .allow_any_header()
+        .expose_headers([
+            "Retry-After",
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+        ])
+        .max_age(86_400);
+    actix_web::App::new()
+        .app_data(state)
+        .wrap_fn(|req, srv| {
+            let route = req.match_pattern();
+            let response = srv.call(req);
+            async move {
+                let response = response.await?;
+                let route = route.unwrap_or_else(|| "unmatched".to_string());
+                telemetry::http_request(route, response.status().as_u16());
+                Ok(response)
+            }
+        })
+        .wrap(cors)
+        .configure(configure)
+        .default_service(web::to(not_found))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.path()
+    )))
+}

@@ -1,0 +1,647 @@
+//! Parser for the Segment HTTP Tracking API formats.
+//!
+//! Input is untrusted bytes; output is a [`ParsedRequest`]: the valid events, and for each
+//! invalid one its index and a reason, so a batch keeps its good events. Errors that make the
+//! whole request unusable (not JSON, no `batch` array, too many events) are [`ParseError`]s.
+//!
+//! Each event object is first split into `(key, raw JSON)` pairs borrowed from the body, then
+//! each known key is checked for its type. Free-form objects (`properties`, `traits`, `context`,
+//! `integrations`) are kept as their JSON text; unknown top-level keys are kept in
+//! `extra`. Nothing here panics on any input (property-tested below).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::event::{parse_timestamp, EventKind, IncomingEvent, Micros};
+
+/// Longest accepted event name (`event` of a track, `name` of a page or screen), in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest accepted `messageId`, in bytes.
+pub const MAX_MESSAGE_ID_BYTES: usize = 512;
+/// Longest accepted `userId`, `anonymousId`, `groupId` or `previousId`, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// Which Segment route a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/batch` and `/v1/import`: `{"batch": [...]}`, each item with its `type`.
+    Batch,
+    /// `/v1/track`, `/v1/identify`, ...: the body is one event of this type.
+    Single(EventKind),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    pub max_event_bytes: usize,
+    pub max_events: usize,
+}
+
+/// One event that was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    /// Position in the batch (or NDJSON line among the non-empty lines), from 0.
+    pub index: usize,
+    #[serde(rename = "messageId", skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ParsedRequest {
+    /// `writeKey` from the body, if any.
+    pub write_key: Option<String>,
+    pub events: Vec<IncomingEvent>,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("request has {count} events; the limit is {limit}")]
+    TooManyEvents { count: usize, limit: usize },
+}
+
+/// Parses a JSON body of `route`.
+pub fn parse_json(route: Route, body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+    let text = utf8(body)?;
+    match route {
+        Route::Batch => parse_batch(text, limits),
+        Route::Single(kind) => parse_single(kind, text, limits),
+    }
+}
+
+fn utf8(body: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(body).map_err(|e| {
+        ParseError::Malformed(format!(
+            "request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+#[derive(Deserialize)]
+struct BatchEnvelope<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "sentAt", borrow)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+/// Batch-level fields that apply to every event.
+#[derive(Default)]
+struct Defaults<'a> {
+    sent_at: Option<Micros>,
+    context: Option<&'a str>,
+    integrations: Option<&'a str>,
+}
+
+fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+    let envelope: BatchEnvelope<'_> = serde_json::from_str(text).map_err(|e| {
+        ParseError::Malformed(format!(
+            "request body must be a JSON object with a `batch` array: {e}"
+        ))
+    })?;
+    let items = envelope.batch.ok_or_else(|| {
+        ParseError::Malformed("request body has no `batch` array".to_string())
+    })?;
+    if items.len() > limits.max_events {
+        return Err(ParseError::TooManyEvents {
+            count: items.len(),
+            limit: limits.max_events,
+        });
+    }
+    let defaults = Defaults {
+        sent_at: optional_time("sentAt", envelope.sent_at).map_err(ParseError::Malformed)?,
+        context: optional_object("context", envelope.context).map_err(ParseError::Malformed)?,
+        integrations: optional_object("integrations", envelope.integrations)
+            .map_err(ParseError::Malformed)?,
+    };
+    let mut parsed = ParsedRequest {
+        write_key: envelope.write_key,
+        events: Vec::with_capacity(items.len()),
+        rejected: Vec::new(),
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        parsed.take(index, parse_event(None, item.get(), &defaults, limits));
+    }
+    Ok(parsed)
+}
+
+fn parse_single(kind: EventKind, text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+    let mut parsed = ParsedRequest::default();
+    match parse_event(Some(kind), text, &Defaults::default(), limits) {
+        // The whole body is the event: a malformed object is a malformed request.
+        Err(EventError { reason, .. }) if reason.starts_with("not a JSON object") => {
+            Err(ParseError::Malformed(format!("request body {reason}")))
+        }
+        outcome => {
+            parsed.take(0, outcome);
+            Ok(parsed)
+        }
+    }
+}
+
+/// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
+pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+    let text = utf8(body)?;
+    let lines: Vec<&str> = text
+        .split('\n')
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    if lines.len() > limits.max_events {
+        return Err(ParseError::TooManyEvents {
+            count: lines.len(),
+            limit: limits.max_events,
+        });
+    }
+    let mut parsed = ParsedRequest {
+        events: Vec::with_capacity(lines.len()),
+        ..ParsedRequest::default()
+    };
+    for (index, line) in lines.into_iter().enumerate() {
+        parsed.take(index, parse_event(None, line, &Defaults::default(), limits));
+    }
+    Ok(parsed)
+}
+
+impl ParsedRequest {
+    fn take(&mut self, index: usize, outcome: Result<ParsedEvent, EventError>) {
+        match outcome {
+            Ok(ParsedEvent { event, write_key }) => {
+                if self.write_key.is_none() {
+                    self.write_key = write_key;
+                }
+                self.events.push(event);
+            }
+            Err(EventError { message_id, reason }) => self.rejected.push(Rejection {
+                index,
+                message_id,
+                reason,
+            }),
+        }
+    }
+}
+
+struct ParsedEvent {
+    event: IncomingEvent,
+    write_key: Option<String>,
+}
+
+struct EventError {
+    message_id: Option<String>,
+    reason: String,
+}
+
+impl EventError {
+    fn new(reason: impl Into<String>) -> EventError {
+        EventError {
+            message_id: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An object's members, borrowed from the input where no unescaping was needed.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+struct MemberKey<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for MemberKey<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = MemberKey<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MemberKey(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MemberKey(Cow::Owned(v.to_string())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(16);
+                while let Some(MemberKey(key)) = map.next_key()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    members.push((key, value));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// Parses and validates one event. `route_kind` is the type implied by a single-event route.
+fn parse_event(
+    route_kind: Option<EventKind>,
+    text: &str,
+    defaults: &Defaults<'_>,
+    limits: &ParseLimits,
+) -> Result<ParsedEvent, EventError> {
+    if text.len() > limits.max_event_bytes {
+        return Err(EventError::new(format!(
+            "event is {} bytes; the limit is {} bytes",
+            text.len(),
+            limits.max_event_bytes
+        )));
+    }
+    let members: Members<'_> = serde_json::from_str(text)
+        .map_err(|e| EventError::new(format!("not a JSON object: {e}")))?;
+    let members = members.0;
+
+    // The type decides how `event` and `name` are read, and it may come after them.
+    let kind = match route_kind {
+        Some(kind) => kind,
+        None => {
+            let raw = members
+                .iter()
+                .rev()
+                .find(|(key, _)| key == "type")
+                .map(|(_, value)| *value);
+            let message_id = members
+                .iter()
+                .rev()
+                .find(|(key, _)| key == "messageId")
+                .and_then(|(_, value)| id_value("messageId", value).ok().flatten());
+            let name = match raw.map(|r| string_value("type", r)) {
+                Some(Ok(Some(name))) => name,
+                Some(Err(reason)) => return Err(EventError { message_id, reason }),
+                None | Some(Ok(None)) => {
+                    return Err(EventError {
+                        message_id,
+                        reason: "missing `type` (one of track, identify, page, screen, group, alias)".into(),
+                    })
+                }
+            };
+            match EventKind::parse(&name) {
+                Some(kind) => kind,
+                None => {
+                    return Err(EventError {
+                        message_id,
+                        reason: format!(
+                            "unknown type {name:?} (expected track, identify, page, screen, group or alias)"
+                        ),
+                    })
+                }
+            }
+        }
+    };
+
+    let mut event = IncomingEvent {
+        kind: Some(kind),
+        ..IncomingEvent::default()
+    };
+    let mut write_key = None;
+    let mut errors: Vec<String> = Vec::new();
+    let mut record = |result: Result<(), String>| {
+        if let Err(reason) = result {
+            errors.push(reason);
+        }
+    };
+    for (key, value) in members {
+        let key_str: &str = &key;
+        match key_str {
+            "type" | "receivedAt" => {}
+            "messageId" => record(id_value("messageId", value).map(|v| event.message_id = v)),
+            "event" if kind == EventKind::Track => {
+                record(string_value("event", value).map(|v| event.name = v))
+            }
+            "name" if matches!(kind, EventKind::Page | EventKind::Screen) => {
+                record(string_value("name", value).map(|v| event.name = v))
+            }
+            "userId" => record(id_value("userId", value).map(|v| event.user_id = v)),
+            "anonymousId" => record(id_value("anonymousId", value).map(|v| event.anonymous_id = v)),
+            "groupId" => record(id_value("groupId", value).map(|v| event.group_id = v)),
+            "previousId" => record(id_value("previousId", value).map(|v| event.previous_id = v)),
+            "timestamp" => record(time_value("timestamp", value).map(|v| {
+                if v.is_some() {
+                    event.timestamp = v;
+                }
+            })),
+            "originalTimestamp" => record(time_value("originalTimestamp", value).map(|v| {
+                if event.timestamp.is_none() {
+                    event.timestamp = v;
+                }
+            })),
+            "sentAt" => record(time_value("sentAt", value).map(|v| event.sent_at = v)),
+            "properties" => record(object_value("properties", value).map(|v| event.properties = v)),
+            "traits" => record(object_value("traits", value).map(|v| event.traits = v)),
+            "context" => record(object_value("context", value).map(|v| event.context = v)),
+            "integrations" => {
+                record(object_value("integrations", value).map(|v| event.integrations = v))
+            }
+            "writeKey" => record(string_value("writeKey", value).map(|v| write_key = v)),
+            _ => event.extra.push((key.into_owned(), value.get().to_string())),
+        }
+    }
+    let fail = |reason: String, event: &IncomingEvent| EventError {
+        message_id: event.message_id.clone(),
+        reason,
+    };
+    if !errors.is_empty() {
+        return Err(fail(errors.join("; "), &event));
+    }
+    if let Some(reason) = check_required(kind, &event) {
+        return Err(fail(reason, &event));
+    }
+    if event.sent_at.is_none() {
+        event.sent_at = defaults.sent_at;
+    }
+    if let Some(base) = defaults.context {
+        event.context = Some(merge_objects(base, event.context.take()));
+    }
+    if let Some(base) = defaults.integrations {
+        event.integrations = Some(merge_objects(base, event.integrations.take()));
+    }
+    Ok(ParsedEvent { event, write_key })
+}
+
+fn check_required(kind: EventKind, event: &IncomingEvent) -> Option<String> {
+    if event.user_id.is_none() && event.anonymous_id.is_none() {
+        return Some(format!("{} event needs `userId` or `anonymousId`", kind.as_str()));
+    }
+    match kind {
+        EventKind::Track if event.name.is_none() => {
+            Some("track event needs a non-empty `event` name".into())
+        }
+        EventKind::Group if event.group_id.is_none() => Some("group event needs `groupId`".into()),
+        EventKind::Alias if event.previous_id.is_none() => {
+            Some("alias event needs `previousId`".into())
+        }
+        EventKind::Alias if event.user_id.is_none() => Some("alias event needs `userId`".into()),
+        _ => None,
+    }
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+/// A non-empty string; `null` or `""` is absent.
+fn string_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
+    if is_null(raw) {
+        return Ok(None);
+    }
+    let value: String = serde_json::from_str(raw.get())
+        .map_err(|_| format!("field `{field}` must be a string, got {}", describe(raw)))?;
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if matches!(field, "event" | "name") && value.len() > MAX_NAME_BYTES {
+        return Err(format!("field `{field}` is longer than {MAX_NAME_BYTES} bytes"));
+    }
+    Ok(Some(value))
+}
+
+/// An identifier: a string or a number (some SDKs send numeric user ids), kept as text.
+fn id_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
+    let text = raw.get();
+    let value = if text.starts_with('"') {
+        string_value(field, raw)?
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Some(text.to_string())
+    } else if is_null(raw) {
+        None
+    } else {
+        return Err(format!(
+            "field `{field}` must be a string or a number, got {}",
+            describe(raw)
+        ));
+    };
+    let limit = if field == "messageId" {
+        MAX_MESSAGE_ID_BYTES
+    } else {
+        MAX_ID_BYTES
+    };
+    match value {
+        Some(v) if v.len() > limit => Err(format!("field `{field}` is longer than {limit} bytes")),
+        other => Ok(other),
+    }
+}
+
+fn time_value(field: &str, raw: &RawValue) -> Result<Option<Micros>, String> {
+    if is_null(raw) {
+        return Ok(None);
+    }
+    let Ok(text) = serde_json::from_str::<Cow<'_, str>>(raw.get()) else {
+        return Err(format!(
+            "field `{field}` must be an ISO 8601 date-time string, got {}",
+            describe(raw)
+        ));
+    };
+    parse_timestamp(&text)
+        .map(Some)
+        .ok_or_else(|| format!("field `{field}` is not an ISO 8601 date-time: {text:?}"))
+}
+
+fn object_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
+    if is_null(raw) {
+        return Ok(None);
+    }
+    if raw.get().starts_with('{') {
+        return Ok(Some(raw.get().to_string()));
+    }
+    Err(format!("field `{field}` must be a JSON object, got {}", describe(raw)))
+}
+
+fn optional_time(field: &str, raw: Option<&RawValue>) -> Result<Option<Micros>, String> {
+    raw.map_or(Ok(None), |raw| time_value(field, raw))
+}
+
+fn optional_object<'a>(field: &str, raw: Option<&'a RawValue>) -> Result<Option<&'a str>, String> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if is_null(raw) => Ok(None),
+        Some(raw) if raw.get().starts_with('{') => Ok(Some(raw.get())),
+        Some(raw) => Err(format!(
+            "batch field `{field}` must be a JSON object, got {}",
+            describe(raw)
+        )),
+    }
+}
+
+/// Names the JSON type of a value, for error messages.
+fn describe(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Batch-level object under the event's own: the event's keys win.
+fn merge_objects(base: &str, own: Option<String>) -> String {
+    let Some(own) = own else {
+        return base.to_string();
+    };
+    type Object = serde_json::Map<String, serde_json::Value>;
+    let (Ok(base_map), Ok(mut own_map)) = (
+        serde_json::from_str::<Object>(base),
+        serde_json::from_str::<Object>(&own),
+    ) else {
+        return own;
+    };
+    for (key, value) in base_map {
+        own_map.entry(key).or_insert(value);
+    }
+    serde_json::to_string(&own_map).unwrap_or(own)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: ParseLimits = ParseLimits {
+        max_event_bytes: 32 * 1024,
+        max_events: 100,
+    };
+
+    #[test]
+    fn batch_keeps_valid_events_and_reports_invalid_ones() {
+        let body = br#"{
+            "writeKey": "wk",
+            "sentAt": "2024-01-01T00:00:10Z",
+            "context": {"library": {"name": "analytics-python"}, "ip": "1.2.3.4"},
+            "batch": [
+                {"event": "Signed Up", "type": "track", "userId": 42, "messageId": "m1",
+                 "properties": {"plan": "pro"}, "timestamp": "2024-01-01T00:00:00Z",
+                 "context": {"ip": "5.6.7.8"}, "channel": "server"},
+                {"type": "track", "userId": "u"},
+                {"type": "identify", "anonymousId": "a", "traits": 3},
+                "nope",
+                {"type": "bogus", "userId": "u", "messageId": "m5"},
+                {"type": "page", "anonymousId": "a", "name": "Home", "properties": {"path": "/"}}
+            ]
+        }"#;
+        let parsed = parse_json(Route::Batch, body, &LIMITS).unwrap();
+        assert_eq!(parsed.write_key.as_deref(), Some("wk"));
+        assert_eq!(parsed.events.len(), 2);
+        let first = &parsed.events[0];
+        assert_eq!(first.user_id.as_deref(), Some("42"));
+        assert_eq!(first.name.as_deref(), Some("Signed Up"));
+        assert_eq!(first.sent_at, parse_timestamp("2024-01-01T00:00:10Z"));
+        assert_eq!(first.extra, vec![("channel".to_string(), "\"server\"".to_string())]);
+        let context: serde_json::Value =
+            serde_json::from_str(first.context.as_deref().unwrap()).unwrap();
+        assert_eq!(context["ip"], "5.6.7.8");
+        assert_eq!(context["library"]["name"], "analytics-python");
+        assert_eq!(parsed.events[1].name.as_deref(), Some("Home"));
+        let indexes: Vec<usize> = parsed.rejected.iter().map(|r| r.index).collect();
+        assert_eq!(indexes, vec![1, 2, 3, 4]);
+        assert!(parsed.rejected[0].reason.contains("`event`"));
+        assert!(parsed.rejected[1].reason.contains("`traits` must be a JSON object"));
+        assert!(parsed.rejected[2].reason.contains("not a JSON object"));
+        assert_eq!(parsed.rejected[3].message_id.as_deref(), Some("m5"));
+    }
+
+    #[test]
+    fn single_route_takes_type_from_the_route() {
+        let body = br#"{"userId": "u", "event": "Clicked", "writeKey": "k", "sentAt": null}"#;
+        let parsed = parse_json(Route::Single(EventKind::Track), body, &LIMITS).unwrap();
+        assert_eq!(parsed.write_key.as_deref(), Some("k"));
+        assert_eq!(parsed.events[0].kind, Some(EventKind::Track));
+        let err = parse_json(Route::Single(EventKind::Track), b"[1]", &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn malformed_bodies_say_where() {
+        let err = parse_json(Route::Batch, b"{\"batch\": [1,", &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("line 1 column"), "{err}");
+        let err = parse_json(Route::Batch, b"{}", &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("no `batch`"), "{err}");
+        let err = parse_json(Route::Batch, &[0xff, 0xfe], &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let big = format!(
+            r#"{{"batch":[{{"type":"track","userId":"u","event":"e","properties":{{"p":"{}"}}}}]}}"#,
+            "x".repeat(40_000)
+        );
+        let parsed = parse_json(Route::Batch, big.as_bytes(), &LIMITS).unwrap();
+        assert!(parsed.rejected[0].reason.contains("limit is 32768 bytes"));
+        let many = format!(
+            r#"{{"batch":[{}]}}"#,
+            vec![r#"{"type":"track","userId":"u","event":"e"}"#; 101].join(",")
+        );
+        assert_eq!(
+            parse_json(Route::Batch, many.as_bytes(), &LIMITS).unwrap_err(),
+            ParseError::TooManyEvents { count: 101, limit: 100 }
+        );
+    }
+
+    #[test]
+    fn ndjson_lines_are_events() {
+        let body = b"{\"type\":\"track\",\"userId\":\"u\",\"event\":\"a\"}\r\n\n{oops\n{\"type\":\"identify\",\"userId\":\"u\"}\n";
+        let parsed = parse_ndjson(body, &LIMITS).unwrap();
+        assert_eq!(parsed.events.len(), 2);
+        assert_eq!(parsed.rejected.len(), 1);
+        assert_eq!(parsed.rejected[0].index, 1);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_json(Route::Batch, &bytes, &LIMITS);
+            let _ = parse_json(Route::Single(EventKind::Page), &bytes, &LIMITS);
+            let _ = parse_ndjson(&bytes, &LIMITS);
+        }
+
+        #[test]
+        fn arbitrary_json_shapes_never_panic(text in r#"\{"batch":\[(\{("[a-zA-Z]{1,10}":("[^"\\]{0,8}"|[0-9]{1,3}|null|true|\{\}|\[\]),?){0,6}\},?){0,4}\]\}"#) {
+            let _ = parse_json(Route::Batch, text.as_bytes(), &LIMITS);
+        }
+
+        #[test]
+        fn valid_events_round_trip(user in "[a-zA-Z0-9_-]{1,20}", name in "[a-zA-Z ]{1,30}",
+                                   id in "[a-f0-9]{8,32}", n in 0u32..1000) {
+            let body = serde_json::json!({"batch": [{
+                "type": "track", "userId": user, "event": name, "messageId": id,
+                "properties": {"n": n}, "timestamp": "2024-05-06T07:08:09.123Z"
+            }]}).to_string();
+            let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+            prop_assert!(parsed.rejected.is_empty());
+            let event = &parsed.events[0];
+            prop_assert_eq!(event.user_id.as_deref(), Some(user.as_str()));
+            prop_assert_eq!(event.name.as_deref(), Some(name.as_str()));
+            prop_assert_eq!(event.message_id.as_deref(), Some(id.as_str()));
+            let expected_properties = format!("{{\"n\":{n}}}");
+            prop_assert_eq!(event.properties.as_deref(), Some(expected_properties.as_str()));
+            prop_assert_eq!(event.timestamp, parse_timestamp("2024-05-06T07:08:09.123Z"));
+        }
+    }
+}

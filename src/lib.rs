@@ -1,0 +1,25 @@
+//! StatsRemote: a self-hostable, multi-tenant event ingestion and live product-metrics server.
+//!
+//! The path of an event, and where each step lives:
+//!
+//! 1. [`http`]: actix-web workers authenticate ([`http::auth`]), read and decompress the body
+//!    within limits ([`http::body`]), parse the Segment format ([`http::segment`]) into
+//!    [`event::IncomingEvent`]s, and apply the tenant's rate limit ([`ratelimit`]).
+//! 2. [`actors`]: the batch goes to the tenant's supervisor and its ingest actor, which enriches
+//!    every event ([`enrich`]) into [`event::StoredEvent`]s.
+//! 3. [`storage`]: the log writer thread drops duplicates, assigns sequence numbers, writes the
+//!    batch to fjall and fsyncs once per group of requests; then the HTTP reply is sent.
+//!
+//! [`tenant`] holds tenants, settings and keys; [`config`] the typed settings; [`telemetry`]
+//! logs and metrics; [`server`] start-up and ordered shutdown.
+
+pub mod actors;
+pub mod config;
+pub mod enrich;
+pub mod event;
+pub mod http;
+pub mod ratelimit;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+pub mod tenant;

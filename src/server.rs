@@ -1,0 +1,160 @@
+//! Start-up and ordered shutdown.
+//!
+//! Start: open storage, resolve the admin token, load tenants, start the log writer and the actor
+//! arbiters, bind HTTP, print the address. Shutdown on SIGTERM or SIGINT: stop accepting and let
+//! in-flight requests finish (each waits for its fsync), stop the tenant actors, let the log
+//! writer write whatever is queued and persist, then return so the process exits 0.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use actix_web::{web, HttpServer};
+
+use crate::actors::{PipelineDeps, Pipelines};
+use crate::config::{Config, Durability};
+use crate::http::{self, AppState};
+use crate::ratelimit::RateLimits;
+use crate::storage::log::{LogWriter, WriterOptions};
+use crate::storage::{meta, Storage, StorageError};
+use crate::telemetry;
+use crate::tenant::{self, KeyDigest, TenantDirectory};
+
+/// Environment variable holding the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "STATSREMOTE_ADMIN_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The admin token digest in force: from the environment or the config, else the stored one,
+/// else a new token, printed once.
+fn admin_digest(config: &Config, storage: &Storage) -> Result<KeyDigest, StorageError> {
+    let configured = std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| Some(config.auth.admin_token.clone()).filter(|t| !t.trim().is_empty()));
+    if let Some(token) = configured {
+        return Ok(tenant::digest(token.trim()));
+    }
+    if let Some(stored) = meta::admin_token_digest(storage)? {
+        return Ok(stored);
+    }
+    let token = tenant::generate_admin_token();
+    let digest = tenant::digest(&token);
+    meta::set_admin_token_digest(storage, &digest)?;
+    // Printed, not logged: it must not end up in log storage. Only its digest is kept.
+    println!("Generated admin token (shown only this once; only its hash is stored): {token}");
+    Ok(digest)
+}
+
+/// Runs the server until SIGTERM or SIGINT. Must be called inside an actix System.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let metrics = telemetry::install_metrics();
+    let db_path = config.database_path();
+    let storage = Storage::open(&db_path, config.storage.cache_size.as_u64())?;
+    let admin = admin_digest(&config, &storage)?;
+    let directory = Arc::new(TenantDirectory::load(
+        storage.clone(),
+        config.tenant_defaults.clone(),
+        admin,
+    )?);
+    let writer = Arc::new(LogWriter::start(
+        storage.clone(),
+        WriterOptions {
+            fsync: config.storage.durability == Durability::Fsync,
+            queue_capacity: config.storage.queue_capacity,
+            max_group_requests: config.storage.max_group_requests,
+        },
+    )?);
+    let pipelines = Arc::new(Pipelines::new(
+        PipelineDeps {
+            writer: Arc::clone(&writer),
+            directory: Arc::clone(&directory),
+            actors: config.actors.clone(),
+            future_tolerance: config.limits.future_tolerance,
+        },
+        config.actor_arbiters(),
+    ));
+    let state = web::Data::new(AppState {
+        config: config.clone(),
+        storage: storage.clone(),
+        writer: Arc::clone(&writer),
+        directory: Arc::clone(&directory),
+        pipelines: Arc::clone(&pipelines),
+        rate_limits: RateLimits::default(),
+        metrics,
+    });
+
+    let listen = config.server.listen;
+    let app_state = state.clone();
+    let server = HttpServer::new(move || http::app(app_state.clone()))
+        .workers(config.http_workers())
+        .disable_signals()
+        .shutdown_timeout(config.server.shutdown_timeout.as_secs())
+        .bind(listen)
+        .map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addrs = server.addrs();
+    let running = server.run();
+    let handle = running.handle();
+    for addr in &addrs {
+        println!("statsremote listening on http://{addr}");
+    }
+    std::io::stdout().flush()?;
+    tracing::info!(
+        addrs = ?addrs,
+        data_dir = %config.storage.data_dir.display(),
+        durability = ?config.storage.durability,
+        tenants = directory.list().len(),
+        "statsremote started"
+    );
+
+    actix_rt::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: draining HTTP requests");
+        handle.stop(true).await;
+    });
+    running.await?;
+
+    tracing::info!("HTTP stopped; stopping tenant actors and flushing the log");
+    let writer_for_stop = Arc::clone(&writer);
+    let pipelines_for_stop = Arc::clone(&pipelines);
+    tokio::task::spawn_blocking(move || {
+        pipelines_for_stop.shutdown();
+        writer_for_stop.shutdown();
+    })
+    .await
+    .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))?;
+    drop(state);
+    tracing::info!("statsremote stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

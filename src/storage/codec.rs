@@ -1,0 +1,117 @@
+//! The one place that knows how values are encoded on disk.
+//!
+//! Every stored value is `[format version byte] ‖ bincode 2 (serde, standard config)`. bincode is
+//! pinned and marked unmaintained upstream; keeping it behind this module and the version byte means
+//! a future format can be introduced (new version byte) while old values stay readable.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Current format: bincode 2.0.1, `config::standard()` (varint integers, little endian).
+pub const FORMAT_V1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("cannot encode value: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("cannot decode value: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("empty value")]
+    Empty,
+    #[error("unknown value format version {0}")]
+    UnknownVersion(u8),
+}
+
+/// Encodes `value` with the current format version.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(FORMAT_V1);
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`] (any supported format version).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    match *version {
+        FORMAT_V1 => {
+            let (value, _read) =
+                bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+            Ok(value)
+        }
+        other => Err(CodecError::UnknownVersion(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::event::{BatchSource, EventKind, LogBatch, StoredEvent};
+    use proptest::prelude::*;
+
+    fn arb_kind() -> impl Strategy<Value = EventKind> {
+        prop_oneof![
+            Just(EventKind::Track),
+            Just(EventKind::Identify),
+            Just(EventKind::Page),
+            Just(EventKind::Screen),
+            Just(EventKind::Group),
+            Just(EventKind::Alias),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_event()(
+            kind in arb_kind(),
+            message_id in ".{0,40}",
+            name in proptest::option::of(".{0,30}"),
+            user_id in proptest::option::of(".{0,30}"),
+            anonymous_id in proptest::option::of("[a-z0-9-]{0,36}"),
+            timestamp in any::<i64>(),
+            original_timestamp in proptest::option::of(any::<i64>()),
+            received_at in any::<i64>(),
+            user_hash in any::<u64>(),
+            flags in any::<u8>(),
+            properties in proptest::option::of("\\{\"[a-z]{1,8}\":[0-9]{1,6}\\}"),
+            extra in proptest::collection::vec(("[a-z]{1,8}", "[0-9]{1,4}"), 0..3),
+        ) -> StoredEvent {
+            StoredEvent {
+                kind, message_id, name, user_id, anonymous_id,
+                group_id: None, previous_id: None,
+                timestamp, original_timestamp, sent_at: None, received_at, user_hash,
+                library_name: Some("analytics-node".into()), library_version: None,
+                flags, properties, traits: None, context: None, integrations: None, extra,
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn log_batches_round_trip(events in proptest::collection::vec(arb_event(), 0..20),
+                                  batch_id in any::<u128>(), received_at in any::<i64>()) {
+            let batch = LogBatch {
+                batch_id,
+                received_at,
+                source: BatchSource { endpoint: "/v1/batch".into(), client_ip: Some("10.0.0.0".into()) },
+                events,
+            };
+            let bytes = encode(&batch).unwrap();
+            prop_assert_eq!(bytes[0], FORMAT_V1);
+            let back: LogBatch = decode(&bytes).unwrap();
+            prop_assert_eq!(back, batch);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode::<LogBatch>(&bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_an_error() {
+        assert!(matches!(decode::<u8>(&[9, 1]), Err(CodecError::UnknownVersion(9))));
+        assert!(matches!(decode::<u8>(&[]), Err(CodecError::Empty)));
+    }
+}

@@ -1,0 +1,87 @@
+//! The `meta` keyspace: tenant records, tombstones of deleted tenants, the admin token digest.
+//!
+//! Keys: `t ‖ tenant` → [`TenantRecord`]; `x ‖ tenant` → deletion time (a tombstone, so a deleted
+//! tenant's id is never reused and late writes for it are refused); `admin_token_digest` → 32
+//! bytes. Metadata changes are rare, so every write is fsync'd before it returns.
+
+use crate::event::now_micros;
+use crate::storage::{codec, Storage, StorageError};
+use crate::tenant::{KeyDigest, TenantId, TenantRecord};
+
+const TENANT: u8 = b't';
+const TOMBSTONE: u8 = b'x';
+const ADMIN_TOKEN_DIGEST: &[u8] = b"admin_token_digest";
+
+fn key(kind: u8, tenant: TenantId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = kind;
+    key[1..].copy_from_slice(&tenant.0.to_be_bytes());
+    key
+}
+
+/// Every tenant record.
+pub fn load_tenants(storage: &Storage) -> Result<Vec<TenantRecord>, StorageError> {
+    let mut records = Vec::new();
+    for guard in storage.meta.prefix([TENANT]) {
+        let (_key, value) = guard
+            .into_inner()
+            .map_err(StorageError::engine("loading tenants"))?;
+        let record = codec::decode(&value).map_err(|source| StorageError::Codec {
+            keyspace: "meta",
+            source,
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Writes (creates or replaces) a tenant record, durably.
+pub fn put_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), StorageError> {
+    let value = codec::encode(record).map_err(|source| StorageError::Codec {
+        keyspace: "meta",
+        source,
+    })?;
+    storage
+        .meta
+        .insert(key(TENANT, record.id), value)
+        .map_err(StorageError::engine("writing a tenant"))?;
+    storage.persist(true)
+}
+
+/// Removes a tenant record and leaves a tombstone, durably.
+pub fn delete_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), StorageError> {
+    let mut batch = storage.batch();
+    batch.remove(&storage.meta, key(TENANT, record.id));
+    batch.insert(
+        &storage.meta,
+        key(TOMBSTONE, record.id),
+        now_micros().to_be_bytes(),
+    );
+    batch
+        .commit()
+        .map_err(StorageError::engine("deleting a tenant"))?;
+    storage.persist(true)
+}
+
+pub fn is_tombstoned(storage: &Storage, tenant: TenantId) -> Result<bool, StorageError> {
+    storage
+        .meta
+        .contains_key(key(TOMBSTONE, tenant))
+        .map_err(StorageError::engine("reading a tombstone"))
+}
+
+pub fn admin_token_digest(storage: &Storage) -> Result<Option<KeyDigest>, StorageError> {
+    let value = storage
+        .meta
+        .get(ADMIN_TOKEN_DIGEST)
+        .map_err(StorageError::engine("reading the admin token digest"))?;
+    Ok(value.and_then(|v| KeyDigest::try_from(&v[..]).ok()))
+}
+
+pub fn set_admin_token_digest(storage: &Storage, digest: &KeyDigest) -> Result<(), StorageError> {
+    storage
+        .meta
+        .insert(ADMIN_TOKEN_DIGEST, digest.to_vec())
+        .map_err(StorageError::engine("writing the admin token digest"))?;
+    storage.persist(true)
+}

@@ -1,0 +1,151 @@
+//! Storage: one fjall database under the data dir, one keyspace per concern.
+//!
+//! - `log`: the durable event log. Key `tenant ‖ first sequence` (both big-endian u64), value a
+//!   [`crate::event::LogBatch`] (see [`codec`]). Written only by the [`log::LogWriter`] thread.
+//! - `dedup`: `tenant ‖ xxh3-128(messageId)` → first-seen time; see [`dedup`].
+//! - `meta`: tenants, the admin token digest, tombstones of deleted tenants; see [`meta`].
+//!
+//! The database runs with manual journal persistence: the log writer decides when to flush and
+//! fsync (group commit), and metadata writes persist themselves.
+
+pub mod codec;
+pub mod dedup;
+pub mod log;
+pub mod meta;
+
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use crate::tenant::TenantId;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("storage engine error while {context}: {source}")]
+    Engine {
+        context: &'static str,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("cannot open storage at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("corrupt value in `{keyspace}`: {source}")]
+    Codec {
+        keyspace: &'static str,
+        #[source]
+        source: codec::CodecError,
+    },
+    #[error("the write could not be made durable: {0}")]
+    NotDurable(String),
+    #[error("the log writer is not running")]
+    WriterStopped,
+    #[error("the log writer queue is full")]
+    QueueFull,
+    #[error("tenant {0} has been deleted")]
+    TenantDeleted(TenantId),
+}
+
+impl StorageError {
+    pub(crate) fn engine(context: &'static str) -> impl FnOnce(fjall::Error) -> StorageError {
+        move |source| StorageError::Engine { context, source }
+    }
+}
+
+/// Handles to the database and its keyspaces. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    db: Database,
+    pub log: Keyspace,
+    pub dedup: Keyspace,
+    pub meta: Keyspace,
+}
+
+impl Storage {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Storage, StorageError> {
+        let open_error = |source| StorageError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_error(fjall::Error::Io(e)))?;
+        let db = Database::builder(path)
+            .cache_size(cache_bytes)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(open_error)?;
+        let log = db
+            .keyspace("log", KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
+        let dedup = db
+            .keyspace("dedup", KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
+        Ok(Storage {
+            db,
+            log,
+            dedup,
+            meta,
+        })
+    }
+
+    /// Flushes the journal to the OS (`buffered`) or to disk (`fsync`).
+    pub fn persist(&self, fsync: bool) -> Result<(), StorageError> {
+        let mode = if fsync {
+            PersistMode::SyncAll
+        } else {
+            PersistMode::Buffer
+        };
+        self.db
+            .persist(mode)
+            .map_err(StorageError::engine("persisting the journal"))
+    }
+
+    pub fn batch(&self) -> fjall::OwnedWriteBatch {
+        self.db.batch()
+    }
+}
+
+/// `tenant ‖ n`, both big-endian, so a tenant's keys sort by `n`.
+pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&tenant.0.to_be_bytes());
+    key[8..].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+/// Removes every key of `keyspace` that starts with the tenant's id. Blocking.
+pub(crate) fn purge_prefix(
+    storage: &Storage,
+    keyspace: &Keyspace,
+    tenant: TenantId,
+) -> Result<u64, StorageError> {
+    let prefix = tenant.0.to_be_bytes();
+    let mut removed = 0u64;
+    loop {
+        let mut keys = Vec::with_capacity(4096);
+        for guard in keyspace.prefix(prefix).take(4096) {
+            let (key, _value) = guard
+                .into_inner()
+                .map_err(StorageError::engine("scanning for purge"))?;
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Ok(removed);
+        }
+        let mut batch = storage.batch();
+        for key in &keys {
+            batch.remove(keyspace, key.clone());
+        }
+        batch
+            .commit()
+            .map_err(StorageError::engine("purging a tenant"))?;
+        removed += keys.len() as u64;
+    }
+}

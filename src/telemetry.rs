@@ -1,0 +1,169 @@
+//! Logging and metrics.
+//!
+//! Every metric name lives in [`names`]; the functions below are the "internal events" of the
+//! server: each emits its metrics (and, where useful, its log line) in one place, once per
+//! request or batch, never per event. `/metrics` renders the Prometheus recorder installed by
+//! [`install_metrics`].
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Metric names, all in one place.
+pub mod names {
+    /// Requests by route and outcome (HTTP status class and reason).
+    pub const HTTP_REQUESTS: &str = "statsremote_http_requests_total";
+    /// Events by tenant and outcome: accepted, duplicate, rejected, rate_limited, unavailable.
+    pub const INGEST_EVENTS: &str = "statsremote_ingest_events_total";
+    /// Time from request start to the ingestion reply (including the fsync that covers it).
+    pub const ACK_LATENCY: &str = "statsremote_ingest_ack_latency_seconds";
+    /// Requests folded into one group commit.
+    pub const GROUP_COMMIT_REQUESTS: &str = "statsremote_group_commit_requests";
+    /// Events written by one group commit.
+    pub const GROUP_COMMIT_EVENTS: &str = "statsremote_group_commit_events";
+    /// Duration of the fsync (or buffer flush) that ends a group commit.
+    pub const FSYNC_LATENCY: &str = "statsremote_log_fsync_seconds";
+    /// Batches waiting for the log writer.
+    pub const LOG_QUEUE_DEPTH: &str = "statsremote_log_queue_depth";
+    /// Batches in flight per tenant (queued at or being handled by the tenant's actors).
+    pub const MAILBOX_DEPTH: &str = "statsremote_tenant_mailbox_depth";
+    /// Events dropped as duplicates of an earlier messageId.
+    pub const DEDUP_HITS: &str = "statsremote_dedup_hits_total";
+    /// Events refused because the tenant's rate limit was exceeded.
+    pub const RATE_LIMITED_EVENTS: &str = "statsremote_rate_limited_events_total";
+    /// Child actors rebuilt by a tenant supervisor.
+    pub const ACTOR_RESTARTS: &str = "statsremote_actor_restarts_total";
+    /// Tenant supervisors currently running.
+    pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
+}
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder (once per process) and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let latency_buckets = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let size_buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+            let event_buckets = [
+                1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0, 100000.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(names::GROUP_COMMIT_REQUESTS.into()),
+                        &size_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(names::GROUP_COMMIT_EVENTS.into()),
+                        &event_buckets,
+                    )
+                });
+            let recorder = match builder {
+                Ok(builder) => builder.build_recorder(),
+                // Only fails on empty bucket lists, which are constants above.
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // A second install (tests running several servers in one process) keeps the first.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Installs the tracing subscriber. `RUST_LOG` overrides the configured level.
+pub fn init_logging(config: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match config.format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    if result.is_err() {
+        tracing::debug!("logging was already initialised");
+    }
+}
+
+/// Outcome of one ingestion request, emitted once it is answered.
+pub struct IngestReplied<'a> {
+    pub tenant: &'a str,
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    pub latency: Duration,
+}
+
+impl IngestReplied<'_> {
+    pub fn emit(&self) {
+        let tenant = self.tenant.to_string();
+        counter!(names::INGEST_EVENTS, "tenant" => tenant.clone(), "outcome" => "accepted")
+            .increment(self.accepted as u64);
+        if self.duplicates > 0 {
+            counter!(names::INGEST_EVENTS, "tenant" => tenant.clone(), "outcome" => "duplicate")
+                .increment(self.duplicates as u64);
+            counter!(names::DEDUP_HITS, "tenant" => tenant.clone())
+                .increment(self.duplicates as u64);
+        }
+        if self.rejected > 0 {
+            counter!(names::INGEST_EVENTS, "tenant" => tenant.clone(), "outcome" => "rejected")
+                .increment(self.rejected as u64);
+        }
+        histogram!(names::ACK_LATENCY, "tenant" => tenant).record(self.latency.as_secs_f64());
+    }
+}
+
+/// Events of a request refused before they reached the pipeline.
+pub fn ingest_refused(tenant: &str, events: usize, outcome: &'static str) {
+    counter!(names::INGEST_EVENTS, "tenant" => tenant.to_string(), "outcome" => outcome)
+        .increment(events as u64);
+    if outcome == "rate_limited" {
+        counter!(names::RATE_LIMITED_EVENTS, "tenant" => tenant.to_string())
+            .increment(events as u64);
+    }
+}
+
+/// One HTTP request answered.
+pub fn http_request(route: String, status: u16) {
+    counter!(names::HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+}
+
+/// One group commit of the log writer.
+pub fn group_committed(requests: usize, events: usize, sync: Duration) {
+    histogram!(names::GROUP_COMMIT_REQUESTS).record(requests as f64);
+    histogram!(names::GROUP_COMMIT_EVENTS).record(events as f64);
+    histogram!(names::FSYNC_LATENCY).record(sync.as_secs_f64());
+}
+
+pub fn log_queue_depth(depth: usize) {
+    gauge!(names::LOG_QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn mailbox_depth(tenant: &str, depth: usize) {
+    gauge!(names::MAILBOX_DEPTH, "tenant" => tenant.to_string()).set(depth as f64);
+}
+
+/// A supervisor rebuilt a child actor.
+pub fn actor_restarted(tenant: &str, actor: &'static str, backoff: Duration) {
+    counter!(names::ACTOR_RESTARTS, "tenant" => tenant.to_string(), "actor" => actor).increment(1);
+    tracing::warn!(tenant, actor, backoff_ms = backoff.as_millis() as u64, "restarted failed actor");
+}
+
+pub fn tenant_pipelines(count: usize) {
+    gauge!(names::TENANT_PIPELINES).set(count as f64);
+}

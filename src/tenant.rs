@@ -1,0 +1,424 @@
+//! Tenants, their settings and their keys.
+//!
+//! A key is `sr_<kind>_` followed by 160 random bits in hex, so a leaked key is recognisable in
+//! logs and secret scanners. Only SHA-256 digests of keys are stored (the keys are random, so a
+//! slow password hash buys nothing); comparisons of digests are constant time.
+//!
+//! [`TenantDirectory`] is the in-memory, authoritative view of tenants and key digests, loaded
+//! from `storage::meta` at start and written through to it on every change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::TenantDefaults;
+use crate::event::{now_micros, Micros};
+use crate::storage::{meta, Storage, StorageError};
+
+/// A tenant's id: random, never reused, shown as 16 hex digits. Big-endian in storage keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TenantId(pub u64);
+
+impl std::fmt::Display for TenantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for TenantId {
+    type Err = ();
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.len() != 16 {
+            return Err(());
+        }
+        u64::from_str_radix(text, 16).map(TenantId).map_err(|_| ())
+    }
+}
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyKind {
+    /// Send events.
+    Write,
+    /// Query and export.
+    Read,
+}
+
+impl KeyKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            KeyKind::Write => "sr_write_",
+            KeyKind::Read => "sr_read_",
+        }
+    }
+}
+
+/// SHA-256 of a key or token.
+pub type KeyDigest = [u8; 32];
+
+pub fn digest(secret: &str) -> KeyDigest {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Constant-time equality of two digests.
+pub fn digests_equal(a: &KeyDigest, b: &KeyDigest) -> bool {
+    a.ct_eq(b).into()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random key of the given kind.
+pub fn generate_key(kind: KeyKind) -> String {
+    format!("{}{}", kind.prefix(), random_hex(20))
+}
+
+/// A new random admin token.
+pub fn generate_admin_token() -> String {
+    format!("sr_admin_{}", random_hex(20))
+}
+
+/// Per-tenant settings, changeable at run time through the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSettings {
+    pub rate_limit_events_per_second: u32,
+    pub rate_limit_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+}
+
+impl TenantSettings {
+    pub fn from_defaults(defaults: &TenantDefaults) -> TenantSettings {
+        TenantSettings {
+            rate_limit_events_per_second: defaults.rate_limit_events_per_second,
+            rate_limit_burst: defaults.rate_limit_burst,
+            dedup_window: defaults.dedup_window,
+        }
+    }
+}
+
+/// A change to settings: absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    pub rate_limit_events_per_second: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub dedup_window: Option<Duration>,
+}
+
+impl SettingsPatch {
+    /// Applies the patch, or names the field whose value is invalid.
+    pub fn apply(&self, settings: &TenantSettings) -> Result<TenantSettings, String> {
+        let mut next = settings.clone();
+        if let Some(value) = self.rate_limit_events_per_second {
+            if value == 0 {
+                return Err("settings.rate_limit_events_per_second must be at least 1".into());
+            }
+            next.rate_limit_events_per_second = value;
+        }
+        if let Some(value) = self.rate_limit_burst {
+            if value == 0 {
+                return Err("settings.rate_limit_burst must be at least 1".into());
+            }
+            next.rate_limit_burst = value;
+        }
+        if let Some(value) = self.dedup_window {
+            if value.is_zero() {
+                return Err("settings.dedup_window must be positive".into());
+            }
+            next.dedup_window = value;
+        }
+        Ok(next)
+    }
+}
+
+/// A tenant as stored in `meta`. Field order is the bincode layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub id: TenantId,
+    pub name: String,
+    pub created_at: Micros,
+    pub settings: TenantSettings,
+    pub write_key_digest: KeyDigest,
+    pub read_key_digest: KeyDigest,
+    /// Secret for the keyed user hash; never leaves the server.
+    pub user_hash_key: [u8; 32],
+}
+
+impl TenantRecord {
+    fn digest_for(&self, kind: KeyKind) -> &KeyDigest {
+        match kind {
+            KeyKind::Write => &self.write_key_digest,
+            KeyKind::Read => &self.read_key_digest,
+        }
+    }
+}
+
+/// Which keys to replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotateWhich {
+    Write,
+    Read,
+    Both,
+}
+
+/// Keys handed out once, on create or rotate.
+#[derive(Debug, Clone, Serialize)]
+pub struct IssuedKeys {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_key: Option<String>,
+}
+
+/// Result of checking a presented key.
+#[derive(Debug, Clone)]
+pub enum KeyCheck {
+    /// The key belongs to this tenant and has this kind.
+    Valid(Arc<TenantRecord>, KeyKind),
+    /// No tenant has this key.
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DirectoryError {
+    #[error("tenant {0} not found")]
+    NotFound(TenantId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// In-memory view of tenants and key digests, written through to `meta`.
+pub struct TenantDirectory {
+    storage: Storage,
+    defaults: TenantDefaults,
+    tenants: DashMap<TenantId, Arc<TenantRecord>>,
+    /// Key digest → (tenant, kind): finds the tenant of a presented key without a scan.
+    keys: DashMap<KeyDigest, (TenantId, KeyKind)>,
+    admin_digest: KeyDigest,
+    /// Serialises admin writes so that read-modify-write of a record is not interleaved.
+    write_lock: std::sync::Mutex<()>,
+}
+
+impl TenantDirectory {
+    /// Loads every tenant from storage. `admin_digest` is the digest of the admin token in force.
+    pub fn load(
+        storage: Storage,
+        defaults: TenantDefaults,
+        admin_digest: KeyDigest,
+    ) -> Result<TenantDirectory, StorageError> {
+        let records = meta::load_tenants(&storage)?;
+        let directory = TenantDirectory {
+            storage,
+            defaults,
+            tenants: DashMap::new(),
+            keys: DashMap::new(),
+            admin_digest,
+            write_lock: std::sync::Mutex::new(()),
+        };
+        for record in records {
+            directory.index(Arc::new(record));
+        }
+        Ok(directory)
+    }
+
+    fn index(&self, record: Arc<TenantRecord>) {
+        self.keys
+            .insert(record.write_key_digest, (record.id, KeyKind::Write));
+        self.keys
+            .insert(record.read_key_digest, (record.id, KeyKind::Read));
+        self.tenants.insert(record.id, record);
+    }
+
+    fn unindex(&self, record: &TenantRecord) {
+        self.keys.remove(&record.write_key_digest);
+        self.keys.remove(&record.read_key_digest);
+        self.tenants.remove(&record.id);
+    }
+
+    /// True when `token` is the admin token.
+    pub fn is_admin(&self, token: &str) -> bool {
+        digests_equal(&digest(token), &self.admin_digest)
+    }
+
+    /// Finds the tenant and kind of a presented key.
+    pub fn check_key(&self, key: &str) -> KeyCheck {
+        let presented = digest(key);
+        let Some(entry) = self.keys.get(&presented).map(|e| *e.value()) else {
+            return KeyCheck::Unknown;
+        };
+        let (tenant_id, kind) = entry;
+        let Some(record) = self.get(tenant_id) else {
+            return KeyCheck::Unknown;
+        };
+        if !digests_equal(record.digest_for(kind), &presented) {
+            return KeyCheck::Unknown;
+        }
+        KeyCheck::Valid(record, kind)
+    }
+
+    pub fn get(&self, id: TenantId) -> Option<Arc<TenantRecord>> {
+        self.tenants.get(&id).map(|r| Arc::clone(r.value()))
+    }
+
+    pub fn exists(&self, id: TenantId) -> bool {
+        self.tenants.contains_key(&id)
+    }
+
+    /// All tenants, ordered by creation time.
+    pub fn list(&self) -> Vec<Arc<TenantRecord>> {
+        let mut all: Vec<_> = self.tenants.iter().map(|r| Arc::clone(r.value())).collect();
+        all.sort_by_key(|r| (r.created_at, r.id));
+        all
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A panic while holding this lock leaves no partial state (writes go to storage first).
+        self.write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Creates a tenant. Blocking: call from a blocking thread.
+    pub fn create(&self, name: &str) -> Result<(Arc<TenantRecord>, IssuedKeys), DirectoryError> {
+        let name = validate_name(name)?;
+        let _guard = self.lock();
+        let mut id = TenantId(rand::rng().next_u64());
+        while id.0 == 0 || self.tenants.contains_key(&id) || meta::is_tombstoned(&self.storage, id)? {
+            id = TenantId(rand::rng().next_u64());
+        }
+        let write_key = generate_key(KeyKind::Write);
+        let read_key = generate_key(KeyKind::Read);
+        let mut user_hash_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut user_hash_key);
+        let record = TenantRecord {
+            id,
+            name,
+            created_at: now_micros(),
+            settings: TenantSettings::from_defaults(&self.defaults),
+            write_key_digest: digest(&write_key),
+            read_key_digest: digest(&read_key),
+            user_hash_key,
+        };
+        meta::put_tenant(&self.storage, &record)?;
+        let record = Arc::new(record);
+        self.index(Arc::clone(&record));
+        Ok((
+            record,
+            IssuedKeys {
+                write_key: Some(write_key),
+                read_key: Some(read_key),
+            },
+        ))
+    }
+
+    /// Renames a tenant and/or changes its settings. Blocking.
+    pub fn update(
+        &self,
+        id: TenantId,
+        name: Option<&str>,
+        patch: &SettingsPatch,
+    ) -> Result<Arc<TenantRecord>, DirectoryError> {
+        let _guard = self.lock();
+        let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
+        let mut next = (*current).clone();
+        if let Some(name) = name {
+            next.name = validate_name(name)?;
+        }
+        next.settings = patch.apply(&current.settings).map_err(DirectoryError::Invalid)?;
+        meta::put_tenant(&self.storage, &next)?;
+        let next = Arc::new(next);
+        self.tenants.insert(id, Arc::clone(&next));
+        Ok(next)
+    }
+
+    /// Replaces keys; the old ones stop working at once. Blocking.
+    pub fn rotate(
+        &self,
+        id: TenantId,
+        which: RotateWhich,
+    ) -> Result<(Arc<TenantRecord>, IssuedKeys), DirectoryError> {
+        let _guard = self.lock();
+        let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
+        let mut next = (*current).clone();
+        let mut issued = IssuedKeys {
+            write_key: None,
+            read_key: None,
+        };
+        if matches!(which, RotateWhich::Write | RotateWhich::Both) {
+            let key = generate_key(KeyKind::Write);
+            next.write_key_digest = digest(&key);
+            issued.write_key = Some(key);
+        }
+        if matches!(which, RotateWhich::Read | RotateWhich::Both) {
+            let key = generate_key(KeyKind::Read);
+            next.read_key_digest = digest(&key);
+            issued.read_key = Some(key);
+        }
+        meta::put_tenant(&self.storage, &next)?;
+        self.unindex(&current);
+        let next = Arc::new(next);
+        self.index(Arc::clone(&next));
+        Ok((next, issued))
+    }
+
+    /// Removes a tenant from the directory and leaves a tombstone; its keys stop working at once.
+    /// The caller purges its data. Blocking.
+    pub fn remove(&self, id: TenantId) -> Result<Arc<TenantRecord>, DirectoryError> {
+        let _guard = self.lock();
+        let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
+        meta::delete_tenant(&self.storage, &current)?;
+        self.unindex(&current);
+        Ok(current)
+    }
+}
+
+fn validate_name(name: &str) -> Result<String, DirectoryError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err(DirectoryError::Invalid("name must not be empty".into()));
+    }
+    if trimmed.len() > 200 {
+        return Err(DirectoryError::Invalid(
+            "name must be at most 200 bytes".into(),
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_prefixed_random_and_long() {
+        let a = generate_key(KeyKind::Write);
+        let b = generate_key(KeyKind::Write);
+        assert!(a.starts_with("sr_write_"));
+        assert_eq!(a.len(), "sr_write_".len() + 40);
+        assert_ne!(a, b);
+        assert!(generate_key(KeyKind::Read).starts_with("sr_read_"));
+        assert!(generate_admin_token().starts_with("sr_admin_"));
+    }
+
+    #[test]
+    fn tenant_ids_round_trip_as_hex() {
+        let id = TenantId(0x00ab_cdef_0123_4567);
+        assert_eq!(id.to_string(), "00abcdef01234567");
+        assert_eq!("00abcdef01234567".parse::<TenantId>(), Ok(id));
+        assert!("xyz".parse::<TenantId>().is_err());
+    }
+}
