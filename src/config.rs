@@ -163,7 +163,11 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            let key_path = rest.split("__").collect::<Vec<_>>().join(".").to_ascii_lowercase();
+            let key_path = rest
+                .split("__")
+                .collect::<Vec<_>>()
+                .join(".")
+                .to_ascii_lowercase();
             let parsed: figment::value::Value = value
                 .parse()
                 .unwrap_or_else(|never: std::convert::Infallible| match never {});
@@ -182,7 +186,11 @@ impl Config {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(setting: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
+        fn invalid(
+            setting: &'static str,
+            value: impl ToString,
+            reason: &'static str,
+        ) -> ConfigError {
             ConfigError::Invalid {
                 setting,
                 value: value.to_string(),
@@ -196,7 +204,11 @@ impl Config {
             return Err(invalid("storage.queue_capacity", 0, "must be at least 1"));
         }
         if self.storage.max_group_requests == 0 {
-            return Err(invalid("storage.max_group_requests", 0, "must be at least 1"));
+            return Err(invalid(
+                "storage.max_group_requests",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.limits.max_event_bytes.as_u64() < 256 {
             return Err(invalid(
@@ -220,13 +232,21 @@ impl Config {
             ));
         }
         if self.limits.max_events_per_request == 0 {
-            return Err(invalid("limits.max_events_per_request", 0, "must be at least 1"));
+            return Err(invalid(
+                "limits.max_events_per_request",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.actors.mailbox_capacity == 0 {
             return Err(invalid("actors.mailbox_capacity", 0, "must be at least 1"));
         }
         if self.actors.restart_backoff_min.is_zero() {
-            return Err(invalid("actors.restart_backoff_min", "0s", "must be positive"));
+            return Err(invalid(
+                "actors.restart_backoff_min",
+                "0s",
+                "must be positive",
+            ));
         }
         if self.actors.restart_backoff_max < self.actors.restart_backoff_min {
             return Err(invalid(
@@ -246,13 +266,25 @@ impl Config {
             ));
         }
         if self.tenant_defaults.rate_limit_burst == 0 {
-            return Err(invalid("tenant_defaults.rate_limit_burst", 0, "must be at least 1"));
+            return Err(invalid(
+                "tenant_defaults.rate_limit_burst",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.tenant_defaults.dedup_window.is_zero() {
-            return Err(invalid("tenant_defaults.dedup_window", "0s", "must be positive"));
+            return Err(invalid(
+                "tenant_defaults.dedup_window",
+                "0s",
+                "must be positive",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid("log.level", &self.log.level, "not a valid tracing filter"));
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "not a valid tracing filter",
+            ));
         }
         Ok(())
     }
@@ -305,7 +337,10 @@ mod tests {
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.storage.data_dir, PathBuf::from("./data"));
         assert_eq!(config.storage.durability, Durability::Fsync);
-        assert_eq!(config.tenant_defaults.dedup_window, Duration::from_secs(7 * 86400));
+        assert_eq!(
+            config.tenant_defaults.dedup_window,
+            Duration::from_secs(7 * 86400)
+        );
     }
 
     #[test]

@@ -194,7 +194,9 @@ mod tests {
         let event = IncomingEvent {
             user_id: Some("alice".into()),
             anonymous_id: Some("anon".into()),
-            context: Some(r#"{"library":{"name":"analytics-node","version":"1.2.3"},"ip":"1.2.3.4"}"#.into()),
+            context: Some(
+                r#"{"library":{"name":"analytics-node","version":"1.2.3"},"ip":"1.2.3.4"}"#.into(),
+            ),
             ..IncomingEvent::default()
         };
         let stored = enrich(event, &context(1));
@@ -206,9 +208,16 @@ mod tests {
 
     #[test]
     fn ips_are_anonymised() {
-        assert_eq!(anonymize_ip("203.0.113.77".parse().unwrap_or(IpAddr::from([0; 4]))), "203.0.113.0");
         assert_eq!(
-            anonymize_ip("2001:db8:abcd:12::1".parse().unwrap_or(IpAddr::from([0; 4]))),
+            anonymize_ip("203.0.113.77".parse().unwrap_or(IpAddr::from([0; 4]))),
+            "203.0.113.0"
+        );
+        assert_eq!(
+            anonymize_ip(
+                "2001:db8:abcd:12::1"
+                    .parse()
+                    .unwrap_or(IpAddr::from([0; 4]))
+            ),
             "2001:db8:abcd::"
         );
     }

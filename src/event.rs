@@ -163,7 +163,10 @@ mod tests {
     #[test]
     fn timestamps_parse_with_offsets_and_fractions() {
         assert_eq!(parse_timestamp("1970-01-01T00:00:01Z"), Some(1_000_000));
-        assert_eq!(parse_timestamp("1970-01-01T01:00:01.5+01:00"), Some(1_500_000));
+        assert_eq!(
+            parse_timestamp("1970-01-01T01:00:01.5+01:00"),
+            Some(1_500_000)
+        );
         assert_eq!(parse_timestamp("2024-02-30T00:00:00Z"), None);
         assert_eq!(parse_timestamp("yesterday"), None);
         assert_eq!(format_timestamp(1_500_000), "1970-01-01T00:00:01.500Z");

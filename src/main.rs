@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use statsremote::config::{Config, Overrides};
 
 #[derive(Parser)]
-#[command(name = "statsremote", version, about = "Multi-tenant event ingestion and live product metrics")]
+#[command(
+    name = "statsremote",
+    version,
+    about = "Multi-tenant event ingestion and live product metrics"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -161,7 +161,12 @@ pub fn mailbox_depth(tenant: &str, depth: usize) {
 /// A supervisor rebuilt a child actor.
 pub fn actor_restarted(tenant: &str, actor: &'static str, backoff: Duration) {
     counter!(names::ACTOR_RESTARTS, "tenant" => tenant.to_string(), "actor" => actor).increment(1);
-    tracing::warn!(tenant, actor, backoff_ms = backoff.as_millis() as u64, "restarted failed actor");
+    tracing::warn!(
+        tenant,
+        actor,
+        backoff_ms = backoff.as_millis() as u64,
+        "restarted failed actor"
+    );
 }
 
 pub fn tenant_pipelines(count: usize) {

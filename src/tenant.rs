@@ -297,7 +297,8 @@ impl TenantDirectory {
         let name = validate_name(name)?;
         let _guard = self.lock();
         let mut id = TenantId(rand::rng().next_u64());
-        while id.0 == 0 || self.tenants.contains_key(&id) || meta::is_tombstoned(&self.storage, id)? {
+        while id.0 == 0 || self.tenants.contains_key(&id) || meta::is_tombstoned(&self.storage, id)?
+        {
             id = TenantId(rand::rng().next_u64());
         }
         let write_key = generate_key(KeyKind::Write);
@@ -338,7 +339,9 @@ impl TenantDirectory {
         if let Some(name) = name {
             next.name = validate_name(name)?;
         }
-        next.settings = patch.apply(&current.settings).map_err(DirectoryError::Invalid)?;
+        next.settings = patch
+            .apply(&current.settings)
+            .map_err(DirectoryError::Invalid)?;
         meta::put_tenant(&self.storage, &next)?;
         let next = Arc::new(next);
         self.tenants.insert(id, Arc::clone(&next));

@@ -82,9 +82,7 @@ impl Handler<IngestBatch> for IngestActor {
                 let _ = reply.send(outcome.map_err(PipelineError::from));
             }),
         };
-        if let Err((request, error)) = self.deps.writer.submit(request) {
-            (request.reply)(Err(error));
-        }
+        self.deps.writer.submit(request);
     }
 }
 

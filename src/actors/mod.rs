@@ -128,7 +128,9 @@ impl TenantPipeline {
         received_at: Micros,
     ) -> Result<AppendOutcome, PipelineError> {
         let Some(_permit) = self.inflight.try_acquire() else {
-            return Err(PipelineError::Busy("the tenant's ingestion pipeline is full"));
+            return Err(PipelineError::Busy(
+                "the tenant's ingestion pipeline is full",
+            ));
         };
         let (reply, answer) = oneshot::channel();
         let message = IngestBatch {
@@ -138,12 +140,16 @@ impl TenantPipeline {
             reply,
         };
         if self.supervisor.try_send(message).is_err() {
-            return Err(PipelineError::Busy("the tenant's ingestion pipeline is not accepting batches"));
+            return Err(PipelineError::Busy(
+                "the tenant's ingestion pipeline is not accepting batches",
+            ));
         }
         match answer.await {
             Ok(outcome) => outcome,
             // The actor holding the batch died before answering: nothing was acknowledged.
-            Err(_) => Err(PipelineError::Busy("the tenant's ingestion pipeline restarted")),
+            Err(_) => Err(PipelineError::Busy(
+                "the tenant's ingestion pipeline restarted",
+            )),
         }
     }
 
@@ -206,7 +212,10 @@ impl Pipelines {
         tracing::debug!(%tenant, arbiter = index, "started tenant pipeline");
         TenantPipeline {
             supervisor,
-            inflight: Arc::new(InflightLimit::new(tenant, self.deps.actors.mailbox_capacity)),
+            inflight: Arc::new(InflightLimit::new(
+                tenant,
+                self.deps.actors.mailbox_capacity,
+            )),
         }
     }
 

@@ -120,23 +120,23 @@ impl Handler<IngestBatch> for TenantSupervisor {
 
     fn handle(&mut self, message: IngestBatch, ctx: &mut Self::Context) {
         let Some(child) = self.ingest.as_ref().filter(|child| child.connected()) else {
-            let _ = message
-                .reply
-                .send(Err(PipelineError::Busy("the tenant's ingestion pipeline is restarting")));
+            let _ = message.reply.send(Err(PipelineError::Busy(
+                "the tenant's ingestion pipeline is restarting",
+            )));
             self.restart_ingest(ctx);
             return;
         };
         match child.try_send(message) {
             Ok(()) => {}
             Err(SendError::Full(message)) => {
-                let _ = message
-                    .reply
-                    .send(Err(PipelineError::Busy("the tenant's ingestion pipeline is full")));
+                let _ = message.reply.send(Err(PipelineError::Busy(
+                    "the tenant's ingestion pipeline is full",
+                )));
             }
             Err(SendError::Closed(message)) => {
-                let _ = message
-                    .reply
-                    .send(Err(PipelineError::Busy("the tenant's ingestion pipeline is restarting")));
+                let _ = message.reply.send(Err(PipelineError::Busy(
+                    "the tenant's ingestion pipeline is restarting",
+                )));
                 self.restart_ingest(ctx);
             }
         }
@@ -180,7 +180,12 @@ mod tests {
     use crate::tenant::TenantDirectory;
     use tokio::sync::oneshot;
 
-    fn batch(id: &str) -> (IngestBatch, oneshot::Receiver<Result<crate::storage::log::AppendOutcome, PipelineError>>) {
+    fn batch(
+        id: &str,
+    ) -> (
+        IngestBatch,
+        oneshot::Receiver<Result<crate::storage::log::AppendOutcome, PipelineError>>,
+    ) {
         let (reply, answer) = oneshot::channel();
         let event = IncomingEvent {
             kind: Some(EventKind::Track),
@@ -215,7 +220,8 @@ mod tests {
             },
         )
         .unwrap();
-        let directory = TenantDirectory::load(storage, config.tenant_defaults.clone(), [0; 32]).unwrap();
+        let directory =
+            TenantDirectory::load(storage, config.tenant_defaults.clone(), [0; 32]).unwrap();
         let (tenant, _keys) = directory.create("acme").unwrap();
         let mut actors = config.actors.clone();
         actors.heartbeat = Duration::from_millis(20);

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::event::format_timestamp;
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
-use crate::tenant::{DirectoryError, RotateWhich, SettingsPatch, TenantId, TenantRecord, TenantSettings};
+use crate::tenant::{
+    DirectoryError, RotateWhich, SettingsPatch, TenantId, TenantRecord, TenantSettings,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,10 +151,9 @@ pub async fn update(
     let id = tenant_id(&path)?;
     let UpdateTenant { name, settings } = body.into_inner();
     let directory = state.directory.clone();
-    let record = blocking(move || {
-        directory.update(id, name.as_deref(), &settings.unwrap_or_default())
-    })
-    .await?;
+    let record =
+        blocking(move || directory.update(id, name.as_deref(), &settings.unwrap_or_default()))
+            .await?;
     tracing::info!(tenant = %id, "tenant updated");
     Ok(HttpResponse::Ok().json(TenantView::from(&*record)))
 }
@@ -161,21 +162,30 @@ pub async fn rotate(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: Option<web::Json<RotateKeys>>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let id = tenant_id(&path)?;
-    let which = body
-        .and_then(|b| b.into_inner().which)
-        .unwrap_or(RotateWhich::Both);
+    // The body is optional (empty = rotate both), but a body that is there must be valid.
+    let request: RotateKeys = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateKeys::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let which = request.which.unwrap_or(RotateWhich::Both);
     let directory = state.directory.clone();
     let (record, keys) = blocking(move || directory.rotate(id, which)).await?;
     tracing::info!(tenant = %id, ?which, "tenant keys rotated");
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "id": record.id.to_string(),
-        "write_key": keys.write_key,
-        "read_key": keys.read_key,
-    })))
+    let mut reply = serde_json::Map::new();
+    reply.insert("id".into(), record.id.to_string().into());
+    if let Some(key) = keys.write_key {
+        reply.insert("write_key".into(), key.into());
+    }
+    if let Some(key) = keys.read_key {
+        reply.insert("read_key".into(), key.into());
+    }
+    Ok(HttpResponse::Ok().json(reply))
 }
 
 pub async fn delete(
@@ -191,7 +201,9 @@ pub async fn delete(
     state.rate_limits.forget(id);
     let purged = state.writer.purge(id).await.map_err(|error| {
         tracing::error!(tenant = %id, %error, "purge failed");
-        ApiError::Internal(format!("tenant removed but purging its data failed: {error}"))
+        ApiError::Internal(format!(
+            "tenant removed but purging its data failed: {error}"
+        ))
     })?;
     tracing::info!(tenant = %id, purged_batches = purged, "tenant deleted and purged");
     Ok(HttpResponse::Ok().json(serde_json::json!({

@@ -37,11 +37,15 @@ pub fn header_credential(req: &HttpRequest) -> Result<Option<String>, ApiError> 
             .decode(rest)
             .ok()
             .and_then(|bytes| String::from_utf8(bytes).ok())
-            .ok_or_else(|| ApiError::Unauthorized("Basic credential is not valid base64 text".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized("Basic credential is not valid base64 text".into())
+            })?;
         let (user, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
         let key = if user.is_empty() { password } else { user };
         if key.is_empty() {
-            return Err(ApiError::Unauthorized("Basic credential has an empty user name".into()));
+            return Err(ApiError::Unauthorized(
+                "Basic credential has an empty user name".into(),
+            ));
         }
         return Ok(Some(key.to_string()));
     }

@@ -20,7 +20,9 @@ pub async fn read_body(
     max_bytes: usize,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
-        ApiError::PayloadTooLarge(format!("request body is larger than the limit of {max_bytes} bytes"))
+        ApiError::PayloadTooLarge(format!(
+            "request body is larger than the limit of {max_bytes} bytes"
+        ))
     };
     let declared = req
         .headers()
@@ -32,17 +34,20 @@ pub async fn read_body(
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(max_bytes));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
         if body.len() + chunk.len() > max_bytes {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
     let body = body.freeze();
-    let encoding = req
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("(not text)").trim().to_ascii_lowercase());
+    let encoding = req.headers().get(header::CONTENT_ENCODING).map(|v| {
+        v.to_str()
+            .unwrap_or("(not text)")
+            .trim()
+            .to_ascii_lowercase()
+    });
     match encoding.as_deref() {
         None | Some("" | "identity") => Ok(body),
         Some(name) => decode(name, &body, max_bytes),
@@ -92,7 +97,9 @@ enum Decode {
 
 fn read_limited(reader: impl Read, max_bytes: usize) -> Result<Vec<u8>, Decode> {
     let mut out = Vec::with_capacity(64 * 1024);
-    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX).saturating_add(1);
+    let limit = u64::try_from(max_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     reader
         .take(limit)
         .read_to_end(&mut out)
@@ -121,10 +128,16 @@ mod tests {
         assert_eq!(decode("gzip", &gzip(&data), 10_000).unwrap(), data);
         let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         zlib.write_all(&data).unwrap();
-        assert_eq!(decode("deflate", &zlib.finish().unwrap(), 10_000).unwrap(), data);
+        assert_eq!(
+            decode("deflate", &zlib.finish().unwrap(), 10_000).unwrap(),
+            data
+        );
         let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         raw.write_all(&data).unwrap();
-        assert_eq!(decode("deflate", &raw.finish().unwrap(), 10_000).unwrap(), data);
+        assert_eq!(
+            decode("deflate", &raw.finish().unwrap(), 10_000).unwrap(),
+            data
+        );
         let zstd = zstd::stream::encode_all(&data[..], 1).unwrap();
         assert_eq!(decode("zstd", &zstd, 10_000).unwrap(), data);
         let mut br = Vec::new();
@@ -136,13 +149,25 @@ mod tests {
     fn bombs_stop_at_the_limit() {
         let bomb = gzip(&vec![b'a'; 50_000_000]);
         assert!(bomb.len() < 100_000);
-        assert!(matches!(decode("gzip", &bomb, 1_000_000), Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            decode("gzip", &bomb, 1_000_000),
+            Err(ApiError::PayloadTooLarge(_))
+        ));
     }
 
     #[test]
     fn corrupt_and_unknown_encodings_are_errors() {
-        assert!(matches!(decode("gzip", b"not gzip", 1000), Err(ApiError::BadRequest { .. })));
-        assert!(matches!(decode("zstd", b"not zstd", 1000), Err(ApiError::BadRequest { .. })));
-        assert!(matches!(decode("lz4", b"x", 1000), Err(ApiError::UnsupportedMediaType(_))));
+        assert!(matches!(
+            decode("gzip", b"not gzip", 1000),
+            Err(ApiError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            decode("zstd", b"not zstd", 1000),
+            Err(ApiError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            decode("lz4", b"x", 1000),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
     }
 }

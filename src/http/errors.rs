@@ -41,7 +41,10 @@ pub enum ApiError {
         remaining: u32,
     },
     #[error("{detail}")]
-    Unavailable { detail: String, retry_after_secs: u64 },
+    Unavailable {
+        detail: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -69,9 +72,10 @@ impl ApiError {
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
-            ApiError::UnsupportedMediaType(_) => {
-                ("unsupported-media-type", "Unsupported media type or encoding")
-            }
+            ApiError::UnsupportedMediaType(_) => (
+                "unsupported-media-type",
+                "Unsupported media type or encoding",
+            ),
             ApiError::RateLimited { .. } => ("rate-limited", "Rate limit exceeded"),
             ApiError::Unavailable { .. } => ("unavailable", "Temporarily unavailable"),
             ApiError::Internal(_) => ("internal", "Internal error"),

@@ -51,7 +51,9 @@ pub async fn export(
     let from = time_param("from", query.from.as_deref())?.unwrap_or(i64::MIN);
     let to = time_param("to", query.to.as_deref())?.unwrap_or(i64::MAX);
     if from >= to {
-        return Err(ApiError::bad_request("query parameter `from` must be before `to`"));
+        return Err(ApiError::bad_request(
+            "query parameter `from` must be before `to`",
+        ));
     }
     let filter = Filter {
         from,
@@ -144,7 +146,11 @@ impl Serialize for ExportLine<'_> {
         map.serialize_entry("type", e.kind.as_str())?;
         map.serialize_entry("messageId", &e.message_id)?;
         if let Some(name) = &e.name {
-            let key = if e.kind == crate::event::EventKind::Track { "event" } else { "name" };
+            let key = if e.kind == crate::event::EventKind::Track {
+                "event"
+            } else {
+                "name"
+            };
             map.serialize_entry(key, name)?;
         }
         for (key, value) in [

@@ -38,7 +38,13 @@ fn is_ndjson(req: &HttpRequest) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .is_some_and(|v| v == "application/x-ndjson" || v == "application/jsonl")
 }
 
@@ -70,7 +76,11 @@ pub async fn handle(
     let header_key = auth::header_credential(&req)?;
     // With the key in a header, refuse strangers before reading their body.
     let header_tenant = match header_key.as_deref() {
-        Some(key) => Some(auth::tenant_for_key(&state.directory, Some(key), KeyKind::Write)?),
+        Some(key) => Some(auth::tenant_for_key(
+            &state.directory,
+            Some(key),
+            KeyKind::Write,
+        )?),
         None => None,
     };
 
@@ -93,12 +103,18 @@ pub async fn handle(
     }
     .map_err(|error| match error {
         ParseError::Malformed(detail) => ApiError::bad_request(detail),
-        too_many @ ParseError::TooManyEvents { .. } => ApiError::PayloadTooLarge(too_many.to_string()),
+        too_many @ ParseError::TooManyEvents { .. } => {
+            ApiError::PayloadTooLarge(too_many.to_string())
+        }
     })?;
 
     let tenant = match header_tenant {
         Some(tenant) => tenant,
-        None => auth::tenant_for_key(&state.directory, parsed.write_key.as_deref(), KeyKind::Write)?,
+        None => auth::tenant_for_key(
+            &state.directory,
+            parsed.write_key.as_deref(),
+            KeyKind::Write,
+        )?,
     };
     let tenant_label = tenant.id.to_string();
     let rejected = parsed.rejected;

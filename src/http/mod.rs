@@ -82,7 +82,10 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .limit(ADMIN_JSON_LIMIT)
                 .error_handler(|err, _| extractor_error("JSON body", err)),
         )
-        .app_data(web::QueryConfig::default().error_handler(|err, _| extractor_error("query string", err)))
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|err, _| extractor_error("query string", err)),
+        )
         .app_data(web::PathConfig::default().error_handler(|err, _| extractor_error("path", err)))
         .service(
             web::resource("/v1/events/export")
@@ -154,7 +157,11 @@ pub fn app(
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {

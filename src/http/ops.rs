@@ -17,9 +17,11 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage_ok = {
         let storage = state.storage.clone();
-        web::block(move || storage.meta.first_key_value().is_some() || storage.meta.is_empty().is_ok())
-            .await
-            .unwrap_or(false)
+        web::block(move || {
+            storage.meta.first_key_value().is_some() || storage.meta.is_empty().is_ok()
+        })
+        .await
+        .unwrap_or(false)
     };
     let writer_ok = state.writer.is_alive();
     let actors_ok = state.pipelines.healthy();

@@ -67,7 +67,11 @@ pub enum ParseError {
 }
 
 /// Parses a JSON body of `route`.
-pub fn parse_json(route: Route, body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+pub fn parse_json(
+    route: Route,
+    body: &[u8],
+    limits: &ParseLimits,
+) -> Result<ParsedRequest, ParseError> {
     let text = utf8(body)?;
     match route {
         Route::Batch => parse_batch(text, limits),
@@ -112,9 +116,9 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
             "request body must be a JSON object with a `batch` array: {e}"
         ))
     })?;
-    let items = envelope.batch.ok_or_else(|| {
-        ParseError::Malformed("request body has no `batch` array".to_string())
-    })?;
+    let items = envelope
+        .batch
+        .ok_or_else(|| ParseError::Malformed("request body has no `batch` array".to_string()))?;
     if items.len() > limits.max_events {
         return Err(ParseError::TooManyEvents {
             count: items.len(),
@@ -138,7 +142,11 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
     Ok(parsed)
 }
 
-fn parse_single(kind: EventKind, text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+fn parse_single(
+    kind: EventKind,
+    text: &str,
+    limits: &ParseLimits,
+) -> Result<ParsedRequest, ParseError> {
     let mut parsed = ParsedRequest::default();
     match parse_event(Some(kind), text, &Defaults::default(), limits) {
         // The whole body is the event: a malformed object is a malformed request.
@@ -290,16 +298,17 @@ fn parse_event(
                 .rev()
                 .find(|(key, _)| key == "messageId")
                 .and_then(|(_, value)| id_value("messageId", value).ok().flatten());
-            let name = match raw.map(|r| string_value("type", r)) {
-                Some(Ok(Some(name))) => name,
-                Some(Err(reason)) => return Err(EventError { message_id, reason }),
-                None | Some(Ok(None)) => {
-                    return Err(EventError {
+            let name =
+                match raw.map(|r| string_value("type", r)) {
+                    Some(Ok(Some(name))) => name,
+                    Some(Err(reason)) => return Err(EventError { message_id, reason }),
+                    None | Some(Ok(None)) => return Err(EventError {
                         message_id,
-                        reason: "missing `type` (one of track, identify, page, screen, group, alias)".into(),
-                    })
-                }
-            };
+                        reason:
+                            "missing `type` (one of track, identify, page, screen, group, alias)"
+                                .into(),
+                    }),
+                };
             match EventKind::parse(&name) {
                 Some(kind) => kind,
                 None => {
@@ -358,7 +367,9 @@ fn parse_event(
                 record(object_value("integrations", value).map(|v| event.integrations = v))
             }
             "writeKey" => record(string_value("writeKey", value).map(|v| write_key = v)),
-            _ => event.extra.push((key.into_owned(), value.get().to_string())),
+            _ => event
+                .extra
+                .push((key.into_owned(), value.get().to_string())),
         }
     }
     let fail = |reason: String, event: &IncomingEvent| EventError {
@@ -385,7 +396,10 @@ fn parse_event(
 
 fn check_required(kind: EventKind, event: &IncomingEvent) -> Option<String> {
     if event.user_id.is_none() && event.anonymous_id.is_none() {
-        return Some(format!("{} event needs `userId` or `anonymousId`", kind.as_str()));
+        return Some(format!(
+            "{} event needs `userId` or `anonymousId`",
+            kind.as_str()
+        ));
     }
     match kind {
         EventKind::Track if event.name.is_none() => {
@@ -415,7 +429,9 @@ fn string_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
         return Ok(None);
     }
     if matches!(field, "event" | "name") && value.len() > MAX_NAME_BYTES {
-        return Err(format!("field `{field}` is longer than {MAX_NAME_BYTES} bytes"));
+        return Err(format!(
+            "field `{field}` is longer than {MAX_NAME_BYTES} bytes"
+        ));
     }
     Ok(Some(value))
 }
@@ -468,7 +484,10 @@ fn object_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
     if raw.get().starts_with('{') {
         return Ok(Some(raw.get().to_string()));
     }
-    Err(format!("field `{field}` must be a JSON object, got {}", describe(raw)))
+    Err(format!(
+        "field `{field}` must be a JSON object, got {}",
+        describe(raw)
+    ))
 }
 
 fn optional_time(field: &str, raw: Option<&RawValue>) -> Result<Option<Micros>, String> {
@@ -552,7 +571,10 @@ mod tests {
         assert_eq!(first.user_id.as_deref(), Some("42"));
         assert_eq!(first.name.as_deref(), Some("Signed Up"));
         assert_eq!(first.sent_at, parse_timestamp("2024-01-01T00:00:10Z"));
-        assert_eq!(first.extra, vec![("channel".to_string(), "\"server\"".to_string())]);
+        assert_eq!(
+            first.extra,
+            vec![("channel".to_string(), "\"server\"".to_string())]
+        );
         let context: serde_json::Value =
             serde_json::from_str(first.context.as_deref().unwrap()).unwrap();
         assert_eq!(context["ip"], "5.6.7.8");
@@ -561,7 +583,9 @@ mod tests {
         let indexes: Vec<usize> = parsed.rejected.iter().map(|r| r.index).collect();
         assert_eq!(indexes, vec![1, 2, 3, 4]);
         assert!(parsed.rejected[0].reason.contains("`event`"));
-        assert!(parsed.rejected[1].reason.contains("`traits` must be a JSON object"));
+        assert!(parsed.rejected[1]
+            .reason
+            .contains("`traits` must be a JSON object"));
         assert!(parsed.rejected[2].reason.contains("not a JSON object"));
         assert_eq!(parsed.rejected[3].message_id.as_deref(), Some("m5"));
     }
@@ -600,7 +624,10 @@ mod tests {
         );
         assert_eq!(
             parse_json(Route::Batch, many.as_bytes(), &LIMITS).unwrap_err(),
-            ParseError::TooManyEvents { count: 101, limit: 100 }
+            ParseError::TooManyEvents {
+                count: 101,
+                limit: 100
+            }
         );
     }
 

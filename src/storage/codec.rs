@@ -111,7 +111,10 @@ mod tests {
 
     #[test]
     fn unknown_version_is_an_error() {
-        assert!(matches!(decode::<u8>(&[9, 1]), Err(CodecError::UnknownVersion(9))));
+        assert!(matches!(
+            decode::<u8>(&[9, 1]),
+            Err(CodecError::UnknownVersion(9))
+        ));
         assert!(matches!(decode::<u8>(&[]), Err(CodecError::Empty)));
     }
 }

@@ -93,18 +93,16 @@ impl LogWriter {
         })
     }
 
-    /// Queues an append without blocking. A full queue hands the request back.
-    pub fn submit(&self, request: AppendRequest) -> Result<(), (AppendRequest, StorageError)> {
-        match self.queue.try_send(Command::Append(request)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(Command::Append(request))) => {
-                Err((request, StorageError::QueueFull))
-            }
-            Err(TrySendError::Disconnected(Command::Append(request))) => {
-                Err((request, StorageError::WriterStopped))
-            }
-            // We only ever send Append above.
-            Err(_) => unreachable_command(),
+    /// Queues an append without blocking. If the queue is full or the writer has stopped, the
+    /// request's reply is called at once with the error.
+    pub fn submit(&self, request: AppendRequest) {
+        let refused = match self.queue.try_send(Command::Append(request)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(command)) => (command, StorageError::QueueFull),
+            Err(TrySendError::Disconnected(command)) => (command, StorageError::WriterStopped),
+        };
+        if let (Command::Append(request), error) = refused {
+            (request.reply)(Err(error));
         }
     }
 
@@ -149,12 +147,6 @@ impl LogWriter {
     }
 }
 
-fn unreachable_command() -> ! {
-    // Provably unreachable: `submit` only sends `Command::Append`, and a failed send returns the
-    // same variant.
-    unreachable!("try_send returned a command that was not sent")
-}
-
 struct AliveGuard(Arc<AtomicBool>);
 
 impl Drop for AliveGuard {
@@ -195,7 +187,8 @@ impl Writer {
                 match command {
                     Command::Append(request) => {
                         let reply = request.reply;
-                        let outcome = self.append(request.tenant, request.dedup_window, request.batch);
+                        let outcome =
+                            self.append(request.tenant, request.dedup_window, request.batch);
                         replies.push((reply, outcome));
                     }
                     Command::Purge { tenant, reply } => {
@@ -279,7 +272,11 @@ impl Writer {
                     duplicates += 1;
                     continue;
                 }
-                write.insert(&self.storage.dedup, key.to_vec(), dedup::value(now).to_vec());
+                write.insert(
+                    &self.storage.dedup,
+                    key.to_vec(),
+                    dedup::value(now).to_vec(),
+                );
             }
             kept.push(event);
         }
@@ -297,7 +294,11 @@ impl Writer {
             keyspace: "log",
             source,
         })?;
-        write.insert(&self.storage.log, tenant_key(tenant, first_seq).to_vec(), value);
+        write.insert(
+            &self.storage.log,
+            tenant_key(tenant, first_seq).to_vec(),
+            value,
+        );
         write
             .commit()
             .map_err(StorageError::engine("committing a log batch"))?;
@@ -332,13 +333,13 @@ impl Writer {
 }
 
 fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageError> {
-    let seq_bytes: [u8; 8] = key
-        .get(8..16)
-        .and_then(|s| s.try_into().ok())
-        .ok_or(StorageError::Codec {
-            keyspace: "log",
-            source: codec::CodecError::Empty,
-        })?;
+    let seq_bytes: [u8; 8] =
+        key.get(8..16)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(StorageError::Codec {
+                keyspace: "log",
+                source: codec::CodecError::Empty,
+            })?;
     let batch = codec::decode(value).map_err(|source| StorageError::Codec {
         keyspace: "log",
         source,
@@ -433,7 +434,7 @@ mod tests {
                 let _ = reply.send(outcome);
             }),
         };
-        assert!(writer.submit(request).is_ok());
+        writer.submit(request);
         answer.await.unwrap().unwrap()
     }
 
@@ -453,7 +454,10 @@ mod tests {
             let storage = Storage::open(dir.path(), 1 << 20).unwrap();
             let writer = LogWriter::start(storage, options()).unwrap();
             let first = append(&writer, tenant, &["a", "b", "a"]).await;
-            assert_eq!((first.accepted, first.duplicates, first.first_seq), (2, 1, Some(1)));
+            assert_eq!(
+                (first.accepted, first.duplicates, first.first_seq),
+                (2, 1, Some(1))
+            );
             let second = append(&writer, tenant, &["c"]).await;
             assert_eq!(second.first_seq, Some(3));
             writer.shutdown();
@@ -461,7 +465,10 @@ mod tests {
         let storage = Storage::open(dir.path(), 1 << 20).unwrap();
         let writer = LogWriter::start(storage.clone(), options()).unwrap();
         let third = append(&writer, tenant, &["b", "d"]).await;
-        assert_eq!((third.accepted, third.duplicates, third.first_seq), (1, 1, Some(4)));
+        assert_eq!(
+            (third.accepted, third.duplicates, third.first_seq),
+            (1, 1, Some(4))
+        );
         let entries = read_batches(&storage, tenant, 0, 100).unwrap();
         let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![1, 3, 4]);
