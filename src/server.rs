@@ -62,7 +62,11 @@ fn admin_digest(config: &Config, storage: &Storage) -> Result<KeyDigest, Storage
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let metrics = telemetry::install_metrics();
     let db_path = config.database_path();
-    let storage = Storage::open(&db_path, config.storage.cache_size.as_u64())?;
+    let storage = Storage::open(
+        &db_path,
+        config.storage.cache_size.as_u64(),
+        Default::default(),
+    )?;
     let admin = admin_digest(&config, &storage)?;
     let directory = Arc::new(TenantDirectory::load(
         storage.clone(),

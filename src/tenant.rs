@@ -236,6 +236,9 @@ impl TenantDirectory {
     }
 
     fn index(&self, record: Arc<TenantRecord>) {
+        self.storage
+            .dedup_windows
+            .set(record.id, record.settings.dedup_window);
         self.keys
             .insert(record.write_key_digest, (record.id, KeyKind::Write));
         self.keys
@@ -244,6 +247,7 @@ impl TenantDirectory {
     }
 
     fn unindex(&self, record: &TenantRecord) {
+        self.storage.dedup_windows.remove(record.id);
         self.keys.remove(&record.write_key_digest);
         self.keys.remove(&record.read_key_digest);
         self.tenants.remove(&record.id);
@@ -344,7 +348,7 @@ impl TenantDirectory {
             .map_err(DirectoryError::Invalid)?;
         meta::put_tenant(&self.storage, &next)?;
         let next = Arc::new(next);
-        self.tenants.insert(id, Arc::clone(&next));
+        self.index(Arc::clone(&next));
         Ok(next)
     }
 

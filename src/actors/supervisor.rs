@@ -210,7 +210,7 @@ mod tests {
     async fn a_panicking_child_is_rebuilt_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load_from(&Overrides::default(), &[]).unwrap();
-        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let writer = LogWriter::start(
             storage.clone(),
             WriterOptions {

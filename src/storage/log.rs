@@ -451,7 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tenant = TenantId(42);
         {
-            let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
             let writer = LogWriter::start(storage, options()).unwrap();
             let first = append(&writer, tenant, &["a", "b", "a"]).await;
             assert_eq!(
@@ -462,7 +462,7 @@ mod tests {
             assert_eq!(second.first_seq, Some(3));
             writer.shutdown();
         }
-        let storage = Storage::open(dir.path(), 1 << 20).unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let writer = LogWriter::start(storage.clone(), options()).unwrap();
         let third = append(&writer, tenant, &["b", "d"]).await;
         assert_eq!(

@@ -14,6 +14,7 @@ pub mod log;
 pub mod meta;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
@@ -63,11 +64,18 @@ pub struct Storage {
     pub log: Keyspace,
     pub dedup: Keyspace,
     pub meta: Keyspace,
+    /// Tenants' dedup windows, read by the dedup expiry compaction filter.
+    pub dedup_windows: dedup::DedupWindows,
 }
 
 impl Storage {
-    /// Opens (or creates) the database at `path`.
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<Storage, StorageError> {
+    /// Opens (or creates) the database at `path`. `dedup_windows` feeds the compaction filter
+    /// that expires old dedup entries.
+    pub fn open(
+        path: &Path,
+        cache_bytes: u64,
+        dedup_windows: dedup::DedupWindows,
+    ) -> Result<Storage, StorageError> {
         let open_error = |source| StorageError::Open {
             path: path.to_path_buf(),
             source,
@@ -76,6 +84,16 @@ impl Storage {
         let db = Database::builder(path)
             .cache_size(cache_bytes)
             .manual_journal_persist(true)
+            .with_compaction_filter_factories({
+                let windows = dedup_windows.clone();
+                Arc::new(move |keyspace: &str| {
+                    let factory: Arc<dyn fjall::compaction::filter::Factory> =
+                        Arc::new(dedup::DedupExpiry {
+                            windows: windows.clone(),
+                        });
+                    (keyspace == "dedup").then_some(factory)
+                })
+            })
             .open()
             .map_err(open_error)?;
         let log = db
@@ -92,6 +110,7 @@ impl Storage {
             log,
             dedup,
             meta,
+            dedup_windows,
         })
     }
 
