@@ -20,6 +20,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "STATSREMOTE__";
 
+/// Settings whose environment value is taken verbatim, never parsed as a number or boolean:
+/// a token like `007` must stay `007`, and a secret must never be echoed by a type error.
+const VERBATIM_SETTINGS: [&str; 3] = ["auth.admin_token", "storage.data_dir", "log.level"];
+
 /// Why the configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -168,9 +172,13 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(".")
                 .to_ascii_lowercase();
-            let parsed: figment::value::Value = value
-                .parse()
-                .unwrap_or_else(|never: std::convert::Infallible| match never {});
+            let parsed: figment::value::Value = if VERBATIM_SETTINGS.contains(&key_path.as_str()) {
+                figment::value::Value::from(value.clone())
+            } else {
+                value
+                    .parse()
+                    .unwrap_or_else(|never: std::convert::Infallible| match never {})
+            };
             figment = figment.merge(Serialized::default(&key_path, parsed));
         }
         if let Some(listen) = overrides.listen {
@@ -387,6 +395,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("actors.mailbox_capacity"), "{err}");
+    }
+
+    #[test]
+    fn secrets_and_paths_are_taken_verbatim() {
+        let config = Config::load_from(
+            &Overrides::default(),
+            &env(&[
+                ("STATSREMOTE__AUTH__ADMIN_TOKEN", "007"),
+                ("STATSREMOTE__STORAGE__DATA_DIR", "123"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.auth.admin_token, "007");
+        assert_eq!(config.storage.data_dir, PathBuf::from("123"));
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent 
         .as_deref()
         .map(library_of)
         .unwrap_or((None, None));
+    let event_context = event.context.map(anonymize_context_ip);
     StoredEvent {
         kind: event.kind.unwrap_or(EventKind::Track),
         message_id,
@@ -78,7 +79,7 @@ pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent 
         flags: event_flags,
         properties: event.properties,
         traits: event.traits,
-        context: event.context,
+        context: event_context,
         integrations: event.integrations,
         extra: event.extra,
     }
@@ -128,6 +129,30 @@ fn library_of(context_json: &str) -> (Option<String>, Option<String>) {
     }
 }
 
+/// Anonymises `context.ip` (server-side SDKs forward the end user's address there) the same way
+/// as the peer address; a value that is not an IP address is dropped. Contexts without an `ip`
+/// key are returned untouched, without parsing.
+fn anonymize_context_ip(context: String) -> String {
+    if !context.contains("\"ip\"") {
+        return context;
+    }
+    let Ok(mut object) =
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&context)
+    else {
+        return context;
+    };
+    let Some(value) = object.remove("ip") else {
+        return context;
+    };
+    if let Some(ip) = value
+        .as_str()
+        .and_then(|text| text.trim().parse::<IpAddr>().ok())
+    {
+        object.insert("ip".into(), serde_json::Value::String(anonymize_ip(ip)));
+    }
+    serde_json::to_string(&object).unwrap_or(context)
+}
+
 /// The client IP with the host part zeroed: IPv4 keeps /24, IPv6 keeps /48.
 pub fn anonymize_ip(ip: IpAddr) -> String {
     match ip {
@@ -150,6 +175,7 @@ pub fn anonymize_ip(ip: IpAddr) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const KEY: [u8; 32] = [7; 32];
@@ -203,7 +229,63 @@ mod tests {
         assert_eq!(stored.user_hash, user_hash(&KEY, "alice"));
         assert_ne!(user_hash(&KEY, "alice"), user_hash(&[8; 32], "alice"));
         assert_eq!(stored.library_name.as_deref(), Some("analytics-node"));
+        let context: serde_json::Value =
+            serde_json::from_str(stored.context.as_deref().unwrap_or("")).unwrap_or_default();
+        assert_eq!(context["ip"], "1.2.3.0", "context.ip is anonymised");
+        assert_eq!(
+            anonymize_context_ip(r#"{"ip":"not an ip","a":1}"#.into()),
+            r#"{"a":1}"#
+        );
+        assert_eq!(anonymize_context_ip(r#"{"a":1}"#.into()), r#"{"a":1}"#);
         assert_eq!(stored.library_version.as_deref(), Some("1.2.3"));
+    }
+
+    proptest::proptest! {
+        /// What a client sent survives parsing, enrichment and the log encoding unchanged.
+        #[test]
+        fn parsed_events_round_trip_through_enrichment_and_the_log(
+            user in "[a-zA-Z0-9_@.-]{1,30}",
+            name in "[a-zA-Z0-9 ]{1,40}",
+            id in "[a-f0-9-]{8,36}",
+            n in 0u32..100_000,
+            tag in "[a-z]{0,10}",
+            skew_ms in -100_000i64..100_000,
+        ) {
+            use crate::http::segment::{parse_json, ParseLimits, Route};
+            let body = serde_json::json!({
+                "sentAt": "2026-03-01T00:00:10.000Z",
+                "batch": [{
+                    "type": "track", "userId": user, "event": name, "messageId": id,
+                    "properties": {"n": n, "tag": tag}, "context": {"locale": "en-GB"},
+                    "timestamp": "2026-03-01T00:00:00.000Z", "channel": "server",
+                }]
+            })
+            .to_string();
+            let limits = ParseLimits { max_event_bytes: 64 * 1024, max_events: 10 };
+            let parsed = parse_json(Route::Batch, body.as_bytes(), &limits).unwrap();
+            let received_at = crate::event::parse_timestamp("2026-03-01T00:00:10.000Z").unwrap() + skew_ms * 1000;
+            let context = EnrichContext { received_at, future_tolerance: Duration::from_secs(3600), user_hash_key: &KEY };
+            let events = enrich_all(parsed.events, &context);
+            let batch = crate::event::LogBatch {
+                batch_id: 9,
+                received_at,
+                source: crate::event::BatchSource { endpoint: "/v1/batch".into(), client_ip: None },
+                events,
+            };
+            let decoded: crate::event::LogBatch =
+                crate::storage::codec::decode(&crate::storage::codec::encode(&batch).unwrap()).unwrap();
+            proptest::prop_assert_eq!(&decoded, &batch);
+            let event = &decoded.events[0];
+            proptest::prop_assert_eq!(event.user_id.as_deref(), Some(user.as_str()));
+            proptest::prop_assert_eq!(event.name.as_deref(), Some(name.as_str()));
+            proptest::prop_assert_eq!(event.message_id.as_str(), id.as_str());
+            proptest::prop_assert_eq!(event.user_hash, user_hash(&KEY, &user));
+            // The client's clock was 10 s ahead of sentAt: timestamp = receivedAt - 10 s.
+            proptest::prop_assert_eq!(event.timestamp, received_at - 10_000_000);
+            let properties: serde_json::Value = serde_json::from_str(event.properties.as_deref().unwrap()).unwrap();
+            proptest::prop_assert_eq!(properties, serde_json::json!({"n": n, "tag": tag}));
+            proptest::prop_assert_eq!(&event.extra, &vec![("channel".to_string(), "\"server\"".to_string())]);
+        }
     }
 
     #[test]

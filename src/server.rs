@@ -15,7 +15,7 @@ use crate::config::{Config, Durability};
 use crate::http::{self, AppState};
 use crate::ratelimit::RateLimits;
 use crate::storage::log::{LogWriter, WriterOptions};
-use crate::storage::{meta, Storage, StorageError};
+use crate::storage::{self, meta, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::{self, KeyDigest, TenantDirectory};
 
@@ -52,10 +52,52 @@ fn admin_digest(config: &Config, storage: &Storage) -> Result<KeyDigest, Storage
     }
     let token = tenant::generate_admin_token();
     let digest = tenant::digest(&token);
+    // Printed, not logged: it must not end up in log storage. Only its digest is kept, and
+    // only once the token has reached the operator (if stdout is closed, nothing is stored and
+    // the next start tries again).
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "Generated admin token (shown only this once; only its hash is stored): {token}"
+    )
+    .and_then(|()| stdout.flush())
+    .map_err(|e| {
+        StorageError::NotDurable(format!("cannot print the generated admin token: {e}"))
+    })?;
     meta::set_admin_token_digest(storage, &digest)?;
-    // Printed, not logged: it must not end up in log storage. Only its digest is kept.
-    println!("Generated admin token (shown only this once; only its hash is stored): {token}");
     Ok(digest)
+}
+
+/// Deleted tenants whose data is still there.
+fn pending_purges(storage: &Storage) -> Result<Vec<crate::tenant::TenantId>, StorageError> {
+    Ok(meta::tombstoned_tenants(storage)?
+        .into_iter()
+        .filter(|tenant| storage::has_tenant_data(storage, *tenant))
+        .collect())
+}
+
+/// Finishes purges that a crash or failure interrupted (tenants with a tombstone whose data is
+/// still there). Runs in the background; their keys are gone, so nothing new arrives for them.
+fn resume_purges(storage: &Storage) -> Result<(), StorageError> {
+    let pending = pending_purges(storage)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let storage = storage.clone();
+    std::thread::Builder::new()
+        .name("purge-resume".into())
+        .spawn(move || {
+            for tenant in pending {
+                match storage::purge_tenant(&storage, tenant) {
+                    Ok(removed) => {
+                        tracing::info!(%tenant, removed, "finished an interrupted purge")
+                    }
+                    Err(error) => tracing::error!(%tenant, %error, "resuming a purge failed"),
+                }
+            }
+        })
+        .map_err(|e| StorageError::NotDurable(format!("cannot start the purge thread: {e}")))?;
+    Ok(())
 }
 
 /// Runs the server until SIGTERM or SIGINT. Must be called inside an actix System.
@@ -68,6 +110,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Default::default(),
     )?;
     let admin = admin_digest(&config, &storage)?;
+    resume_purges(&storage)?;
     let directory = Arc::new(TenantDirectory::load(
         storage.clone(),
         config.tenant_defaults.clone(),
@@ -105,7 +148,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let server = HttpServer::new(move || http::app(app_state.clone()))
         .workers(config.http_workers())
         .disable_signals()
-        .shutdown_timeout(config.server.shutdown_timeout.as_secs())
+        .shutdown_timeout(config.server.shutdown_timeout.as_secs_f64().ceil() as u64)
         .bind(listen)
         .map_err(|source| ServerError::Bind {
             addr: listen,
@@ -114,10 +157,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let addrs = server.addrs();
     let running = server.run();
     let handle = running.handle();
+    let mut stdout = std::io::stdout();
     for addr in &addrs {
-        println!("statsremote listening on http://{addr}");
+        // Tests and scripts read this line; a closed stdout is no reason to stop.
+        let _ = writeln!(stdout, "statsremote listening on http://{addr}");
     }
-    std::io::stdout().flush()?;
+    let _ = stdout.flush();
     tracing::info!(
         addrs = ?addrs,
         data_dir = %config.storage.data_dir.display(),
@@ -163,5 +208,36 @@ async fn wait_for_signal() {
             tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::Overrides;
+
+    #[test]
+    fn an_interrupted_purge_is_found_and_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::load_from(&Overrides::default(), &[]).unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let directory =
+            TenantDirectory::load(storage.clone(), config.tenant_defaults.clone(), [0; 32])
+                .unwrap();
+        let (gone, _) = directory.create("gone").unwrap();
+        let (kept, _) = directory.create("kept").unwrap();
+        for tenant in [gone.id, kept.id] {
+            storage
+                .log
+                .insert(storage::tenant_key(tenant, 1), b"x".to_vec())
+                .unwrap();
+        }
+        // The tombstone is written, then the process "crashes" before the purge.
+        directory.remove(gone.id).unwrap();
+        assert_eq!(pending_purges(&storage).unwrap(), vec![gone.id]);
+        storage::purge_tenant(&storage, gone.id).unwrap();
+        assert!(pending_purges(&storage).unwrap().is_empty());
+        assert!(storage::has_tenant_data(&storage, kept.id));
     }
 }

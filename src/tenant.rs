@@ -376,9 +376,16 @@ impl TenantDirectory {
             issued.read_key = Some(key);
         }
         meta::put_tenant(&self.storage, &next)?;
-        self.unindex(&current);
+        // Index the new record first, then drop only the replaced digests, so the key that was
+        // not rotated never stops working, not even for an instant.
         let next = Arc::new(next);
         self.index(Arc::clone(&next));
+        if current.write_key_digest != next.write_key_digest {
+            self.keys.remove(&current.write_key_digest);
+        }
+        if current.read_key_digest != next.read_key_digest {
+            self.keys.remove(&current.read_key_digest);
+        }
         Ok((next, issued))
     }
 

@@ -85,6 +85,15 @@ fn tenant_lifecycle() {
         server.admin("GET", "/admin/v1/tenants", None).json()["tenants"],
         json!([])
     );
+    // A new tenant starts empty; the deleted tenant's events are nowhere.
+    let fresh = server.create_tenant("fresh");
+    assert!(server.export(&fresh.read_key, "").is_empty());
+    let reply = server.post_json(
+        "/v1/track",
+        Auth::Basic(&fresh.write_key),
+        &track("1", "u", "e"),
+    );
+    assert_eq!(reply.json()["accepted"], 1, "{}", reply.body);
 }
 
 #[test]

@@ -252,3 +252,27 @@ fn events_without_message_id_get_one_and_are_never_deduplicated() {
     assert_ne!(events[0]["messageId"], events[1]["messageId"]);
     assert_eq!(events[0]["statsremote"]["generatedMessageId"], true);
 }
+
+#[test]
+fn sigint_shuts_down_cleanly_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), &[]);
+    let tenant = server.create_tenant("interrupt");
+    let events = (0..10).map(|i| track(&format!("i{i}"), "u", "e")).collect();
+    assert_eq!(
+        server
+            .post_json("/v1/batch", Auth::Basic(&tenant.write_key), &batch(events))
+            .status,
+        200
+    );
+    common::send_signal(server.pid(), "INT");
+    let status = server.wait();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        server.server_log()
+    );
+    assert!(server.server_log().contains("statsremote stopped cleanly"));
+    let restarted = TestServer::start_in(dir.path(), &[]);
+    assert_eq!(restarted.export(&tenant.read_key, "").len(), 10);
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message};
 use tokio::sync::oneshot;
 
-use crate::actors::{PipelineDeps, PipelineError};
+use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
 use crate::enrich::{enrich_all, EnrichContext};
 use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
 use crate::storage::log::{AppendOutcome, AppendRequest};
@@ -23,6 +23,9 @@ pub struct IngestBatch {
     pub events: Vec<IncomingEvent>,
     pub source: BatchSource,
     pub received_at: Micros,
+    /// The tenant's in-flight place, released when the log writer answers (or the batch is
+    /// dropped).
+    pub permit: InflightPermit,
     pub reply: oneshot::Sender<Result<AppendOutcome, PipelineError>>,
 }
 
@@ -57,6 +60,7 @@ impl Handler<IngestBatch> for IngestActor {
             events,
             source,
             received_at,
+            permit,
             reply,
         } = message;
         let Some(tenant) = self.deps.directory.get(self.tenant) else {
@@ -79,6 +83,8 @@ impl Handler<IngestBatch> for IngestActor {
             dedup_window: tenant.settings.dedup_window,
             batch,
             reply: Box::new(move |outcome| {
+                // Free the place first: once the client has its answer, it may send again.
+                drop(permit);
                 let _ = reply.send(outcome.map_err(PipelineError::from));
             }),
         };

@@ -68,7 +68,7 @@ pub struct InflightLimit {
 }
 
 impl InflightLimit {
-    fn new(tenant: TenantId, capacity: usize) -> InflightLimit {
+    pub(crate) fn new(tenant: TenantId, capacity: usize) -> InflightLimit {
         InflightLimit {
             tenant: tenant.to_string(),
             capacity,
@@ -76,7 +76,7 @@ impl InflightLimit {
         }
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Option<InflightPermit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<InflightPermit> {
         let mut current = self.current.load(Ordering::Acquire);
         loop {
             if current >= self.capacity {
@@ -120,23 +120,43 @@ pub struct TenantPipeline {
 }
 
 impl TenantPipeline {
+    /// Reserves a place for one batch, or `None` when the tenant already has
+    /// `actors.mailbox_capacity` batches in flight. The place is held until the log writer has
+    /// answered for the batch (not merely until the HTTP request ends), so clients that give up
+    /// cannot push more batches into the shared writer queue than their tenant's bound.
+    pub fn admit(&self) -> Option<Admission> {
+        let permit = self.inflight.try_acquire()?;
+        Some(Admission {
+            supervisor: self.supervisor.clone(),
+            permit,
+        })
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.current()
+    }
+}
+
+/// A reserved place in a tenant's pipeline.
+pub struct Admission {
+    supervisor: Addr<TenantSupervisor>,
+    permit: InflightPermit,
+}
+
+impl Admission {
     /// Sends a request's events through the tenant's pipeline; resolves once they are durable.
     pub async fn ingest(
-        &self,
+        self,
         events: Vec<IncomingEvent>,
         source: BatchSource,
         received_at: Micros,
     ) -> Result<AppendOutcome, PipelineError> {
-        let Some(_permit) = self.inflight.try_acquire() else {
-            return Err(PipelineError::Busy(
-                "the tenant's ingestion pipeline is full",
-            ));
-        };
         let (reply, answer) = oneshot::channel();
         let message = IngestBatch {
             events,
             source,
             received_at,
+            permit: self.permit,
             reply,
         };
         if self.supervisor.try_send(message).is_err() {
@@ -151,10 +171,6 @@ impl TenantPipeline {
                 "the tenant's ingestion pipeline restarted",
             )),
         }
-    }
-
-    pub fn inflight(&self) -> usize {
-        self.inflight.current()
     }
 }
 

@@ -181,6 +181,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     fn batch(
+        limit: &Arc<crate::actors::InflightLimit>,
         id: &str,
     ) -> (
         IngestBatch,
@@ -201,6 +202,7 @@ mod tests {
                 client_ip: None,
             },
             received_at: crate::event::now_micros(),
+            permit: limit.try_acquire().expect("a free place"),
             reply,
         };
         (message, answer)
@@ -233,8 +235,9 @@ mod tests {
             future_tolerance: Duration::from_secs(3600),
         });
         let supervisor = TenantSupervisor::new(tenant.id, Arc::clone(&deps)).start();
+        let limit = Arc::new(crate::actors::InflightLimit::new(tenant.id, 4));
 
-        let (message, answer) = batch("before");
+        let (message, answer) = batch(&limit, "before");
         supervisor.try_send(message).unwrap();
         assert_eq!(answer.await.unwrap().unwrap().accepted, 1);
 
@@ -256,9 +259,14 @@ mod tests {
         assert!(!child.connected(), "the crashed child is gone");
         assert!(rebuilt.is_some(), "supervisor rebuilt the child");
 
-        let (message, answer) = batch("after");
+        let (message, answer) = batch(&limit, "after");
         supervisor.try_send(message).unwrap();
         assert_eq!(answer.await.unwrap().unwrap().accepted, 1);
+        assert_eq!(
+            limit.current(),
+            0,
+            "places are released once the writer answers"
+        );
         deps.writer.shutdown();
     }
 }

@@ -199,12 +199,21 @@ pub async fn delete(
     blocking(move || directory.remove(id)).await?;
     state.pipelines.stop(id);
     state.rate_limits.forget(id);
-    let purged = state.writer.purge(id).await.map_err(|error| {
-        tracing::error!(tenant = %id, %error, "purge failed");
+    // Once sealed, nothing more is written for the tenant; the purge then runs off the writer
+    // thread, so deleting a large tenant does not delay other tenants' acknowledgements. If
+    // this fails or the server crashes, the purge is finished at the next start (tombstone).
+    let purge_failed = |error: crate::storage::StorageError| {
+        tracing::error!(tenant = %id, %error, "purge failed; it is retried at the next start");
         ApiError::Internal(format!(
-            "tenant removed but purging its data failed: {error}"
+            "tenant removed; purging its data failed and is retried at the next start: {error}"
         ))
-    })?;
+    };
+    state.writer.seal_tenant(id).await.map_err(purge_failed)?;
+    let storage = state.storage.clone();
+    let purged = web::block(move || crate::storage::purge_tenant(&storage, id))
+        .await
+        .map_err(|e| ApiError::Internal(format!("purge task failed: {e}")))?
+        .map_err(purge_failed)?;
     tracing::info!(tenant = %id, purged_batches = purged, "tenant deleted and purged");
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": id.to_string(),

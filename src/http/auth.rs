@@ -98,3 +98,49 @@ pub fn require_admin(req: &HttpRequest, directory: &TenantDirectory) -> Result<(
         KeyCheck::Unknown => Err(ApiError::Unauthorized("unknown admin token".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use actix_web::test::TestRequest;
+    use proptest::prelude::*;
+
+    fn credential(value: &str) -> Result<Option<String>, ApiError> {
+        let req = TestRequest::default()
+            .insert_header((header::AUTHORIZATION, value))
+            .to_http_request();
+        header_credential(&req)
+    }
+
+    #[test]
+    fn basic_and_bearer_forms() {
+        let basic = base64::engine::general_purpose::STANDARD.encode("sr_write_abc:");
+        assert_eq!(
+            credential(&format!("Basic {basic}")).unwrap().as_deref(),
+            Some("sr_write_abc")
+        );
+        let password_only = base64::engine::general_purpose::STANDARD.encode(":sr_write_abc");
+        assert_eq!(
+            credential(&format!("basic {password_only}"))
+                .unwrap()
+                .as_deref(),
+            Some("sr_write_abc")
+        );
+        assert_eq!(credential("Bearer  tok ").unwrap().as_deref(), Some("tok"));
+        assert!(credential("Bearer").is_err());
+        assert!(credential("Basic %%%").is_err());
+        assert!(credential("Token abc").is_err());
+        let none = TestRequest::default().to_http_request();
+        assert_eq!(header_credential(&none).unwrap(), None);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_headers_never_panic(value in "[ -~]{0,80}") {
+            let _ = credential(&value);
+            let encoded = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
+            let _ = credential(&format!("Basic {encoded}"));
+        }
+    }
+}

@@ -155,6 +155,15 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_any_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            for encoding in ["gzip", "x-gzip", "deflate", "zstd", "br", "compress"] {
+                let _ = decode(encoding, &bytes, 64 * 1024);
+            }
+        }
+    }
+
     #[test]
     fn corrupt_and_unknown_encodings_are_errors() {
         assert!(matches!(

@@ -130,6 +130,14 @@ pub async fn handle(
     }
 
     let event_count = parsed.events.len();
+    // Take a place in the tenant's pipeline before spending rate-limit budget, so a request
+    // refused for backpressure is not also charged against the limit.
+    let Some(admission) = state.pipelines.pipeline(tenant.id).admit() else {
+        telemetry::ingest_refused(&tenant_label, event_count, "unavailable");
+        return Err(ApiError::unavailable(
+            "the tenant's ingestion pipeline is full",
+        ));
+    };
     let admitted = match state.rate_limits.check(&tenant, event_count) {
         Ok(admitted) => admitted,
         Err(Refused::Later { retry_after, limit }) => {
@@ -156,9 +164,7 @@ pub async fn handle(
         endpoint: endpoint.to_string(),
         client_ip: client_ip(&req, state.config.server.trust_forwarded_for).map(anonymize_ip),
     };
-    let outcome = state
-        .pipelines
-        .pipeline(tenant.id)
+    let outcome = admission
         .ingest(parsed.events, source, received_at)
         .await
         .map_err(|error| {

@@ -23,7 +23,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .await
         .unwrap_or(false)
     };
-    let writer_ok = state.writer.is_alive();
+    let writer_ok = state.writer.is_healthy();
     let actors_ok = state.pipelines.healthy();
     let body = serde_json::json!({
         "status": if storage_ok && writer_ok && actors_ok { "ready" } else { "not ready" },

@@ -24,6 +24,8 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_MESSAGE_ID_BYTES: usize = 512;
 /// Longest accepted `userId`, `anonymousId`, `groupId` or `previousId`, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
+/// Top-level key under which exports show what the server added; clients may not send it.
+pub const RESERVED_KEY: &str = "statsremote";
 
 /// Which Segment route a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,9 +369,18 @@ fn parse_event(
                 record(object_value("integrations", value).map(|v| event.integrations = v))
             }
             "writeKey" => record(string_value("writeKey", value).map(|v| write_key = v)),
-            _ => event
-                .extra
-                .push((key.into_owned(), value.get().to_string())),
+            RESERVED_KEY => record(Err(format!(
+                "field `{RESERVED_KEY}` is reserved for the server's enrichment"
+            ))),
+            _ => {
+                // A repeated key: the last one wins, as with the known fields.
+                event
+                    .extra
+                    .retain(|(existing, _)| existing.as_str() != key_str);
+                event
+                    .extra
+                    .push((key.into_owned(), value.get().to_string()));
+            }
         }
     }
     let fail = |reason: String, event: &IncomingEvent| EventError {
@@ -628,6 +639,25 @@ mod tests {
                 count: 101,
                 limit: 100
             }
+        );
+    }
+
+    #[test]
+    fn reserved_and_repeated_keys() {
+        let body = br#"{"batch":[
+            {"type":"track","userId":"u","event":"e","statsremote":{"seq":1}},
+            {"type":"track","userId":"u","event":"e","channel":"a","channel":"b"}
+        ]}"#;
+        let parsed = parse_json(Route::Batch, body, &LIMITS).unwrap();
+        assert!(
+            parsed.rejected[0].reason.contains("reserved"),
+            "{:?}",
+            parsed.rejected
+        );
+        assert_eq!(parsed.events.len(), 1, "{:?}", parsed.rejected);
+        assert_eq!(
+            parsed.events[0].extra,
+            vec![("channel".to_string(), "\"b\"".to_string())]
         );
     }
 

@@ -9,6 +9,10 @@
 //! fsync.
 //!
 //! Being the only writer makes dedup and sequence assignment race-free without locks.
+//!
+//! If persisting ever fails, the writer refuses every later append (and `/readyz` reports it):
+//! after a failed fsync the state of the journal is unknown, so nothing more may be acknowledged,
+//! not even as a duplicate of an event that may not be on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +24,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::event::{flags, now_micros, LogBatch};
-use crate::storage::{codec, dedup, purge_prefix, tenant_key, Storage, StorageError};
+use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::TenantId;
 
@@ -46,9 +50,9 @@ pub struct AppendOutcome {
 
 enum Command {
     Append(AppendRequest),
-    Purge {
+    Seal {
         tenant: TenantId,
-        reply: oneshot::Sender<Result<u64, StorageError>>,
+        reply: oneshot::Sender<()>,
     },
     Shutdown,
 }
@@ -57,7 +61,8 @@ enum Command {
 pub struct LogWriter {
     queue: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    alive: Arc<AtomicBool>,
+    /// False once the thread has stopped or a persist has failed.
+    healthy: Arc<AtomicBool>,
 }
 
 /// Settings of the writer thread.
@@ -72,24 +77,26 @@ impl LogWriter {
     /// Starts the writer thread.
     pub fn start(storage: Storage, options: WriterOptions) -> std::io::Result<LogWriter> {
         let (queue, commands) = crossbeam_channel::bounded(options.queue_capacity);
-        let alive = Arc::new(AtomicBool::new(true));
-        let thread_alive = Arc::clone(&alive);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let thread_healthy = Arc::clone(&healthy);
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
-                let _alive = AliveGuard(thread_alive);
+                let _alive = AliveGuard(Arc::clone(&thread_healthy));
                 let mut writer = Writer {
                     storage,
                     options,
                     next_seq: HashMap::new(),
-                    purged: HashSet::new(),
+                    sealed: HashSet::new(),
+                    failure: None,
+                    healthy: thread_healthy,
                 };
                 writer.run(&commands);
             })?;
         Ok(LogWriter {
             queue,
             thread: Mutex::new(Some(thread)),
-            alive,
+            healthy,
         })
     }
 
@@ -106,25 +113,27 @@ impl LogWriter {
         }
     }
 
-    /// Deletes every log and dedup entry of a tenant, after the appends queued before it; later
-    /// appends for the tenant are refused.
-    pub async fn purge(&self, tenant: TenantId) -> Result<u64, StorageError> {
+    /// Refuses every later append for the tenant, after the appends queued before this call
+    /// have been written. Once it returns, nothing more is written for the tenant, so its data
+    /// can be purged off this thread ([`crate::storage::purge_tenant`]).
+    pub async fn seal_tenant(&self, tenant: TenantId) -> Result<(), StorageError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.clone();
-        // Blocking send: purges are rare admin calls and must not be dropped for a full queue.
+        // Blocking send: sealing is a rare admin call and must not be dropped for a full queue.
         let sent = tokio::task::spawn_blocking(move || {
-            queue.send(Command::Purge { tenant, reply }).is_ok()
+            queue.send(Command::Seal { tenant, reply }).is_ok()
         })
         .await
         .unwrap_or(false);
         if !sent {
             return Err(StorageError::WriterStopped);
         }
-        answer.await.unwrap_or(Err(StorageError::WriterStopped))
+        answer.await.map_err(|_| StorageError::WriterStopped)
     }
 
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+    /// True while the thread runs and no persist has failed.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -162,8 +171,11 @@ struct Writer {
     options: WriterOptions,
     /// Next sequence number per tenant, loaded from the log on first use.
     next_seq: HashMap<TenantId, u64>,
-    /// Tenants purged while running: late appends for them are refused.
-    purged: HashSet<TenantId>,
+    /// Tenants being deleted: late appends for them are refused.
+    sealed: HashSet<TenantId>,
+    /// Set by the first failed persist; every later append is refused with it.
+    failure: Option<String>,
+    healthy: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -191,9 +203,11 @@ impl Writer {
                             self.append(request.tenant, request.dedup_window, request.batch);
                         replies.push((reply, outcome));
                     }
-                    Command::Purge { tenant, reply } => {
+                    Command::Seal { tenant, reply } => {
                         self.finish_group(&mut replies);
-                        let _ = reply.send(self.purge(tenant));
+                        self.sealed.insert(tenant);
+                        self.next_seq.remove(&tenant);
+                        let _ = reply.send(());
                     }
                     Command::Shutdown => stopping = true,
                 }
@@ -237,8 +251,10 @@ impl Writer {
                 }
             }
             Err(error) => {
-                tracing::error!(%error, "persisting the log failed; the group is not acknowledged");
+                tracing::error!(%error, "persisting the log failed; refusing all further writes");
                 let reason = error.to_string();
+                self.failure = Some(reason.clone());
+                self.healthy.store(false, Ordering::Release);
                 for (reply, _) in replies.drain(..) {
                     reply(Err(StorageError::NotDurable(reason.clone())));
                 }
@@ -254,7 +270,10 @@ impl Writer {
         dedup_window: Duration,
         mut batch: LogBatch,
     ) -> Result<AppendOutcome, StorageError> {
-        if self.purged.contains(&tenant) {
+        if let Some(reason) = &self.failure {
+            return Err(StorageError::NotDurable(reason.clone()));
+        }
+        if self.sealed.contains(&tenant) {
             return Err(StorageError::TenantDeleted(tenant));
         }
         let now = now_micros();
@@ -320,15 +339,6 @@ impl Writer {
         };
         self.next_seq.insert(tenant, next);
         Ok(next)
-    }
-
-    fn purge(&mut self, tenant: TenantId) -> Result<u64, StorageError> {
-        self.purged.insert(tenant);
-        self.next_seq.remove(&tenant);
-        let removed = purge_prefix(&self.storage, &self.storage.log, tenant)?;
-        purge_prefix(&self.storage, &self.storage.dedup, tenant)?;
-        self.storage.persist(true)?;
-        Ok(removed)
     }
 }
 
@@ -472,7 +482,21 @@ mod tests {
         let entries = read_batches(&storage, tenant, 0, 100).unwrap();
         let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![1, 3, 4]);
-        assert_eq!(writer.purge(tenant).await.unwrap(), 3);
+        writer.seal_tenant(tenant).await.unwrap();
+        let (reply, answer) = oneshot::channel();
+        writer.submit(AppendRequest {
+            tenant,
+            dedup_window: Duration::from_secs(3600),
+            batch: batch(&["late"]),
+            reply: Box::new(move |outcome| {
+                let _ = reply.send(outcome);
+            }),
+        });
+        assert!(matches!(
+            answer.await.unwrap(),
+            Err(StorageError::TenantDeleted(_))
+        ));
+        assert_eq!(crate::storage::purge_tenant(&storage, tenant).unwrap(), 3);
         assert!(read_batches(&storage, tenant, 0, 100).unwrap().is_empty());
         writer.shutdown();
     }

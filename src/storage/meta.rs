@@ -70,6 +70,20 @@ pub fn is_tombstoned(storage: &Storage, tenant: TenantId) -> Result<bool, Storag
         .map_err(StorageError::engine("reading a tombstone"))
 }
 
+/// Every deleted tenant (their data may still need purging after a crash).
+pub fn tombstoned_tenants(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
+    let mut tenants = Vec::new();
+    for guard in storage.meta.prefix([TOMBSTONE]) {
+        let (key, _value) = guard
+            .into_inner()
+            .map_err(StorageError::engine("loading tombstones"))?;
+        if let Some(id) = key.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            tenants.push(TenantId(u64::from_be_bytes(id)));
+        }
+    }
+    Ok(tenants)
+}
+
 pub fn admin_token_digest(storage: &Storage) -> Result<Option<KeyDigest>, StorageError> {
     let value = storage
         .meta

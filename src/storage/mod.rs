@@ -139,8 +139,23 @@ pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
     key
 }
 
+/// Deletes a tenant's log and dedup entries and persists; returns the number of log entries.
+/// Blocking, and must only run once the log writer has sealed the tenant (or at start-up).
+pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
+    let removed = purge_prefix(storage, &storage.log, tenant)?;
+    purge_prefix(storage, &storage.dedup, tenant)?;
+    storage.persist(true)?;
+    Ok(removed)
+}
+
+/// Whether any log or dedup entry of the tenant remains.
+pub fn has_tenant_data(storage: &Storage, tenant: TenantId) -> bool {
+    let prefix = tenant.0.to_be_bytes();
+    storage.log.prefix(prefix).next().is_some() || storage.dedup.prefix(prefix).next().is_some()
+}
+
 /// Removes every key of `keyspace` that starts with the tenant's id. Blocking.
-pub(crate) fn purge_prefix(
+fn purge_prefix(
     storage: &Storage,
     keyspace: &Keyspace,
     tenant: TenantId,

@@ -169,10 +169,9 @@ impl TestServer {
         }
     }
 
-    /// SIGTERM, then wait for the process to exit.
-    pub fn terminate(&self) -> ExitStatus {
+    /// Waits for the process to exit by itself (after a signal sent elsewhere).
+    pub fn wait(&self) -> ExitStatus {
         let mut child = self.child.lock().unwrap().take().expect("running");
-        send_signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -180,10 +179,16 @@ impl TestServer {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("server did not exit within 60 s of SIGTERM");
+                panic!("server did not exit within 60 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&self) -> ExitStatus {
+        send_signal(self.pid(), "TERM");
+        self.wait()
     }
 
     pub fn request(
