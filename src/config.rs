@@ -47,6 +47,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub actors: ActorsConfig,
+    pub rollups: RollupsConfig,
+    pub live: LiveConfig,
     pub tenant_defaults: TenantDefaults,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -107,6 +109,50 @@ pub struct ActorsConfig {
     pub restart_backoff_max: Duration,
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupsConfig {
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub minute_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub hour_retention: Duration,
+    /// Zero = forever.
+    #[serde(with = "humantime_serde")]
+    pub day_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_minute_range: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_hour_range: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_day_range: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_funnel_range: Duration,
+    pub query_cache_entries: usize,
+}
+
+impl RollupsConfig {
+    pub fn retention(&self) -> crate::rollup::Retention {
+        crate::rollup::Retention {
+            minute: self.minute_retention,
+            hour: self.hour_retention,
+            day: (!self.day_retention.is_zero()).then_some(self.day_retention),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveConfig {
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,6 +311,29 @@ impl Config {
         }
         if self.actors.heartbeat.is_zero() {
             return Err(invalid("actors.heartbeat", "0s", "must be positive"));
+        }
+        for (setting, value) in [
+            ("rollups.flush_interval", self.rollups.flush_interval),
+            ("rollups.minute_retention", self.rollups.minute_retention),
+            ("rollups.hour_retention", self.rollups.hour_retention),
+            ("rollups.max_minute_range", self.rollups.max_minute_range),
+            ("rollups.max_hour_range", self.rollups.max_hour_range),
+            ("rollups.max_day_range", self.rollups.max_day_range),
+            ("rollups.max_funnel_range", self.rollups.max_funnel_range),
+            ("live.tick_interval", self.live.tick_interval),
+            ("live.idle_timeout", self.live.idle_timeout),
+            ("live.ping_interval", self.live.ping_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(setting, "0s", "must be positive"));
+            }
+        }
+        if self.rollups.hour_retention < self.rollups.minute_retention {
+            return Err(invalid(
+                "rollups.hour_retention",
+                humantime::format_duration(self.rollups.hour_retention),
+                "must be at least rollups.minute_retention",
+            ));
         }
         if self.tenant_defaults.rate_limit_events_per_second == 0 {
             return Err(invalid(

@@ -13,6 +13,7 @@ use actix_web::{web, HttpServer};
 use crate::actors::{PipelineDeps, Pipelines};
 use crate::config::{Config, Durability};
 use crate::http::{self, AppState};
+use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
 use crate::storage::log::{LogWriter, WriterOptions};
 use crate::storage::{self, meta, Storage, StorageError};
@@ -100,6 +101,25 @@ fn resume_purges(storage: &Storage) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Starts the pipeline of every tenant whose rollups are behind its log (after a crash, say),
+/// so they catch up without waiting for the tenant's next request.
+fn start_lagging_pipelines(
+    storage: &Storage,
+    directory: &TenantDirectory,
+    pipelines: &Pipelines,
+) -> Result<(), StorageError> {
+    let heads = storage::log::LogHeads::default();
+    for tenant in directory.list() {
+        let head = crate::query::log_head(storage, &heads, tenant.id)?;
+        let watermark = storage::rollups::watermark(storage, tenant.id)?;
+        if head > watermark {
+            tracing::info!(tenant = %tenant.id, head, watermark, "rolling up events after restart");
+            pipelines.pipeline(tenant.id);
+        }
+    }
+    Ok(())
+}
+
 /// Runs the server until SIGTERM or SIGINT. Must be called inside an actix System.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let metrics = telemetry::install_metrics();
@@ -124,15 +144,21 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             max_group_requests: config.storage.max_group_requests,
         },
     )?);
+    let query_cache = Arc::new(QueryCache::new(config.rollups.query_cache_entries));
     let pipelines = Arc::new(Pipelines::new(
         PipelineDeps {
+            storage: storage.clone(),
             writer: Arc::clone(&writer),
             directory: Arc::clone(&directory),
+            query_cache: Arc::clone(&query_cache),
             actors: config.actors.clone(),
+            rollups: config.rollups.clone(),
+            live: config.live.clone(),
             future_tolerance: config.limits.future_tolerance,
         },
         config.actor_arbiters(),
     ));
+    start_lagging_pipelines(&storage, &directory, &pipelines)?;
     let state = web::Data::new(AppState {
         config: config.clone(),
         storage: storage.clone(),
@@ -140,6 +166,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         directory: Arc::clone(&directory),
         pipelines: Arc::clone(&pipelines),
         rate_limits: RateLimits::default(),
+        query_cache,
         metrics,
     });
 

@@ -40,6 +40,24 @@ pub mod names {
     pub const ACTOR_RESTARTS: &str = "statsremote_actor_restarts_total";
     /// Tenant supervisors currently running.
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
+    /// Durable events not yet rolled up (log head minus rollup watermark), per tenant.
+    pub const ROLLUP_LAG: &str = "statsremote_rollup_lag_events";
+    /// Seconds since the tenant's rollups were last flushed to storage.
+    pub const WATERMARK_AGE: &str = "statsremote_rollup_watermark_age_seconds";
+    /// Duration of a rollup flush (merge into storage + watermark).
+    pub const ROLLUP_FLUSH: &str = "statsremote_rollup_flush_seconds";
+    /// Buckets written per flush.
+    pub const ROLLUP_FLUSH_BUCKETS: &str = "statsremote_rollup_flush_buckets";
+    /// Events that skipped a resolution because they are older than its retention.
+    pub const ROLLUP_SKIPPED: &str = "statsremote_rollup_skipped_events_total";
+    /// Query latency by endpoint.
+    pub const QUERY_LATENCY: &str = "statsremote_query_latency_seconds";
+    /// Query answers served from the cache.
+    pub const QUERY_CACHE_HITS: &str = "statsremote_query_cache_hits_total";
+    /// WebSocket subscribers of /v1/live, per tenant.
+    pub const LIVE_SUBSCRIBERS: &str = "statsremote_live_subscribers";
+    /// Ticks a slow subscriber skipped (it got a later one instead).
+    pub const LIVE_COALESCED: &str = "statsremote_live_coalesced_ticks_total";
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -51,7 +69,9 @@ pub fn install_metrics() -> PrometheusHandle {
             let latency_buckets = [
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ];
-            let size_buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+            let size_buckets = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+            ];
             let event_buckets = [
                 1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0, 100000.0,
             ];
@@ -67,6 +87,12 @@ pub fn install_metrics() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(names::GROUP_COMMIT_EVENTS.into()),
                         &event_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(names::ROLLUP_FLUSH_BUCKETS.into()),
+                        &size_buckets,
                     )
                 });
             let recorder = match builder {
@@ -171,4 +197,40 @@ pub fn actor_restarted(tenant: &str, actor: &'static str, backoff: Duration) {
 
 pub fn tenant_pipelines(count: usize) {
     gauge!(names::TENANT_PIPELINES).set(count as f64);
+}
+
+/// A rollup flush reached storage.
+pub fn rollup_flushed(tenant: &str, buckets: usize, took: Duration, skipped: &[u64; 3]) {
+    histogram!(names::ROLLUP_FLUSH).record(took.as_secs_f64());
+    histogram!(names::ROLLUP_FLUSH_BUCKETS).record(buckets as f64);
+    for (resolution, count) in ["minute", "hour", "day"].iter().zip(skipped) {
+        if *count > 0 {
+            counter!(names::ROLLUP_SKIPPED, "tenant" => tenant.to_string(), "resolution" => *resolution)
+                .increment(*count);
+        }
+    }
+}
+
+/// Where a tenant's rollups stand.
+pub fn rollup_lag(tenant: &str, events: u64, since_flush: Duration) {
+    gauge!(names::ROLLUP_LAG, "tenant" => tenant.to_string()).set(events as f64);
+    gauge!(names::WATERMARK_AGE, "tenant" => tenant.to_string()).set(since_flush.as_secs_f64());
+}
+
+/// One query answered.
+pub fn query_answered(endpoint: &'static str, took: Duration, cached: bool) {
+    histogram!(names::QUERY_LATENCY, "endpoint" => endpoint).record(took.as_secs_f64());
+    if cached {
+        counter!(names::QUERY_CACHE_HITS, "endpoint" => endpoint).increment(1);
+    }
+}
+
+/// A live subscriber joined (+1) or left (-1).
+pub fn live_subscribers(tenant: &str, delta: f64) {
+    gauge!(names::LIVE_SUBSCRIBERS, "tenant" => tenant.to_string()).increment(delta);
+}
+
+/// A subscriber skipped ticks.
+pub fn live_coalesced(tenant: &str, ticks: u64) {
+    counter!(names::LIVE_COALESCED, "tenant" => tenant.to_string()).increment(ticks);
 }

@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, Context, Handler, Message};
+use actix::{Actor, Addr, Context, Handler, Message};
 use tokio::sync::oneshot;
 
+use crate::actors::rollup::Rolled;
+use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
 use crate::enrich::{enrich_all, EnrichContext};
 use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
@@ -36,11 +38,21 @@ impl Message for IngestBatch {
 pub struct IngestActor {
     tenant: TenantId,
     deps: Arc<PipelineDeps>,
+    /// Where durable batches go for rolling up.
+    supervisor: Addr<TenantSupervisor>,
 }
 
 impl IngestActor {
-    pub fn new(tenant: TenantId, deps: Arc<PipelineDeps>) -> IngestActor {
-        IngestActor { tenant, deps }
+    pub fn new(
+        tenant: TenantId,
+        deps: Arc<PipelineDeps>,
+        supervisor: Addr<TenantSupervisor>,
+    ) -> IngestActor {
+        IngestActor {
+            tenant,
+            deps,
+            supervisor,
+        }
     }
 }
 
@@ -78,11 +90,18 @@ impl Handler<IngestBatch> for IngestActor {
             source,
             events: enrich_all(events, &context),
         };
+        let supervisor = self.supervisor.clone();
         let request = AppendRequest {
             tenant: self.tenant,
             dedup_window: tenant.settings.dedup_window,
             batch,
-            reply: Box::new(move |outcome| {
+            reply: Box::new(move |mut outcome| {
+                // The events are durable now: hand them to the rollups (through the supervisor,
+                // which knows the current rollup actor). If this is dropped, the rollup actor
+                // reads the entry from the log instead.
+                if let Some(batch) = outcome.as_mut().ok().and_then(|o| o.rollup.take()) {
+                    let _ = supervisor.try_send(Rolled(batch));
+                }
                 // Free the place first: once the client has its answer, it may send again.
                 drop(permit);
                 let _ = reply.send(outcome.map_err(PipelineError::from));

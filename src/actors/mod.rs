@@ -12,6 +12,8 @@
 //! sender, so the bound is enforced here, in one place.)
 
 pub mod ingest;
+pub mod live;
+pub mod rollup;
 pub mod supervisor;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,15 +24,18 @@ use actix::{Actor, Addr, Arbiter};
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
-use crate::config::ActorsConfig;
+use crate::config::{ActorsConfig, LiveConfig, RollupsConfig};
 use crate::event::{BatchSource, IncomingEvent, Micros};
+use crate::query::QueryCache;
 use crate::storage::log::{AppendOutcome, LogWriter};
+use crate::storage::Storage;
 use crate::storage::StorageError;
 use crate::telemetry;
 use crate::tenant::{TenantDirectory, TenantId};
 
 use self::ingest::IngestBatch;
-use self::supervisor::{StopPipeline, TenantSupervisor};
+use self::live::{tick_channel, LiveTick, TickSender};
+use self::supervisor::{RebuildRollups, StopPipeline, TenantSupervisor};
 
 /// Why a pipeline did not take or finish a batch.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +59,13 @@ impl From<StorageError> for PipelineError {
 
 /// What every tenant actor needs; shared by all pipelines.
 pub struct PipelineDeps {
+    pub storage: Storage,
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
+    pub query_cache: Arc<QueryCache>,
     pub actors: ActorsConfig,
+    pub rollups: RollupsConfig,
+    pub live: LiveConfig,
     pub future_tolerance: Duration,
 }
 
@@ -117,6 +126,7 @@ impl Drop for InflightPermit {
 pub struct TenantPipeline {
     supervisor: Addr<TenantSupervisor>,
     inflight: Arc<InflightLimit>,
+    ticks: TickSender,
 }
 
 impl TenantPipeline {
@@ -134,6 +144,26 @@ impl TenantPipeline {
 
     pub fn inflight(&self) -> usize {
         self.inflight.current()
+    }
+
+    /// A receiver of the tenant's live ticks.
+    pub fn subscribe_live(&self) -> tokio::sync::watch::Receiver<Arc<LiveTick>> {
+        self.ticks.subscribe()
+    }
+
+    /// Asks the rollup actor to drop and recompute the tenant's rollups from the log; resolves
+    /// once the old rollups are deleted (the replay continues in the background). False if the
+    /// pipeline could not take the request (busy or restarting).
+    pub async fn rebuild_rollups(&self) -> bool {
+        let (deleted, done) = oneshot::channel();
+        if self
+            .supervisor
+            .try_send(RebuildRollups { deleted })
+            .is_err()
+        {
+            return false;
+        }
+        done.await.is_ok()
     }
 }
 
@@ -222,8 +252,10 @@ impl Pipelines {
     fn start(&self, tenant: TenantId) -> TenantPipeline {
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         let deps = Arc::clone(&self.deps);
+        let ticks = tick_channel();
+        let supervisor_ticks = Arc::clone(&ticks);
         let supervisor = TenantSupervisor::start_in_arbiter(&self.handles[index], move |_| {
-            TenantSupervisor::new(tenant, deps)
+            TenantSupervisor::new(tenant, deps, supervisor_ticks)
         });
         tracing::debug!(%tenant, arbiter = index, "started tenant pipeline");
         TenantPipeline {
@@ -232,6 +264,7 @@ impl Pipelines {
                 tenant,
                 self.deps.actors.mailbox_capacity,
             )),
+            ticks,
         }
     }
 

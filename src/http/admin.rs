@@ -199,6 +199,7 @@ pub async fn delete(
     blocking(move || directory.remove(id)).await?;
     state.pipelines.stop(id);
     state.rate_limits.forget(id);
+    state.query_cache.forget(id);
     // Once sealed, nothing more is written for the tenant; the purge then runs off the writer
     // thread, so deleting a large tenant does not delay other tenants' acknowledgements. If
     // this fails or the server crashes, the purge is finished at the next start (tombstone).
@@ -219,5 +220,31 @@ pub async fn delete(
         "id": id.to_string(),
         "deleted": true,
         "purged_log_entries": purged,
+    })))
+}
+
+/// `POST /admin/v1/tenants/{id}/rollups/rebuild`: drop the tenant's rollups and recompute them
+/// from the log. Answers 202 once the old rollups are deleted; `as_of` in query answers then
+/// shows the replay's progress.
+pub async fn rebuild_rollups(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = tenant_id(&path)?;
+    if !state.directory.exists(id) {
+        return Err(ApiError::NotFound(format!("tenant {id} not found")));
+    }
+    if !state.pipelines.pipeline(id).rebuild_rollups().await {
+        return Err(ApiError::unavailable(
+            "the tenant's pipeline is busy; retry",
+        ));
+    }
+    state.query_cache.forget(id);
+    tracing::info!(tenant = %id, "rollup rebuild requested");
+    Ok(HttpResponse::Accepted().json(serde_json::json!({
+        "id": id.to_string(),
+        "rebuilding": true,
     })))
 }

@@ -3,6 +3,7 @@
 //! - [`ingest`]: Segment-compatible ingestion endpoints, parsed by [`segment`], bodies read by
 //!   [`body`];
 //! - [`export`]: reading stored events back;
+//! - [`query`]: series, events, uniques, funnels; [`live`]: the live WebSocket;
 //! - [`admin`]: tenants and keys;
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document;
 //! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json).
@@ -15,7 +16,9 @@ pub mod body;
 pub mod errors;
 pub mod export;
 pub mod ingest;
+pub mod live;
 pub mod ops;
+pub mod query;
 pub mod segment;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::actors::Pipelines;
 use crate::config::Config;
 use crate::event::EventKind;
+use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
 use crate::storage::log::LogWriter;
 use crate::storage::Storage;
@@ -45,6 +49,7 @@ pub struct AppState {
     pub directory: Arc<TenantDirectory>,
     pub pipelines: Arc<Pipelines>,
     pub rate_limits: RateLimits,
+    pub query_cache: Arc<QueryCache>,
     pub metrics: PrometheusHandle,
 }
 
@@ -90,6 +95,36 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/v1/events/export")
                 .route(web::get().to(export::export))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/query/series")
+                .route(web::get().to(query::series))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/query/events")
+                .route(web::get().to(query::events))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/query/uniques")
+                .route(web::get().to(query::uniques))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/query/funnel")
+                .route(web::post().to(query::funnel))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/live")
+                .route(web::get().to(live::live))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/rollups/rebuild")
+                .route(web::post().to(admin::rebuild_rollups))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(

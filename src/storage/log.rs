@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::event::{flags, now_micros, LogBatch};
+use crate::rollup::{RollupBatch, RollupItem};
 use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::TenantId;
@@ -40,12 +41,31 @@ pub struct AppendRequest {
 }
 
 /// What happened to a request's events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
     pub accepted: usize,
     pub duplicates: usize,
     /// Sequence number of the first accepted event; `None` if none was accepted.
     pub first_seq: Option<u64>,
+    /// What the rollups need of the accepted events (they are durable when this is delivered).
+    pub rollup: Option<RollupBatch>,
+}
+
+/// The last durable log sequence of each tenant written by this process.
+#[derive(Clone, Default)]
+pub struct LogHeads(Arc<dashmap::DashMap<TenantId, u64>>);
+
+impl LogHeads {
+    pub fn get(&self, tenant: TenantId) -> Option<u64> {
+        self.0.get(&tenant).map(|v| *v)
+    }
+
+    fn advance(&self, tenant: TenantId, seq: u64) {
+        let mut entry = self.0.entry(tenant).or_insert(seq);
+        if *entry < seq {
+            *entry = seq;
+        }
+    }
 }
 
 enum Command {
@@ -60,6 +80,7 @@ enum Command {
 /// Handle to the writer thread.
 pub struct LogWriter {
     queue: Sender<Command>,
+    heads: LogHeads,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// False once the thread has stopped or a persist has failed.
     healthy: Arc<AtomicBool>,
@@ -79,6 +100,8 @@ impl LogWriter {
         let (queue, commands) = crossbeam_channel::bounded(options.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let thread_healthy = Arc::clone(&healthy);
+        let heads = LogHeads::default();
+        let thread_heads = heads.clone();
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -90,11 +113,13 @@ impl LogWriter {
                     sealed: HashSet::new(),
                     failure: None,
                     healthy: thread_healthy,
+                    heads: thread_heads,
                 };
                 writer.run(&commands);
             })?;
         Ok(LogWriter {
             queue,
+            heads,
             thread: Mutex::new(Some(thread)),
             healthy,
         })
@@ -129,6 +154,11 @@ impl LogWriter {
             return Err(StorageError::WriterStopped);
         }
         answer.await.map_err(|_| StorageError::WriterStopped)
+    }
+
+    /// The last durable sequence of each tenant written since start.
+    pub fn heads(&self) -> &LogHeads {
+        &self.heads
     }
 
     /// True while the thread runs and no persist has failed.
@@ -176,6 +206,7 @@ struct Writer {
     /// Set by the first failed persist; every later append is refused with it.
     failure: Option<String>,
     healthy: Arc<AtomicBool>,
+    heads: LogHeads,
 }
 
 impl Writer {
@@ -247,6 +278,13 @@ impl Writer {
         match persisted {
             Ok(()) => {
                 for (reply, outcome) in replies.drain(..) {
+                    if let Ok(AppendOutcome {
+                        rollup: Some(batch),
+                        ..
+                    }) = &outcome
+                    {
+                        self.heads.advance(batch.tenant, batch.last_seq());
+                    }
                     reply(outcome);
                 }
             }
@@ -304,9 +342,11 @@ impl Writer {
                 accepted: 0,
                 duplicates,
                 first_seq: None,
+                rollup: None,
             });
         }
         let accepted = kept.len();
+        let items = kept.iter().map(RollupItem::from_event).collect();
         batch.events = kept;
         let first_seq = self.next_seq(tenant)?;
         let value = codec::encode(&batch).map_err(|source| StorageError::Codec {
@@ -326,6 +366,11 @@ impl Writer {
             accepted,
             duplicates,
             first_seq: Some(first_seq),
+            rollup: Some(RollupBatch {
+                tenant,
+                first_seq,
+                items,
+            }),
         })
     }
 

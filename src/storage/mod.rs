@@ -4,6 +4,8 @@
 //!   [`crate::event::LogBatch`] (see [`codec`]). Written only by the [`log::LogWriter`] thread.
 //! - `dedup`: `tenant ‖ xxh3-128(messageId)` → first-seen time; see [`dedup`].
 //! - `meta`: tenants, the admin token digest, tombstones of deleted tenants; see [`meta`].
+//! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
+//!   [`rollups`].
 //!
 //! The database runs with manual journal persistence: the log writer decides when to flush and
 //! fsync (group commit), and metadata writes persist themselves.
@@ -12,6 +14,7 @@ pub mod codec;
 pub mod dedup;
 pub mod log;
 pub mod meta;
+pub mod rollups;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +70,8 @@ pub struct Storage {
     pub log: Keyspace,
     pub dedup: Keyspace,
     pub meta: Keyspace,
+    pub rollup_counts: Keyspace,
+    pub rollup_users: Keyspace,
     /// Tenants' dedup windows, read by the dedup expiry compaction filter.
     pub dedup_windows: dedup::DedupWindows,
 }
@@ -113,11 +118,19 @@ impl Storage {
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(open_error)?;
+        let rollup_counts = db
+            .keyspace("rollup_counts", KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
+        let rollup_users = db
+            .keyspace("rollup_users", KeyspaceCreateOptions::default)
+            .map_err(open_error)?;
         Ok(Storage {
             db,
             log,
             dedup,
             meta,
+            rollup_counts,
+            rollup_users,
             dedup_windows,
         })
     }
@@ -152,6 +165,7 @@ pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
 pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     let removed = purge_prefix(storage, &storage.log, tenant)?;
     purge_prefix(storage, &storage.dedup, tenant)?;
+    rollups::delete_all(storage, tenant)?;
     storage.persist(true)?;
     Ok(removed)
 }
@@ -159,11 +173,13 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
 /// Whether any log or dedup entry of the tenant remains.
 pub fn has_tenant_data(storage: &Storage, tenant: TenantId) -> bool {
     let prefix = tenant.0.to_be_bytes();
-    storage.log.prefix(prefix).next().is_some() || storage.dedup.prefix(prefix).next().is_some()
+    storage.log.prefix(prefix).next().is_some()
+        || storage.dedup.prefix(prefix).next().is_some()
+        || storage.rollup_counts.prefix(prefix).next().is_some()
 }
 
 /// Removes every key of `keyspace` that starts with the tenant's id. Blocking.
-fn purge_prefix(
+pub(crate) fn purge_prefix(
     storage: &Storage,
     keyspace: &Keyspace,
     tenant: TenantId,

@@ -1,0 +1,266 @@
+//! The live hub: per-tenant counts of the current second and minute, pushed to WebSocket
+//! subscribers.
+//!
+//! Fed by the rollup actor with every durable batch. Every `live.tick_interval` (aligned to the
+//! second) it publishes a [`LiveTick`]: the second that just ended and the minute it belongs to,
+//! with count and distinct users per event and in total, by event time. Ticks go out through a
+//! `tokio::sync::watch` channel: each subscriber reads the latest tick when it is ready for one,
+//! so a slow subscriber skips ticks (coalescing, counted in a metric) instead of queueing them,
+//! and the hub's cost does not depend on the number of subscribers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, Message};
+use cardinality_estimator::CardinalityEstimator;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::event::{format_timestamp, now_micros, Micros};
+use crate::rollup::{RollupItem, ALL_EVENTS};
+
+const SECOND: Micros = 1_000_000;
+const MINUTE: Micros = 60 * SECOND;
+
+/// Live counts need less precision than rollups (standard error ≈ 1.6%).
+type LiveSketch = CardinalityEstimator<u64, wyhash::WyHash, 12, 6>;
+
+/// Count and distinct users.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stat {
+    pub count: u64,
+    pub uniques: u64,
+}
+
+/// One window of a tick.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Window {
+    pub start: String,
+    pub total: Stat,
+    pub events: BTreeMap<String, Stat>,
+}
+
+impl Window {
+    /// The same window restricted to some events (the total is kept).
+    pub fn only(&self, events: &std::collections::HashSet<String>) -> Window {
+        Window {
+            start: self.start.clone(),
+            total: self.total,
+            events: self
+                .events
+                .iter()
+                .filter(|(name, _)| events.contains(*name))
+                .map(|(name, stat)| (name.clone(), *stat))
+                .collect(),
+        }
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LiveTick {
+    /// Increases by one per tick; a subscriber seeing a jump knows ticks were coalesced.
+    pub seq: u64,
+    pub ts: String,
+    pub second: Window,
+    pub minute: Window,
+}
+
+/// The channel ticks are published on; subscribers call `subscribe()`.
+pub type TickSender = Arc<watch::Sender<Arc<LiveTick>>>;
+
+pub fn tick_channel() -> TickSender {
+    Arc::new(watch::channel(Arc::new(LiveTick::default())).0)
+}
+
+/// Durable events for the live counters.
+pub struct LiveItems(pub Arc<Vec<RollupItem>>);
+
+impl Message for LiveItems {
+    type Result = ();
+}
+
+#[derive(Default)]
+struct Agg {
+    count: u64,
+    users: LiveSketch,
+}
+
+/// Per-event aggregates of one time bucket.
+#[derive(Default)]
+struct Bucket {
+    events: HashMap<String, Agg>,
+}
+
+impl Bucket {
+    fn add(&mut self, item: &RollupItem) {
+        for name in [item.name.as_str(), ALL_EVENTS] {
+            let agg = match self.events.get_mut(name) {
+                Some(agg) => agg,
+                None => self.events.entry(name.to_string()).or_default(),
+            };
+            agg.count += item.weight;
+            agg.users.insert_hash(item.user_hash);
+        }
+    }
+
+    fn window(&self, start: Micros) -> Window {
+        let stat = |agg: &Agg| Stat {
+            count: agg.count,
+            uniques: agg.users.estimate() as u64,
+        };
+        Window {
+            start: format_timestamp(start),
+            total: self.events.get(ALL_EVENTS).map(stat).unwrap_or_default(),
+            events: self
+                .events
+                .iter()
+                .filter(|(name, _)| name.as_str() != ALL_EVENTS)
+                .map(|(name, agg)| (name.clone(), stat(agg)))
+                .collect(),
+        }
+    }
+}
+
+pub struct LiveHub {
+    sender: TickSender,
+    tick_interval: Duration,
+    seconds: BTreeMap<Micros, Bucket>,
+    minutes: BTreeMap<Micros, Bucket>,
+    seq: u64,
+}
+
+impl LiveHub {
+    pub fn new(sender: TickSender, tick_interval: Duration) -> LiveHub {
+        let seq = sender.borrow().seq;
+        LiveHub {
+            sender,
+            tick_interval,
+            seconds: BTreeMap::new(),
+            minutes: BTreeMap::new(),
+            seq,
+        }
+    }
+
+    /// Builds the tick for the second ending at `now` (floored to the second).
+    fn tick_at(&mut self, now: Micros) -> LiveTick {
+        let second_start = now.div_euclid(SECOND) * SECOND - SECOND;
+        let minute_start = second_start.div_euclid(MINUTE) * MINUTE;
+        // Keep the current and previous minute; older buckets can no longer be reported.
+        self.seconds.retain(|start, _| *start >= second_start);
+        self.minutes.retain(|start, _| *start >= minute_start);
+        self.seq += 1;
+        LiveTick {
+            seq: self.seq,
+            ts: format_timestamp(now),
+            second: self
+                .seconds
+                .get(&second_start)
+                .map(|b| b.window(second_start))
+                .unwrap_or_else(|| Bucket::default().window(second_start)),
+            minute: self
+                .minutes
+                .get(&minute_start)
+                .map(|b| b.window(minute_start))
+                .unwrap_or_else(|| Bucket::default().window(minute_start)),
+        }
+    }
+
+    fn add(&mut self, items: &[RollupItem], now: Micros) {
+        let oldest_minute = (now.div_euclid(MINUTE) - 1) * MINUTE;
+        for item in items {
+            let minute = item.timestamp.div_euclid(MINUTE) * MINUTE;
+            if minute < oldest_minute {
+                continue; // Late: counted by the rollups, not live.
+            }
+            let second = item.timestamp.div_euclid(SECOND) * SECOND;
+            self.seconds.entry(second).or_default().add(item);
+            self.minutes.entry(minute).or_default().add(item);
+        }
+    }
+}
+
+impl Actor for LiveHub {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(64);
+        // Align ticks to the second boundary.
+        let now = now_micros();
+        let until_next = SECOND - now.rem_euclid(SECOND);
+        let first = Duration::from_micros(u64::try_from(until_next).unwrap_or(0));
+        ctx.run_later(first, |hub, ctx| {
+            hub.publish();
+            ctx.run_interval(hub.tick_interval, |hub, _ctx| hub.publish());
+        });
+    }
+}
+
+impl LiveHub {
+    fn publish(&mut self) {
+        let tick = self.tick_at(now_micros());
+        self.sender.send_replace(Arc::new(tick));
+    }
+}
+
+impl Handler<LiveItems> for LiveHub {
+    type Result = ();
+
+    fn handle(&mut self, LiveItems(items): LiveItems, _ctx: &mut Self::Context) {
+        self.add(&items, now_micros());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(name: &str, at: Micros, user: u64) -> RollupItem {
+        RollupItem {
+            name: name.into(),
+            timestamp: at,
+            user_hash: user.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn ticks_report_the_last_second_and_its_minute() {
+        let mut hub = LiveHub::new(tick_channel(), Duration::from_secs(1));
+        let t0 = 1_000 * MINUTE + 10 * SECOND;
+        hub.add(
+            &[item("a", t0, 1), item("a", t0 + 10, 2), item("b", t0, 1)],
+            t0,
+        );
+        hub.add(&[item("a", t0 - SECOND, 3)], t0);
+        hub.add(&[item("old", t0 - 5 * MINUTE, 3)], t0);
+        let tick = hub.tick_at(t0 + SECOND + 5);
+        assert_eq!(tick.seq, 1);
+        assert_eq!(
+            tick.second.total,
+            Stat {
+                count: 3,
+                uniques: 2
+            }
+        );
+        assert_eq!(
+            tick.second.events["a"],
+            Stat {
+                count: 2,
+                uniques: 2
+            }
+        );
+        assert_eq!(
+            tick.minute.total,
+            Stat {
+                count: 4,
+                uniques: 3
+            }
+        );
+        assert!(!tick.minute.events.contains_key("old"));
+        let next = hub.tick_at(t0 + 2 * SECOND);
+        assert_eq!(next.second.total.count, 0);
+        assert_eq!(next.minute.total.count, 4);
+    }
+}

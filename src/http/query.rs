@@ -1,0 +1,426 @@
+//! Query API (read key): series, events, uniques, funnel.
+//!
+//! Every answer carries `as_of`: the last log sequence included in the stored rollups and the
+//! tenant's last durable sequence, so a client can tell how fresh it is (rollups are flushed
+//! every `rollups.flush_interval`). Answers over closed buckets, computed when the rollups had
+//! caught up, are cached per tenant until a late event touches their range.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{format_timestamp, now_micros, Micros};
+use crate::http::errors::ApiError;
+use crate::http::export::time_param;
+use crate::http::{auth, AppState};
+use crate::query::{self, align_range, Metric};
+use crate::rollup::Resolution;
+use crate::storage::rollups;
+use crate::telemetry;
+use crate::tenant::{KeyKind, TenantRecord};
+
+/// Most events a `/v1/query/events` answer lists.
+const MAX_EVENTS_LIMIT: usize = 10_000;
+/// Most steps of a funnel.
+const MAX_FUNNEL_STEPS: usize = 20;
+
+#[derive(Debug, Serialize)]
+struct AsOf {
+    /// Last log sequence whose events are in the rollups this answer was computed from.
+    rolled_up_through_seq: u64,
+    /// The tenant's last durable log sequence.
+    log_seq: u64,
+}
+
+fn read_tenant(req: &HttpRequest, state: &AppState) -> Result<Arc<TenantRecord>, ApiError> {
+    let key = auth::header_credential(req)?;
+    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    // The rollup actor lives in the tenant's pipeline: make sure it runs (and catches up).
+    state.pipelines.pipeline(tenant.id);
+    Ok(tenant)
+}
+
+fn required_time(name: &str, value: Option<&str>) -> Result<Micros, ApiError> {
+    time_param(name, value)?
+        .ok_or_else(|| ApiError::bad_request(format!("query parameter `{name}` is required")))
+}
+
+/// `from`/`to`, required, ordered.
+fn time_range(from: Option<&str>, to: Option<&str>) -> Result<(Micros, Micros), ApiError> {
+    let from = required_time("from", from)?;
+    let to = required_time("to", to)?;
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "query parameter `from` must be before `to`",
+        ));
+    }
+    Ok((from, to))
+}
+
+fn check_span(from: Micros, to: Micros, limit: Duration, what: &str) -> Result<(), ApiError> {
+    let limit_micros = i64::try_from(limit.as_micros()).unwrap_or(i64::MAX);
+    if to - from > limit_micros {
+        return Err(ApiError::bad_request(format!(
+            "the range from `from` to `to` is {} long; the limit for {what} is {}",
+            describe_span(to - from),
+            describe_span(limit_micros)
+        )));
+    }
+    Ok(())
+}
+
+/// A span in days (or hours, below a day), for error messages.
+fn describe_span(micros: Micros) -> String {
+    let hours = micros as f64 / 3_600_000_000.0;
+    if hours >= 24.0 {
+        format!("{:.1} days", hours / 24.0)
+    } else {
+        format!("{hours:.1} hours")
+    }
+}
+
+fn blocking_error(error: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("query failed: {error}"))
+}
+
+/// Runs a query on a blocking thread and adds `as_of`.
+async fn run<T: Send + 'static>(
+    state: &web::Data<AppState>,
+    tenant: &TenantRecord,
+    work: impl FnOnce(&crate::storage::Storage) -> Result<T, crate::storage::StorageError>
+        + Send
+        + 'static,
+) -> Result<(T, AsOf), ApiError> {
+    let storage = state.storage.clone();
+    let heads = state.writer.heads().clone();
+    let tenant_id = tenant.id;
+    web::block(move || {
+        let log_seq = query::log_head(&storage, &heads, tenant_id)?;
+        let rolled_up_through_seq = rollups::watermark(&storage, tenant_id)?;
+        let answer = work(&storage)?;
+        Ok::<_, crate::storage::StorageError>((
+            answer,
+            AsOf {
+                rolled_up_through_seq,
+                log_seq,
+            },
+        ))
+    })
+    .await
+    .map_err(blocking_error)?
+    .map_err(blocking_error)
+}
+
+fn json_reply(body: &str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body.to_string())
+}
+
+/// Serves a cached answer, or computes, caches (if closed and caught up) and serves one.
+async fn cached<F, Fut>(
+    state: &web::Data<AppState>,
+    tenant: &TenantRecord,
+    endpoint: &'static str,
+    key: String,
+    range: (Micros, Micros),
+    closed: bool,
+    compute: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(serde_json::Value, AsOf), ApiError>>,
+{
+    let started = Instant::now();
+    if closed {
+        if let Some(body) = state.query_cache.get(tenant.id, &key) {
+            telemetry::query_answered(endpoint, started.elapsed(), true);
+            return Ok(json_reply(&body));
+        }
+    }
+    let (mut body, as_of) = compute().await?;
+    let caught_up = as_of.rolled_up_through_seq >= as_of.log_seq;
+    body["as_of"] = serde_json::to_value(&as_of).unwrap_or_default();
+    let text: Arc<str> = Arc::from(body.to_string());
+    if closed && caught_up {
+        state
+            .query_cache
+            .put(tenant.id, key, range.0, range.1, Arc::clone(&text));
+    }
+    telemetry::query_answered(endpoint, started.elapsed(), false);
+    Ok(json_reply(&text))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesParams {
+    event: Option<String>,
+    metric: Option<String>,
+    interval: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /v1/query/series`
+pub async fn series(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    params: web::Query<SeriesParams>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = read_tenant(&req, &state)?;
+    let params = params.into_inner();
+    let metric = match params.metric.as_deref().unwrap_or("count") {
+        "count" => Metric::Count,
+        "uniques" => Metric::Uniques,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "query parameter `metric` must be `count` or `uniques`, not {other:?}"
+            )))
+        }
+    };
+    let interval = params.interval.as_deref().unwrap_or("hour");
+    let resolution = Resolution::parse(interval).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "query parameter `interval` must be `minute`, `hour` or `day`, not {interval:?}"
+        ))
+    })?;
+    let (from, to) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    let width = resolution.width();
+    let from = resolution.bucket(from);
+    let to = if to.rem_euclid(width) == 0 {
+        to
+    } else {
+        resolution.bucket(to) + width
+    };
+    let limits = &state.config.rollups;
+    let max = match resolution {
+        Resolution::Minute => limits.max_minute_range,
+        Resolution::Hour => limits.max_hour_range,
+        Resolution::Day => limits.max_day_range,
+    };
+    check_span(from, to, max, &format!("interval={}", resolution.as_str()))?;
+    let event = params.event.filter(|e| !e.is_empty());
+    let closed = to <= resolution.bucket(now_micros());
+    let key = format!(
+        "series\u{1}{}\u{1}{metric:?}\u{1}{}\u{1}{from}\u{1}{to}",
+        event.as_deref().unwrap_or(""),
+        resolution.as_str()
+    );
+    let tenant_id = tenant.id;
+    cached(
+        &state,
+        &tenant,
+        "series",
+        key,
+        (from, to),
+        closed,
+        || async {
+            let name = event.clone();
+            let (points, as_of) = run(&state, &tenant, move |storage| {
+                query::series(
+                    storage,
+                    tenant_id,
+                    name.as_deref(),
+                    metric,
+                    resolution,
+                    from,
+                    to,
+                )
+            })
+            .await?;
+            let points: Vec<_> = points
+                .iter()
+                .map(|p| serde_json::json!({"ts": format_timestamp(p.ts), "value": p.value}))
+                .collect();
+            Ok((
+                serde_json::json!({
+                    "event": event,
+                    "metric": if metric == Metric::Count { "count" } else { "uniques" },
+                    "interval": resolution.as_str(),
+                    "from": format_timestamp(from),
+                    "to": format_timestamp(to),
+                    "points": points,
+                }),
+                as_of,
+            ))
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeParams {
+    from: Option<String>,
+    to: Option<String>,
+    event: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Aligns a query range to stored buckets and checks its length.
+fn aligned_range(state: &AppState, params: &RangeParams) -> Result<(Micros, Micros), ApiError> {
+    let (from, to) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    let (from, to) = align_range(from, to, &state.config.rollups.retention(), now_micros());
+    check_span(from, to, state.config.rollups.max_day_range, "this query")?;
+    Ok((from, to))
+}
+
+/// `GET /v1/query/events`
+pub async fn events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    params: web::Query<RangeParams>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = read_tenant(&req, &state)?;
+    let params = params.into_inner();
+    if params.event.is_some() {
+        return Err(ApiError::bad_request(
+            "query parameter `event` is not used by /v1/query/events",
+        ));
+    }
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_EVENTS_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "query parameter `limit` must be between 1 and {MAX_EVENTS_LIMIT}"
+        )));
+    }
+    let (from, to) = aligned_range(&state, &params)?;
+    let closed = to <= Resolution::Minute.bucket(now_micros());
+    let key = format!("events\u{1}{from}\u{1}{to}\u{1}{limit}");
+    let tenant_id = tenant.id;
+    cached(
+        &state,
+        &tenant,
+        "events",
+        key,
+        (from, to),
+        closed,
+        || async {
+            let (events, as_of) = run(&state, &tenant, move |storage| {
+                query::event_totals(storage, tenant_id, from, to, limit)
+            })
+            .await?;
+            Ok((
+                serde_json::json!({
+                    "from": format_timestamp(from),
+                    "to": format_timestamp(to),
+                    "events": events,
+                }),
+                as_of,
+            ))
+        },
+    )
+    .await
+}
+
+/// `GET /v1/query/uniques`
+pub async fn uniques(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    params: web::Query<RangeParams>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = read_tenant(&req, &state)?;
+    let params = params.into_inner();
+    if params.limit.is_some() {
+        return Err(ApiError::bad_request(
+            "query parameter `limit` is not used by /v1/query/uniques",
+        ));
+    }
+    let (from, to) = aligned_range(&state, &params)?;
+    let event = params.event.filter(|e| !e.is_empty());
+    let closed = to <= Resolution::Minute.bucket(now_micros());
+    let key = format!(
+        "uniques\u{1}{}\u{1}{from}\u{1}{to}",
+        event.as_deref().unwrap_or("")
+    );
+    let tenant_id = tenant.id;
+    cached(
+        &state,
+        &tenant,
+        "uniques",
+        key,
+        (from, to),
+        closed,
+        || async {
+            let name = event.clone();
+            let (count, as_of) = run(&state, &tenant, move |storage| {
+                query::uniques(storage, tenant_id, name.as_deref(), from, to)
+            })
+            .await?;
+            Ok((
+                serde_json::json!({
+                    "event": event,
+                    "from": format_timestamp(from),
+                    "to": format_timestamp(to),
+                    "uniques": count,
+                }),
+                as_of,
+            ))
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunnelRequest {
+    steps: Vec<String>,
+    window: String,
+    from: String,
+    to: String,
+}
+
+/// `POST /v1/query/funnel`: exact, from the stored events.
+pub async fn funnel(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<FunnelRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let tenant = read_tenant(&req, &state)?;
+    let request = body.into_inner();
+    if request.steps.is_empty() || request.steps.len() > MAX_FUNNEL_STEPS {
+        return Err(ApiError::bad_request(format!(
+            "field `steps` must list 1 to {MAX_FUNNEL_STEPS} event names"
+        )));
+    }
+    if request.steps.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad_request(
+            "field `steps` must not contain empty names",
+        ));
+    }
+    let window = humantime::parse_duration(&request.window)
+        .ok()
+        .filter(|w| !w.is_zero())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "field `window` must be a positive duration like \"30m\" or \"1h\", not {:?}",
+                request.window
+            ))
+        })?;
+    let (from, to) = time_range(Some(&request.from), Some(&request.to))?;
+    check_span(from, to, state.config.rollups.max_funnel_range, "a funnel")?;
+    let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+    let steps = request.steps.clone();
+    let tenant_id = tenant.id;
+    let (reached, as_of) = run(&state, &tenant, move |storage| {
+        query::funnel(storage, tenant_id, &steps, window_micros, from, to)
+    })
+    .await?;
+    let steps: Vec<_> = request
+        .steps
+        .iter()
+        .zip(reached)
+        .map(|(event, users)| serde_json::json!({"event": event, "users": users}))
+        .collect();
+    telemetry::query_answered("funnel", started.elapsed(), false);
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "steps": steps,
+        "window": humantime::format_duration(window).to_string(),
+        "from": format_timestamp(from),
+        "to": format_timestamp(to),
+        "as_of": as_of,
+    })))
+}

@@ -1,0 +1,380 @@
+//! Answers to the query API, computed from stored rollups (series, events, uniques) or from
+//! the stored events (funnels, exact). Every function here blocks on storage: call it from a
+//! blocking thread.
+//!
+//! [`QueryCache`] keeps answers over closed time ranges per tenant (bounded, least recently
+//! used first out); the rollup actor invalidates the entries that a late event touches.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::event::Micros;
+use crate::rollup::{cover, estimate, rollup_name, Deltas, Resolution, Retention, ALL_EVENTS};
+use crate::storage::log::{last_batch, read_batches, LogHeads};
+use crate::storage::rollups;
+use crate::storage::{Storage, StorageError};
+use crate::tenant::TenantId;
+
+/// What a series counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Count,
+    Uniques,
+}
+
+/// One point of a series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Point {
+    pub ts: Micros,
+    pub value: u64,
+}
+
+/// Every bucket of `[from, to)` at `resolution` (from/to already aligned), zeros included.
+pub fn series(
+    storage: &Storage,
+    tenant: TenantId,
+    event: Option<&str>,
+    metric: Metric,
+    resolution: Resolution,
+    from: Micros,
+    to: Micros,
+) -> Result<Vec<Point>, StorageError> {
+    let name = event.unwrap_or(ALL_EVENTS);
+    let stored: HashMap<Micros, u64> = match metric {
+        Metric::Count => rollups::read_counts(storage, tenant, resolution, name, from, to)?
+            .into_iter()
+            .collect(),
+        Metric::Uniques => rollups::read_sketches(storage, tenant, resolution, name, from, to)?
+            .into_iter()
+            .map(|(at, sketch)| (at, estimate(&sketch)))
+            .collect(),
+    };
+    let mut points = Vec::with_capacity(((to - from) / resolution.width()).max(0) as usize);
+    let mut at = from;
+    while at < to {
+        points.push(Point {
+            ts: at,
+            value: stored.get(&at).copied().unwrap_or(0),
+        });
+        at += resolution.width();
+    }
+    Ok(points)
+}
+
+/// Rounds `[from, to)` outward to the finest resolution still retained at `from`, so that it
+/// can be covered by whole stored buckets.
+pub fn align_range(
+    from: Micros,
+    to: Micros,
+    retention: &Retention,
+    now: Micros,
+) -> (Micros, Micros) {
+    let resolution = [Resolution::Minute, Resolution::Hour]
+        .into_iter()
+        .find(|r| {
+            retention
+                .oldest(*r, now)
+                .is_none_or(|oldest| from >= oldest)
+        })
+        .unwrap_or(Resolution::Day);
+    let width = resolution.width();
+    let aligned_to = if to.rem_euclid(width) == 0 {
+        to
+    } else {
+        resolution.bucket(to) + width
+    };
+    (resolution.bucket(from), aligned_to)
+}
+
+/// An event's totals over a range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventTotal {
+    pub event: String,
+    pub count: u64,
+    pub uniques: u64,
+}
+
+/// Every event with its count and distinct users over `[from, to)` (aligned), largest first.
+pub fn event_totals(
+    storage: &Storage,
+    tenant: TenantId,
+    from: Micros,
+    to: Micros,
+    limit: usize,
+) -> Result<Vec<EventTotal>, StorageError> {
+    let parts = cover(from, to);
+    let mut totals = Vec::new();
+    for name in rollups::event_names(storage, tenant)? {
+        if name == ALL_EVENTS {
+            continue;
+        }
+        let total = rollups::total_over(storage, tenant, &name, &parts)?;
+        if total.count == 0 {
+            continue;
+        }
+        totals.push(EventTotal {
+            event: name,
+            count: total.count,
+            uniques: estimate(&total.users),
+        });
+    }
+    totals.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.event.cmp(&b.event)));
+    totals.truncate(limit);
+    Ok(totals)
+}
+
+/// Distinct users over `[from, to)` (aligned), merging the sketches of the covering buckets.
+pub fn uniques(
+    storage: &Storage,
+    tenant: TenantId,
+    event: Option<&str>,
+    from: Micros,
+    to: Micros,
+) -> Result<u64, StorageError> {
+    let total = rollups::total_over(
+        storage,
+        tenant,
+        event.unwrap_or(ALL_EVENTS),
+        &cover(from, to),
+    )?;
+    Ok(estimate(&total.users))
+}
+
+/// Users reaching each step of a funnel, in order, with every step within `window` of the first,
+/// over the events whose time is in `[from, to)`. Exact: computed from the stored events.
+pub fn funnel(
+    storage: &Storage,
+    tenant: TenantId,
+    steps: &[String],
+    window: Micros,
+    from: Micros,
+    to: Micros,
+) -> Result<Vec<u64>, StorageError> {
+    // Per user: (time, sequence, indexes of the steps this event is) of matching events.
+    let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+    let step_of: HashMap<&str, u8> = {
+        let mut map = HashMap::new();
+        for name in steps {
+            let next = map.len() as u8;
+            map.entry(name.as_str()).or_insert(next);
+        }
+        map
+    };
+    // Distinct step names, by first appearance, so repeated steps share one code.
+    let codes: Vec<u8> = steps.iter().map(|name| step_of[name.as_str()]).collect();
+    let mut next_seq = 0u64;
+    loop {
+        let batches = read_batches(storage, tenant, next_seq, 256)?;
+        if batches.is_empty() {
+            break;
+        }
+        for (first_seq, batch) in &batches {
+            for (offset, event) in batch.events.iter().enumerate() {
+                if event.timestamp < from || event.timestamp >= to {
+                    continue;
+                }
+                if let Some(code) = step_of.get(rollup_name(event)) {
+                    per_user.entry(event.user_hash).or_default().push((
+                        event.timestamp,
+                        first_seq + offset as u64,
+                        *code,
+                    ));
+                }
+            }
+            next_seq = first_seq + (batch.events.len() as u64).max(1);
+        }
+    }
+    let mut reached = vec![0u64; steps.len()];
+    for events in per_user.values_mut() {
+        events.sort_unstable();
+        let depth = deepest_step(events, &codes, window);
+        for count in reached.iter_mut().take(depth) {
+            *count += 1;
+        }
+    }
+    Ok(reached)
+}
+
+/// How many steps, in order, one user completes: the best over every occurrence of the first
+/// step, matching each next step at its earliest occurrence after the previous one (which is
+/// optimal: an earlier match never leaves less room for the rest).
+fn deepest_step(events: &[(Micros, u64, u8)], codes: &[u8], window: Micros) -> usize {
+    let Some(first) = codes.first() else {
+        return 0;
+    };
+    let mut best = 0;
+    for (start, (started_at, _, code)) in events.iter().enumerate() {
+        if code != first {
+            continue;
+        }
+        let deadline = started_at.saturating_add(window);
+        let mut depth = 1;
+        for (at, _, code) in &events[start + 1..] {
+            if depth == codes.len() || *at > deadline {
+                break;
+            }
+            if *code == codes[depth] {
+                depth += 1;
+            }
+        }
+        best = best.max(depth);
+        if best == codes.len() {
+            break;
+        }
+    }
+    best
+}
+
+/// The last durable log sequence of a tenant.
+pub fn log_head(
+    storage: &Storage,
+    heads: &LogHeads,
+    tenant: TenantId,
+) -> Result<u64, StorageError> {
+    if let Some(head) = heads.get(tenant) {
+        return Ok(head);
+    }
+    Ok(last_batch(storage, tenant)?
+        .map(|(first, batch)| first + (batch.events.len() as u64).max(1) - 1)
+        .unwrap_or(0))
+}
+
+struct CachedAnswer {
+    from: Micros,
+    to: Micros,
+    body: Arc<str>,
+}
+
+/// Per-tenant cache of answers over closed ranges.
+pub struct QueryCache {
+    /// `None`: caching is off.
+    capacity: Option<NonZeroUsize>,
+    tenants: DashMap<TenantId, Mutex<lru::LruCache<String, CachedAnswer>>>,
+}
+
+impl QueryCache {
+    /// Keeps up to `capacity` answers per tenant; 0 disables the cache.
+    pub fn new(capacity: usize) -> QueryCache {
+        QueryCache {
+            capacity: NonZeroUsize::new(capacity),
+            tenants: DashMap::new(),
+        }
+    }
+
+    pub fn get(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
+        let entry = self.tenants.get(&tenant)?;
+        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(key).map(|answer| Arc::clone(&answer.body))
+    }
+
+    pub fn put(&self, tenant: TenantId, key: String, from: Micros, to: Micros, body: Arc<str>) {
+        let Some(capacity) = self.capacity else {
+            return;
+        };
+        let entry = self
+            .tenants
+            .entry(tenant)
+            .or_insert_with(|| Mutex::new(lru::LruCache::new(capacity)));
+        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
+        cache.put(key, CachedAnswer { from, to, body });
+    }
+
+    /// Drops the answers whose range overlaps a bucket that `deltas` changed.
+    pub fn invalidate_late(&self, tenant: TenantId, deltas: &Deltas) {
+        let Some(entry) = self.tenants.get(&tenant) else {
+            return;
+        };
+        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.is_empty() {
+            return;
+        }
+        let touched: Vec<(Micros, Micros)> = deltas
+            .buckets
+            .keys()
+            .map(|key| (key.start, key.start + key.resolution.width()))
+            .collect();
+        let stale: Vec<String> = cache
+            .iter()
+            .filter(|(_, answer)| {
+                touched
+                    .iter()
+                    .any(|(start, end)| *start < answer.to && answer.from < *end)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            cache.pop(&key);
+        }
+    }
+
+    pub fn forget(&self, tenant: TenantId) {
+        self.tenants.remove(&tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn funnel_steps_in_order_within_the_window() {
+        // Steps a -> b -> c, window 10.
+        let codes = [0u8, 1, 2];
+        let ev = |at: Micros, code: u8| (at, at as u64, code);
+        assert_eq!(deepest_step(&[ev(0, 0), ev(5, 1), ev(9, 2)], &codes, 10), 3);
+        // c before b does not count; the window is measured from the first step.
+        assert_eq!(deepest_step(&[ev(0, 0), ev(3, 2), ev(5, 1)], &codes, 10), 2);
+        assert_eq!(
+            deepest_step(&[ev(0, 0), ev(5, 1), ev(11, 2)], &codes, 10),
+            2
+        );
+        // A later start can do better than an earlier one.
+        assert_eq!(
+            deepest_step(&[ev(0, 0), ev(20, 0), ev(25, 1), ev(29, 2)], &codes, 10),
+            3
+        );
+        // Window edge is inclusive.
+        assert_eq!(deepest_step(&[ev(0, 0), ev(10, 1)], &codes, 10), 2);
+        assert_eq!(deepest_step(&[ev(5, 1)], &codes, 10), 0);
+        // Repeated steps: a -> b -> a needs a second a after b.
+        let repeated = [0u8, 1, 0];
+        assert_eq!(deepest_step(&[ev(0, 0), ev(1, 1)], &repeated, 10), 2);
+        assert_eq!(
+            deepest_step(&[ev(0, 0), ev(1, 1), ev(2, 0)], &repeated, 10),
+            3
+        );
+        assert_eq!(
+            deepest_step(&[ev(0, 0), ev(0, 0), ev(1, 1)], &repeated, 10),
+            2
+        );
+    }
+
+    #[test]
+    fn ranges_are_aligned_to_retained_resolutions() {
+        let minute = Resolution::Minute.width();
+        let hour = Resolution::Hour.width();
+        let day = Resolution::Day.width();
+        let retention = Retention {
+            minute: std::time::Duration::from_secs(86_400),
+            hour: std::time::Duration::from_secs(10 * 86_400),
+            day: None,
+        };
+        let now = 100 * day;
+        assert_eq!(
+            align_range(now - 90 * minute - 5, now - 5, &retention, now),
+            (now - 91 * minute, now)
+        );
+        assert_eq!(
+            align_range(now - 2 * day - 5, now - 5, &retention, now),
+            (now - 2 * day - hour, now)
+        );
+        assert_eq!(
+            align_range(now - 20 * day - 5, now - 5, &retention, now),
+            (now - 21 * day, now)
+        );
+    }
+}

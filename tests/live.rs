@@ -1,0 +1,253 @@
+//! `/v1/live` over WebSocket: ticks with fresh counts, subscription filters, auth, a slow client
+//! that does not grow server memory, and many subscribers on one tenant.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Auth, Tenant, TestServer};
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+fn connect(
+    server: &TestServer,
+    query: &str,
+    header_key: Option<&str>,
+) -> Result<WebSocket<TcpStream>, String> {
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let stream = TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{addr}/v1/live{query}"
+    ))
+    .unwrap();
+    if let Some(key) = header_key {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    match tungstenite::client::client(request, stream) {
+        Ok((socket, _response)) => Ok(socket),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(format!("{}", response.status().as_u16()))
+        }
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+fn next_tick(socket: &mut WebSocket<TcpStream>) -> Value {
+    loop {
+        match socket.read().expect("read a tick") {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
+
+fn send_now(server: &TestServer, tenant: &Tenant, events: &[(&str, &str)]) {
+    let batch: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (name, user))| json!({"type": "track", "event": name, "userId": user, "messageId": format!("{name}-{user}-{i}-{:?}", Instant::now())}))
+        .collect();
+    let reply = server.post_json(
+        "/v1/batch",
+        Auth::Basic(&tenant.write_key),
+        &json!({ "batch": batch }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[test]
+fn subscribers_see_new_events_counted_within_two_seconds() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("live");
+    let mut socket = connect(&server, &format!("?key={}", tenant.read_key), None).unwrap();
+    socket
+        .send(Message::text(json!({"subscribe": ["Clicked"]}).to_string()))
+        .unwrap();
+    let first = next_tick(&mut socket);
+    assert!(first["seq"].as_u64().is_some(), "{first}");
+    let sent = Instant::now();
+    send_now(
+        &server,
+        &tenant,
+        &[
+            ("Clicked", "u1"),
+            ("Clicked", "u2"),
+            ("Clicked", "u1"),
+            ("Other", "u3"),
+        ],
+    );
+    loop {
+        let tick = next_tick(&mut socket);
+        let minute = &tick["minute"];
+        assert!(
+            minute["events"].get("Other").is_none(),
+            "filtered out: {tick}"
+        );
+        if minute["events"]["Clicked"]["count"] == 3 {
+            assert_eq!(minute["events"]["Clicked"]["uniques"], 2);
+            assert!(minute["total"]["count"].as_u64().unwrap() >= 4, "{tick}");
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "not counted within 2 s: {tick}"
+        );
+    }
+    assert!(sent.elapsed() < Duration::from_secs(2));
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("statsremote_live_subscribers"),
+        "{metrics}"
+    );
+    socket.close(None).unwrap();
+}
+
+#[test]
+fn live_requires_a_read_key_of_the_tenant() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("auth");
+    assert_eq!(connect(&server, "", None).err().as_deref(), Some("401"));
+    assert_eq!(
+        connect(&server, "?key=sr_read_nope", None).err().as_deref(),
+        Some("401")
+    );
+    assert_eq!(
+        connect(&server, &format!("?key={}", tenant.write_key), None)
+            .err()
+            .as_deref(),
+        Some("403")
+    );
+    let mut socket = connect(&server, "", Some(&tenant.read_key)).unwrap();
+    assert!(next_tick(&mut socket)["minute"].is_object());
+    // A malformed client message gets an error message, and the connection stays usable.
+    socket.send(Message::text("{\"subscribe\": 5}")).unwrap();
+    let reply = next_tick(&mut socket);
+    let reply = if reply.get("error").is_some() {
+        reply
+    } else {
+        next_tick(&mut socket)
+    };
+    assert!(
+        reply["error"].as_str().unwrap().contains("subscribe"),
+        "{reply}"
+    );
+    assert!(next_tick(&mut socket)["seq"].as_u64().is_some());
+}
+
+fn server_rss_kb(server: &TestServer) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn server_cpu_ticks(server: &TestServer) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_slow_client_gets_coalesced_ticks_and_does_not_grow_server_memory() {
+    let server = TestServer::start_with_env(&[("STATSREMOTE__LIVE__TICK_INTERVAL", "10ms")]);
+    let tenant = server.create_tenant("slow");
+    // Large ticks: many distinct events in the current minute.
+    let names: Vec<String> = (0..400)
+        .map(|i| format!("event-with-a-fairly-long-name-{i:04}"))
+        .collect();
+    let events: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "u")).collect();
+    send_now(&server, &tenant, &events);
+    let mut slow = connect(&server, &format!("?key={}", tenant.read_key), None).unwrap();
+    let first = next_tick(&mut slow);
+    let start_rss = server_rss_kb(&server);
+    // Don't read for a while: ~600 ticks of ~40 KB are produced meanwhile.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(1));
+        send_now(&server, &tenant, &events[..10]);
+    }
+    let end_rss = server_rss_kb(&server);
+    eprintln!("server RSS while a client stalls: {start_rss} kB -> {end_rss} kB");
+    assert!(
+        end_rss < start_rss + 64 * 1024,
+        "RSS grew from {start_rss} kB to {end_rss} kB"
+    );
+    // Reading again, the client gets current ticks, with gaps in `seq`.
+    let mut last = first["seq"].as_u64().unwrap();
+    let mut skipped = 0;
+    for _ in 0..200 {
+        let tick = next_tick(&mut slow);
+        let seq = tick["seq"].as_u64().unwrap();
+        skipped += seq - last - 1;
+        last = seq;
+    }
+    assert!(skipped > 0, "a slow client must have ticks coalesced");
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("statsremote_live_coalesced_ticks_total"),
+        "{metrics}"
+    );
+}
+
+fn open_file_limit() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+#[test]
+fn a_thousand_subscribers_on_one_tenant() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("crowd");
+    let wanted = 1000.min(open_file_limit().saturating_sub(200) / 2);
+    let mut sockets: Vec<_> = (0..wanted)
+        .map(|_| connect(&server, &format!("?key={}", tenant.read_key), None).unwrap())
+        .collect();
+    let rss_before = server_rss_kb(&server);
+    let cpu_before = server_cpu_ticks(&server);
+    let started = Instant::now();
+    send_now(&server, &tenant, &[("Crowd", "u1"), ("Crowd", "u2")]);
+    std::thread::sleep(Duration::from_secs(3));
+    // Every subscriber gets ticks, and sees the events.
+    for socket in &mut sockets {
+        let mut seen = false;
+        for _ in 0..10 {
+            let tick = next_tick(socket);
+            if tick["minute"]["events"]["Crowd"]["count"] == 2 {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "a subscriber never saw the events");
+    }
+    let cpu = server_cpu_ticks(&server) - cpu_before;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss_after = server_rss_kb(&server);
+    eprintln!(
+        "{wanted} live subscribers: server CPU {:.1}% of one core over {seconds:.1} s, RSS {rss_before} kB -> {rss_after} kB",
+        cpu as f64 / seconds,
+    );
+    assert!(server.metrics().contains(&format!(
+        "statsremote_live_subscribers{{tenant=\"{}\"}} {wanted}",
+        tenant.id
+    )));
+}
