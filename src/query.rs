@@ -44,22 +44,29 @@ pub fn series(
     to: Micros,
 ) -> Result<Vec<Point>, StorageError> {
     let name = event.unwrap_or(ALL_EVENTS);
-    let stored: HashMap<Micros, u64> = match metric {
-        Metric::Count => rollups::read_counts(storage, tenant, resolution, name, from, to)?
-            .into_iter()
-            .collect(),
+    // Stored buckets come back in time order: walk them alongside the full range.
+    let stored: Vec<(Micros, u64)> = match metric {
+        Metric::Count => rollups::read_counts(storage, tenant, resolution, name, from, to)?,
         Metric::Uniques => rollups::read_sketches(storage, tenant, resolution, name, from, to)?
             .into_iter()
             .map(|(at, sketch)| (at, estimate(&sketch)))
             .collect(),
     };
+    let mut stored = stored.into_iter().peekable();
     let mut points = Vec::with_capacity(((to - from) / resolution.width()).max(0) as usize);
     let mut at = from;
     while at < to {
-        points.push(Point {
-            ts: at,
-            value: stored.get(&at).copied().unwrap_or(0),
-        });
+        let mut value = 0;
+        while let Some((bucket, count)) = stored.peek() {
+            if *bucket > at {
+                break;
+            }
+            if *bucket == at {
+                value = *count;
+            }
+            stored.next();
+        }
+        points.push(Point { ts: at, value });
         at += resolution.width();
     }
     Ok(points)

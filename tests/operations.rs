@@ -75,6 +75,12 @@ fn openapi_describes_every_route() {
         "/readyz",
         "/metrics",
         "/openapi.json",
+        "/v1/query/series",
+        "/v1/query/events",
+        "/v1/query/uniques",
+        "/v1/query/funnel",
+        "/v1/live",
+        "/admin/v1/tenants/{id}/rollups/rebuild",
     ] {
         assert!(paths.contains_key(path), "openapi.json lacks {path}");
     }
