@@ -46,8 +46,9 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
             })
             .collect();
         deltas.apply(&items, &FOREVER, end);
+        let previous = seq;
         seq += items.len() as u64;
-        rollups::flush(storage, tenant, &deltas, seq).unwrap();
+        rollups::flush(storage, tenant, &deltas, previous, seq).unwrap();
     }
     // Old buckets live in on-disk tables on a running server, not in the memtable.
     for keyspace in [&storage.rollup_counts, &storage.rollup_users] {

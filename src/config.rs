@@ -328,6 +328,13 @@ impl Config {
                 return Err(invalid(setting, "0s", "must be positive"));
             }
         }
+        if self.live.tick_interval > Duration::from_secs(1) {
+            return Err(invalid(
+                "live.tick_interval",
+                humantime::format_duration(self.live.tick_interval),
+                "must be at most 1s (live metrics are pushed at least once a second)",
+            ));
+        }
         if self.rollups.hour_retention < self.rollups.minute_retention {
             return Err(invalid(
                 "rollups.hour_retention",

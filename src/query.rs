@@ -151,6 +151,18 @@ pub fn uniques(
     Ok(estimate(&total.users))
 }
 
+/// Most matching events a funnel may gather (each costs 32 bytes while it is computed).
+pub const MAX_FUNNEL_EVENTS: usize = 10_000_000;
+
+/// Why a funnel could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum FunnelError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("more than {MAX_FUNNEL_EVENTS} events match the funnel's steps in this range; narrow the range")]
+    TooManyEvents,
+}
+
 /// Users reaching each step of a funnel, in order, with every step within `window` of the first,
 /// over the events whose time is in `[from, to)`. Exact: computed from the stored events.
 pub fn funnel(
@@ -160,9 +172,8 @@ pub fn funnel(
     window: Micros,
     from: Micros,
     to: Micros,
-) -> Result<Vec<u64>, StorageError> {
-    // Per user: (time, sequence, indexes of the steps this event is) of matching events.
-    let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+) -> Result<Vec<u64>, FunnelError> {
+    // Distinct step names, by first appearance, so repeated steps share one code.
     let step_of: HashMap<&str, u8> = {
         let mut map = HashMap::new();
         for name in steps {
@@ -171,8 +182,10 @@ pub fn funnel(
         }
         map
     };
-    // Distinct step names, by first appearance, so repeated steps share one code.
     let codes: Vec<u8> = steps.iter().map(|name| step_of[name.as_str()]).collect();
+    // Per user: (time, sequence, step code) of the matching events.
+    let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+    let mut gathered = 0usize;
     let mut next_seq = 0u64;
     loop {
         let batches = read_batches(storage, tenant, next_seq, 256)?;
@@ -185,6 +198,10 @@ pub fn funnel(
                     continue;
                 }
                 if let Some(code) = step_of.get(rollup_name(event)) {
+                    gathered += 1;
+                    if gathered > MAX_FUNNEL_EVENTS {
+                        return Err(FunnelError::TooManyEvents);
+                    }
                     per_user.entry(event.user_hash).or_default().push((
                         event.timestamp,
                         first_seq + offset as u64,
@@ -206,34 +223,29 @@ pub fn funnel(
     Ok(reached)
 }
 
-/// How many steps, in order, one user completes: the best over every occurrence of the first
-/// step, matching each next step at its earliest occurrence after the previous one (which is
-/// optimal: an earlier match never leaves less room for the rest).
+/// How many steps, in order, one user completes, with every step within `window` of the first.
+/// One pass over the user's events (in time order), O(events × steps): for each step, the latest
+/// first-step time of a partial match that reached it. A later start leaves more of the window
+/// for the remaining steps, so it is all that needs keeping. Steps are advanced from the last to
+/// the first, so one event never completes two consecutive steps.
 fn deepest_step(events: &[(Micros, u64, u8)], codes: &[u8], window: Micros) -> usize {
-    let Some(first) = codes.first() else {
-        return 0;
-    };
-    let mut best = 0;
-    for (start, (started_at, _, code)) in events.iter().enumerate() {
-        if code != first {
-            continue;
-        }
-        let deadline = started_at.saturating_add(window);
-        let mut depth = 1;
-        for (at, _, code) in &events[start + 1..] {
-            if depth == codes.len() || *at > deadline {
-                break;
+    let mut latest_start: Vec<Option<Micros>> = vec![None; codes.len()];
+    for (at, _, code) in events {
+        for step in (1..codes.len()).rev() {
+            if codes[step] != *code {
+                continue;
             }
-            if *code == codes[depth] {
-                depth += 1;
+            if let Some(start) = latest_start[step - 1] {
+                if at - start <= window && latest_start[step].is_none_or(|s| s < start) {
+                    latest_start[step] = Some(start);
+                }
             }
         }
-        best = best.max(depth);
-        if best == codes.len() {
-            break;
+        if codes.first() == Some(code) {
+            latest_start[0] = Some(*at);
         }
     }
-    best
+    latest_start.iter().take_while(|s| s.is_some()).count()
 }
 
 /// The last durable log sequence of a tenant.
@@ -256,15 +268,24 @@ struct CachedAnswer {
     body: Arc<str>,
 }
 
+/// Largest answer kept in the cache.
+const MAX_CACHED_BYTES: usize = 1 << 20;
+
+struct TenantCache {
+    answers: lru::LruCache<String, CachedAnswer>,
+    /// Bumped by every invalidation: an answer computed before it is not stored after it.
+    version: u64,
+}
+
 /// Per-tenant cache of answers over closed ranges.
 pub struct QueryCache {
     /// `None`: caching is off.
     capacity: Option<NonZeroUsize>,
-    tenants: DashMap<TenantId, Mutex<lru::LruCache<String, CachedAnswer>>>,
+    tenants: DashMap<TenantId, Mutex<TenantCache>>,
 }
 
 impl QueryCache {
-    /// Keeps up to `capacity` answers per tenant; 0 disables the cache.
+    /// Keeps up to `capacity` answers per tenant (each at most 1 MiB); 0 disables the cache.
     pub fn new(capacity: usize) -> QueryCache {
         QueryCache {
             capacity: NonZeroUsize::new(capacity),
@@ -272,50 +293,102 @@ impl QueryCache {
         }
     }
 
+    fn with_tenant<T>(&self, tenant: TenantId, f: impl FnOnce(&mut TenantCache) -> T) -> Option<T> {
+        let capacity = self.capacity?;
+        let entry = self.tenants.entry(tenant).or_insert_with(|| {
+            Mutex::new(TenantCache {
+                answers: lru::LruCache::new(capacity),
+                version: 0,
+            })
+        });
+        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(&mut cache))
+    }
+
+    /// The current version; pass it to [`QueryCache::put`] with an answer computed after this.
+    pub fn version(&self, tenant: TenantId) -> u64 {
+        self.with_tenant(tenant, |cache| cache.version).unwrap_or(0)
+    }
+
     pub fn get(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
-        let entry = self.tenants.get(&tenant)?;
-        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).map(|answer| Arc::clone(&answer.body))
+        self.with_tenant(tenant, |cache| {
+            cache
+                .answers
+                .get(key)
+                .map(|answer| Arc::clone(&answer.body))
+        })
+        .flatten()
     }
 
-    pub fn put(&self, tenant: TenantId, key: String, from: Micros, to: Micros, body: Arc<str>) {
-        let Some(capacity) = self.capacity else {
-            return;
-        };
-        let entry = self
-            .tenants
-            .entry(tenant)
-            .or_insert_with(|| Mutex::new(lru::LruCache::new(capacity)));
-        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
-        cache.put(key, CachedAnswer { from, to, body });
-    }
-
-    /// Drops the answers whose range overlaps a bucket that `deltas` changed.
-    pub fn invalidate_late(&self, tenant: TenantId, deltas: &Deltas) {
-        let Some(entry) = self.tenants.get(&tenant) else {
-            return;
-        };
-        let mut cache = entry.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.is_empty() {
+    /// Stores an answer computed at `version`, unless an invalidation happened since.
+    pub fn put(
+        &self,
+        tenant: TenantId,
+        version: u64,
+        key: String,
+        range: (Micros, Micros),
+        body: Arc<str>,
+    ) {
+        if body.len() > MAX_CACHED_BYTES {
             return;
         }
+        self.with_tenant(tenant, |cache| {
+            if cache.version == version {
+                cache.answers.put(
+                    key,
+                    CachedAnswer {
+                        from: range.0,
+                        to: range.1,
+                        body,
+                    },
+                );
+            }
+        });
+    }
+
+    /// Drops the answers whose range overlaps a closed bucket that `deltas` changed (a late
+    /// event). Each event is judged by the finest resolution still kept for it, so ordinary live
+    /// traffic (the current minute) invalidates nothing.
+    pub fn invalidate_late(
+        &self,
+        tenant: TenantId,
+        deltas: &Deltas,
+        retention: &Retention,
+        now: Micros,
+    ) {
+        let open_minute = Resolution::Minute.bucket(now);
+        let oldest_minute = retention.oldest(Resolution::Minute, now);
+        let oldest_hour = retention.oldest(Resolution::Hour, now);
         let touched: Vec<(Micros, Micros)> = deltas
             .buckets
             .keys()
-            .map(|key| (key.start, key.start + key.resolution.width()))
-            .collect();
-        let stale: Vec<String> = cache
-            .iter()
-            .filter(|(_, answer)| {
-                touched
-                    .iter()
-                    .any(|(start, end)| *start < answer.to && answer.from < *end)
+            .filter(|key| match key.resolution {
+                Resolution::Minute => true,
+                Resolution::Hour => oldest_minute.is_some_and(|oldest| key.start < oldest),
+                Resolution::Day => oldest_hour.is_some_and(|oldest| key.start < oldest),
             })
-            .map(|(key, _)| key.clone())
+            .map(|key| (key.start, key.start + key.resolution.width()))
+            .filter(|(_, end)| *end <= open_minute)
             .collect();
-        for key in stale {
-            cache.pop(&key);
+        if touched.is_empty() {
+            return;
         }
+        self.with_tenant(tenant, |cache| {
+            cache.version += 1;
+            let stale: Vec<String> = cache
+                .answers
+                .iter()
+                .filter(|(_, answer)| {
+                    touched
+                        .iter()
+                        .any(|(start, end)| *start < answer.to && answer.from < *end)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in stale {
+                cache.answers.pop(&key);
+            }
+        });
     }
 
     pub fn forget(&self, tenant: TenantId) {

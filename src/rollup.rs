@@ -20,8 +20,9 @@ use crate::event::{EventKind, Micros, StoredEvent};
 /// Distinct-user sketch.
 pub type Sketch = CardinalityEstimator<u64, wyhash::WyHash, 16, 6>;
 
-/// The series of all events.
-pub const ALL_EVENTS: &str = "*";
+/// The series of all events. Empty, because no event can have an empty name (the parser treats
+/// an empty `event`/`name` as missing), so no event's series can collide with it.
+pub const ALL_EVENTS: &str = "";
 
 const MICROS_PER_MINUTE: i64 = 60_000_000;
 const MICROS_PER_HOUR: i64 = 60 * MICROS_PER_MINUTE;

@@ -42,7 +42,7 @@ pub mod names {
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
     /// Durable events not yet rolled up (log head minus rollup watermark), per tenant.
     pub const ROLLUP_LAG: &str = "statsremote_rollup_lag_events";
-    /// Seconds since the tenant's rollups were last flushed to storage.
+    /// Seconds the tenant's stored rollups have been behind its log (0 when caught up).
     pub const WATERMARK_AGE: &str = "statsremote_rollup_watermark_age_seconds";
     /// Duration of a rollup flush (merge into storage + watermark).
     pub const ROLLUP_FLUSH: &str = "statsremote_rollup_flush_seconds";

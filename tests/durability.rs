@@ -121,6 +121,21 @@ fn sigkill_mid_stream_loses_no_acknowledged_event() {
         let server = TestServer::start_in(dir.path(), &[]);
         let stored = message_ids(&server.export(&tenant.read_key, ""));
         assert_each_exactly_once(&stored, &all_acked);
+        // Rollups, replayed from their watermark after the kill, count every stored event once.
+        assert_eq!(
+            server.wait_rollups_caught_up(&tenant.read_key),
+            stored.len() as u64
+        );
+        let totals = server.get(
+            "/v1/query/events?from=2026-01-02T00:00:00Z&to=2026-01-03T00:00:00Z",
+            Auth::Bearer(&tenant.read_key),
+        );
+        assert_eq!(
+            totals.json()["events"][0]["count"],
+            stored.len() as u64,
+            "{}",
+            totals.body
+        );
         // Retrying acknowledged events after the crash counts none of them again.
         let retry: Vec<_> = all_acked
             .iter()

@@ -595,3 +595,85 @@ fn bad_query_parameters_name_the_parameter() {
         .get(&format!("/v1/query/series?{range}"), Auth::None)
         .problem(401);
 }
+
+#[test]
+fn rebuilds_during_ingestion_end_exact() {
+    let server = std::sync::Arc::new(TestServer::start());
+    let tenant = server.create_tenant("busy");
+    let names = ["x", "y"];
+    let now = now_secs();
+    let mut rng = StdRng::seed_from_u64(5);
+    let events = generate(&mut rng, "busy", 6000, now - DAY, now - HOUR, &names, 25);
+    let sender = {
+        let server = std::sync::Arc::clone(&server);
+        let tenant = tenant.clone();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for chunk in events.chunks(200) {
+                send(&server, &tenant, chunk);
+            }
+        })
+    };
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        let reply = server.admin(
+            "POST",
+            &format!("/admin/v1/tenants/{}/rollups/rebuild", tenant.id),
+            None,
+        );
+        assert_eq!(reply.status, 202, "{}", reply.body);
+    }
+    sender.join().unwrap();
+    wait_caught_up(&server, &tenant, 6000);
+    check_everything(&server, &tenant, &events, &names);
+}
+
+#[test]
+fn events_past_a_resolutions_retention_skip_only_that_resolution() {
+    let server = TestServer::start_with_env(&[("STATSREMOTE__ROLLUPS__MINUTE_RETENTION", "1h")]);
+    let tenant = server.create_tenant("retention");
+    let old = bucket(now_secs() - 3 * HOUR, HOUR) + 5 * MINUTE;
+    send(
+        &server,
+        &tenant,
+        &[Ev {
+            id: "old".into(),
+            name: "e".into(),
+            user: "u".into(),
+            at: old,
+        }],
+    );
+    wait_caught_up(&server, &tenant, 1);
+    let key = Auth::Bearer(&tenant.read_key);
+    let minute = server.get(
+        &format!(
+            "/v1/query/series?interval=minute&from={}&to={}",
+            rfc3339(bucket(old, HOUR)),
+            rfc3339(bucket(old, HOUR) + HOUR)
+        ),
+        key,
+    );
+    assert!(minute.json()["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["value"] == 0));
+    let hour = server.get(
+        &format!(
+            "/v1/query/series?interval=hour&from={}&to={}",
+            rfc3339(bucket(old, HOUR)),
+            rfc3339(bucket(old, HOUR) + HOUR)
+        ),
+        key,
+    );
+    assert_eq!(hour.json()["points"][0]["value"], 1);
+    let metrics = server.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("statsremote_rollup_skipped_events_total")
+                && l.contains("minute")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, Addr, Context, Handler, Message};
+use actix::{Actor, ActorContext, Addr, Context, Handler, Message};
 use tokio::sync::oneshot;
 
 use crate::actors::rollup::Rolled;
 use crate::actors::supervisor::TenantSupervisor;
-use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
+use crate::actors::{InflightPermit, PipelineDeps, PipelineError, StopChild};
 use crate::enrich::{enrich_all, EnrichContext};
 use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
 use crate::storage::log::{AppendOutcome, AppendRequest};
@@ -108,6 +108,14 @@ impl Handler<IngestBatch> for IngestActor {
             }),
         };
         self.deps.writer.submit(request);
+    }
+}
+
+impl Handler<StopChild> for IngestActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 

@@ -12,11 +12,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, WeakAddr};
 use cardinality_estimator::CardinalityEstimator;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::actors::supervisor::TenantSupervisor;
+use crate::actors::StopChild;
 use crate::event::{format_timestamp, now_micros, Micros};
 use crate::rollup::{RollupItem, ALL_EVENTS};
 
@@ -125,6 +127,7 @@ impl Bucket {
 
 pub struct LiveHub {
     sender: TickSender,
+    supervisor: Option<WeakAddr<TenantSupervisor>>,
     tick_interval: Duration,
     seconds: BTreeMap<Micros, Bucket>,
     minutes: BTreeMap<Micros, Bucket>,
@@ -132,10 +135,15 @@ pub struct LiveHub {
 }
 
 impl LiveHub {
-    pub fn new(sender: TickSender, tick_interval: Duration) -> LiveHub {
+    pub fn new(
+        sender: TickSender,
+        tick_interval: Duration,
+        supervisor: WeakAddr<TenantSupervisor>,
+    ) -> LiveHub {
         let seq = sender.borrow().seq;
         LiveHub {
             sender,
+            supervisor: Some(supervisor),
             tick_interval,
             seconds: BTreeMap::new(),
             minutes: BTreeMap::new(),
@@ -191,16 +199,33 @@ impl Actor for LiveHub {
         let until_next = SECOND - now.rem_euclid(SECOND);
         let first = Duration::from_micros(u64::try_from(until_next).unwrap_or(0));
         ctx.run_later(first, |hub, ctx| {
-            hub.publish();
-            ctx.run_interval(hub.tick_interval, |hub, _ctx| hub.publish());
+            hub.publish(ctx);
+            ctx.run_interval(hub.tick_interval, |hub, ctx| hub.publish(ctx));
         });
     }
 }
 
 impl LiveHub {
-    fn publish(&mut self) {
+    fn publish(&mut self, ctx: &mut Context<Self>) {
+        // A child outlives a dead supervisor only by mistake: stop.
+        let orphaned = self
+            .supervisor
+            .as_ref()
+            .is_some_and(|s| s.upgrade().is_none_or(|s| !s.connected()));
+        if orphaned {
+            ctx.stop();
+            return;
+        }
         let tick = self.tick_at(now_micros());
         self.sender.send_replace(Arc::new(tick));
+    }
+}
+
+impl Handler<StopChild> for LiveHub {
+    type Result = ();
+
+    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -227,7 +252,14 @@ mod tests {
 
     #[test]
     fn ticks_report_the_last_second_and_its_minute() {
-        let mut hub = LiveHub::new(tick_channel(), Duration::from_secs(1));
+        let mut hub = LiveHub {
+            sender: tick_channel(),
+            supervisor: None,
+            tick_interval: Duration::from_secs(1),
+            seconds: BTreeMap::new(),
+            minutes: BTreeMap::new(),
+            seq: 0,
+        };
         let t0 = 1_000 * MINUTE + 10 * SECOND;
         hub.add(
             &[item("a", t0, 1), item("a", t0 + 10, 2), item("b", t0, 1)],

@@ -57,6 +57,14 @@ impl From<StorageError> for PipelineError {
     }
 }
 
+/// Tells a child actor to stop (its supervisor is stopping). Children with timers do not stop
+/// by themselves when their addresses are dropped, so the supervisor says it explicitly.
+pub struct StopChild;
+
+impl actix::Message for StopChild {
+    type Result = ();
+}
+
 /// What every tenant actor needs; shared by all pipelines.
 pub struct PipelineDeps {
     pub storage: Storage,

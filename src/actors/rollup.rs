@@ -3,36 +3,54 @@
 //! It is fed, through its supervisor, a [`RollupBatch`] for every log entry once that entry is
 //! durable, in sequence order. Updates collect in memory ([`Deltas`]) and are merged into
 //! storage every `rollups.flush_interval` together with the watermark (the last sequence they
-//! cover), atomically (see `storage::rollups::flush`).
+//! cover), atomically and fenced (see `storage::rollups::flush`).
 //!
 //! The actor never trusts that it has seen everything: at start it loads the watermark and
 //! replays the log after it, and whenever a batch arrives that does not continue its sequence
 //! (a message was dropped, or it was restarted) it reads the missing entries from the log. So a
-//! crash, a restart or a full mailbox can delay rollups but never make them wrong. Storage reads
-//! and writes run on blocking threads, one flush at a time.
+//! crash, a restart or a full mailbox can delay rollups but never make them wrong.
+//!
+//! Storage reads and writes run on blocking threads. Every such task carries the actor's
+//! `epoch`; a reset (reload from storage, rebuild) starts a new epoch, and a task that finishes
+//! for an old epoch is ignored, so no stale read is ever applied to fresh state. One flush runs at
+//! a time, and a rebuild waits for it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::fut::wrap_future;
-use actix::{Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WeakAddr,
+};
 
 use crate::actors::live::{LiveHub, LiveItems};
-use crate::actors::PipelineDeps;
+use crate::actors::supervisor::TenantSupervisor;
+use crate::actors::{PipelineDeps, StopChild};
 use crate::event::now_micros;
 use crate::rollup::{Deltas, Retention, RollupBatch, RollupItem};
 use crate::storage::log::read_batches;
-use crate::storage::rollups;
+use crate::storage::rollups::{self, FlushOutcome};
 use crate::telemetry;
 use crate::tenant::TenantId;
 
 /// Log entries read per catch-up step.
 const CATCH_UP_BATCHES: usize = 256;
+/// Delay before retrying a failed storage task.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often expired buckets are deleted.
+const EXPIRY_EVERY: Duration = Duration::from_secs(600);
 
 /// Durable events to roll up.
 pub struct Rolled(pub RollupBatch);
 
 impl Message for Rolled {
+    type Result = ();
+}
+
+/// The live hub to feed (after the hub was restarted).
+pub struct SetLive(pub Addr<LiveHub>);
+
+impl Message for SetLive {
     type Result = ();
 }
 
@@ -50,18 +68,27 @@ pub struct RollupActor {
     tenant: TenantId,
     tenant_label: String,
     deps: Arc<PipelineDeps>,
+    supervisor: WeakAddr<TenantSupervisor>,
     live: Option<Addr<LiveHub>>,
     retention: Retention,
+    /// Bumped by every reset; storage tasks of an older epoch are ignored when they finish.
+    epoch: u64,
     /// Last sequence whose events are in storage or in `deltas`.
     applied_seq: u64,
+    /// The watermark this actor last saw in storage; a flush commits only if it is unchanged.
+    stored_watermark: u64,
+    /// The tenant's last durable sequence, as far as this actor knows (for the lag metric).
+    known_head: u64,
     deltas: Deltas,
     /// The watermark has been loaded and the log replayed up to its end at least once.
     loaded: bool,
-    catching_up: bool,
+    /// A load or catch-up read is running.
+    reading: bool,
     flushing: bool,
     /// Rebuilds asked for while a flush was running; they start when the flush ends.
     rebuild_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
-    last_flush: Instant,
+    /// When the stored rollups last caught up with everything applied.
+    last_caught_up: Instant,
     last_expiry: Option<Instant>,
 }
 
@@ -69,6 +96,7 @@ impl RollupActor {
     pub fn new(
         tenant: TenantId,
         deps: Arc<PipelineDeps>,
+        supervisor: WeakAddr<TenantSupervisor>,
         live: Option<Addr<LiveHub>>,
     ) -> RollupActor {
         let retention = deps.rollups.retention();
@@ -76,15 +104,19 @@ impl RollupActor {
             tenant,
             tenant_label: tenant.to_string(),
             deps,
+            supervisor,
             live,
             retention,
+            epoch: 0,
             applied_seq: 0,
+            stored_watermark: 0,
+            known_head: 0,
             deltas: Deltas::default(),
             loaded: false,
-            catching_up: false,
+            reading: false,
             flushing: false,
             rebuild_waiters: Vec::new(),
-            last_flush: Instant::now(),
+            last_caught_up: Instant::now(),
             last_expiry: None,
         }
     }
@@ -92,24 +124,43 @@ impl RollupActor {
     fn apply(&mut self, first_seq: u64, items: &[RollupItem]) {
         self.deltas.apply(items, &self.retention, now_micros());
         self.applied_seq = first_seq + (items.len() as u64).max(1) - 1;
+        self.known_head = self.known_head.max(self.applied_seq);
     }
 
-    /// Loads the watermark, then replays the log after it.
-    fn load(&mut self, ctx: &mut Context<Self>) {
+    /// Starts a new epoch: forgets in-memory state, loads the watermark, replays the log after it.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.epoch += 1;
+        self.deltas = Deltas::default();
+        self.loaded = false;
+        self.reading = true;
+        let epoch = self.epoch;
         let storage = self.deps.storage.clone();
+        let heads = self.deps.writer.heads().clone();
         let tenant = self.tenant;
-        let task = tokio::task::spawn_blocking(move || rollups::watermark(&storage, tenant));
-        self.catching_up = true;
-        ctx.spawn(wrap_future(task).map(|result, actor: &mut Self, ctx| {
-            actor.catching_up = false;
+        let task = tokio::task::spawn_blocking(move || {
+            let watermark = rollups::watermark(&storage, tenant)?;
+            let head = crate::query::log_head(&storage, &heads, tenant)?;
+            Ok::<_, crate::storage::StorageError>((watermark, head))
+        });
+        ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
+            if actor.epoch != epoch {
+                return;
+            }
+            actor.reading = false;
             match result {
-                Ok(Ok(watermark)) => {
+                Ok(Ok((watermark, head))) => {
                     actor.applied_seq = watermark;
+                    actor.stored_watermark = watermark;
+                    actor.known_head = actor.known_head.max(head);
                     actor.catch_up(ctx);
                 }
                 other => {
                     tracing::error!(tenant = %actor.tenant, ?other, "loading the rollup watermark failed; retrying");
-                    ctx.run_later(std::time::Duration::from_secs(1), |actor, ctx| actor.load(ctx));
+                    ctx.run_later(RETRY, move |actor, ctx| {
+                        if actor.epoch == epoch {
+                            actor.reload(ctx);
+                        }
+                    });
                 }
             }
         }));
@@ -117,10 +168,11 @@ impl RollupActor {
 
     /// Reads the log after `applied_seq` until its end, applying every entry.
     fn catch_up(&mut self, ctx: &mut Context<Self>) {
-        if self.catching_up {
+        if self.reading {
             return;
         }
-        self.catching_up = true;
+        self.reading = true;
+        let epoch = self.epoch;
         let storage = self.deps.storage.clone();
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
@@ -128,12 +180,19 @@ impl RollupActor {
             read_batches(&storage, tenant, from, CATCH_UP_BATCHES)
         });
         ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
-            actor.catching_up = false;
+            if actor.epoch != epoch {
+                return;
+            }
+            actor.reading = false;
             let batches = match result {
                 Ok(Ok(batches)) => batches,
                 other => {
                     tracing::error!(tenant = %actor.tenant, ?other, "reading the log for rollups failed; retrying");
-                    ctx.run_later(std::time::Duration::from_secs(1), |actor, ctx| actor.catch_up(ctx));
+                    ctx.run_later(RETRY, move |actor, ctx| {
+                        if actor.epoch == epoch {
+                            actor.catch_up(ctx);
+                        }
+                    });
                     return;
                 }
             };
@@ -152,30 +211,43 @@ impl RollupActor {
         }));
     }
 
-    fn flush(&mut self, ctx: &mut Context<Self>) {
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        // A child outlives a dead supervisor only by mistake: stop.
+        if self.supervisor.upgrade().is_none_or(|s| !s.connected()) {
+            ctx.stop();
+            return;
+        }
         // Safety net: durable entries that no push delivered (dropped while catching up, for
         // example) are read from the log.
-        let head = self.deps.writer.heads().get(self.tenant).unwrap_or(0);
-        if self.loaded && !self.catching_up && head > self.applied_seq {
+        if let Some(head) = self.deps.writer.heads().get(self.tenant) {
+            self.known_head = self.known_head.max(head);
+        }
+        if self.loaded && !self.reading && self.known_head > self.applied_seq {
             self.catch_up(ctx);
         }
+        self.flush(ctx);
+        self.report_lag();
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.flushing || self.deltas.is_empty() {
-            self.report_lag();
             return;
         }
         self.flushing = true;
+        let epoch = self.epoch;
         let deltas = std::mem::take(&mut self.deltas);
         let through = self.applied_seq;
+        let expected = self.stored_watermark;
         let storage = self.deps.storage.clone();
         let tenant = self.tenant;
         let expire = self
             .last_expiry
-            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(600));
+            .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY);
         let retention = self.retention;
         let task = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let result = rollups::flush(&storage, tenant, &deltas, through);
-            if result.is_ok() && expire {
+            let result = rollups::flush(&storage, tenant, &deltas, expected, through);
+            if matches!(result, Ok(FlushOutcome::Stored)) && expire {
                 if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
                     tracing::warn!(%tenant, %error, "expiring old rollups failed");
                 }
@@ -184,28 +256,35 @@ impl RollupActor {
         });
         ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
             actor.flushing = false;
-            match joined {
-                Ok((Ok(()), deltas, took)) => {
-                    actor.last_flush = Instant::now();
-                    if expire {
-                        actor.last_expiry = Some(Instant::now());
+            if actor.epoch == epoch {
+                match joined {
+                    Ok((Ok(FlushOutcome::Stored), deltas, took)) => {
+                        actor.stored_watermark = through;
+                        if expire {
+                            actor.last_expiry = Some(Instant::now());
+                        }
+                        telemetry::rollup_flushed(&actor.tenant_label, deltas.buckets.len(), took, &deltas.skipped);
+                        actor.deps.query_cache.invalidate_late(tenant, &deltas, &actor.retention, now_micros());
                     }
-                    telemetry::rollup_flushed(&actor.tenant_label, deltas.buckets.len(), took, &deltas.skipped);
-                    actor.deps.query_cache.invalidate_late(tenant, &deltas);
-                }
-                Ok((Err(error), deltas, _)) => {
-                    tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
-                    // Not stored: keep the updates for the next flush.
-                    for (key, agg) in deltas.buckets {
-                        actor.deltas.buckets.entry(key).or_default().merge(&agg);
+                    Ok((Ok(FlushOutcome::Conflict { stored }), _deltas, _)) => {
+                        // Another writer moved the watermark: our updates may overlap what it
+                        // stored. Start over from storage.
+                        tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
+                        actor.reload(ctx);
                     }
-                }
-                Err(error) => {
-                    tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; rebuilding from the watermark");
-                    actor.restart_from_storage(ctx);
+                    Ok((Err(error), deltas, _)) => {
+                        tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
+                        // Not stored: keep the updates for the next flush.
+                        for (key, agg) in deltas.buckets {
+                            actor.deltas.buckets.entry(key).or_default().merge(&agg);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");
+                        actor.reload(ctx);
+                    }
                 }
             }
-            actor.report_lag();
             if !actor.rebuild_waiters.is_empty() {
                 let waiters = std::mem::take(&mut actor.rebuild_waiters);
                 actor.rebuild(waiters, ctx);
@@ -213,50 +292,46 @@ impl RollupActor {
         }));
     }
 
-    /// Forgets in-memory state and replays from the stored watermark.
-    fn restart_from_storage(&mut self, ctx: &mut Context<Self>) {
-        self.deltas = Deltas::default();
-        self.loaded = false;
-        self.load(ctx);
-    }
-
+    /// Deletes the stored rollups, then reloads (from watermark 0: the whole log).
     fn rebuild(&mut self, waiters: Vec<tokio::sync::oneshot::Sender<()>>, ctx: &mut Context<Self>) {
         if self.flushing {
             self.rebuild_waiters.extend(waiters);
             return;
         }
+        // A new epoch: whatever is being read or was applied is discarded.
+        self.epoch += 1;
         self.deltas = Deltas::default();
         self.loaded = false;
-        self.catching_up = true;
+        self.reading = true;
+        let epoch = self.epoch;
         let storage = self.deps.storage.clone();
         let tenant = self.tenant;
         let task = tokio::task::spawn_blocking(move || rollups::delete_all(&storage, tenant));
-        ctx.spawn(wrap_future(task).map(|result, actor: &mut Self, ctx| {
-            actor.catching_up = false;
+        ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
+            if actor.epoch != epoch {
+                return;
+            }
+            actor.reading = false;
             if !matches!(result, Ok(Ok(()))) {
-                tracing::error!(tenant = %actor.tenant, ?result, "deleting rollups for a rebuild failed");
+                // Replaying now would lose whatever the failed delete left behind: retry.
+                tracing::error!(tenant = %actor.tenant, ?result, "deleting rollups for a rebuild failed; retrying");
+                ctx.run_later(RETRY, move |actor, ctx| actor.rebuild(waiters, ctx));
+                return;
             }
             tracing::info!(tenant = %actor.tenant, "rebuilding rollups from the log");
             for waiter in waiters {
                 let _ = waiter.send(());
             }
-            actor.applied_seq = 0;
-            actor.load(ctx);
+            actor.reload(ctx);
         }));
     }
 
-    fn report_lag(&self) {
-        let head = self
-            .deps
-            .writer
-            .heads()
-            .get(self.tenant)
-            .unwrap_or(self.applied_seq);
-        telemetry::rollup_lag(
-            &self.tenant_label,
-            head.saturating_sub(self.applied_seq),
-            self.last_flush.elapsed(),
-        );
+    fn report_lag(&mut self) {
+        let lag = self.known_head.saturating_sub(self.stored_watermark);
+        if lag == 0 && self.deltas.is_empty() {
+            self.last_caught_up = Instant::now();
+        }
+        telemetry::rollup_lag(&self.tenant_label, lag, self.last_caught_up.elapsed());
     }
 }
 
@@ -265,9 +340,9 @@ impl Actor for RollupActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.deps.actors.mailbox_capacity);
-        self.load(ctx);
+        self.reload(ctx);
         ctx.run_interval(self.deps.rollups.flush_interval, |actor, ctx| {
-            actor.flush(ctx)
+            actor.tick(ctx)
         });
     }
 }
@@ -276,21 +351,28 @@ impl Handler<Rolled> for RollupActor {
     type Result = ();
 
     fn handle(&mut self, Rolled(batch): Rolled, ctx: &mut Self::Context) {
-        if let Some(live) = &self.live {
-            // Live counts are best effort under overload; rollups are not (see below).
-            let _ = live.try_send(LiveItems(Arc::new(batch.items.clone())));
-        }
-        if !self.loaded || self.catching_up {
-            return; // The catch-up reads this entry from the log.
-        }
-        if batch.last_seq() <= self.applied_seq {
-            return; // Already applied (read from the log).
-        }
-        if batch.first_seq != self.applied_seq + 1 {
+        self.known_head = self.known_head.max(batch.last_seq());
+        if !self.loaded || self.reading {
+            // The catch-up reads this entry from the log.
+        } else if batch.last_seq() <= self.applied_seq {
+            // Already applied (read from the log).
+        } else if batch.first_seq != self.applied_seq + 1 {
             self.catch_up(ctx); // Something was missed: read it from the log.
-            return;
+        } else {
+            self.apply(batch.first_seq, &batch.items);
         }
-        self.apply(batch.first_seq, &batch.items);
+        if let Some(live) = &self.live {
+            // Live counts are best effort under overload; rollups are not (see above).
+            let _ = live.try_send(LiveItems(Arc::new(batch.items)));
+        }
+    }
+}
+
+impl Handler<SetLive> for RollupActor {
+    type Result = ();
+
+    fn handle(&mut self, SetLive(live): SetLive, _ctx: &mut Self::Context) {
+        self.live = Some(live);
     }
 }
 
@@ -299,5 +381,13 @@ impl Handler<Rebuild> for RollupActor {
 
     fn handle(&mut self, Rebuild { deleted }: Rebuild, ctx: &mut Self::Context) {
         self.rebuild(vec![deleted], ctx);
+    }
+}
+
+impl Handler<StopChild> for RollupActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }

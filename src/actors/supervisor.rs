@@ -9,7 +9,9 @@
 //! the restart in `statsremote_actor_restarts_total`. Senders always talk to the supervisor, so
 //! a restart does not change the address they hold. Batches that were inside a failed ingest
 //! actor are answered with 503 (their reply channel closes): nothing unacknowledged is reported
-//! as stored. A rebuilt rollup actor replays the log after its stored watermark.
+//! as stored. A rebuilt rollup actor replays the log after its stored watermark. When the
+//! supervisor stops, it stops its children explicitly; children also stop by themselves if
+//! their supervisor dies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +21,8 @@ use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message};
 
 use crate::actors::ingest::{IngestActor, IngestBatch};
 use crate::actors::live::{LiveHub, TickSender};
-use crate::actors::rollup::{Rebuild, Rolled, RollupActor};
-use crate::actors::{PipelineDeps, PipelineError};
+use crate::actors::rollup::{Rebuild, Rolled, RollupActor, SetLive};
+use crate::actors::{PipelineDeps, PipelineError, StopChild};
 use crate::telemetry;
 use crate::tenant::TenantId;
 
@@ -123,18 +125,22 @@ impl TenantSupervisor {
             }
             ChildKind::Rollup => {
                 let live = self.live.addr.clone();
-                let actor = RollupActor::new(self.tenant, Arc::clone(&self.deps), live);
+                let supervisor = ctx.address().downgrade();
+                let actor = RollupActor::new(self.tenant, Arc::clone(&self.deps), supervisor, live);
                 self.rollup.addr = Some(actor.start());
                 self.rollup.started = now;
             }
             ChildKind::Live => {
-                let hub = LiveHub::new(Arc::clone(&self.ticks), self.deps.live.tick_interval);
+                let hub = LiveHub::new(
+                    Arc::clone(&self.ticks),
+                    self.deps.live.tick_interval,
+                    ctx.address().downgrade(),
+                );
                 self.live.addr = Some(hub.start());
                 self.live.started = now;
                 // The rollup actor feeds the hub it was given: give it the new one.
-                if self.rollup.alive().is_some() {
-                    self.rollup.addr = None;
-                    self.start_child(ChildKind::Rollup, ctx);
+                if let (Some(rollup), Some(hub)) = (self.rollup.alive(), self.live.addr.clone()) {
+                    rollup.do_send(SetLive(hub));
                 }
             }
         }
@@ -208,10 +214,16 @@ impl Actor for TenantSupervisor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        // Dropping the last addresses stops the children once their mailboxes are empty.
-        self.ingest.addr = None;
-        self.rollup.addr = None;
-        self.live.addr = None;
+        // Children with timers would outlive their addresses: stop them explicitly.
+        if let Some(child) = self.ingest.addr.take() {
+            child.do_send(StopChild);
+        }
+        if let Some(child) = self.rollup.addr.take() {
+            child.do_send(StopChild);
+        }
+        if let Some(child) = self.live.addr.take() {
+            child.do_send(StopChild);
+        }
         tracing::debug!(tenant = %self.tenant, "tenant pipeline stopped");
     }
 }

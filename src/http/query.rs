@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{format_timestamp, now_micros, Micros};
+use crate::event::{format_timestamp, now_micros, parse_timestamp, Micros};
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
 use crate::http::{auth, AppState};
@@ -140,6 +140,7 @@ where
             return Ok(json_reply(&body));
         }
     }
+    let version = state.query_cache.version(tenant.id);
     let (mut body, as_of) = compute().await?;
     let caught_up = as_of.rolled_up_through_seq >= as_of.log_seq;
     body["as_of"] = serde_json::to_value(&as_of).unwrap_or_default();
@@ -147,7 +148,7 @@ where
     if closed && caught_up {
         state
             .query_cache
-            .put(tenant.id, key, range.0, range.1, Arc::clone(&text));
+            .put(tenant.id, version, key, range, Arc::clone(&text));
     }
     telemetry::query_answered(endpoint, started.elapsed(), false);
     Ok(json_reply(&text))
@@ -400,15 +401,45 @@ pub async fn funnel(
                 request.window
             ))
         })?;
-    let (from, to) = time_range(Some(&request.from), Some(&request.to))?;
+    let from = parse_timestamp(&request.from).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "field `from` is not an RFC 3339 date-time: {:?}",
+            request.from
+        ))
+    })?;
+    let to = parse_timestamp(&request.to).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "field `to` is not an RFC 3339 date-time: {:?}",
+            request.to
+        ))
+    })?;
+    if from >= to {
+        return Err(ApiError::bad_request("field `from` must be before `to`"));
+    }
     check_span(from, to, state.config.rollups.max_funnel_range, "a funnel")?;
     let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
     let steps = request.steps.clone();
     let tenant_id = tenant.id;
-    let (reached, as_of) = run(&state, &tenant, move |storage| {
-        query::funnel(storage, tenant_id, &steps, window_micros, from, to)
+    let storage = state.storage.clone();
+    let heads = state.writer.heads().clone();
+    let (reached, as_of) = web::block(move || {
+        let log_seq = query::log_head(&storage, &heads, tenant_id)?;
+        let rolled_up_through_seq = rollups::watermark(&storage, tenant_id)?;
+        let reached = query::funnel(&storage, tenant_id, &steps, window_micros, from, to)?;
+        Ok::<_, query::FunnelError>((
+            reached,
+            AsOf {
+                rolled_up_through_seq,
+                log_seq,
+            },
+        ))
     })
-    .await?;
+    .await
+    .map_err(blocking_error)?
+    .map_err(|error| match error {
+        too_many @ query::FunnelError::TooManyEvents => ApiError::bad_request(too_many.to_string()),
+        query::FunnelError::Storage(error) => blocking_error(error),
+    })?;
     let steps: Vec<_> = request
         .steps
         .iter()

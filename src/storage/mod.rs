@@ -74,6 +74,8 @@ pub struct Storage {
     pub rollup_users: Keyspace,
     /// Tenants' dedup windows, read by the dedup expiry compaction filter.
     pub dedup_windows: dedup::DedupWindows,
+    /// Per-tenant lock that fences rollup flushes and deletions (see [`rollups::flush`]).
+    rollup_locks: Arc<dashmap::DashMap<TenantId, Arc<std::sync::Mutex<()>>>>,
 }
 
 impl Storage {
@@ -132,6 +134,7 @@ impl Storage {
             rollup_counts,
             rollup_users,
             dedup_windows,
+            rollup_locks: Arc::default(),
         })
     }
 
@@ -149,6 +152,11 @@ impl Storage {
 
     pub fn batch(&self) -> fjall::OwnedWriteBatch {
         self.db.batch()
+    }
+
+    /// The lock that serialises a tenant's rollup flushes and deletions.
+    pub(crate) fn rollup_lock(&self, tenant: TenantId) -> Arc<std::sync::Mutex<()>> {
+        Arc::clone(self.rollup_locks.entry(tenant).or_default().value())
     }
 }
 

@@ -8,7 +8,10 @@
 //!
 //! [`flush`] merges a set of deltas into the stored buckets and moves the watermark **in the
 //! same atomic write batch**, so after a crash the stored rollups and the watermark agree, and
-//! replaying the log after the watermark neither misses nor double-counts an event.
+//! replaying the log after the watermark neither misses nor double-counts an event. A flush is
+//! fenced: it commits only if the stored watermark is still the one its writer started from
+//! (checked under a per-tenant lock), so a replaced rollup actor whose flush was still running
+//! can never add the same events a second time.
 
 use std::collections::HashSet;
 
@@ -89,14 +92,32 @@ fn read_sketch(storage: &Storage, key: &[u8]) -> Result<Option<Sketch>, StorageE
         .transpose()
 }
 
-/// Merges `deltas` into the stored buckets and sets the watermark to `through_seq`, atomically.
-/// Blocking. Only one flush per tenant may run at a time (the rollup actor guarantees it).
+/// What a fenced flush found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    Stored,
+    /// The stored watermark is not the one the caller started from: someone else flushed or
+    /// rebuilt meanwhile. Nothing was written; the caller must reload from storage.
+    Conflict {
+        stored: u64,
+    },
+}
+
+/// Merges `deltas` into the stored buckets and moves the watermark from `expected_watermark` to
+/// `through_seq`, atomically, if the stored watermark still is `expected_watermark`. Blocking.
 pub fn flush(
     storage: &Storage,
     tenant: TenantId,
     deltas: &Deltas,
+    expected_watermark: u64,
     through_seq: u64,
-) -> Result<(), StorageError> {
+) -> Result<FlushOutcome, StorageError> {
+    let lock = storage.rollup_lock(tenant);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let stored = watermark(storage, tenant)?;
+    if stored != expected_watermark {
+        return Ok(FlushOutcome::Conflict { stored });
+    }
     let mut batch = storage.batch();
     let mut names = HashSet::new();
     for (bucket, delta) in &deltas.buckets {
@@ -129,7 +150,8 @@ pub fn flush(
     );
     batch
         .commit()
-        .map_err(StorageError::engine("writing rollups"))
+        .map_err(StorageError::engine("writing rollups"))?;
+    Ok(FlushOutcome::Stored)
 }
 
 /// Reads every stored bucket of one series in `[from, to)` from `keyspace`, decoding values.
@@ -236,6 +258,8 @@ pub fn event_names(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, S
 
 /// Deletes every stored rollup and the watermark of a tenant (purge, or rebuild). Blocking.
 pub fn delete_all(storage: &Storage, tenant: TenantId) -> Result<(), StorageError> {
+    let lock = storage.rollup_lock(tenant);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     super::purge_prefix(storage, &storage.rollup_counts, tenant)?;
     super::purge_prefix(storage, &storage.rollup_users, tenant)?;
     let mut batch = storage.batch();
@@ -287,4 +311,59 @@ pub fn expire(
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::rollup::RollupItem;
+
+    fn deltas(at: Micros) -> Deltas {
+        let mut deltas = Deltas::default();
+        let item = RollupItem {
+            name: "e".into(),
+            timestamp: at,
+            user_hash: 1,
+            weight: 1,
+        };
+        let forever = Retention {
+            minute: std::time::Duration::from_secs(1 << 40),
+            hour: std::time::Duration::from_secs(1 << 40),
+            day: None,
+        };
+        deltas.apply(&[item], &forever, at);
+        deltas
+    }
+
+    #[test]
+    fn flushes_are_fenced_by_the_watermark_they_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let tenant = TenantId(3);
+        let at = 1_000 * Resolution::Day.width();
+        assert_eq!(
+            flush(&storage, tenant, &deltas(at), 0, 1).unwrap(),
+            FlushOutcome::Stored
+        );
+        // A second writer that also started from watermark 0 (a replaced actor) is refused.
+        assert_eq!(
+            flush(&storage, tenant, &deltas(at), 0, 1).unwrap(),
+            FlushOutcome::Conflict { stored: 1 }
+        );
+        assert_eq!(
+            flush(&storage, tenant, &deltas(at), 1, 2).unwrap(),
+            FlushOutcome::Stored
+        );
+        let counts = read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1).unwrap();
+        assert_eq!(counts, vec![(at, 2)]);
+        assert_eq!(watermark(&storage, tenant).unwrap(), 2);
+        delete_all(&storage, tenant).unwrap();
+        assert_eq!(watermark(&storage, tenant).unwrap(), 0);
+        assert!(
+            read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1)
+                .unwrap()
+                .is_empty()
+        );
+    }
 }

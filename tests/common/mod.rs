@@ -292,6 +292,29 @@ impl TestServer {
             .collect()
     }
 
+    /// Waits until the tenant's stored rollups include every durable event; returns that
+    /// sequence.
+    pub fn wait_rollups_caught_up(&self, read_key: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Any range works: `as_of` describes the tenant, not the range.
+        let path = "/v1/query/uniques?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z";
+        loop {
+            let reply = self.get(path, Auth::Bearer(read_key));
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let as_of = &reply.json()["as_of"];
+            let rolled = as_of["rolled_up_through_seq"].as_u64().unwrap();
+            let log = as_of["log_seq"].as_u64().unwrap();
+            if rolled == log {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollups never caught up: {as_of}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn metrics(&self) -> String {
         self.get("/metrics", Auth::None).body
     }
