@@ -225,7 +225,11 @@ fn a_thousand_subscribers_on_one_tenant() {
     let rss_before = server_rss_kb(&server);
     let cpu_before = server_cpu_ticks(&server);
     let started = Instant::now();
-    send_now(&server, &tenant, &[("Crowd", "u1"), ("Crowd", "u2")]);
+    // Realistic ticks: 20 distinct events in the current minute besides the one checked.
+    let others: Vec<String> = (0..20).map(|i| format!("Other event {i}")).collect();
+    let mut events: Vec<(&str, &str)> = others.iter().map(|n| (n.as_str(), "u9")).collect();
+    events.extend([("Crowd", "u1"), ("Crowd", "u2")]);
+    send_now(&server, &tenant, &events);
     std::thread::sleep(Duration::from_secs(3));
     // Every subscriber gets ticks, and sees the events.
     for socket in &mut sockets {

@@ -67,6 +67,9 @@ pub struct LiveTick {
     pub ts: String,
     pub second: Window,
     pub minute: Window,
+    /// The tick as JSON, rendered once by the hub for every unfiltered subscriber.
+    #[serde(skip)]
+    pub json: Arc<str>,
 }
 
 /// The channel ticks are published on; subscribers call `subscribe()`.
@@ -172,6 +175,7 @@ impl LiveHub {
                 .get(&minute_start)
                 .map(|b| b.window(minute_start))
                 .unwrap_or_else(|| Bucket::default().window(minute_start)),
+            json: Arc::from(""),
         }
     }
 
@@ -216,7 +220,8 @@ impl LiveHub {
             ctx.stop();
             return;
         }
-        let tick = self.tick_at(now_micros());
+        let mut tick = self.tick_at(now_micros());
+        tick.json = Arc::from(serde_json::to_string(&tick).unwrap_or_default());
         self.sender.send_replace(Arc::new(tick));
     }
 }

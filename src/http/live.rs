@@ -89,17 +89,20 @@ impl Drop for Subscribed {
     }
 }
 
+/// The tick as this subscriber wants it: the hub's shared rendering, or a filtered one.
 fn render(tick: &LiveTick, filter: Option<&HashSet<String>>) -> String {
-    let result = match filter {
-        None => serde_json::to_string(tick),
+    match filter {
+        None if !tick.json.is_empty() => tick.json.to_string(),
+        None => serde_json::to_string(tick).unwrap_or_default(),
         Some(events) => serde_json::to_string(&LiveTick {
             seq: tick.seq,
             ts: tick.ts.clone(),
             second: tick.second.only(events),
             minute: tick.minute.only(events),
-        }),
-    };
-    result.unwrap_or_default()
+            json: Arc::from(""),
+        })
+        .unwrap_or_default(),
+    }
 }
 
 async fn run_session(
