@@ -50,6 +50,7 @@ pub struct Config {
     pub rollups: RollupsConfig,
     pub live: LiveConfig,
     pub tenant_defaults: TenantDefaults,
+    pub benchmark: BenchmarkConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
 }
@@ -162,6 +163,14 @@ pub struct TenantDefaults {
     pub rate_limit_burst: u32,
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+}
+
+/// Settings that exist only to measure the server. Never for production.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkConfig {
+    /// Discard events after parsing and validation (the loadtest's "ceiling" mode).
+    pub ceiling_discard_events: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -123,6 +123,11 @@ fn start_lagging_pipelines(
 /// Runs the server until SIGTERM or SIGINT. Must be called inside an actix System.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let metrics = telemetry::install_metrics();
+    if config.benchmark.ceiling_discard_events {
+        tracing::warn!(
+            "benchmark.ceiling_discard_events is ON: events are parsed and then DISCARDED, not stored"
+        );
+    }
     let db_path = config.database_path();
     let storage = Storage::open(
         &db_path,

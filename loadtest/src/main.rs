@@ -1,5 +1,499 @@
-//! Placeholder: the load generator arrives with issue 4 (see `loadtest/README.md`).
-fn main() {
-    eprintln!("loadtest: not built yet; see loadtest/README.md");
-    std::process::exit(2);
+//! `loadtest`: the StatsRemote load generator and benchmark.
+//!
+//! For each mode (durable: group-commit fsync; buffered; ceiling: parse and discard) it starts the
+//! release server on a free port with a fresh data dir (or targets `--url`), creates tenants,
+//! sends realistic Segment batches from `--concurrency` keep-alive connections until the event or
+//! time budget is spent, then checks that the server counted exactly what it acknowledged. It
+//! prints one table, with each mode's throughput as a ratio of the ceiling measured in the same
+//! run, and `--json FILE` writes the same figures.
+
+mod generate;
+mod server;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::generate::{Generator, UserSet};
+use crate::server::{Target, Tenant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// Full pipeline, acknowledged after a group-commit fsync.
+    Durable,
+    /// Full pipeline, acknowledged after the write reached the OS.
+    Buffered,
+    /// Parse and validate, then discard (benchmark.ceiling_discard_events).
+    Ceiling,
+}
+
+impl Mode {
+    fn settings(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Mode::Durable => vec![("STATSREMOTE__STORAGE__DURABILITY", "fsync")],
+            Mode::Buffered => vec![("STATSREMOTE__STORAGE__DURABILITY", "buffered")],
+            Mode::Ceiling => vec![
+                ("STATSREMOTE__STORAGE__DURABILITY", "buffered"),
+                ("STATSREMOTE__BENCHMARK__CEILING_DISCARD_EVENTS", "true"),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadtest",
+    about = "Load generator and benchmark for StatsRemote"
+)]
+struct Args {
+    /// Finish in under a minute: 300k events per mode, at most 10 s each.
+    #[arg(long)]
+    quick: bool,
+    /// Events to send per mode.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: u64,
+    /// Longest time per mode, in seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Events per request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Tenants to spread the load over.
+    #[arg(long, default_value_t = 1)]
+    tenants: usize,
+    /// Distinct users.
+    #[arg(long, default_value_t = 100_000)]
+    users: u64,
+    /// Distinct event names (Zipf-distributed).
+    #[arg(long, default_value_t = 50)]
+    event_names: usize,
+    /// Target rate in events/s (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Body compression.
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    compression: Compression,
+    /// Modes to run, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Durable, Mode::Buffered, Mode::Ceiling])]
+    modes: Vec<Mode>,
+    /// Target a running server instead of starting one (runs a single mode: whatever it is).
+    #[arg(long)]
+    url: Option<String>,
+    /// Admin token of the server at `--url`.
+    #[arg(long, default_value = "")]
+    admin_token: String,
+    /// The server binary to start.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What one mode measured.
+#[derive(Debug, Serialize)]
+struct Run {
+    mode: Mode,
+    events_per_sec: f64,
+    mb_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    sent: u64,
+    acked: u64,
+    /// Acknowledged events the server does not count (None: not checked, e.g. ceiling mode).
+    lost: Option<u64>,
+    /// Events the server counts more than once (None: not checked).
+    duplicated: Option<u64>,
+    /// Distinct users sent vs counted by the server.
+    users_sent: u64,
+    users_counted: Option<u64>,
+    errors: BTreeMap<String, u64>,
+    server_cpu_cores: Option<f64>,
+    peak_rss_mb: Option<f64>,
+    seconds: f64,
+}
+
+/// Per-worker tallies, merged at the end.
+struct Tally {
+    latency: Histogram<u64>,
+    sent: u64,
+    acked: u64,
+    /// Events of requests whose outcome is unknown (transport error): maybe stored.
+    uncertain: u64,
+    bytes: u64,
+    errors: BTreeMap<String, u64>,
+    users: UserSet,
+}
+
+impl Tally {
+    fn new(users: u64) -> Result<Tally> {
+        Ok(Tally {
+            latency: Histogram::new_with_bounds(1, 120_000_000, 3)?,
+            sent: 0,
+            acked: 0,
+            uncertain: 0,
+            bytes: 0,
+            errors: BTreeMap::new(),
+            users: UserSet::new(users),
+        })
+    }
+
+    fn merge(&mut self, other: Tally) -> Result<()> {
+        self.latency.add(&other.latency)?;
+        self.sent += other.sent;
+        self.acked += other.acked;
+        self.uncertain += other.uncertain;
+        self.bytes += other.bytes;
+        for (status, count) in other.errors {
+            *self.errors.entry(status).or_default() += count;
+        }
+        self.users.merge(&other.users);
+        Ok(())
+    }
+}
+
+fn compress(kind: Compression, body: &[u8]) -> Result<Vec<u8>> {
+    Ok(match kind {
+        Compression::None => body.to_vec(),
+        Compression::Gzip => {
+            use std::io::Write;
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(body)?;
+            encoder.finish()?
+        }
+        Compression::Zstd => zstd::stream::encode_all(body, 1)?,
+    })
+}
+
+/// One connection's send loop.
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    index: usize,
+    base: String,
+    tenants: Arc<Vec<Tenant>>,
+    generator: Arc<Generator>,
+    args: Arc<Args>,
+    budget: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Result<Tally> {
+    let mut tally = Tally::new(generator.users)?;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .max_idle_connections_per_host(1)
+        .build();
+    let url = format!("{base}/v1/batch");
+    let mut rng = StdRng::seed_from_u64(index as u64 + 1);
+    let mut body = Vec::with_capacity(64 * 1024);
+    let batch = generator.batch_size as u64;
+    let interval = (args.rate > 0).then(|| {
+        Duration::from_secs_f64(batch as f64 * args.concurrency as f64 / args.rate as f64)
+    });
+    let mut next_send = Instant::now();
+    let mut n = 0u64;
+    let content_encoding = match args.compression {
+        Compression::None => None,
+        Compression::Gzip => Some("gzip"),
+        Compression::Zstd => Some("zstd"),
+    };
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let claimed = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            left.checked_sub(batch)
+        });
+        if claimed.is_err() {
+            break;
+        }
+        if let Some(interval) = interval {
+            let now = Instant::now();
+            if next_send > now {
+                std::thread::sleep(next_send - now);
+            }
+            next_send += interval;
+        }
+        let tenant = &tenants[(index + n as usize) % tenants.len()];
+        let request_id = ((index as u64) << 40) | n;
+        n += 1;
+        let mut users = UserSet::new(generator.users);
+        generator.fill(&mut body, n as usize, request_id, &mut rng, &mut users);
+        let payload = compress(args.compression, &body)?;
+        let mut request = agent
+            .post(&url)
+            .set("Authorization", &format!("Bearer {}", tenant.write_key))
+            .set("Content-Type", "application/json");
+        if let Some(encoding) = content_encoding {
+            request = request.set("Content-Encoding", encoding);
+        }
+        let started = Instant::now();
+        let result = request.send_bytes(&payload);
+        let micros = started.elapsed().as_micros().max(1) as u64;
+        tally.sent += batch;
+        tally.bytes += body.len() as u64;
+        let _ = tally.latency.record(micros.min(120_000_000));
+        match result {
+            Ok(response) => {
+                let _ = response.into_string();
+                tally.acked += batch;
+                tally.users.merge(&users);
+            }
+            Err(ureq::Error::Status(code, response)) => {
+                let _ = response.into_string();
+                *tally.errors.entry(code.to_string()).or_default() += 1;
+            }
+            Err(error) => {
+                tally.uncertain += batch;
+                *tally
+                    .errors
+                    .entry(format!("transport: {}", error.kind()))
+                    .or_default() += 1;
+            }
+        }
+    }
+    Ok(tally)
+}
+
+fn now_rfc3339(offset_secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+        + offset_secs;
+    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate for one timestamp.
+    let days = now.div_euclid(86_400);
+    let secs = now.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Runs one mode against `target`.
+fn run_mode(
+    mode: Mode,
+    target: &Target,
+    args: &Arc<Args>,
+    generator: &Arc<Generator>,
+) -> Result<Run> {
+    let tenants: Arc<Vec<Tenant>> = Arc::new(
+        (0..args.tenants.max(1))
+            .map(|i| target.create_tenant(&format!("loadtest-{mode:?}-{i}")))
+            .collect::<Result<_>>()?,
+    );
+    let from = now_rfc3339(-3600);
+    let budget = Arc::new(AtomicU64::new(args.events));
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = target.pid().and_then(server::cpu_seconds);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration);
+    let workers: Vec<_> = (0..args.concurrency.max(1))
+        .map(|index| {
+            let (base, tenants, generator, args, budget, stop) = (
+                target.base.clone(),
+                Arc::clone(&tenants),
+                Arc::clone(generator),
+                Arc::clone(args),
+                Arc::clone(&budget),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || {
+                worker(
+                    index, base, tenants, generator, args, budget, stop, deadline,
+                )
+            })
+        })
+        .collect();
+    let mut total = Tally::new(generator.users)?;
+    for handle in workers {
+        match handle.join() {
+            Ok(tally) => total.merge(tally?)?,
+            Err(_) => bail!("a load worker panicked"),
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let server_cpu_cores = match (cpu_before, target.pid().and_then(server::cpu_seconds)) {
+        (Some(before), Some(after)) => Some((after - before) / seconds),
+        _ => None,
+    };
+    let peak_rss_mb = target.pid().and_then(server::peak_rss_mb);
+
+    // Verification: the server's rolled-up counts and uniques against what it acknowledged.
+    let (mut lost, mut duplicated, mut users_counted) = (None, None, None);
+    if mode != Mode::Ceiling {
+        let to = now_rfc3339(3600);
+        let mut counted = 0u64;
+        let mut users = 0u64;
+        for tenant in tenants.iter() {
+            target.wait_caught_up(tenant, &from, &to)?;
+            let events = target.query(
+                tenant,
+                &format!("/v1/query/events?from={from}&to={to}&limit=10000"),
+            )?;
+            counted += events["events"]
+                .as_array()
+                .map(|list| list.iter().filter_map(|e| e["count"].as_u64()).sum::<u64>())
+                .unwrap_or(0);
+            let uniques =
+                target.query(tenant, &format!("/v1/query/uniques?from={from}&to={to}"))?;
+            users = users.max(uniques["uniques"].as_u64().unwrap_or(0));
+        }
+        lost = Some(total.acked.saturating_sub(counted));
+        duplicated = Some(counted.saturating_sub(total.acked + total.uncertain));
+        if args.tenants <= 1 {
+            users_counted = Some(users);
+        }
+    }
+    let ms = |q: f64| total.latency.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Run {
+        mode,
+        events_per_sec: total.acked as f64 / seconds,
+        mb_per_sec: total.bytes as f64 / seconds / 1_048_576.0,
+        p50_ms: ms(0.50),
+        p90_ms: ms(0.90),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: total.latency.max() as f64 / 1000.0,
+        sent: total.sent,
+        acked: total.acked,
+        lost,
+        duplicated,
+        users_sent: total.users.len(),
+        users_counted,
+        errors: total.errors,
+        server_cpu_cores,
+        peak_rss_mb,
+        seconds,
+    })
+}
+
+fn print_table(runs: &[Run]) {
+    let ceiling = runs
+        .iter()
+        .find(|r| r.mode == Mode::Ceiling)
+        .map(|r| r.events_per_sec);
+    println!(
+        "{:<9} {:>11} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10} {:>6} {:>6} {:>8} {:>6} {:>8} {:>9}",
+        "mode", "events/s", "MB/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "sent", "acked", "lost", "dup", "errors", "cpu", "rss MiB", "vs ceil"
+    );
+    for run in runs {
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "{:<9} {:>11.0} {:>7.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.1} {:>10} {:>10} {:>6} {:>6} {:>8} {:>6} {:>8} {:>9}",
+            format!("{:?}", run.mode).to_lowercase(),
+            run.events_per_sec,
+            run.mb_per_sec,
+            run.p50_ms,
+            run.p90_ms,
+            run.p99_ms,
+            run.p999_ms,
+            run.max_ms,
+            run.sent,
+            run.acked,
+            opt(run.lost),
+            opt(run.duplicated),
+            run.errors.values().sum::<u64>(),
+            run.server_cpu_cores.map_or("-".into(), |c| format!("{c:.2}")),
+            run.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
+            ceiling.map_or("-".into(), |c| format!("{:.0}%", 100.0 * run.events_per_sec / c)),
+        );
+    }
+    for run in runs {
+        if !run.errors.is_empty() {
+            println!("{:?} errors: {:?}", run.mode, run.errors);
+        }
+        if let Some(counted) = run.users_counted {
+            println!(
+                "{:?}: {} distinct users sent, {} counted",
+                run.mode, run.users_sent, counted
+            );
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.events = args.events.min(300_000);
+        args.duration = args.duration.min(10);
+    }
+    let args = Arc::new(args);
+    let generator = Arc::new(Generator::new(
+        args.batch_size,
+        args.users,
+        args.event_names,
+        42,
+    )?);
+    println!(
+        "loadtest: {} events per mode, batches of {} (~{} bytes/event), {} connections, {} tenant(s), {} users, compression {:?}",
+        args.events, args.batch_size, generator.event_bytes, args.concurrency, args.tenants, args.users, args.compression
+    );
+    let mut runs = Vec::new();
+    if let Some(url) = &args.url {
+        let target = Target::existing(url, &args.admin_token);
+        let mode = args.modes.first().copied().unwrap_or(Mode::Durable);
+        runs.push(run_mode(mode, &target, &args, &generator)?);
+    } else {
+        let binary = args
+            .server_bin
+            .clone()
+            .unwrap_or_else(server::default_binary);
+        for mode in &args.modes {
+            let mut target = Target::start(&binary, &mode.settings())?;
+            let run = run_mode(*mode, &target, &args, &generator)?;
+            target.stop();
+            runs.push(run);
+        }
+    }
+    print_table(&runs);
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?,
+        )?;
+        println!("wrote {}", path.display());
+    }
+    let failed: Vec<_> = runs
+        .iter()
+        .filter(|r| r.lost.unwrap_or(0) > 0 || r.duplicated.unwrap_or(0) > 0)
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "events were lost or counted twice: {:?}",
+            failed.iter().map(|r| r.mode).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
 }

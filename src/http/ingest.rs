@@ -160,6 +160,17 @@ pub async fn handle(
         }
     };
 
+    if state.config.benchmark.ceiling_discard_events {
+        // Benchmark ceiling: everything up to here, nothing after (see config/default.toml).
+        drop(admission);
+        return Ok(reply(
+            event_count,
+            0,
+            rejected,
+            Some((admitted.limit, admitted.remaining)),
+        ));
+    }
+
     let source = BatchSource {
         endpoint: endpoint.to_string(),
         client_ip: client_ip(&req, state.config.server.trust_forwarded_for).map(anonymize_ip),
