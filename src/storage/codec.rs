@@ -7,8 +7,11 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Current format: bincode 2.0.1, `config::standard()` (varint integers, little endian).
+/// Format 1: bincode 2.0.1, `config::standard()` (varint integers, little endian).
 pub const FORMAT_V1: u8 = 1;
+/// Format 2: bincode 2.0.1 with fixed-width integers. For values that are mostly large integer
+/// arrays (distinct-user sketches), where varint coding costs CPU and saves nothing.
+pub const FORMAT_V2_FIXED: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,13 +34,27 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-/// Decodes a value written by [`encode`] (any supported format version).
+/// Encodes `value` with fixed-width integers (format 2).
+pub fn encode_fixed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(1024);
+    out.push(FORMAT_V2_FIXED);
+    let config = bincode::config::standard().with_fixed_int_encoding();
+    bincode::serde::encode_into_std_write(value, &mut out, config)?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`] or [`encode_fixed`] (any supported format version).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match *version {
         FORMAT_V1 => {
             let (value, _read) =
                 bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+            Ok(value)
+        }
+        FORMAT_V2_FIXED => {
+            let config = bincode::config::standard().with_fixed_int_encoding();
+            let (value, _read) = bincode::serde::decode_from_slice(body, config)?;
             Ok(value)
         }
         other => Err(CodecError::UnknownVersion(other)),
@@ -107,6 +124,18 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode::<LogBatch>(&bytes);
         }
+    }
+
+    #[test]
+    fn fixed_width_values_round_trip() {
+        let mut sketch = crate::rollup::Sketch::new();
+        for user in 0..10_000u64 {
+            sketch.insert_hash(user.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        let bytes = encode_fixed(&sketch).unwrap();
+        assert_eq!(bytes[0], FORMAT_V2_FIXED);
+        let back: crate::rollup::Sketch = decode(&bytes).unwrap();
+        assert_eq!(back.estimate(), sketch.estimate());
     }
 
     #[test]

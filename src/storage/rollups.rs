@@ -132,7 +132,7 @@ pub fn flush(
             key.to_vec(),
             merged.count.to_be_bytes().to_vec(),
         );
-        let sketch = codec::encode(&merged.users).map_err(codec_error("rollup_users"))?;
+        let sketch = codec::encode_fixed(&merged.users).map_err(codec_error("rollup_users"))?;
         batch.insert(&storage.rollup_users, key.to_vec(), sketch);
         names.insert(bucket.name.as_str());
     }
