@@ -1,0 +1,92 @@
+//! The hot inner pieces of ingestion, per 100-event batch of realistic (~550-byte) events:
+//! parsing the Segment JSON, enrichment, and the log encoding. `cargo bench --bench ingest`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use statsremote::enrich::{enrich_all, EnrichContext};
+use statsremote::event::{BatchSource, LogBatch};
+use statsremote::http::segment::{parse_json, ParseLimits, Route};
+use statsremote::storage::codec;
+
+fn batch_body(events: usize) -> Vec<u8> {
+    let batch: Vec<serde_json::Value> = (0..events)
+        .map(|i| {
+            serde_json::json!({
+                "type": "track",
+                "event": format!("Event {}", i % 20),
+                "userId": format!("user-{:08x}", i * 7919),
+                "messageId": format!("{:016x}-{i:04}", 42),
+                "timestamp": "2026-11-26T04:00:00.000Z",
+                "properties": {
+                    "path": "/pricing", "referrer": "https://news.ycombinator.com/",
+                    "title": "StatsRemote - pricing", "plan": "team", "price": 129.5,
+                    "currency": "EUR", "items": 3, "experiment": "exp-7"
+                },
+                "context": {
+                    "library": {"name": "analytics-node", "version": "2.1.0"},
+                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+                    "locale": "en-GB",
+                    "page": {"path": "/pricing", "url": "https://app.example.com/pricing"}
+                }
+            })
+        })
+        .collect();
+    serde_json::json!({ "batch": batch, "sentAt": "2026-11-26T04:00:01.000Z" })
+        .to_string()
+        .into_bytes()
+}
+
+fn benches(c: &mut Criterion) {
+    let body = batch_body(100);
+    let limits = ParseLimits {
+        max_event_bytes: 64 * 1024,
+        max_events: 10_000,
+    };
+    let key = [7u8; 32];
+    let context = EnrichContext {
+        received_at: 1_790_000_000_000_000,
+        future_tolerance: Duration::from_secs(3600),
+        user_hash_key: &key,
+    };
+    let mut group = c.benchmark_group("ingest, 100-event batch");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("parse Segment JSON", |b| {
+        b.iter(|| parse_json(Route::Batch, &body, &limits).unwrap())
+    });
+    group.bench_function("enrich", |b| {
+        b.iter_batched(
+            || parse_json(Route::Batch, &body, &limits).unwrap().events,
+            |events| enrich_all(events, &context),
+            BatchSize::SmallInput,
+        )
+    });
+    let log_batch = LogBatch {
+        batch_id: 1,
+        received_at: context.received_at,
+        source: BatchSource {
+            endpoint: "/v1/batch".into(),
+            client_ip: Some("127.0.0.0".into()),
+        },
+        events: enrich_all(
+            parse_json(Route::Batch, &body, &limits).unwrap().events,
+            &context,
+        ),
+    };
+    group.bench_function("encode log entry", |b| {
+        b.iter(|| codec::encode(&log_batch).unwrap())
+    });
+    let encoded = codec::encode(&log_batch).unwrap();
+    group.bench_function("decode log entry", |b| {
+        b.iter(|| codec::decode::<LogBatch>(&encoded).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = ingest;
+    config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3));
+    targets = benches
+}
+criterion_main!(ingest);
