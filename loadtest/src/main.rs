@@ -8,6 +8,7 @@
 //! run, and `--json FILE` writes the same figures.
 
 mod generate;
+mod queries;
 mod server;
 
 use std::collections::BTreeMap;
@@ -51,6 +52,14 @@ impl Mode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Throughput, latency and verification of ingestion, per mode.
+    Ingest,
+    /// Query latency and live-tick delay while ingesting at `--rate` (durable mode).
+    Queries,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Compression {
     None,
     Gzip,
@@ -63,9 +72,15 @@ enum Compression {
     about = "Load generator and benchmark for StatsRemote"
 )]
 struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
+    scenario: Scenario,
     /// Finish in under a minute: 300k events per mode, at most 10 s each.
     #[arg(long)]
     quick: bool,
+    /// WebSocket subscribers in the queries scenario.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
     /// Events to send per mode.
     #[arg(long, default_value_t = 2_000_000)]
     events: u64,
@@ -279,11 +294,25 @@ fn now_rfc3339(offset_secs: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-        + offset_secs;
-    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date crate for one timestamp.
-    let days = now.div_euclid(86_400);
-    let secs = now.rem_euclid(86_400);
+        .unwrap_or(0);
+    rfc3339_at(now + offset_secs)
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC), without a date crate.
+pub(crate) fn rfc3339_at(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rest = secs.rem_euclid(86_400);
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -295,10 +324,26 @@ fn now_rfc3339(offset_secs: i64) -> String {
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
+        rest / 3600,
+        (rest / 60) % 60,
+        rest % 60
     )
+}
+
+/// Microseconds of `YYYY-MM-DDTHH:MM:SS[.fff]Z` (the server's timestamp format).
+pub(crate) fn parse_rfc3339_micros(text: &str) -> Option<i64> {
+    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let fraction = text
+        .get(19..)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .map(|rest| rest.trim_end_matches('Z'))
+        .map(|digits| format!("{digits:0<6}"))
+        .and_then(|digits| digits.get(..6)?.parse::<i64>().ok())
+        .unwrap_or(0);
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(secs * 1_000_000 + fraction)
 }
 
 /// Runs one mode against `target`.
@@ -443,6 +488,68 @@ fn print_table(runs: &[Run]) {
     }
 }
 
+/// The queries scenario: back-fill, then ingest at a held rate while measuring queries and ticks.
+fn run_queries(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
+    let binary = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(server::default_binary);
+    let mut target = match &args.url {
+        Some(url) => Target::existing(url, &args.admin_token),
+        None => Target::start(&binary, &Mode::Durable.settings())?,
+    };
+    let tenant = target.create_tenant("loadtest-queries")?;
+    let started = Instant::now();
+    let backfilled = queries::backfill(&target, &tenant)?;
+    target.wait_caught_up(&tenant, &now_rfc3339(-100 * 86_400), &now_rfc3339(3600))?;
+    println!(
+        "back-filled {backfilled} events over 90 days in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (readers, delays) =
+        queries::subscribers(&target, &tenant, args.subscribers, Arc::clone(&stop))?;
+    let query_stop = Arc::clone(&stop);
+    let query_target = Target::existing(&target.base, &target.admin_token);
+    let query_tenant = tenant.clone();
+    let query_thread =
+        std::thread::spawn(move || queries::query_loop(&query_target, &query_tenant, &query_stop));
+    let ingest = run_mode(Mode::Durable, &target, args, generator)?;
+    stop.store(true, Ordering::Relaxed);
+    let latencies = query_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+    for reader in readers {
+        let _ = reader.join();
+    }
+    let ticks = queries::tick_latency(&delays);
+    target.stop();
+    print_table(std::slice::from_ref(&ingest));
+    println!(
+        "\n{:<24} {:>8} {:>9} {:>9} {:>9}",
+        "query (under the load above)", "count", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, latency) in &latencies {
+        println!(
+            "{name:<24} {:>8} {:>9.2} {:>9.2} {:>9.2}",
+            latency.count, latency.p50_ms, latency.p99_ms, latency.max_ms
+        );
+    }
+    if let Some(ticks) = &ticks {
+        println!(
+            "{:<24} {:>8} {:>9.2} {:>9.2} {:>9.2}   ({} subscribers; delay after the tick's timestamp)",
+            "live tick delay", ticks.count, ticks.p50_ms, ticks.p99_ms, ticks.max_ms, args.subscribers
+        );
+    }
+    if let Some(path) = &args.json {
+        let report =
+            serde_json::json!({ "runs": [ingest], "queries": latencies, "live_ticks": ticks });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
@@ -456,6 +563,9 @@ fn main() -> Result<()> {
         args.event_names,
         42,
     )?);
+    if args.scenario == Scenario::Queries {
+        return run_queries(&args, &generator);
+    }
     println!(
         "loadtest: {} events per mode, batches of {} (~{} bytes/event), {} connections, {} tenant(s), {} users, compression {:?}",
         args.events, args.batch_size, generator.event_bytes, args.concurrency, args.tenants, args.users, args.compression
