@@ -150,13 +150,16 @@ pub(crate) fn query_loop(
     Ok(out)
 }
 
+/// Reader threads of the subscribers, and the tick delays they record (µs).
+pub(crate) type Subscribers = (Vec<std::thread::JoinHandle<()>>, Arc<Mutex<Histogram<u64>>>);
+
 /// Opens `count` WebSocket subscribers; returns the threads reading them (tick delay in µs).
 pub(crate) fn subscribers(
     target: &Target,
     tenant: &Tenant,
     count: usize,
     stop: Arc<AtomicBool>,
-) -> Result<(Vec<std::thread::JoinHandle<()>>, Arc<Mutex<Histogram<u64>>>)> {
+) -> Result<Subscribers> {
     let delays = Arc::new(Mutex::new(histogram()?));
     let addr = target.base.trim_start_matches("http://").to_string();
     let mut sockets = Vec::with_capacity(count);
@@ -181,7 +184,7 @@ pub(crate) fn subscribers(
         handles.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 for socket in &mut mine {
-                    while let Ok(tungstenite::Message::Text(text)) = socket.read() {
+                    if let Ok(tungstenite::Message::Text(text)) = socket.read() {
                         let received = SystemTime::now()
                             .duration_since(UNIX_EPOCH)
                             .unwrap_or_default();
@@ -195,7 +198,6 @@ pub(crate) fn subscribers(
                                 let _ = h.record(delay.min(600_000_000));
                             }
                         }
-                        break;
                     }
                 }
             }
