@@ -119,6 +119,34 @@ fn json_reply(body: &str) -> HttpResponse {
         .body(body.to_string())
 }
 
+/// Adds `"as_of"` to a JSON object's text (answers are rendered as text, not as a `Value`: a
+/// 43,200-point series would otherwise allocate a map per point).
+fn with_as_of(object: &str, as_of: &AsOf) -> String {
+    let as_of = serde_json::to_string(as_of).unwrap_or_else(|_| "null".into());
+    match object.strip_prefix('{') {
+        Some("}") => format!("{{\"as_of\":{as_of}}}"),
+        Some(rest) => format!("{{\"as_of\":{as_of},{rest}"),
+        None => object.to_string(),
+    }
+}
+
+/// One point of a series answer.
+#[derive(Serialize)]
+struct PointOut {
+    ts: String,
+    value: u64,
+}
+
+#[derive(Serialize)]
+struct SeriesAnswer<'a> {
+    event: Option<&'a str>,
+    metric: &'static str,
+    interval: &'static str,
+    from: String,
+    to: String,
+    points: Vec<PointOut>,
+}
+
 /// Serves a cached answer, or computes, caches (if closed and caught up) and serves one.
 async fn cached<F, Fut>(
     state: &web::Data<AppState>,
@@ -131,7 +159,7 @@ async fn cached<F, Fut>(
 ) -> Result<HttpResponse, ApiError>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(serde_json::Value, AsOf), ApiError>>,
+    Fut: std::future::Future<Output = Result<(String, AsOf), ApiError>>,
 {
     let started = Instant::now();
     if closed {
@@ -141,10 +169,9 @@ where
         }
     }
     let version = state.query_cache.version(tenant.id);
-    let (mut body, as_of) = compute().await?;
+    let (body, as_of) = compute().await?;
     let caught_up = as_of.rolled_up_through_seq >= as_of.log_seq;
-    body["as_of"] = serde_json::to_value(&as_of).unwrap_or_default();
-    let text: Arc<str> = Arc::from(body.to_string());
+    let text: Arc<str> = Arc::from(with_as_of(&body, &as_of));
     if closed && caught_up {
         state
             .query_cache
@@ -231,19 +258,26 @@ pub async fn series(
                 )
             })
             .await?;
-            let points: Vec<_> = points
-                .iter()
-                .map(|p| serde_json::json!({"ts": format_timestamp(p.ts), "value": p.value}))
-                .collect();
+            let answer = SeriesAnswer {
+                event: event.as_deref(),
+                metric: if metric == Metric::Count {
+                    "count"
+                } else {
+                    "uniques"
+                },
+                interval: resolution.as_str(),
+                from: format_timestamp(from),
+                to: format_timestamp(to),
+                points: points
+                    .iter()
+                    .map(|p| PointOut {
+                        ts: format_timestamp(p.ts),
+                        value: p.value,
+                    })
+                    .collect(),
+            };
             Ok((
-                serde_json::json!({
-                    "event": event,
-                    "metric": if metric == Metric::Count { "count" } else { "uniques" },
-                    "interval": resolution.as_str(),
-                    "from": format_timestamp(from),
-                    "to": format_timestamp(to),
-                    "points": points,
-                }),
+                serde_json::to_string(&answer).map_err(blocking_error)?,
                 as_of,
             ))
         },
@@ -308,7 +342,8 @@ pub async fn events(
                     "from": format_timestamp(from),
                     "to": format_timestamp(to),
                     "events": events,
-                }),
+                })
+                .to_string(),
                 as_of,
             ))
         },
@@ -356,7 +391,8 @@ pub async fn uniques(
                     "from": format_timestamp(from),
                     "to": format_timestamp(to),
                     "uniques": count,
-                }),
+                })
+                .to_string(),
                 as_of,
             ))
         },

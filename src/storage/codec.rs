@@ -43,17 +43,23 @@ pub fn encode_fixed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// Largest value decoding may claim. bincode checks every length prefix against it before
+/// allocating, so a corrupt value fails to decode instead of asking for exabytes.
+const DECODE_LIMIT: usize = 256 << 20;
+
 /// Decodes a value written by [`encode`] or [`encode_fixed`] (any supported format version).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match *version {
         FORMAT_V1 => {
-            let (value, _read) =
-                bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+            let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+            let (value, _read) = bincode::serde::decode_from_slice(body, config)?;
             Ok(value)
         }
         FORMAT_V2_FIXED => {
-            let config = bincode::config::standard().with_fixed_int_encoding();
+            let config = bincode::config::standard()
+                .with_fixed_int_encoding()
+                .with_limit::<DECODE_LIMIT>();
             let (value, _read) = bincode::serde::decode_from_slice(body, config)?;
             Ok(value)
         }
@@ -123,6 +129,7 @@ mod tests {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode::<LogBatch>(&bytes);
+            let _ = decode::<crate::rollup::Sketch>(&bytes);
         }
     }
 
@@ -136,6 +143,17 @@ mod tests {
         assert_eq!(bytes[0], FORMAT_V2_FIXED);
         let back: crate::rollup::Sketch = decode(&bytes).unwrap();
         assert_eq!(back.estimate(), sketch.estimate());
+    }
+
+    #[test]
+    fn huge_length_prefixes_fail_without_allocating() {
+        // Format 2, then a string length of about 8.7e18 bytes.
+        let mut bytes = vec![FORMAT_V2_FIXED];
+        bytes.extend_from_slice(&0x7999_9999_9999_9999u64.to_le_bytes());
+        assert!(decode::<String>(&bytes).is_err());
+        let mut bytes = vec![FORMAT_V1, 253];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<Vec<u8>>(&bytes).is_err());
     }
 
     #[test]
