@@ -30,6 +30,10 @@ pub mod names {
     pub const FSYNC_LATENCY: &str = "statsremote_log_fsync_seconds";
     /// Batches waiting for the log writer.
     pub const LOG_QUEUE_DEPTH: &str = "statsremote_log_queue_depth";
+    /// How long the oldest request of a group waited in the writer queue.
+    pub const LOG_QUEUE_WAIT: &str = "statsremote_log_queue_wait_seconds";
+    /// Time to write a group (dedup, sequencing, commit) before its fsync.
+    pub const LOG_WRITE: &str = "statsremote_log_write_seconds";
     /// Batches in flight per tenant (queued at or being handled by the tenant's actors).
     pub const MAILBOX_DEPTH: &str = "statsremote_tenant_mailbox_depth";
     /// Events dropped as duplicates of an earlier messageId.
@@ -174,6 +178,14 @@ pub fn group_committed(requests: usize, events: usize, sync: Duration) {
     histogram!(names::GROUP_COMMIT_REQUESTS).record(requests as f64);
     histogram!(names::GROUP_COMMIT_EVENTS).record(events as f64);
     histogram!(names::FSYNC_LATENCY).record(sync.as_secs_f64());
+}
+
+pub fn log_queue_wait(wait: Duration) {
+    histogram!(names::LOG_QUEUE_WAIT).record(wait.as_secs_f64());
+}
+
+pub fn log_write(took: Duration) {
+    histogram!(names::LOG_WRITE).record(took.as_secs_f64());
 }
 
 pub fn log_queue_depth(depth: usize) {

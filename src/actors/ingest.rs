@@ -93,6 +93,7 @@ impl Handler<IngestBatch> for IngestActor {
         let supervisor = self.supervisor.clone();
         let request = AppendRequest {
             tenant: self.tenant,
+            queued_at: std::time::Instant::now(),
             dedup_window: tenant.settings.dedup_window,
             batch,
             reply: Box::new(move |mut outcome| {

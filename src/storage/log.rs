@@ -35,6 +35,8 @@ pub type AppendReply = Box<dyn FnOnce(Result<AppendOutcome, StorageError>) + Sen
 /// Append one request's events to a tenant's log.
 pub struct AppendRequest {
     pub tenant: TenantId,
+    /// When the request was queued (for the queue-wait metric).
+    pub queued_at: Instant,
     pub dedup_window: Duration,
     pub batch: LogBatch,
     pub reply: AppendReply,
@@ -114,6 +116,7 @@ impl LogWriter {
                     failure: None,
                     healthy: thread_healthy,
                     heads: thread_heads,
+                    group_started: None,
                 };
                 writer.run(&commands);
             })?;
@@ -207,6 +210,8 @@ struct Writer {
     failure: Option<String>,
     healthy: Arc<AtomicBool>,
     heads: LogHeads,
+    /// When the current group started being written (for the write-time metric).
+    group_started: Option<Instant>,
 }
 
 impl Writer {
@@ -226,6 +231,18 @@ impl Writer {
             }
             telemetry::log_queue_depth(commands.len());
             let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+            let group_started = Instant::now();
+            self.group_started = Some(group_started);
+            let oldest_wait = group
+                .iter()
+                .filter_map(|command| match command {
+                    Command::Append(request) => Some(group_started - request.queued_at),
+                    _ => None,
+                })
+                .max();
+            if let Some(wait) = oldest_wait {
+                telemetry::log_queue_wait(wait);
+            }
             for command in group {
                 match command {
                     Command::Append(request) => {
@@ -267,6 +284,9 @@ impl Writer {
             return;
         }
         let started = Instant::now();
+        if let Some(group_started) = self.group_started.take() {
+            telemetry::log_write(started - group_started);
+        }
         let persisted = self.storage.persist(self.options.fsync);
         let sync = started.elapsed();
         let events: usize = replies
@@ -483,6 +503,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest {
             tenant,
+            queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
             batch: batch(ids),
             reply: Box::new(move |outcome| {
@@ -531,6 +552,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         writer.submit(AppendRequest {
             tenant,
+            queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
             batch: batch(&["late"]),
             reply: Box::new(move |outcome| {
