@@ -133,6 +133,7 @@ pub struct RollupsConfig {
     #[serde(with = "humantime_serde")]
     pub max_funnel_range: Duration,
     pub query_cache_entries: usize,
+    pub max_concurrent_flushes: usize,
 }
 
 impl RollupsConfig {
@@ -336,6 +337,13 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(setting, "0s", "must be positive"));
             }
+        }
+        if self.rollups.max_concurrent_flushes == 0 {
+            return Err(invalid(
+                "rollups.max_concurrent_flushes",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.live.tick_interval > Duration::from_secs(1) {
             return Err(invalid(

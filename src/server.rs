@@ -160,6 +160,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             rollups: config.rollups.clone(),
             live: config.live.clone(),
             future_tolerance: config.limits.future_tolerance,
+            rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.rollups.max_concurrent_flushes,
+            )),
         },
         config.actor_arbiters(),
     ));

@@ -75,6 +75,10 @@ pub struct PipelineDeps {
     pub rollups: RollupsConfig,
     pub live: LiveConfig,
     pub future_tolerance: Duration,
+    /// Rollup flushes that may run at once across all tenants. A tenant that finds no free slot
+    /// keeps merging its updates in memory and flushes on a later tick, so many tenants cannot
+    /// oversubscribe the CPU and memory with flushes.
+    pub rollup_flush_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts a tenant's batches in flight; a permit is held from admission to reply.

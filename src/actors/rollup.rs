@@ -233,6 +233,9 @@ impl RollupActor {
         if self.flushing || self.deltas.is_empty() {
             return;
         }
+        let Ok(slot) = Arc::clone(&self.deps.rollup_flush_slots).try_acquire_owned() else {
+            return; // Every flush slot is busy: keep merging in memory, try on the next tick.
+        };
         self.flushing = true;
         let epoch = self.epoch;
         let deltas = std::mem::take(&mut self.deltas);
@@ -245,6 +248,7 @@ impl RollupActor {
             .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY);
         let retention = self.retention;
         let task = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let started = Instant::now();
             let result = rollups::flush(&storage, tenant, &deltas, expected, through);
             if matches!(result, Ok(FlushOutcome::Stored)) && expire {

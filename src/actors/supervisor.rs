@@ -375,6 +375,7 @@ mod tests {
             rollups,
             live: config.live.clone(),
             future_tolerance: Duration::from_secs(3600),
+            rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         let supervisor = TenantSupervisor::new(
             tenant.id,
