@@ -129,6 +129,12 @@ pub struct LogBatch {
     pub events: Vec<StoredEvent>,
 }
 
+/// Last sequence number of a log entry holding `events` events from `first_seq`. Entries always
+/// hold at least one event; an empty one counts as one, so scans over the log always advance.
+pub fn last_seq_of(first_seq: u64, events: usize) -> u64 {
+    first_seq + (events as u64).max(1) - 1
+}
+
 /// Parses an ISO 8601 / RFC 3339 date-time into microseconds.
 pub fn parse_timestamp(text: &str) -> Option<Micros> {
     let parsed = OffsetDateTime::parse(text, &Rfc3339)

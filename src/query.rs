@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -14,7 +15,7 @@ use serde::Serialize;
 
 use crate::event::Micros;
 use crate::rollup::{cover, estimate, rollup_name, Deltas, Resolution, Retention, ALL_EVENTS};
-use crate::storage::log::{last_batch, read_batches, LogHeads};
+use crate::storage::log::{last_seq, scan, LogHeads};
 use crate::storage::rollups;
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
@@ -186,31 +187,27 @@ pub fn funnel(
     // Per user: (time, sequence, step code) of the matching events.
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
-    let mut next_seq = 0u64;
-    loop {
-        let batches = read_batches(storage, tenant, next_seq, 256)?;
-        if batches.is_empty() {
-            break;
-        }
-        for (first_seq, batch) in &batches {
-            for (offset, event) in batch.events.iter().enumerate() {
-                if event.timestamp < from || event.timestamp >= to {
-                    continue;
-                }
-                if let Some(code) = step_of.get(rollup_name(event)) {
-                    gathered += 1;
-                    if gathered > MAX_FUNNEL_EVENTS {
-                        return Err(FunnelError::TooManyEvents);
-                    }
-                    per_user.entry(event.user_hash).or_default().push((
-                        event.timestamp,
-                        first_seq + offset as u64,
-                        *code,
-                    ));
-                }
+    scan(storage, tenant, 0, |first_seq, batch| {
+        for (offset, event) in batch.events.iter().enumerate() {
+            if event.timestamp < from || event.timestamp >= to {
+                continue;
             }
-            next_seq = first_seq + (batch.events.len() as u64).max(1);
+            if let Some(code) = step_of.get(rollup_name(event)) {
+                gathered += 1;
+                if gathered > MAX_FUNNEL_EVENTS {
+                    return ControlFlow::Break(());
+                }
+                per_user.entry(event.user_hash).or_default().push((
+                    event.timestamp,
+                    first_seq + offset as u64,
+                    *code,
+                ));
+            }
         }
+        ControlFlow::Continue(())
+    })?;
+    if gathered > MAX_FUNNEL_EVENTS {
+        return Err(FunnelError::TooManyEvents);
     }
     let mut reached = vec![0u64; steps.len()];
     for events in per_user.values_mut() {
@@ -257,9 +254,7 @@ pub fn log_head(
     if let Some(head) = heads.get(tenant) {
         return Ok(head);
     }
-    Ok(last_batch(storage, tenant)?
-        .map(|(first, batch)| first + (batch.events.len() as u64).max(1) - 1)
-        .unwrap_or(0))
+    last_seq(storage, tenant)
 }
 
 struct CachedAnswer {

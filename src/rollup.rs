@@ -122,7 +122,7 @@ pub struct RollupBatch {
 
 impl RollupBatch {
     pub fn last_seq(&self) -> u64 {
-        self.first_seq + (self.items.len() as u64).max(1) - 1
+        crate::event::last_seq_of(self.first_seq, self.items.len())
     }
 }
 

@@ -108,9 +108,8 @@ fn start_lagging_pipelines(
     directory: &TenantDirectory,
     pipelines: &Pipelines,
 ) -> Result<(), StorageError> {
-    let heads = storage::log::LogHeads::default();
     for tenant in directory.list() {
-        let head = crate::query::log_head(storage, &heads, tenant.id)?;
+        let head = storage::log::last_seq(storage, tenant.id)?;
         let watermark = storage::rollups::watermark(storage, tenant.id)?;
         if head > watermark {
             tracing::info!(tenant = %tenant.id, head, watermark, "rolling up events after restart");

@@ -278,10 +278,6 @@ impl TenantDirectory {
         self.tenants.get(&id).map(|r| Arc::clone(r.value()))
     }
 
-    pub fn exists(&self, id: TenantId) -> bool {
-        self.tenants.contains_key(&id)
-    }
-
     /// All tenants, ordered by creation time.
     pub fn list(&self) -> Vec<Arc<TenantRecord>> {
         let mut all: Vec<_> = self.tenants.iter().map(|r| Arc::clone(r.value())).collect();

@@ -123,17 +123,23 @@ impl RollupActor {
 
     fn apply(&mut self, first_seq: u64, items: &[RollupItem]) {
         self.deltas.apply(items, &self.retention, now_micros());
-        self.applied_seq = first_seq + (items.len() as u64).max(1) - 1;
+        self.applied_seq = crate::event::last_seq_of(first_seq, items.len());
         self.known_head = self.known_head.max(self.applied_seq);
     }
 
-    /// Starts a new epoch: forgets in-memory state, loads the watermark, replays the log after it.
-    fn reload(&mut self, ctx: &mut Context<Self>) {
+    /// Starts a new epoch: in-memory updates are discarded, the results of storage tasks started
+    /// before are ignored, and a storage task of the new epoch is assumed to be running.
+    fn start_epoch(&mut self) -> u64 {
         self.epoch += 1;
         self.deltas = Deltas::default();
         self.loaded = false;
         self.reading = true;
-        let epoch = self.epoch;
+        self.epoch
+    }
+
+    /// Starts a new epoch: forgets in-memory state, loads the watermark, replays the log after it.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        let epoch = self.start_epoch();
         let storage = self.deps.storage.clone();
         let heads = self.deps.writer.heads().clone();
         let tenant = self.tenant;
@@ -302,12 +308,7 @@ impl RollupActor {
             self.rebuild_waiters.extend(waiters);
             return;
         }
-        // A new epoch: whatever is being read or was applied is discarded.
-        self.epoch += 1;
-        self.deltas = Deltas::default();
-        self.loaded = false;
-        self.reading = true;
-        let epoch = self.epoch;
+        let epoch = self.start_epoch();
         let storage = self.deps.storage.clone();
         let tenant = self.tenant;
         let task = tokio::task::spawn_blocking(move || rollups::delete_all(&storage, tenant));

@@ -3,6 +3,8 @@
 //! Writes go through the [`crate::tenant::TenantDirectory`] on a blocking thread (they fsync).
 //! Deleting a tenant revokes its keys at once, stops its pipeline and purges its events.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +60,15 @@ impl From<&TenantRecord> for TenantView {
 fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
     raw.parse()
         .map_err(|()| ApiError::NotFound(format!("tenant {raw:?} not found")))
+}
+
+/// The tenant named in the path, or 404.
+fn existing_tenant(state: &AppState, raw: &str) -> Result<Arc<TenantRecord>, ApiError> {
+    let id = tenant_id(raw)?;
+    state
+        .directory
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("tenant {id} not found")))
 }
 
 fn directory_error(error: DirectoryError) -> ApiError {
@@ -133,11 +144,7 @@ pub async fn get(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
-    let id = tenant_id(&path)?;
-    let record = state
-        .directory
-        .get(id)
-        .ok_or_else(|| ApiError::NotFound(format!("tenant {id} not found")))?;
+    let record = existing_tenant(&state, &path)?;
     Ok(HttpResponse::Ok().json(TenantView::from(&*record)))
 }
 
@@ -232,10 +239,7 @@ pub async fn rebuild_rollups(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
-    let id = tenant_id(&path)?;
-    if !state.directory.exists(id) {
-        return Err(ApiError::NotFound(format!("tenant {id} not found")));
-    }
+    let id = existing_tenant(&state, &path)?.id;
     if !state.pipelines.pipeline(id).rebuild_rollups().await {
         return Err(ApiError::unavailable(
             "the tenant's pipeline is busy; retry",

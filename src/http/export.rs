@@ -5,6 +5,8 @@
 //! the scan. Filters: `from`/`to` (RFC 3339, on the corrected event timestamp, `to` exclusive)
 //! and `event` (the event name).
 
+use std::ops::ControlFlow;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use serde::ser::{SerializeMap, Serializer};
@@ -14,11 +16,11 @@ use serde_json::value::RawValue;
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
-use crate::storage::log::read_batches;
+use crate::storage::log::scan;
 use crate::tenant::KeyKind;
 
-/// Log entries read per blocking step.
-const CHUNK_BATCHES: usize = 64;
+/// NDJSON bytes gathered before a chunk is sent to the client.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,27 +66,30 @@ pub async fn export(
     let tenant_id = tenant.id;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     actix_web::rt::task::spawn_blocking(move || {
-        let mut next_seq = 0u64;
-        loop {
-            let batches = match read_batches(&storage, tenant_id, next_seq, CHUNK_BATCHES) {
-                Ok(batches) => batches,
-                Err(error) => {
-                    tracing::error!(tenant = %tenant_id, %error, "export failed while reading the log");
-                    let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
-                    return;
-                }
-            };
-            if batches.is_empty() {
-                return;
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+        let mut client_gone = false;
+        let scanned = scan(&storage, tenant_id, 0, |first_seq, batch| {
+            write_batch(&mut chunk, first_seq, batch, &filter);
+            if chunk.len() < CHUNK_BYTES {
+                return ControlFlow::Continue(());
             }
-            let mut chunk = Vec::with_capacity(64 * 1024);
-            for (first_seq, batch) in &batches {
-                write_batch(&mut chunk, *first_seq, batch, &filter);
-                next_seq = first_seq + (batch.events.len() as u64).max(1);
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+            client_gone = sender.blocking_send(Ok(Bytes::from(full))).is_err();
+            if client_gone {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
             }
-            if !chunk.is_empty() && sender.blocking_send(Ok(Bytes::from(chunk))).is_err() {
-                return; // The client went away.
+        });
+        match scanned {
+            Err(error) => {
+                tracing::error!(tenant = %tenant_id, %error, "export failed while reading the log");
+                let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
             }
+            Ok(()) if !client_gone && !chunk.is_empty() => {
+                let _ = sender.blocking_send(Ok(Bytes::from(chunk)));
+            }
+            Ok(()) => {}
         }
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {

@@ -85,6 +85,19 @@ fn blocking_error(error: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("query failed: {error}"))
 }
 
+/// Where the tenant's rollups stand, read before the answer so that the answer is at least as
+/// fresh as it says. Blocking.
+fn as_of(
+    storage: &crate::storage::Storage,
+    heads: &crate::storage::log::LogHeads,
+    tenant: crate::tenant::TenantId,
+) -> Result<AsOf, crate::storage::StorageError> {
+    Ok(AsOf {
+        log_seq: query::log_head(storage, heads, tenant)?,
+        rolled_up_through_seq: rollups::watermark(storage, tenant)?,
+    })
+}
+
 /// Runs a query on a blocking thread and adds `as_of`.
 async fn run<T: Send + 'static>(
     state: &web::Data<AppState>,
@@ -97,16 +110,8 @@ async fn run<T: Send + 'static>(
     let heads = state.writer.heads().clone();
     let tenant_id = tenant.id;
     web::block(move || {
-        let log_seq = query::log_head(&storage, &heads, tenant_id)?;
-        let rolled_up_through_seq = rollups::watermark(&storage, tenant_id)?;
-        let answer = work(&storage)?;
-        Ok::<_, crate::storage::StorageError>((
-            answer,
-            AsOf {
-                rolled_up_through_seq,
-                log_seq,
-            },
-        ))
+        let as_of = as_of(&storage, &heads, tenant_id)?;
+        Ok::<_, crate::storage::StorageError>((work(&storage)?, as_of))
     })
     .await
     .map_err(blocking_error)?
@@ -459,16 +464,9 @@ pub async fn funnel(
     let storage = state.storage.clone();
     let heads = state.writer.heads().clone();
     let (reached, as_of) = web::block(move || {
-        let log_seq = query::log_head(&storage, &heads, tenant_id)?;
-        let rolled_up_through_seq = rollups::watermark(&storage, tenant_id)?;
+        let as_of = as_of(&storage, &heads, tenant_id)?;
         let reached = query::funnel(&storage, tenant_id, &steps, window_micros, from, to)?;
-        Ok::<_, query::FunnelError>((
-            reached,
-            AsOf {
-                rolled_up_through_seq,
-                log_seq,
-            },
-        ))
+        Ok::<_, query::FunnelError>((reached, as_of))
     })
     .await
     .map_err(blocking_error)?

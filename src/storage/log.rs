@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::event::{flags, now_micros, LogBatch};
+use std::ops::ControlFlow;
+
+use crate::event::{flags, last_seq_of, now_micros, LogBatch};
 use crate::rollup::{RollupBatch, RollupItem};
 use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
 use crate::telemetry;
@@ -398,10 +400,7 @@ impl Writer {
         if let Some(next) = self.next_seq.get(&tenant) {
             return Ok(*next);
         }
-        let next = match last_batch(&self.storage, tenant)? {
-            Some((first_seq, batch)) => first_seq + batch.events.len() as u64,
-            None => 1,
-        };
+        let next = last_seq(&self.storage, tenant)? + 1;
         self.next_seq.insert(tenant, next);
         Ok(next)
     }
@@ -422,19 +421,43 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageErro
     Ok((u64::from_be_bytes(seq_bytes), batch))
 }
 
-/// The tenant's newest log entry.
-pub fn last_batch(
-    storage: &Storage,
-    tenant: TenantId,
-) -> Result<Option<(u64, LogBatch)>, StorageError> {
+/// The tenant's last sequence number in the log (0 when it has none). Blocking.
+pub fn last_seq(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     let Some(guard) = storage.log.prefix(tenant.0.to_be_bytes()).next_back() else {
-        return Ok(None);
+        return Ok(0);
     };
     let (key, value) = guard
         .into_inner()
         .map_err(StorageError::engine("reading the log"))?;
-    decode_entry(&key, &value).map(Some)
+    let (first_seq, batch) = decode_entry(&key, &value)?;
+    Ok(last_seq_of(first_seq, batch.events.len()))
 }
+
+/// Visits every log entry of a tenant from `from_seq` on, in sequence order, reading in chunks;
+/// `visit` may stop the scan early. Blocking.
+pub fn scan(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
+) -> Result<(), StorageError> {
+    let mut next_seq = from_seq;
+    loop {
+        let batches = read_batches(storage, tenant, next_seq, SCAN_CHUNK)?;
+        if batches.is_empty() {
+            return Ok(());
+        }
+        for (first_seq, batch) in &batches {
+            if visit(*first_seq, batch).is_break() {
+                return Ok(());
+            }
+            next_seq = last_seq_of(*first_seq, batch.events.len()) + 1;
+        }
+    }
+}
+
+/// Log entries read per step of [`scan`].
+const SCAN_CHUNK: usize = 256;
 
 /// Up to `max_batches` log entries of a tenant whose first sequence is ≥ `from_seq`, in order.
 /// Blocking.

@@ -65,10 +65,12 @@ pub fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageErro
         .meta
         .get(meta_key(WATERMARK, tenant, &[]))
         .map_err(StorageError::engine("reading the rollup watermark"))?;
-    Ok(value
-        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0))
+    Ok(value.as_deref().map_or(0, u64_value))
+}
+
+/// A big-endian u64 value (counts, watermarks); anything else reads as 0.
+fn u64_value(value: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(value).map_or(0, u64::from_be_bytes)
 }
 
 fn read_count(storage: &Storage, key: &[u8]) -> Result<u64, StorageError> {
@@ -76,10 +78,7 @@ fn read_count(storage: &Storage, key: &[u8]) -> Result<u64, StorageError> {
         .rollup_counts
         .get(key)
         .map_err(StorageError::engine("reading a rollup count"))?;
-    Ok(value
-        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0))
+    Ok(value.as_deref().map_or(0, u64_value))
 }
 
 fn read_sketch(storage: &Storage, key: &[u8]) -> Result<Option<Sketch>, StorageError> {
@@ -197,11 +196,7 @@ pub fn read_counts(
         name,
         from,
         to,
-        |value| {
-            Ok(<[u8; 8]>::try_from(value)
-                .map(u64::from_be_bytes)
-                .unwrap_or(0))
-        },
+        |value| Ok(u64_value(value)),
     )
 }
 
