@@ -46,6 +46,7 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
             })
             .collect();
         deltas.apply(&items, &FOREVER, end);
+        deltas.roll_up_users();
         let previous = seq;
         seq += items.len() as u64;
         rollups::flush(storage, tenant, &deltas, previous, seq).unwrap();

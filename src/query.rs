@@ -355,14 +355,13 @@ impl QueryCache {
         let oldest_minute = retention.oldest(Resolution::Minute, now);
         let oldest_hour = retention.oldest(Resolution::Hour, now);
         let touched: Vec<(Micros, Micros)> = deltas
-            .buckets
-            .keys()
-            .filter(|key| match key.resolution {
+            .buckets()
+            .filter(|(resolution, _, start, _)| match resolution {
                 Resolution::Minute => true,
-                Resolution::Hour => oldest_minute.is_some_and(|oldest| key.start < oldest),
-                Resolution::Day => oldest_hour.is_some_and(|oldest| key.start < oldest),
+                Resolution::Hour => oldest_minute.is_some_and(|oldest| *start < oldest),
+                Resolution::Day => oldest_hour.is_some_and(|oldest| *start < oldest),
             })
-            .map(|key| (key.start, key.start + key.resolution.width()))
+            .map(|(resolution, _, start, _)| (start, start + resolution.width()))
             .filter(|(_, end)| *end <= open_minute)
             .collect();
         if touched.is_empty() {

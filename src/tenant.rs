@@ -232,6 +232,9 @@ impl TenantDirectory {
         for record in records {
             directory.index(Arc::new(record));
         }
+        for tenant in meta::tombstoned_tenants(&directory.storage)? {
+            directory.storage.dedup_windows.deleted(tenant);
+        }
         Ok(directory)
     }
 
@@ -247,7 +250,7 @@ impl TenantDirectory {
     }
 
     fn unindex(&self, record: &TenantRecord) {
-        self.storage.dedup_windows.remove(record.id);
+        self.storage.dedup_windows.deleted(record.id);
         self.keys.remove(&record.write_key_digest);
         self.keys.remove(&record.read_key_digest);
         self.tenants.remove(&record.id);

@@ -244,7 +244,7 @@ impl RollupActor {
         };
         self.flushing = true;
         let epoch = self.epoch;
-        let deltas = std::mem::take(&mut self.deltas);
+        let mut deltas = std::mem::take(&mut self.deltas);
         let through = self.applied_seq;
         let expected = self.stored_watermark;
         let storage = self.deps.storage.clone();
@@ -256,6 +256,7 @@ impl RollupActor {
         let task = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let started = Instant::now();
+            deltas.roll_up_users();
             let result = rollups::flush(&storage, tenant, &deltas, expected, through);
             if matches!(result, Ok(FlushOutcome::Stored)) && expire {
                 if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
@@ -273,7 +274,7 @@ impl RollupActor {
                         if expire {
                             actor.last_expiry = Some(Instant::now());
                         }
-                        telemetry::rollup_flushed(&actor.tenant_label, deltas.buckets.len(), took, &deltas.skipped);
+                        telemetry::rollup_flushed(&actor.tenant_label, deltas.len(), took, &deltas.skipped);
                         actor.deps.query_cache.invalidate_late(tenant, &deltas, &actor.retention, now_micros());
                     }
                     Ok((Ok(FlushOutcome::Conflict { stored }), _deltas, _)) => {
@@ -285,9 +286,7 @@ impl RollupActor {
                     Ok((Err(error), deltas, _)) => {
                         tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
                         // Not stored: keep the updates for the next flush.
-                        for (key, agg) in deltas.buckets {
-                            actor.deltas.buckets.entry(key).or_default().merge(&agg);
-                        }
+                        actor.deltas.merge(deltas);
                     }
                     Err(error) => {
                         tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");

@@ -338,7 +338,7 @@ impl Writer {
         }
         let now = now_micros();
         let mut write = self.storage.batch();
-        let mut in_request: HashSet<dedup::DedupKey> = HashSet::new();
+        let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
         let mut duplicates = 0usize;
         let events = std::mem::take(&mut batch.events);
         let mut kept = Vec::with_capacity(events.len());
@@ -354,7 +354,7 @@ impl Writer {
                 write.insert(
                     &self.storage.dedup,
                     key.to_vec(),
-                    dedup::value(now).to_vec(),
+                    dedup::value(tenant, now).to_vec(),
                 );
             }
             kept.push(event);

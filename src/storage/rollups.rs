@@ -102,8 +102,9 @@ pub enum FlushOutcome {
     },
 }
 
-/// Merges `deltas` into the stored buckets and moves the watermark from `expected_watermark` to
-/// `through_seq`, atomically, if the stored watermark still is `expected_watermark`. Blocking.
+/// Merges `deltas` (users rolled up: [`Deltas::roll_up_users`]) into the stored buckets and moves
+/// the watermark from `expected_watermark` to `through_seq`, atomically, if the stored watermark
+/// still is `expected_watermark`. Blocking.
 pub fn flush(
     storage: &Storage,
     tenant: TenantId,
@@ -119,21 +120,19 @@ pub fn flush(
     }
     let mut batch = storage.batch();
     let mut names = HashSet::new();
-    for (bucket, delta) in &deltas.buckets {
-        let key = bucket_key(tenant, bucket.resolution, &bucket.name, bucket.start);
-        let mut merged = BucketAgg {
-            count: read_count(storage, &key)?,
-            users: read_sketch(storage, &key)?.unwrap_or_default(),
-        };
-        merged.merge(delta);
+    for (resolution, name, start, delta) in deltas.buckets() {
+        let key = bucket_key(tenant, resolution, name, start);
+        let count = read_count(storage, &key)? + delta.count;
+        let mut users = read_sketch(storage, &key)?.unwrap_or_default();
+        delta.users.add_to(&mut users);
         batch.insert(
             &storage.rollup_counts,
             key.to_vec(),
-            merged.count.to_be_bytes().to_vec(),
+            count.to_be_bytes().to_vec(),
         );
-        let sketch = codec::encode_fixed(&merged.users).map_err(codec_error("rollup_users"))?;
+        let sketch = codec::encode_fixed(&users).map_err(codec_error("rollup_users"))?;
         batch.insert(&storage.rollup_users, key.to_vec(), sketch);
-        names.insert(bucket.name.as_str());
+        names.insert(name);
     }
     for name in names {
         batch.insert(
@@ -328,6 +327,7 @@ mod tests {
             day: None,
         };
         deltas.apply(&[item], &forever, at);
+        deltas.roll_up_users();
         deltas
     }
 
