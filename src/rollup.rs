@@ -167,7 +167,7 @@ impl Retention {
 ///
 /// Most pending buckets of a quiet tenant see a few hundred users between flushes; holding them
 /// as dense sketches (48 KiB each at precision 16) is what made many-tenant servers large.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum PendingUsers {
     Hashes(Vec<u64>),
     Sketch(Box<Sketch>),

@@ -52,6 +52,9 @@ pub mod names {
     pub const ROLLUP_FLUSH: &str = "statsremote_rollup_flush_seconds";
     /// Buckets written per flush.
     pub const ROLLUP_FLUSH_BUCKETS: &str = "statsremote_rollup_flush_buckets";
+    /// Log entries the rollup actors read back from the log (catch-up after a start, a restart
+    /// or a full mailbox) instead of receiving them from the writer.
+    pub const ROLLUP_LOG_READS: &str = "statsremote_rollup_log_reads_total";
     /// Events that skipped a resolution because they are older than its retention.
     pub const ROLLUP_SKIPPED: &str = "statsremote_rollup_skipped_events_total";
     /// Query latency by endpoint.
@@ -221,6 +224,11 @@ pub fn rollup_flushed(tenant: &str, buckets: usize, took: Duration, skipped: &[u
                 .increment(*count);
         }
     }
+}
+
+/// Log entries a rollup actor read back from the log.
+pub fn rollup_log_reads(entries: usize) {
+    counter!(names::ROLLUP_LOG_READS).increment(entries as u64);
 }
 
 /// Where a tenant's rollups stand.

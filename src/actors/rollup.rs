@@ -84,7 +84,11 @@ pub struct RollupActor {
     loaded: bool,
     /// A load or catch-up read is running.
     reading: bool,
+    /// A flush is waiting for a slot or running.
     flushing: bool,
+    /// Flushes stored by this actor; every `FOLD_EVERY`th folds sketch deltas (see
+    /// `storage::rollups`), starting with the first.
+    flushes: u64,
     /// Rebuilds asked for while a flush was running; they start when the flush ends.
     rebuild_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// When the stored rollups last caught up with everything applied.
@@ -115,6 +119,7 @@ impl RollupActor {
             loaded: false,
             reading: false,
             flushing: false,
+            flushes: 0,
             rebuild_waiters: Vec::new(),
             last_caught_up: Instant::now(),
             last_expiry: None,
@@ -206,6 +211,7 @@ impl RollupActor {
                 actor.loaded = true;
                 return;
             }
+            telemetry::rollup_log_reads(batches.len());
             for (first_seq, batch) in batches {
                 if first_seq <= actor.applied_seq {
                     continue;
@@ -235,14 +241,33 @@ impl RollupActor {
         self.report_lag();
     }
 
+    /// Waits for a flush slot (shared by all tenants, handed out first come, first served), then
+    /// flushes whatever has been applied by then. Meanwhile updates keep merging in memory.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.flushing || self.deltas.is_empty() {
             return;
         }
-        let Ok(slot) = Arc::clone(&self.deps.rollup_flush_slots).try_acquire_owned() else {
-            return; // Every flush slot is busy: keep merging in memory, try on the next tick.
-        };
         self.flushing = true;
+        let slots = Arc::clone(&self.deps.rollup_flush_slots);
+        ctx.spawn(wrap_future(slots.acquire_owned()).map(
+            |slot, actor: &mut Self, ctx| match slot {
+                Ok(slot) => actor.flush_in(slot, ctx),
+                Err(_) => actor.flushing = false, // Closed: the server is stopping.
+            },
+        ));
+    }
+
+    fn flush_in(&mut self, slot: tokio::sync::OwnedSemaphorePermit, ctx: &mut Context<Self>) {
+        if !self.rebuild_waiters.is_empty() || self.deltas.is_empty() {
+            drop(slot);
+            self.flushing = false;
+            let waiters = std::mem::take(&mut self.rebuild_waiters);
+            if !waiters.is_empty() {
+                self.rebuild(waiters, ctx);
+            }
+            return;
+        }
+        let fold = self.flushes % rollups::FOLD_EVERY == 0;
         let epoch = self.epoch;
         let mut deltas = std::mem::take(&mut self.deltas);
         let through = self.applied_seq;
@@ -257,7 +282,7 @@ impl RollupActor {
             let _slot = slot;
             let started = Instant::now();
             deltas.roll_up_users();
-            let result = rollups::flush(&storage, tenant, &deltas, expected, through);
+            let result = rollups::flush(&storage, tenant, &deltas, expected, through, fold);
             if matches!(result, Ok(FlushOutcome::Stored)) && expire {
                 if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
                     tracing::warn!(%tenant, %error, "expiring old rollups failed");
@@ -271,6 +296,7 @@ impl RollupActor {
                 match joined {
                     Ok((Ok(FlushOutcome::Stored), deltas, took)) => {
                         actor.stored_watermark = through;
+                        actor.flushes += 1;
                         if expire {
                             actor.last_expiry = Some(Instant::now());
                         }

@@ -383,6 +383,7 @@ impl Writer {
         write
             .commit()
             .map_err(StorageError::engine("committing a log batch"))?;
+        self.storage.bound_memtables()?;
         self.next_seq.insert(tenant, first_seq + accepted as u64);
         Ok(AppendOutcome {
             accepted,
