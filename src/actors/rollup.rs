@@ -267,7 +267,7 @@ impl RollupActor {
             }
             return;
         }
-        let fold = self.flushes % rollups::FOLD_EVERY == 0;
+        let fold = self.flushes.is_multiple_of(rollups::FOLD_EVERY);
         let epoch = self.epoch;
         let mut deltas = std::mem::take(&mut self.deltas);
         let through = self.applied_seq;
