@@ -16,7 +16,7 @@ use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError, StopChild};
 use crate::enrich::{enrich_all, EnrichContext};
 use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
-use crate::storage::log::{AppendOutcome, AppendRequest};
+use crate::storage::log::{AppendOutcome, AppendRequest, PreparedBatch};
 use crate::storage::StorageError;
 use crate::tenant::TenantId;
 
@@ -89,6 +89,13 @@ impl Handler<IngestBatch> for IngestActor {
             received_at,
             source,
             events: enrich_all(events, &context),
+        };
+        let batch = match PreparedBatch::new(self.tenant, batch) {
+            Ok(batch) => batch,
+            Err(error) => {
+                let _ = reply.send(Err(error.into()));
+                return;
+            }
         };
         let supervisor = self.supervisor.clone();
         let request = AppendRequest {

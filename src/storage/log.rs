@@ -40,8 +40,47 @@ pub struct AppendRequest {
     /// When the request was queued (for the queue-wait metric).
     pub queued_at: Instant,
     pub dedup_window: Duration,
-    pub batch: LogBatch,
+    pub batch: PreparedBatch,
     pub reply: AppendReply,
+}
+
+/// A log batch made ready by its sender, in parallel with other senders: encoded and compressed
+/// as the log entry, with each event's dedup key and rollup item. The one writer thread then
+/// only deduplicates and commits (it re-encodes only a batch that had duplicates).
+pub struct PreparedBatch {
+    batch: LogBatch,
+    encoded: Vec<u8>,
+    /// `None` for an event whose messageId the server generated (never a duplicate).
+    dedup_keys: Vec<Option<dedup::DedupKey>>,
+    items: Vec<RollupItem>,
+}
+
+impl PreparedBatch {
+    pub fn new(tenant: TenantId, batch: LogBatch) -> Result<PreparedBatch, StorageError> {
+        let encoded = encode_entry(&batch)?;
+        let dedup_keys = batch
+            .events
+            .iter()
+            .map(|event| {
+                (event.flags & flags::GENERATED_ID == 0)
+                    .then(|| dedup::key(tenant, &event.message_id))
+            })
+            .collect();
+        let items = batch.events.iter().map(RollupItem::from_event).collect();
+        Ok(PreparedBatch {
+            batch,
+            encoded,
+            dedup_keys,
+            items,
+        })
+    }
+}
+
+fn encode_entry(batch: &LogBatch) -> Result<Vec<u8>, StorageError> {
+    codec::encode_compressed(batch).map_err(|source| StorageError::Codec {
+        keyspace: "log",
+        source,
+    })
 }
 
 /// What happened to a request's events.
@@ -328,7 +367,7 @@ impl Writer {
         &mut self,
         tenant: TenantId,
         dedup_window: Duration,
-        mut batch: LogBatch,
+        prepared: PreparedBatch,
     ) -> Result<AppendOutcome, StorageError> {
         if let Some(reason) = &self.failure {
             return Err(StorageError::NotDurable(reason.clone()));
@@ -339,27 +378,26 @@ impl Writer {
         let now = now_micros();
         let mut write = self.storage.batch();
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
-        let mut duplicates = 0usize;
-        let events = std::mem::take(&mut batch.events);
-        let mut kept = Vec::with_capacity(events.len());
-        for event in events {
-            if event.flags & flags::GENERATED_ID == 0 {
-                let key = dedup::key(tenant, &event.message_id);
-                let duplicate = !in_request.insert(key)
-                    || dedup::seen_within(&self.storage, &key, now, dedup_window)?;
-                if duplicate {
-                    duplicates += 1;
-                    continue;
-                }
+        let mut keep = Vec::with_capacity(prepared.dedup_keys.len());
+        for key in &prepared.dedup_keys {
+            let Some(key) = key else {
+                keep.push(true);
+                continue;
+            };
+            let duplicate = !in_request.insert(*key)
+                || dedup::seen_within(&self.storage, key, now, dedup_window)?;
+            if !duplicate {
                 write.insert(
                     &self.storage.dedup,
                     key.to_vec(),
                     dedup::value(tenant, now).to_vec(),
                 );
             }
-            kept.push(event);
+            keep.push(!duplicate);
         }
-        if kept.is_empty() {
+        let accepted = keep.iter().filter(|kept| **kept).count();
+        let duplicates = keep.len() - accepted;
+        if accepted == 0 {
             return Ok(AppendOutcome {
                 accepted: 0,
                 duplicates,
@@ -367,14 +405,27 @@ impl Writer {
                 rollup: None,
             });
         }
-        let accepted = kept.len();
-        let items = kept.iter().map(RollupItem::from_event).collect();
-        batch.events = kept;
+        let PreparedBatch {
+            mut batch,
+            encoded,
+            items,
+            ..
+        } = prepared;
+        let (value, items) = if duplicates == 0 {
+            (encoded, items)
+        } else {
+            let mut kept = keep.iter();
+            batch
+                .events
+                .retain(|_| kept.next().copied().unwrap_or(false));
+            let mut kept = keep.iter();
+            let items = items
+                .into_iter()
+                .filter(|_| kept.next().copied().unwrap_or(false))
+                .collect();
+            (encode_entry(&batch)?, items)
+        };
         let first_seq = self.next_seq(tenant)?;
-        let value = codec::encode(&batch).map_err(|source| StorageError::Codec {
-            keyspace: "log",
-            source,
-        })?;
         write.insert(
             &self.storage.log,
             tenant_key(tenant, first_seq).to_vec(),
@@ -529,7 +580,7 @@ mod tests {
             tenant,
             queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
-            batch: batch(ids),
+            batch: PreparedBatch::new(tenant, batch(ids)).unwrap(),
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
             }),
@@ -578,7 +629,7 @@ mod tests {
             tenant,
             queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
-            batch: batch(&["late"]),
+            batch: PreparedBatch::new(tenant, batch(&["late"])).unwrap(),
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
             }),

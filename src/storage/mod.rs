@@ -104,6 +104,9 @@ impl Storage {
         let db = Database::builder(path)
             .cache_size(cache_bytes)
             .manual_journal_persist(true)
+            // Log entries arrive compressed (codec format 3) and the rest is small or dense
+            // sketches: compressing the journal again cost the log writer thread CPU for nothing.
+            .journal_compression(fjall::CompressionType::None)
             .with_compaction_filter_factories({
                 let windows = dedup_windows.clone();
                 Arc::new(move |keyspace: &str| {
@@ -116,8 +119,12 @@ impl Storage {
             })
             .open()
             .map_err(open_error)?;
+        // Entries are compressed by their senders: the tables do not compress them again.
         let log = db
-            .keyspace("log", memtable(LOG_MEMTABLE_BYTES))
+            .keyspace("log", || {
+                memtable(LOG_MEMTABLE_BYTES)()
+                    .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+            })
             .map_err(open_error)?;
         // Random keys, one point read and one insert per event: a small memtable keeps the
         // skiplist cache-resident (profiled: with the 64 MiB default, skiplist search was the
