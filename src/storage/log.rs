@@ -112,7 +112,7 @@ impl LogHeads {
 }
 
 enum Command {
-    Append(AppendRequest),
+    Append(Box<AppendRequest>),
     Seal {
         tenant: TenantId,
         reply: oneshot::Sender<()>,
@@ -172,7 +172,7 @@ impl LogWriter {
     /// Queues an append without blocking. If the queue is full or the writer has stopped, the
     /// request's reply is called at once with the error.
     pub fn submit(&self, request: AppendRequest) {
-        let refused = match self.queue.try_send(Command::Append(request)) {
+        let refused = match self.queue.try_send(Command::Append(Box::new(request))) {
             Ok(()) => return,
             Err(TrySendError::Full(command)) => (command, StorageError::QueueFull),
             Err(TrySendError::Disconnected(command)) => (command, StorageError::WriterStopped),
