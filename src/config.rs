@@ -133,6 +133,7 @@ pub struct RollupsConfig {
     #[serde(with = "humantime_serde")]
     pub max_funnel_range: Duration,
     pub query_cache_entries: usize,
+    pub query_cache_series_blocks: usize,
     pub max_concurrent_flushes: usize,
 }
 

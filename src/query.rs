@@ -268,22 +268,27 @@ const MAX_CACHED_BYTES: usize = 1 << 20;
 
 struct TenantCache {
     answers: lru::LruCache<String, CachedAnswer>,
+    /// Rendered blocks of series answers (see `http::query::series`); `None` when off.
+    blocks: Option<lru::LruCache<String, CachedAnswer>>,
     /// Bumped by every invalidation: an answer computed before it is not stored after it.
     version: u64,
 }
 
-/// Per-tenant cache of answers over closed ranges.
+/// Per-tenant cache of answers, and of blocks of series answers, over closed ranges.
 pub struct QueryCache {
     /// `None`: caching is off.
     capacity: Option<NonZeroUsize>,
+    block_capacity: Option<NonZeroUsize>,
     tenants: DashMap<TenantId, Mutex<TenantCache>>,
 }
 
 impl QueryCache {
-    /// Keeps up to `capacity` answers per tenant (each at most 1 MiB); 0 disables the cache.
-    pub fn new(capacity: usize) -> QueryCache {
+    /// Keeps up to `capacity` answers (each at most 1 MiB) and `block_capacity` series blocks per
+    /// tenant; a capacity of 0 turns that part off (`capacity` 0: the whole cache).
+    pub fn new(capacity: usize, block_capacity: usize) -> QueryCache {
         QueryCache {
             capacity: NonZeroUsize::new(capacity),
+            block_capacity: NonZeroUsize::new(block_capacity),
             tenants: DashMap::new(),
         }
     }
@@ -293,6 +298,7 @@ impl QueryCache {
         let entry = self.tenants.entry(tenant).or_insert_with(|| {
             Mutex::new(TenantCache {
                 answers: lru::LruCache::new(capacity),
+                blocks: self.block_capacity.map(lru::LruCache::new),
                 version: 0,
             })
         });
@@ -341,6 +347,35 @@ impl QueryCache {
         });
     }
 
+    /// A cached series block.
+    pub fn get_block(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
+        self.with_tenant(tenant, |cache| {
+            let block = cache.blocks.as_mut()?.get(key)?;
+            Some(Arc::clone(&block.body))
+        })
+        .flatten()
+    }
+
+    /// Stores a series block computed at `version`, unless an invalidation happened since.
+    pub fn put_block(
+        &self,
+        tenant: TenantId,
+        version: u64,
+        key: String,
+        range: (Micros, Micros),
+        body: Arc<str>,
+    ) {
+        self.with_tenant(tenant, |cache| {
+            if cache.version != version {
+                return;
+            }
+            if let Some(blocks) = cache.blocks.as_mut() {
+                let (from, to) = range;
+                blocks.put(key, CachedAnswer { from, to, body });
+            }
+        });
+    }
+
     /// Drops the answers whose range overlaps a closed bucket that `deltas` changed (a late
     /// event). Each event is judged by the finest resolution still kept for it, so ordinary live
     /// traffic (the current minute) invalidates nothing.
@@ -367,20 +402,31 @@ impl QueryCache {
         if touched.is_empty() {
             return;
         }
+        let overlaps = |answer: &CachedAnswer| {
+            touched
+                .iter()
+                .any(|(start, end)| *start < answer.to && answer.from < *end)
+        };
         self.with_tenant(tenant, |cache| {
             cache.version += 1;
             let stale: Vec<String> = cache
                 .answers
                 .iter()
-                .filter(|(_, answer)| {
-                    touched
-                        .iter()
-                        .any(|(start, end)| *start < answer.to && answer.from < *end)
-                })
+                .filter(|(_, answer)| overlaps(answer))
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in stale {
                 cache.answers.pop(&key);
+            }
+            if let Some(blocks) = cache.blocks.as_mut() {
+                let stale: Vec<String> = blocks
+                    .iter()
+                    .filter(|(_, block)| overlaps(block))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in stale {
+                    blocks.pop(&key);
+                }
             }
         });
     }

@@ -148,7 +148,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             max_group_requests: config.storage.max_group_requests,
         },
     )?);
-    let query_cache = Arc::new(QueryCache::new(config.rollups.query_cache_entries));
+    let query_cache = Arc::new(QueryCache::new(
+        config.rollups.query_cache_entries,
+        config.rollups.query_cache_series_blocks,
+    ));
     let pipelines = Arc::new(Pipelines::new(
         PipelineDeps {
             storage: storage.clone(),

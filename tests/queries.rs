@@ -444,8 +444,26 @@ fn late_events_invalidate_cached_answers() {
             .as_u64()
             .unwrap()
     };
+    // A minute series over the same day is built from 24 hour blocks, cached once rendered.
+    let minutes = format!(
+        "/v1/query/series?interval=minute&from={}&to={}",
+        rfc3339(day),
+        rfc3339(day + DAY)
+    );
+    let minute_counts = |server: &TestServer| -> Vec<u64> {
+        let answer = server.get(&minutes, Auth::Bearer(&tenant.read_key)).json();
+        let points = answer["points"].as_array().unwrap();
+        points
+            .iter()
+            .map(|p| p["value"].as_u64().unwrap())
+            .collect()
+    };
     assert_eq!(count(&server), 1);
     assert_eq!(count(&server), 1); // served from the cache
+    let before = minute_counts(&server);
+    assert_eq!(before.len(), 1440);
+    assert_eq!(minute_counts(&server), before); // served from the cached blocks
+    assert_eq!(before.iter().sum::<u64>(), 1);
     assert!(server
         .metrics()
         .contains("statsremote_query_cache_hits_total"));
@@ -456,6 +474,25 @@ fn late_events_invalidate_cached_answers() {
         2,
         "the late event invalidated the cached answer"
     );
+    let after = minute_counts(&server);
+    assert_eq!((after[60], after[120]), (1, 1), "and the cached block");
+    assert_eq!(after.iter().sum::<u64>(), 2);
+    // The compact format: the same values, without timestamps.
+    let compact = server
+        .get(
+            &format!("{minutes}&format=values"),
+            Auth::Bearer(&tenant.read_key),
+        )
+        .json();
+    let values: Vec<u64> = compact["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(values, after);
+    assert!(compact.get("points").is_none());
+    assert_eq!(parse(compact["from"].as_str().unwrap()), day);
 }
 
 fn funnel(
@@ -562,6 +599,7 @@ fn bad_query_parameters_name_the_parameter() {
     let range = format!("from={}&to={}", rfc3339(now - DAY), rfc3339(now));
     for (query, needle) in [
         (format!("/v1/query/series?metric=sum&{range}"), "`metric`"),
+        (format!("/v1/query/series?format=csv&{range}"), "`format`"),
         (
             format!("/v1/query/series?interval=week&{range}"),
             "`interval`",

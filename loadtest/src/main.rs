@@ -526,18 +526,18 @@ fn run_queries(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
     target.stop();
     print_table(std::slice::from_ref(&ingest));
     println!(
-        "\n{:<24} {:>8} {:>9} {:>9} {:>9}",
+        "\n{:<32} {:>8} {:>9} {:>9} {:>9}",
         "query (under the load above)", "count", "p50 ms", "p99 ms", "max ms"
     );
     for (name, latency) in &latencies {
         println!(
-            "{name:<24} {:>8} {:>9.2} {:>9.2} {:>9.2}",
+            "{name:<32} {:>8} {:>9.2} {:>9.2} {:>9.2}",
             latency.count, latency.p50_ms, latency.p99_ms, latency.max_ms
         );
     }
     if let Some(ticks) = &ticks {
         println!(
-            "{:<24} {:>8} {:>9.2} {:>9.2} {:>9.2}   ({} subscribers; delay after the tick's timestamp)",
+            "{:<32} {:>8} {:>9.2} {:>9.2} {:>9.2}   ({} subscribers; delay after the tick's timestamp)",
             "live tick delay", ticks.count, ticks.p50_ms, ticks.p99_ms, ticks.max_ms, args.subscribers
         );
     }

@@ -95,6 +95,14 @@ pub(crate) fn query_loop(
             ),
         ),
         (
+            "series 30d by minute, values",
+            format!(
+                "/v1/query/series?event=Backfilled&interval=minute&from={}&to={}&format=values",
+                rfc3339(minute - 30 * 86_400),
+                rfc3339(minute)
+            ),
+        ),
+        (
             "series 90d by hour",
             format!(
                 "/v1/query/series?event=Backfilled&interval=hour&from={}&to={}",

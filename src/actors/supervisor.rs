@@ -370,7 +370,7 @@ mod tests {
             storage: storage.clone(),
             writer: Arc::new(writer),
             directory: Arc::new(directory),
-            query_cache: Arc::new(crate::query::QueryCache::new(8)),
+            query_cache: Arc::new(crate::query::QueryCache::new(8, 8)),
             actors,
             rollups,
             live: config.live.clone(),
