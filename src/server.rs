@@ -194,6 +194,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let addrs = server.addrs();
     let running = server.run();
     let handle = running.handle();
+    // The storage engine's workers (some start after the database opens) can wait; requests
+    // cannot. See `crate::priority`.
+    let lowered = crate::priority::background_threads_named("fjall:worker");
+    tracing::debug!(lowered, "storage engine workers run at background priority");
     let mut stdout = std::io::stdout();
     for addr in &addrs {
         // Tests and scripts read this line; a closed stdout is no reason to stop.

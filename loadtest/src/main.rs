@@ -229,7 +229,12 @@ fn worker(
     let interval = (args.rate > 0).then(|| {
         Duration::from_secs_f64(batch as f64 * args.concurrency as f64 / args.rate as f64)
     });
-    let mut next_send = Instant::now();
+    // At a held rate, connections start spread over one interval: in step, every connection's
+    // request would arrive at once, a burst no set of independent clients sends.
+    let mut next_send = Instant::now()
+        + interval.map_or(Duration::ZERO, |interval| {
+            interval.mul_f64(index as f64 / args.concurrency as f64)
+        });
     let mut n = 0u64;
     let content_encoding = match args.compression {
         Compression::None => None,

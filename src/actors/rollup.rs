@@ -279,6 +279,7 @@ impl RollupActor {
             .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY);
         let retention = self.retention;
         let task = tokio::task::spawn_blocking(move || {
+            crate::priority::background_thread();
             let _slot = slot;
             let started = Instant::now();
             deltas.roll_up_users();
