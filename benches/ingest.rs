@@ -75,9 +75,9 @@ fn benches(c: &mut Criterion) {
         ),
     };
     group.bench_function("encode log entry", |b| {
-        b.iter(|| codec::encode(&log_batch).unwrap())
+        b.iter(|| codec::encode_compressed(&log_batch).unwrap())
     });
-    let encoded = codec::encode(&log_batch).unwrap();
+    let encoded = codec::encode_compressed(&log_batch).unwrap();
     group.bench_function("decode log entry", |b| {
         b.iter(|| codec::decode::<LogBatch>(&encoded).unwrap())
     });
