@@ -89,6 +89,8 @@ pub struct RollupActor {
     /// Flushes stored by this actor; every `FOLD_EVERY`th folds sketch deltas (see
     /// `storage::rollups`), starting with the first.
     flushes: u64,
+    /// Buckets with sketch delta records written since their last fold; folded once they end.
+    unfolded: rustc_hash::FxHashSet<rollups::BucketId>,
     /// Rebuilds asked for while a flush was running; they start when the flush ends.
     rebuild_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// When the stored rollups last caught up with everything applied.
@@ -120,6 +122,7 @@ impl RollupActor {
             reading: false,
             flushing: false,
             flushes: 0,
+            unfolded: Default::default(),
             rebuild_waiters: Vec::new(),
             last_caught_up: Instant::now(),
             last_expiry: None,
@@ -267,7 +270,19 @@ impl RollupActor {
             }
             return;
         }
-        let fold = self.flushes.is_multiple_of(rollups::FOLD_EVERY);
+        let now = now_micros();
+        let ended = |(resolution, _, start): &rollups::BucketId| start + resolution.width() <= now;
+        let mut fold = rollups::FoldPlan {
+            all: self.flushes.is_multiple_of(rollups::FOLD_EVERY),
+            buckets: self.unfolded.iter().filter(|b| ended(b)).cloned().collect(),
+        };
+        // Late events: their bucket has ended, fold it at once.
+        for (resolution, name, start, _) in self.deltas.buckets() {
+            let bucket = (resolution, name.to_string(), start);
+            if ended(&bucket) {
+                fold.buckets.insert(bucket);
+            }
+        }
         let epoch = self.epoch;
         let mut deltas = std::mem::take(&mut self.deltas);
         let through = self.applied_seq;
@@ -283,34 +298,35 @@ impl RollupActor {
             let _slot = slot;
             let started = Instant::now();
             deltas.roll_up_users();
-            let result = rollups::flush(&storage, tenant, &deltas, expected, through, fold);
+            let result = rollups::flush(&storage, tenant, &deltas, expected, through, &fold);
             if matches!(result, Ok(FlushOutcome::Stored)) && expire {
                 if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
                     tracing::warn!(%tenant, %error, "expiring old rollups failed");
                 }
             }
-            (result, deltas, started.elapsed())
+            (result, deltas, fold, started.elapsed())
         });
         ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
             actor.flushing = false;
             if actor.epoch == epoch {
                 match joined {
-                    Ok((Ok(FlushOutcome::Stored), deltas, took)) => {
+                    Ok((Ok(FlushOutcome::Stored), deltas, fold, took)) => {
                         actor.stored_watermark = through;
                         actor.flushes += 1;
+                        actor.note_folds(&deltas, &fold);
                         if expire {
                             actor.last_expiry = Some(Instant::now());
                         }
                         telemetry::rollup_flushed(&actor.tenant_label, deltas.len(), took, &deltas.skipped);
                         actor.deps.query_cache.invalidate_late(tenant, &deltas, &actor.retention, now_micros());
                     }
-                    Ok((Ok(FlushOutcome::Conflict { stored }), _deltas, _)) => {
+                    Ok((Ok(FlushOutcome::Conflict { stored }), ..)) => {
                         // Another writer moved the watermark: our updates may overlap what it
                         // stored. Start over from storage.
                         tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
                         actor.reload(ctx);
                     }
-                    Ok((Err(error), deltas, _)) => {
+                    Ok((Err(error), deltas, ..)) => {
                         tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
                         // Not stored: keep the updates for the next flush.
                         actor.deltas.merge(deltas);
@@ -326,6 +342,21 @@ impl RollupActor {
                 actor.rebuild(waiters, ctx);
             }
         }));
+    }
+
+    /// Keeps track of the buckets left with delta records by a stored flush.
+    fn note_folds(&mut self, deltas: &Deltas, fold: &rollups::FoldPlan) {
+        for bucket in &fold.buckets {
+            self.unfolded.remove(bucket);
+        }
+        for (resolution, name, start, delta) in deltas.buckets() {
+            let bucket = (resolution, name.to_string(), start);
+            if fold.all || fold.buckets.contains(&bucket) {
+                self.unfolded.remove(&bucket);
+            } else if !delta.users.is_empty() {
+                self.unfolded.insert(bucket);
+            }
+        }
     }
 
     /// Deletes the stored rollups, then reloads (from watermark 0: the whole log).

@@ -8,7 +8,8 @@
 //!   merged with its deltas. Rewriting a dense sketch (48 KiB at precision 16) on every flush
 //!   was the largest cost of the rollups with many tenants, in CPU and in memtable memory; a
 //!   delta is 8 bytes per user added. Every [`FOLD_EVERY`]th flush of a tenant folds the deltas of
-//!   the buckets it touches into their base.
+//!   the buckets it touches into their base, and a bucket's deltas are folded once it has ended
+//!   (see [`FoldPlan`]), so stored buckets are read as one record.
 //! - in `meta`: `n ‖ tenant ‖ name hash` → the name (to list events), and `w ‖ tenant` → the
 //!   watermark: the last log sequence whose events are in the stored rollups.
 //!
@@ -29,6 +30,27 @@ use crate::tenant::TenantId;
 const NAME: u8 = b'n';
 /// A tenant's rollup actor folds sketch deltas into their bases on every this many flushes.
 pub const FOLD_EVERY: u64 = 8;
+
+/// A bucket of a series: resolution, series name, start.
+pub type BucketId = (Resolution, String, Micros);
+
+/// Which buckets a flush folds (merges base and deltas into one base record).
+#[derive(Debug, Default)]
+pub struct FoldPlan {
+    /// Every bucket the flush touches.
+    pub all: bool,
+    /// These buckets, whether the flush touches them or not (buckets that have ended).
+    pub buckets: rustc_hash::FxHashSet<BucketId>,
+}
+
+impl FoldPlan {
+    fn folds(&self, resolution: Resolution, name: &str, start: Micros) -> bool {
+        self.all
+            || self
+                .buckets
+                .contains(&(resolution, name.to_string(), start))
+    }
+}
 /// Length of a bucket key; longer keys in `rollup_users` are delta records.
 const BUCKET_KEY_LEN: usize = 25;
 const WATERMARK: u8 = b'w';
@@ -99,13 +121,17 @@ fn delta_key(bucket: &[u8; BUCKET_KEY_LEN], seq: u64) -> [u8; BUCKET_KEY_LEN + 8
 }
 
 /// Adds one `rollup_users` record (a base sketch or a delta) to `sketch`.
-fn add_record(sketch: &mut Sketch, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+/// (A base comes first, so it is usually taken as it is, without a merge.)
+fn add_record(sketch: &mut Option<Sketch>, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
     if key.len() == BUCKET_KEY_LEN {
         let base: Sketch = codec::decode(value).map_err(codec_error("rollup_users"))?;
-        sketch.merge(&base);
+        match sketch {
+            Some(sketch) => sketch.merge(&base),
+            None => *sketch = Some(base),
+        }
     } else {
         let delta: PendingUsers = codec::decode(value).map_err(codec_error("rollup_users"))?;
-        delta.add_to(sketch);
+        delta.add_to(sketch.get_or_insert_with(Sketch::new));
     }
     Ok(())
 }
@@ -122,7 +148,7 @@ fn read_users(
         let (record, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading a rollup sketch"))?;
-        add_record(sketch.get_or_insert_with(Sketch::new), &record, &value)?;
+        add_record(&mut sketch, &record, &value)?;
         if record.len() != BUCKET_KEY_LEN {
             deltas.push(record);
         }
@@ -150,15 +176,15 @@ pub enum FlushOutcome {
 
 /// Merges `deltas` (users rolled up: [`Deltas::roll_up_users`]) into the stored buckets and moves
 /// the watermark from `expected_watermark` to `through_seq`, atomically, if the stored watermark
-/// still is `expected_watermark`. Users are written as delta records, or with `fold`, merged
-/// with the bucket's base and deltas into a new base. Blocking.
+/// still is `expected_watermark`. Users are written as delta records, or for the buckets `fold`
+/// names, merged with the bucket's base and deltas into a new base. Blocking.
 pub fn flush(
     storage: &Storage,
     tenant: TenantId,
     deltas: &Deltas,
     expected_watermark: u64,
     through_seq: u64,
-    fold: bool,
+    fold: &FoldPlan,
 ) -> Result<FlushOutcome, StorageError> {
     let lock = storage.rollup_lock(tenant);
     let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,15 +202,8 @@ pub fn flush(
             key.to_vec(),
             count.to_be_bytes().to_vec(),
         );
-        if fold {
-            let (users, old_deltas) = read_users(storage, &key)?;
-            let mut users = users.unwrap_or_default();
-            delta.users.add_to(&mut users);
-            let sketch = codec::encode_fixed(&users).map_err(codec_error("rollup_users"))?;
-            batch.insert(&storage.rollup_users, key.to_vec(), sketch);
-            for old in old_deltas {
-                batch.remove(&storage.rollup_users, old);
-            }
+        if fold.folds(resolution, name, start) {
+            fold_users(storage, &mut batch, &key, &delta.users)?;
         } else if !delta.users.is_empty() {
             let users = codec::encode_fixed(&delta.users).map_err(codec_error("rollup_users"))?;
             batch.insert(
@@ -194,6 +213,12 @@ pub fn flush(
             );
         }
         names.insert(name);
+    }
+    for (resolution, name, start) in &fold.buckets {
+        if deltas.get(*resolution, name, *start).is_none() {
+            let key = bucket_key(tenant, *resolution, name, *start);
+            fold_users(storage, &mut batch, &key, &PendingUsers::default())?;
+        }
     }
     for name in names {
         batch.insert(
@@ -218,6 +243,27 @@ pub fn flush(
 fn bucket_time(key: &[u8]) -> Option<Micros> {
     let time = <[u8; 8]>::try_from(key.get(17..BUCKET_KEY_LEN)?).ok()?;
     Some((u64::from_be_bytes(time) ^ (1 << 63)) as i64)
+}
+
+/// Writes a bucket's base merged with its deltas and `added`, and removes the deltas.
+fn fold_users(
+    storage: &Storage,
+    batch: &mut fjall::OwnedWriteBatch,
+    key: &[u8; BUCKET_KEY_LEN],
+    added: &PendingUsers,
+) -> Result<(), StorageError> {
+    let (users, old_deltas) = read_users(storage, key)?;
+    if users.is_none() && added.is_empty() {
+        return Ok(()); // Nothing stored (deleted meanwhile, say): nothing to fold.
+    }
+    let mut users = users.unwrap_or_default();
+    added.add_to(&mut users);
+    let sketch = codec::encode_fixed(&users).map_err(codec_error("rollup_users"))?;
+    batch.insert(&storage.rollup_users, key.to_vec(), sketch);
+    for old in old_deltas {
+        batch.remove(&storage.rollup_users, old);
+    }
+    Ok(())
 }
 
 /// Reads every stored bucket of one series in `[from, to)` from `keyspace`, decoding values.
@@ -279,6 +325,7 @@ pub fn read_sketches(
     let start = bucket_key(tenant, resolution, name, from);
     let end = bucket_key(tenant, resolution, name, to);
     let mut out: Vec<(Micros, Sketch)> = Vec::new();
+    let mut current: Option<(Micros, Option<Sketch>)> = None;
     for guard in storage.rollup_users.range(start..end) {
         let (key, value) = guard
             .into_inner()
@@ -286,12 +333,18 @@ pub fn read_sketches(
         let Some(at) = bucket_time(&key) else {
             continue;
         };
-        if out.last().is_none_or(|(last, _)| *last != at) {
-            out.push((at, Sketch::new()));
+        if current.as_ref().is_none_or(|(bucket, _)| *bucket != at) {
+            if let Some((bucket, Some(sketch))) = current.take() {
+                out.push((bucket, sketch));
+            }
+            current = Some((at, None));
         }
-        if let Some((_, sketch)) = out.last_mut() {
+        if let Some((_, sketch)) = current.as_mut() {
             add_record(sketch, &key, &value)?;
         }
+    }
+    if let Some((bucket, Some(sketch))) = current {
+        out.push((bucket, sketch));
     }
     Ok(out)
 }
@@ -395,6 +448,13 @@ mod tests {
     use super::*;
     use crate::rollup::RollupItem;
 
+    fn all() -> FoldPlan {
+        FoldPlan {
+            all: true,
+            ..FoldPlan::default()
+        }
+    }
+
     fn deltas(at: Micros) -> Deltas {
         deltas_of_users(at, 1..2)
     }
@@ -442,7 +502,10 @@ mod tests {
                 &deltas_of_users(at, from..to),
                 seq,
                 seq + 1,
-                fold,
+                &FoldPlan {
+                    all: fold,
+                    ..FoldPlan::default()
+                },
             );
             assert_eq!(outcome.unwrap(), FlushOutcome::Stored);
         }
@@ -471,6 +534,29 @@ mod tests {
                 "deltas after the fold remain until the next fold"
             );
         }
+        // Once the buckets have ended, a flush that does not touch them folds them.
+        let ended = FoldPlan {
+            all: false,
+            buckets: Resolution::ALL
+                .iter()
+                .map(|r| (*r, "e".to_string(), at))
+                .collect(),
+        };
+        let elsewhere = deltas_of_users(at + 10 * Resolution::Day.width(), 0..1);
+        assert_eq!(
+            flush(&storage, tenant, &elsewhere, 5, 6, &ended).unwrap(),
+            FlushOutcome::Stored
+        );
+        for resolution in Resolution::ALL {
+            let key = bucket_key(tenant, resolution, "e", at);
+            let (users, deltas) = read_users(&storage, &key).unwrap();
+            assert!(deltas.is_empty(), "{resolution:?}: folded");
+            let users = crate::rollup::estimate(&users.unwrap());
+            assert!(
+                relative_error(users, 12_000.0) < 0.01,
+                "{resolution:?}: {users}"
+            );
+        }
         let day = bucket_key(tenant, Resolution::Day, "e", at);
         let total = total_over(&storage, tenant, "e", &[(Resolution::Day, at)]).unwrap();
         assert_eq!(total.count, 12_000 + 500 + 500 + 500);
@@ -484,7 +570,7 @@ mod tests {
             hour: std::time::Duration::from_secs(1),
             day: Some(std::time::Duration::from_secs(1)),
         };
-        expire(&storage, tenant, &gone, at + 10 * Resolution::Day.width()).unwrap();
+        expire(&storage, tenant, &gone, at + 20 * Resolution::Day.width()).unwrap();
         assert!(storage
             .rollup_users
             .prefix(tenant.0.to_be_bytes())
@@ -499,16 +585,16 @@ mod tests {
         let tenant = TenantId(3);
         let at = 1_000 * Resolution::Day.width();
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 0, 1, false).unwrap(),
+            flush(&storage, tenant, &deltas(at), 0, 1, &FoldPlan::default()).unwrap(),
             FlushOutcome::Stored
         );
         // A second writer that also started from watermark 0 (a replaced actor) is refused.
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 0, 1, false).unwrap(),
+            flush(&storage, tenant, &deltas(at), 0, 1, &FoldPlan::default()).unwrap(),
             FlushOutcome::Conflict { stored: 1 }
         );
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 1, 2, true).unwrap(),
+            flush(&storage, tenant, &deltas(at), 1, 2, &all()).unwrap(),
             FlushOutcome::Stored
         );
         let counts = read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1).unwrap();
