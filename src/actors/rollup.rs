@@ -27,7 +27,7 @@ use crate::actors::live::{LiveHub, LiveItems};
 use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{PipelineDeps, StopChild};
 use crate::event::now_micros;
-use crate::rollup::{Deltas, Retention, RollupBatch, RollupItem};
+use crate::rollup::{Deltas, Resolution, Retention, RollupBatch, RollupItem};
 use crate::storage::log::read_batches;
 use crate::storage::rollups::{self, FlushOutcome};
 use crate::telemetry;
@@ -271,12 +271,18 @@ impl RollupActor {
             return;
         }
         let now = now_micros();
-        let ended = |(resolution, _, start): &rollups::BucketId| start + resolution.width() <= now;
+        // Hour and day buckets are folded once they have ended (long ranges read them). Minute
+        // buckets are not: folding every series' minute at every minute boundary cost 8% of
+        // the throughput and 110 MiB of peak RSS with 100 tenants, and a minute keeps at most
+        // 7 small deltas (its last fold came at most 7 flushes before it ended).
+        let ended = |(resolution, _, start): &rollups::BucketId| {
+            *resolution != Resolution::Minute && start + resolution.width() <= now
+        };
         let mut fold = rollups::FoldPlan {
             all: self.flushes.is_multiple_of(rollups::FOLD_EVERY),
             buckets: self.unfolded.iter().filter(|b| ended(b)).cloned().collect(),
         };
-        // Late events: their bucket has ended, fold it at once.
+        // Late events into an ended hour or day: fold it at once.
         for (resolution, name, start, _) in self.deltas.buckets() {
             let bucket = (resolution, name.to_string(), start);
             if ended(&bucket) {
@@ -353,7 +359,7 @@ impl RollupActor {
             let bucket = (resolution, name.to_string(), start);
             if fold.all || fold.buckets.contains(&bucket) {
                 self.unfolded.remove(&bucket);
-            } else if !delta.users.is_empty() {
+            } else if resolution != Resolution::Minute && !delta.users.is_empty() {
                 self.unfolded.insert(bucket);
             }
         }
