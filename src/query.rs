@@ -274,6 +274,19 @@ struct TenantCache {
     version: u64,
 }
 
+/// One of a tenant's caches (`TenantCache::answers` or `TenantCache::blocks`).
+type CachePart = fn(&mut TenantCache) -> Option<&mut lru::LruCache<String, CachedAnswer>>;
+
+impl TenantCache {
+    fn answers(&mut self) -> Option<&mut lru::LruCache<String, CachedAnswer>> {
+        Some(&mut self.answers)
+    }
+
+    fn blocks(&mut self) -> Option<&mut lru::LruCache<String, CachedAnswer>> {
+        self.blocks.as_mut()
+    }
+}
+
 /// Per-tenant cache of answers, and of blocks of series answers, over closed ranges.
 pub struct QueryCache {
     /// `None`: caching is off.
@@ -312,13 +325,7 @@ impl QueryCache {
     }
 
     pub fn get(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
-        self.with_tenant(tenant, |cache| {
-            cache
-                .answers
-                .get(key)
-                .map(|answer| Arc::clone(&answer.body))
-        })
-        .flatten()
+        self.fetch(tenant, key, TenantCache::answers)
     }
 
     /// Stores an answer computed at `version`, unless an invalidation happened since.
@@ -333,27 +340,12 @@ impl QueryCache {
         if body.len() > MAX_CACHED_BYTES {
             return;
         }
-        self.with_tenant(tenant, |cache| {
-            if cache.version == version {
-                cache.answers.put(
-                    key,
-                    CachedAnswer {
-                        from: range.0,
-                        to: range.1,
-                        body,
-                    },
-                );
-            }
-        });
+        self.store(tenant, version, key, range, body, TenantCache::answers);
     }
 
     /// A cached series block.
     pub fn get_block(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
-        self.with_tenant(tenant, |cache| {
-            let block = cache.blocks.as_mut()?.get(key)?;
-            Some(Arc::clone(&block.body))
-        })
-        .flatten()
+        self.fetch(tenant, key, TenantCache::blocks)
     }
 
     /// Stores a series block computed at `version`, unless an invalidation happened since.
@@ -365,13 +357,32 @@ impl QueryCache {
         range: (Micros, Micros),
         body: Arc<str>,
     ) {
+        self.store(tenant, version, key, range, body, TenantCache::blocks);
+    }
+
+    fn fetch(&self, tenant: TenantId, key: &str, lru: CachePart) -> Option<Arc<str>> {
+        self.with_tenant(tenant, |cache| {
+            let entry = lru(cache)?.get(key)?;
+            Some(Arc::clone(&entry.body))
+        })
+        .flatten()
+    }
+
+    fn store(
+        &self,
+        tenant: TenantId,
+        version: u64,
+        key: String,
+        (from, to): (Micros, Micros),
+        body: Arc<str>,
+        lru: CachePart,
+    ) {
         self.with_tenant(tenant, |cache| {
             if cache.version != version {
                 return;
             }
-            if let Some(blocks) = cache.blocks.as_mut() {
-                let (from, to) = range;
-                blocks.put(key, CachedAnswer { from, to, body });
+            if let Some(lru) = lru(cache) {
+                lru.put(key, CachedAnswer { from, to, body });
             }
         });
     }
@@ -409,23 +420,17 @@ impl QueryCache {
         };
         self.with_tenant(tenant, |cache| {
             cache.version += 1;
-            let stale: Vec<String> = cache
-                .answers
-                .iter()
-                .filter(|(_, answer)| overlaps(answer))
-                .map(|(key, _)| key.clone())
-                .collect();
-            for key in stale {
-                cache.answers.pop(&key);
-            }
-            if let Some(blocks) = cache.blocks.as_mut() {
-                let stale: Vec<String> = blocks
+            for part in [TenantCache::answers as CachePart, TenantCache::blocks] {
+                let Some(lru) = part(cache) else {
+                    continue;
+                };
+                let stale: Vec<String> = lru
                     .iter()
-                    .filter(|(_, block)| overlaps(block))
+                    .filter(|(_, entry)| overlaps(entry))
                     .map(|(key, _)| key.clone())
                     .collect();
                 for key in stale {
-                    blocks.pop(&key);
+                    lru.pop(&key);
                 }
             }
         });

@@ -85,22 +85,16 @@ pub(crate) fn query_loop(
     let now = unix_secs();
     let minute = now - now.rem_euclid(60);
     let hour = now - now.rem_euclid(3600);
+    let minute_series = format!(
+        "/v1/query/series?event=Backfilled&interval=minute&from={}&to={}",
+        rfc3339(minute - 30 * 86_400),
+        rfc3339(minute)
+    );
     let queries = [
-        (
-            "series 30d by minute",
-            format!(
-                "/v1/query/series?event=Backfilled&interval=minute&from={}&to={}",
-                rfc3339(minute - 30 * 86_400),
-                rfc3339(minute)
-            ),
-        ),
+        ("series 30d by minute", minute_series.clone()),
         (
             "series 30d by minute, values",
-            format!(
-                "/v1/query/series?event=Backfilled&interval=minute&from={}&to={}&format=values",
-                rfc3339(minute - 30 * 86_400),
-                rfc3339(minute)
-            ),
+            format!("{minute_series}&format=values"),
         ),
         (
             "series 90d by hour",

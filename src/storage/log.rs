@@ -76,6 +76,15 @@ impl PreparedBatch {
     }
 }
 
+/// The items whose `keep` flag is set.
+fn only_kept<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
+    items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(item, kept)| kept.then_some(item))
+        .collect()
+}
+
 fn encode_entry(batch: &LogBatch) -> Result<Vec<u8>, StorageError> {
     codec::encode_compressed(batch).map_err(|source| StorageError::Codec {
         keyspace: "log",
@@ -414,16 +423,8 @@ impl Writer {
         let (value, items) = if duplicates == 0 {
             (encoded, items)
         } else {
-            let mut kept = keep.iter();
-            batch
-                .events
-                .retain(|_| kept.next().copied().unwrap_or(false));
-            let mut kept = keep.iter();
-            let items = items
-                .into_iter()
-                .filter(|_| kept.next().copied().unwrap_or(false))
-                .collect();
-            (encode_entry(&batch)?, items)
+            batch.events = only_kept(std::mem::take(&mut batch.events), &keep);
+            (encode_entry(&batch)?, only_kept(items, &keep))
         };
         let first_seq = self.next_seq(tenant)?;
         write.insert(
