@@ -27,6 +27,7 @@ use std::ops::ControlFlow;
 
 use crate::event::{flags, last_seq_of, now_micros, LogBatch};
 use crate::rollup::{RollupBatch, RollupItem};
+use crate::storage::upkeep::Upkeep;
 use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::TenantId;
@@ -134,6 +135,9 @@ pub struct LogWriter {
     queue: Sender<Command>,
     heads: LogHeads,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Seals the memtables the writer fills and frees what the engine lets go of, off the
+    /// writer thread.
+    upkeep: Mutex<Option<Upkeep>>,
     /// False once the thread has stopped or a persist has failed.
     healthy: Arc<AtomicBool>,
 }
@@ -154,6 +158,7 @@ impl LogWriter {
         let thread_healthy = Arc::clone(&healthy);
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
+        let upkeep = Upkeep::start(storage.clone())?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -174,6 +179,7 @@ impl LogWriter {
             queue,
             heads,
             thread: Mutex::new(Some(thread)),
+            upkeep: Mutex::new(Some(upkeep)),
             healthy,
         })
     }
@@ -236,6 +242,11 @@ impl LogWriter {
         if thread.join().is_err() {
             tracing::error!("log writer thread panicked");
         }
+        let upkeep = match self.upkeep.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(upkeep);
     }
 }
 
@@ -435,7 +446,6 @@ impl Writer {
         write
             .commit()
             .map_err(StorageError::engine("committing a log batch"))?;
-        self.storage.bound_memtables()?;
         self.next_seq.insert(tenant, first_seq + accepted as u64);
         Ok(AppendOutcome {
             accepted,

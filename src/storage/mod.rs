@@ -15,6 +15,7 @@ pub mod dedup;
 pub mod log;
 pub mod meta;
 pub mod rollups;
+pub mod upkeep;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,18 +175,12 @@ impl Storage {
 
     /// Seals every keyspace's active memtable that has outgrown its size. fjall seals them from
     /// its background workers, which may be busy with a long compaction meanwhile: under load
-    /// the active memtables then grew far past their size (to gigabytes). Sealing from the
-    /// writing thread bounds them; fjall's own back-pressure (writes wait while a keyspace has
-    /// 4 sealed memtables waiting to be flushed) bounds the rest.
+    /// the active memtables then grew far past their size (to gigabytes). The [`upkeep`] thread
+    /// calls this; fjall's own back-pressure (writes wait while a keyspace has 4 sealed
+    /// memtables waiting to be flushed) bounds the rest.
     pub fn bound_memtables(&self) -> Result<(), StorageError> {
         use fjall::AbstractTree;
-        for (keyspace, limit) in [
-            (&self.log, LOG_MEMTABLE_BYTES),
-            (&self.dedup, DEDUP_MEMTABLE_BYTES),
-            (&self.rollup_users, ROLLUP_MEMTABLE_BYTES),
-            (&self.rollup_counts, SMALL_MEMTABLE_BYTES),
-            (&self.meta, SMALL_MEMTABLE_BYTES),
-        ] {
+        for (keyspace, limit) in self.keyspaces() {
             if keyspace.tree.active_memtable().size() > limit {
                 keyspace
                     .rotate_memtable()
@@ -193,6 +188,17 @@ impl Storage {
             }
         }
         Ok(())
+    }
+
+    /// Every keyspace, in a fixed order, with its memtable size.
+    pub(crate) fn keyspaces(&self) -> [(&Keyspace, u64); 5] {
+        [
+            (&self.log, LOG_MEMTABLE_BYTES),
+            (&self.dedup, DEDUP_MEMTABLE_BYTES),
+            (&self.rollup_users, ROLLUP_MEMTABLE_BYTES),
+            (&self.rollup_counts, SMALL_MEMTABLE_BYTES),
+            (&self.meta, SMALL_MEMTABLE_BYTES),
+        ]
     }
 
     /// The lock that serialises a tenant's rollup flushes and deletions.

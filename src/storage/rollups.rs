@@ -235,7 +235,6 @@ pub fn flush(
     batch
         .commit()
         .map_err(StorageError::engine("writing rollups"))?;
-    storage.bound_memtables()?;
     Ok(FlushOutcome::Stored)
 }
 
