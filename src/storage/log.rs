@@ -159,6 +159,7 @@ impl LogWriter {
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
         let upkeep = Upkeep::start(storage.clone())?;
+        let dedup = dedup::DedupIndex::open(&storage).map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -166,6 +167,7 @@ impl LogWriter {
                 let mut writer = Writer {
                     storage,
                     options,
+                    dedup,
                     next_seq: HashMap::new(),
                     sealed: HashSet::new(),
                     failure: None,
@@ -263,6 +265,8 @@ type Reply = (AppendReply, Result<AppendOutcome, StorageError>);
 struct Writer {
     storage: Storage,
     options: WriterOptions,
+    /// What the dedup keyspace's memtables hold.
+    dedup: dedup::DedupIndex,
     /// Next sequence number per tenant, loaded from the log on first use.
     next_seq: HashMap<TenantId, u64>,
     /// Tenants being deleted: late appends for them are refused.
@@ -399,19 +403,21 @@ impl Writer {
         let mut write = self.storage.batch();
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
         let mut keep = Vec::with_capacity(prepared.dedup_keys.len());
+        let mut inserted = Vec::with_capacity(prepared.dedup_keys.len());
         for key in &prepared.dedup_keys {
             let Some(key) = key else {
                 keep.push(true);
                 continue;
             };
             let duplicate = !in_request.insert(*key)
-                || dedup::seen_within(&self.storage, key, now, dedup_window)?;
+                || (self.dedup).seen_within(&self.storage, key, now, dedup_window)?;
             if !duplicate {
                 write.insert(
                     &self.storage.dedup,
                     key.to_vec(),
                     dedup::value(tenant, now).to_vec(),
                 );
+                inserted.push(*key);
             }
             keep.push(!duplicate);
         }
@@ -446,6 +452,7 @@ impl Writer {
         write
             .commit()
             .map_err(StorageError::engine("committing a log batch"))?;
+        self.dedup.inserted(&self.storage, &inserted, now);
         self.next_seq.insert(tenant, first_seq + accepted as u64);
         Ok(AppendOutcome {
             accepted,
