@@ -28,6 +28,7 @@ use fjall::compaction::filter::{
 };
 
 use fjall::AbstractTree;
+use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
 use crate::event::{now_micros, Micros};
@@ -47,39 +48,32 @@ pub fn key(tenant: TenantId, message_id: &str) -> DedupKey {
 /// quarter of a million 16-byte keys each) before the tables' bloom filters. With one read per
 /// event, those searches were a quarter of the whole server's CPU at 140k events/s. But the
 /// writer is the only thread that writes this keyspace, so it knows exactly what the memtables
-/// hold: every key it inserted since their contents were last flushed to tables. It keeps those
-/// keys in a hash map, grouped by the memtable they went to, and reads only the tables
-/// ([`tables_get`]) for the rest. A group is dropped once no memtable up to its own is left
-/// unflushed (the flush that registers a memtable's tables is the one that removes it).
+/// hold: every key it inserted whose write is not yet in a table. It keeps those keys in a hash
+/// map, and reads only the tables ([`tables_get`]) for the rest. A key is forgotten once the
+/// tables hold its write: a flush takes every sealed memtable, and a memtable holds exactly the
+/// writes between two seals, so the tables hold every write up to their highest sequence
+/// number.
 ///
 /// At start the memtables hold keys recovered from the journal that the map does not: until
-/// those memtables are flushed (the first one is sealed at once), lookups take the full read.
+/// the tables hold them (the active memtable is sealed at once), lookups take the full read.
 ///
-/// Memory: the map holds what the memtables hold, about 40 bytes per key: 10 MB for a full
-/// 16 MiB memtable, at most 50 MB while fjall lets 4 sealed memtables wait for their flush.
+/// Memory: the map holds what the memtables hold, about 60 bytes per key: 15 MB for a full
+/// 16 MiB memtable, at most 75 MB while fjall lets 4 sealed memtables wait for their flush.
 pub struct DedupIndex {
-    /// Keys in the memtables, with their first-seen time.
-    recent: FxHashMap<DedupKey, Micros>,
-    /// The keys of `recent`, by the id of a memtable at least as new as the one they went to.
-    generations: VecDeque<(u64, Vec<DedupKey>)>,
-    /// Memtables may hold keys missing from `recent` (recovered at start) until none is left
-    /// sealed and the active one is past this id, or is this id and was empty at start.
-    untracked: Option<Untracked>,
-}
-
-struct Untracked {
-    active_at_start: u64,
-    was_empty: bool,
+    /// Keys in the memtables, with their first-seen time and the sequence number of the write.
+    recent: FxHashMap<DedupKey, (Micros, SeqNo)>,
+    /// The keys of `recent` in the order written, each with the sequence number of its write.
+    order: VecDeque<(SeqNo, DedupKey)>,
+    /// Keys recovered at start, up to this sequence number, may be missing from `recent`.
+    recovered_through: Option<SeqNo>,
 }
 
 impl DedupIndex {
     /// Starts tracking; seals the active memtable if it holds recovered entries, so that they
     /// are flushed soon.
     pub fn open(storage: &Storage) -> Result<DedupIndex, StorageError> {
-        let active = storage.dedup.tree.active_memtable();
-        let was_empty = active.is_empty();
-        let recovered = !was_empty || storage.dedup.tree.sealed_memtable_count() > 0;
-        if !was_empty {
+        let recovered_through = storage.dedup.tree.get_highest_memtable_seqno();
+        if !storage.dedup.tree.active_memtable().is_empty() {
             storage
                 .dedup
                 .rotate_memtable()
@@ -87,11 +81,8 @@ impl DedupIndex {
         }
         Ok(DedupIndex {
             recent: FxHashMap::default(),
-            generations: VecDeque::new(),
-            untracked: recovered.then(|| Untracked {
-                active_at_start: active.id(),
-                was_empty,
-            }),
+            order: VecDeque::new(),
+            recovered_through,
         })
     }
 
@@ -104,8 +95,8 @@ impl DedupIndex {
         window: Duration,
     ) -> Result<bool, StorageError> {
         let first_seen = match self.recent.get(key) {
-            Some(first_seen) => Some(*first_seen),
-            None if self.untracked.is_some() => storage
+            Some((first_seen, _)) => Some(*first_seen),
+            None if self.recovered_through.is_some() => storage
                 .dedup
                 .get(key)
                 .map_err(StorageError::engine("reading dedup"))?
@@ -118,38 +109,34 @@ impl DedupIndex {
     }
 
     /// Records keys just committed to the keyspace with first-seen time `now`, and forgets the
-    /// keys whose memtables have been flushed.
+    /// keys whose writes the tables now hold.
     pub fn inserted(&mut self, storage: &Storage, keys: &[DedupKey], now: Micros) {
-        // Read after the commit: the keys went to this memtable or an older one.
-        let active = storage.dedup.tree.active_memtable().id();
+        // Only this thread writes the keyspace: the newest write in its memtables is ours.
+        // (Without one, which cannot happen after a commit, the keys are never forgotten.)
+        let seqno = (storage.dedup.tree.get_highest_memtable_seqno()).unwrap_or(SeqNo::MAX);
         for key in keys {
-            self.recent.insert(*key, now);
+            self.recent.insert(*key, (now, seqno));
+            self.order.push_back((seqno, *key));
         }
-        match self.generations.back_mut() {
-            Some((id, group)) if *id == active => group.extend_from_slice(keys),
-            _ => self.generations.push_back((active, keys.to_vec())),
-        }
-        // Read the active id before the sealed count: a memtable sealed in between then counts.
-        if storage.dedup.tree.sealed_memtable_count() > 0 {
+        let Some(flushed) = storage.dedup.tree.get_highest_persisted_seqno() else {
             return;
-        }
-        // Nothing sealed: every memtable older than `active` is flushed, its keys in tables.
-        while let Some((id, _)) = self.generations.front() {
-            if *id >= active {
+        };
+        while let Some((seqno, key)) = self.order.front() {
+            if *seqno > flushed {
                 break;
             }
-            if let Some((_, group)) = self.generations.pop_front() {
-                for key in group {
-                    self.recent.remove(&key);
-                }
-            }
-        }
-        if let Some(start) = &self.untracked {
-            if start.active_at_start < active
-                || (start.active_at_start == active && start.was_empty)
+            // A key written again since (after its window) keeps its newer write.
+            if self
+                .recent
+                .get(key)
+                .is_some_and(|(_, written)| written == seqno)
             {
-                self.untracked = None;
+                self.recent.remove(key);
             }
+            self.order.pop_front();
+        }
+        if self.recovered_through.is_some_and(|seqno| seqno <= flushed) {
+            self.recovered_through = None;
         }
     }
 }
@@ -165,7 +152,7 @@ fn tables_get(storage: &Storage, key: &DedupKey) -> Result<Option<Micros>, Stora
                 continue;
             };
             let found = table
-                .get(key, lsm_tree::SeqNo::MAX, hash)
+                .get(key, SeqNo::MAX, hash)
                 .map_err(|e| StorageError::engine("reading dedup")(e.into()))?;
             if let Some(entry) = found {
                 if entry.is_tombstone() {
@@ -305,7 +292,7 @@ mod tests {
         {
             let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
             let mut index = DedupIndex::open(&storage).unwrap();
-            assert!(index.untracked.is_none());
+            assert!(index.recovered_through.is_none());
             insert(&storage, &mut index, &[a], now);
             assert!(index.recent.contains_key(&a));
             assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
@@ -325,7 +312,7 @@ mod tests {
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let mut index = DedupIndex::open(&storage).unwrap();
         assert!(
-            index.untracked.is_some(),
+            index.recovered_through.is_some(),
             "recovered entries are not in the index"
         );
         for key in [&a, &c, &d] {
@@ -336,7 +323,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         insert(&storage, &mut index, &[b], now);
-        assert!(index.untracked.is_none());
+        assert!(index.recovered_through.is_none());
         for key in [&a, &b, &c, &d] {
             assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
         }
