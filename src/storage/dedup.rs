@@ -111,12 +111,14 @@ impl DedupIndex {
     /// Records keys just committed to the keyspace with first-seen time `now`, and forgets the
     /// keys whose writes the tables now hold.
     pub fn inserted(&mut self, storage: &Storage, keys: &[DedupKey], now: Micros) {
-        // Only this thread writes the keyspace: the newest write in its memtables is ours.
-        // (Without one, which cannot happen after a commit, the keys are never forgotten.)
-        let seqno = (storage.dedup.tree.get_highest_memtable_seqno()).unwrap_or(SeqNo::MAX);
-        for key in keys {
-            self.recent.insert(*key, (now, seqno));
-            self.order.push_back((seqno, *key));
+        // Only this thread writes the keyspace: the newest write in its memtables is ours. With
+        // none, the memtables are empty and the write is already in the tables: the commit
+        // waited on fjall's back-pressure while a flush took it.
+        if let Some(seqno) = storage.dedup.tree.get_highest_memtable_seqno() {
+            for key in keys {
+                self.recent.insert(*key, (now, seqno));
+                self.order.push_back((seqno, *key));
+            }
         }
         let Some(flushed) = storage.dedup.tree.get_highest_persisted_seqno() else {
             return;
