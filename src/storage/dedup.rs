@@ -286,6 +286,39 @@ mod tests {
     }
 
     #[test]
+    fn keys_flushed_before_they_are_recorded_are_found_in_the_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let mut index = DedupIndex::open(&storage).unwrap();
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000_000;
+        let mut batch = storage.batch();
+        batch.insert(
+            &storage.dedup,
+            [7u8; 16].to_vec(),
+            value(TenantId(1), now).to_vec(),
+        );
+        batch.commit().unwrap();
+        // As when a commit waits on the engine's back-pressure while a flush takes its write.
+        storage.dedup.rotate_memtable_and_wait().unwrap();
+        index.inserted(&storage, &[[7u8; 16]], now);
+        assert!(
+            index.order.is_empty(),
+            "nothing pins the queue of keys to forget"
+        );
+        assert!(index
+            .seen_within(&storage, &[7u8; 16], now + 1, hour)
+            .unwrap());
+        insert(&storage, &mut index, &[[8u8; 16]], now);
+        storage.dedup.rotate_memtable_and_wait().unwrap();
+        insert(&storage, &mut index, &[[9u8; 16]], now);
+        assert!(
+            !index.recent.contains_key(&[8u8; 16]),
+            "a flushed key is forgotten"
+        );
+    }
+
+    #[test]
     fn index_answers_from_memtables_tables_and_recovered_journal() {
         let dir = tempfile::tempdir().unwrap();
         let hour = Duration::from_secs(3600);
