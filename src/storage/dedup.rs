@@ -270,8 +270,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// Commits dedup entries the way the log writer does, and tells the index.
-    fn insert(storage: &Storage, index: &mut DedupIndex, keys: &[DedupKey], now: Micros) {
+    /// Commits dedup entries the way the log writer does.
+    fn commit(storage: &Storage, keys: &[DedupKey], now: Micros) {
         let mut batch = storage.batch();
         for key in keys {
             batch.insert(
@@ -282,6 +282,11 @@ mod tests {
         }
         batch.commit().unwrap();
         storage.persist(true).unwrap();
+    }
+
+    /// Commits dedup entries and tells the index.
+    fn insert(storage: &Storage, index: &mut DedupIndex, keys: &[DedupKey], now: Micros) {
+        commit(storage, keys, now);
         index.inserted(storage, keys, now);
     }
 
@@ -292,13 +297,7 @@ mod tests {
         let mut index = DedupIndex::open(&storage).unwrap();
         let hour = Duration::from_secs(3600);
         let now = 1_000_000_000;
-        let mut batch = storage.batch();
-        batch.insert(
-            &storage.dedup,
-            [7u8; 16].to_vec(),
-            value(TenantId(1), now).to_vec(),
-        );
-        batch.commit().unwrap();
+        commit(&storage, &[[7u8; 16]], now);
         // As when a commit waits on the engine's back-pressure while a flush takes its write.
         storage.dedup.rotate_memtable_and_wait().unwrap();
         index.inserted(&storage, &[[7u8; 16]], now);

@@ -134,10 +134,9 @@ enum Command {
 pub struct LogWriter {
     queue: Sender<Command>,
     heads: LogHeads,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    /// Seals the memtables the writer fills and frees what the engine lets go of, off the
-    /// writer thread.
-    upkeep: Mutex<Option<Upkeep>>,
+    /// The writer thread, and the upkeep thread that seals the memtables it fills and frees
+    /// what the engine lets go of; taken at shutdown.
+    threads: Mutex<Option<(JoinHandle<()>, Upkeep)>>,
     /// False once the thread has stopped or a persist has failed.
     healthy: Arc<AtomicBool>,
 }
@@ -180,8 +179,7 @@ impl LogWriter {
         Ok(LogWriter {
             queue,
             heads,
-            thread: Mutex::new(Some(thread)),
-            upkeep: Mutex::new(Some(upkeep)),
+            threads: Mutex::new(Some((thread, upkeep))),
             healthy,
         })
     }
@@ -233,21 +231,18 @@ impl LogWriter {
 
     /// Writes everything queued, persists, and stops the thread. Blocking; idempotent.
     pub fn shutdown(&self) {
-        let thread = match self.thread.lock() {
+        let threads = match self.threads.lock() {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        let Some(thread) = thread else {
+        let Some((thread, upkeep)) = threads else {
             return;
         };
         let _ = self.queue.send(Command::Shutdown);
         if thread.join().is_err() {
             tracing::error!("log writer thread panicked");
         }
-        let upkeep = match self.upkeep.lock() {
-            Ok(mut slot) => slot.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        // Dropping it stops and joins the upkeep thread, once the writer has written all.
         drop(upkeep);
     }
 }
