@@ -343,9 +343,20 @@ impl QueryCache {
         self.store(tenant, version, key, range, body, TenantCache::answers);
     }
 
-    /// A cached series block.
-    pub fn get_block(&self, tenant: TenantId, key: &str) -> Option<Arc<str>> {
-        self.fetch(tenant, key, TenantCache::blocks)
+    /// Cached series blocks, one answer per key (`None` for a key of `None`), under one lock.
+    pub fn get_blocks(&self, tenant: TenantId, keys: &[Option<String>]) -> Vec<Option<Arc<str>>> {
+        self.with_tenant(tenant, |cache| {
+            let Some(blocks) = cache.blocks.as_mut() else {
+                return vec![None; keys.len()];
+            };
+            keys.iter()
+                .map(|key| {
+                    let entry = blocks.get(key.as_deref()?)?;
+                    Some(Arc::clone(&entry.body))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![None; keys.len()])
     }
 
     /// Stores a series block computed at `version`, unless an invalidation happened since.

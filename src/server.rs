@@ -185,6 +185,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let server = HttpServer::new(move || http::app(app_state.clone()))
         .workers(config.http_workers())
         .disable_signals()
+        // Streamed answers (a series is sent block by block) end with a small write; with
+        // Nagle's algorithm it waited for the client's delayed ACK, 40 ms.
+        .on_connect(|connection, _extensions| {
+            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
         .shutdown_timeout(config.server.shutdown_timeout.as_secs_f64().ceil() as u64)
         .bind(listen)
         .map_err(|source| ServerError::Bind {

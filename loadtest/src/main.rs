@@ -219,7 +219,11 @@ fn worker(
 ) -> Result<Tally> {
     let mut tally = Tally::new(generator.users)?;
     let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
+        // Per-read and per-write limits, not one deadline: with a deadline ureq sets the
+        // socket's timeouts again before every 8 KB read, two syscalls each.
+        .timeout_connect(Duration::from_secs(10))
+        .timeout_read(Duration::from_secs(60))
+        .timeout_write(Duration::from_secs(60))
         .max_idle_connections_per_host(1)
         .build();
     let url = format!("{base}/v1/batch");

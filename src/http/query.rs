@@ -5,10 +5,13 @@
 //! every `rollups.flush_interval`). Answers over closed buckets, computed when the rollups had
 //! caught up, are cached per tenant until a late event touches their range.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::body::SizedStream;
 use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{format_timestamp, now_micros, parse_timestamp, Micros};
@@ -244,15 +247,11 @@ pub async fn series(
     // Cached blocks first; the version read before computing the rest guards the blocks
     // computed against a late event flushed meanwhile.
     let version = state.query_cache.version(tenant.id);
-    let mut parts: Vec<Option<Arc<str>>> = plan
+    let keys: Vec<Option<String>> = plan
         .iter()
-        .map(|block| {
-            block
-                .cacheable
-                .then(|| state.query_cache.get_block(tenant.id, &block_key(block)))
-                .flatten()
-        })
+        .map(|block| block.cacheable.then(|| block_key(block)))
         .collect();
+    let mut parts = state.query_cache.get_blocks(tenant.id, &keys);
     // The blocks to compute, as maximal runs of neighbours (one storage scan each).
     let mut runs: Vec<(Micros, Micros)> = Vec::new();
     for (block, part) in plan.iter().zip(&parts) {
@@ -321,27 +320,38 @@ pub async fn series(
         "to": format_timestamp(to),
     })
     .to_string();
-    let size = head.len() + parts.iter().flatten().map(|p| p.len() + 1).sum::<usize>() + 16;
-    let mut body = String::with_capacity(size);
-    body.push_str(head.strip_suffix('}').unwrap_or(&head));
-    body.push_str(if values_only {
+    // The body is streamed from the blocks as they are (most of them shared with the cache),
+    // not copied into one ~2 MB string first.
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * parts.len() + 2);
+    let mut opening = head.strip_suffix('}').unwrap_or(&head).to_string();
+    opening.push_str(if values_only {
         ",\"values\":["
     } else {
         ",\"points\":["
     });
-    let mut first = true;
-    for part in parts.iter().flatten().filter(|p| !p.is_empty()) {
-        if !first {
-            body.push(',');
+    chunks.push(Bytes::from(opening));
+    for part in parts.into_iter().flatten().filter(|p| !p.is_empty()) {
+        if chunks.len() > 1 {
+            chunks.push(Bytes::from_static(b","));
         }
-        body.push_str(part);
-        first = false;
+        chunks.push(Bytes::from_owner(SharedText(part)));
     }
-    body.push_str("]}");
+    chunks.push(Bytes::from_static(b"]}"));
+    let size = chunks.iter().map(|chunk| chunk.len() as u64).sum();
     telemetry::query_answered("series", started.elapsed(), all_cached);
+    let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>));
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(body))
+        .body(SizedStream::new(size, stream)))
+}
+
+/// A cached block as the bytes of a response chunk, without copying it.
+struct SharedText(Arc<str>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// A block of a series answer: an hour of a minute series, a day of an hour series (a day
