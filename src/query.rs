@@ -346,7 +346,7 @@ impl QueryCache {
     /// Cached series blocks, one answer per key (`None` for a key of `None`), under one lock.
     pub fn get_blocks(&self, tenant: TenantId, keys: &[Option<String>]) -> Vec<Option<Arc<str>>> {
         self.with_tenant(tenant, |cache| {
-            let Some(blocks) = cache.blocks.as_mut() else {
+            let Some(blocks) = TenantCache::blocks(cache) else {
                 return vec![None; keys.len()];
             };
             keys.iter()

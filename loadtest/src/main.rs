@@ -218,12 +218,7 @@ fn worker(
     deadline: Instant,
 ) -> Result<Tally> {
     let mut tally = Tally::new(generator.users)?;
-    let agent = ureq::AgentBuilder::new()
-        // Per-read and per-write limits, not one deadline: with a deadline ureq sets the
-        // socket's timeouts again before every 8 KB read, two syscalls each.
-        .timeout_connect(Duration::from_secs(10))
-        .timeout_read(Duration::from_secs(60))
-        .timeout_write(Duration::from_secs(60))
+    let agent = agent_builder(Duration::from_secs(60))
         .max_idle_connections_per_host(1)
         .build();
     let url = format!("{base}/v1/batch");
@@ -496,6 +491,16 @@ fn print_table(runs: &[Run]) {
             );
         }
     }
+}
+
+/// An HTTP client whose reads and writes each time out after `limit`. Per-read and per-write
+/// limits, not one deadline for the request: with a deadline ureq sets the socket's timeouts
+/// again before every 8 KB read, two syscalls each.
+pub(crate) fn agent_builder(limit: Duration) -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(10))
+        .timeout_read(limit)
+        .timeout_write(limit)
 }
 
 /// The queries scenario: back-fill, then ingest at a held rate while measuring queries and ticks.

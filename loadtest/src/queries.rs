@@ -116,13 +116,7 @@ pub(crate) fn query_loop(
     let mut histograms: Vec<Histogram<u64>> = (0..queries.len() + 1)
         .map(|_| histogram())
         .collect::<Result<_>>()?;
-    let agent = ureq::AgentBuilder::new()
-        // Per-read and per-write limits, not one deadline: with a deadline ureq sets the
-        // socket's timeouts again before every 8 KB read, two syscalls each.
-        .timeout_connect(Duration::from_secs(10))
-        .timeout_read(Duration::from_secs(120))
-        .timeout_write(Duration::from_secs(120))
-        .build();
+    let agent = crate::agent_builder(Duration::from_secs(120)).build();
     while !stop.load(Ordering::Relaxed) {
         for (index, (_, path)) in queries.iter().enumerate() {
             let started = Instant::now();
