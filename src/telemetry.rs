@@ -36,6 +36,10 @@ pub mod names {
     pub const LOG_WRITE: &str = "statsremote_log_write_seconds";
     /// Batches in flight per tenant (queued at or being handled by the tenant's actors).
     pub const MAILBOX_DEPTH: &str = "statsremote_tenant_mailbox_depth";
+    /// Duration of writing one run of dedup keys into the tables (off the log writer).
+    pub const DEDUP_INGEST: &str = "statsremote_dedup_ingest_seconds";
+    /// Dedup keys written into the tables by the ingest thread.
+    pub const DEDUP_INGESTED_KEYS: &str = "statsremote_dedup_ingested_keys_total";
     /// Events dropped as duplicates of an earlier messageId.
     pub const DEDUP_HITS: &str = "statsremote_dedup_hits_total";
     /// Events refused because the tenant's rate limit was exceeded.
@@ -181,6 +185,12 @@ pub fn group_committed(requests: usize, events: usize, sync: Duration) {
     histogram!(names::GROUP_COMMIT_REQUESTS).record(requests as f64);
     histogram!(names::GROUP_COMMIT_EVENTS).record(events as f64);
     histogram!(names::FSYNC_LATENCY).record(sync.as_secs_f64());
+}
+
+/// One run of dedup keys written into the tables.
+pub fn dedup_ingested(keys: usize, took: Duration) {
+    histogram!(names::DEDUP_INGEST).record(took.as_secs_f64());
+    counter!(names::DEDUP_INGESTED_KEYS).increment(keys as u64);
 }
 
 pub fn log_queue_wait(wait: Duration) {

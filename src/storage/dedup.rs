@@ -3,23 +3,27 @@
 //! Key `xxh3-128(messageId, seeded with the tenant id)` (16 bytes), value the first-seen time
 //! (big-endian i64 microseconds) followed by the tenant id. An id seen within the tenant's window
 //! is a duplicate; an older entry is overwritten and the event counts as new. One lookup and one
-//! insert per event. The lookup reads the writer's own index of what the memtables hold, then
-//! the tables, whose bloom filters make the common "never seen" answer cheap ([`DedupIndex`]).
+//! key per event, written by the [`dedup_ingest`](super::dedup_ingest) thread. The lookup reads
+//! the writer's own index of the keys not yet written ([`DedupIndex`]), then the tables, whose
+//! bloom filters make the common "never seen" answer cheap.
 //!
-//! Why this key: the writer thread's largest cost was searching the memtable skiplist, twice per
-//! event. A 16-byte key is stored inline by the engine (no pointer to chase per comparison), and
-//! starting with random hash bits, most comparisons end at the first word instead of running
-//! `memcmp` over a tenant prefix that every key of a busy tenant shares.
+//! Why this key: a 16-byte key is stored inline by the engine (no pointer to chase per
+//! comparison), and starting with random hash bits, most comparisons (in the ingest thread's
+//! sort, in compactions, in table lookups) end at the first word instead of running `memcmp`
+//! over a tenant prefix that every key of a busy tenant shares. When keys still went through
+//! the memtables, this made their skiplist searches about a fifth cheaper.
 //!
 //! Entries older than their tenant's window, and all entries of a deleted tenant, are dropped
 //! during compaction ([`DedupExpiry`]); the tenant id in the value tells whose an entry is.
 //! (DESIGN.md sketches `tenant ‖ day ‖ hash` keys; one key per id plus a compaction filter gives
 //! a single point read per event instead of one per day of the window, and the same expiry.)
 //!
-//! Only the log writer reads and writes this keyspace, in the same write batch as the log entry,
-//! so an event and its dedup entry are durable together (exactly-once across crashes).
+//! Only the log writer reads this keyspace, and only its ingest thread writes it, after the
+//! events are durable: the log entries themselves hold the messageIds, so the keys of entries
+//! not yet ingested are derived again after a crash (exactly-once across crashes).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -41,37 +45,36 @@ pub fn key(tenant: TenantId, message_id: &str) -> DedupKey {
     xxhash_rust::xxh3::xxh3_128_with_seed(message_id.as_bytes(), tenant.0).to_be_bytes()
 }
 
-/// The log writer's view of the `dedup` keyspace: answers "when was this key first seen?"
-/// without searching the engine's memtables.
+/// The log writer's view of the dedup keys: answers "when was this key first seen?" from the
+/// keys of its recent appends, which the tables do not hold yet, and the tables.
 ///
-/// A point read in fjall searches the active memtable and every sealed one (skiplists of a
-/// quarter of a million 16-byte keys each) before the tables' bloom filters. With one read per
-/// event, those searches were a quarter of the whole server's CPU at 140k events/s. But the
-/// writer is the only thread that writes this keyspace, so it knows exactly what the memtables
-/// hold: every key it inserted whose write is not yet in a table. It keeps those keys in a hash
-/// map, and reads only the tables ([`tables_get`]) for the rest. A key is forgotten once the
-/// tables hold its write: a flush takes every sealed memtable, and a memtable holds exactly the
-/// writes between two seals, so the tables hold every write up to their highest sequence
-/// number.
+/// The writer hands each durable group's keys to the ingest thread, which writes them into the
+/// tables in runs and publishes the number of the last group it wrote. Until then the keys are
+/// here; once the tables hold them they are forgotten. (The memtables were never searched: in
+/// the design before the ingest thread, fjall's point read searched every memtable's skiplist
+/// before the tables, a quarter of the whole server's CPU at 140k events/s.)
 ///
-/// At start the memtables hold keys recovered from the journal that the map does not: until
-/// the tables hold them (the active memtable is sealed at once), lookups take the full read.
+/// At start the memtables may hold keys recovered from the journal of a data dir written before
+/// the ingest thread existed: until the tables hold them (the active memtable is sealed at
+/// once), lookups take the full read.
 ///
-/// Memory: the map holds what the memtables hold, about 60 bytes per key: 15 MB for a full
-/// 16 MiB memtable, at most 75 MB while fjall lets 4 sealed memtables wait for their flush.
+/// Memory: about 60 bytes per key, for at most two runs of the ingest thread (about 30 MB).
 pub struct DedupIndex {
-    /// Keys in the memtables, with their first-seen time and the sequence number of the write.
-    recent: FxHashMap<DedupKey, (Micros, SeqNo)>,
-    /// The keys of `recent` in the order written, each with the sequence number of its write.
-    order: VecDeque<(SeqNo, DedupKey)>,
-    /// Keys recovered at start, up to this sequence number, may be missing from `recent`.
+    /// Keys not in the tables yet, with their first-seen time and the number of their group.
+    recent: FxHashMap<DedupKey, (Micros, u64)>,
+    /// The keys of `recent` in the order written, each with the number of its group.
+    order: VecDeque<(u64, DedupKey)>,
+    /// The last group whose keys the tables hold, published by the ingest thread.
+    ingested: Arc<AtomicU64>,
+    /// Keys recovered from the journal at start, up to this sequence number, may be in the
+    /// memtables.
     recovered_through: Option<SeqNo>,
 }
 
 impl DedupIndex {
     /// Starts tracking; seals the active memtable if it holds recovered entries, so that they
     /// are flushed soon.
-    pub fn open(storage: &Storage) -> Result<DedupIndex, StorageError> {
+    pub fn open(storage: &Storage, ingested: Arc<AtomicU64>) -> Result<DedupIndex, StorageError> {
         let recovered_through = storage.dedup.tree.get_highest_memtable_seqno();
         if !storage.dedup.tree.active_memtable().is_empty() {
             storage
@@ -82,6 +85,7 @@ impl DedupIndex {
         Ok(DedupIndex {
             recent: FxHashMap::default(),
             order: VecDeque::new(),
+            ingested,
             recovered_through,
         })
     }
@@ -108,37 +112,41 @@ impl DedupIndex {
         Ok(first_seen.is_some_and(|first_seen| now.saturating_sub(first_seen) < window_micros))
     }
 
-    /// Records keys just committed to the keyspace with first-seen time `now`, and forgets the
-    /// keys whose writes the tables now hold.
-    pub fn inserted(&mut self, storage: &Storage, keys: &[DedupKey], now: Micros) {
-        // Only this thread writes the keyspace: the newest write in its memtables is ours. With
-        // none, the memtables are empty and the write is already in the tables: the commit
-        // waited on fjall's back-pressure while a flush took it.
-        if let Some(seqno) = storage.dedup.tree.get_highest_memtable_seqno() {
-            for key in keys {
-                self.recent.insert(*key, (now, seqno));
-                self.order.push_back((seqno, *key));
-            }
+    /// Records keys just committed with their log entry, first seen at `now`, that the ingest
+    /// thread will receive in group `group`.
+    pub fn record(&mut self, keys: &[DedupKey], now: Micros, group: u64) {
+        for key in keys {
+            self.recent.insert(*key, (now, group));
+            self.order.push_back((group, *key));
         }
-        let Some(flushed) = storage.dedup.tree.get_highest_persisted_seqno() else {
-            return;
-        };
-        while let Some((seqno, key)) = self.order.front() {
-            if *seqno > flushed {
+    }
+
+    /// Forgets the keys the tables now hold.
+    pub fn forget_ingested(&mut self, storage: &Storage) {
+        let ingested = self.ingested.load(Ordering::Acquire);
+        while let Some((group, key)) = self.order.front() {
+            if *group > ingested {
                 break;
             }
-            // A key written again since (after its window) keeps its newer write.
+            // A key recorded again since (after its window) keeps its newer entry.
             if self
                 .recent
                 .get(key)
-                .is_some_and(|(_, written)| written == seqno)
+                .is_some_and(|(_, recorded)| recorded == group)
             {
                 self.recent.remove(key);
             }
             self.order.pop_front();
         }
-        if self.recovered_through.is_some_and(|seqno| seqno <= flushed) {
-            self.recovered_through = None;
+        if let Some(recovered) = self.recovered_through {
+            if storage
+                .dedup
+                .tree
+                .get_highest_persisted_seqno()
+                .is_some_and(|flushed| recovered <= flushed)
+            {
+                self.recovered_through = None;
+            }
         }
     }
 }
@@ -270,95 +278,93 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// Commits dedup entries the way the log writer does.
-    fn commit(storage: &Storage, keys: &[DedupKey], now: Micros) {
-        let mut batch = storage.batch();
-        for key in keys {
-            batch.insert(
-                &storage.dedup,
-                key.to_vec(),
-                value(TenantId(1), now).to_vec(),
-            );
-        }
-        batch.commit().unwrap();
-        storage.persist(true).unwrap();
+    fn index(storage: &Storage) -> (DedupIndex, Arc<AtomicU64>) {
+        let ingested = Arc::new(AtomicU64::new(0));
+        (
+            DedupIndex::open(storage, Arc::clone(&ingested)).unwrap(),
+            ingested,
+        )
     }
 
-    /// Commits dedup entries and tells the index.
-    fn insert(storage: &Storage, index: &mut DedupIndex, keys: &[DedupKey], now: Micros) {
-        commit(storage, keys, now);
-        index.inserted(storage, keys, now);
+    /// Puts keys into the tables, as the ingest thread does.
+    fn into_tables(storage: &Storage, keys: &[DedupKey], now: Micros) {
+        for key in keys {
+            storage
+                .dedup
+                .insert(key.to_vec(), value(TenantId(1), now).to_vec())
+                .unwrap();
+        }
+        storage.dedup.rotate_memtable_and_wait().unwrap();
     }
 
     #[test]
-    fn keys_flushed_before_they_are_recorded_are_found_in_the_tables() {
+    fn index_answers_from_recorded_keys_until_the_tables_hold_them() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let mut index = DedupIndex::open(&storage).unwrap();
+        let (mut index, ingested) = index(&storage);
+        assert!(index.recovered_through.is_none());
         let hour = Duration::from_secs(3600);
         let now = 1_000_000_000;
-        commit(&storage, &[[7u8; 16]], now);
-        // As when a commit waits on the engine's back-pressure while a flush takes its write.
-        storage.dedup.rotate_memtable_and_wait().unwrap();
-        index.inserted(&storage, &[[7u8; 16]], now);
-        assert!(
-            index.order.is_empty(),
-            "nothing pins the queue of keys to forget"
+        let later = now + 2 * 3_600_000_000;
+        let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        index.record(&[a, b], now, 1);
+        assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
+        assert!(!index.seen_within(&storage, &c, now + 1, hour).unwrap());
+        assert!(!index.seen_within(&storage, &a, later, hour).unwrap());
+
+        // `b` is seen again after its window (group 2) before group 1 reaches the tables.
+        index.record(&[b], later, 2);
+        into_tables(&storage, &[a, b], now);
+        index.forget_ingested(&storage);
+        assert_eq!(
+            index.recent.len(),
+            2,
+            "nothing is forgotten before it is ingested"
         );
-        assert!(index
-            .seen_within(&storage, &[7u8; 16], now + 1, hour)
-            .unwrap());
-        insert(&storage, &mut index, &[[8u8; 16]], now);
-        storage.dedup.rotate_memtable_and_wait().unwrap();
-        insert(&storage, &mut index, &[[9u8; 16]], now);
+        ingested.store(1, Ordering::Release);
+        index.forget_ingested(&storage);
         assert!(
-            !index.recent.contains_key(&[8u8; 16]),
-            "a flushed key is forgotten"
+            !index.recent.contains_key(&a),
+            "an ingested key is forgotten"
         );
+        assert!(index.recent.contains_key(&b), "a newer entry is kept");
+        assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
+        assert!(index.seen_within(&storage, &b, later + 1, hour).unwrap());
+        assert_eq!(index.order.len(), 1);
     }
 
     #[test]
-    fn index_answers_from_memtables_tables_and_recovered_journal() {
+    fn keys_in_the_journal_of_an_earlier_layout_are_read_in_full_until_flushed() {
         let dir = tempfile::tempdir().unwrap();
         let hour = Duration::from_secs(3600);
         let now = 1_000_000_000;
-        let (a, b, c, d) = ([1u8; 16], [2u8; 16], [3u8; 16], [4u8; 16]);
+        let (a, d) = ([1u8; 16], [4u8; 16]);
         {
             let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-            let mut index = DedupIndex::open(&storage).unwrap();
-            assert!(index.recovered_through.is_none());
-            insert(&storage, &mut index, &[a], now);
-            assert!(index.recent.contains_key(&a));
-            assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
-            assert!(!index.seen_within(&storage, &b, now + 1, hour).unwrap());
-
-            // Once `a`'s memtable is flushed, the next insert forgets it: the tables answer.
-            storage.dedup.rotate_memtable_and_wait().unwrap();
-            insert(&storage, &mut index, &[c], now);
-            assert!(!index.recent.contains_key(&a) && index.recent.contains_key(&c));
-            assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
-            let later = now + 2 * 3_600_000_000;
-            assert!(!index.seen_within(&storage, &a, later, hour).unwrap());
-
+            into_tables(&storage, &[a], now);
             // `d` stays in the memtable (and the journal) when the process stops.
-            insert(&storage, &mut index, &[d], now);
+            storage
+                .dedup
+                .insert(d.to_vec(), value(TenantId(1), now).to_vec())
+                .unwrap();
+            storage.persist(true).unwrap();
         }
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let mut index = DedupIndex::open(&storage).unwrap();
+        let (mut index, _) = index(&storage);
         assert!(
             index.recovered_through.is_some(),
             "recovered entries are not in the index"
         );
-        for key in [&a, &c, &d] {
+        for key in [&a, &d] {
             assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
         }
-        // The recovered memtable was sealed at open; once it is flushed, lookups use the index.
+        // The recovered memtable was sealed at open; once it is flushed, lookups use the tables.
         while storage.dedup.tree.sealed_memtable_count() > 0 {
             std::thread::sleep(Duration::from_millis(10));
         }
-        insert(&storage, &mut index, &[b], now);
+        index.forget_ingested(&storage);
         assert!(index.recovered_through.is_none());
-        for key in [&a, &b, &c, &d] {
+        for key in [&a, &d] {
             assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
         }
         assert!(!index
@@ -406,7 +412,7 @@ mod tests {
             "a deleted tenant's entries are dropped"
         );
         assert_ne!(key(short, "new"), key(long, "new"), "keys are per tenant");
-        let mut index = DedupIndex::open(&storage).unwrap();
+        let (mut index, _) = index(&storage);
         let minute = Duration::from_secs(60);
         assert!(index
             .seen_within(&storage, &key(short, "new"), now, minute)

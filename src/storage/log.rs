@@ -2,11 +2,11 @@
 //!
 //! One dedicated OS thread, the [`LogWriter`], owns all writes to `log` and `dedup`. Requests
 //! arrive on a bounded queue. The thread takes everything queued (up to `max_group_requests`),
-//! and for each request drops duplicates, assigns sequence numbers and commits one write batch
-//! (log entry + dedup entries, atomically). Then it persists the journal once for the whole
-//! group (fsync in `fsync` mode) and only then answers the requests. While it fsyncs, new
-//! requests queue up and form the next group: the busier the server, the more requests share an
-//! fsync.
+//! and for each request drops duplicates, assigns sequence numbers and commits the log entry.
+//! Then it persists the journal once for the whole group (fsync in `fsync` mode) and only then
+//! answers the requests. While it fsyncs, new requests queue up and form the next group: the
+//! busier the server, the more requests share an fsync. The group's new dedup keys then go to
+//! the [`dedup_ingest`] thread, which writes them into the dedup tables.
 //!
 //! Being the only writer makes dedup and sequence assignment race-free without locks.
 //!
@@ -27,6 +27,7 @@ use std::ops::ControlFlow;
 
 use crate::event::{flags, last_seq_of, now_micros, LogBatch};
 use crate::rollup::{RollupBatch, RollupItem};
+use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
 use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
 use crate::telemetry;
@@ -134,9 +135,9 @@ enum Command {
 pub struct LogWriter {
     queue: Sender<Command>,
     heads: LogHeads,
-    /// The writer thread, and the upkeep thread that seals the memtables it fills and frees
-    /// what the engine lets go of; taken at shutdown.
-    threads: Mutex<Option<(JoinHandle<()>, Upkeep)>>,
+    /// The writer thread, the thread that writes its dedup keys, and the upkeep thread that
+    /// seals the memtables it fills and frees what the engine lets go of; taken at shutdown.
+    threads: Mutex<Option<(JoinHandle<()>, DedupIngester, Upkeep)>>,
     /// False once the thread has stopped or a persist has failed.
     healthy: Arc<AtomicBool>,
 }
@@ -150,15 +151,18 @@ pub struct WriterOptions {
 }
 
 impl LogWriter {
-    /// Starts the writer thread.
+    /// Starts the writer thread, after bringing the dedup tables up to the log (blocking).
     pub fn start(storage: Storage, options: WriterOptions) -> std::io::Result<LogWriter> {
+        dedup_ingest::recover(&storage).map_err(std::io::Error::other)?;
         let (queue, commands) = crossbeam_channel::bounded(options.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let thread_healthy = Arc::clone(&healthy);
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
         let upkeep = Upkeep::start(storage.clone())?;
-        let dedup = dedup::DedupIndex::open(&storage).map_err(std::io::Error::other)?;
+        let (ingester, key_groups, ingested) =
+            DedupIngester::start(storage.clone(), Arc::clone(&healthy))?;
+        let dedup = dedup::DedupIndex::open(&storage, ingested).map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -167,6 +171,10 @@ impl LogWriter {
                     storage,
                     options,
                     dedup,
+                    key_groups,
+                    group_keys: Vec::new(),
+                    group_heads: Vec::new(),
+                    groups_sent: 0,
                     next_seq: HashMap::new(),
                     sealed: HashSet::new(),
                     failure: None,
@@ -179,7 +187,7 @@ impl LogWriter {
         Ok(LogWriter {
             queue,
             heads,
-            threads: Mutex::new(Some((thread, upkeep))),
+            threads: Mutex::new(Some((thread, ingester, upkeep))),
             healthy,
         })
     }
@@ -235,13 +243,15 @@ impl LogWriter {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        let Some((thread, upkeep)) = threads else {
+        let Some((thread, ingester, upkeep)) = threads else {
             return;
         };
         let _ = self.queue.send(Command::Shutdown);
         if thread.join().is_err() {
             tracing::error!("log writer thread panicked");
         }
+        // The writer's end closed the ingest thread's queue: it writes the last keys and stops.
+        ingester.join();
         // Dropping it stops and joins the upkeep thread, once the writer has written all.
         drop(upkeep);
     }
@@ -260,8 +270,15 @@ type Reply = (AppendReply, Result<AppendOutcome, StorageError>);
 struct Writer {
     storage: Storage,
     options: WriterOptions,
-    /// What the dedup keyspace's memtables hold.
+    /// The keys of recent appends, until the dedup tables hold them.
     dedup: dedup::DedupIndex,
+    /// To the ingest thread: each durable group's new dedup keys.
+    key_groups: crossbeam_channel::Sender<KeyGroup>,
+    /// The current group's new dedup keys with their values, and each tenant's last sequence.
+    group_keys: Vec<(dedup::DedupKey, [u8; 16])>,
+    group_heads: Vec<(TenantId, u64)>,
+    /// Groups sent to the ingest thread so far; the current group will be number + 1.
+    groups_sent: u64,
     /// Next sequence number per tenant, loaded from the log on first use.
     next_seq: HashMap<TenantId, u64>,
     /// Tenants being deleted: late appends for them are refused.
@@ -367,6 +384,7 @@ impl Writer {
                     }
                     reply(outcome);
                 }
+                self.send_keys();
             }
             Err(error) => {
                 tracing::error!(%error, "persisting the log failed; refusing all further writes");
@@ -376,8 +394,27 @@ impl Writer {
                 for (reply, _) in replies.drain(..) {
                     reply(Err(StorageError::NotDurable(reason.clone())));
                 }
+                self.group_keys.clear();
+                self.group_heads.clear();
             }
         }
+    }
+
+    /// Hands the durable group's dedup keys to the ingest thread (waiting if it is far behind)
+    /// and forgets the keys it has written.
+    fn send_keys(&mut self) {
+        if !self.group_heads.is_empty() {
+            self.groups_sent += 1;
+            let group = KeyGroup {
+                number: self.groups_sent,
+                entries: std::mem::take(&mut self.group_keys),
+                heads: std::mem::take(&mut self.group_heads),
+            };
+            // Fails only once the ingest thread has stopped on an error; it cleared `healthy`,
+            // and the next append is refused.
+            let _ = self.key_groups.send(group);
+        }
+        self.dedup.forget_ingested(&self.storage);
     }
 
     /// Drops duplicates, assigns sequence numbers and commits one write batch. Not yet durable:
@@ -388,6 +425,9 @@ impl Writer {
         dedup_window: Duration,
         prepared: PreparedBatch,
     ) -> Result<AppendOutcome, StorageError> {
+        if self.failure.is_none() && !self.healthy.load(Ordering::Acquire) {
+            self.failure = Some("writing dedup keys failed".into());
+        }
         if let Some(reason) = &self.failure {
             return Err(StorageError::NotDurable(reason.clone()));
         }
@@ -407,11 +447,6 @@ impl Writer {
             let duplicate = !in_request.insert(*key)
                 || (self.dedup).seen_within(&self.storage, key, now, dedup_window)?;
             if !duplicate {
-                write.insert(
-                    &self.storage.dedup,
-                    key.to_vec(),
-                    dedup::value(tenant, now).to_vec(),
-                );
                 inserted.push(*key);
             }
             keep.push(!duplicate);
@@ -447,7 +482,12 @@ impl Writer {
         write
             .commit()
             .map_err(StorageError::engine("committing a log batch"))?;
-        self.dedup.inserted(&self.storage, &inserted, now);
+        self.dedup.record(&inserted, now, self.groups_sent + 1);
+        let value = dedup::value(tenant, now);
+        self.group_keys
+            .extend(inserted.iter().map(|key| (*key, value)));
+        self.group_heads
+            .push((tenant, last_seq_of(first_seq, accepted)));
         self.next_seq.insert(tenant, first_seq + accepted as u64);
         Ok(AppendOutcome {
             accepted,
@@ -545,7 +585,7 @@ pub fn read_batches(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::event::{BatchSource, EventKind, StoredEvent};
@@ -575,7 +615,8 @@ mod tests {
         }
     }
 
-    fn batch(ids: &[&str]) -> LogBatch {
+    /// A log batch of track events with these messageIds.
+    pub(crate) fn batch(ids: &[&str]) -> LogBatch {
         LogBatch {
             batch_id: 1,
             received_at: 1,

@@ -2,7 +2,8 @@
 //!
 //! - `log`: the durable event log. Key `tenant ‖ first sequence` (both big-endian u64), value a
 //!   [`crate::event::LogBatch`] (see [`codec`]). Written only by the [`log::LogWriter`] thread.
-//! - `dedup`: `xxh3-128(messageId, tenant)` → first-seen time ‖ tenant; see [`dedup`].
+//! - `dedup`: `xxh3-128(messageId, tenant)` → first-seen time ‖ tenant; see [`dedup`] and
+//!   [`dedup_ingest`], the thread that writes it.
 //! - `meta`: tenants, the admin token digest, tombstones of deleted tenants; see [`meta`].
 //! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
 //!   [`rollups`].
@@ -12,6 +13,7 @@
 
 pub mod codec;
 pub mod dedup;
+pub mod dedup_ingest;
 pub mod log;
 pub mod meta;
 pub mod rollups;
@@ -222,6 +224,7 @@ pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
 pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     storage.dedup_windows.deleted(tenant);
     let removed = purge_prefix(storage, &storage.log, tenant)?;
+    dedup_ingest::forget_tenant(storage, tenant)?;
     rollups::delete_all(storage, tenant)?;
     storage.persist(true)?;
     Ok(removed)

@@ -1,0 +1,394 @@
+//! Writes new dedup keys into the `dedup` keyspace's tables, off the log writer thread.
+//!
+//! Inserting each event's key into the dedup memtable (a skiplist of a quarter of a million
+//! random 16-byte keys) was the log writer's largest cost: 11% of the whole server's CPU at
+//! 230k events/s, on the one thread every acknowledgement waits for. But a dedup key needs no
+//! write of its own to be durable: it is a hash of the messageId, which the log entry already
+//! holds. So the writer only commits the log entry, keeps the keys of its recent appends in
+//! memory ([`DedupIndex`](super::dedup::DedupIndex)) and, once the group is durable, hands them
+//! to this thread. The thread gathers them, sorts them and writes them straight into a new table
+//! (fjall's bulk ingestion: no memtable, no journal), then tells the writer it may forget them.
+//!
+//! What survives a crash: the tables hold every key up to each tenant's *dedup watermark*, the
+//! last log sequence whose keys were ingested (`meta` key `d ‖ tenant`, written after the table).
+//! At start, [`recover`] derives the keys of every log entry past its tenant's watermark again
+//! (first seen = the entry's receive time) and ingests them before the writer takes requests:
+//! a retry of an acknowledged event is still a duplicate after `kill -9`.
+//!
+//! Before each ingestion the journal is fsync'd, so a key reaches the tables only after its event
+//! is on disk, in `buffered` mode too: a retry of an event lost to a power failure is not refused.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use rustc_hash::FxHashMap;
+
+use crate::event::{flags, last_seq_of};
+use crate::storage::dedup::{self, DedupKey};
+use crate::storage::{log, tenant_key, Storage, StorageError};
+use crate::telemetry;
+use crate::tenant::TenantId;
+
+/// Keys gathered before they are written as one table: about 8 MB of keys and values, written
+/// about once a second at 230k events/s. Until then they are in the writer's memory (about
+/// 60 bytes each, twice this many at most while one run is being written).
+const RUN_KEYS: usize = 256 * 1024;
+
+/// Groups of keys that may wait for this thread before the log writer waits for it.
+const QUEUE_GROUPS: usize = 4096;
+
+/// `meta` key of a tenant's dedup watermark.
+const WATERMARK: u8 = b'd';
+/// `meta` key present once the log writer no longer writes dedup keys itself. Without it, the
+/// data dir was written by an earlier version, whose keyspace holds every key of the log.
+const INGESTED_LAYOUT: &[u8] = b"dedup_keys_ingested";
+
+/// The keys of one durable group commit.
+pub struct KeyGroup {
+    /// Numbers groups in the order written, from 1.
+    pub number: u64,
+    /// Keys with their values ([`dedup::value`]); may be empty (events without a messageId).
+    pub entries: Vec<(DedupKey, [u8; 16])>,
+    /// Each tenant's last log sequence in the group (a tenant appears once or more).
+    pub heads: Vec<(TenantId, u64)>,
+}
+
+/// Handle to the ingest thread. The thread ingests what is left and stops when the sender
+/// returned by [`DedupIngester::start`] is dropped; [`DedupIngester::join`] waits for that.
+pub struct DedupIngester {
+    thread: JoinHandle<()>,
+}
+
+impl DedupIngester {
+    /// Starts the thread. Returns the sender for key groups and the number of the last group
+    /// whose keys the tables hold. On a failed ingestion the thread clears `healthy` and stops.
+    pub fn start(
+        storage: Storage,
+        healthy: Arc<AtomicBool>,
+    ) -> std::io::Result<(DedupIngester, Sender<KeyGroup>, Arc<AtomicU64>)> {
+        let (groups, received) = crossbeam_channel::bounded(QUEUE_GROUPS);
+        let ingested = Arc::new(AtomicU64::new(0));
+        let published = Arc::clone(&ingested);
+        let thread = std::thread::Builder::new()
+            .name("dedup-ingest".into())
+            .spawn(move || {
+                if let Err(error) = run(&storage, &received, &published) {
+                    tracing::error!(%error, "writing dedup keys failed; refusing all further writes");
+                    healthy.store(false, Ordering::Release);
+                }
+            })?;
+        Ok((DedupIngester { thread }, groups, ingested))
+    }
+
+    /// Waits until the thread has ingested every key sent and stopped.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("dedup ingest thread panicked");
+        }
+    }
+}
+
+/// Keys received and not yet ingested, with each tenant's last sequence among them.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<(DedupKey, [u8; 16])>,
+    heads: FxHashMap<TenantId, u64>,
+    last_group: u64,
+}
+
+impl Pending {
+    fn add(&mut self, group: KeyGroup) {
+        if self.entries.is_empty() {
+            self.entries = group.entries;
+        } else {
+            self.entries.extend_from_slice(&group.entries);
+        }
+        for (tenant, seq) in group.heads {
+            let head = self.heads.entry(tenant).or_default();
+            *head = (*head).max(seq);
+        }
+        self.last_group = group.number;
+    }
+
+    fn ingest(&mut self, storage: &Storage, ingested: &AtomicU64) -> Result<(), StorageError> {
+        if self.heads.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let keys = ingest(storage, &mut self.entries, &self.heads)?;
+        ingested.store(self.last_group, Ordering::Release);
+        self.entries = Vec::with_capacity(RUN_KEYS + RUN_KEYS / 4);
+        self.heads.clear();
+        telemetry::dedup_ingested(keys, started.elapsed());
+        Ok(())
+    }
+}
+
+fn run(
+    storage: &Storage,
+    received: &Receiver<KeyGroup>,
+    ingested: &AtomicU64,
+) -> Result<(), StorageError> {
+    let mut pending = Pending::default();
+    while let Ok(group) = received.recv() {
+        pending.add(group);
+        while let Ok(group) = received.try_recv() {
+            pending.add(group);
+        }
+        if pending.entries.len() >= RUN_KEYS {
+            pending.ingest(storage, ingested)?;
+        }
+    }
+    // The writer has stopped: what it sent last is written now, so a clean stop leaves nothing
+    // for the next start to recover.
+    pending.ingest(storage, ingested)
+}
+
+/// Writes `entries` into the dedup tables as one run, then advances the tenants' watermarks to
+/// `heads`; returns how many distinct keys were written. Blocking.
+fn ingest(
+    storage: &Storage,
+    entries: &mut Vec<(DedupKey, [u8; 16])>,
+    heads: &FxHashMap<TenantId, u64>,
+) -> Result<usize, StorageError> {
+    // A run holds each key once, in order. A key seen again after its window has two entries:
+    // the later first-seen time (the value starts with it, big-endian) wins, as it did in the
+    // keyspace.
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    entries.dedup_by_key(|(key, _)| *key);
+    // The events of these keys must be on disk before the keys are (see the module docs).
+    storage.persist(true)?;
+    let failed = StorageError::engine("ingesting dedup keys");
+    let written = (|| {
+        let mut ingestion = storage.dedup.start_ingestion()?;
+        for (key, value) in entries.iter() {
+            ingestion.write(&key[..], &value[..])?;
+        }
+        ingestion.finish()
+    })();
+    written.map_err(failed)?;
+    let mut batch = storage.batch();
+    for (tenant, seq) in heads {
+        batch.insert(&storage.meta, watermark_key(*tenant), seq.to_be_bytes());
+    }
+    batch
+        .commit()
+        .map_err(StorageError::engine("writing dedup watermarks"))?;
+    Ok(entries.len())
+}
+
+fn watermark_key(tenant: TenantId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = WATERMARK;
+    key[1..].copy_from_slice(&tenant.0.to_be_bytes());
+    key
+}
+
+/// The last log sequence of the tenant whose dedup key the tables hold (0 = none).
+fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
+    let value = storage
+        .meta
+        .get(watermark_key(tenant))
+        .map_err(StorageError::engine("reading a dedup watermark"))?;
+    Ok(value
+        .as_deref()
+        .and_then(|bytes| bytes.try_into().ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Forgets a purged tenant's watermark.
+pub fn forget_tenant(storage: &Storage, tenant: TenantId) -> Result<(), StorageError> {
+    storage
+        .meta
+        .remove(watermark_key(tenant))
+        .map_err(StorageError::engine("removing a dedup watermark"))
+}
+
+/// Brings the dedup tables up to the log before the writer starts: ingests the keys of every
+/// log entry past its tenant's watermark. Returns how many keys were recovered. Blocking.
+pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
+    let tenants = log_tenants(storage)?;
+    let layout_known = storage
+        .meta
+        .get(INGESTED_LAYOUT)
+        .map_err(StorageError::engine("reading the dedup layout"))?
+        .is_some();
+    if !layout_known {
+        // A new data dir, or one whose log writer wrote every key with its log entry.
+        let mut batch = storage.batch();
+        for tenant in &tenants {
+            let head = log::last_seq(storage, *tenant)?;
+            batch.insert(&storage.meta, watermark_key(*tenant), head.to_be_bytes());
+        }
+        batch.insert(&storage.meta, INGESTED_LAYOUT, [1u8]);
+        batch
+            .commit()
+            .map_err(StorageError::engine("writing dedup watermarks"))?;
+        storage.persist(true)?;
+        return Ok(0);
+    }
+    let mut entries = Vec::new();
+    let mut heads = FxHashMap::default();
+    for tenant in tenants {
+        let from = watermark(storage, tenant)? + 1;
+        log::scan(storage, tenant, from, |first_seq, batch| {
+            for event in &batch.events {
+                if event.flags & flags::GENERATED_ID == 0 {
+                    entries.push((
+                        dedup::key(tenant, &event.message_id),
+                        dedup::value(tenant, batch.received_at),
+                    ));
+                }
+            }
+            heads.insert(tenant, last_seq_of(first_seq, batch.events.len()));
+            std::ops::ControlFlow::Continue(())
+        })?;
+    }
+    if heads.is_empty() {
+        return Ok(0);
+    }
+    let keys = ingest(storage, &mut entries, &heads)?;
+    storage.persist(true)?;
+    tracing::info!(keys, "recovered dedup keys from the log");
+    Ok(keys)
+}
+
+/// Every tenant with at least one log entry, found by seeking past each tenant's keys.
+fn log_tenants(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
+    let mut tenants = Vec::new();
+    let mut from = tenant_key(TenantId(0), 0);
+    while let Some(guard) = storage.log.range(from..).next() {
+        let key = guard
+            .key()
+            .map_err(StorageError::engine("listing the log's tenants"))?;
+        let Some(id) = key.get(..8).and_then(|bytes| bytes.try_into().ok()) else {
+            break;
+        };
+        let tenant = u64::from_be_bytes(id);
+        tenants.push(TenantId(tenant));
+        let Some(next) = tenant.checked_add(1) else {
+            break;
+        };
+        from = tenant_key(TenantId(next), 0);
+    }
+    Ok(tenants)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::storage::log::tests::batch;
+    use fjall::AbstractTree;
+
+    fn first_seen(storage: &Storage, key: DedupKey) -> Option<i64> {
+        let value = storage.dedup.get(key).unwrap()?;
+        Some(i64::from_be_bytes(value[..8].try_into().unwrap()))
+    }
+
+    /// Commits a log entry as the writer does, without handing its keys to the ingest thread
+    /// (as when the process dies before the thread writes them).
+    fn append_only_to_log(storage: &Storage, tenant: TenantId, first_seq: u64, ids: &[&str]) {
+        let mut entry = batch(ids);
+        entry.received_at = 1_000 + first_seq as i64;
+        if let Some(event) = entry.events.last_mut().filter(|_| ids.len() > 1) {
+            event.flags |= flags::GENERATED_ID;
+        }
+        let value = crate::storage::codec::encode_compressed(&entry).unwrap();
+        storage
+            .log
+            .insert(tenant_key(tenant, first_seq), value)
+            .unwrap();
+        storage.persist(true).unwrap();
+    }
+
+    #[test]
+    fn recovery_ingests_the_keys_of_log_entries_past_each_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        assert_eq!(recover(&storage).unwrap(), 0, "a new data dir has nothing");
+        let (one, two) = (TenantId(1), TenantId(2));
+        append_only_to_log(&storage, one, 1, &["a", "b", "generated"]);
+        append_only_to_log(&storage, two, 1, &["a"]);
+        assert_eq!(recover(&storage).unwrap(), 3);
+        assert_eq!(first_seen(&storage, dedup::key(one, "a")), Some(1_001));
+        assert_eq!(first_seen(&storage, dedup::key(one, "b")), Some(1_001));
+        assert_eq!(first_seen(&storage, dedup::key(two, "a")), Some(1_001));
+        assert_eq!(first_seen(&storage, dedup::key(one, "generated")), None);
+        assert_eq!(
+            (
+                watermark(&storage, one).unwrap(),
+                watermark(&storage, two).unwrap()
+            ),
+            (3, 1)
+        );
+
+        append_only_to_log(&storage, one, 4, &["c"]);
+        assert_eq!(
+            recover(&storage).unwrap(),
+            1,
+            "only entries past the watermark"
+        );
+        assert_eq!(first_seen(&storage, dedup::key(one, "c")), Some(1_004));
+        assert_eq!(recover(&storage).unwrap(), 0);
+        forget_tenant(&storage, two).unwrap();
+        assert_eq!(watermark(&storage, two).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_data_dir_of_the_earlier_layout_counts_as_ingested() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        // Its writer wrote each key with the log entry.
+        append_only_to_log(&storage, TenantId(7), 1, &["a", "b"]);
+        assert_eq!(recover(&storage).unwrap(), 0);
+        assert_eq!(watermark(&storage, TenantId(7)).unwrap(), 2);
+        append_only_to_log(&storage, TenantId(7), 3, &["c"]);
+        assert_eq!(recover(&storage).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_thread_writes_every_group_it_was_sent_and_the_newest_entry_of_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        recover(&storage).unwrap();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (thread, groups, ingested) =
+            DedupIngester::start(storage.clone(), Arc::clone(&healthy)).unwrap();
+        let tenant = TenantId(3);
+        let (a, b) = (dedup::key(tenant, "a"), dedup::key(tenant, "b"));
+        for (number, entries) in [
+            (
+                1,
+                vec![(a, dedup::value(tenant, 10)), (b, dedup::value(tenant, 10))],
+            ),
+            (2, vec![]),
+            // `a` again, after its window.
+            (3, vec![(a, dedup::value(tenant, 99))]),
+        ] {
+            let heads = vec![(tenant, number * 10)];
+            groups
+                .send(KeyGroup {
+                    number,
+                    entries,
+                    heads,
+                })
+                .unwrap();
+        }
+        drop(groups);
+        thread.join();
+        assert!(healthy.load(Ordering::Acquire));
+        assert_eq!(ingested.load(Ordering::Acquire), 3);
+        assert_eq!(first_seen(&storage, a), Some(99));
+        assert_eq!(first_seen(&storage, b), Some(10));
+        assert_eq!(watermark(&storage, tenant).unwrap(), 30);
+        assert_eq!(
+            storage.dedup.tree.active_memtable().size(),
+            0,
+            "no memtable writes"
+        );
+    }
+}
