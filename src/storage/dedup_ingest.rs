@@ -37,8 +37,9 @@ use crate::tenant::TenantId;
 /// 60 bytes each, twice this many at most while one run is being written).
 const RUN_KEYS: usize = 256 * 1024;
 
-/// Groups of keys that may wait for this thread before the log writer waits for it.
-const QUEUE_GROUPS: usize = 4096;
+/// Groups of keys that may wait for this thread before the log writer waits for it (a group
+/// holds one to `max_group_requests` requests' keys).
+const QUEUE_GROUPS: usize = 1024;
 
 /// `meta` key of a tenant's dedup watermark.
 const WATERMARK: u8 = b'd';
@@ -75,6 +76,8 @@ impl DedupIngester {
         let thread = std::thread::Builder::new()
             .name("dedup-ingest".into())
             .spawn(move || {
+                // Background work like the engine's flushes: the writer holds the keys meanwhile.
+                crate::priority::background_thread();
                 if let Err(error) = run(&storage, &received, &published) {
                     tracing::error!(%error, "writing dedup keys failed; refusing all further writes");
                     healthy.store(false, Ordering::Release);

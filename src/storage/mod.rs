@@ -131,10 +131,10 @@ impl Storage {
                     .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
             })
             .map_err(open_error)?;
-        // Random keys, one point read and one insert per event. Measured (1.5M events, one
-        // tenant, three runs each): 2 MiB memtables 111-120k ev/s (flushes and compactions
-        // dominate), 8 MiB 133-157k, 16 MiB 176-192k, 32 MiB 155-172k, 64 MiB 147-154k
-        // (skiplist search grows).
+        // Random keys, one point read per event; written by bulk ingestion (`dedup_ingest`), so
+        // its memtable only ever holds what a data dir of the earlier layout left in the journal.
+        // (When every key went through it, measured on 1.5M events: 2 MiB memtables 111-120k
+        // ev/s, 8 MiB 133-157k, 16 MiB 176-192k, 32 MiB 155-172k, 64 MiB 147-154k.)
         let dedup = db
             .keyspace("dedup", memtable(DEDUP_MEMTABLE_BYTES))
             .map_err(open_error)?;
