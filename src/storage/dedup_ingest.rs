@@ -6,8 +6,9 @@
 //! write of its own to be durable: it is a hash of the messageId, which the log entry already
 //! holds. So the writer only commits the log entry, keeps the keys of its recent appends in
 //! memory ([`DedupIndex`](super::dedup::DedupIndex)) and, once the group is durable, hands them
-//! to this thread. The thread gathers them, sorts them and writes them straight into a new table
-//! (fjall's bulk ingestion: no memtable, no journal), then tells the writer it may forget them.
+//! to this thread. The thread gathers them (a run of [`RUN_KEYS`], or what came within
+//! [`MAX_PENDING_AGE`]), sorts them and writes them straight into a new table (fjall's bulk
+//! ingestion: no memtable, no journal), then tells the writer it may forget them.
 //!
 //! What survives a crash: the tables hold every key up to each tenant's *dedup watermark*, the
 //! last log sequence whose keys were ingested (`meta` key `d ‖ tenant`, written after the table).
@@ -21,9 +22,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
 use crate::event::{flags, last_seq_of};
@@ -36,6 +37,11 @@ use crate::tenant::TenantId;
 /// about once a second at 230k events/s. Until then they are in the writer's memory (about
 /// 60 bytes each, twice this many at most while one run is being written).
 const RUN_KEYS: usize = 256 * 1024;
+
+/// Longest a received key waits for its run, however few keys came since: bounds what a start
+/// after a crash re-reads from the log on a quiet server (and for events without a messageId,
+/// which advance the watermarks without adding keys).
+pub const MAX_PENDING_AGE: Duration = Duration::from_secs(30);
 
 /// Groups of keys that may wait for this thread before the log writer waits for it (a group
 /// holds one to `max_group_requests` requests' keys).
@@ -64,11 +70,13 @@ pub struct DedupIngester {
 }
 
 impl DedupIngester {
-    /// Starts the thread. Returns the sender for key groups and the number of the last group
+    /// Starts the thread, which writes a run once it has [`RUN_KEYS`] keys or its oldest key
+    /// has waited `max_age`. Returns the sender for key groups and the number of the last group
     /// whose keys the tables hold. On a failed ingestion the thread clears `healthy` and stops.
     pub fn start(
         storage: Storage,
         healthy: Arc<AtomicBool>,
+        max_age: Duration,
     ) -> std::io::Result<(DedupIngester, Sender<KeyGroup>, Arc<AtomicU64>)> {
         let (groups, received) = crossbeam_channel::bounded(QUEUE_GROUPS);
         let ingested = Arc::new(AtomicU64::new(0));
@@ -78,7 +86,7 @@ impl DedupIngester {
             .spawn(move || {
                 // Background work like the engine's flushes: the writer holds the keys meanwhile.
                 crate::priority::background_thread();
-                if let Err(error) = run(&storage, &received, &published) {
+                if let Err(error) = run(&storage, &received, &published, max_age) {
                     tracing::error!(%error, "writing dedup keys failed; refusing all further writes");
                     healthy.store(false, Ordering::Release);
                 }
@@ -97,23 +105,33 @@ impl DedupIngester {
 /// Keys received and not yet ingested, with each tenant's last sequence among them.
 #[derive(Default)]
 struct Pending {
+    /// Keeps its capacity from run to run.
     entries: Vec<(DedupKey, [u8; 16])>,
     heads: FxHashMap<TenantId, u64>,
     last_group: u64,
+    /// When the oldest group not yet ingested arrived.
+    since: Option<Instant>,
 }
 
 impl Pending {
     fn add(&mut self, group: KeyGroup) {
-        if self.entries.is_empty() {
-            self.entries = group.entries;
-        } else {
-            self.entries.extend_from_slice(&group.entries);
-        }
+        self.since.get_or_insert_with(Instant::now);
+        self.entries.extend_from_slice(&group.entries);
         for (tenant, seq) in group.heads {
             let head = self.heads.entry(tenant).or_default();
             *head = (*head).max(seq);
         }
         self.last_group = group.number;
+    }
+
+    /// How long the thread may wait for more keys before this run is due.
+    fn wait(&self, max_age: Duration) -> Duration {
+        self.since
+            .map_or(max_age, |since| max_age.saturating_sub(since.elapsed()))
+    }
+
+    fn due(&self, max_age: Duration) -> bool {
+        self.entries.len() >= RUN_KEYS || (self.since.is_some() && self.wait(max_age).is_zero())
     }
 
     fn ingest(&mut self, storage: &Storage, ingested: &AtomicU64) -> Result<(), StorageError> {
@@ -123,8 +141,9 @@ impl Pending {
         let started = Instant::now();
         let keys = ingest(storage, &mut self.entries, &self.heads)?;
         ingested.store(self.last_group, Ordering::Release);
-        self.entries = Vec::with_capacity(RUN_KEYS + RUN_KEYS / 4);
+        self.entries.clear();
         self.heads.clear();
+        self.since = None;
         telemetry::dedup_ingested(keys, started.elapsed());
         Ok(())
     }
@@ -134,20 +153,28 @@ fn run(
     storage: &Storage,
     received: &Receiver<KeyGroup>,
     ingested: &AtomicU64,
+    max_age: Duration,
 ) -> Result<(), StorageError> {
     let mut pending = Pending::default();
-    while let Ok(group) = received.recv() {
-        pending.add(group);
-        while let Ok(group) = received.try_recv() {
-            pending.add(group);
+    loop {
+        match received.recv_timeout(pending.wait(max_age)) {
+            Ok(group) => {
+                pending.add(group);
+                while let Ok(group) = received.try_recv() {
+                    pending.add(group);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
         }
-        if pending.entries.len() >= RUN_KEYS {
+        if pending.due(max_age) {
             pending.ingest(storage, ingested)?;
         }
     }
-    // The writer has stopped: what it sent last is written now, so a clean stop leaves nothing
-    // for the next start to recover.
-    pending.ingest(storage, ingested)
+    // The writer has stopped: what it sent last is written now, with the watermarks, so a
+    // clean stop leaves nothing for the next start to recover.
+    pending.ingest(storage, ingested)?;
+    storage.persist(true)
 }
 
 /// Writes `entries` into the dedup tables as one run, then advances the tenants' watermarks to
@@ -360,7 +387,7 @@ mod tests {
         recover(&storage).unwrap();
         let healthy = Arc::new(AtomicBool::new(true));
         let (thread, groups, ingested) =
-            DedupIngester::start(storage.clone(), Arc::clone(&healthy)).unwrap();
+            DedupIngester::start(storage.clone(), Arc::clone(&healthy), MAX_PENDING_AGE).unwrap();
         let tenant = TenantId(3);
         let (a, b) = (dedup::key(tenant, "a"), dedup::key(tenant, "b"));
         for (number, entries) in [
@@ -393,5 +420,37 @@ mod tests {
             0,
             "no memtable writes"
         );
+    }
+
+    #[test]
+    fn a_few_keys_are_written_once_the_oldest_has_waited_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        recover(&storage).unwrap();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let max_age = Duration::from_millis(50);
+        let (thread, groups, ingested) =
+            DedupIngester::start(storage.clone(), healthy, max_age).unwrap();
+        let tenant = TenantId(5);
+        let key = dedup::key(tenant, "quiet");
+        let entries = vec![(key, dedup::value(tenant, 10))];
+        let heads = vec![(tenant, 1)];
+        groups
+            .send(KeyGroup {
+                number: 1,
+                entries,
+                heads,
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ingested.load(Ordering::Acquire) < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Written while the writer still runs (its sender is alive).
+        assert_eq!(ingested.load(Ordering::Acquire), 1);
+        assert_eq!(first_seen(&storage, key), Some(10));
+        assert_eq!(watermark(&storage, tenant).unwrap(), 1);
+        drop(groups);
+        thread.join();
     }
 }

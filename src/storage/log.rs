@@ -48,9 +48,10 @@ pub struct AppendRequest {
 
 /// A log batch made ready by its sender, in parallel with other senders: encoded and compressed
 /// as the log entry, with each event's dedup key and rollup item. The one writer thread then
-/// only deduplicates and commits (it re-encodes only a batch that had duplicates).
+/// only deduplicates and commits (it decodes and re-encodes only a batch that had duplicates).
+/// The decoded events are freed by the sender: freeing them was 2% of the server's CPU on the
+/// writer thread.
 pub struct PreparedBatch {
-    batch: LogBatch,
     encoded: Vec<u8>,
     /// `None` for an event whose messageId the server generated (never a duplicate).
     dedup_keys: Vec<Option<dedup::DedupKey>>,
@@ -70,7 +71,6 @@ impl PreparedBatch {
             .collect();
         let items = batch.events.iter().map(RollupItem::from_event).collect();
         Ok(PreparedBatch {
-            batch,
             encoded,
             dedup_keys,
             items,
@@ -160,8 +160,11 @@ impl LogWriter {
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
         let upkeep = Upkeep::start(storage.clone())?;
-        let (ingester, key_groups, ingested) =
-            DedupIngester::start(storage.clone(), Arc::clone(&healthy))?;
+        let (ingester, key_groups, ingested) = DedupIngester::start(
+            storage.clone(),
+            Arc::clone(&healthy),
+            dedup_ingest::MAX_PENDING_AGE,
+        )?;
         let dedup = dedup::DedupIndex::open(&storage, ingested).map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
@@ -461,15 +464,11 @@ impl Writer {
                 rollup: None,
             });
         }
-        let PreparedBatch {
-            mut batch,
-            encoded,
-            items,
-            ..
-        } = prepared;
+        let PreparedBatch { encoded, items, .. } = prepared;
         let (value, items) = if duplicates == 0 {
             (encoded, items)
         } else {
+            let mut batch = decode_batch(&encoded)?;
             batch.events = only_kept(std::mem::take(&mut batch.events), &keep);
             (encode_entry(&batch)?, only_kept(items, &keep))
         };
@@ -519,11 +518,14 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageErro
                 keyspace: "log",
                 source: codec::CodecError::Empty,
             })?;
-    let batch = codec::decode(value).map_err(|source| StorageError::Codec {
+    Ok((u64::from_be_bytes(seq_bytes), decode_batch(value)?))
+}
+
+fn decode_batch(value: &[u8]) -> Result<LogBatch, StorageError> {
+    codec::decode(value).map_err(|source| StorageError::Codec {
         keyspace: "log",
         source,
-    })?;
-    Ok((u64::from_be_bytes(seq_bytes), batch))
+    })
 }
 
 /// The tenant's last sequence number in the log (0 when it has none). Blocking.
