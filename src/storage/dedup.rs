@@ -35,7 +35,7 @@ use fjall::AbstractTree;
 use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
-use crate::event::{now_micros, Micros};
+use crate::event::{flags, now_micros, Micros, StoredEvent};
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
 
@@ -43,6 +43,12 @@ pub type DedupKey = [u8; 16];
 
 pub fn key(tenant: TenantId, message_id: &str) -> DedupKey {
     xxhash_rust::xxh3::xxh3_128_with_seed(message_id.as_bytes(), tenant.0).to_be_bytes()
+}
+
+/// The event's dedup key; `None` when the server generated its messageId (never a duplicate).
+/// The log writer and the recovery of un-ingested keys must agree on this, so both call it.
+pub fn event_key(tenant: TenantId, event: &StoredEvent) -> Option<DedupKey> {
+    (event.flags & flags::GENERATED_ID == 0).then(|| key(tenant, &event.message_id))
 }
 
 /// The log writer's view of the dedup keys: answers "when was this key first seen?" from the

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
-use crate::event::{flags, last_seq_of};
+use crate::event::last_seq_of;
 use crate::storage::dedup::{self, DedupKey};
-use crate::storage::{log, tenant_key, Storage, StorageError};
+use crate::storage::{log, meta, tenant_key, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::TenantId;
 
@@ -211,10 +211,7 @@ fn ingest(
 }
 
 fn watermark_key(tenant: TenantId) -> [u8; 9] {
-    let mut key = [0u8; 9];
-    key[0] = WATERMARK;
-    key[1..].copy_from_slice(&tenant.0.to_be_bytes());
-    key
+    meta::tenant_key(WATERMARK, tenant)
 }
 
 /// The last log sequence of the tenant whose dedup key the tables hold (0 = none).
@@ -265,14 +262,12 @@ pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
     for tenant in tenants {
         let from = watermark(storage, tenant)? + 1;
         log::scan(storage, tenant, from, |first_seq, batch| {
-            for event in &batch.events {
-                if event.flags & flags::GENERATED_ID == 0 {
-                    entries.push((
-                        dedup::key(tenant, &event.message_id),
-                        dedup::value(tenant, batch.received_at),
-                    ));
-                }
-            }
+            let value = dedup::value(tenant, batch.received_at);
+            entries.extend(
+                (batch.events.iter())
+                    .filter_map(|event| dedup::event_key(tenant, event))
+                    .map(|key| (key, value)),
+            );
             heads.insert(tenant, last_seq_of(first_seq, batch.events.len()));
             std::ops::ControlFlow::Continue(())
         })?;
@@ -325,7 +320,7 @@ mod tests {
         let mut entry = batch(ids);
         entry.received_at = 1_000 + first_seq as i64;
         if let Some(event) = entry.events.last_mut().filter(|_| ids.len() > 1) {
-            event.flags |= flags::GENERATED_ID;
+            event.flags |= crate::event::flags::GENERATED_ID;
         }
         let value = crate::storage::codec::encode_compressed(&entry).unwrap();
         storage

@@ -1,6 +1,6 @@
 //! The durable event log and its writer thread (group commit).
 //!
-//! One dedicated OS thread, the [`LogWriter`], owns all writes to `log` and `dedup`. Requests
+//! One dedicated OS thread, the [`LogWriter`], owns all writes to `log`. Requests
 //! arrive on a bounded queue. The thread takes everything queued (up to `max_group_requests`),
 //! and for each request drops duplicates, assigns sequence numbers and commits the log entry.
 //! Then it persists the journal once for the whole group (fsync in `fsync` mode) and only then
@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use std::ops::ControlFlow;
 
-use crate::event::{flags, last_seq_of, now_micros, LogBatch};
+use crate::event::{last_seq_of, now_micros, LogBatch};
 use crate::rollup::{RollupBatch, RollupItem};
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
@@ -64,10 +64,7 @@ impl PreparedBatch {
         let dedup_keys = batch
             .events
             .iter()
-            .map(|event| {
-                (event.flags & flags::GENERATED_ID == 0)
-                    .then(|| dedup::key(tenant, &event.message_id))
-            })
+            .map(|event| dedup::event_key(tenant, event))
             .collect();
         let items = batch.events.iter().map(RollupItem::from_event).collect();
         Ok(PreparedBatch {
@@ -420,7 +417,7 @@ impl Writer {
         self.dedup.forget_ingested(&self.storage);
     }
 
-    /// Drops duplicates, assigns sequence numbers and commits one write batch. Not yet durable:
+    /// Drops duplicates, assigns sequence numbers and commits the log entry. Not yet durable:
     /// the caller persists the whole group.
     fn append(
         &mut self,
@@ -438,7 +435,6 @@ impl Writer {
             return Err(StorageError::TenantDeleted(tenant));
         }
         let now = now_micros();
-        let mut write = self.storage.batch();
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
         let mut keep = Vec::with_capacity(prepared.dedup_keys.len());
         let mut inserted = Vec::with_capacity(prepared.dedup_keys.len());
@@ -473,13 +469,10 @@ impl Writer {
             (encode_entry(&batch)?, only_kept(items, &keep))
         };
         let first_seq = self.next_seq(tenant)?;
-        write.insert(
-            &self.storage.log,
-            tenant_key(tenant, first_seq).to_vec(),
-            value,
-        );
-        write
-            .commit()
+        // The entry is the only write: its events' dedup keys go to the ingest thread later.
+        self.storage
+            .log
+            .insert(tenant_key(tenant, first_seq), value)
             .map_err(StorageError::engine("committing a log batch"))?;
         self.dedup.record(&inserted, now, self.groups_sent + 1);
         let value = dedup::value(tenant, now);

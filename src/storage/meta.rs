@@ -12,7 +12,9 @@ const TENANT: u8 = b't';
 const TOMBSTONE: u8 = b'x';
 const ADMIN_TOKEN_DIGEST: &[u8] = b"admin_token_digest";
 
-fn key(kind: u8, tenant: TenantId) -> [u8; 9] {
+/// `kind ‖ tenant`: the key of a per-tenant record in `meta`. Kinds in use: `t`, `x` (here),
+/// `w`, `n` (rollup watermarks and event names), `d` (dedup watermarks).
+pub(crate) fn tenant_key(kind: u8, tenant: TenantId) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = kind;
     key[1..].copy_from_slice(&tenant.0.to_be_bytes());
@@ -43,7 +45,7 @@ pub fn put_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), Storag
     })?;
     storage
         .meta
-        .insert(key(TENANT, record.id), value)
+        .insert(tenant_key(TENANT, record.id), value)
         .map_err(StorageError::engine("writing a tenant"))?;
     storage.persist(true)
 }
@@ -51,10 +53,10 @@ pub fn put_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), Storag
 /// Removes a tenant record and leaves a tombstone, durably.
 pub fn delete_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), StorageError> {
     let mut batch = storage.batch();
-    batch.remove(&storage.meta, key(TENANT, record.id));
+    batch.remove(&storage.meta, tenant_key(TENANT, record.id));
     batch.insert(
         &storage.meta,
-        key(TOMBSTONE, record.id),
+        tenant_key(TOMBSTONE, record.id),
         now_micros().to_be_bytes(),
     );
     batch
@@ -66,7 +68,7 @@ pub fn delete_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), Sto
 pub fn is_tombstoned(storage: &Storage, tenant: TenantId) -> Result<bool, StorageError> {
     storage
         .meta
-        .contains_key(key(TOMBSTONE, tenant))
+        .contains_key(tenant_key(TOMBSTONE, tenant))
         .map_err(StorageError::engine("reading a tombstone"))
 }
 
