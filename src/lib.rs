@@ -23,6 +23,7 @@ pub mod query;
 pub mod ratelimit;
 pub mod rollup;
 pub mod server;
+pub mod sketch;
 pub mod storage;
 pub mod telemetry;
 pub mod tenant;

@@ -12,13 +12,12 @@
 
 use std::time::Duration;
 
-use cardinality_estimator::CardinalityEstimator;
 use rustc_hash::FxHashMap;
 
 use crate::event::{EventKind, Micros, StoredEvent};
 
 /// Distinct-user sketch.
-pub type Sketch = CardinalityEstimator<u64, wyhash::WyHash, 16, 6>;
+pub use crate::sketch::Sketch;
 
 /// The series of all events. Empty, because no event can have an empty name (the parser treats
 /// an empty `event`/`name` as missing), so no event's series can collide with it.
