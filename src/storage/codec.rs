@@ -16,6 +16,10 @@ pub const FORMAT_V2_FIXED: u8 = 2;
 /// entries, compressed by the sender, in parallel, rather than by the storage engine on the one
 /// log writer thread.
 pub const FORMAT_V3_LZ4: u8 = 3;
+/// Format 4: format 2 compressed with LZ4 (uncompressed size first, u32 little endian). For
+/// distinct-user sketches: a HyperLogLog of a few hundred users is 48 KiB of mostly zero
+/// registers, which LZ4 shrinks about thirtyfold.
+pub const FORMAT_V4_FIXED_LZ4: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -53,10 +57,22 @@ pub fn encode_fixed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 pub fn encode_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     let mut plain = Vec::with_capacity(4096);
     bincode::serde::encode_into_std_write(value, &mut plain, bincode::config::standard())?;
+    Ok(compress(FORMAT_V3_LZ4, &plain))
+}
+
+/// Encodes `value` like [`encode_fixed`], then compresses it (format 4).
+pub fn encode_fixed_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut plain = Vec::with_capacity(4096);
+    let config = bincode::config::standard().with_fixed_int_encoding();
+    bincode::serde::encode_into_std_write(value, &mut plain, config)?;
+    Ok(compress(FORMAT_V4_FIXED_LZ4, &plain))
+}
+
+fn compress(version: u8, plain: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + 4 + lz4_flex::block::get_maximum_output_size(plain.len()));
-    out.push(FORMAT_V3_LZ4);
-    out.extend_from_slice(&lz4_flex::compress_prepend_size(&plain));
-    Ok(out)
+    out.push(version);
+    out.extend_from_slice(&lz4_flex::compress_prepend_size(plain));
+    out
 }
 
 /// Largest value decoding may claim. bincode checks every length prefix against it before
@@ -80,26 +96,37 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
             Ok(value)
         }
         FORMAT_V3_LZ4 => {
-            // The size prefix is checked before decompressing allocates it.
-            let claimed = body
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_le_bytes)
-                .ok_or(CodecError::Empty)?;
-            // LZ4 expands at most ~255 times: a larger claim is corrupt.
-            if claimed as usize > DECODE_LIMIT.min(body.len().saturating_mul(255)) {
-                return Err(CodecError::Decompress(format!(
-                    "claims {claimed} bytes, more than the {DECODE_LIMIT}-byte limit"
-                )));
-            }
-            let plain = lz4_flex::decompress_size_prepended(body)
-                .map_err(|e| CodecError::Decompress(e.to_string()))?;
+            let plain = decompress(body)?;
             let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+            let (value, _read) = bincode::serde::decode_from_slice(&plain, config)?;
+            Ok(value)
+        }
+        FORMAT_V4_FIXED_LZ4 => {
+            let plain = decompress(body)?;
+            let config = bincode::config::standard()
+                .with_fixed_int_encoding()
+                .with_limit::<DECODE_LIMIT>();
             let (value, _read) = bincode::serde::decode_from_slice(&plain, config)?;
             Ok(value)
         }
         other => Err(CodecError::UnknownVersion(other)),
     }
+}
+
+/// Decompresses the body of format 3 or 4, checking the size prefix before allocating it.
+fn decompress(body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let claimed = body
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .ok_or(CodecError::Empty)?;
+    // LZ4 expands at most ~255 times: a larger claim is corrupt.
+    if claimed as usize > DECODE_LIMIT.min(body.len().saturating_mul(255)) {
+        return Err(CodecError::Decompress(format!(
+            "claims {claimed} bytes, more than the {DECODE_LIMIT}-byte limit"
+        )));
+    }
+    lz4_flex::decompress_size_prepended(body).map_err(|e| CodecError::Decompress(e.to_string()))
 }
 
 #[cfg(test)]
@@ -182,6 +209,23 @@ mod tests {
         assert_eq!(bytes[0], FORMAT_V2_FIXED);
         let back: crate::rollup::Sketch = decode(&bytes).unwrap();
         assert_eq!(back.estimate(), sketch.estimate());
+        let compressed = encode_fixed_compressed(&sketch).unwrap();
+        assert_eq!(compressed[0], FORMAT_V4_FIXED_LZ4);
+        let back: crate::rollup::Sketch = decode(&compressed).unwrap();
+        assert_eq!(back, sketch);
+    }
+
+    #[test]
+    fn sparse_sketches_compress() {
+        // 300 users: a dense HyperLogLog (48 KiB of registers), nearly all of them zero.
+        let mut sketch = crate::rollup::Sketch::new();
+        for user in 0..300u64 {
+            sketch.insert_hash(user.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        let plain = encode_fixed(&sketch).unwrap().len();
+        let compressed = encode_fixed_compressed(&sketch).unwrap().len();
+        assert!(plain > 40_000, "{plain}");
+        assert!(compressed * 10 < plain, "{compressed} of {plain}");
     }
 
     #[test]

@@ -144,8 +144,12 @@ impl Storage {
         let rollup_counts = db
             .keyspace("rollup_counts", memtable(SMALL_MEMTABLE_BYTES))
             .map_err(open_error)?;
+        // Sketches are compressed when encoded (codec format 4), like log entries.
         let rollup_users = db
-            .keyspace("rollup_users", memtable(ROLLUP_MEMTABLE_BYTES))
+            .keyspace("rollup_users", || {
+                memtable(ROLLUP_MEMTABLE_BYTES)()
+                    .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+            })
             .map_err(open_error)?;
         Ok(Storage {
             db,
