@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::event::Micros;
 use crate::rollup::{cover, estimate, rollup_name, Deltas, Resolution, Retention, ALL_EVENTS};
-use crate::storage::log::{last_seq, scan, LogHeads};
+use crate::storage::log::{first_seq_received_since, last_seq, scan, LogHeads};
 use crate::storage::rollups;
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
@@ -164,16 +164,26 @@ pub enum FunnelError {
     TooManyEvents,
 }
 
+/// The events a funnel looks at: those timestamped in `[from, to)`. `future_tolerance` is the
+/// server's `limits.future_tolerance`, which bounds how far back in the log they can be.
+#[derive(Debug, Clone, Copy)]
+pub struct FunnelSpan {
+    pub from: Micros,
+    pub to: Micros,
+    pub future_tolerance: std::time::Duration,
+}
+
 /// Users reaching each step of a funnel, in order, with every step within `window` of the first,
-/// over the events whose time is in `[from, to)`. Exact: computed from the stored events.
+/// over the events whose time is in the span. Exact: computed from the stored events, read from
+/// the first log entry that can hold one ([`first_seq_received_since`]) to the end.
 pub fn funnel(
     storage: &Storage,
     tenant: TenantId,
     steps: &[String],
     window: Micros,
-    from: Micros,
-    to: Micros,
+    span: &FunnelSpan,
 ) -> Result<Vec<u64>, FunnelError> {
+    let FunnelSpan { from, to, .. } = *span;
     // Distinct step names, by first appearance, so repeated steps share one code.
     let step_of: HashMap<&str, u8> = {
         let mut map = HashMap::new();
@@ -187,7 +197,8 @@ pub fn funnel(
     // Per user: (time, sequence, step code) of the matching events.
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
-    scan(storage, tenant, 0, |first_seq, batch| {
+    let start = first_seq_received_since(storage, tenant, from, span.future_tolerance)?;
+    scan(storage, tenant, start, |first_seq, batch| {
         for (offset, event) in batch.events.iter().enumerate() {
             if event.timestamp < from || event.timestamp >= to {
                 continue;

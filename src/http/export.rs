@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
-use crate::storage::log::scan;
+use crate::storage::log::{first_seq_received_since, scan};
 use crate::tenant::KeyKind;
 
 /// NDJSON bytes gathered before a chunk is sent to the client.
@@ -64,23 +64,27 @@ pub async fn export(
     };
     let storage = state.storage.clone();
     let tenant_id = tenant.id;
+    let future_tolerance = state.config.limits.future_tolerance;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     actix_web::rt::task::spawn_blocking(move || {
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         let mut client_gone = false;
-        let scanned = scan(&storage, tenant_id, 0, |first_seq, batch| {
-            write_batch(&mut chunk, first_seq, batch, &filter);
-            if chunk.len() < CHUNK_BYTES {
-                return ControlFlow::Continue(());
-            }
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-            client_gone = sender.blocking_send(Ok(Bytes::from(full))).is_err();
-            if client_gone {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        let scanned = first_seq_received_since(&storage, tenant_id, from, future_tolerance)
+            .and_then(|start| {
+                scan(&storage, tenant_id, start, |first_seq, batch| {
+                    write_batch(&mut chunk, first_seq, batch, &filter);
+                    if chunk.len() < CHUNK_BYTES {
+                        return ControlFlow::Continue(());
+                    }
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                    client_gone = sender.blocking_send(Ok(Bytes::from(full))).is_err();
+                    if client_gone {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+            });
         match scanned {
             Err(error) => {
                 tracing::error!(tenant = %tenant_id, %error, "export failed while reading the log");

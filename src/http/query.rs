@@ -583,9 +583,15 @@ pub async fn funnel(
     let tenant_id = tenant.id;
     let storage = state.storage.clone();
     let heads = state.writer.heads().clone();
+    let future_tolerance = state.config.limits.future_tolerance;
     let (reached, as_of) = web::block(move || {
         let as_of = as_of(&storage, &heads, tenant_id)?;
-        let reached = query::funnel(&storage, tenant_id, &steps, window_micros, from, to)?;
+        let span = query::FunnelSpan {
+            from,
+            to,
+            future_tolerance,
+        };
+        let reached = query::funnel(&storage, tenant_id, &steps, window_micros, &span)?;
         Ok::<_, query::FunnelError>((reached, as_of))
     })
     .await

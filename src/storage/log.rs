@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use std::ops::ControlFlow;
 
-use crate::event::{last_seq_of, now_micros, LogBatch};
+use crate::event::{last_seq_of, now_micros, LogBatch, Micros};
 use crate::rollup::{RollupBatch, RollupItem};
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
@@ -556,6 +556,73 @@ pub fn scan(
     }
 }
 
+/// How far out of receive order entries may be committed (requests are timestamped when they
+/// arrive and sequenced when the writer takes them), with room for small clock adjustments.
+pub const RECEIVE_ORDER_SLACK: Micros = 10 * 60 * 1_000_000;
+
+/// The first sequence a scan for events timestamped at or after `from` must start at, so that a
+/// funnel or an export over recent events does not read the tenant's whole history. An event's
+/// timestamp is at most its receive time plus `future_tolerance` (later ones are clamped at
+/// ingestion), so no entry received before `from - future_tolerance - RECEIVE_ORDER_SLACK` holds
+/// one. Entries are appended in arrival order, so this is a binary search over the tenant's
+/// sequence numbers: O(log n) entries read, each only as far as its receive time. Blocking.
+pub fn first_seq_received_since(
+    storage: &Storage,
+    tenant: TenantId,
+    from: Micros,
+    future_tolerance: Duration,
+) -> Result<u64, StorageError> {
+    let tolerance = Micros::try_from(future_tolerance.as_micros()).unwrap_or(Micros::MAX);
+    let since = from
+        .saturating_sub(tolerance)
+        .saturating_sub(RECEIVE_ORDER_SLACK);
+    // The answer is in [low, high]: entries starting at or after it were received since `since`.
+    let (mut low, mut high) = (0u64, last_seq(storage, tenant)?.saturating_add(1));
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match entry_holding(storage, tenant, middle)? {
+            Some((first_seq, received_at)) if received_at >= since => high = first_seq,
+            _ => low = middle + 1,
+        }
+    }
+    Ok(low)
+}
+
+/// The first sequence and receive time of the tenant's entry holding `seq` (or the last one
+/// before it), if any.
+fn entry_holding(
+    storage: &Storage,
+    tenant: TenantId,
+    seq: u64,
+) -> Result<Option<(u64, Micros)>, StorageError> {
+    /// The leading fields of a [`LogBatch`]; decoding stops after them.
+    #[derive(serde::Deserialize)]
+    struct EntryHead {
+        _batch_id: u128,
+        received_at: Micros,
+    }
+    let range = tenant_key(tenant, 0)..=tenant_key(tenant, seq);
+    let Some(guard) = storage.log.range(range).next_back() else {
+        return Ok(None);
+    };
+    let (key, value) = guard
+        .into_inner()
+        .map_err(StorageError::engine("reading the log"))?;
+    let first_seq = key
+        .get(8..16)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or(StorageError::Codec {
+            keyspace: "log",
+            source: codec::CodecError::Empty,
+        })?;
+    let head: EntryHead = codec::decode(&value).map_err(|source| StorageError::Codec {
+        keyspace: "log",
+        source,
+    })?;
+    Ok(Some((first_seq, head.received_at)))
+}
+
 /// Log entries read per step of [`scan`].
 const SCAN_CHUNK: usize = 256;
 
@@ -643,6 +710,64 @@ pub(crate) mod tests {
             fsync: true,
             queue_capacity: 16,
             max_group_requests: 8,
+        }
+    }
+
+    #[test]
+    fn scans_for_recent_events_start_at_the_first_entry_received_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let tenant = TenantId(7);
+        let tolerance = Duration::from_secs(3600);
+        let start = |from: Micros| first_seq_received_since(&storage, tenant, from, tolerance);
+        assert_eq!(start(0).unwrap(), 1, "empty log: from the first sequence a tenant gets");
+        // Entries of 1 to 4 events, received one hour apart, with another tenant's in between.
+        let hour: Micros = 3_600_000_000;
+        let mut seq = 1;
+        let mut firsts = Vec::new();
+        for n in 0..200u64 {
+            let mut entry = batch(&vec!["e"; (n % 4 + 1) as usize]);
+            entry.received_at = n as Micros * hour;
+            storage
+                .log
+                .insert(tenant_key(tenant, seq), encode_entry(&entry).unwrap())
+                .unwrap();
+            storage
+                .log
+                .insert(tenant_key(TenantId(8), n), encode_entry(&entry).unwrap())
+                .unwrap();
+            firsts.push((seq, entry.received_at));
+            seq += entry.events.len() as u64;
+        }
+        let margin = hour + RECEIVE_ORDER_SLACK;
+        for from in [
+            -5 * hour,
+            0,
+            1,
+            hour,
+            2 * hour + 1,
+            117 * hour,
+            199 * hour,
+            500 * hour,
+        ] {
+            let expected = firsts
+                .iter()
+                .find(|(_, received)| *received >= from - margin)
+                .map_or(seq, |(first, _)| *first);
+            let found = start(from).unwrap();
+            // Every entry before `found` was received too early; `found` itself starts an entry.
+            assert!(found <= expected, "from {from}: {found} > {expected}");
+            assert_eq!(
+                read_batches(&storage, tenant, found, 1)
+                    .unwrap()
+                    .first()
+                    .map(|(s, _)| *s),
+                read_batches(&storage, tenant, expected, 1)
+                    .unwrap()
+                    .first()
+                    .map(|(s, _)| *s),
+                "from {from}"
+            );
         }
     }
 
