@@ -8,7 +8,7 @@
 //! so a slow subscriber skips ticks (coalescing, counted in a metric) instead of queueing them,
 //! and the hub's cost does not depend on the number of subscribers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ struct Agg {
 /// Per-event aggregates of one time bucket.
 #[derive(Default)]
 struct Bucket {
-    events: HashMap<String, Agg>,
+    events: rustc_hash::FxHashMap<String, Agg>,
 }
 
 impl Bucket {

@@ -720,7 +720,11 @@ pub(crate) mod tests {
         let tenant = TenantId(7);
         let tolerance = Duration::from_secs(3600);
         let start = |from: Micros| first_seq_received_since(&storage, tenant, from, tolerance);
-        assert_eq!(start(0).unwrap(), 1, "empty log: from the first sequence a tenant gets");
+        assert_eq!(
+            start(0).unwrap(),
+            1,
+            "empty log: from the first sequence a tenant gets"
+        );
         // Entries of 1 to 4 events, received one hour apart, with another tenant's in between.
         let hour: Micros = 3_600_000_000;
         let mut seq = 1;
