@@ -129,6 +129,65 @@ pub struct LogBatch {
     pub events: Vec<StoredEvent>,
 }
 
+/// A [`StoredEvent`] decoded with its text borrowed from the decoded log entry, for scans that
+/// read many events and keep little of each (funnels, rollup catch-up): no allocation per
+/// event. Field for field the layout of [`StoredEvent`] (`views_decode_what_was_stored` checks
+/// it); change both together.
+#[derive(Debug, Deserialize)]
+pub struct StoredEventView<'a> {
+    pub kind: EventKind,
+    pub message_id: &'a str,
+    #[serde(borrow)]
+    pub name: Option<&'a str>,
+    #[serde(borrow)]
+    pub user_id: Option<&'a str>,
+    #[serde(borrow)]
+    pub anonymous_id: Option<&'a str>,
+    #[serde(borrow)]
+    pub group_id: Option<&'a str>,
+    #[serde(borrow)]
+    pub previous_id: Option<&'a str>,
+    pub timestamp: Micros,
+    pub original_timestamp: Option<Micros>,
+    pub sent_at: Option<Micros>,
+    pub received_at: Micros,
+    pub user_hash: u64,
+    #[serde(borrow)]
+    pub library_name: Option<&'a str>,
+    #[serde(borrow)]
+    pub library_version: Option<&'a str>,
+    pub flags: u8,
+    #[serde(borrow)]
+    pub properties: Option<&'a str>,
+    #[serde(borrow)]
+    pub traits: Option<&'a str>,
+    #[serde(borrow)]
+    pub context: Option<&'a str>,
+    #[serde(borrow)]
+    pub integrations: Option<&'a str>,
+    #[serde(borrow)]
+    pub extra: Vec<(&'a str, &'a str)>,
+}
+
+/// A [`BatchSource`] with borrowed text.
+#[derive(Debug, Deserialize)]
+pub struct BatchSourceView<'a> {
+    pub endpoint: &'a str,
+    #[serde(borrow)]
+    pub client_ip: Option<&'a str>,
+}
+
+/// A [`LogBatch`] with borrowed text (see [`StoredEventView`]).
+#[derive(Debug, Deserialize)]
+pub struct LogBatchView<'a> {
+    pub batch_id: u128,
+    pub received_at: Micros,
+    #[serde(borrow)]
+    pub source: BatchSourceView<'a>,
+    #[serde(borrow)]
+    pub events: Vec<StoredEventView<'a>>,
+}
+
 /// Last sequence number of a log entry holding `events` events from `first_seq`. Entries always
 /// hold at least one event; an empty one counts as one, so scans over the log always advance.
 pub fn last_seq_of(first_seq: u64, events: usize) -> u64 {

@@ -14,8 +14,8 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::event::Micros;
-use crate::rollup::{cover, estimate, rollup_name, Deltas, Resolution, Retention, ALL_EVENTS};
-use crate::storage::log::{first_seq_received_since, last_seq, scan, LogHeads};
+use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
+use crate::storage::log::{first_seq_received_since, last_seq, scan_views, LogHeads};
 use crate::storage::rollups;
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
@@ -198,12 +198,12 @@ pub fn funnel(
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
     let start = first_seq_received_since(storage, tenant, from, span.future_tolerance)?;
-    scan(storage, tenant, start, |first_seq, batch| {
+    scan_views(storage, tenant, start, |first_seq, batch| {
         for (offset, event) in batch.events.iter().enumerate() {
             if event.timestamp < from || event.timestamp >= to {
                 continue;
             }
-            if let Some(code) = step_of.get(rollup_name(event)) {
+            if let Some(code) = step_of.get(series_name(event.kind, event.name)) {
                 gathered += 1;
                 if gathered > MAX_FUNNEL_EVENTS {
                     return ControlFlow::Break(());

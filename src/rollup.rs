@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{EventKind, Micros, StoredEvent};
+use crate::event::{EventKind, Micros, StoredEvent, StoredEventView};
 
 /// Distinct-user sketch.
 pub use crate::sketch::Sketch;
@@ -80,8 +80,13 @@ impl Resolution {
 /// Name under which an event is rolled up: a track's event name; `$page`, `$screen`,
 /// `$identify`, `$group`, `$alias` for the other calls.
 pub fn rollup_name(event: &StoredEvent) -> &str {
-    match event.kind {
-        EventKind::Track => event.name.as_deref().unwrap_or("$track"),
+    series_name(event.kind, event.name.as_deref())
+}
+
+/// [`rollup_name`] of an event of this kind and name.
+pub fn series_name(kind: EventKind, name: Option<&str>) -> &str {
+    match kind {
+        EventKind::Track => name.unwrap_or("$track"),
         EventKind::Page => "$page",
         EventKind::Screen => "$screen",
         EventKind::Identify => "$identify",
@@ -104,6 +109,15 @@ impl RollupItem {
     pub fn from_event(event: &StoredEvent) -> RollupItem {
         RollupItem {
             name: rollup_name(event).to_string(),
+            timestamp: event.timestamp,
+            user_hash: event.user_hash,
+            weight: 1,
+        }
+    }
+
+    pub fn from_view(event: &StoredEventView<'_>) -> RollupItem {
+        RollupItem {
+            name: series_name(event.kind, event.name).to_string(),
             timestamp: event.timestamp,
             user_hash: event.user_hash,
             weight: 1,

@@ -28,7 +28,7 @@ use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{PipelineDeps, StopChild};
 use crate::event::{now_micros, Micros};
 use crate::rollup::{Deltas, Resolution, Retention, RollupBatch, RollupItem};
-use crate::storage::log::read_batches;
+use crate::storage::log::read_items;
 use crate::storage::rollups::{self, FlushOutcome};
 use crate::telemetry;
 use crate::tenant::TenantId;
@@ -191,7 +191,7 @@ impl RollupActor {
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
         let task = tokio::task::spawn_blocking(move || {
-            read_batches(&storage, tenant, from, CATCH_UP_BATCHES)
+            read_items(&storage, tenant, from, CATCH_UP_BATCHES)
         });
         ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
             if actor.epoch != epoch {
@@ -215,11 +215,10 @@ impl RollupActor {
                 return;
             }
             telemetry::rollup_log_reads(batches.len());
-            for (first_seq, batch) in batches {
+            for (first_seq, items) in batches {
                 if first_seq <= actor.applied_seq {
                     continue;
                 }
-                let items: Vec<RollupItem> = batch.events.iter().map(RollupItem::from_event).collect();
                 actor.apply(first_seq, &items);
             }
             actor.catch_up(ctx);

@@ -4,8 +4,10 @@
 //! pinned and marked unmaintained upstream; keeping it behind this module and the version byte means
 //! a future format can be introduced (new version byte) while old values stay readable.
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Format 1: bincode 2.0.1, `config::standard()` (varint integers, little endian).
 pub const FORMAT_V1: u8 = 1;
@@ -79,37 +81,42 @@ fn compress(version: u8, plain: &[u8]) -> Vec<u8> {
 /// allocating, so a corrupt value fails to decode instead of asking for exabytes.
 const DECODE_LIMIT: usize = 256 << 20;
 
-/// Decodes a value written by [`encode`] or [`encode_fixed`] (any supported format version).
+/// Decodes a value written by any of the `encode` functions (any supported format version).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    plain(bytes)?.decode()
+}
+
+/// A stored value's bincode body, decompressed if it was stored compressed. Decoding from it
+/// with [`Plain::decode`] can borrow text from it instead of allocating it.
+pub struct Plain<'a> {
+    body: Cow<'a, [u8]>,
+    fixed_width: bool,
+}
+
+/// Reads a stored value's format version and decompresses its body if need be.
+pub fn plain(bytes: &[u8]) -> Result<Plain<'_>, CodecError> {
     let (version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    match *version {
-        FORMAT_V1 => {
-            let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-            let (value, _read) = bincode::serde::decode_from_slice(body, config)?;
-            Ok(value)
-        }
-        FORMAT_V2_FIXED => {
-            let config = bincode::config::standard()
-                .with_fixed_int_encoding()
-                .with_limit::<DECODE_LIMIT>();
-            let (value, _read) = bincode::serde::decode_from_slice(body, config)?;
-            Ok(value)
-        }
-        FORMAT_V3_LZ4 => {
-            let plain = decompress(body)?;
-            let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-            let (value, _read) = bincode::serde::decode_from_slice(&plain, config)?;
-            Ok(value)
-        }
-        FORMAT_V4_FIXED_LZ4 => {
-            let plain = decompress(body)?;
-            let config = bincode::config::standard()
-                .with_fixed_int_encoding()
-                .with_limit::<DECODE_LIMIT>();
-            let (value, _read) = bincode::serde::decode_from_slice(&plain, config)?;
-            Ok(value)
-        }
-        other => Err(CodecError::UnknownVersion(other)),
+    let (body, fixed_width) = match *version {
+        FORMAT_V1 => (Cow::Borrowed(body), false),
+        FORMAT_V2_FIXED => (Cow::Borrowed(body), true),
+        FORMAT_V3_LZ4 => (Cow::Owned(decompress(body)?), false),
+        FORMAT_V4_FIXED_LZ4 => (Cow::Owned(decompress(body)?), true),
+        other => return Err(CodecError::UnknownVersion(other)),
+    };
+    Ok(Plain { body, fixed_width })
+}
+
+impl Plain<'_> {
+    /// Decodes the value; `T` may borrow from `self` (`&str` fields, say).
+    pub fn decode<'b, T: Deserialize<'b>>(&'b self) -> Result<T, CodecError> {
+        let standard = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+        let (value, _read) = if self.fixed_width {
+            let config = standard.with_fixed_int_encoding();
+            bincode::serde::borrow_decode_from_slice(&self.body, config)?
+        } else {
+            bincode::serde::borrow_decode_from_slice(&self.body, standard)?
+        };
+        Ok(value)
     }
 }
 
@@ -189,13 +196,96 @@ mod tests {
             let bytes = encode_compressed(&batch).unwrap();
             prop_assert_eq!(bytes[0], FORMAT_V3_LZ4);
             let back: LogBatch = decode(&bytes).unwrap();
-            prop_assert_eq!(back, batch);
+            prop_assert_eq!(&back, &batch);
+            let plain = plain(&bytes).unwrap();
+            let view: crate::event::LogBatchView = plain.decode().unwrap();
+            let events: Vec<StoredEvent> = view.events.iter().map(owned).collect();
+            prop_assert_eq!(events, batch.events);
         }
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode::<LogBatch>(&bytes);
             let _ = decode::<crate::rollup::Sketch>(&bytes);
+        }
+    }
+
+    /// The view's fields, back into an owned event (a struct literal: no field can be skipped).
+    fn owned(view: &crate::event::StoredEventView<'_>) -> StoredEvent {
+        let text = |t: Option<&str>| t.map(str::to_string);
+        StoredEvent {
+            kind: view.kind,
+            message_id: view.message_id.to_string(),
+            name: text(view.name),
+            user_id: text(view.user_id),
+            anonymous_id: text(view.anonymous_id),
+            group_id: text(view.group_id),
+            previous_id: text(view.previous_id),
+            timestamp: view.timestamp,
+            original_timestamp: view.original_timestamp,
+            sent_at: view.sent_at,
+            received_at: view.received_at,
+            user_hash: view.user_hash,
+            library_name: text(view.library_name),
+            library_version: text(view.library_version),
+            flags: view.flags,
+            properties: text(view.properties),
+            traits: text(view.traits),
+            context: text(view.context),
+            integrations: text(view.integrations),
+            extra: view
+                .extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn views_decode_what_was_stored() {
+        let every_field = StoredEvent {
+            kind: EventKind::Group,
+            message_id: "m".into(),
+            name: Some("n".into()),
+            user_id: Some("u".into()),
+            anonymous_id: Some("a".into()),
+            group_id: Some("g".into()),
+            previous_id: Some("p".into()),
+            timestamp: 1,
+            original_timestamp: Some(2),
+            sent_at: Some(3),
+            received_at: 4,
+            user_hash: 5,
+            library_name: Some("ln".into()),
+            library_version: Some("lv".into()),
+            flags: 6,
+            properties: Some("{\"pr\":1}".into()),
+            traits: Some("{\"tr\":2}".into()),
+            context: Some("{\"co\":3}".into()),
+            integrations: Some("{\"in\":4}".into()),
+            extra: vec![("x".into(), "7".into()), ("y".into(), "8".into())],
+        };
+        let mut few_fields = every_field.clone();
+        few_fields.name = None;
+        few_fields.traits = None;
+        few_fields.extra.clear();
+        let batch = LogBatch {
+            batch_id: 9,
+            received_at: 10,
+            source: BatchSource {
+                endpoint: "/v1/group".into(),
+                client_ip: Some("10.0.0.0".into()),
+            },
+            events: vec![every_field, few_fields],
+        };
+        for bytes in [encode(&batch).unwrap(), encode_compressed(&batch).unwrap()] {
+            let plain = plain(&bytes).unwrap();
+            let view: crate::event::LogBatchView = plain.decode().unwrap();
+            assert_eq!((view.batch_id, view.received_at), (9, 10));
+            assert_eq!(view.source.endpoint, "/v1/group");
+            assert_eq!(view.source.client_ip, Some("10.0.0.0"));
+            let events: Vec<StoredEvent> = view.events.iter().map(owned).collect();
+            assert_eq!(events, batch.events);
         }
     }
 

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use std::ops::ControlFlow;
 
-use crate::event::{last_seq_of, now_micros, LogBatch, Micros};
+use crate::event::{last_seq_of, now_micros, LogBatch, LogBatchView, Micros};
 use crate::rollup::{RollupBatch, RollupItem};
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
@@ -504,21 +504,11 @@ impl Writer {
 }
 
 fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageError> {
-    let seq_bytes: [u8; 8] =
-        key.get(8..16)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(StorageError::Codec {
-                keyspace: "log",
-                source: codec::CodecError::Empty,
-            })?;
-    Ok((u64::from_be_bytes(seq_bytes), decode_batch(value)?))
+    Ok((entry_seq(key)?, decode_batch(value)?))
 }
 
 fn decode_batch(value: &[u8]) -> Result<LogBatch, StorageError> {
-    codec::decode(value).map_err(|source| StorageError::Codec {
-        keyspace: "log",
-        source,
-    })
+    codec::decode(value).map_err(log_codec_error)
 }
 
 /// The tenant's last sequence number in the log (0 when it has none). Blocking.
@@ -541,17 +531,47 @@ pub fn scan(
     from_seq: u64,
     mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
 ) -> Result<(), StorageError> {
+    scan_entries(storage, tenant, from_seq, |first_seq, value| {
+        let batch = decode_batch(value)?;
+        Ok((visit(first_seq, &batch), batch.events.len()))
+    })
+}
+
+/// Like [`scan`], with each entry decoded as a [`LogBatchView`], whose text borrows from the
+/// entry: for scans that keep little of each event. Blocking.
+pub fn scan_views(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    mut visit: impl FnMut(u64, &LogBatchView<'_>) -> ControlFlow<()>,
+) -> Result<(), StorageError> {
+    scan_entries(storage, tenant, from_seq, |first_seq, value| {
+        let plain = codec::plain(value).map_err(log_codec_error)?;
+        let batch: LogBatchView = plain.decode().map_err(log_codec_error)?;
+        Ok((visit(first_seq, &batch), batch.events.len()))
+    })
+}
+
+/// The loop of [`scan`] and [`scan_views`]: `each` decodes and visits one raw entry, and says
+/// whether to go on and how many events the entry held.
+fn scan_entries(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(ControlFlow<()>, usize), StorageError>,
+) -> Result<(), StorageError> {
     let mut next_seq = from_seq;
     loop {
-        let batches = read_batches(storage, tenant, next_seq, SCAN_CHUNK)?;
-        if batches.is_empty() {
+        let entries = read_entries(storage, tenant, next_seq, SCAN_CHUNK)?;
+        if entries.is_empty() {
             return Ok(());
         }
-        for (first_seq, batch) in &batches {
-            if visit(*first_seq, batch).is_break() {
+        for (first_seq, value) in &entries {
+            let (flow, events) = each(*first_seq, value)?;
+            if flow.is_break() {
                 return Ok(());
             }
-            next_seq = last_seq_of(*first_seq, batch.events.len()) + 1;
+            next_seq = last_seq_of(*first_seq, events) + 1;
         }
     }
 }
@@ -608,19 +628,8 @@ fn entry_holding(
     let (key, value) = guard
         .into_inner()
         .map_err(StorageError::engine("reading the log"))?;
-    let first_seq = key
-        .get(8..16)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map(u64::from_be_bytes)
-        .ok_or(StorageError::Codec {
-            keyspace: "log",
-            source: codec::CodecError::Empty,
-        })?;
-    let head: EntryHead = codec::decode(&value).map_err(|source| StorageError::Codec {
-        keyspace: "log",
-        source,
-    })?;
-    Ok(Some((first_seq, head.received_at)))
+    let head: EntryHead = codec::decode(&value).map_err(log_codec_error)?;
+    Ok(Some((entry_seq(&key)?, head.received_at)))
 }
 
 /// Log entries read per step of [`scan`].
@@ -634,16 +643,67 @@ pub fn read_batches(
     from_seq: u64,
     max_batches: usize,
 ) -> Result<Vec<(u64, LogBatch)>, StorageError> {
+    read_entries(storage, tenant, from_seq, max_batches)?
+        .into_iter()
+        .map(|(first_seq, value)| Ok((first_seq, decode_batch(&value)?)))
+        .collect()
+}
+
+/// The rollup items of up to `max_batches` log entries from `from_seq` on (see
+/// [`read_batches`]), decoded without allocating each event's text. Blocking.
+pub fn read_items(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    max_batches: usize,
+) -> Result<Vec<(u64, Vec<RollupItem>)>, StorageError> {
+    let mut out = Vec::new();
+    for (first_seq, value) in read_entries(storage, tenant, from_seq, max_batches)? {
+        let plain = codec::plain(&value).map_err(log_codec_error)?;
+        let batch: LogBatchView = plain.decode().map_err(log_codec_error)?;
+        out.push((
+            first_seq,
+            batch.events.iter().map(RollupItem::from_view).collect(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Up to `max_entries` raw log entries of a tenant from `from_seq` on: (first sequence, value).
+fn read_entries(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    max_entries: usize,
+) -> Result<Vec<(u64, fjall::Slice)>, StorageError> {
     let start = tenant_key(tenant, from_seq);
     let end = tenant_key(tenant, u64::MAX);
     let mut out = Vec::new();
-    for guard in storage.log.range(start..=end).take(max_batches) {
+    for guard in storage.log.range(start..=end).take(max_entries) {
         let (key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading the log"))?;
-        out.push(decode_entry(&key, &value)?);
+        out.push((entry_seq(&key)?, value));
     }
     Ok(out)
+}
+
+/// The first sequence in a log key.
+fn entry_seq(key: &[u8]) -> Result<u64, StorageError> {
+    key.get(8..16)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or(StorageError::Codec {
+            keyspace: "log",
+            source: codec::CodecError::Empty,
+        })
+}
+
+fn log_codec_error(source: codec::CodecError) -> StorageError {
+    StorageError::Codec {
+        keyspace: "log",
+        source,
+    }
 }
 
 #[cfg(test)]
