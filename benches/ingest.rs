@@ -10,10 +10,11 @@ use statsremote::event::{BatchSource, LogBatch};
 use statsremote::http::segment::{parse_json, ParseLimits, Route};
 use statsremote::storage::codec;
 
-fn batch_body(events: usize) -> Vec<u8> {
+/// `with_ip`: contexts carry the end user's address, as server-side SDKs forward it.
+fn batch_body(events: usize, with_ip: bool) -> Vec<u8> {
     let batch: Vec<serde_json::Value> = (0..events)
         .map(|i| {
-            serde_json::json!({
+            let mut event = serde_json::json!({
                 "type": "track",
                 "event": format!("Event {}", i % 20),
                 "userId": format!("user-{:08x}", i * 7919),
@@ -30,7 +31,11 @@ fn batch_body(events: usize) -> Vec<u8> {
                     "locale": "en-GB",
                     "page": {"path": "/pricing", "url": "https://app.example.com/pricing"}
                 }
-            })
+            });
+            if with_ip {
+                event["context"]["ip"] = format!("203.0.113.{}", i % 250).into();
+            }
+            event
         })
         .collect();
     serde_json::json!({ "batch": batch, "sentAt": "2026-11-26T04:00:01.000Z" })
@@ -39,7 +44,8 @@ fn batch_body(events: usize) -> Vec<u8> {
 }
 
 fn benches(c: &mut Criterion) {
-    let body = batch_body(100);
+    let body = batch_body(100, false);
+    let body_with_ip = batch_body(100, true);
     let limits = ParseLimits {
         max_event_bytes: 64 * 1024,
         max_events: 10_000,
@@ -58,6 +64,17 @@ fn benches(c: &mut Criterion) {
     group.bench_function("enrich", |b| {
         b.iter_batched(
             || parse_json(Route::Batch, &body, &limits).unwrap().events,
+            |events| enrich_all(events, &context),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("enrich, contexts with the end user's ip", |b| {
+        b.iter_batched(
+            || {
+                parse_json(Route::Batch, &body_with_ip, &limits)
+                    .unwrap()
+                    .events
+            },
             |events| enrich_all(events, &context),
             BatchSize::SmallInput,
         )

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::event::{flags, EventKind, IncomingEvent, Micros, StoredEvent};
+use crate::json::Members;
 
 /// What enrichment needs to know about the request and the tenant.
 pub struct EnrichContext<'a> {
@@ -131,26 +132,44 @@ fn library_of(context_json: &str) -> (Option<String>, Option<String>) {
 
 /// Anonymises `context.ip` (server-side SDKs forward the end user's address there) the same way
 /// as the peer address; a value that is not an IP address is dropped. Contexts without an `ip`
-/// key are returned untouched, without parsing.
+/// key are returned untouched, without parsing. Only that member changes: the others are written
+/// back as the client sent them, in their order (a parsed `Value` would reorder the keys and turn
+/// integers past u64 into floats).
 fn anonymize_context_ip(context: String) -> String {
     if !context.contains("\"ip\"") {
         return context;
     }
-    let Ok(mut object) =
-        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&context)
-    else {
+    let Ok(Members(members)) = serde_json::from_str::<Members>(&context) else {
         return context;
     };
-    let Some(value) = object.remove("ip") else {
-        return context;
-    };
-    if let Some(ip) = value
-        .as_str()
-        .and_then(|text| text.trim().parse::<IpAddr>().ok())
-    {
-        object.insert("ip".into(), serde_json::Value::String(anonymize_ip(ip)));
+    if !members.iter().any(|(key, _)| key == "ip") {
+        return context; // Only nested objects have an "ip".
     }
-    serde_json::to_string(&object).unwrap_or(context)
+    let mut out = String::with_capacity(context.len());
+    for (key, value) in &members {
+        let anonymized;
+        let value = if key == "ip" {
+            let ip = serde_json::from_str::<String>(value.get())
+                .ok()
+                .and_then(|text| text.trim().parse::<IpAddr>().ok());
+            let Some(ip) = ip else {
+                continue;
+            };
+            anonymized = serde_json::Value::String(anonymize_ip(ip)).to_string();
+            anonymized.as_str()
+        } else {
+            value.get()
+        };
+        out.push(if out.is_empty() { '{' } else { ',' });
+        out.push_str(&serde_json::Value::String(key.to_string()).to_string());
+        out.push(':');
+        out.push_str(value);
+    }
+    if out.is_empty() {
+        out.push('{');
+    }
+    out.push('}');
+    out
 }
 
 /// The client IP with the host part zeroed: IPv4 keeps /24, IPv6 keeps /48.
@@ -237,6 +256,23 @@ mod tests {
             r#"{"a":1}"#
         );
         assert_eq!(anonymize_context_ip(r#"{"a":1}"#.into()), r#"{"a":1}"#);
+        // Only the ip changes: key order, big integers and number text stay as sent.
+        assert_eq!(
+            anonymize_context_ip(
+                r#"{"z":1,"ip":"1.2.3.4","big":123456789012345678901234567890,"f":1.10,"page":{"b":2,"a":1}}"#.into()
+            ),
+            r#"{"z":1,"ip":"1.2.3.0","big":123456789012345678901234567890,"f":1.10,"page":{"b":2,"a":1}}"#
+        );
+        assert_eq!(anonymize_context_ip(r#"{"ip":7}"#.into()), "{}");
+        assert_eq!(
+            anonymize_context_ip(r#"{"page":{"ip":"1.2.3.4"}}"#.into()),
+            r#"{"page":{"ip":"1.2.3.4"}}"#,
+            "only the top-level ip is the end user's"
+        );
+        assert_eq!(
+            anonymize_context_ip(r#"{"k\"ey":"v","ip":"2001:db8:1:2::5"}"#.into()),
+            r#"{"k\"ey":"v","ip":"2001:db8:1::"}"#
+        );
         assert_eq!(stored.library_version.as_deref(), Some("1.2.3"));
     }
 

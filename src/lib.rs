@@ -18,6 +18,7 @@ pub mod config;
 pub mod enrich;
 pub mod event;
 pub mod http;
+pub mod json;
 pub mod priority;
 pub mod query;
 pub mod ratelimit;
