@@ -56,12 +56,13 @@ pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent 
         .or(event.anonymous_id.as_deref())
         .unwrap_or("");
     let user_hash = user_hash(context.user_hash_key, identity);
-    let (library_name, library_version) = event
-        .context
-        .as_deref()
-        .map(library_of)
-        .unwrap_or((None, None));
-    let event_context = event.context.map(anonymize_context_ip);
+    let (event_context, (library_name, library_version)) = match event.context {
+        Some(text) => {
+            let (text, library) = read_context(text);
+            (Some(text), library)
+        }
+        None => (None, (None, None)),
+    };
     StoredEvent {
         kind: event.kind.unwrap_or(EventKind::Track),
         message_id,
@@ -120,30 +121,33 @@ struct Library {
     version: Option<String>,
 }
 
-/// `context.library.{name,version}` if they are strings.
-fn library_of(context_json: &str) -> (Option<String>, Option<String>) {
-    match serde_json::from_str::<ContextLibrary>(context_json) {
-        Ok(ContextLibrary {
-            library: Some(library),
-        }) => (library.name, library.version),
-        _ => (None, None),
-    }
-}
+/// The SDK library's name and version.
+type LibraryInfo = (Option<String>, Option<String>);
 
-/// Anonymises `context.ip` (server-side SDKs forward the end user's address there) the same way
-/// as the peer address; a value that is not an IP address is dropped. Contexts without an `ip`
-/// key are returned untouched, without parsing. Only that member changes: the others are written
-/// back as the client sent them, in their order (a parsed `Value` would reorder the keys and turn
-/// integers past u64 into floats).
-fn anonymize_context_ip(context: String) -> String {
+/// The context as stored (with `ip` anonymised) and `context.library.{name,version}` if they are
+/// strings, reading the context once.
+///
+/// `context.ip` (server-side SDKs forward the end user's address there) is anonymised the same
+/// way as the peer address; a value that is not an IP address is dropped. Only that member
+/// changes: the others are written back as the client sent them, in their order (a parsed
+/// `Value` would reorder the keys and turn integers past u64 into floats). Contexts without an
+/// `ip` key are returned untouched.
+fn read_context(context: String) -> (String, LibraryInfo) {
     if !context.contains("\"ip\"") {
-        return context;
+        let library = library_of(&context);
+        return (context, library);
     }
     let Ok(Members(members)) = serde_json::from_str::<Members>(&context) else {
-        return context;
+        return (context, (None, None));
+    };
+    // Like `library_of`: a repeated `library` key counts as none.
+    let mut libraries = members.iter().filter(|(key, _)| key == "library");
+    let library = match (libraries.next(), libraries.next()) {
+        (Some((_, value)), None) => library_in(value.get()),
+        _ => (None, None),
     };
     if !members.iter().any(|(key, _)| key == "ip") {
-        return context; // Only nested objects have an "ip".
+        return (context, library); // Only nested objects have an "ip".
     }
     let mut out = String::with_capacity(context.len());
     for (key, value) in &members {
@@ -169,7 +173,25 @@ fn anonymize_context_ip(context: String) -> String {
         out.push('{');
     }
     out.push('}');
-    out
+    (out, library)
+}
+
+/// `context.library.{name,version}` if they are strings.
+fn library_of(context_json: &str) -> LibraryInfo {
+    match serde_json::from_str::<ContextLibrary>(context_json) {
+        Ok(ContextLibrary {
+            library: Some(library),
+        }) => (library.name, library.version),
+        _ => (None, None),
+    }
+}
+
+/// `{name, version}` of a `context.library` value, if they are strings.
+fn library_in(library_json: &str) -> LibraryInfo {
+    match serde_json::from_str::<Option<Library>>(library_json) {
+        Ok(Some(library)) => (library.name, library.version),
+        _ => (None, None),
+    }
 }
 
 /// The client IP with the host part zeroed: IPv4 keeps /24, IPv6 keeps /48.
@@ -252,28 +274,54 @@ mod tests {
             serde_json::from_str(stored.context.as_deref().unwrap_or("")).unwrap_or_default();
         assert_eq!(context["ip"], "1.2.3.0", "context.ip is anonymised");
         assert_eq!(
-            anonymize_context_ip(r#"{"ip":"not an ip","a":1}"#.into()),
+            read_context_text(r#"{"ip":"not an ip","a":1}"#.into()),
             r#"{"a":1}"#
         );
-        assert_eq!(anonymize_context_ip(r#"{"a":1}"#.into()), r#"{"a":1}"#);
+        assert_eq!(read_context_text(r#"{"a":1}"#.into()), r#"{"a":1}"#);
         // Only the ip changes: key order, big integers and number text stay as sent.
         assert_eq!(
-            anonymize_context_ip(
+            read_context_text(
                 r#"{"z":1,"ip":"1.2.3.4","big":123456789012345678901234567890,"f":1.10,"page":{"b":2,"a":1}}"#.into()
             ),
             r#"{"z":1,"ip":"1.2.3.0","big":123456789012345678901234567890,"f":1.10,"page":{"b":2,"a":1}}"#
         );
-        assert_eq!(anonymize_context_ip(r#"{"ip":7}"#.into()), "{}");
+        assert_eq!(read_context_text(r#"{"ip":7}"#.into()), "{}");
         assert_eq!(
-            anonymize_context_ip(r#"{"page":{"ip":"1.2.3.4"}}"#.into()),
+            read_context_text(r#"{"page":{"ip":"1.2.3.4"}}"#.into()),
             r#"{"page":{"ip":"1.2.3.4"}}"#,
             "only the top-level ip is the end user's"
         );
         assert_eq!(
-            anonymize_context_ip(r#"{"k\"ey":"v","ip":"2001:db8:1:2::5"}"#.into()),
+            read_context_text(r#"{"k\"ey":"v","ip":"2001:db8:1:2::5"}"#.into()),
             r#"{"k\"ey":"v","ip":"2001:db8:1::"}"#
         );
         assert_eq!(stored.library_version.as_deref(), Some("1.2.3"));
+    }
+
+    fn read_context_text(context: String) -> String {
+        read_context(context).0
+    }
+
+    #[test]
+    fn library_is_read_alongside_the_ip() {
+        let library = |context: &str| read_context(context.to_string()).1;
+        let expected = (Some("n".to_string()), Some("1".to_string()));
+        for context in [
+            r#"{"library":{"name":"n","version":"1"}}"#,
+            r#"{"library":{"name":"n","version":"1"},"ip":"1.2.3.4"}"#,
+            r#"{"ip":"1.2.3.4","page":{"ip":"x"},"library":{"version":"1","name":"n"}}"#,
+        ] {
+            assert_eq!(library(context), expected, "{context}");
+        }
+        for context in [
+            r#"{"library":"n","ip":"1.2.3.4"}"#,
+            r#"{"library":{"name":1},"ip":"1.2.3.4"}"#,
+            r#"{"library":{"name":"n"},"library":{"name":"m"},"ip":"1.2.3.4"}"#,
+            r#"{"library":{"name":"n"},"library":{"name":"m"}}"#,
+        ] {
+            assert_eq!(library(context), library_of(context), "{context}");
+            assert_eq!(library(context).0, None, "{context}");
+        }
     }
 
     proptest::proptest! {
