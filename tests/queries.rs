@@ -338,10 +338,14 @@ fn uniques_stay_within_the_error_bound_at_120k_users() {
         ),
         key,
     );
+    // HyperLogLog++ at precision 16 has a standard error of 0.41%, and each run hashes the users
+    // with a new tenant's random key: a bound of 1% (2.5 standard errors) failed about one run
+    // in seventy. 2% is 4.9 standard errors (about one run in a million), still far below what
+    // a broken merge or a lost flush would show.
     let value = day.json()["points"][0]["value"].as_u64().unwrap() as f64;
     let error = (value - users as f64).abs() / users as f64;
     assert!(
-        error <= 0.01,
+        error <= 0.02,
         "day uniques {value} vs {users}: error {error}"
     );
     let hour = server.get(
