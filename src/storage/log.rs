@@ -635,22 +635,8 @@ fn entry_holding(
 /// Log entries read per step of [`scan`].
 const SCAN_CHUNK: usize = 256;
 
-/// Up to `max_batches` log entries of a tenant whose first sequence is ≥ `from_seq`, in order.
-/// Blocking.
-pub fn read_batches(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    max_batches: usize,
-) -> Result<Vec<(u64, LogBatch)>, StorageError> {
-    read_entries(storage, tenant, from_seq, max_batches)?
-        .into_iter()
-        .map(|(first_seq, value)| Ok((first_seq, decode_batch(&value)?)))
-        .collect()
-}
-
-/// The rollup items of up to `max_batches` log entries from `from_seq` on (see
-/// [`read_batches`]), decoded without allocating each event's text. Blocking.
+/// The rollup items of the tenant's log entries whose first sequence is ≥ `from_seq`, in order,
+/// at most `max_batches` entries (at least one, if there is one). Blocking.
 pub fn read_items(
     storage: &Storage,
     tenant: TenantId,
@@ -658,14 +644,15 @@ pub fn read_items(
     max_batches: usize,
 ) -> Result<Vec<(u64, Vec<RollupItem>)>, StorageError> {
     let mut out = Vec::new();
-    for (first_seq, value) in read_entries(storage, tenant, from_seq, max_batches)? {
-        let plain = codec::plain(&value).map_err(log_codec_error)?;
-        let batch: LogBatchView = plain.decode().map_err(log_codec_error)?;
-        out.push((
-            first_seq,
-            batch.events.iter().map(RollupItem::from_view).collect(),
-        ));
-    }
+    scan_views(storage, tenant, from_seq, |first_seq, batch| {
+        let items = batch.events.iter().map(RollupItem::from_view).collect();
+        out.push((first_seq, items));
+        if out.len() < max_batches {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    })?;
     Ok(out)
 }
 
@@ -735,6 +722,25 @@ pub(crate) mod tests {
             integrations: None,
             extra: vec![],
         }
+    }
+
+    /// Up to `max_batches` log entries of a tenant from `from_seq` on, decoded.
+    fn read_batches(
+        storage: &Storage,
+        tenant: TenantId,
+        from_seq: u64,
+        max_batches: usize,
+    ) -> Result<Vec<(u64, LogBatch)>, StorageError> {
+        let mut out = Vec::new();
+        scan(storage, tenant, from_seq, |first_seq, batch| {
+            out.push((first_seq, batch.clone()));
+            if out.len() < max_batches {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        })?;
+        Ok(out)
     }
 
     /// A log batch of track events with these messageIds.
