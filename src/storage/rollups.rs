@@ -26,7 +26,7 @@ use std::collections::HashSet;
 
 use crate::event::Micros;
 use crate::rollup::{BucketAgg, Deltas, PendingUsers, Resolution, Retention, Sketch};
-use crate::storage::{codec, Storage, StorageError};
+use crate::storage::{codec, meta, Storage, StorageError};
 use crate::tenant::TenantId;
 
 const NAME: u8 = b'n';
@@ -81,12 +81,9 @@ pub fn bucket_key(tenant: TenantId, resolution: Resolution, name: &str, start: M
     key
 }
 
+/// [`meta::tenant_key`] followed by `rest`.
 fn meta_key(kind: u8, tenant: TenantId, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(9 + rest.len());
-    key.push(kind);
-    key.extend_from_slice(&tenant.0.to_be_bytes());
-    key.extend_from_slice(rest);
-    key
+    [&meta::tenant_key(kind, tenant)[..], rest].concat()
 }
 
 fn codec_error(keyspace: &'static str) -> impl Fn(codec::CodecError) -> StorageError {
