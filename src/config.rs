@@ -86,6 +86,8 @@ pub struct StorageConfig {
     /// Upper bound on requests per group commit, so one commit cannot grow without limit.
     pub max_group_requests: usize,
     pub cache_size: ByteSize,
+    /// Most memory the in-memory filter of dedup keys may take; 0 turns it off.
+    pub dedup_filter_memory: ByteSize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

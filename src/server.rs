@@ -146,6 +146,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             fsync: config.storage.durability == Durability::Fsync,
             queue_capacity: config.storage.queue_capacity,
             max_group_requests: config.storage.max_group_requests,
+            dedup_filter_bytes: config.storage.dedup_filter_memory.as_u64(),
         },
     )?);
     let query_cache = Arc::new(QueryCache::new(

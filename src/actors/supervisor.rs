@@ -354,6 +354,7 @@ mod tests {
                 fsync: false,
                 queue_capacity: 8,
                 max_group_requests: 8,
+                dedup_filter_bytes: 0,
             },
         )
         .unwrap();

@@ -36,6 +36,7 @@ use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
 use crate::event::{flags, now_micros, Micros, StoredEvent};
+use crate::storage::dedup_filter::{KeyFilter, KeyFilters};
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
 
@@ -75,12 +76,22 @@ pub struct DedupIndex {
     /// Keys recovered from the journal at start, up to this sequence number, may be in the
     /// memtables.
     recovered_through: Option<SeqNo>,
+    /// The filters of the keys in the tables, kept up by the ingest thread.
+    filters: KeyFilters,
+    /// The filter lookups use, taken with the last `ingested` read (see [`dedup_filter`]).
+    ///
+    /// [`dedup_filter`]: super::dedup_filter
+    filter: Option<Arc<KeyFilter>>,
 }
 
 impl DedupIndex {
     /// Starts tracking; seals the active memtable if it holds recovered entries, so that they
     /// are flushed soon.
-    pub fn open(storage: &Storage, ingested: Arc<AtomicU64>) -> Result<DedupIndex, StorageError> {
+    pub fn open(
+        storage: &Storage,
+        ingested: Arc<AtomicU64>,
+        filters: KeyFilters,
+    ) -> Result<DedupIndex, StorageError> {
         let recovered_through = storage.dedup.tree.get_highest_memtable_seqno();
         if !storage.dedup.tree.active_memtable().is_empty() {
             storage
@@ -93,6 +104,8 @@ impl DedupIndex {
             order: VecDeque::new(),
             ingested,
             recovered_through,
+            filters,
+            filter: None,
         })
     }
 
@@ -112,6 +125,7 @@ impl DedupIndex {
                 .map_err(StorageError::engine("reading dedup"))?
                 .and_then(|value| parse_value(&value))
                 .map(|(first_seen, _tenant)| first_seen),
+            None if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
             None => tables_get(storage, key)?,
         };
         let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
@@ -130,6 +144,8 @@ impl DedupIndex {
     /// Forgets the keys the tables now hold.
     pub fn forget_ingested(&mut self, storage: &Storage) {
         let ingested = self.ingested.load(Ordering::Acquire);
+        // Taken after `ingested`: it holds every key of the groups forgotten below.
+        self.filter = self.filters.current();
         while let Some((group, key)) = self.order.front() {
             if *group > ingested {
                 break;
@@ -287,7 +303,7 @@ mod tests {
     fn index(storage: &Storage) -> (DedupIndex, Arc<AtomicU64>) {
         let ingested = Arc::new(AtomicU64::new(0));
         (
-            DedupIndex::open(storage, Arc::clone(&ingested)).unwrap(),
+            DedupIndex::open(storage, Arc::clone(&ingested), KeyFilters::new(0)).unwrap(),
             ingested,
         )
     }
@@ -337,6 +353,33 @@ mod tests {
         assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
         assert!(index.seen_within(&storage, &b, later + 1, hour).unwrap());
         assert_eq!(index.order.len(), 1);
+    }
+
+    #[test]
+    fn with_a_filter_keys_in_the_tables_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000_000;
+        let stored: Vec<DedupKey> = (0..100u8).map(|i| [i; 16]).collect();
+        into_tables(&storage, &stored, now);
+        let filters = KeyFilters::new(64 << 20);
+        let builder =
+            crate::storage::dedup_filter::FilterBuilder::start(storage.clone(), filters.clone())
+                .unwrap();
+        while filters.current().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut index = DedupIndex::open(&storage, Arc::new(AtomicU64::new(0)), filters).unwrap();
+        index.forget_ingested(&storage);
+        assert!(index.filter.is_some(), "the index takes the built filter");
+        for key in &stored {
+            assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
+        }
+        assert!(!index
+            .seen_within(&storage, &[200u8; 16], now + 1, hour)
+            .unwrap());
+        builder.stop();
     }
 
     #[test]

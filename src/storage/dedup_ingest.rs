@@ -29,6 +29,7 @@ use rustc_hash::FxHashMap;
 
 use crate::event::last_seq_of;
 use crate::storage::dedup::{self, DedupKey};
+use crate::storage::dedup_filter::{FilterBuilder, KeyFilters};
 use crate::storage::{log, meta, tenant_key, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::TenantId;
@@ -67,31 +68,43 @@ pub struct KeyGroup {
 /// returned by [`DedupIngester::start`] is dropped; [`DedupIngester::join`] waits for that.
 pub struct DedupIngester {
     thread: JoinHandle<()>,
+    /// Builds the in-memory filter of the keys this thread writes.
+    filter_builder: FilterBuilder,
 }
 
 impl DedupIngester {
     /// Starts the thread, which writes a run once it has [`RUN_KEYS`] keys or its oldest key
-    /// has waited `max_age`. Returns the sender for key groups and the number of the last group
-    /// whose keys the tables hold. On a failed ingestion the thread clears `healthy` and stops.
+    /// has waited `max_age`, and adds each run's keys to `filters` (whose builder it starts).
+    /// Returns the sender for key groups and the number of the last group whose keys the tables
+    /// hold. On a failed ingestion the thread clears `healthy` and stops.
     pub fn start(
         storage: Storage,
         healthy: Arc<AtomicBool>,
         max_age: Duration,
+        filters: KeyFilters,
     ) -> std::io::Result<(DedupIngester, Sender<KeyGroup>, Arc<AtomicU64>)> {
         let (groups, received) = crossbeam_channel::bounded(QUEUE_GROUPS);
         let ingested = Arc::new(AtomicU64::new(0));
         let published = Arc::clone(&ingested);
+        let filter_builder = FilterBuilder::start(storage.clone(), filters.clone())?;
         let thread = std::thread::Builder::new()
             .name("dedup-ingest".into())
             .spawn(move || {
                 // Background work like the engine's flushes: the writer holds the keys meanwhile.
                 crate::priority::background_thread();
-                if let Err(error) = run(&storage, &received, &published, max_age) {
+                if let Err(error) = run(&storage, &received, &published, &filters, max_age) {
                     tracing::error!(%error, "writing dedup keys failed; refusing all further writes");
                     healthy.store(false, Ordering::Release);
                 }
             })?;
-        Ok((DedupIngester { thread }, groups, ingested))
+        Ok((
+            DedupIngester {
+                thread,
+                filter_builder,
+            },
+            groups,
+            ingested,
+        ))
     }
 
     /// Waits until the thread has ingested every key sent and stopped.
@@ -99,6 +112,7 @@ impl DedupIngester {
         if self.thread.join().is_err() {
             tracing::error!("dedup ingest thread panicked");
         }
+        self.filter_builder.stop();
     }
 }
 
@@ -134,12 +148,19 @@ impl Pending {
         self.entries.len() >= RUN_KEYS || (self.since.is_some() && self.wait(max_age).is_zero())
     }
 
-    fn ingest(&mut self, storage: &Storage, ingested: &AtomicU64) -> Result<(), StorageError> {
+    fn ingest(
+        &mut self,
+        storage: &Storage,
+        ingested: &AtomicU64,
+        filters: &KeyFilters,
+    ) -> Result<(), StorageError> {
         if self.heads.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
         let keys = ingest(storage, &mut self.entries, &self.heads)?;
+        // In the filter before the writer may forget them (see `dedup_filter`).
+        filters.add(self.entries.iter().map(|(key, _)| key));
         ingested.store(self.last_group, Ordering::Release);
         self.entries.clear();
         self.heads.clear();
@@ -153,6 +174,7 @@ fn run(
     storage: &Storage,
     received: &Receiver<KeyGroup>,
     ingested: &AtomicU64,
+    filters: &KeyFilters,
     max_age: Duration,
 ) -> Result<(), StorageError> {
     let mut pending = Pending::default();
@@ -168,12 +190,12 @@ fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         }
         if pending.due(max_age) {
-            pending.ingest(storage, ingested)?;
+            pending.ingest(storage, ingested, filters)?;
         }
     }
     // The writer has stopped: what it sent last is written now, with the watermarks, so a
     // clean stop leaves nothing for the next start to recover.
-    pending.ingest(storage, ingested)?;
+    pending.ingest(storage, ingested, filters)?;
     storage.persist(true)
 }
 
@@ -381,8 +403,14 @@ mod tests {
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         recover(&storage).unwrap();
         let healthy = Arc::new(AtomicBool::new(true));
-        let (thread, groups, ingested) =
-            DedupIngester::start(storage.clone(), Arc::clone(&healthy), MAX_PENDING_AGE).unwrap();
+        let filters = KeyFilters::new(64 << 20);
+        let (thread, groups, ingested) = DedupIngester::start(
+            storage.clone(),
+            Arc::clone(&healthy),
+            MAX_PENDING_AGE,
+            filters.clone(),
+        )
+        .unwrap();
         let tenant = TenantId(3);
         let (a, b) = (dedup::key(tenant, "a"), dedup::key(tenant, "b"));
         for (number, entries) in [
@@ -410,6 +438,12 @@ mod tests {
         assert_eq!(first_seen(&storage, a), Some(99));
         assert_eq!(first_seen(&storage, b), Some(10));
         assert_eq!(watermark(&storage, tenant).unwrap(), 30);
+        if let Some(filter) = filters.current() {
+            assert!(
+                filter.may_contain(&a) && filter.may_contain(&b),
+                "ingested keys are in the filter"
+            );
+        }
         assert_eq!(
             storage.dedup.tree.active_memtable().size(),
             0,
@@ -425,7 +459,7 @@ mod tests {
         let healthy = Arc::new(AtomicBool::new(true));
         let max_age = Duration::from_millis(50);
         let (thread, groups, ingested) =
-            DedupIngester::start(storage.clone(), healthy, max_age).unwrap();
+            DedupIngester::start(storage.clone(), healthy, max_age, KeyFilters::new(0)).unwrap();
         let tenant = TenantId(5);
         let key = dedup::key(tenant, "quiet");
         let entries = vec![(key, dedup::value(tenant, 10))];

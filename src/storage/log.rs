@@ -27,6 +27,7 @@ use std::ops::ControlFlow;
 
 use crate::event::{last_seq_of, now_micros, LogBatch, LogBatchView, Micros};
 use crate::rollup::{RollupBatch, RollupItem};
+use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
 use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
@@ -145,6 +146,8 @@ pub struct WriterOptions {
     pub fsync: bool,
     pub queue_capacity: usize,
     pub max_group_requests: usize,
+    /// Most memory the in-memory filter of dedup keys may take (0: no filter).
+    pub dedup_filter_bytes: u64,
 }
 
 impl LogWriter {
@@ -157,12 +160,15 @@ impl LogWriter {
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
         let upkeep = Upkeep::start(storage.clone())?;
+        let filters = KeyFilters::new(options.dedup_filter_bytes);
         let (ingester, key_groups, ingested) = DedupIngester::start(
             storage.clone(),
             Arc::clone(&healthy),
             dedup_ingest::MAX_PENDING_AGE,
+            filters.clone(),
         )?;
-        let dedup = dedup::DedupIndex::open(&storage, ingested).map_err(std::io::Error::other)?;
+        let dedup =
+            dedup::DedupIndex::open(&storage, ingested, filters).map_err(std::io::Error::other)?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -776,6 +782,7 @@ pub(crate) mod tests {
             fsync: true,
             queue_capacity: 16,
             max_group_requests: 8,
+            dedup_filter_bytes: 16 << 20,
         }
     }
 

@@ -13,6 +13,7 @@
 
 pub mod codec;
 pub mod dedup;
+pub mod dedup_filter;
 pub mod dedup_ingest;
 pub mod log;
 pub mod meta;
