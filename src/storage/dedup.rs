@@ -4,8 +4,9 @@
 //! (big-endian i64 microseconds) followed by the tenant id. An id seen within the tenant's window
 //! is a duplicate; an older entry is overwritten and the event counts as new. One lookup and one
 //! key per event, written by the [`dedup_ingest`](super::dedup_ingest) thread. The lookup reads
-//! the writer's own index of the keys not yet written ([`DedupIndex`]), then the tables, whose
-//! bloom filters make the common "never seen" answer cheap.
+//! the writer's own index of the keys not yet written ([`DedupIndex`]), then one in-memory
+//! filter of every key the tables hold ([`dedup_filter`](super::dedup_filter)), which answers the
+//! common "never seen" without touching the tables, and only then the tables.
 //!
 //! Why this key: a 16-byte key is stored inline by the engine (no pointer to chase per
 //! comparison), and starting with random hash bits, most comparisons (in the ingest thread's
@@ -379,7 +380,7 @@ mod tests {
         assert!(!index
             .seen_within(&storage, &[200u8; 16], now + 1, hour)
             .unwrap());
-        builder.stop();
+        drop(builder);
     }
 
     #[test]

@@ -98,28 +98,37 @@ fn bytes_for(capacity: u64) -> u64 {
 
 /// The filters shared by the log writer (reads), the ingest thread (adds keys) and the builder.
 #[derive(Clone)]
-pub struct KeyFilters(Arc<Slots>);
+pub struct KeyFilters(Arc<Shared>);
 
-struct Slots {
-    /// The filter lookups use; `None` until the first build, or when over the memory budget.
-    current: RwLock<Option<Arc<KeyFilter>>>,
-    /// A filter being built: the ingest thread adds its keys here too.
-    building: RwLock<Option<Arc<KeyFilter>>>,
-    /// Most memory one filter may take.
+struct Shared {
+    /// Both filters under one lock: the ingest thread must see a build's filter either still
+    /// building or already current, never neither (its keys would then miss the new filter).
+    slots: RwLock<Slots>,
+    /// Most memory one filter may take (two exist while one is rebuilt).
     max_bytes: u64,
+    /// Whether the last build found the keys over the budget (warned about once).
+    over_budget: AtomicBool,
     /// Asks the builder for a new filter; full while one is asked for.
     rebuild: Sender<()>,
     requests: Receiver<()>,
+}
+
+#[derive(Default, Clone)]
+struct Slots {
+    /// The filter lookups use; `None` until the first build, or when over the memory budget.
+    current: Option<Arc<KeyFilter>>,
+    /// A filter being built: the ingest thread adds its keys here too.
+    building: Option<Arc<KeyFilter>>,
 }
 
 impl KeyFilters {
     /// Filters of at most `max_bytes` each (0: none, lookups always read the tables).
     pub fn new(max_bytes: u64) -> KeyFilters {
         let (rebuild, requests) = crossbeam_channel::bounded(1);
-        KeyFilters(Arc::new(Slots {
-            current: RwLock::new(None),
-            building: RwLock::new(None),
+        KeyFilters(Arc::new(Shared {
+            slots: RwLock::new(Slots::default()),
             max_bytes,
+            over_budget: AtomicBool::new(false),
             rebuild,
             requests,
         }))
@@ -127,18 +136,26 @@ impl KeyFilters {
 
     /// The filter lookups use now (see the module docs for when the writer may take it).
     pub fn current(&self) -> Option<Arc<KeyFilter>> {
-        read(&self.0.current).clone()
+        self.slots().current
+    }
+
+    fn slots(&self) -> Slots {
+        let slots = (self.0.slots.read()).unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots.clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Slots)) {
+        let mut slots = (self.0.slots.write()).unwrap_or_else(|poisoned| poisoned.into_inner());
+        change(&mut slots);
     }
 
     /// Adds keys just written into the tables, before the writer is told it may forget them.
-    /// Asks for a rebuild when the current filter has outgrown its size. Called by the ingest
+    /// Asks for a build when the current filter has outgrown its size, or when there is none
+    /// (the keys may fit the budget again once compaction expired some). Called by the ingest
     /// thread only.
     pub fn add<'a>(&self, keys: impl Iterator<Item = &'a DedupKey> + Clone) {
-        let targets: Vec<Arc<KeyFilter>> = [&self.0.current, &self.0.building]
-            .into_iter()
-            .filter_map(|slot| read(slot).clone())
-            .collect();
-        for filter in &targets {
+        let slots = self.slots();
+        for filter in [&slots.current, &slots.building].into_iter().flatten() {
             let mut count = 0;
             for key in keys.clone() {
                 filter.insert(key);
@@ -146,7 +163,7 @@ impl KeyFilters {
             }
             filter.inserted(count);
         }
-        if self.current().is_some_and(|filter| filter.full()) {
+        if slots.current.as_ref().is_none_or(|filter| filter.full()) {
             let _ = self.0.rebuild.try_send(());
         }
     }
@@ -163,25 +180,37 @@ impl KeyFilters {
         let keys = storage.dedup.approximate_len() as u64;
         let capacity = keys.saturating_mul(2).max(MIN_CAPACITY);
         if bytes_for(capacity) > self.0.max_bytes {
-            *write(&self.0.current) = None;
-            tracing::warn!(
-                keys,
-                max_bytes = self.0.max_bytes,
-                "the dedup keys outgrow storage.dedup_filter_memory: lookups read the tables"
-            );
+            self.update(|slots| slots.current = None);
+            if !self.0.over_budget.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    keys,
+                    max_bytes = self.0.max_bytes,
+                    "the dedup keys outgrow storage.dedup_filter_memory: lookups read the tables"
+                );
+            }
             return Ok(None);
         }
+        self.0.over_budget.store(false, Ordering::Relaxed);
         let filter = Arc::new(KeyFilter::new(capacity));
         // Registered before the scan starts: what the scan misses, the ingest thread adds.
-        *write(&self.0.building) = Some(Arc::clone(&filter));
+        self.update(|slots| slots.building = Some(Arc::clone(&filter)));
         let scanned = scan_into(storage, &filter, stopping);
-        *write(&self.0.building) = None;
-        let Some(scanned) = scanned.map_err(StorageError::engine("scanning dedup keys"))? else {
-            return Ok(None);
+        let scanned = match scanned {
+            Ok(Some(scanned)) => scanned,
+            failed_or_stopped => {
+                self.update(|slots| slots.building = None);
+                return failed_or_stopped
+                    .map(|_| None)
+                    .map_err(StorageError::engine("scanning dedup keys"));
+            }
         };
         filter.inserted(scanned);
         let bytes = filter.bytes();
-        *write(&self.0.current) = Some(filter);
+        // In one step: from here on the ingest thread adds to this filter as the current one.
+        self.update(|slots| {
+            slots.current = Some(filter);
+            slots.building = None;
+        });
         tracing::info!(
             keys = scanned,
             capacity,
@@ -229,23 +258,10 @@ fn scan_into(
     }
 }
 
-fn read(
-    slot: &RwLock<Option<Arc<KeyFilter>>>,
-) -> std::sync::RwLockReadGuard<'_, Option<Arc<KeyFilter>>> {
-    slot.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write(
-    slot: &RwLock<Option<Arc<KeyFilter>>>,
-) -> std::sync::RwLockWriteGuard<'_, Option<Arc<KeyFilter>>> {
-    slot.write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The `dedup-filter` thread: builds the first filter at start and a new one whenever the
-/// current one is full. Stops when [`FilterBuilder::stop`] is called.
+/// current one is full. Dropping it stops a build in progress and joins the thread.
 pub struct FilterBuilder {
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
     filters: KeyFilters,
 }
@@ -277,17 +293,23 @@ impl FilterBuilder {
                 }
             })?;
         Ok(FilterBuilder {
-            thread,
+            thread: Some(thread),
             stopping,
             filters,
         })
     }
+}
 
-    /// Stops a build in progress and waits for the thread.
-    pub fn stop(self) {
+impl Drop for FilterBuilder {
+    fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
+        // Wakes the thread if it waits for a request (if one is queued, it is awake anyway).
         let _ = self.filters.0.rebuild.try_send(());
-        if self.thread.join().is_err() {
+        if self
+            .thread
+            .take()
+            .is_some_and(|thread| thread.join().is_err())
+        {
             tracing::error!("dedup filter thread panicked");
         }
     }
@@ -357,16 +379,57 @@ mod tests {
     fn keys_added_during_a_build_reach_the_new_filter() {
         let filters = KeyFilters::new(64 << 20);
         let building = Arc::new(KeyFilter::new(1_000));
-        *write(&filters.0.building) = Some(Arc::clone(&building));
+        filters.update(|slots| slots.building = Some(Arc::clone(&building)));
         let added = keys("during", 100);
         filters.add(added.iter());
         assert!(added.iter().all(|key| building.may_contain(key)));
     }
 
     #[test]
+    fn keys_added_while_a_build_runs_and_swaps_are_in_the_new_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        store(&storage, &keys("stored", 4 * SCAN_CHUNK_KEYS as usize));
+        let filters = KeyFilters::new(64 << 20);
+        let builder = std::thread::spawn({
+            let (filters, storage) = (filters.clone(), storage.clone());
+            move || filters.build(&storage, &AtomicBool::new(false)).unwrap()
+        });
+        // As the ingest thread: runs of keys, before, during and right after the swap.
+        let mut added = Vec::new();
+        let mut round = 0;
+        while !builder.is_finished() || round < 3 {
+            // Written first, then added: what the ingest thread does.
+            let run = keys(&format!("run{round}-"), 50);
+            for key in &run {
+                let value = dedup::value(TenantId(1), 1);
+                storage.dedup.insert(&key[..], &value[..]).unwrap();
+            }
+            filters.add(run.iter());
+            added.extend(run);
+            round += 1;
+            if builder.is_finished() {
+                continue;
+            }
+            std::thread::yield_now();
+        }
+        assert!(builder.join().unwrap().is_some());
+        let filter = filters.current().unwrap();
+        assert!(
+            added.iter().all(|key| filter.may_contain(key)),
+            "a run added around the build is missing from it"
+        );
+    }
+
+    #[test]
     fn a_full_filter_asks_for_a_rebuild_once() {
         let filters = KeyFilters::new(64 << 20);
-        *write(&filters.0.current) = Some(Arc::new(KeyFilter::new(10)));
+        filters.add(keys("none", 1).iter());
+        assert!(
+            filters.0.requests.try_recv().is_ok(),
+            "without a filter, one is asked for"
+        );
+        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10))));
         filters.add(keys("a", 10).iter());
         assert!(filters.0.requests.try_recv().is_err(), "not full yet");
         filters.add(keys("b", 1).iter());
@@ -383,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let filters = KeyFilters::new(1 << 20);
-        *write(&filters.0.current) = Some(Arc::new(KeyFilter::new(10)));
+        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10))));
         assert_eq!(
             filters.build(&storage, &AtomicBool::new(false)).unwrap(),
             None
@@ -406,6 +469,6 @@ mod tests {
         }
         let filter = filters.current().unwrap();
         assert!(stored.iter().all(|key| filter.may_contain(key)));
-        builder.stop();
+        drop(builder);
     }
 }

@@ -68,8 +68,9 @@ pub struct KeyGroup {
 /// returned by [`DedupIngester::start`] is dropped; [`DedupIngester::join`] waits for that.
 pub struct DedupIngester {
     thread: JoinHandle<()>,
-    /// Builds the in-memory filter of the keys this thread writes.
-    filter_builder: FilterBuilder,
+    /// Builds the in-memory filter of the keys this thread writes; held for its `Drop`, which
+    /// stops it.
+    _filter_builder: FilterBuilder,
 }
 
 impl DedupIngester {
@@ -100,7 +101,7 @@ impl DedupIngester {
         Ok((
             DedupIngester {
                 thread,
-                filter_builder,
+                _filter_builder: filter_builder,
             },
             groups,
             ingested,
@@ -112,7 +113,7 @@ impl DedupIngester {
         if self.thread.join().is_err() {
             tracing::error!("dedup ingest thread panicked");
         }
-        self.filter_builder.stop();
+        // Dropping the rest of `self` stops the filter builder.
     }
 }
 
@@ -411,6 +412,9 @@ mod tests {
             filters.clone(),
         )
         .unwrap();
+        while filters.current().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let tenant = TenantId(3);
         let (a, b) = (dedup::key(tenant, "a"), dedup::key(tenant, "b"));
         for (number, entries) in [
@@ -438,12 +442,11 @@ mod tests {
         assert_eq!(first_seen(&storage, a), Some(99));
         assert_eq!(first_seen(&storage, b), Some(10));
         assert_eq!(watermark(&storage, tenant).unwrap(), 30);
-        if let Some(filter) = filters.current() {
-            assert!(
-                filter.may_contain(&a) && filter.may_contain(&b),
-                "ingested keys are in the filter"
-            );
-        }
+        let filter = filters.current().unwrap();
+        assert!(
+            filter.may_contain(&a) && filter.may_contain(&b),
+            "ingested keys are in the filter"
+        );
         assert_eq!(
             storage.dedup.tree.active_memtable().size(),
             0,
