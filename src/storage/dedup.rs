@@ -297,7 +297,7 @@ impl CompactionFilter for ExpiryFilter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
@@ -310,7 +310,7 @@ mod tests {
     }
 
     /// Puts keys into the tables, as the ingest thread does.
-    fn into_tables(storage: &Storage, keys: &[DedupKey], now: Micros) {
+    pub(crate) fn into_tables(storage: &Storage, keys: &[DedupKey], now: Micros) {
         for key in keys {
             storage
                 .dedup
@@ -368,9 +368,7 @@ mod tests {
         let builder =
             crate::storage::dedup_filter::FilterBuilder::start(storage.clone(), filters.clone())
                 .unwrap();
-        while filters.current().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        crate::storage::dedup_filter::tests::wait_until_built(&filters);
         let mut index = DedupIndex::open(&storage, Arc::new(AtomicU64::new(0)), filters).unwrap();
         index.forget_ingested(&storage);
         assert!(index.filter.is_some(), "the index takes the built filter");

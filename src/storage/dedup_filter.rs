@@ -121,6 +121,13 @@ struct Slots {
     building: Option<Arc<KeyFilter>>,
 }
 
+impl Slots {
+    /// No filter (not built yet, or over the budget when last tried), or a full one.
+    fn needs_build(&self) -> bool {
+        self.current.as_ref().is_none_or(|filter| filter.full())
+    }
+}
+
 impl KeyFilters {
     /// Filters of at most `max_bytes` each (0: none, lookups always read the tables).
     pub fn new(max_bytes: u64) -> KeyFilters {
@@ -163,7 +170,7 @@ impl KeyFilters {
             }
             filter.inserted(count);
         }
-        if slots.current.as_ref().is_none_or(|filter| filter.full()) {
+        if slots.needs_build() {
             let _ = self.0.rebuild.try_send(());
         }
     }
@@ -282,7 +289,7 @@ impl FilterBuilder {
                     let _ = filters.0.rebuild.try_send(());
                     while filters.0.requests.recv().is_ok() && !stopping.load(Ordering::Acquire) {
                         // A request made while the last build ran is already answered.
-                        if filters.current().is_some_and(|filter| !filter.full()) {
+                        if !filters.slots().needs_build() {
                             continue;
                         }
                         if let Err(error) = filters.build(&storage, &stopping) {
@@ -316,24 +323,29 @@ impl Drop for FilterBuilder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::storage::dedup;
+    use crate::storage::dedup::tests::into_tables;
     use crate::tenant::TenantId;
+
+    /// Waits for the builder's first filter (a test fails instead of hanging if none comes).
+    pub(crate) fn wait_until_built(filters: &KeyFilters) -> Arc<KeyFilter> {
+        let started = Instant::now();
+        loop {
+            if let Some(filter) = filters.current() {
+                return filter;
+            }
+            assert!(started.elapsed().as_secs() < 30, "no filter was built");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 
     fn keys(prefix: &str, count: usize) -> Vec<DedupKey> {
         (0..count)
             .map(|i| dedup::key(TenantId(1), &format!("{prefix}{i}")))
             .collect()
-    }
-
-    fn store(storage: &Storage, keys: &[DedupKey]) {
-        for key in keys {
-            let value = dedup::value(TenantId(1), 1);
-            storage.dedup.insert(&key[..], &value[..]).unwrap();
-        }
-        storage.dedup.rotate_memtable_and_wait().unwrap();
     }
 
     fn false_positives(filter: &KeyFilter, keys: &[DedupKey]) -> usize {
@@ -346,7 +358,7 @@ mod tests {
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         // More than one chunk of the scan.
         let stored = keys("stored", SCAN_CHUNK_KEYS as usize + 7_000);
-        store(&storage, &stored);
+        into_tables(&storage, &stored, 1);
         let filters = KeyFilters::new(64 << 20);
         assert!(
             filters.current().is_none(),
@@ -389,7 +401,7 @@ mod tests {
     fn keys_added_while_a_build_runs_and_swaps_are_in_the_new_filter() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        store(&storage, &keys("stored", 4 * SCAN_CHUNK_KEYS as usize));
+        into_tables(&storage, &keys("stored", 4 * SCAN_CHUNK_KEYS as usize), 1);
         let filters = KeyFilters::new(64 << 20);
         let builder = std::thread::spawn({
             let (filters, storage) = (filters.clone(), storage.clone());
@@ -459,15 +471,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let stored = keys("stored", 1_000);
-        store(&storage, &stored);
+        into_tables(&storage, &stored, 1);
         let filters = KeyFilters::new(64 << 20);
         let builder = FilterBuilder::start(storage.clone(), filters.clone()).unwrap();
-        let started = Instant::now();
-        while filters.current().is_none() {
-            assert!(started.elapsed().as_secs() < 30, "no filter was built");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let filter = filters.current().unwrap();
+        let filter = wait_until_built(&filters);
         assert!(stored.iter().all(|key| filter.may_contain(key)));
         drop(builder);
     }

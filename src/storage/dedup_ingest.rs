@@ -412,9 +412,7 @@ mod tests {
             filters.clone(),
         )
         .unwrap();
-        while filters.current().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        crate::storage::dedup_filter::tests::wait_until_built(&filters);
         let tenant = TenantId(3);
         let (a, b) = (dedup::key(tenant, "a"), dedup::key(tenant, "b"));
         for (number, entries) in [
