@@ -62,9 +62,9 @@ pub fn event_key(tenant: TenantId, event: &StoredEvent) -> Option<DedupKey> {
 /// the design before the ingest thread, fjall's point read searched every memtable's skiplist
 /// before the tables, a quarter of the whole server's CPU at 140k events/s.)
 ///
-/// At start the memtables may hold keys recovered from the journal of a data dir written before
-/// the ingest thread existed: until the tables hold them (the active memtable is sealed at
-/// once), lookups take the full read.
+/// Nothing else writes the keyspace, so its memtables stay empty. (The keys a data dir written
+/// before the ingest thread left in the journal are written into tables when the storage opens:
+/// see `Storage::open`.)
 ///
 /// Memory: about 60 bytes per key, for at most two runs of the ingest thread (about 30 MB).
 pub struct DedupIndex {
@@ -74,9 +74,6 @@ pub struct DedupIndex {
     order: VecDeque<(u64, DedupKey)>,
     /// The last group whose keys the tables hold, published by the ingest thread.
     ingested: Arc<AtomicU64>,
-    /// Keys recovered from the journal at start, up to this sequence number, may be in the
-    /// memtables.
-    recovered_through: Option<SeqNo>,
     /// The filters of the keys in the tables, kept up by the ingest thread.
     filters: KeyFilters,
     /// The filter lookups use, taken with the last `ingested` read (see [`dedup_filter`]).
@@ -86,28 +83,15 @@ pub struct DedupIndex {
 }
 
 impl DedupIndex {
-    /// Starts tracking; seals the active memtable if it holds recovered entries, so that they
-    /// are flushed soon.
-    pub fn open(
-        storage: &Storage,
-        ingested: Arc<AtomicU64>,
-        filters: KeyFilters,
-    ) -> Result<DedupIndex, StorageError> {
-        let recovered_through = storage.dedup.tree.get_highest_memtable_seqno();
-        if !storage.dedup.tree.active_memtable().is_empty() {
-            storage
-                .dedup
-                .rotate_memtable()
-                .map_err(StorageError::engine("sealing the dedup memtable"))?;
-        }
-        Ok(DedupIndex {
+    /// Starts tracking.
+    pub fn open(ingested: Arc<AtomicU64>, filters: KeyFilters) -> DedupIndex {
+        DedupIndex {
             recent: FxHashMap::default(),
             order: VecDeque::new(),
             ingested,
-            recovered_through,
             filters,
             filter: None,
-        })
+        }
     }
 
     /// Whether `key` was first seen within `window` before `now`.
@@ -120,12 +104,6 @@ impl DedupIndex {
     ) -> Result<bool, StorageError> {
         let first_seen = match self.recent.get(key) {
             Some((first_seen, _)) => Some(*first_seen),
-            None if self.recovered_through.is_some() => storage
-                .dedup
-                .get(key)
-                .map_err(StorageError::engine("reading dedup"))?
-                .and_then(|value| parse_value(&value))
-                .map(|(first_seen, _tenant)| first_seen),
             None if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
             None => tables_get(storage, key)?,
         };
@@ -143,7 +121,7 @@ impl DedupIndex {
     }
 
     /// Forgets the keys the tables now hold.
-    pub fn forget_ingested(&mut self, storage: &Storage) {
+    pub fn forget_ingested(&mut self) {
         let ingested = self.ingested.load(Ordering::Acquire);
         // Taken after `ingested`: it holds every key of the groups forgotten below.
         self.filter = self.filters.current();
@@ -160,16 +138,6 @@ impl DedupIndex {
                 self.recent.remove(key);
             }
             self.order.pop_front();
-        }
-        if let Some(recovered) = self.recovered_through {
-            if storage
-                .dedup
-                .tree
-                .get_highest_persisted_seqno()
-                .is_some_and(|flushed| recovered <= flushed)
-            {
-                self.recovered_through = None;
-            }
         }
     }
 }
@@ -301,10 +269,10 @@ pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn index(storage: &Storage) -> (DedupIndex, Arc<AtomicU64>) {
+    fn index() -> (DedupIndex, Arc<AtomicU64>) {
         let ingested = Arc::new(AtomicU64::new(0));
         (
-            DedupIndex::open(storage, Arc::clone(&ingested), KeyFilters::new(0)).unwrap(),
+            DedupIndex::open(Arc::clone(&ingested), KeyFilters::new(0)),
             ingested,
         )
     }
@@ -324,8 +292,7 @@ pub(crate) mod tests {
     fn index_answers_from_recorded_keys_until_the_tables_hold_them() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let (mut index, ingested) = index(&storage);
-        assert!(index.recovered_through.is_none());
+        let (mut index, ingested) = index();
         let hour = Duration::from_secs(3600);
         let now = 1_000_000_000;
         let later = now + 2 * 3_600_000_000;
@@ -338,14 +305,14 @@ pub(crate) mod tests {
         // `b` is seen again after its window (group 2) before group 1 reaches the tables.
         index.record(&[b], later, 2);
         into_tables(&storage, &[a, b], now);
-        index.forget_ingested(&storage);
+        index.forget_ingested();
         assert_eq!(
             index.recent.len(),
             2,
             "nothing is forgotten before it is ingested"
         );
         ingested.store(1, Ordering::Release);
-        index.forget_ingested(&storage);
+        index.forget_ingested();
         assert!(
             !index.recent.contains_key(&a),
             "an ingested key is forgotten"
@@ -369,8 +336,8 @@ pub(crate) mod tests {
             crate::storage::dedup_filter::FilterBuilder::start(storage.clone(), filters.clone())
                 .unwrap();
         crate::storage::dedup_filter::tests::wait_until_built(&filters);
-        let mut index = DedupIndex::open(&storage, Arc::new(AtomicU64::new(0)), filters).unwrap();
-        index.forget_ingested(&storage);
+        let mut index = DedupIndex::open(Arc::new(AtomicU64::new(0)), filters);
+        index.forget_ingested();
         assert!(index.filter.is_some(), "the index takes the built filter");
         for key in &stored {
             assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
@@ -382,42 +349,39 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn keys_in_the_journal_of_an_earlier_layout_are_read_in_full_until_flushed() {
+    fn keys_of_an_earlier_layout_move_into_the_dedup_database() {
         let dir = tempfile::tempdir().unwrap();
         let hour = Duration::from_secs(3600);
         let now = 1_000_000_000;
         let (a, d) = ([1u8; 16], [4u8; 16]);
         {
-            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-            into_tables(&storage, &[a], now);
-            // `d` stays in the memtable (and the journal) when the process stops.
-            storage
-                .dedup
-                .insert(d.to_vec(), value(TenantId(1), now).to_vec())
+            // The layout before: `dedup` in the main database, `a` in a table, `d` still in
+            // the memtable (and the journal) when the process stopped.
+            let db = fjall::Database::builder(dir.path()).open().unwrap();
+            let old = db
+                .keyspace("dedup", fjall::KeyspaceCreateOptions::default)
                 .unwrap();
-            storage.persist(true).unwrap();
+            old.insert(a.to_vec(), value(TenantId(1), now).to_vec())
+                .unwrap();
+            old.rotate_memtable_and_wait().unwrap();
+            old.insert(d.to_vec(), value(TenantId(1), now).to_vec())
+                .unwrap();
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
         }
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let (mut index, _) = index(&storage);
-        assert!(
-            index.recovered_through.is_some(),
-            "recovered entries are not in the index"
-        );
-        for key in [&a, &d] {
-            assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
+        for _open in 0..2 {
+            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+            let (mut index, _) = index();
+            index.forget_ingested();
+            for key in [&a, &d] {
+                // From the tables: the memtables are never read.
+                assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
+            }
+            assert!(!index
+                .seen_within(&storage, &[5u8; 16], now + 1, hour)
+                .unwrap());
         }
-        // The recovered memtable was sealed at open; once it is flushed, lookups use the tables.
-        while storage.dedup.tree.sealed_memtable_count() > 0 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        index.forget_ingested(&storage);
-        assert!(index.recovered_through.is_none());
-        for key in [&a, &d] {
-            assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
-        }
-        assert!(!index
-            .seen_within(&storage, &[5u8; 16], now + 1, hour)
-            .unwrap());
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        assert!(!db.keyspace_exists("dedup"), "the old keyspace was kept");
     }
 
     #[test]
@@ -460,7 +424,7 @@ pub(crate) mod tests {
             "a deleted tenant's entries are dropped"
         );
         assert_ne!(key(short, "new"), key(long, "new"), "keys are per tenant");
-        let (mut index, _) = index(&storage);
+        let (mut index, _) = index();
         let minute = Duration::from_secs(60);
         assert!(index
             .seen_within(&storage, &key(short, "new"), now, minute)

@@ -16,8 +16,11 @@
 //! (first seen = the entry's receive time) and ingests them before the writer takes requests:
 //! a retry of an acknowledged event is still a duplicate after `kill -9`.
 //!
-//! Before each ingestion the journal is fsync'd, so a key reaches the tables only after its event
-//! is on disk, in `buffered` mode too: a retry of an event lost to a power failure is not refused.
+//! A key reaches the tables only after its event is on disk: in `fsync` mode the writer sends a
+//! group's keys once the group is fsync'd; in `buffered` mode this thread fsyncs the journal
+//! before each ingestion, so a retry of an event lost to a power failure is not refused. (The
+//! storage engine holds its journal lock through that fsync, stalling the log writer's appends,
+//! so it is skipped where it is not needed.)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,6 +65,8 @@ pub struct KeyGroup {
     pub entries: Vec<(DedupKey, [u8; 16])>,
     /// Each tenant's last log sequence in the group (a tenant appears once or more).
     pub heads: Vec<(TenantId, u64)>,
+    /// The group's events were fsync'd before it was sent.
+    pub synced: bool,
 }
 
 /// Handle to the ingest thread. The thread ingests what is left and stops when the sender
@@ -124,6 +129,8 @@ struct Pending {
     entries: Vec<(DedupKey, [u8; 16])>,
     heads: FxHashMap<TenantId, u64>,
     last_group: u64,
+    /// Some group since the last run was sent before its events were fsync'd.
+    unsynced: bool,
     /// When the oldest group not yet ingested arrived.
     since: Option<Instant>,
 }
@@ -137,6 +144,7 @@ impl Pending {
             *head = (*head).max(seq);
         }
         self.last_group = group.number;
+        self.unsynced |= !group.synced;
     }
 
     /// How long the thread may wait for more keys before this run is due.
@@ -159,12 +167,13 @@ impl Pending {
             return Ok(());
         }
         let started = Instant::now();
-        let keys = ingest(storage, &mut self.entries, &self.heads)?;
+        let keys = ingest(storage, &mut self.entries, &self.heads, self.unsynced)?;
         // In the filter before the writer may forget them (see `dedup_filter`).
         filters.add(self.entries.iter().map(|(key, _)| key));
         ingested.store(self.last_group, Ordering::Release);
         self.entries.clear();
         self.heads.clear();
+        self.unsynced = false;
         self.since = None;
         telemetry::dedup_ingested(keys, started.elapsed());
         Ok(())
@@ -201,11 +210,13 @@ fn run(
 }
 
 /// Writes `entries` into the dedup tables as one run, then advances the tenants' watermarks to
-/// `heads`; returns how many distinct keys were written. Blocking.
+/// `heads`; returns how many distinct keys were written. With `sync_first`, fsyncs the journal
+/// before (the entries' events may not be on disk yet). Blocking.
 fn ingest(
     storage: &Storage,
     entries: &mut Vec<(DedupKey, [u8; 16])>,
     heads: &FxHashMap<TenantId, u64>,
+    sync_first: bool,
 ) -> Result<usize, StorageError> {
     // A run holds each key once, in order. A key seen again after its window has two entries:
     // the later first-seen time (the value starts with it, big-endian) wins, as it did in the
@@ -213,7 +224,9 @@ fn ingest(
     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     entries.dedup_by_key(|(key, _)| *key);
     // The events of these keys must be on disk before the keys are (see the module docs).
-    storage.persist(true)?;
+    if sync_first {
+        storage.persist(true)?;
+    }
     let failed = StorageError::engine("ingesting dedup keys");
     let written = (|| {
         let mut ingestion = storage.dedup.start_ingestion()?;
@@ -298,7 +311,8 @@ pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
     if heads.is_empty() {
         return Ok(0);
     }
-    let keys = ingest(storage, &mut entries, &heads)?;
+    // Entries recovered from the journal may have been written in `buffered` mode.
+    let keys = ingest(storage, &mut entries, &heads, true)?;
     storage.persist(true)?;
     tracing::info!(keys, "recovered dedup keys from the log");
     Ok(keys)
@@ -430,6 +444,7 @@ mod tests {
                     number,
                     entries,
                     heads,
+                    synced: true,
                 })
                 .unwrap();
         }
@@ -470,6 +485,7 @@ mod tests {
                 number: 1,
                 entries,
                 heads,
+                synced: true,
             })
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -167,8 +167,7 @@ impl LogWriter {
             dedup_ingest::MAX_PENDING_AGE,
             filters.clone(),
         )?;
-        let dedup =
-            dedup::DedupIndex::open(&storage, ingested, filters).map_err(std::io::Error::other)?;
+        let dedup = dedup::DedupIndex::open(ingested, filters);
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -415,12 +414,13 @@ impl Writer {
                 number: self.groups_sent,
                 entries: std::mem::take(&mut self.group_keys),
                 heads: std::mem::take(&mut self.group_heads),
+                synced: self.options.fsync,
             };
             // Fails only once the ingest thread has stopped on an error; it cleared `healthy`,
             // and the next append is refused.
             let _ = self.key_groups.send(group);
         }
-        self.dedup.forget_ingested(&self.storage);
+        self.dedup.forget_ingested();
     }
 
     /// Drops duplicates, assigns sequence numbers and commits the log entry. Not yet durable:
