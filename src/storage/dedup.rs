@@ -355,6 +355,20 @@ pub(crate) mod tests {
         let now = 1_000_000_000;
         let (a, d) = ([1u8; 16], [4u8; 16]);
         {
+            // A move that stopped before deleting the old keyspace had written `a` already.
+            let moved = fjall::Database::builder(dir.path().join(crate::storage::DEDUP_DIR))
+                .open()
+                .unwrap();
+            let moved = moved
+                .keyspace("dedup", fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            let mut ingestion = moved.start_ingestion().unwrap();
+            ingestion
+                .write(a.to_vec(), value(TenantId(1), now).to_vec())
+                .unwrap();
+            ingestion.finish().unwrap();
+        }
+        {
             // The layout before: `dedup` in the main database, `a` in a table, `d` still in
             // the memtable (and the journal) when the process stopped.
             let db = fjall::Database::builder(dir.path()).open().unwrap();

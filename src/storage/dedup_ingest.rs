@@ -413,6 +413,38 @@ mod tests {
     }
 
     #[test]
+    fn a_run_fsyncs_the_journal_first_only_after_an_unsynced_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let ingested = AtomicU64::new(0);
+        let tenant = TenantId(9);
+        let group = |number: u64, synced| KeyGroup {
+            number,
+            entries: vec![(
+                dedup::key(tenant, &number.to_string()),
+                dedup::value(tenant, 1),
+            )],
+            heads: vec![(tenant, number)],
+            synced,
+        };
+        let mut pending = Pending::default();
+        pending.add(group(1, true));
+        assert!(
+            !pending.unsynced,
+            "fsync mode: the group is on disk already"
+        );
+        pending.add(group(2, false));
+        pending.add(group(3, true));
+        assert!(pending.unsynced, "buffered mode: the run fsyncs first");
+        pending
+            .ingest(&storage, &ingested, &KeyFilters::new(0))
+            .unwrap();
+        assert!(!pending.unsynced, "the next run starts over");
+        assert_eq!(ingested.load(Ordering::Acquire), 3);
+        assert_eq!(watermark(&storage, tenant).unwrap(), 3);
+    }
+
+    #[test]
     fn the_thread_writes_every_group_it_was_sent_and_the_newest_entry_of_a_key() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();

@@ -12,8 +12,12 @@
 //! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
 //!   [`rollups`].
 //!
-//! The database runs with manual journal persistence: the log writer decides when to flush and
-//! fsync (group commit), and metadata writes persist themselves.
+//! The main database runs with manual journal persistence: the log writer decides when to flush
+//! and fsync (group commit), and metadata writes persist themselves. Nothing writes the dedup
+//! database's journal: its keys arrive by bulk ingestion only.
+//!
+//! There is no way back to a version from before the dedup database: it would not look in
+//! `db/dedup` and would count retries of earlier events again.
 
 pub mod codec;
 pub mod dedup;
@@ -75,7 +79,8 @@ impl StorageError {
 /// (10M events over 100 tenants: 16 MiB log and sketch memtables 93k events/s, peak RSS 611 MiB;
 /// 8 MiB 90k events/s, 512 MiB).
 const LOG_MEMTABLE_BYTES: u64 = 8 << 20;
-const DEDUP_MEMTABLE_BYTES: u64 = 16 << 20;
+/// The dedup keyspace is written by bulk ingestion only: its memtable stays empty.
+const DEDUP_MEMTABLE_BYTES: u64 = 4 << 20;
 const ROLLUP_MEMTABLE_BYTES: u64 = 8 << 20;
 const SMALL_MEMTABLE_BYTES: u64 = 4 << 20;
 
@@ -85,6 +90,9 @@ fn memtable(bytes: u64) -> impl FnOnce() -> KeyspaceCreateOptions {
 
 /// Directory of the dedup keyspace's database, inside the main database's directory.
 pub const DEDUP_DIR: &str = "dedup";
+/// Table files each database keeps open (fjall's default is 900 for one database).
+const MAIN_OPEN_FILES: usize = 700;
+const DEDUP_OPEN_FILES: usize = 200;
 
 /// Handles to the databases and their keyspaces. Cheap to clone.
 #[derive(Clone)]
@@ -120,8 +128,11 @@ impl Storage {
         // A quarter of the block cache for the dedup tables: most lookups are answered by the
         // in-memory key filter (`dedup_filter`).
         let dedup_cache = cache_bytes / 4;
+        // fjall keeps up to 900 table files open per database by default: the two together
+        // stay there (the soft limit of open files is often 1024, sockets included).
         let db = Database::builder(path)
             .cache_size(cache_bytes - dedup_cache)
+            .max_cached_files(Some(MAIN_OPEN_FILES))
             .manual_journal_persist(true)
             // Log entries arrive compressed (codec format 3) and the rest is small or dense
             // sketches: compressing the journal again cost the log writer thread CPU for nothing.
@@ -132,8 +143,7 @@ impl Storage {
             .cache_size(dedup_cache)
             .manual_journal_persist(true)
             .journal_compression(fjall::CompressionType::None)
-            // Its only background work is compacting the runs the ingest thread writes.
-            .worker_threads(1)
+            .max_cached_files(Some(DEDUP_OPEN_FILES))
             .with_compaction_filter_factories({
                 let windows = dedup_windows.clone();
                 Arc::new(move |keyspace: &str| {
@@ -146,6 +156,10 @@ impl Storage {
             })
             .open()
             .map_err(open_error)?;
+        // The dedup database's directory entry must survive a power failure like its tables.
+        std::fs::File::open(path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| open_error(fjall::Error::Io(e)))?;
         // Entries are compressed by their senders: the tables do not compress them again.
         let log = db
             .keyspace("log", || {
@@ -153,10 +167,7 @@ impl Storage {
                     .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
             })
             .map_err(open_error)?;
-        // Random keys, one point read per event; written by bulk ingestion (`dedup_ingest`), so
-        // its memtable only ever holds what a data dir of the earlier layout left in the journal.
-        // (When every key went through it, measured on 1.5M events: 2 MiB memtables 111-120k
-        // ev/s, 8 MiB 133-157k, 16 MiB 176-192k, 32 MiB 155-172k, 64 MiB 147-154k.)
+        // Random keys, one point read per event; written by bulk ingestion (`dedup_ingest`).
         let dedup = dedup_db
             .keyspace("dedup", memtable(DEDUP_MEMTABLE_BYTES))
             .map_err(open_error)?;
