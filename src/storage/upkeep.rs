@@ -31,7 +31,7 @@ use fjall::AbstractTree;
 use super::Storage;
 
 /// How often memtables are checked: sealed when outgrown, freed when only this thread holds
-/// them. At 200k events/s the dedup memtable grows about 120 KB in this time.
+/// them.
 const TICK: Duration = Duration::from_millis(10);
 
 /// Handle to the upkeep thread. Dropping it stops and joins the thread.
