@@ -13,6 +13,28 @@ use statsremote::config::{Config, Overrides};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long mimalloc keeps freed memory before it gives it back to the operating system.
+/// mimalloc 3 waits a second by default. Under ingestion, request bodies, log entries, memtables
+/// and rollup flushes free and take many MiB a second on several threads, so that second of
+/// kept pages was about 100 MiB of RSS. 10M events over 100 tenants, peak RSS: 508–599 MiB in
+/// four runs with the default, 509 and 517 MiB with 100 ms, 452–478 MiB in three with 10 ms
+/// (mimalloc 2's default), at 151k–171k events/s all. The environment variable
+/// `MIMALLOC_PURGE_DELAY` still overrides it.
+const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
+
+/// `mi_option_purge_delay` in mimalloc 3.3's `mi_option_t` (libmimalloc-sys names no constant
+/// for it). The test `purge_delay_option_index` checks the index against the linked library.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+#[allow(unsafe_code)] // the project's only unsafe code: mimalloc has no safe setter
+fn tune_allocator() {
+    // SAFETY: plain C call with a valid option index; it runs first in `main`, before any other
+    // thread exists (mimalloc's option setters are not thread-safe).
+    unsafe {
+        libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS)
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "statsremote",
@@ -41,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let Command::Serve {
         config,
@@ -68,5 +91,24 @@ fn main() -> ExitCode {
             eprintln!("statsremote: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Index 15 must be the purge delay: mimalloc 3 defaults it to 1000 ms, a value no
+    /// neighbouring option has, and reads `MIMALLOC_PURGE_DELAY` into it.
+    #[test]
+    fn purge_delay_option_index() {
+        let expected = std::env::var("MIMALLOC_PURGE_DELAY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        // SAFETY: reads an option with a valid index.
+        #[allow(unsafe_code)]
+        let value = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(value, expected);
     }
 }
