@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use statsremote::event::{BatchSource, EventKind, LogBatch, StoredEvent};
 use statsremote::query::{self, Metric};
-use statsremote::rollup::{Deltas, Resolution, Retention, RollupItem};
+use statsremote::rollup::{Deltas, Resolution, Retention, RollupItems};
 use statsremote::storage::{codec, rollups, tenant_key, Storage};
 use statsremote::tenant::TenantId;
 
@@ -24,13 +24,13 @@ const FOREVER: Retention = Retention {
     day: None,
 };
 
-fn item(at: i64, user: u64) -> RollupItem {
-    RollupItem {
-        name: "Signed Up".into(),
-        timestamp: at,
-        user_hash: user.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        weight: 1,
-    }
+/// A batch of "Signed Up" events at `(timestamp, user)`.
+fn batch(events: impl IntoIterator<Item = (i64, u64)>) -> RollupItems {
+    RollupItems::collect(
+        events
+            .into_iter()
+            .map(|(at, user)| ("Signed Up", at, user.wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+    )
 }
 
 /// 90 days of events, 3 per minute (from 50 users), flushed in daily chunks like the actor does.
@@ -39,14 +39,12 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
     let mut seq = 0;
     for day in 0..90 {
         let mut deltas = Deltas::default();
-        let items: Vec<RollupItem> = (0..1440 * 3)
-            .map(|i| {
-                item(
-                    start + day * DAY + (i / 3) * MINUTE + i % 3,
-                    (i % 50) as u64,
-                )
-            })
-            .collect();
+        let items = batch((0..1440 * 3).map(|i| {
+            (
+                start + day * DAY + (i / 3) * MINUTE + i % 3,
+                (i % 50) as u64,
+            )
+        }));
         deltas.apply(&items, &FOREVER, end);
         deltas.roll_up_users();
         let previous = seq;
@@ -193,9 +191,7 @@ fn benches(c: &mut Criterion) {
         })
     });
     c.bench_function("rollup update of a 100-event batch", |b| {
-        let items: Vec<RollupItem> = (0..100)
-            .map(|i| item(end - DAY + i * 1_000_000, i as u64))
-            .collect();
+        let items = batch((0..100).map(|i| (end - DAY + i * 1_000_000, i as u64)));
         b.iter_batched(
             Deltas::default,
             |mut deltas| deltas.apply(&items, &FOREVER, end),

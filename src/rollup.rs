@@ -95,33 +95,150 @@ pub fn series_name(kind: EventKind, name: Option<&str>) -> &str {
     }
 }
 
-/// What rollups need of one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What rollups need of one event. Its series name is `name`, an index into the batch's
+/// [`RollupItems::names`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RollupItem {
-    pub name: String,
+    pub name: u32,
     pub timestamp: Micros,
     pub user_hash: u64,
     /// Events this one stands for (1 without sampling).
     pub weight: u64,
 }
 
-impl RollupItem {
-    pub fn from_event(event: &StoredEvent) -> RollupItem {
-        RollupItem {
-            name: rollup_name(event).to_string(),
-            timestamp: event.timestamp,
-            user_hash: event.user_hash,
-            weight: 1,
+/// What rollups need of a batch's events. Each item names its series by an index into the
+/// batch's distinct names, so an event costs no allocation, and the consumers (the rollup deltas
+/// and the live hub) look each name up once per batch, not once per event: hashing and comparing
+/// each event's name there was about 8% of the server's CPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollupItems {
+    names: Vec<String>,
+    items: Vec<RollupItem>,
+}
+
+impl RollupItems {
+    /// Items of `(series name, timestamp, user hash)`, each of weight 1.
+    pub fn collect<'a>(events: impl IntoIterator<Item = (&'a str, Micros, u64)>) -> RollupItems {
+        let mut index: FxHashMap<&'a str, u32> = FxHashMap::default();
+        let mut out = RollupItems::default();
+        for (name, timestamp, user_hash) in events {
+            let name = *index.entry(name).or_insert_with(|| {
+                out.names.push(name.to_string());
+                // A batch has at most `limits.max_events_per_request` events, far below u32::MAX.
+                u32::try_from(out.names.len() - 1).unwrap_or(u32::MAX)
+            });
+            out.items.push(RollupItem {
+                name,
+                timestamp,
+                user_hash,
+                weight: 1,
+            });
         }
+        out
     }
 
-    pub fn from_view(event: &StoredEventView<'_>) -> RollupItem {
-        RollupItem {
-            name: series_name(event.kind, event.name).to_string(),
-            timestamp: event.timestamp,
-            user_hash: event.user_hash,
-            weight: 1,
+    pub fn from_events(events: &[StoredEvent]) -> RollupItems {
+        RollupItems::collect(
+            events
+                .iter()
+                .map(|event| (rollup_name(event), event.timestamp, event.user_hash)),
+        )
+    }
+
+    pub fn from_views(events: &[StoredEventView<'_>]) -> RollupItems {
+        RollupItems::collect(events.iter().map(|event| {
+            (
+                series_name(event.kind, event.name),
+                event.timestamp,
+                event.user_hash,
+            )
+        }))
+    }
+
+    /// The batch's distinct series names; [`RollupItem::name`] indexes this.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn items(&self) -> &[RollupItem] {
+        &self.items
+    }
+
+    /// The series name of `item` (an item of this batch).
+    pub fn name_of(&self, item: &RollupItem) -> &str {
+        self.names
+            .get(item.name as usize)
+            .map_or(ALL_EVENTS, String::as_str)
+    }
+
+    /// Keeps the items whose `keep` flag is set (names no item uses any more stay, harmlessly).
+    pub fn retain_kept(&mut self, keep: &[bool]) {
+        let mut flags = keep.iter();
+        self.items
+            .retain(|_| flags.next().copied().unwrap_or(false));
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Values by series name, each at a fixed position, so that a batch's names are looked up once
+/// ([`ByName::slot`]) and its events then reach their value by position.
+#[derive(Debug)]
+pub struct ByName<T> {
+    index: FxHashMap<String, usize>,
+    entries: Vec<(String, T)>,
+}
+
+impl<T> Default for ByName<T> {
+    fn default() -> ByName<T> {
+        ByName {
+            index: FxHashMap::default(),
+            entries: Vec::new(),
         }
+    }
+}
+
+impl<T: Default> ByName<T> {
+    /// The position of `name`'s value, added as `T::default()` if new.
+    pub fn slot(&mut self, name: &str) -> usize {
+        if let Some(slot) = self.index.get(name) {
+            return *slot;
+        }
+        self.entries.push((name.to_string(), T::default()));
+        self.index.insert(name.to_string(), self.entries.len() - 1);
+        self.entries.len() - 1
+    }
+}
+
+impl<T> ByName<T> {
+    pub fn get(&self, name: &str) -> Option<&T> {
+        self.entries
+            .get(*self.index.get(name)?)
+            .map(|(_, value)| value)
+    }
+
+    pub fn at_mut(&mut self, slot: usize) -> Option<&mut T> {
+        self.entries.get_mut(slot).map(|(_, value)| value)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.entries
+            .iter()
+            .map(|(name, value)| (name.as_str(), value))
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.entries.iter_mut().map(|(_, value)| value)
+    }
+
+    pub fn into_entries(self) -> impl Iterator<Item = (String, T)> {
+        self.entries.into_iter()
     }
 }
 
@@ -130,7 +247,7 @@ impl RollupItem {
 pub struct RollupBatch {
     pub tenant: crate::tenant::TenantId,
     pub first_seq: u64,
-    pub items: Vec<RollupItem>,
+    pub items: RollupItems,
 }
 
 impl RollupBatch {
@@ -273,16 +390,26 @@ type SeriesDeltas = FxHashMap<(Resolution, Micros), BucketDelta>;
 /// merge per bucket instead of three sketch updates per event.
 #[derive(Debug, Default)]
 pub struct Deltas {
-    series: FxHashMap<String, SeriesDeltas>,
+    series: ByName<SeriesDeltas>,
     /// Updates skipped because the bucket is past its resolution's retention, by resolution.
     pub skipped: [u64; 3],
 }
 
 impl Deltas {
     /// Adds a batch's items to every resolution and to the all-events series.
-    pub fn apply(&mut self, items: &[RollupItem], retention: &Retention, now: Micros) {
+    pub fn apply(&mut self, batch: &RollupItems, retention: &Retention, now: Micros) {
+        if batch.is_empty() {
+            return;
+        }
         let oldest = Resolution::ALL.map(|r| retention.oldest(r, now));
-        for item in items {
+        // Each of the batch's names is looked up once, not once per event.
+        let all = self.series.slot(ALL_EVENTS);
+        let slots: Vec<usize> = batch
+            .names()
+            .iter()
+            .map(|name| self.series.slot(name))
+            .collect();
+        for item in batch.items() {
             let mut starts = [None; 3];
             for (index, resolution) in Resolution::ALL.iter().enumerate() {
                 let start = resolution.bucket(item.timestamp);
@@ -292,10 +419,10 @@ impl Deltas {
                     starts[index] = Some(start);
                 }
             }
-            for name in [item.name.as_str(), ALL_EVENTS] {
-                let series = match self.series.get_mut(name) {
-                    Some(series) => series,
-                    None => self.series.entry(name.to_string()).or_default(),
+            let named = slots.get(item.name as usize).copied().unwrap_or(all);
+            for slot in [named, all] {
+                let Some(series) = self.series.at_mut(slot) else {
+                    continue;
                 };
                 let mut user_added = false;
                 for (resolution, start) in Resolution::ALL.iter().zip(starts) {
@@ -343,9 +470,9 @@ impl Deltas {
     /// Every pending bucket: `(resolution, series name, start, delta)`.
     pub fn buckets(&self) -> impl Iterator<Item = (Resolution, &str, Micros, &BucketDelta)> {
         self.series.iter().flat_map(|(name, series)| {
-            series.iter().map(move |((resolution, start), delta)| {
-                (*resolution, name.as_str(), *start, delta)
-            })
+            series
+                .iter()
+                .map(move |((resolution, start), delta)| (*resolution, name, *start, delta))
         })
     }
 
@@ -356,18 +483,21 @@ impl Deltas {
 
     /// Number of pending buckets.
     pub fn len(&self) -> usize {
-        self.series.values().map(|series| series.len()).sum()
+        self.series.iter().map(|(_, series)| series.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.series.is_empty()
+        self.series.iter().all(|(_, series)| series.is_empty())
     }
 
     /// Adds `other`'s updates (a flush that failed, to be retried with the next one). Users that
     /// end up rolled up twice are harmless: sketches hold a set.
     pub fn merge(&mut self, other: Deltas) {
-        for (name, theirs) in other.series {
-            let series = self.series.entry(name).or_default();
+        for (name, theirs) in other.series.into_entries() {
+            let slot = self.series.slot(&name);
+            let Some(series) = self.series.at_mut(slot) else {
+                continue;
+            };
             for (key, delta) in theirs {
                 let bucket = series.entry(key).or_default();
                 bucket.count += delta.count;
@@ -407,13 +537,32 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn item(name: &str, timestamp: Micros, user: u64) -> RollupItem {
-        RollupItem {
-            name: name.into(),
-            timestamp,
-            user_hash: crate::enrich::user_hash(&[1; 32], &user.to_string()),
-            weight: 1,
-        }
+    fn user(user: u64) -> u64 {
+        crate::enrich::user_hash(&[1; 32], &user.to_string())
+    }
+
+    /// A batch of `(name, timestamp, user)`.
+    fn batch(events: &[(&str, Micros, u64)]) -> RollupItems {
+        RollupItems::collect(events.iter().map(|(name, at, u)| (*name, *at, user(*u))))
+    }
+
+    #[test]
+    fn a_batch_holds_each_name_once() {
+        let mut items = batch(&[("a", 1, 1), ("b", 2, 1), ("a", 3, 2), ("b", 4, 3)]);
+        assert_eq!(items.names(), ["a", "b"]);
+        let named: Vec<(&str, Micros)> = items
+            .items()
+            .iter()
+            .map(|item| (items.name_of(item), item.timestamp))
+            .collect();
+        assert_eq!(named, [("a", 1), ("b", 2), ("a", 3), ("b", 4)]);
+        items.retain_kept(&[true, false, false, true]);
+        let kept: Vec<(&str, u64)> = items
+            .items()
+            .iter()
+            .map(|item| (items.name_of(item), item.user_hash))
+            .collect();
+        assert_eq!(kept, [("a", user(1)), ("b", user(3))]);
     }
 
     fn users_of(delta: &BucketDelta) -> u64 {
@@ -465,7 +614,7 @@ mod tests {
             day: None,
         };
         let mut deltas = Deltas::default();
-        deltas.apply(&[item("old", 50 * MICROS_PER_DAY, 1)], &retention, now);
+        deltas.apply(&batch(&[("old", 50 * MICROS_PER_DAY, 1)]), &retention, now);
         assert_eq!(deltas.skipped, [1, 0, 0]);
         assert!(deltas
             .buckets()
@@ -483,23 +632,23 @@ mod tests {
         #[test]
         fn counts_match_brute_force(events in proptest::collection::vec((0usize..4, 0i64..(3 * MICROS_PER_DAY), 0u64..50), 0..300)) {
             let names = ["a", "b", "c", "d"];
-            let items: Vec<RollupItem> = events.iter().map(|(n, t, u)| item(names[*n], *t, *u)).collect();
+            let events: Vec<(&str, Micros, u64)> = events.iter().map(|(n, t, u)| (names[*n], *t, *u)).collect();
             let mut deltas = Deltas::default();
             // Applied in two halves, merged like a failed flush is (after rolling up).
-            let half = items.len() / 2;
-            deltas.apply(&items[..half], &FOREVER, 0);
+            let half = events.len() / 2;
+            deltas.apply(&batch(&events[..half]), &FOREVER, 0);
             let mut second = Deltas::default();
-            second.apply(&items[half..], &FOREVER, 0);
+            second.apply(&batch(&events[half..]), &FOREVER, 0);
             second.roll_up_users();
             deltas.merge(second);
             deltas.roll_up_users();
             for resolution in Resolution::ALL {
                 for name in names.iter().copied().chain([ALL_EVENTS]) {
                     let mut expected: std::collections::HashMap<Micros, (u64, std::collections::HashSet<u64>)> = Default::default();
-                    for it in items.iter().filter(|it| name == ALL_EVENTS || it.name == name) {
-                        let entry = expected.entry(resolution.bucket(it.timestamp)).or_default();
+                    for (_, at, u) in events.iter().filter(|(n, ..)| name == ALL_EVENTS || *n == name) {
+                        let entry = expected.entry(resolution.bucket(*at)).or_default();
                         entry.0 += 1;
-                        entry.1.insert(it.user_hash);
+                        entry.1.insert(user(*u));
                     }
                     for (start, (count, users)) in expected {
                         let delta = deltas.get(resolution, name, start).unwrap();

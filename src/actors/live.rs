@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::StopChild;
 use crate::event::{format_timestamp, now_micros, Micros};
-use crate::rollup::{RollupItem, ALL_EVENTS};
+use crate::rollup::{ByName, RollupItem, RollupItems};
 
 const SECOND: Micros = 1_000_000;
 const MINUTE: Micros = 60 * SECOND;
@@ -80,7 +80,7 @@ pub fn tick_channel() -> TickSender {
 }
 
 /// Durable events for the live counters.
-pub struct LiveItems(pub Arc<Vec<RollupItem>>);
+pub struct LiveItems(pub Arc<RollupItems>);
 
 impl Message for LiveItems {
     type Result = ();
@@ -92,24 +92,21 @@ struct Agg {
     users: LiveSketch,
 }
 
+impl Agg {
+    fn add(&mut self, item: &RollupItem) {
+        self.count += item.weight;
+        self.users.insert_hash(item.user_hash);
+    }
+}
+
 /// Per-event aggregates of one time bucket.
 #[derive(Default)]
 struct Bucket {
-    events: rustc_hash::FxHashMap<String, Agg>,
+    total: Agg,
+    events: ByName<Agg>,
 }
 
 impl Bucket {
-    fn add(&mut self, item: &RollupItem) {
-        for name in [item.name.as_str(), ALL_EVENTS] {
-            let agg = match self.events.get_mut(name) {
-                Some(agg) => agg,
-                None => self.events.entry(name.to_string()).or_default(),
-            };
-            agg.count += item.weight;
-            agg.users.insert_hash(item.user_hash);
-        }
-    }
-
     fn window(&self, start: Micros) -> Window {
         let stat = |agg: &Agg| Stat {
             count: agg.count,
@@ -117,13 +114,55 @@ impl Bucket {
         };
         Window {
             start: format_timestamp(start),
-            total: self.events.get(ALL_EVENTS).map(stat).unwrap_or_default(),
+            total: stat(&self.total),
             events: self
                 .events
                 .iter()
-                .filter(|(name, _)| name.as_str() != ALL_EVENTS)
-                .map(|(name, agg)| (name.clone(), stat(agg)))
+                .map(|(name, agg)| (name.to_string(), stat(agg)))
                 .collect(),
+        }
+    }
+}
+
+/// Where a batch's event names sit in the bucket its last item went to: the items of a batch
+/// mostly share a second and a minute, so each name is looked up about once per batch.
+struct Resolved {
+    bucket: Option<Micros>,
+    /// By the batch's name index: the position in that bucket's `events`.
+    slots: Vec<Option<usize>>,
+}
+
+impl Resolved {
+    fn new(names: usize) -> Resolved {
+        Resolved {
+            bucket: None,
+            slots: vec![None; names],
+        }
+    }
+
+    fn add(
+        &mut self,
+        buckets: &mut BTreeMap<Micros, Bucket>,
+        start: Micros,
+        batch: &RollupItems,
+        item: &RollupItem,
+    ) {
+        if self.bucket != Some(start) {
+            self.bucket = Some(start);
+            self.slots.iter_mut().for_each(|slot| *slot = None);
+        }
+        let bucket = buckets.entry(start).or_default();
+        bucket.total.add(item);
+        let known = self.slots.get(item.name as usize).copied().flatten();
+        let slot = known.unwrap_or_else(|| {
+            let slot = bucket.events.slot(batch.name_of(item));
+            if let Some(cached) = self.slots.get_mut(item.name as usize) {
+                *cached = Some(slot);
+            }
+            slot
+        });
+        if let Some(agg) = bucket.events.at_mut(slot) {
+            agg.add(item);
         }
     }
 }
@@ -179,16 +218,18 @@ impl LiveHub {
         }
     }
 
-    fn add(&mut self, items: &[RollupItem], now: Micros) {
+    fn add(&mut self, batch: &RollupItems, now: Micros) {
         let oldest_minute = (now.div_euclid(MINUTE) - 1) * MINUTE;
-        for item in items {
+        let mut seconds = Resolved::new(batch.names().len());
+        let mut minutes = Resolved::new(batch.names().len());
+        for item in batch.items() {
             let minute = item.timestamp.div_euclid(MINUTE) * MINUTE;
             if minute < oldest_minute {
                 continue; // Late: counted by the rollups, not live.
             }
             let second = item.timestamp.div_euclid(SECOND) * SECOND;
-            self.seconds.entry(second).or_default().add(item);
-            self.minutes.entry(minute).or_default().add(item);
+            seconds.add(&mut self.seconds, second, batch, item);
+            minutes.add(&mut self.minutes, minute, batch, item);
         }
     }
 }
@@ -246,13 +287,13 @@ impl Handler<LiveItems> for LiveHub {
 mod tests {
     use super::*;
 
-    fn item(name: &str, at: Micros, user: u64) -> RollupItem {
-        RollupItem {
-            name: name.into(),
-            timestamp: at,
-            user_hash: user.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            weight: 1,
-        }
+    /// A batch of `(name, timestamp, user)`.
+    fn batch(events: &[(&str, Micros, u64)]) -> RollupItems {
+        RollupItems::collect(
+            events
+                .iter()
+                .map(|(name, at, user)| (*name, *at, user.wrapping_mul(0x9e37_79b9_7f4a_7c15))),
+        )
     }
 
     #[test]
@@ -266,12 +307,9 @@ mod tests {
             seq: 0,
         };
         let t0 = 1_000 * MINUTE + 10 * SECOND;
-        hub.add(
-            &[item("a", t0, 1), item("a", t0 + 10, 2), item("b", t0, 1)],
-            t0,
-        );
-        hub.add(&[item("a", t0 - SECOND, 3)], t0);
-        hub.add(&[item("old", t0 - 5 * MINUTE, 3)], t0);
+        hub.add(&batch(&[("a", t0, 1), ("a", t0 + 10, 2), ("b", t0, 1)]), t0);
+        hub.add(&batch(&[("a", t0 - SECOND, 3)]), t0);
+        hub.add(&batch(&[("old", t0 - 5 * MINUTE, 3)]), t0);
         let tick = hub.tick_at(t0 + SECOND + 5);
         assert_eq!(tick.seq, 1);
         assert_eq!(

@@ -27,7 +27,7 @@ use crate::actors::live::{LiveHub, LiveItems};
 use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{PipelineDeps, StopChild};
 use crate::event::{now_micros, Micros};
-use crate::rollup::{Deltas, Resolution, Retention, RollupBatch, RollupItem};
+use crate::rollup::{Deltas, Resolution, Retention, RollupBatch, RollupItems};
 use crate::storage::log::read_items;
 use crate::storage::rollups::{self, FlushOutcome};
 use crate::telemetry;
@@ -129,7 +129,7 @@ impl RollupActor {
         }
     }
 
-    fn apply(&mut self, first_seq: u64, items: &[RollupItem]) {
+    fn apply(&mut self, first_seq: u64, items: &RollupItems) {
         self.deltas.apply(items, &self.retention, now_micros());
         self.applied_seq = crate::event::last_seq_of(first_seq, items.len());
         self.known_head = self.known_head.max(self.applied_seq);

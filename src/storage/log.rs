@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use std::ops::ControlFlow;
 
 use crate::event::{last_seq_of, now_micros, LogBatch, LogBatchView, Micros};
-use crate::rollup::{RollupBatch, RollupItem};
+use crate::rollup::{RollupBatch, RollupItems};
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
 use crate::storage::upkeep::Upkeep;
@@ -56,7 +56,7 @@ pub struct PreparedBatch {
     encoded: Vec<u8>,
     /// `None` for an event whose messageId the server generated (never a duplicate).
     dedup_keys: Vec<Option<dedup::DedupKey>>,
-    items: Vec<RollupItem>,
+    items: RollupItems,
 }
 
 impl PreparedBatch {
@@ -67,7 +67,7 @@ impl PreparedBatch {
             .iter()
             .map(|event| dedup::event_key(tenant, event))
             .collect();
-        let items = batch.events.iter().map(RollupItem::from_event).collect();
+        let items = RollupItems::from_events(&batch.events);
         Ok(PreparedBatch {
             encoded,
             dedup_keys,
@@ -472,7 +472,9 @@ impl Writer {
         } else {
             let mut batch = decode_batch(&encoded)?;
             batch.events = only_kept(std::mem::take(&mut batch.events), &keep);
-            (encode_entry(&batch)?, only_kept(items, &keep))
+            let mut items = items;
+            items.retain_kept(&keep);
+            (encode_entry(&batch)?, items)
         };
         let first_seq = self.next_seq(tenant)?;
         // The entry is the only write: its events' dedup keys go to the ingest thread later.
@@ -648,10 +650,10 @@ pub fn read_items(
     tenant: TenantId,
     from_seq: u64,
     max_batches: usize,
-) -> Result<Vec<(u64, Vec<RollupItem>)>, StorageError> {
+) -> Result<Vec<(u64, RollupItems)>, StorageError> {
     let mut out = Vec::new();
     scan_views(storage, tenant, from_seq, |first_seq, batch| {
-        let items = batch.events.iter().map(RollupItem::from_view).collect();
+        let items = RollupItems::from_views(&batch.events);
         out.push((first_seq, items));
         if out.len() < max_batches {
             ControlFlow::Continue(())

@@ -445,7 +445,7 @@ pub fn expire(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::rollup::RollupItem;
+    use crate::rollup::RollupItems;
 
     fn all() -> FoldPlan {
         FoldPlan {
@@ -460,14 +460,13 @@ mod tests {
 
     fn deltas_of_users(at: Micros, users: std::ops::Range<u64>) -> Deltas {
         let mut deltas = Deltas::default();
-        let items: Vec<RollupItem> = users
-            .map(|user| RollupItem {
-                name: "e".into(),
-                timestamp: at,
-                user_hash: crate::enrich::user_hash(&[5; 32], &user.to_string()),
-                weight: 1,
-            })
-            .collect();
+        let items = RollupItems::collect(users.map(|user| {
+            (
+                "e",
+                at,
+                crate::enrich::user_hash(&[5; 32], &user.to_string()),
+            )
+        }));
         let forever = Retention {
             minute: std::time::Duration::from_secs(1 << 40),
             hour: std::time::Duration::from_secs(1 << 40),
