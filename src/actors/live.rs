@@ -296,16 +296,20 @@ mod tests {
         )
     }
 
-    #[test]
-    fn ticks_report_the_last_second_and_its_minute() {
-        let mut hub = LiveHub {
+    fn hub() -> LiveHub {
+        LiveHub {
             sender: tick_channel(),
             supervisor: None,
             tick_interval: Duration::from_secs(1),
             seconds: BTreeMap::new(),
             minutes: BTreeMap::new(),
             seq: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn ticks_report_the_last_second_and_its_minute() {
+        let mut hub = hub();
         let t0 = 1_000 * MINUTE + 10 * SECOND;
         hub.add(&batch(&[("a", t0, 1), ("a", t0 + 10, 2), ("b", t0, 1)]), t0);
         hub.add(&batch(&[("a", t0 - SECOND, 3)]), t0);
@@ -337,5 +341,35 @@ mod tests {
         let next = hub.tick_at(t0 + 2 * SECOND);
         assert_eq!(next.second.total.count, 0);
         assert_eq!(next.minute.total.count, 4);
+    }
+
+    /// A batch whose items alternate between seconds: each item still reaches its own
+    /// second's aggregate of its own name.
+    #[test]
+    fn a_batch_spread_over_seconds_counts_each_name_in_its_second() {
+        let mut hub = hub();
+        let t0 = 1_000 * MINUTE + 10 * SECOND;
+        let next = t0 + SECOND;
+        hub.add(
+            &batch(&[
+                ("a", t0, 1),
+                ("b", next, 2),
+                ("a", t0, 3),
+                ("b", t0, 4),
+                ("a", next, 5),
+            ]),
+            t0,
+        );
+        let stat = |count, uniques| Stat { count, uniques };
+        let tick = hub.tick_at(next + 5);
+        assert_eq!(tick.second.total, stat(3, 3));
+        assert_eq!(tick.second.events["a"], stat(2, 2));
+        assert_eq!(tick.second.events["b"], stat(1, 1));
+        assert_eq!(tick.minute.total, stat(5, 5));
+        assert_eq!(tick.minute.events["a"], stat(3, 3));
+        assert_eq!(tick.minute.events["b"], stat(2, 2));
+        let tick = hub.tick_at(next + SECOND);
+        assert_eq!(tick.second.events["a"], stat(1, 1));
+        assert_eq!(tick.second.events["b"], stat(1, 1));
     }
 }
