@@ -26,7 +26,7 @@ const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 /// for it). The test `purge_delay_option_index` checks the index against the linked library.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-#[allow(unsafe_code)] // the project's only unsafe code: mimalloc has no safe setter
+#[allow(unsafe_code)] // the only unsafe code outside tests: mimalloc has no safe setter
 fn tune_allocator() {
     // SAFETY: plain C call with a valid option index; it runs first in `main`, before any other
     // thread exists (mimalloc's option setters are not thread-safe).

@@ -1,7 +1,7 @@
 //! Rollup math: time buckets, per-bucket aggregates, and how a batch of events updates them.
 //!
 //! For every event, three resolutions (minute, hour, day, UTC) and two series (the event's
-//! name, and `*` for all events) get `count += weight` and the user hash added to a HyperLogLog
+//! name, and the empty name [`ALL_EVENTS`] for all events) get `count += weight` and the user hash added to a HyperLogLog
 //! sketch. A [`Deltas`] collects those updates in memory; they are merged into storage by the
 //! rollup actor's flush (counts add up, sketches merge). Everything here is pure and tested
 //! against brute force.
@@ -239,6 +239,10 @@ impl<T> ByName<T> {
 
     pub fn into_entries(self) -> impl Iterator<Item = (String, T)> {
         self.entries.into_iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -486,8 +490,10 @@ impl Deltas {
         self.series.iter().map(|(_, series)| series.len()).sum()
     }
 
+    /// True if no batch with items was applied. A batch whose items were all past retention
+    /// leaves no buckets but still makes this false: its flush moves the rollup watermark.
     pub fn is_empty(&self) -> bool {
-        self.series.iter().all(|(_, series)| series.is_empty())
+        self.series.is_empty()
     }
 
     /// Adds `other`'s updates (a flush that failed, to be retried with the next one). Users that
@@ -616,6 +622,19 @@ mod tests {
         let mut deltas = Deltas::default();
         deltas.apply(&batch(&[("old", 50 * MICROS_PER_DAY, 1)]), &retention, now);
         assert_eq!(deltas.skipped, [1, 0, 0]);
+        // Past every resolution's retention: no bucket, but the deltas are not empty (their
+        // flush moves the watermark past the batch).
+        let mut past = Deltas::default();
+        let finite = Retention {
+            minute: Duration::from_secs(7 * 86_400),
+            hour: Duration::from_secs(30 * 86_400),
+            day: Some(Duration::from_secs(30 * 86_400)),
+        };
+        past.apply(&batch(&[("old", 50 * MICROS_PER_DAY, 1)]), &finite, now);
+        assert_eq!(past.skipped, [1, 1, 1]);
+        assert_eq!(past.len(), 0);
+        assert!(!past.is_empty());
+        assert!(Deltas::default().is_empty());
         assert!(deltas
             .buckets()
             .all(|(resolution, ..)| resolution != Resolution::Minute));

@@ -124,18 +124,16 @@ impl Bucket {
     }
 }
 
-/// Where a batch's event names sit in the bucket its last item went to: the items of a batch
-/// mostly share a second and a minute, so each name is looked up about once per batch.
+/// Where each of a batch's event names sits in the bucket it was last looked up in: the items of
+/// a batch mostly share a second and a minute, so each name is looked up about once per batch.
 struct Resolved {
-    bucket: Option<Micros>,
-    /// By the batch's name index: the position in that bucket's `events`.
-    slots: Vec<Option<usize>>,
+    /// By the batch's name index: the bucket and the position in its `events`.
+    slots: Vec<Option<(Micros, usize)>>,
 }
 
 impl Resolved {
     fn new(names: usize) -> Resolved {
         Resolved {
-            bucket: None,
             slots: vec![None; names],
         }
     }
@@ -147,20 +145,18 @@ impl Resolved {
         batch: &RollupItems,
         item: &RollupItem,
     ) {
-        if self.bucket != Some(start) {
-            self.bucket = Some(start);
-            self.slots.iter_mut().for_each(|slot| *slot = None);
-        }
         let bucket = buckets.entry(start).or_default();
         bucket.total.add(item);
-        let known = self.slots.get(item.name as usize).copied().flatten();
-        let slot = known.unwrap_or_else(|| {
-            let slot = bucket.events.slot(batch.name_of(item));
-            if let Some(cached) = self.slots.get_mut(item.name as usize) {
-                *cached = Some(slot);
+        let cached = self.slots.get_mut(item.name as usize);
+        let slot = match cached {
+            Some(Some((at, slot))) if *at == start => *slot,
+            Some(cached) => {
+                let slot = bucket.events.slot(batch.name_of(item));
+                *cached = Some((start, slot));
+                slot
             }
-            slot
-        });
+            None => bucket.events.slot(batch.name_of(item)),
+        };
         if let Some(agg) = bucket.events.at_mut(slot) {
             agg.add(item);
         }
