@@ -1,10 +1,10 @@
 //! Rollup math: time buckets, per-bucket aggregates, and how a batch of events updates them.
 //!
 //! For every event, three resolutions (minute, hour, day, UTC) and two series (the event's
-//! name, and the empty name [`ALL_EVENTS`] for all events) get `count += weight` and the user hash added to a HyperLogLog
-//! sketch. A [`Deltas`] collects those updates in memory; they are merged into storage by the
-//! rollup actor's flush (counts add up, sketches merge). Everything here is pure and tested
-//! against brute force.
+//! name, and the empty name [`ALL_EVENTS`] for all events) get `count += weight` and the user
+//! hash added to a HyperLogLog sketch. A [`Deltas`] collects those updates in memory; they are
+//! merged into storage by the rollup actor's flush (counts add up, sketches merge). Everything
+//! here is pure and tested against brute force.
 //!
 //! Sketches are `cardinality-estimator`'s HyperLogLog++ at precision 16 for every resolution
 //! (standard error ≈ 0.4%; exact-ish sparse representations for small sets), so sketches of
@@ -213,6 +213,12 @@ impl<T: Default> ByName<T> {
         self.entries.push((name.to_string(), T::default()));
         self.index.insert(name.to_string(), self.entries.len() - 1);
         self.entries.len() - 1
+    }
+
+    /// `name`'s value, added as `T::default()` if new.
+    pub fn entry(&mut self, name: &str) -> &mut T {
+        let slot = self.slot(name);
+        &mut self.entries[slot].1
     }
 }
 
@@ -500,10 +506,7 @@ impl Deltas {
     /// end up rolled up twice are harmless: sketches hold a set.
     pub fn merge(&mut self, other: Deltas) {
         for (name, theirs) in other.series.into_entries() {
-            let slot = self.series.slot(&name);
-            let Some(series) = self.series.at_mut(slot) else {
-                continue;
-            };
+            let series = self.series.entry(&name);
             for (key, delta) in theirs {
                 let bucket = series.entry(key).or_default();
                 bucket.count += delta.count;
