@@ -4,18 +4,19 @@
 //! invalid one its index and a reason, so a batch keeps its good events. Errors that make the
 //! whole request unusable (not JSON, no `batch` array, too many events) are [`ParseError`]s.
 //!
-//! Each event object is first split into `(key, raw JSON)` pairs borrowed from the body, then
-//! each known key is checked for its type. Free-form objects (`properties`, `traits`, `context`,
+//! Each event object is read once, into `(key, raw JSON)` pairs borrowed from the body (a batch's
+//! items straight from the `batch` array), then each known key is checked for its type. Free-form objects (`properties`, `traits`, `context`,
 //! `integrations`) are kept as their JSON text; unknown top-level keys are kept in
 //! `extra`. Nothing here panics on any input (property-tested below).
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::event::{parse_timestamp, EventKind, IncomingEvent, Micros};
-use crate::json::Members;
+use crate::json::{MaybeObject, MemberKey, Members};
 
 /// Longest accepted event name (`event` of a track, `name` of a page or screen), in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -89,18 +90,118 @@ fn utf8(body: &[u8]) -> Result<&str, ParseError> {
     })
 }
 
-#[derive(Deserialize)]
+/// The body of `/v1/batch`, read in one pass: each item of `batch` goes straight into its
+/// members, with no first pass that only finds where it ends. Items past `max_events` are
+/// counted, not kept. Each field may appear once; other keys are ignored.
+#[derive(Default)]
 struct BatchEnvelope<'a> {
-    #[serde(borrow)]
-    batch: Option<Vec<&'a RawValue>>,
-    #[serde(rename = "sentAt", borrow)]
+    /// `None` when absent or `null`.
+    batch: Option<Option<BatchItems<'a>>>,
     sent_at: Option<&'a RawValue>,
-    #[serde(borrow)]
     context: Option<&'a RawValue>,
-    #[serde(borrow)]
     integrations: Option<&'a RawValue>,
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
+    write_key: Option<Option<String>>,
+}
+
+struct BatchItems<'a> {
+    /// The first `max_events` items.
+    items: Vec<MaybeObject<'a>>,
+    /// All items, kept or not.
+    count: usize,
+}
+
+/// Reads a [`BatchEnvelope`] (as a map) or its `batch` value (as `null` or an array).
+#[derive(Clone, Copy)]
+struct BatchSeed {
+    max_events: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for BatchSeed {
+    type Value = BatchEnvelope<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BatchSeed {
+    type Value = BatchEnvelope<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        fn once<T, E: de::Error>(
+            slot: &mut Option<T>,
+            field: &'static str,
+            value: T,
+        ) -> Result<(), E> {
+            if slot.replace(value).is_some() {
+                return Err(E::duplicate_field(field));
+            }
+            Ok(())
+        }
+        let mut envelope = BatchEnvelope::default();
+        while let Some(MemberKey(key)) = map.next_key()? {
+            match &*key {
+                "batch" => once(
+                    &mut envelope.batch,
+                    "batch",
+                    map.next_value_seed(ItemsSeed(self))?,
+                )?,
+                "sentAt" => once(&mut envelope.sent_at, "sentAt", map.next_value()?)?,
+                "context" => once(&mut envelope.context, "context", map.next_value()?)?,
+                "integrations" => once(
+                    &mut envelope.integrations,
+                    "integrations",
+                    map.next_value()?,
+                )?,
+                "writeKey" => once(&mut envelope.write_key, "writeKey", map.next_value()?)?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(envelope)
+    }
+}
+
+/// Reads the value of `batch`.
+struct ItemsSeed(BatchSeed);
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed {
+    type Value = Option<BatchItems<'de>>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed {
+    type Value = Option<BatchItems<'de>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        let mut past_limit = 0;
+        loop {
+            if items.len() < self.0.max_events {
+                match seq.next_element()? {
+                    Some(item) => items.push(item),
+                    None => break,
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_some() {
+                past_limit += 1;
+            } else {
+                break;
+            }
+        }
+        Ok(Some(BatchItems {
+            count: items.len() + past_limit,
+            items,
+        }))
+    }
 }
 
 /// Batch-level fields that apply to every event.
@@ -112,17 +213,25 @@ struct Defaults<'a> {
 }
 
 fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
-    let envelope: BatchEnvelope<'_> = serde_json::from_str(text).map_err(|e| {
-        ParseError::Malformed(format!(
-            "request body must be a JSON object with a `batch` array: {e}"
-        ))
-    })?;
-    let items = envelope
+    let seed = BatchSeed {
+        max_events: limits.max_events,
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let envelope = seed
+        .deserialize(&mut deserializer)
+        .and_then(|envelope| deserializer.end().map(|()| envelope))
+        .map_err(|e| {
+            ParseError::Malformed(format!(
+                "request body must be a JSON object with a `batch` array: {e}"
+            ))
+        })?;
+    let BatchItems { items, count } = envelope
         .batch
+        .flatten()
         .ok_or_else(|| ParseError::Malformed("request body has no `batch` array".to_string()))?;
-    if items.len() > limits.max_events {
+    if count > limits.max_events {
         return Err(ParseError::TooManyEvents {
-            count: items.len(),
+            count,
             limit: limits.max_events,
         });
     }
@@ -133,12 +242,18 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
             .map_err(ParseError::Malformed)?,
     };
     let mut parsed = ParsedRequest {
-        write_key: envelope.write_key,
+        write_key: envelope.write_key.flatten(),
         events: Vec::with_capacity(items.len()),
         rejected: Vec::new(),
     };
     for (index, item) in items.into_iter().enumerate() {
-        parsed.take(index, parse_event(None, item.get(), &defaults, limits));
+        let outcome = match item {
+            MaybeObject::Object(members) => parse_event(None, members, &defaults, limits),
+            MaybeObject::Other(kind) => {
+                Err(EventError::new(format!("not a JSON object (got {kind})")))
+            }
+        };
+        parsed.take(index, outcome);
     }
     Ok(parsed)
 }
@@ -148,17 +263,15 @@ fn parse_single(
     text: &str,
     limits: &ParseLimits,
 ) -> Result<ParsedRequest, ParseError> {
+    // The whole body is the event: a malformed object is a malformed request.
+    let members = serde_json::from_str(text)
+        .map_err(|e| ParseError::Malformed(format!("request body is not a JSON object: {e}")))?;
     let mut parsed = ParsedRequest::default();
-    match parse_event(Some(kind), text, &Defaults::default(), limits) {
-        // The whole body is the event: a malformed object is a malformed request.
-        Err(EventError { reason, .. }) if reason.starts_with("not a JSON object") => {
-            Err(ParseError::Malformed(format!("request body {reason}")))
-        }
-        outcome => {
-            parsed.take(0, outcome);
-            Ok(parsed)
-        }
-    }
+    parsed.take(
+        0,
+        parse_event(Some(kind), members, &Defaults::default(), limits),
+    );
+    Ok(parsed)
 }
 
 /// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
@@ -180,7 +293,10 @@ pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, 
         ..ParsedRequest::default()
     };
     for (index, line) in lines.into_iter().enumerate() {
-        parsed.take(index, parse_event(None, line, &Defaults::default(), limits));
+        let outcome = serde_json::from_str(line)
+            .map_err(|e| EventError::new(format!("not a JSON object: {e}")))
+            .and_then(|members| parse_event(None, members, &Defaults::default(), limits));
+        parsed.take(index, outcome);
     }
     Ok(parsed)
 }
@@ -222,22 +338,20 @@ impl EventError {
     }
 }
 
-/// Parses and validates one event. `route_kind` is the type implied by a single-event route.
+/// Validates one event object. `route_kind` is the type implied by a single-event route.
 fn parse_event(
     route_kind: Option<EventKind>,
-    text: &str,
+    members: Members<'_>,
     defaults: &Defaults<'_>,
     limits: &ParseLimits,
 ) -> Result<ParsedEvent, EventError> {
-    if text.len() > limits.max_event_bytes {
+    let size = members.compact_len();
+    if size > limits.max_event_bytes {
         return Err(EventError::new(format!(
-            "event is {} bytes; the limit is {} bytes",
-            text.len(),
+            "event is {size} bytes as compact JSON; the limit is {} bytes",
             limits.max_event_bytes
         )));
     }
-    let members: Members<'_> = serde_json::from_str(text)
-        .map_err(|e| EventError::new(format!("not a JSON object: {e}")))?;
     let members = members.0;
 
     // The type decides how `event` and `name` are read, and it may come after them.
@@ -583,6 +697,24 @@ mod tests {
         );
         let parsed = parse_json(Route::Batch, big.as_bytes(), &LIMITS).unwrap();
         assert!(parsed.rejected[0].reason.contains("limit is 32768 bytes"));
+        // The event's own size counts, measured as compact JSON.
+        let event = format!(
+            r#"{{"type":"track","userId":"u","event":"e","properties":{{"p":"{}"}}}}"#,
+            "x".repeat(32_700)
+        );
+        assert!(event.len() <= 32_768);
+        let body = format!(r#"{{"batch":[{event}, {}]}}"#, event.replace(':', " : "));
+        let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+        assert_eq!(parsed.events.len(), 2, "{:?}", parsed.rejected);
+        let over = event.replace("xxx", "xxxx");
+        let body = format!(r#"{{"batch":[{over}]}}"#);
+        let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+        let expected = format!("event is {} bytes as compact JSON", over.len());
+        assert!(
+            parsed.rejected[0].reason.starts_with(&expected),
+            "{:?}",
+            parsed.rejected
+        );
         let many = format!(
             r#"{{"batch":[{}]}}"#,
             vec![r#"{"type":"track","userId":"u","event":"e"}"#; 101].join(",")
@@ -594,6 +726,45 @@ mod tests {
                 limit: 100
             }
         );
+    }
+
+    #[test]
+    fn batch_envelope_fields_are_read_once() {
+        let err = parse_json(Route::Batch, br#"{"batch": null}"#, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("no `batch`"), "{err}");
+        let body = br#"{"batch": [{"type":"track","userId":"u","event":"e"}], "batch": []}"#;
+        let err = parse_json(Route::Batch, body, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("duplicate field `batch`"), "{err}");
+        let err = parse_json(Route::Batch, br#"{"batch": {}}"#, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("an array of events"), "{err}");
+        let err = parse_json(Route::Batch, br#"{"batch": []} x"#, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("trailing characters"), "{err}");
+        // Batch-level fields after the array still apply to its events; others are ignored.
+        let body = br#"{"batch": [{"type":"track","userId":"u","event":"e"}],
+                        "other": {"deep": [1, 2]}, "writeKey": "wk",
+                        "sentAt": "2024-01-01T00:00:10Z"}"#;
+        let parsed = parse_json(Route::Batch, body, &LIMITS).unwrap();
+        assert_eq!(parsed.write_key.as_deref(), Some("wk"));
+        assert_eq!(
+            parsed.events[0].sent_at,
+            parse_timestamp("2024-01-01T00:00:10Z")
+        );
+    }
+
+    #[test]
+    fn items_that_are_not_objects_say_what_they_are() {
+        let body = br#"{"batch": [[{"type": "track"}], 7, null, {"type":"track","userId":"u","event":"e"}]}"#;
+        let parsed = parse_json(Route::Batch, body, &LIMITS).unwrap();
+        let reasons: Vec<&str> = parsed.rejected.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "not a JSON object (got an array)",
+                "not a JSON object (got a number)",
+                "not a JSON object (got null)"
+            ]
+        );
+        assert_eq!(parsed.events.len(), 1);
     }
 
     #[test]
