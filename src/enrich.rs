@@ -17,10 +17,11 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::event::{flags, EventKind, IncomingEvent, Micros, StoredEvent};
-use crate::json::Members;
+use crate::json::{MemberKey, Members};
 
 /// What enrichment needs to know about the request and the tenant.
 pub struct EnrichContext<'a> {
@@ -111,11 +112,6 @@ pub fn user_hash(key: &[u8; 32], identity: &str) -> u64 {
 }
 
 #[derive(Deserialize)]
-struct ContextLibrary {
-    library: Option<Library>,
-}
-
-#[derive(Deserialize)]
 struct Library {
     name: Option<String>,
     version: Option<String>,
@@ -140,12 +136,11 @@ fn read_context(context: String) -> (String, LibraryInfo) {
     let Ok(Members(members)) = serde_json::from_str::<Members>(&context) else {
         return (context, (None, None));
     };
-    // Like `library_of`: a repeated `library` key counts as none.
-    let mut libraries = members.iter().filter(|(key, _)| key == "library");
-    let library = match (libraries.next(), libraries.next()) {
-        (Some((_, value)), None) => library_in(value.get()),
-        _ => (None, None),
-    };
+    // Like `library_of`: the first `library` member counts.
+    let library = members
+        .iter()
+        .find(|(key, _)| key == "library")
+        .map_or((None, None), |(_, value)| library_in(value.get()));
     if !members.iter().any(|(key, _)| key == "ip") {
         return (context, library); // Only nested objects have an "ip".
     }
@@ -176,14 +171,35 @@ fn read_context(context: String) -> (String, LibraryInfo) {
     (out, library)
 }
 
-/// `context.library.{name,version}` if they are strings.
+/// `context.library.{name,version}` of the first `library` member, if they are strings. The
+/// members after it are not read: the parser has already checked that the whole context is
+/// valid JSON, and reading the rest was most of the cost of enrichment.
 fn library_of(context_json: &str) -> LibraryInfo {
-    match serde_json::from_str::<ContextLibrary>(context_json) {
-        Ok(ContextLibrary {
-            library: Some(library),
-        }) => (library.name, library.version),
-        _ => (None, None),
+    struct FirstLibrary<'s>(&'s mut LibraryInfo);
+    impl<'de> Visitor<'de> for FirstLibrary<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(MemberKey(key)) = map.next_key()? {
+                if key == "library" {
+                    if let Some(library) = map.next_value::<Option<Library>>()? {
+                        *self.0 = (library.name, library.version);
+                    }
+                    // Returning before the end of the object makes the deserializer report
+                    // an error, which the caller ignores: the library is already stored.
+                    return Ok(());
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
     }
+    let mut library = (None, None);
+    let mut deserializer = serde_json::Deserializer::from_str(context_json);
+    let _ = deserializer.deserialize_map(FirstLibrary(&mut library));
+    library
 }
 
 /// `{name, version}` of a `context.library` value, if they are strings.
@@ -313,11 +329,21 @@ mod tests {
         ] {
             assert_eq!(library(context), expected, "{context}");
         }
+        // The first `library` counts; whatever follows it is not read.
+        for context in [
+            r#"{"library":{"name":"n","version":"1"},"library":{"name":"m"},"ip":"1.2.3.4"}"#,
+            r#"{"library":{"name":"n","version":"1"},"library":{"name":"m"}}"#,
+            r#"{"a":[{"library":{"name":"m"}}],"library":{"name":"n","version":"1"},"b":{}}"#,
+        ] {
+            assert_eq!(library(context), expected, "{context}");
+            assert_eq!(library_of(context), expected, "{context}");
+        }
         for context in [
             r#"{"library":"n","ip":"1.2.3.4"}"#,
             r#"{"library":{"name":1},"ip":"1.2.3.4"}"#,
-            r#"{"library":{"name":"n"},"library":{"name":"m"},"ip":"1.2.3.4"}"#,
-            r#"{"library":{"name":"n"},"library":{"name":"m"}}"#,
+            r#"{"library":null,"ip":"1.2.3.4"}"#,
+            r#"{"page":{"library":{"name":"n"}}}"#,
+            "{}",
         ] {
             assert_eq!(library(context), library_of(context), "{context}");
             assert_eq!(library(context).0, None, "{context}");
