@@ -497,13 +497,27 @@ fn is_null(raw: &RawValue) -> bool {
     raw.get() == "null"
 }
 
+/// A JSON string's value. Most strings have no escapes: their text between the quotes is the
+/// value (the parser has already checked the raw text is valid JSON), with no deserializer.
+fn string_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    match text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+        Some(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+        None => None,
+    }
+}
+
 /// A non-empty string; `null` or `""` is absent.
 fn string_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
     if is_null(raw) {
         return Ok(None);
     }
-    let value: String = serde_json::from_str(raw.get())
-        .map_err(|_| format!("field `{field}` must be a string, got {}", describe(raw)))?;
+    let value = string_of(raw)
+        .ok_or_else(|| format!("field `{field}` must be a string, got {}", describe(raw)))?;
     if value.is_empty() {
         return Ok(None);
     }
@@ -512,7 +526,7 @@ fn string_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
             "field `{field}` is longer than {MAX_NAME_BYTES} bytes"
         ));
     }
-    Ok(Some(value))
+    Ok(Some(value.into_owned()))
 }
 
 /// An identifier: a string or a number (some SDKs send numeric user ids), kept as text.
@@ -545,7 +559,7 @@ fn time_value(field: &str, raw: &RawValue) -> Result<Option<Micros>, String> {
     if is_null(raw) {
         return Ok(None);
     }
-    let Ok(text) = serde_json::from_str::<Cow<'_, str>>(raw.get()) else {
+    let Some(text) = string_of(raw) else {
         return Err(format!(
             "field `{field}` must be an ISO 8601 date-time string, got {}",
             describe(raw)
@@ -765,6 +779,25 @@ mod tests {
             ]
         );
         assert_eq!(parsed.events.len(), 1);
+    }
+
+    #[test]
+    fn strings_with_and_without_escapes() {
+        let raw = |text: &str| serde_json::value::RawValue::from_string(text.to_string()).unwrap();
+        let read = |text: &str| string_value("event", &raw(text));
+        assert_eq!(read(r#""Signed Up""#), Ok(Some("Signed Up".to_string())));
+        assert_eq!(
+            read(r#""a\"b\u00e9\\""#),
+            Ok(Some("a\"b\u{e9}\\".to_string()))
+        );
+        assert_eq!(read(r#""""#), Ok(None));
+        assert_eq!(read("null"), Ok(None));
+        let err = read("12").unwrap_err();
+        assert!(err.contains("must be a string, got a number"), "{err}");
+        let err = read(r#"{"a":"b"}"#).unwrap_err();
+        assert!(err.contains("got an object"), "{err}");
+        let time = time_value("timestamp", &raw(r#""2024-01-01T00:00:00\u005A""#));
+        assert_eq!(time, Ok(parse_timestamp("2024-01-01T00:00:00Z")));
     }
 
     #[test]
