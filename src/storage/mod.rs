@@ -172,10 +172,18 @@ impl Storage {
             .and_then(|dir| dir.sync_all())
             .map_err(|e| open_error(fjall::Error::Io(e)))?;
         // Entries are compressed by their senders: the tables do not compress them again.
+        // Entries (one request's events each, kilobytes) are stored apart from their keys, in
+        // blob files written once at flush: compactions move only keys and pointers. With
+        // many tenants every flushed table spans all of them, so compactions merge, and
+        // rewriting the entries themselves fell ever further behind as the log grew.
         let log = db
             .keyspace("log", || {
                 memtable(LOG_MEMTABLE_BYTES)()
                     .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+                    .with_kv_separation(Some(
+                        fjall::KvSeparationOptions::default()
+                            .compression(fjall::CompressionType::None),
+                    ))
             })
             .map_err(open_error)?;
         // Random keys, one point read per event; written by bulk ingestion (`dedup_ingest`).
@@ -302,7 +310,43 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     dedup_ingest::forget_tenant(storage, tenant)?;
     rollups::delete_all(storage, tenant)?;
     storage.persist(true)?;
+    if removed > 0 {
+        reclaim_log_space(&storage.log);
+    }
     Ok(removed)
+}
+
+/// Gives back the disk space of purged log entries, in the background. The log keeps its
+/// entries in blob files and only keys and pointers in its tables, which stay small and are
+/// compacted rarely: a purge's tombstones could wait indefinitely to meet the entries they
+/// delete. So the tombstones are flushed and the log's tables compacted now. That rewrites
+/// the keys only: a blob file is deleted once none of its entries is live (one that is only
+/// partly dead is rewritten later, by the engine's own compactions, once a quarter of it is
+/// dead). A failure only delays the reclaim, to those compactions.
+pub(crate) fn reclaim_log_space(log: &Keyspace) -> Option<std::thread::JoinHandle<()>> {
+    let log = log.clone();
+    let spawned = std::thread::Builder::new()
+        .name("log-reclaim".into())
+        .spawn(move || {
+            crate::priority::background_thread();
+            // These calls are fjall's, public but hidden from its documentation. The first
+            // compaction drops the entries and counts their blob files' dead bytes; a blob file
+            // found wholly dead is deleted when the next version is made, by the second.
+            let result = log
+                .rotate_memtable_and_wait()
+                .and_then(|()| log.major_compact())
+                .and_then(|()| log.major_compact());
+            if let Err(error) = result {
+                tracing::warn!(%error, "compacting the log after a purge failed; its space returns later");
+            }
+        });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::warn!(%error, "cannot start the log reclaim thread; the space returns later");
+            None
+        }
+    }
 }
 
 /// Whether any log entry or rollup of the tenant remains.
@@ -323,8 +367,9 @@ pub(crate) fn purge_prefix(
     loop {
         let mut keys = Vec::with_capacity(4096);
         for guard in keyspace.prefix(prefix).take(4096) {
-            let (key, _value) = guard
-                .into_inner()
+            // Keys only: the log's entries live in blob files, which this need not read.
+            let key = guard
+                .key()
                 .map_err(StorageError::engine("scanning for purge"))?;
             keys.push(key);
         }
@@ -339,5 +384,54 @@ pub(crate) fn purge_prefix(
             .commit()
             .map_err(StorageError::engine("purging a tenant"))?;
         removed += keys.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn purged_log_entries_give_their_blob_files_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 16 << 20, dedup::DedupWindows::default()).unwrap();
+        assert!(storage.log.is_kv_separated());
+        let (gone, kept) = (TenantId(7), TenantId(8));
+        // Two flushes: one with only the purged tenant's entries, one shared with another.
+        for (tenants, flush) in [(&[gone][..], 0u64), (&[gone, kept][..], 1)] {
+            for n in 0..20 {
+                for tenant in tenants {
+                    let value = vec![flush as u8 + 1; 4096 + n];
+                    storage
+                        .log
+                        .insert(tenant_key(*tenant, flush * 100 + n as u64), value)
+                        .unwrap();
+                }
+            }
+            storage.log.rotate_memtable_and_wait().unwrap();
+        }
+        assert!(storage.log.blob_file_count() >= 2);
+        let before = storage.log.disk_space();
+        assert_eq!(purge_tenant_log_only(&storage, gone), 40);
+        // The reclaim runs in the background; purge_tenant starts it, here it is joined.
+        reclaim_log_space(&storage.log).unwrap().join().unwrap();
+        assert!(storage.log.prefix(gone.0.to_be_bytes()).next().is_none());
+        let kept_entries = storage.log.prefix(kept.0.to_be_bytes()).count();
+        assert_eq!(kept_entries, 20);
+        // The first flush's blob file held only purged entries: it is gone. (The shared one
+        // stays: half stale, it is rewritten once it is among the oldest stale files.)
+        let after = storage.log.disk_space();
+        assert!(
+            after < before * 3 / 4,
+            "disk space {before} -> {after}, {} blob files",
+            storage.log.blob_file_count()
+        );
+    }
+
+    fn purge_tenant_log_only(storage: &Storage, tenant: TenantId) -> u64 {
+        let removed = purge_prefix(storage, &storage.log, tenant).unwrap();
+        storage.persist(true).unwrap();
+        removed
     }
 }
