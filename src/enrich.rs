@@ -329,7 +329,10 @@ mod tests {
         ] {
             assert_eq!(library(context), expected, "{context}");
         }
-        // The first `library` counts; whatever follows it is not read.
+        // Whatever follows the first `library` is not read (here, the text is cut short).
+        let cut = r#"{"library":{"name":"n","version":"1"},"page":{"path":"/"#;
+        assert_eq!(library_of(cut), expected);
+        // The first `library` counts.
         for context in [
             r#"{"library":{"name":"n","version":"1"},"library":{"name":"m"},"ip":"1.2.3.4"}"#,
             r#"{"library":{"name":"n","version":"1"},"library":{"name":"m"}}"#,

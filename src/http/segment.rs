@@ -4,15 +4,16 @@
 //! invalid one its index and a reason, so a batch keeps its good events. Errors that make the
 //! whole request unusable (not JSON, no `batch` array, too many events) are [`ParseError`]s.
 //!
-//! Each event object is read once, into `(key, raw JSON)` pairs borrowed from the body (a batch's
-//! items straight from the `batch` array), then each known key is checked for its type. Free-form objects (`properties`, `traits`, `context`,
-//! `integrations`) are kept as their JSON text; unknown top-level keys are kept in
-//! `extra`. Nothing here panics on any input (property-tested below).
+//! Each event object is read once, into `(key, raw JSON)` pairs borrowed from the body (a
+//! batch's items straight from the `batch` array), then each known key is checked for its type.
+//! Free-form objects (`properties`, `traits`, `context`, `integrations`) are kept as their JSON
+//! text; unknown top-level keys are kept in `extra`. Nothing here panics on any input
+//! (property-tested below).
 
 use std::borrow::Cow;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::event::{parse_timestamp, EventKind, IncomingEvent, Micros};
@@ -105,12 +106,18 @@ struct BatchEnvelope<'a> {
 
 struct BatchItems<'a> {
     /// The first `max_events` items.
-    items: Vec<MaybeObject<'a>>,
+    items: Vec<Item<'a>>,
     /// All items, kept or not.
     count: usize,
 }
 
-/// Reads a [`BatchEnvelope`] (as a map) or its `batch` value (as `null` or an array).
+/// One item of `batch`: an object's members, or why it is not an event.
+enum Item<'a> {
+    Object(Members<'a>),
+    Rejected(String),
+}
+
+/// Reads a [`BatchEnvelope`]; its `batch` value goes to [`ItemsSeed`].
 #[derive(Clone, Copy)]
 struct BatchSeed {
     max_events: usize,
@@ -184,23 +191,22 @@ impl<'de> Visitor<'de> for ItemsSeed {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut items = Vec::new();
-        let mut past_limit = 0;
-        loop {
-            if items.len() < self.0.max_events {
-                match seq.next_element()? {
-                    Some(item) => items.push(item),
-                    None => break,
-                }
-            } else if seq.next_element::<IgnoredAny>()?.is_some() {
-                past_limit += 1;
-            } else {
+        while items.len() < self.0.max_events {
+            let Some(item) = seq.next_element()? else {
                 break;
-            }
+            };
+            items.push(match item {
+                MaybeObject::Object(members) => Item::Object(members),
+                MaybeObject::Other(kind) => {
+                    Item::Rejected(format!("not a JSON object (got {kind})"))
+                }
+            });
         }
-        Ok(Some(BatchItems {
-            count: items.len() + past_limit,
-            items,
-        }))
+        let mut count = items.len();
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(Some(BatchItems { items, count }))
     }
 }
 
@@ -212,19 +218,64 @@ struct Defaults<'a> {
     integrations: Option<&'a str>,
 }
 
-fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+/// The envelope with each item as its raw text, for when the one-pass read fails: an item that
+/// pass cannot read (a key with a lone surrogate escape, a number out of range) must cost only
+/// that item, and a malformed body gets the same message as ever. Slower: each item is read
+/// twice.
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "sentAt", borrow)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    integrations: Option<&'a RawValue>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+/// Reads the envelope in one pass, or else through [`RawEnvelope`].
+fn read_envelope<'a>(text: &'a str, limits: &ParseLimits) -> Result<BatchEnvelope<'a>, ParseError> {
     let seed = BatchSeed {
         max_events: limits.max_events,
     };
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let envelope = seed
+    let one_pass = seed
         .deserialize(&mut deserializer)
-        .and_then(|envelope| deserializer.end().map(|()| envelope))
-        .map_err(|e| {
-            ParseError::Malformed(format!(
-                "request body must be a JSON object with a `batch` array: {e}"
-            ))
-        })?;
+        .and_then(|envelope| deserializer.end().map(|()| envelope));
+    if let Ok(envelope) = one_pass {
+        return Ok(envelope);
+    }
+    let raw: RawEnvelope<'a> = serde_json::from_str(text).map_err(|e| {
+        ParseError::Malformed(format!(
+            "request body must be a JSON object with a `batch` array: {e}"
+        ))
+    })?;
+    let batch = raw.batch.map(|raw_items| {
+        let count = raw_items.len();
+        let items = raw_items
+            .into_iter()
+            .take(limits.max_events)
+            .map(|item| match serde_json::from_str(item.get()) {
+                Ok(members) => Item::Object(members),
+                Err(e) => Item::Rejected(format!("not a JSON object: {e}")),
+            })
+            .collect();
+        BatchItems { items, count }
+    });
+    Ok(BatchEnvelope {
+        batch: Some(batch),
+        sent_at: raw.sent_at,
+        context: raw.context,
+        integrations: raw.integrations,
+        write_key: Some(raw.write_key),
+    })
+}
+
+fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
+    let envelope = read_envelope(text, limits)?;
     let BatchItems { items, count } = envelope
         .batch
         .flatten()
@@ -248,10 +299,8 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
     };
     for (index, item) in items.into_iter().enumerate() {
         let outcome = match item {
-            MaybeObject::Object(members) => parse_event(None, members, &defaults, limits),
-            MaybeObject::Other(kind) => {
-                Err(EventError::new(format!("not a JSON object (got {kind})")))
-            }
+            Item::Object(members) => parse_event(None, members, &defaults, limits),
+            Item::Rejected(reason) => Err(EventError::new(reason)),
         };
         parsed.take(index, outcome);
     }
@@ -750,7 +799,7 @@ mod tests {
         let err = parse_json(Route::Batch, body, &LIMITS).unwrap_err();
         assert!(err.to_string().contains("duplicate field `batch`"), "{err}");
         let err = parse_json(Route::Batch, br#"{"batch": {}}"#, &LIMITS).unwrap_err();
-        assert!(err.to_string().contains("an array of events"), "{err}");
+        assert!(err.to_string().contains("expected a sequence"), "{err}");
         let err = parse_json(Route::Batch, br#"{"batch": []} x"#, &LIMITS).unwrap_err();
         assert!(err.to_string().contains("trailing characters"), "{err}");
         // Batch-level fields after the array still apply to its events; others are ignored.
@@ -762,6 +811,32 @@ mod tests {
         assert_eq!(
             parsed.events[0].sent_at,
             parse_timestamp("2024-01-01T00:00:10Z")
+        );
+    }
+
+    #[test]
+    fn an_item_the_one_pass_read_cannot_take_costs_only_itself() {
+        let valid = r#"{"type":"track","userId":"u","event":"e"}"#;
+        for bad in [r#"{"\ud800":1}"#, "1e999"] {
+            let body = format!(r#"{{"batch": [{valid}, {bad}, {valid}], "writeKey": "wk"}}"#);
+            let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+            assert_eq!(parsed.events.len(), 2, "{bad}");
+            assert_eq!(parsed.write_key.as_deref(), Some("wk"));
+            let indexes: Vec<usize> = parsed.rejected.iter().map(|r| r.index).collect();
+            assert_eq!(indexes, [1], "{bad}");
+            assert!(
+                parsed.rejected[0].reason.starts_with("not a JSON object"),
+                "{bad}"
+            );
+        }
+        // The slower read also counts the items against the limit.
+        let many = format!(r#"{{"batch":[{}, 1e999]}}"#, vec![valid; 100].join(","));
+        assert_eq!(
+            parse_json(Route::Batch, many.as_bytes(), &LIMITS).unwrap_err(),
+            ParseError::TooManyEvents {
+                count: 101,
+                limit: 100
+            }
         );
     }
 
