@@ -197,9 +197,7 @@ impl<'de> Visitor<'de> for ItemsSeed {
             };
             items.push(match item {
                 MaybeObject::Object(members) => Item::Object(members),
-                MaybeObject::Other(kind) => {
-                    Item::Rejected(format!("not a JSON object (got {kind})"))
-                }
+                MaybeObject::Other(kind) => Item::Rejected(not_an_object(kind)),
             });
         }
         let mut count = items.len();
@@ -258,9 +256,9 @@ fn read_envelope<'a>(text: &'a str, limits: &ParseLimits) -> Result<BatchEnvelop
         let items = raw_items
             .into_iter()
             .take(limits.max_events)
-            .map(|item| match serde_json::from_str(item.get()) {
+            .map(|item| match read_object(item.get()) {
                 Ok(members) => Item::Object(members),
-                Err(e) => Item::Rejected(format!("not a JSON object: {e}")),
+                Err(reason) => Item::Rejected(reason),
             })
             .collect();
         BatchItems { items, count }
@@ -313,14 +311,27 @@ fn parse_single(
     limits: &ParseLimits,
 ) -> Result<ParsedRequest, ParseError> {
     // The whole body is the event: a malformed object is a malformed request.
-    let members = serde_json::from_str(text)
-        .map_err(|e| ParseError::Malformed(format!("request body is not a JSON object: {e}")))?;
+    let members = read_object(text)
+        .map_err(|reason| ParseError::Malformed(format!("request body is {reason}")))?;
     let mut parsed = ParsedRequest::default();
     parsed.take(
         0,
         parse_event(Some(kind), members, &Defaults::default(), limits),
     );
     Ok(parsed)
+}
+
+/// One event's text read as an object, or why it is not one, in the words a batch item gets.
+fn read_object(text: &str) -> Result<Members<'_>, String> {
+    match serde_json::from_str(text) {
+        Ok(MaybeObject::Object(members)) => Ok(members),
+        Ok(MaybeObject::Other(kind)) => Err(not_an_object(kind)),
+        Err(e) => Err(format!("not a JSON object: {e}")),
+    }
+}
+
+fn not_an_object(kind: &str) -> String {
+    format!("not a JSON object (got {kind})")
 }
 
 /// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
@@ -342,8 +353,8 @@ pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, 
         ..ParsedRequest::default()
     };
     for (index, line) in lines.into_iter().enumerate() {
-        let outcome = serde_json::from_str(line)
-            .map_err(|e| EventError::new(format!("not a JSON object: {e}")))
+        let outcome = read_object(line)
+            .map_err(EventError::new)
             .and_then(|members| parse_event(None, members, &Defaults::default(), limits));
         parsed.take(index, outcome);
     }
@@ -739,7 +750,10 @@ mod tests {
         assert_eq!(parsed.write_key.as_deref(), Some("k"));
         assert_eq!(parsed.events[0].kind, Some(EventKind::Track));
         let err = parse_json(Route::Single(EventKind::Track), b"[1]", &LIMITS).unwrap_err();
-        assert!(err.to_string().contains("not a JSON object"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "request body is not a JSON object (got an array)"
+        );
     }
 
     #[test]
@@ -896,11 +910,20 @@ mod tests {
 
     #[test]
     fn ndjson_lines_are_events() {
-        let body = b"{\"type\":\"track\",\"userId\":\"u\",\"event\":\"a\"}\r\n\n{oops\n{\"type\":\"identify\",\"userId\":\"u\"}\n";
+        let body = b"{\"type\":\"track\",\"userId\":\"u\",\"event\":\"a\"}\r\n\n{oops\n{\"type\":\"identify\",\"userId\":\"u\"}\n[1]\n";
         let parsed = parse_ndjson(body, &LIMITS).unwrap();
         assert_eq!(parsed.events.len(), 2);
-        assert_eq!(parsed.rejected.len(), 1);
-        assert_eq!(parsed.rejected[0].index, 1);
+        let reasons: Vec<(usize, &str)> = parsed
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.reason.as_str()))
+            .collect();
+        assert_eq!(reasons[0].0, 1);
+        assert!(
+            reasons[0].1.starts_with("not a JSON object: "),
+            "{reasons:?}"
+        );
+        assert_eq!(reasons[1], (3, "not a JSON object (got an array)"));
     }
 
     proptest! {
