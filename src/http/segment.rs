@@ -796,13 +796,7 @@ mod tests {
             r#"{{"batch":[{}]}}"#,
             vec![r#"{"type":"track","userId":"u","event":"e"}"#; 101].join(",")
         );
-        assert_eq!(
-            parse_json(Route::Batch, many.as_bytes(), &LIMITS).unwrap_err(),
-            ParseError::TooManyEvents {
-                count: 101,
-                limit: 100
-            }
-        );
+        assert_too_many_events(&many, 101);
     }
 
     #[test]
@@ -845,12 +839,13 @@ mod tests {
         }
         // The slower read also counts the items against the limit.
         let many = format!(r#"{{"batch":[{}, 1e999]}}"#, vec![valid; 100].join(","));
+        assert_too_many_events(&many, 101);
+    }
+
+    fn assert_too_many_events(body: &str, count: usize) {
         assert_eq!(
-            parse_json(Route::Batch, many.as_bytes(), &LIMITS).unwrap_err(),
-            ParseError::TooManyEvents {
-                count: 101,
-                limit: 100
-            }
+            parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap_err(),
+            ParseError::TooManyEvents { count, limit: 100 }
         );
     }
 

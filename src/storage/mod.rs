@@ -29,6 +29,7 @@ pub mod rollups;
 pub mod upkeep;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -119,6 +120,8 @@ pub struct Storage {
     pub dedup_windows: dedup::DedupWindows,
     /// Per-tenant lock that fences rollup flushes and deletions (see [`rollups::flush`]).
     rollup_locks: Arc<dashmap::DashMap<TenantId, Arc<std::sync::Mutex<()>>>>,
+    /// The background compaction that gives back purged log entries' space.
+    log_reclaim: Arc<LogReclaim>,
 }
 
 impl Storage {
@@ -216,6 +219,7 @@ impl Storage {
             rollup_users,
             dedup_windows,
             rollup_locks: Arc::default(),
+            log_reclaim: Arc::default(),
         })
     }
 
@@ -311,7 +315,7 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     rollups::delete_all(storage, tenant)?;
     storage.persist(true)?;
     if removed > 0 && storage.log.is_kv_separated() {
-        reclaim_log_space(&storage.log);
+        reclaim_log_space(storage);
     }
     Ok(removed)
 }
@@ -325,32 +329,45 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
 /// dead). A failure only delays the reclaim, to those compactions.
 ///
 /// Only for a key-value separated log (a data dir created before that layout compacts its
-/// entries as it goes), and one reclaim at a time: purges that come meanwhile are covered by
-/// the running one or start the next.
-pub(crate) fn reclaim_log_space(log: &Keyspace) -> Option<std::thread::JoinHandle<()>> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static RUNNING: AtomicBool = AtomicBool::new(false);
-    if RUNNING.swap(true, Ordering::AcqRel) {
-        return None;
+/// entries as it goes), and one reclaim at a time per database: a purge that comes while one
+/// runs leaves its reclaim to that thread, which runs once more for it.
+fn reclaim_log_space(storage: &Storage) {
+    let reclaim = Arc::clone(&storage.log_reclaim);
+    reclaim.pending.store(true, Ordering::SeqCst);
+    if reclaim.running.swap(true, Ordering::SeqCst) {
+        return;
     }
-    let log = log.clone();
+    let log = storage.log.clone();
     let spawned = std::thread::Builder::new()
         .name("log-reclaim".into())
         .spawn(move || {
             crate::priority::background_thread();
-            if let Err(error) = compact_log_keys(&log) {
-                tracing::warn!(%error, "compacting the log after a purge failed; its space returns later");
+            loop {
+                reclaim.pending.store(false, Ordering::SeqCst);
+                if let Err(error) = compact_log_keys(&log) {
+                    tracing::warn!(%error, "compacting the log after a purge failed; its space returns later");
+                }
+                reclaim.running.store(false, Ordering::SeqCst);
+                // A purge since the compaction began found this thread running and left its
+                // tombstones to it; unless another thread has started meanwhile, go again.
+                if !reclaim.pending.load(Ordering::SeqCst)
+                    || reclaim.running.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
             }
-            RUNNING.store(false, Ordering::Release);
         });
-    match spawned {
-        Ok(handle) => Some(handle),
-        Err(error) => {
-            RUNNING.store(false, Ordering::Release);
-            tracing::warn!(%error, "cannot start the log reclaim thread; the space returns later");
-            None
-        }
+    if let Err(error) = spawned {
+        storage.log_reclaim.running.store(false, Ordering::SeqCst);
+        tracing::warn!(%error, "cannot start the log reclaim thread; the space returns later");
     }
+}
+
+/// Whether a log reclaim thread runs, and whether a purge has come since it began.
+#[derive(Default)]
+struct LogReclaim {
+    running: AtomicBool,
+    pending: AtomicBool,
 }
 
 /// Flushes the log's memtable (the purge's tombstones) and compacts its tables twice: the first
@@ -436,9 +453,13 @@ mod tests {
         }
         assert!(storage.log.blob_file_count() >= 2);
         let before = storage.log.disk_space();
-        assert_eq!(purge_tenant_log_only(&storage, gone), 40);
-        // purge_tenant runs this on a thread of its own; here it runs in the test's.
-        compact_log_keys(&storage.log).unwrap();
+        assert_eq!(purge_tenant(&storage, gone).unwrap(), 40);
+        // The reclaim runs on a thread of its own.
+        let started = std::time::Instant::now();
+        while storage.log_reclaim.running.load(Ordering::SeqCst) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(storage.log.prefix(gone.0.to_be_bytes()).next().is_none());
         // The other tenant's entries are all there, values and all.
         let kept_entries: Vec<(u64, Vec<u8>)> = storage
@@ -464,11 +485,5 @@ mod tests {
             "disk space {before} -> {after}, {} blob files",
             storage.log.blob_file_count()
         );
-    }
-
-    fn purge_tenant_log_only(storage: &Storage, tenant: TenantId) -> u64 {
-        let removed = purge_prefix(storage, &storage.log, tenant).unwrap();
-        storage.persist(true).unwrap();
-        removed
     }
 }
