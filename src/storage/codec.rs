@@ -62,16 +62,38 @@ pub fn encode_fixed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Encodes `value` like [`encode`], then compresses it (format 3).
 pub fn encode_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    compressed(FORMAT_V3_LZ4, |plain| {
-        bincode::serde::encode_into_std_write(value, plain, bincode::config::standard())
+    compressed(FORMAT_V3_LZ4, standard_into(value), |header, body| {
+        let mut out = Vec::with_capacity(header.len() + body.len());
+        out.extend_from_slice(header);
+        out.extend_from_slice(body);
+        Ok(out)
     })
+}
+
+/// [`encode_compressed`], built in the storage engine's own buffer type: inserting it into a
+/// keyspace takes it as it is, where a `Vec` would be copied into a new buffer (for a log
+/// entry, 1.6% of the server's CPU at full load).
+pub fn encode_compressed_value<T: Serialize>(value: &T) -> Result<fjall::Slice, CodecError> {
+    compressed(FORMAT_V3_LZ4, standard_into(value), |header, body| {
+        let len = header.len() + body.len();
+        fjall::Slice::from_reader(&mut std::io::Read::chain(header, body), len)
+            .map_err(|e| CodecError::Compress(e.to_string()))
+    })
+}
+
+/// Writes `value` into a buffer with format 1's configuration.
+fn standard_into<T: Serialize>(
+    value: &T,
+) -> impl FnOnce(&mut Vec<u8>) -> Result<usize, bincode::error::EncodeError> + '_ {
+    move |plain| bincode::serde::encode_into_std_write(value, plain, bincode::config::standard())
 }
 
 /// Encodes `value` like [`encode_fixed`], then compresses it (format 4).
 pub fn encode_fixed_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     let config = bincode::config::standard().with_fixed_int_encoding();
-    compressed(FORMAT_V4_FIXED_LZ4, |plain| {
-        bincode::serde::encode_into_std_write(value, plain, config)
+    let encode = |plain: &mut Vec<u8>| bincode::serde::encode_into_std_write(value, plain, config);
+    compressed(FORMAT_V4_FIXED_LZ4, encode, |header, body| {
+        Ok([header, body].concat())
     })
 }
 
@@ -91,14 +113,16 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// `version ‖ uncompressed size (u32 LE) ‖ LZ4 block` of what `encode` writes.
-fn compressed(
+/// `version ‖ uncompressed size (u32 LE) ‖ LZ4 block` of what `encode` writes, put together by
+/// `build` from the first two (the header) and the block.
+fn compressed<R>(
     version: u8,
     encode: impl FnOnce(&mut Vec<u8>) -> Result<usize, bincode::error::EncodeError>,
-) -> Result<Vec<u8>, CodecError> {
+    build: impl FnOnce(&[u8], &[u8]) -> Result<R, CodecError>,
+) -> Result<R, CodecError> {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => {
-            let result = compress_with(&mut scratch, version, encode);
+            let result = compress_with(&mut scratch, version, encode, build);
             // `packed` keeps its length: what it holds is initialized, so the next value's
             // compression writes over it without zeroing it first.
             let Scratch { plain, packed } = &mut *scratch;
@@ -110,15 +134,16 @@ fn compressed(
             result
         }
         // Only if serializing a value compressed another one on this thread.
-        Err(_) => compress_with(&mut Scratch::default(), version, encode),
+        Err(_) => compress_with(&mut Scratch::default(), version, encode, build),
     })
 }
 
-fn compress_with(
+fn compress_with<R>(
     scratch: &mut Scratch,
     version: u8,
     encode: impl FnOnce(&mut Vec<u8>) -> Result<usize, bincode::error::EncodeError>,
-) -> Result<Vec<u8>, CodecError> {
+    build: impl FnOnce(&[u8], &[u8]) -> Result<R, CodecError>,
+) -> Result<R, CodecError> {
     let Scratch { plain, packed } = scratch;
     plain.clear();
     encode(plain)?;
@@ -129,11 +154,9 @@ fn compress_with(
     }
     let written = lz4_flex::block::compress_into(plain, packed)
         .map_err(|e| CodecError::Compress(e.to_string()))?;
-    let mut out = Vec::with_capacity(1 + 4 + written);
-    out.push(version);
-    out.extend_from_slice(&size.to_le_bytes());
-    out.extend_from_slice(&packed[..written]);
-    Ok(out)
+    let mut header = [version, 0, 0, 0, 0];
+    header[1..].copy_from_slice(&size.to_le_bytes());
+    build(&header, &packed[..written])
 }
 
 /// Largest value decoding may claim. bincode checks every length prefix against it before
@@ -378,6 +401,8 @@ mod tests {
             let mut expected = vec![FORMAT_V3_LZ4];
             expected.extend_from_slice(&lz4_flex::compress_prepend_size(&plain));
             assert_eq!(bytes, expected, "{len} bytes");
+            let value = encode_compressed_value(&text).unwrap();
+            assert_eq!(&*value, &expected[..], "{len} bytes, as an engine value");
             assert_eq!(decode::<String>(&bytes).unwrap(), text);
         }
     }
