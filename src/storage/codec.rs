@@ -100,11 +100,14 @@ pub fn encode_fixed_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, Codec
 /// The buffers a thread encodes and compresses values in, kept between values: a log entry
 /// (about 40 KiB for 100 events) would otherwise cost two fresh buffers, the copies of the first
 /// one's growth and the zeroing of the second (together about 1.5% of the server's CPU at full
-/// load). Buffers that grew past [`SCRATCH_KEEP`] for a large value are not kept.
+/// load), and LZ4 a fresh zeroed hash table. Buffers that grew past [`SCRATCH_KEEP`] for a large
+/// value are not kept.
 #[derive(Default)]
 struct Scratch {
     plain: Vec<u8>,
     packed: Vec<u8>,
+    /// LZ4's hash table: cleared for each value instead of allocated zeroed.
+    table: lz4_flex::block::CompressTable,
 }
 
 const SCRATCH_KEEP: usize = 1 << 20;
@@ -125,7 +128,7 @@ fn compressed<R>(
             let result = compress_with(&mut scratch, version, encode, build);
             // `packed` keeps its length: what it holds is initialized, so the next value's
             // compression writes over it without zeroing it first.
-            let Scratch { plain, packed } = &mut *scratch;
+            let Scratch { plain, packed, .. } = &mut *scratch;
             for buffer in [plain, packed] {
                 if buffer.capacity() > SCRATCH_KEEP {
                     *buffer = Vec::new();
@@ -144,7 +147,11 @@ fn compress_with<R>(
     encode: impl FnOnce(&mut Vec<u8>) -> Result<usize, bincode::error::EncodeError>,
     build: impl FnOnce(&[u8], &[u8]) -> Result<R, CodecError>,
 ) -> Result<R, CodecError> {
-    let Scratch { plain, packed } = scratch;
+    let Scratch {
+        plain,
+        packed,
+        table,
+    } = scratch;
     plain.clear();
     encode(plain)?;
     let size = u32::try_from(plain.len()).map_err(|_| CodecError::TooLarge(plain.len()))?;
@@ -152,7 +159,7 @@ fn compress_with<R>(
     if packed.len() < most {
         packed.resize(most, 0);
     }
-    let written = lz4_flex::block::compress_into(plain, packed)
+    let written = lz4_flex::block::compress_into_with_table(plain, packed, table)
         .map_err(|e| CodecError::Compress(e.to_string()))?;
     let mut header = [version, 0, 0, 0, 0];
     header[1..].copy_from_slice(&size.to_le_bytes());
