@@ -49,12 +49,14 @@ fn benches(c: &mut Criterion) {
     let limits = ParseLimits {
         max_event_bytes: 64 * 1024,
         max_events: 10_000,
+        max_event_members: 1000,
     };
     let key = [7u8; 32];
     let context = EnrichContext {
         received_at: 1_790_000_000_000_000,
         future_tolerance: Duration::from_secs(3600),
         user_hash_key: &key,
+        batch_library: &(None, None),
     };
     let mut group = c.benchmark_group("ingest, 100-event batch");
     group.throughput(Throughput::Elements(100));
@@ -90,6 +92,7 @@ fn benches(c: &mut Criterion) {
             parse_json(Route::Batch, &body, &limits).unwrap().events,
             &context,
         ),
+        shared: Default::default(),
     };
     group.bench_function("encode log entry", |b| {
         b.iter(|| codec::encode_compressed(&log_batch).unwrap())

@@ -109,6 +109,7 @@ fn populate_log(storage: &Storage, tenant: TenantId, end: i64) {
                 client_ip: Some("10.0.0.0".into()),
             },
             events,
+            shared: Default::default(),
         };
         let value = codec::encode_compressed(&batch).unwrap();
         storage

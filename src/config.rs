@@ -22,7 +22,15 @@ pub const ENV_PREFIX: &str = "STATSREMOTE__";
 
 /// Settings whose environment value is taken verbatim, never parsed as a number or boolean:
 /// a token like `007` must stay `007`, and a secret must never be echoed by a type error.
-const VERBATIM_SETTINGS: [&str; 3] = ["auth.admin_token", "storage.data_dir", "log.level"];
+const VERBATIM_SETTINGS: [&str; 4] = [
+    "auth.admin_token",
+    "server.metrics_token",
+    "storage.data_dir",
+    "log.level",
+];
+
+/// Shortest admin or metrics token accepted in the configuration.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Why the configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,7 @@ pub struct Config {
     pub actors: ActorsConfig,
     pub rollups: RollupsConfig,
     pub live: LiveConfig,
+    pub reads: ReadsConfig,
     pub tenant_defaults: TenantDefaults,
     pub benchmark: BenchmarkConfig,
     pub auth: AuthConfig,
@@ -65,6 +74,20 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Only meaningful behind a proxy that sets X-Forwarded-For; otherwise clients could spoof it.
     pub trust_forwarded_for: bool,
+    /// A request's headers must arrive within this time of its first byte.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this time of its handler starting.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Open connections across all workers; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Large bodies (decompression and parsing) handled at once; 0 = one per CPU core.
+    pub max_concurrent_large_bodies: usize,
+    /// Bodies at least this large (as received) count as large.
+    pub large_body_bytes: ByteSize,
+    /// Empty: `/metrics` is open. Else it requires `Authorization: Bearer <token>`.
+    pub metrics_token: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +119,8 @@ pub struct LimitsConfig {
     pub max_body_bytes: ByteSize,
     pub max_event_bytes: ByteSize,
     pub max_events_per_request: usize,
+    /// Most top-level members of one event.
+    pub max_event_members: usize,
     #[serde(with = "humantime_serde")]
     pub future_tolerance: Duration,
 }
@@ -158,6 +183,18 @@ pub struct LiveConfig {
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+}
+
+/// Per-tenant caps on long-running reads (see `crate::http::slots`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadsConfig {
+    pub max_concurrent_exports: usize,
+    pub max_concurrent_funnels: usize,
+    pub max_live_connections: usize,
+    /// An export whose client takes nothing for this long is cut off.
+    #[serde(with = "humantime_serde")]
+    pub export_stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -305,6 +342,58 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.limits.max_event_members == 0 {
+            return Err(invalid("limits.max_event_members", 0, "must be at least 1"));
+        }
+        for (setting, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(setting, "0s", "must be positive"));
+            }
+        }
+        for (setting, value) in [
+            (
+                "reads.max_concurrent_exports",
+                self.reads.max_concurrent_exports,
+            ),
+            (
+                "reads.max_concurrent_funnels",
+                self.reads.max_concurrent_funnels,
+            ),
+            (
+                "reads.max_live_connections",
+                self.reads.max_live_connections,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(setting, 0, "must be at least 1"));
+            }
+        }
+        if self.reads.export_stall_timeout.is_zero() {
+            return Err(invalid(
+                "reads.export_stall_timeout",
+                "0s",
+                "must be positive",
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", 0, "must be at least 1"));
+        }
+        // Tokens are secrets: the message never echoes them.
+        for (setting, token) in [
+            ("auth.admin_token", &self.auth.admin_token),
+            ("server.metrics_token", &self.server.metrics_token),
+        ] {
+            if !token.is_empty() && token.chars().count() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    setting,
+                    "(hidden)",
+                    "must be at least 16 characters (or empty)",
+                ));
+            }
+        }
         if self.actors.mailbox_capacity == 0 {
             return Err(invalid("actors.mailbox_capacity", 0, "must be at least 1"));
         }
@@ -396,6 +485,11 @@ impl Config {
     /// Number of actix-web workers to run.
     pub fn http_workers(&self) -> usize {
         non_zero_or_cores(self.server.workers)
+    }
+
+    /// Large bodies decoded and parsed at once.
+    pub fn large_body_permits(&self) -> usize {
+        non_zero_or_cores(self.server.max_concurrent_large_bodies)
     }
 
     /// Number of arbiters hosting tenant actors.
@@ -498,13 +592,29 @@ mod tests {
         let config = Config::load_from(
             &Overrides::default(),
             &env(&[
-                ("STATSREMOTE__AUTH__ADMIN_TOKEN", "007"),
+                ("STATSREMOTE__AUTH__ADMIN_TOKEN", "0070000000000000"),
+                ("STATSREMOTE__SERVER__METRICS_TOKEN", "1234567890123456"),
                 ("STATSREMOTE__STORAGE__DATA_DIR", "123"),
             ]),
         )
         .unwrap();
-        assert_eq!(config.auth.admin_token, "007");
+        assert_eq!(config.auth.admin_token, "0070000000000000");
+        assert_eq!(config.server.metrics_token, "1234567890123456");
         assert_eq!(config.storage.data_dir, PathBuf::from("123"));
+    }
+
+    #[test]
+    fn short_tokens_are_refused_without_being_echoed() {
+        for setting in ["AUTH__ADMIN_TOKEN", "SERVER__METRICS_TOKEN"] {
+            let err = Config::load_from(
+                &Overrides::default(),
+                &env(&[(&format!("STATSREMOTE__{setting}"), "secret007")]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("at least 16 characters"), "{err}");
+            assert!(!err.contains("secret007"), "{err}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::event::{flags, EventKind, IncomingEvent, Micros, StoredEvent};
+use crate::event::{flags, BatchShared, EventKind, IncomingEvent, Micros, StoredEvent};
 use crate::json::{MemberKey, Members};
 
 /// What enrichment needs to know about the request and the tenant.
@@ -28,6 +28,31 @@ pub struct EnrichContext<'a> {
     pub received_at: Micros,
     pub future_tolerance: Duration,
     pub user_hash_key: &'a [u8; 32],
+    /// `library` of the batch-level context, for events whose own context names none.
+    pub batch_library: &'a LibraryInfo,
+}
+
+/// Enriches what a batch sent once for all its events: its `context.ip` is anonymised like an
+/// event's own, and its `context.library` returned for the events that name none.
+pub fn enrich_shared(shared: BatchShared) -> (BatchShared, LibraryInfo) {
+    let BatchShared {
+        context,
+        integrations,
+    } = shared;
+    let (context, library) = match context {
+        Some(text) => {
+            let (text, library) = read_context(text);
+            (Some(text), library)
+        }
+        None => (None, (None, None)),
+    };
+    (
+        BatchShared {
+            context,
+            integrations,
+        },
+        library,
+    )
 }
 
 /// Enriches every event of a request.
@@ -57,12 +82,16 @@ pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent 
         .or(event.anonymous_id.as_deref())
         .unwrap_or("");
     let user_hash = user_hash(context.user_hash_key, identity);
-    let (event_context, (library_name, library_version)) = match event.context {
+    let (event_context, library) = match event.context {
         Some(text) => {
             let (text, library) = read_context(text);
             (Some(text), library)
         }
         None => (None, (None, None)),
+    };
+    let (library_name, library_version) = match library {
+        (None, None) => context.batch_library.clone(),
+        own => own,
     };
     StoredEvent {
         kind: event.kind.unwrap_or(EventKind::Track),
@@ -118,7 +147,7 @@ struct Library {
 }
 
 /// The SDK library's name and version.
-type LibraryInfo = (Option<String>, Option<String>);
+pub type LibraryInfo = (Option<String>, Option<String>);
 
 /// The context as stored (with `ip` anonymised) and `context.library.{name,version}` if they are
 /// strings, reading the context once.
@@ -242,7 +271,38 @@ mod tests {
             received_at,
             future_tolerance: Duration::from_secs(3600),
             user_hash_key: &KEY,
+            batch_library: &(None, None),
         }
+    }
+
+    #[test]
+    fn the_batch_context_is_anonymised_once_and_names_the_library_of_events_without_one() {
+        let (shared, library) = enrich_shared(BatchShared {
+            context: Some(
+                r#"{"ip":"1.2.3.4","library":{"name":"batch-lib","version":"1"}}"#.into(),
+            ),
+            integrations: Some(r#"{"All":true}"#.into()),
+        });
+        assert_eq!(
+            shared.context.as_deref(),
+            Some(r#"{"ip":"1.2.3.0","library":{"name":"batch-lib","version":"1"}}"#)
+        );
+        assert_eq!(library, (Some("batch-lib".into()), Some("1".into())));
+        let mut context = self::context(0);
+        context.batch_library = &library;
+        let plain = IncomingEvent {
+            user_id: Some("u".into()),
+            ..IncomingEvent::default()
+        };
+        let own = IncomingEvent {
+            context: Some(r#"{"library":{"name":"own"}}"#.into()),
+            ..plain.clone()
+        };
+        assert_eq!(
+            enrich(plain, &context).library_name.as_deref(),
+            Some("batch-lib")
+        );
+        assert_eq!(enrich(own, &context).library_name.as_deref(), Some("own"));
     }
 
     #[test]
@@ -374,16 +434,17 @@ mod tests {
                 }]
             })
             .to_string();
-            let limits = ParseLimits { max_event_bytes: 64 * 1024, max_events: 10 };
+            let limits = ParseLimits { max_event_bytes: 64 * 1024, max_events: 10, max_event_members: 100 };
             let parsed = parse_json(Route::Batch, body.as_bytes(), &limits).unwrap();
             let received_at = crate::event::parse_timestamp("2026-03-01T00:00:10.000Z").unwrap() + skew_ms * 1000;
-            let context = EnrichContext { received_at, future_tolerance: Duration::from_secs(3600), user_hash_key: &KEY };
+            let context = EnrichContext { received_at, future_tolerance: Duration::from_secs(3600), user_hash_key: &KEY, batch_library: &(None, None) };
             let events = enrich_all(parsed.events, &context);
             let batch = crate::event::LogBatch {
                 batch_id: 9,
                 received_at,
                 source: crate::event::BatchSource { endpoint: "/v1/batch".into(), client_ip: None },
                 events,
+                shared: Default::default(),
             };
             let decoded: crate::event::LogBatch =
                 crate::storage::codec::decode(&crate::storage::codec::encode(&batch).unwrap()).unwrap();

@@ -119,7 +119,26 @@ pub struct BatchSource {
     pub client_ip: Option<String>,
 }
 
+/// What a batch sent once for all its events: Segment's batch-level `context` and
+/// `integrations`, as JSON object text. Each event's own object is merged over it (the event's
+/// members win) only when the event leaves the server (export, cold segments), so a large
+/// batch-level object costs its bytes once, not once per event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchShared {
+    pub context: Option<String>,
+    pub integrations: Option<String>,
+}
+
+impl BatchShared {
+    pub fn is_empty(&self) -> bool {
+        self.context.is_none() && self.integrations.is_none()
+    }
+}
+
 /// The events of one request, as one event-log value.
+///
+/// `shared` is stored after the other fields as an optional trailer (see
+/// `storage::log::encode_entry`), so entries written before it existed still decode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogBatch {
     /// Lineage: which request these events came in with (UUIDv7, time-ordered).
@@ -127,6 +146,8 @@ pub struct LogBatch {
     pub received_at: Micros,
     pub source: BatchSource,
     pub events: Vec<StoredEvent>,
+    #[serde(skip)]
+    pub shared: BatchShared,
 }
 
 /// A [`StoredEvent`] decoded with its text borrowed from the decoded log entry, for scans that

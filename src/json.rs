@@ -1,8 +1,10 @@
 //! JSON objects as their members in order, each value as its raw text: for reading an object
 //! and writing it back changed in one member only, byte for byte otherwise (no key reordering,
-//! no number reformatting). Used by the Segment parser and by enrichment.
+//! no number reformatting). Used by the Segment parser and by enrichment. [`MergeBase`] merges
+//! an event's own object over a batch-level one in time linear in both.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -25,6 +27,106 @@ impl Members<'_> {
         // Each member has a comma but the last; the braces.
         (members + 2).saturating_sub(usize::from(!self.0.is_empty()))
     }
+}
+
+/// A batch-level object (Segment's batch `context` or `integrations`) that each event's own
+/// object is merged over, shallowly, the event's members winning (Segment's rule). Read once per
+/// batch; merging one event's object then costs time linear in that object and the base.
+pub struct MergeBase<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// For each distinct key, the index of its last member (a repeated key: the last one wins).
+    last: HashMap<Cow<'a, str>, usize>,
+    /// Compact size of the distinct members, each with its quotes, colon and a comma.
+    distinct_len: usize,
+}
+
+impl<'a> MergeBase<'a> {
+    /// Reads `text`, which must be a JSON object.
+    pub fn parse(text: &'a str) -> Result<MergeBase<'a>, serde_json::Error> {
+        let Members(members) = serde_json::from_str(text)?;
+        let mut last = HashMap::with_capacity(members.len());
+        for (index, (key, _)) in members.iter().enumerate() {
+            last.insert(key.clone(), index);
+        }
+        let distinct_len = last
+            .values()
+            .map(|&index| member_len(&members[index]))
+            .sum();
+        Ok(MergeBase {
+            members,
+            last,
+            distinct_len,
+        })
+    }
+
+    /// The base members an object with `own_keys` does not override, each once.
+    fn inherited<'s>(
+        &'s self,
+        own_keys: &'s HashMap<&str, ()>,
+    ) -> impl Iterator<Item = &'s (Cow<'a, str>, &'a RawValue)> + 's {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(move |(index, (key, _))| {
+                self.last.get(key) == Some(index) && !own_keys.contains_key(key.as_ref())
+            })
+            .map(|(_, member)| member)
+    }
+
+    /// Compact size of the merged object: `own` (an object's text, its members read into
+    /// `own_members`) with the members of the base it does not override.
+    pub fn merged_len(&self, own: Option<(&str, &Members<'_>)>) -> usize {
+        let Some((own_text, own_members)) = own else {
+            return (self.distinct_len + 2).saturating_sub(usize::from(!self.last.is_empty()));
+        };
+        let own_keys = key_set(own_members);
+        let overridden: usize = own_keys
+            .keys()
+            .filter_map(|key| self.last.get(*key))
+            .map(|&index| member_len(&self.members[index]))
+            .sum();
+        let inherited = self.distinct_len - overridden;
+        // Each inherited member brings its comma, but the first one after an empty own object.
+        let extra_comma = own_members.0.is_empty() && inherited > 0;
+        (own_text.len() + inherited).saturating_sub(usize::from(extra_comma))
+    }
+
+    /// The merged object's text. `own` must be a JSON object's text (as stored by the parser).
+    pub fn merge(&self, own: Option<&str>) -> String {
+        let own_members: Option<Members<'_>> = own.and_then(|text| serde_json::from_str(text).ok());
+        let (own_text, own_members) = match (own, own_members) {
+            (Some(text), Some(members)) => (text.trim(), members),
+            _ => ("{}", Members(Vec::new())),
+        };
+        let own_keys = key_set(&own_members);
+        let mut out = String::with_capacity(own_text.len() + self.distinct_len + 2);
+        // The own object as sent, without its closing brace.
+        out.push_str(own_text.strip_suffix('}').unwrap_or("{"));
+        let mut first = own_members.0.is_empty();
+        for (key, value) in self.inherited(&own_keys) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&serde_json::Value::String(key.to_string()).to_string());
+            out.push(':');
+            out.push_str(value.get());
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn member_len((key, value): &(Cow<'_, str>, &RawValue)) -> usize {
+    key.len() + value.get().len() + 4
+}
+
+fn key_set<'m>(members: &'m Members<'_>) -> HashMap<&'m str, ()> {
+    members
+        .0
+        .iter()
+        .map(|(key, _)| (key.as_ref(), ()))
+        .collect()
 }
 
 /// A value that should be an object, read in one pass: its members, or which JSON type it
@@ -154,7 +256,46 @@ mod tests {
         assert_eq!(empty.compact_len(), 2);
     }
 
+    #[test]
+    fn merge_base_keeps_own_members_and_adds_the_rest_once() {
+        let base = MergeBase::parse(r#"{"a": 1, "b": {"x": 2}, "a": 3, "c": "z"}"#).unwrap();
+        assert_eq!(
+            base.merge(Some(r#"{"b":false,"d":[1]}"#)),
+            r#"{"b":false,"d":[1],"a":3,"c":"z"}"#
+        );
+        assert_eq!(base.merge(None), r#"{"b":{"x": 2},"a":3,"c":"z"}"#);
+        assert_eq!(base.merge(Some("{}")), r#"{"b":{"x": 2},"a":3,"c":"z"}"#);
+        let empty = MergeBase::parse("{}").unwrap();
+        assert_eq!(empty.merge(Some(r#"{"k":1}"#)), r#"{"k":1}"#);
+        assert_eq!(empty.merge(None), "{}");
+    }
+
     proptest! {
+        #[test]
+        fn merged_len_is_the_merged_texts_length(
+            base in proptest::collection::vec(("[a-d]{1,2}", any::<i32>()), 0..6),
+            own in proptest::option::of(proptest::collection::btree_map("[a-d]{1,2}", any::<i32>(), 0..6)),
+        ) {
+            let members: Vec<String> = base.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let base_text = format!("{{{}}}", members.join(","));
+            let base = MergeBase::parse(&base_text).unwrap();
+            let own_text = own.map(|own| serde_json::to_string(&own).unwrap());
+            let own_members: Option<Members<'_>> =
+                own_text.as_deref().map(|text| serde_json::from_str(text).unwrap());
+            let merged = base.merge(own_text.as_deref());
+            let own_pair = own_text.as_deref().zip(own_members.as_ref());
+            prop_assert_eq!(base.merged_len(own_pair), merged.len());
+            // Same members as serde_json's own merge, where the event's keys win.
+            let mut expected: serde_json::Map<String, serde_json::Value> =
+                own_text.as_deref().map_or_else(Default::default, |t| serde_json::from_str(t).unwrap());
+            let base_map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&base_text).unwrap();
+            for (key, value) in base_map {
+                expected.entry(key).or_insert(value);
+            }
+            let got: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&merged).unwrap();
+            prop_assert_eq!(got, expected);
+        }
+
         #[test]
         fn compact_len_of_compact_text_is_its_length(
             object in proptest::collection::btree_map("[a-z]{0,8}", any::<i64>(), 0..8)

@@ -11,10 +11,12 @@
 //!    batch to fjall and fsyncs once per group of requests; then the HTTP reply is sent.
 //!
 //! [`tenant`] holds tenants, settings and keys; [`config`] the typed settings; [`telemetry`]
-//! logs and metrics; [`server`] start-up and ordered shutdown.
+//! logs and metrics; [`server`] start-up and ordered shutdown; [`descriptors`] how file
+//! descriptors are shared between client connections and the storage engine.
 
 pub mod actors;
 pub mod config;
+pub mod descriptors;
 pub mod enrich;
 pub mod event;
 pub mod http;

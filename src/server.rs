@@ -36,6 +36,10 @@ pub enum ServerError {
     },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Descriptors(#[from] crate::descriptors::TooFewDescriptors),
+    #[error("{ADMIN_TOKEN_ENV} must be at least {min} characters", min = crate::config::MIN_TOKEN_LEN)]
+    ShortAdminToken,
 }
 
 /// The admin token digest in force: from the environment or the config, else the stored one,
@@ -121,17 +125,37 @@ fn start_lagging_pipelines(
 
 /// Runs the server until SIGTERM or SIGINT. Must be called inside an actix System.
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    let env_token = std::env::var(ADMIN_TOKEN_ENV).unwrap_or_default();
+    let env_token = env_token.trim();
+    if !env_token.is_empty() && env_token.chars().count() < crate::config::MIN_TOKEN_LEN {
+        return Err(ServerError::ShortAdminToken);
+    }
     let metrics = telemetry::install_metrics();
     if config.benchmark.ceiling_discard_events {
         tracing::warn!(
             "benchmark.ceiling_discard_events is ON: events are parsed and then DISCARDED, not stored"
         );
     }
+    let descriptors = crate::descriptors::raise_and_share(config.server.max_connections)?;
+    if descriptors.connections < config.server.max_connections {
+        tracing::warn!(
+            open_file_limit = descriptors.limit,
+            connections = descriptors.connections,
+            "the open-file limit allows fewer connections than server.max_connections"
+        );
+    }
+    tracing::info!(
+        open_file_limit = descriptors.limit,
+        connections = descriptors.connections,
+        storage_files = descriptors.storage_files,
+        "file descriptors shared out"
+    );
     let db_path = config.database_path();
-    let storage = Storage::open(
+    let storage = Storage::open_with_files(
         &db_path,
         config.storage.cache_size.as_u64(),
         Default::default(),
+        descriptors.storage_files,
     )?;
     let admin = admin_digest(&config, &storage)?;
     resume_purges(&storage)?;
@@ -179,12 +203,18 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         rate_limits: RateLimits::default(),
         query_cache,
         metrics,
+        large_bodies: http::body::LargeBodies::new(config.large_body_permits()),
+        read_slots: http::slots::ReadSlots::new(config.reads.clone()),
     });
 
     let listen = config.server.listen;
     let app_state = state.clone();
+    let workers = config.http_workers();
     let server = HttpServer::new(move || http::app(app_state.clone()))
-        .workers(config.http_workers())
+        .workers(workers)
+        // actix counts connections per worker.
+        .max_connections((descriptors.connections / workers).max(1))
+        .client_request_timeout(config.server.header_timeout)
         .disable_signals()
         // Streamed answers (a series is sent block by block) end with a small write; with
         // Nagle's algorithm it waited for the client's delayed ACK, 40 ms.

@@ -211,6 +211,34 @@ pub struct TenantDirectory {
     admin_digest: KeyDigest,
     /// Serialises admin writes so that read-modify-write of a record is not interleaved.
     write_lock: std::sync::Mutex<()>,
+    /// Bumped whenever a key stops working (rotation, tenant deletion), so that long-lived
+    /// uses of a key (live WebSockets, exports) check theirs again ([`KeyWatch`]).
+    revocations: tokio::sync::watch::Sender<u64>,
+}
+
+/// Tells a long-lived use of a key (a live WebSocket, an export) when that key stops working.
+pub struct KeyWatch {
+    digest: KeyDigest,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl KeyWatch {
+    /// Whether the key still works.
+    pub fn in_force(&self, directory: &TenantDirectory) -> bool {
+        matches!(directory.check_digest(&self.digest), KeyCheck::Valid(..))
+    }
+
+    /// Resolves once the key no longer works (never, if the directory is dropped first).
+    pub async fn revoked(&mut self, directory: &TenantDirectory) {
+        loop {
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !self.in_force(directory) {
+                return;
+            }
+        }
+    }
 }
 
 impl TenantDirectory {
@@ -228,6 +256,7 @@ impl TenantDirectory {
             keys: DashMap::new(),
             admin_digest,
             write_lock: std::sync::Mutex::new(()),
+            revocations: tokio::sync::watch::Sender::new(0),
         };
         for record in records {
             directory.index(Arc::new(record));
@@ -263,7 +292,23 @@ impl TenantDirectory {
 
     /// Finds the tenant and kind of a presented key.
     pub fn check_key(&self, key: &str) -> KeyCheck {
-        let presented = digest(key);
+        self.check_digest(&digest(key))
+    }
+
+    /// A watch on `key`, for a use of it that outlives its request.
+    pub fn watch_key(&self, key: &str) -> KeyWatch {
+        KeyWatch {
+            digest: digest(key),
+            changes: self.revocations.subscribe(),
+        }
+    }
+
+    fn revoked(&self) {
+        self.revocations.send_modify(|generation| *generation += 1);
+    }
+
+    fn check_digest(&self, presented: &KeyDigest) -> KeyCheck {
+        let presented = *presented;
         let Some(entry) = self.keys.get(&presented).map(|e| *e.value()) else {
             return KeyCheck::Unknown;
         };
@@ -385,6 +430,7 @@ impl TenantDirectory {
         if current.read_key_digest != next.read_key_digest {
             self.keys.remove(&current.read_key_digest);
         }
+        self.revoked();
         Ok((next, issued))
     }
 
@@ -395,6 +441,7 @@ impl TenantDirectory {
         let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
         meta::delete_tenant(&self.storage, &current)?;
         self.unindex(&current);
+        self.revoked();
         Ok(current)
     }
 }

@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 use crate::actors::rollup::Rolled;
 use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError, StopChild};
-use crate::enrich::{enrich_all, EnrichContext};
-use crate::event::{BatchSource, IncomingEvent, LogBatch, Micros};
+use crate::enrich::{enrich_all, enrich_shared, EnrichContext};
+use crate::event::{BatchShared, BatchSource, IncomingEvent, LogBatch, Micros};
 use crate::storage::log::{AppendOutcome, AppendRequest, PreparedBatch};
 use crate::storage::StorageError;
 use crate::tenant::TenantId;
@@ -23,6 +23,8 @@ use crate::tenant::TenantId;
 /// One request's validated events.
 pub struct IngestBatch {
     pub events: Vec<IncomingEvent>,
+    /// Batch-level `context` and `integrations`, stored once with the batch.
+    pub shared: BatchShared,
     pub source: BatchSource,
     pub received_at: Micros,
     /// The tenant's in-flight place, released when the log writer answers (or the batch is
@@ -70,6 +72,7 @@ impl Handler<IngestBatch> for IngestActor {
     fn handle(&mut self, message: IngestBatch, _ctx: &mut Self::Context) {
         let IngestBatch {
             events,
+            shared,
             source,
             received_at,
             permit,
@@ -79,16 +82,19 @@ impl Handler<IngestBatch> for IngestActor {
             let _ = reply.send(Err(StorageError::TenantDeleted(self.tenant).into()));
             return;
         };
+        let (shared, batch_library) = enrich_shared(shared);
         let context = EnrichContext {
             received_at,
             future_tolerance: self.deps.future_tolerance,
             user_hash_key: &tenant.user_hash_key,
+            batch_library: &batch_library,
         };
         let batch = LogBatch {
             batch_id: uuid::Uuid::now_v7().as_u128(),
             received_at,
             source,
             events: enrich_all(events, &context),
+            shared,
         };
         let batch = match PreparedBatch::new(self.tenant, batch) {
             Ok(batch) => batch,

@@ -25,7 +25,7 @@ use dashmap::DashMap;
 use tokio::sync::oneshot;
 
 use crate::config::{ActorsConfig, LiveConfig, RollupsConfig};
-use crate::event::{BatchSource, IncomingEvent, Micros};
+use crate::event::{BatchShared, BatchSource, IncomingEvent, Micros};
 use crate::query::QueryCache;
 use crate::storage::log::{AppendOutcome, LogWriter};
 use crate::storage::Storage;
@@ -190,12 +190,14 @@ impl Admission {
     pub async fn ingest(
         self,
         events: Vec<IncomingEvent>,
+        shared: BatchShared,
         source: BatchSource,
         received_at: Micros,
     ) -> Result<AppendOutcome, PipelineError> {
         let (reply, answer) = oneshot::channel();
         let message = IngestBatch {
             events,
+            shared,
             source,
             received_at,
             permit: self.permit,

@@ -332,6 +332,7 @@ mod tests {
         };
         let message = IngestBatch {
             events: vec![event],
+            shared: Default::default(),
             source: BatchSource {
                 endpoint: "/v1/track".into(),
                 client_ip: None,

@@ -1,24 +1,118 @@
-//! Reading request bodies: size limits, `Content-Encoding`, decompression-bomb protection.
+//! Reading request bodies: size limits, time limits, `Content-Encoding`, decompression-bomb
+//! protection.
 //!
-//! The compressed body may not exceed `max_body_bytes`, and decompression stops one byte past
-//! `max_body_bytes` of output, so a small bomb cannot expand into memory. Supported encodings:
-//! `gzip` (and `x-gzip`), `deflate` (zlib, or raw deflate as some clients send), `zstd`, `br`.
+//! [`receive`] reads the body as sent: at most `max_body_bytes`, within the body deadline, into
+//! a buffer that grows with the bytes that actually arrive (a declared `Content-Length` sizes it
+//! only up to [`INITIAL_CAPACITY_CAP`], so a client that declares 4 MB and sends nothing holds
+//! almost nothing). [`decode`] then decompresses it, stopping one byte past `max_body_bytes` of
+//! output, so a small bomb cannot expand into memory. Supported encodings: `gzip` (and
+//! `x-gzip`), `deflate` (zlib, or raw deflate as some clients send), `zstd` (window at most
+//! [`ZSTD_WINDOW_LOG_MAX`]), `br`.
 
 use std::io::Read;
+use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
+use crate::http::deadline;
 use crate::http::errors::ApiError;
 
-/// Reads and decodes the body, enforcing `max_bytes` before and after decompression.
-pub async fn read_body(
+/// Most bytes reserved ahead of their arrival for a body with a `Content-Length`.
+pub const INITIAL_CAPACITY_CAP: usize = 16 * 1024;
+
+/// Largest zstd window a body may use (8 MiB): no body is larger than its limit (4 MiB by
+/// default), and a frame asking for zstd's usual maximum (128 MiB and more) would make the
+/// decoder reserve that much.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// The bound on large bodies decompressed and parsed at once (`server.max_concurrent_large_bodies`):
+/// a client sending many large or compressed bodies, with a key or without, holds at most
+/// these places, whatever its number of connections.
+pub struct LargeBodies {
+    permits: tokio::sync::Semaphore,
+}
+
+impl LargeBodies {
+    pub fn new(permits: usize) -> LargeBodies {
+        LargeBodies {
+            permits: tokio::sync::Semaphore::new(permits.max(1)),
+        }
+    }
+
+    /// A place, waiting at most `wait` for one (else 503).
+    pub async fn acquire(
+        &self,
+        wait: Duration,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        match tokio::time::timeout(wait, self.permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::unavailable(
+                "too many large request bodies are being processed; retry shortly",
+            )),
+        }
+    }
+}
+
+/// A body as received, before decompression.
+pub struct Received {
+    pub bytes: Bytes,
+    /// The `Content-Encoding`, lower-cased; `None` for an identity body.
+    pub encoding: Option<String>,
+}
+
+/// Reads the body as sent: at most `max_bytes`, all of it within `timeout` (else 408).
+pub async fn receive(
+    req: &HttpRequest,
+    payload: web::Payload,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Received, ApiError> {
+    // `deadline` ends the body stream at the deadline; this timeout is the same deadline for a
+    // payload that did not pass through it.
+    let timed_out = || {
+        ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} (server.body_timeout)",
+            humantime::format_duration(timeout)
+        ))
+    };
+    let bytes =
+        match tokio::time::timeout(timeout, read_limited_stream(req, payload, max_bytes)).await {
+            Ok(Err(BodyError::TimedOut)) | Err(_) => return Err(timed_out()),
+            Ok(Err(BodyError::Api(error))) => return Err(error),
+            Ok(Ok(bytes)) => bytes,
+        };
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| {
+            v.to_str()
+                .unwrap_or("(not text)")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|name| !name.is_empty() && name != "identity");
+    Ok(Received { bytes, encoding })
+}
+
+enum BodyError {
+    TimedOut,
+    Api(ApiError),
+}
+
+impl From<ApiError> for BodyError {
+    fn from(error: ApiError) -> BodyError {
+        BodyError::Api(error)
+    }
+}
+
+async fn read_limited_stream(
     req: &HttpRequest,
     mut payload: web::Payload,
     max_bytes: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, BodyError> {
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
             "request body is larger than the limit of {max_bytes} bytes"
@@ -30,27 +124,34 @@ pub async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > max_bytes) {
-        return Err(too_large());
+        return Err(too_large().into());
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(max_bytes));
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(INITIAL_CAPACITY_CAP));
     while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) if deadline::is_timeout(&error) => return Err(BodyError::TimedOut),
+            Err(error) => {
+                return Err(
+                    ApiError::bad_request(format!("cannot read request body: {error}")).into(),
+                )
+            }
+        };
         if body.len() + chunk.len() > max_bytes {
-            return Err(too_large());
+            return Err(too_large().into());
         }
         body.extend_from_slice(&chunk);
     }
-    let body = body.freeze();
-    let encoding = req.headers().get(header::CONTENT_ENCODING).map(|v| {
-        v.to_str()
-            .unwrap_or("(not text)")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    match encoding.as_deref() {
-        None | Some("" | "identity") => Ok(body),
-        Some(name) => decode(name, &body, max_bytes),
+    Ok(body.freeze())
+}
+
+impl Received {
+    /// The body decompressed (at most `max_bytes`).
+    pub fn decoded(self, max_bytes: usize) -> Result<Bytes, ApiError> {
+        match self.encoding.as_deref() {
+            None => Ok(self.bytes),
+            Some(name) => decode(name, &self.bytes, max_bytes),
+        }
     }
 }
 
@@ -68,7 +169,10 @@ pub fn decode(encoding: &str, body: &[u8], max_bytes: usize) -> Result<Bytes, Ap
                 read_limited(flate2::read::DeflateDecoder::new(body), max_bytes)
             }
         }
-        "zstd" => match zstd::stream::read::Decoder::new(body) {
+        "zstd" => match zstd::stream::read::Decoder::new(body).and_then(|mut decoder| {
+            decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            Ok(decoder)
+        }) {
             Ok(decoder) => read_limited(decoder, max_bytes),
             Err(e) => Err(Decode::Corrupt(e)),
         },
@@ -96,7 +200,7 @@ enum Decode {
 }
 
 fn read_limited(reader: impl Read, max_bytes: usize) -> Result<Vec<u8>, Decode> {
-    let mut out = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::with_capacity((64 * 1024).min(max_bytes + 1));
     let limit = u64::try_from(max_bytes)
         .unwrap_or(u64::MAX)
         .saturating_add(1);
@@ -162,6 +266,25 @@ mod tests {
                 let _ = decode(encoding, &bytes, 64 * 1024);
             }
         }
+    }
+
+    #[test]
+    fn zstd_frames_with_a_huge_window_are_refused() {
+        // A frame that declares a 1 GiB window (long-distance mode) decodes nothing here.
+        let data = vec![7u8; 1000];
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        encoder.long_distance_matching(true).unwrap();
+        encoder.window_log(30).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut encoder, &data).unwrap();
+        let frame = encoder.finish().unwrap();
+        assert!(matches!(
+            decode("zstd", &frame, 10_000),
+            Err(ApiError::BadRequest { .. })
+        ));
+        // An ordinary frame still decodes.
+        let ordinary = zstd::stream::encode_all(&data[..], 3).unwrap();
+        assert_eq!(decode("zstd", &ordinary, 10_000).unwrap(), data);
     }
 
     #[test]

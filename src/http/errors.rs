@@ -29,6 +29,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The client was too slow; the connection is closed after the answer.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -45,6 +48,7 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// The text is logged with an error id; the client sees only the id.
     #[error("{0}")]
     Internal(String),
 }
@@ -71,6 +75,7 @@ impl ApiError {
             ApiError::Forbidden(_) => ("forbidden", "Key not allowed here"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            ApiError::RequestTimeout(_) => ("request-timeout", "Request timeout"),
             ApiError::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
             ApiError::UnsupportedMediaType(_) => (
                 "unsupported-media-type",
@@ -92,6 +97,8 @@ struct Problem<'a> {
     detail: String,
     #[serde(skip_serializing_if = "<[Rejection]>::is_empty")]
     errors: &'a [Rejection],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_id: Option<String>,
 }
 
 impl ResponseError for ApiError {
@@ -102,6 +109,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -117,12 +125,26 @@ impl ResponseError for ApiError {
             ApiError::BadRequest { errors, .. } => errors,
             _ => &[],
         };
+        let mut error_id = None;
+        let detail = match self {
+            // Internal text (paths, engine messages) is for the operator's log only.
+            ApiError::Internal(text) => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::error!(error_id = %id, error = %text, "request failed: internal error");
+                let detail =
+                    format!("internal error; the server log has its details under error id {id}");
+                error_id = Some(id);
+                detail
+            }
+            other => other.to_string(),
+        };
         let problem = Problem {
             kind: format!("https://statsremote.dev/problems/{slug}"),
             title,
             status: status.as_u16(),
-            detail: self.to_string(),
+            detail,
             errors,
+            error_id,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = HttpResponse::build(status);
@@ -150,6 +172,11 @@ impl ResponseError for ApiError {
                 retry_after_secs, ..
             } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::RequestTimeout(_) => {
+                // The rest of a slow body may still be on its way: the connection cannot be
+                // reused.
+                response.force_close();
             }
             _ => {}
         }

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
+use crate::json::MergeBase;
 use crate::storage::log::{first_seq_received_since, scan};
 use crate::tenant::KeyKind;
 
@@ -122,14 +123,22 @@ impl Filter {
 }
 
 fn write_batch(out: &mut Vec<u8>, first_seq: u64, batch: &LogBatch, filter: &Filter) {
+    // The batch-level objects are read once; each event's own are merged over them.
+    let context_base = merge_base(&batch.shared.context);
+    let integrations_base = merge_base(&batch.shared.integrations);
     for (offset, event) in batch.events.iter().enumerate() {
         if !filter.matches(event) {
             continue;
         }
+        let merged = |base: &Option<MergeBase<'_>>, own: &Option<String>| {
+            base.as_ref().map(|base| base.merge(own.as_deref()))
+        };
         let line = ExportLine {
             seq: first_seq + offset as u64,
             batch,
             event,
+            context: merged(&context_base, &event.context),
+            integrations: merged(&integrations_base, &event.integrations),
         };
         if serde_json::to_writer(&mut *out, &line).is_ok() {
             out.push(b'\n');
@@ -137,11 +146,18 @@ fn write_batch(out: &mut Vec<u8>, first_seq: u64, batch: &LogBatch, filter: &Fil
     }
 }
 
+fn merge_base(text: &Option<String>) -> Option<MergeBase<'_>> {
+    text.as_deref().and_then(|text| MergeBase::parse(text).ok())
+}
+
 /// One exported event: Segment's field names, plus what StatsRemote added under `statsremote`.
 struct ExportLine<'a> {
     seq: u64,
     batch: &'a LogBatch,
     event: &'a StoredEvent,
+    /// The event's context and integrations merged over its batch's, where the batch had any.
+    context: Option<String>,
+    integrations: Option<String>,
 }
 
 fn raw(text: &str) -> Option<&RawValue> {
@@ -181,12 +197,15 @@ impl Serialize for ExportLine<'_> {
         }
         map.serialize_entry("receivedAt", &format_timestamp(e.received_at))?;
         for (key, value) in [
-            ("properties", &e.properties),
-            ("traits", &e.traits),
-            ("context", &e.context),
-            ("integrations", &e.integrations),
+            ("properties", e.properties.as_ref()),
+            ("traits", e.traits.as_ref()),
+            ("context", self.context.as_ref().or(e.context.as_ref())),
+            (
+                "integrations",
+                self.integrations.as_ref().or(e.integrations.as_ref()),
+            ),
         ] {
-            if let Some(json) = value.as_deref().and_then(raw) {
+            if let Some(json) = value.map(String::as_str).and_then(raw) {
                 map.serialize_entry(key, json)?;
             }
         }

@@ -6,6 +6,7 @@
 //! pipeline, and answer only once they are durable.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::header;
@@ -16,12 +17,12 @@ use crate::actors::PipelineError;
 use crate::enrich::anonymize_ip;
 use crate::event::{now_micros, BatchSource};
 use crate::http::errors::ApiError;
-use crate::http::segment::{self, ParseError, ParseLimits, Rejection, Route};
+use crate::http::segment::{self, ParseError, ParseLimits, ParsedRequest, Rejection, Route};
 use crate::http::{auth, body, AppState};
 use crate::ratelimit::Refused;
 use crate::storage::StorageError;
 use crate::telemetry::{self, IngestReplied};
-use crate::tenant::KeyKind;
+use crate::tenant::{KeyKind, TenantDirectory, TenantRecord};
 
 /// The success reply of every Segment endpoint.
 #[derive(Debug, Serialize)]
@@ -72,7 +73,6 @@ pub async fn handle(
     endpoint: &'static str,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let received_at = now_micros();
     let header_key = auth::header_credential(&req)?;
     // With the key in a header, refuse strangers before reading their body.
     let header_tenant = match header_key.as_deref() {
@@ -83,38 +83,45 @@ pub async fn handle(
         )?),
         None => None,
     };
+    let ndjson = is_ndjson(&req);
+    if ndjson && route != Route::Batch {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "NDJSON is accepted on /v1/batch only, not on {endpoint}"
+        )));
+    }
 
     let limits = &state.config.limits;
     let max_body = usize::try_from(limits.max_body_bytes.as_u64()).unwrap_or(usize::MAX);
-    let body = body::read_body(&req, payload, max_body).await?;
-    let parse_limits = ParseLimits {
-        max_event_bytes: usize::try_from(limits.max_event_bytes.as_u64()).unwrap_or(usize::MAX),
-        max_events: limits.max_events_per_request,
+    let received = body::receive(&req, payload, max_body, state.config.server.body_timeout).await?;
+    // Stamped once the whole body is here: a slow upload is sequenced by when it completed,
+    // never before requests that completed earlier.
+    let received_at = now_micros();
+    let work = BodyWork {
+        route,
+        ndjson,
+        max_body,
+        tenant: header_tenant,
+        directory: Arc::clone(&state.directory),
+        limits: ParseLimits {
+            max_event_bytes: usize::try_from(limits.max_event_bytes.as_u64()).unwrap_or(usize::MAX),
+            max_events: limits.max_events_per_request,
+            max_event_members: limits.max_event_members,
+        },
     };
-    let parsed = if is_ndjson(&req) {
-        if route != Route::Batch {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "NDJSON is accepted on /v1/batch only, not on {endpoint}"
-            )));
-        }
-        segment::parse_ndjson(&body, &parse_limits)
+    let large = received.encoding.is_some()
+        || received.bytes.len() as u64 >= state.config.server.large_body_bytes.as_u64();
+    let (tenant, parsed) = if large {
+        // Decompression and parsing of a large body run on a bounded pool, off the HTTP worker,
+        // so small requests and health checks on this worker are never stuck behind them.
+        let _permit = state
+            .large_bodies
+            .acquire(state.config.server.body_timeout)
+            .await?;
+        web::block(move || work.run(received))
+            .await
+            .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
     } else {
-        segment::parse_json(route, &body, &parse_limits)
-    }
-    .map_err(|error| match error {
-        ParseError::Malformed(detail) => ApiError::bad_request(detail),
-        too_many @ ParseError::TooManyEvents { .. } => {
-            ApiError::PayloadTooLarge(too_many.to_string())
-        }
-    })?;
-
-    let tenant = match header_tenant {
-        Some(tenant) => tenant,
-        None => auth::tenant_for_key(
-            &state.directory,
-            parsed.write_key.as_deref(),
-            KeyKind::Write,
-        )?,
+        work.run(received)?
     };
     let tenant_label = tenant.id.to_string();
     let rejected = parsed.rejected;
@@ -176,7 +183,7 @@ pub async fn handle(
         client_ip: client_ip(&req, state.config.server.trust_forwarded_for).map(anonymize_ip),
     };
     let outcome = admission
-        .ingest(parsed.events, source, received_at)
+        .ingest(parsed.events, parsed.shared, source, received_at)
         .await
         .map_err(|error| {
             telemetry::ingest_refused(&tenant_label, event_count, "unavailable");
@@ -197,6 +204,60 @@ pub async fn handle(
         rejected,
         Some((admitted.limit, admitted.remaining)),
     ))
+}
+
+/// What reading a body needs: who sent it (if a header said so), how to parse it, within
+/// which limits.
+struct BodyWork {
+    route: Route,
+    ndjson: bool,
+    max_body: usize,
+    /// The tenant of a valid key sent in a header.
+    tenant: Option<Arc<TenantRecord>>,
+    directory: Arc<TenantDirectory>,
+    limits: ParseLimits,
+}
+
+impl BodyWork {
+    /// Decompresses and parses the body, and finds its tenant. Without a header key, the body
+    /// is first scanned for its key, which builds nothing: a body whose key is missing or
+    /// unknown costs that scan, never the parse of its events.
+    fn run(self, received: body::Received) -> Result<(Arc<TenantRecord>, ParsedRequest), ApiError> {
+        let body = received.decoded(self.max_body)?;
+        let mut tenant = self.tenant.clone();
+        if tenant.is_none() {
+            if let Some(key) = segment::find_write_key(self.route, self.ndjson, &body) {
+                tenant = Some(auth::tenant_for_key(
+                    &self.directory,
+                    key.as_deref(),
+                    KeyKind::Write,
+                )?);
+            }
+        }
+        let parsed = self.parse(&body)?;
+        let tenant = match tenant {
+            Some(tenant) => tenant,
+            // The scan could not read the body, yet the parse could (or it would have failed).
+            None => {
+                auth::tenant_for_key(&self.directory, parsed.write_key.as_deref(), KeyKind::Write)?
+            }
+        };
+        Ok((tenant, parsed))
+    }
+
+    fn parse(&self, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+        let parsed = if self.ndjson {
+            segment::parse_ndjson(body, &self.limits)
+        } else {
+            segment::parse_json(self.route, body, &self.limits)
+        };
+        parsed.map_err(|error| match error {
+            ParseError::Malformed(detail) => ApiError::bad_request(detail),
+            too_many @ ParseError::TooManyEvents { .. } => {
+                ApiError::PayloadTooLarge(too_many.to_string())
+            }
+        })
+    }
 }
 
 fn reply(

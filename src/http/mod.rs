@@ -6,13 +6,16 @@
 //! - [`query`]: series, events, uniques, funnels; [`live`]: the live WebSocket;
 //! - [`admin`]: tenants and keys;
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document;
-//! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json).
+//! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json);
+//! - [`deadline`]: every request body arrives within `server.body_timeout` or is cut off;
+//! - [`slots`]: per-tenant caps on exports, funnels and live connections.
 //!
 //! [`AppState`] is built once, before `HttpServer::new`, and shared by every worker.
 
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod deadline;
 pub mod errors;
 pub mod export;
 pub mod ingest;
@@ -20,6 +23,7 @@ pub mod live;
 pub mod ops;
 pub mod query;
 pub mod segment;
+pub mod slots;
 
 use std::sync::Arc;
 
@@ -51,6 +55,10 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     pub query_cache: Arc<QueryCache>,
     pub metrics: PrometheusHandle,
+    /// Places for decompressing and parsing large bodies.
+    pub large_bodies: body::LargeBodies,
+    /// Per-tenant caps on exports, funnels and live connections.
+    pub read_slots: slots::ReadSlots,
 }
 
 /// Segment routes: path and how its body is read.
@@ -163,8 +171,10 @@ pub fn app(
         InitError = (),
     >,
 > {
+    // Browsers may call the tenant API from any page (the origin is mirrored); the admin API
+    // and the metrics get no CORS headers, so no web page can read them.
     let cors = Cors::default()
-        .allow_any_origin()
+        .allowed_origin_fn(|_origin, request| cross_origin_allowed(request.uri.path()))
         .allowed_methods(["GET", "POST", "PATCH", "DELETE", "OPTIONS"])
         .allow_any_header()
         .expose_headers([
@@ -174,9 +184,11 @@ pub fn app(
             "RateLimit-Reset",
         ])
         .max_age(86_400);
+    let body_timeout = state.config.server.body_timeout;
     actix_web::App::new()
         .app_data(state)
-        .wrap_fn(|req, srv| {
+        .wrap_fn(move |mut req, srv| {
+            deadline::limit_body(&mut req, body_timeout);
             let route = req.match_pattern();
             let response = srv.call(req);
             async move {
@@ -189,6 +201,11 @@ pub fn app(
         .wrap(cors)
         .configure(configure)
         .default_service(web::to(not_found))
+}
+
+/// Whether browsers may call `path` from another origin.
+fn cross_origin_allowed(path: &str) -> bool {
+    !(path.starts_with("/admin") || path.starts_with("/metrics"))
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -1,8 +1,10 @@
 //! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
+use subtle::ConstantTimeEq;
 
-use crate::http::AppState;
+use crate::http::errors::ApiError;
+use crate::http::{auth, AppState};
 use crate::telemetry;
 
 /// The OpenAPI 3.1 description of every endpoint.
@@ -36,12 +38,26 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Prometheus text exposition.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus text exposition; with `server.metrics_token` set, only for that bearer token.
+pub async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let token = &state.config.server.metrics_token;
+    if !token.is_empty() {
+        let sent = auth::header_credential(&req)?.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing metrics token: send `Authorization: Bearer <token>`".into(),
+            )
+        })?;
+        if !bool::from(sent.as_bytes().ct_eq(token.as_bytes())) {
+            return Err(ApiError::Unauthorized("unknown metrics token".into()));
+        }
+    }
     telemetry::log_queue_depth(state.writer.queue_depth());
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render()))
 }
 
 pub async fn openapi() -> HttpResponse {

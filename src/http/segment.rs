@@ -16,8 +16,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::{parse_timestamp, EventKind, IncomingEvent, Micros};
-use crate::json::{MaybeObject, MemberKey, Members};
+use crate::event::{parse_timestamp, BatchShared, EventKind, IncomingEvent, Micros};
+use crate::json::{MaybeObject, MemberKey, Members, MergeBase};
 
 /// Longest accepted event name (`event` of a track, `name` of a page or screen), in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -39,8 +39,12 @@ pub enum Route {
 
 #[derive(Debug, Clone, Copy)]
 pub struct ParseLimits {
+    /// Largest event as stored: compact JSON, with the batch's `context` and `integrations`
+    /// merged in.
     pub max_event_bytes: usize,
     pub max_events: usize,
+    /// Most top-level members of one event object.
+    pub max_event_members: usize,
 }
 
 /// One event that was not accepted.
@@ -58,6 +62,8 @@ pub struct ParsedRequest {
     /// `writeKey` from the body, if any.
     pub write_key: Option<String>,
     pub events: Vec<IncomingEvent>,
+    /// The batch-level `context` and `integrations`, held once for all the events.
+    pub shared: BatchShared,
     pub rejected: Vec<Rejection>,
 }
 
@@ -212,8 +218,9 @@ impl<'de> Visitor<'de> for ItemsSeed {
 #[derive(Default)]
 struct Defaults<'a> {
     sent_at: Option<Micros>,
-    context: Option<&'a str>,
-    integrations: Option<&'a str>,
+    /// Batch `context` and `integrations`, read once, to size each event as it will be stored.
+    context: Option<MergeBase<'a>>,
+    integrations: Option<MergeBase<'a>>,
 }
 
 /// The envelope with each item as its raw text, for when the one-pass read fails: an item that
@@ -284,15 +291,21 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
             limit: limits.max_events,
         });
     }
+    let context = optional_object("context", envelope.context).map_err(ParseError::Malformed)?;
+    let integrations =
+        optional_object("integrations", envelope.integrations).map_err(ParseError::Malformed)?;
     let defaults = Defaults {
         sent_at: optional_time("sentAt", envelope.sent_at).map_err(ParseError::Malformed)?,
-        context: optional_object("context", envelope.context).map_err(ParseError::Malformed)?,
-        integrations: optional_object("integrations", envelope.integrations)
-            .map_err(ParseError::Malformed)?,
+        context: merge_base("context", context)?,
+        integrations: merge_base("integrations", integrations)?,
     };
     let mut parsed = ParsedRequest {
         write_key: envelope.write_key.flatten(),
         events: Vec::with_capacity(items.len()),
+        shared: BatchShared {
+            context: context.map(str::to_string),
+            integrations: integrations.map(str::to_string),
+        },
         rejected: Vec::new(),
     };
     for (index, item) in items.into_iter().enumerate() {
@@ -303,6 +316,15 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
         parsed.take(index, outcome);
     }
     Ok(parsed)
+}
+
+fn merge_base<'a>(field: &str, text: Option<&'a str>) -> Result<Option<MergeBase<'a>>, ParseError> {
+    text.map(|text| {
+        MergeBase::parse(text).map_err(|e| {
+            ParseError::Malformed(format!("batch field `{field}` cannot be read: {e}"))
+        })
+    })
+    .transpose()
 }
 
 fn parse_single(
@@ -332,6 +354,181 @@ fn read_object(text: &str) -> Result<Members<'_>, String> {
 
 fn not_an_object(kind: &str) -> String {
     format!("not a JSON object (got {kind})")
+}
+
+/// The write key a body carries, found in one pass that builds nothing: the top-level
+/// `writeKey`, else the `writeKey` of the first item of `batch` (or NDJSON line) that has one.
+/// Lets a request without a key in a header be refused before its events are parsed. `None`
+/// when the body is not JSON of the route's shape (the full parse then says what is wrong).
+pub fn find_write_key(route: Route, ndjson: bool, body: &[u8]) -> Option<Option<String>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let scan = KeyScan {
+        batch: route == Route::Batch && !ndjson,
+    };
+    if !ndjson {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let key = scan.deserialize(&mut deserializer).ok()?;
+        deserializer.end().ok()?;
+        return Some(key);
+    }
+    for line in text.split('\n').filter(|line| !line.trim().is_empty()) {
+        if let Some(key) = serde_json::from_str::<KeyScanned>(line).ok()?.0 {
+            return Some(Some(key));
+        }
+    }
+    Some(None)
+}
+
+/// Reads an object for its `writeKey` (a string), ignoring everything else; with `batch`,
+/// also the items of its `batch` array.
+#[derive(Clone, Copy)]
+struct KeyScan {
+    batch: bool,
+}
+
+/// A [`KeyScan`] of one object without `batch`.
+struct KeyScanned(Option<String>);
+
+impl<'de> Deserialize<'de> for KeyScanned {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        KeyScan { batch: false }
+            .deserialize(deserializer)
+            .map(KeyScanned)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for KeyScan {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyScan {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut own = None;
+        let mut from_items = None;
+        while let Some(MemberKey(key)) = map.next_key()? {
+            match &*key {
+                "writeKey" => {
+                    if let Some(StringOnly(Some(value))) = map.next_value()? {
+                        own = Some(value);
+                    }
+                }
+                "batch" if self.batch => {
+                    let found = map.next_value_seed(ItemKeys)?;
+                    if from_items.is_none() {
+                        from_items = found;
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(own.or(from_items))
+    }
+    // Anything but an object is not a request with a key in it.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// A string value, or `None` for a value of any other type (read and dropped).
+struct StringOnly(Option<String>);
+
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StringVisitor;
+        impl<'de> Visitor<'de> for StringVisitor {
+            type Value = StringOnly;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(StringOnly(Some(v.to_string())))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(StringOnly(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(StringOnly(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StringOnly(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StringOnly(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StringOnly(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StringOnly(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StringOnly(None))
+            }
+        }
+        deserializer.deserialize_any(StringVisitor)
+    }
+}
+
+/// The items of `batch`, each scanned for its `writeKey`; the first one found.
+struct ItemKeys;
+
+impl<'de> DeserializeSeed<'de> for ItemKeys {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemKeys {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = seq.next_element_seed(KeyScan { batch: false })? {
+            if found.is_none() {
+                found = key;
+            }
+        }
+        Ok(found)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        KeyScan { batch: false }.visit_map(map).map(|_| None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
 }
 
 /// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
@@ -405,10 +602,25 @@ fn parse_event(
     defaults: &Defaults<'_>,
     limits: &ParseLimits,
 ) -> Result<ParsedEvent, EventError> {
-    let size = members.compact_len();
+    if members.0.len() > limits.max_event_members {
+        return Err(EventError::new(format!(
+            "event has {} top-level members; the limit is {}",
+            members.0.len(),
+            limits.max_event_members
+        )));
+    }
+    let own_size = members.compact_len();
+    if own_size > limits.max_event_bytes {
+        return Err(EventError::new(format!(
+            "event is {own_size} bytes as compact JSON; the limit is {} bytes",
+            limits.max_event_bytes
+        )));
+    }
+    let size = own_size + inherited_len(&members, defaults);
     if size > limits.max_event_bytes {
         return Err(EventError::new(format!(
-            "event is {size} bytes as compact JSON; the limit is {} bytes",
+            "event is {size} bytes as compact JSON with the batch's `context` and `integrations` \
+             merged in; the limit is {} bytes",
             limits.max_event_bytes
         )));
     }
@@ -500,17 +712,12 @@ fn parse_event(
             RESERVED_KEY => record(Err(format!(
                 "field `{RESERVED_KEY}` is reserved for the server's enrichment"
             ))),
-            _ => {
-                // A repeated key: the last one wins, as with the known fields.
-                event
-                    .extra
-                    .retain(|(existing, _)| existing.as_str() != key_str);
-                event
-                    .extra
-                    .push((key.into_owned(), value.get().to_string()));
-            }
+            _ => event
+                .extra
+                .push((key.into_owned(), value.get().to_string())),
         }
     }
+    last_of_each_key(&mut event.extra);
     let fail = |reason: String, event: &IncomingEvent| EventError {
         message_id: event.message_id.clone(),
         reason,
@@ -524,13 +731,54 @@ fn parse_event(
     if event.sent_at.is_none() {
         event.sent_at = defaults.sent_at;
     }
-    if let Some(base) = defaults.context {
-        event.context = Some(merge_objects(base, event.context.take()));
-    }
-    if let Some(base) = defaults.integrations {
-        event.integrations = Some(merge_objects(base, event.integrations.take()));
-    }
     Ok(ParsedEvent { event, write_key })
+}
+
+/// How many bytes merging the batch's `context` and `integrations` adds to an event.
+fn inherited_len(members: &Members<'_>, defaults: &Defaults<'_>) -> usize {
+    let mut added = 0;
+    for (field, base) in [
+        ("context", &defaults.context),
+        ("integrations", &defaults.integrations),
+    ] {
+        let Some(base) = base else {
+            continue;
+        };
+        // The last member of that name is the one kept.
+        let own = members
+            .0
+            .iter()
+            .rev()
+            .find(|(key, _)| key == field)
+            .map(|(_, value)| value.get())
+            .filter(|text| text.starts_with('{'));
+        let own_members = own.and_then(|text| serde_json::from_str::<Members<'_>>(text).ok());
+        added += match own.zip(own_members.as_ref()) {
+            Some((text, own_members)) => base.merged_len(Some((text, own_members))) - text.len(),
+            // A new member: `,"context":{...}`.
+            None => field.len() + 4 + base.merged_len(None),
+        };
+    }
+    added
+}
+
+/// Keeps the last member of each key, in order: a repeated key's last value wins, as with the
+/// known fields. Linear in the members.
+fn last_of_each_key(extra: &mut Vec<(String, String)>) {
+    if extra.len() < 2 {
+        return;
+    }
+    let mut keep: Vec<bool> = {
+        let mut seen = std::collections::HashSet::with_capacity(extra.len());
+        extra
+            .iter()
+            .rev()
+            .map(|(key, _)| seen.insert(key.as_str()))
+            .collect()
+    };
+    keep.reverse();
+    let mut flags = keep.into_iter();
+    extra.retain(|_| flags.next().unwrap_or(true));
 }
 
 fn check_required(kind: EventKind, event: &IncomingEvent) -> Option<String> {
@@ -671,24 +919,6 @@ fn describe(raw: &RawValue) -> &'static str {
     }
 }
 
-/// Batch-level object under the event's own: the event's keys win.
-fn merge_objects(base: &str, own: Option<String>) -> String {
-    let Some(own) = own else {
-        return base.to_string();
-    };
-    type Object = serde_json::Map<String, serde_json::Value>;
-    let (Ok(base_map), Ok(mut own_map)) = (
-        serde_json::from_str::<Object>(base),
-        serde_json::from_str::<Object>(&own),
-    ) else {
-        return own;
-    };
-    for (key, value) in base_map {
-        own_map.entry(key).or_insert(value);
-    }
-    serde_json::to_string(&own_map).unwrap_or(own)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -698,6 +928,7 @@ mod tests {
     const LIMITS: ParseLimits = ParseLimits {
         max_event_bytes: 32 * 1024,
         max_events: 100,
+        max_event_members: 50,
     };
 
     #[test]
@@ -728,10 +959,12 @@ mod tests {
             first.extra,
             vec![("channel".to_string(), "\"server\"".to_string())]
         );
-        let context: serde_json::Value =
-            serde_json::from_str(first.context.as_deref().unwrap()).unwrap();
-        assert_eq!(context["ip"], "5.6.7.8");
-        assert_eq!(context["library"]["name"], "analytics-python");
+        // The event keeps its own context; the batch's is held once, beside the events.
+        assert_eq!(first.context.as_deref(), Some(r#"{"ip": "5.6.7.8"}"#));
+        let shared: serde_json::Value =
+            serde_json::from_str(parsed.shared.context.as_deref().unwrap()).unwrap();
+        assert_eq!(shared["ip"], "1.2.3.4");
+        assert_eq!(shared["library"]["name"], "analytics-python");
         assert_eq!(parsed.events[1].name.as_deref(), Some("Home"));
         let indexes: Vec<usize> = parsed.rejected.iter().map(|r| r.index).collect();
         assert_eq!(indexes, vec![1, 2, 3, 4]);
@@ -901,6 +1134,112 @@ mod tests {
             parsed.events[0].extra,
             vec![("channel".to_string(), "\"b\"".to_string())]
         );
+    }
+
+    #[test]
+    fn batch_context_counts_towards_each_events_size_as_stored() {
+        // Each event is small; the batch context alone is over half the limit.
+        let context = format!(
+            r#"{{"big": "{}", "library": {{"name": "x"}}}}"#,
+            "c".repeat(20_000)
+        );
+        let event = |own: &str| format!(r#"{{"type":"track","userId":"u","event":"e"{own}}}"#);
+        let body = format!(
+            r#"{{"context": {context}, "batch": [{}, {}, {}]}}"#,
+            event(""),
+            event(&format!(
+                r#","properties":{{"p":"{}"}}"#,
+                "p".repeat(13_000)
+            )),
+            // Overriding `big` replaces the batch's 20 KB member.
+            event(&format!(
+                r#","context":{{"big":1}},"properties":{{"p":"{}"}}"#,
+                "p".repeat(13_000)
+            )),
+        );
+        let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+        let reasons: Vec<(usize, &str)> = parsed
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.reason.as_str()))
+            .collect();
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert_eq!(reasons[0].0, 1);
+        assert!(
+            reasons[0].1.contains("merged in; the limit is 32768 bytes"),
+            "{reasons:?}"
+        );
+        assert_eq!(parsed.events.len(), 2);
+        // The batch context is held once, not copied into the events.
+        assert_eq!(parsed.events[0].context, None);
+        assert_eq!(parsed.events[1].context.as_deref(), Some(r#"{"big":1}"#));
+        assert!(parsed.shared.context.as_deref().unwrap().len() > 20_000);
+    }
+
+    #[test]
+    fn members_are_capped_and_repeated_ones_cost_linear_time() {
+        let members: String = (0..51).map(|i| format!(r#","k{i}":1"#)).collect();
+        let body = format!(r#"{{"batch":[{{"type":"track","userId":"u","event":"e"{members}}}]}}"#);
+        let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS).unwrap();
+        assert_eq!(
+            parsed.rejected[0].reason,
+            "event has 54 top-level members; the limit is 50"
+        );
+        // Many members within a large cap: the last of each repeated key wins.
+        let limits = ParseLimits {
+            max_event_members: 100_000,
+            max_event_bytes: 4 << 20,
+            ..LIMITS
+        };
+        let members: String = (0..60_000)
+            .map(|i| format!(r#","k{}":{i}"#, i % 30_000))
+            .collect();
+        let body = format!(r#"{{"type":"track","userId":"u","event":"e"{members}}}"#);
+        let parsed = parse_json(Route::Single(EventKind::Track), body.as_bytes(), &limits).unwrap();
+        let extra = &parsed.events[0].extra;
+        assert_eq!(extra.len(), 30_000);
+        assert_eq!(extra[0], ("k0".to_string(), "30000".to_string()));
+        assert_eq!(extra[29_999], ("k29999".to_string(), "59999".to_string()));
+    }
+
+    #[test]
+    fn the_write_key_is_found_without_parsing_events() {
+        let find = |route, ndjson, body: &str| find_write_key(route, ndjson, body.as_bytes());
+        assert_eq!(
+            find(
+                Route::Batch,
+                false,
+                r#"{"batch":[{"writeKey":"e"}],"writeKey":"top"}"#
+            ),
+            Some(Some("top".into()))
+        );
+        assert_eq!(
+            find(
+                Route::Batch,
+                false,
+                r#"{"batch":[1,{"writeKey":5},{"writeKey":"e"}]}"#
+            ),
+            Some(Some("e".into()))
+        );
+        assert_eq!(
+            find(Route::Batch, false, r#"{"batch":[{"type":"track"}]}"#),
+            Some(None)
+        );
+        assert_eq!(
+            find(
+                Route::Single(EventKind::Track),
+                false,
+                r#"{"event":"x","writeKey":"k"}"#
+            ),
+            Some(Some("k".into()))
+        );
+        assert_eq!(
+            find(Route::Batch, true, "{\"a\":1}\n{\"writeKey\":\"n\"}\n"),
+            Some(Some("n".into()))
+        );
+        // Not readable: the full parse says why.
+        assert_eq!(find(Route::Batch, false, r#"{"batch":[1,"#), None);
+        assert_eq!(find(Route::Batch, false, r#"{"batch": "x"}"#), None);
     }
 
     #[test]

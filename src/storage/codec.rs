@@ -202,14 +202,31 @@ pub fn plain(bytes: &[u8]) -> Result<Plain<'_>, CodecError> {
 impl Plain<'_> {
     /// Decodes the value; `T` may borrow from `self` (`&str` fields, say).
     pub fn decode<'b, T: Deserialize<'b>>(&'b self) -> Result<T, CodecError> {
+        Ok(self.decode_at(0)?.0)
+    }
+
+    /// Decodes a value followed by an optional trailer `U`, added to the layout after values
+    /// without it were stored: those decode with `U::default()`.
+    pub fn decode_with_trailer<'b, T: Deserialize<'b>, U: Deserialize<'b> + Default>(
+        &'b self,
+    ) -> Result<(T, U), CodecError> {
+        let (value, read) = self.decode_at::<T>(0)?;
+        if read >= self.body.len() {
+            return Ok((value, U::default()));
+        }
+        Ok((value, self.decode_at::<U>(read)?.0))
+    }
+
+    fn decode_at<'b, T: Deserialize<'b>>(&'b self, from: usize) -> Result<(T, usize), CodecError> {
+        let body = self.body.get(from..).ok_or(CodecError::Empty)?;
         let standard = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-        let (value, _read) = if self.fixed_width {
+        let (value, read) = if self.fixed_width {
             let config = standard.with_fixed_int_encoding();
-            bincode::serde::borrow_decode_from_slice(&self.body, config)?
+            bincode::serde::borrow_decode_from_slice(body, config)?
         } else {
-            bincode::serde::borrow_decode_from_slice(&self.body, standard)?
+            bincode::serde::borrow_decode_from_slice(body, standard)?
         };
-        Ok(value)
+        Ok((value, from + read))
     }
 }
 
@@ -281,6 +298,7 @@ mod tests {
                 received_at,
                 source: BatchSource { endpoint: "/v1/batch".into(), client_ip: Some("10.0.0.0".into()) },
                 events,
+                shared: Default::default(),
             };
             let bytes = encode(&batch).unwrap();
             prop_assert_eq!(bytes[0], FORMAT_V1);
@@ -370,6 +388,7 @@ mod tests {
                 client_ip: Some("10.0.0.0".into()),
             },
             events: vec![every_field, few_fields],
+            shared: Default::default(),
         };
         for bytes in [encode(&batch).unwrap(), encode_compressed(&batch).unwrap()] {
             let plain = plain(&bytes).unwrap();

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use std::ops::ControlFlow;
 
-use crate::event::{last_seq_of, now_micros, LogBatch, LogBatchView, Micros};
+use crate::event::{last_seq_of, now_micros, BatchShared, LogBatch, LogBatchView, Micros};
 use crate::rollup::{RollupBatch, RollupItems};
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
@@ -85,8 +85,16 @@ fn only_kept<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
         .collect()
 }
 
+/// A log entry: the [`LogBatch`], then its [`crate::event::BatchShared`] as a trailer when it
+/// has any (entries without one, older ones included, decode with an empty one).
 fn encode_entry(batch: &LogBatch) -> Result<fjall::Slice, StorageError> {
-    codec::encode_compressed_value(batch).map_err(|source| StorageError::Codec {
+    let encoded = if batch.shared.is_empty() {
+        codec::encode_compressed_value(batch)
+    } else {
+        // bincode writes a tuple as its fields one after the other.
+        codec::encode_compressed_value(&(batch, &batch.shared))
+    };
+    encoded.map_err(|source| StorageError::Codec {
         keyspace: "log",
         source,
     })
@@ -516,7 +524,11 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageErro
 }
 
 fn decode_batch(value: &[u8]) -> Result<LogBatch, StorageError> {
-    codec::decode(value).map_err(log_codec_error)
+    let plain = codec::plain(value).map_err(log_codec_error)?;
+    let (mut batch, shared): (LogBatch, BatchShared) =
+        plain.decode_with_trailer().map_err(log_codec_error)?;
+    batch.shared = shared;
+    Ok(batch)
 }
 
 /// The tenant's last sequence number in the log (0 when it has none). Blocking.
@@ -761,6 +773,7 @@ pub(crate) mod tests {
                 client_ip: None,
             },
             events: ids.iter().map(|id| event(id)).collect(),
+            shared: Default::default(),
         }
     }
 
@@ -786,6 +799,24 @@ pub(crate) mod tests {
             max_group_requests: 8,
             dedup_filter_bytes: 16 << 20,
         }
+    }
+
+    #[test]
+    fn batch_level_objects_are_a_trailer_that_old_entries_lack() {
+        let mut with_shared = batch(&["a", "b"]);
+        with_shared.shared = BatchShared {
+            context: Some(r#"{"library":{"name":"x"}}"#.into()),
+            integrations: None,
+        };
+        let encoded = encode_entry(&with_shared).unwrap();
+        assert_eq!(decode_batch(&encoded).unwrap(), with_shared);
+        // Views skip the trailer.
+        let plain = codec::plain(&encoded).unwrap();
+        let view: LogBatchView = plain.decode().unwrap();
+        assert_eq!(view.events.len(), 2);
+        // An entry written before the trailer existed (the plain batch) decodes with none.
+        let old = codec::encode_compressed(&batch(&["c"])).unwrap();
+        assert_eq!(decode_batch(&old).unwrap(), batch(&["c"]));
     }
 
     #[test]

@@ -91,9 +91,9 @@ fn memtable(bytes: u64) -> impl FnOnce() -> KeyspaceCreateOptions {
 
 /// Directory of the dedup keyspace's database, inside the main database's directory.
 pub const DEDUP_DIR: &str = "dedup";
-/// Table files each database keeps open (fjall's default is 900 for one database).
-const MAIN_OPEN_FILES: usize = 700;
-const DEDUP_OPEN_FILES: usize = 200;
+/// Table files both databases keep open together unless told otherwise (fjall's default is 900
+/// for one database); the server sets it from its descriptor budget (`crate::descriptors`).
+pub const DEFAULT_OPEN_FILES: usize = 900;
 
 /// Background worker threads of each database: fjall's default (one per core, at most 4), but
 /// at least 3. With more than one worker, fjall's worker 0 leaves compactions to the others and
@@ -132,6 +132,20 @@ impl Storage {
         cache_bytes: u64,
         dedup_windows: dedup::DedupWindows,
     ) -> Result<Storage, StorageError> {
+        Self::open_with_files(path, cache_bytes, dedup_windows, DEFAULT_OPEN_FILES)
+    }
+
+    /// [`Storage::open`], keeping at most `open_files` table files open (7/9 of them for the
+    /// main database, 2/9 for the dedup keys; at least 10 each).
+    pub fn open_with_files(
+        path: &Path,
+        cache_bytes: u64,
+        dedup_windows: dedup::DedupWindows,
+        open_files: usize,
+    ) -> Result<Storage, StorageError> {
+        // fjall panics below 10 files.
+        let dedup_files = (open_files * 2 / 9).max(10);
+        let main_files = open_files.saturating_sub(dedup_files).max(10);
         let open_error = |source| StorageError::Open {
             path: path.to_path_buf(),
             source,
@@ -140,11 +154,9 @@ impl Storage {
         // A quarter of the block cache for the dedup tables: most lookups are answered by the
         // in-memory key filter (`dedup_filter`).
         let dedup_cache = cache_bytes / 4;
-        // fjall keeps up to 900 table files open per database by default: the two together
-        // stay there (the soft limit of open files is often 1024, sockets included).
         let db = Database::builder(path)
             .cache_size(cache_bytes - dedup_cache)
-            .max_cached_files(Some(MAIN_OPEN_FILES))
+            .max_cached_files(Some(main_files))
             .manual_journal_persist(true)
             // Log entries arrive compressed (codec format 3) and the rest is small or dense
             // sketches: compressing the journal again cost the log writer thread CPU for nothing.
@@ -157,7 +169,7 @@ impl Storage {
             .worker_threads(engine_workers())
             .manual_journal_persist(true)
             .journal_compression(fjall::CompressionType::None)
-            .max_cached_files(Some(DEDUP_OPEN_FILES))
+            .max_cached_files(Some(dedup_files))
             .with_compaction_filter_factories({
                 let windows = dedup_windows.clone();
                 Arc::new(move |keyspace: &str| {
