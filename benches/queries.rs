@@ -185,6 +185,7 @@ fn benches(c: &mut Criterion) {
             from: now - 3_600_000_000,
             to: now + 60_000_000,
             future_tolerance: Duration::from_secs(3600),
+            late_arrival: Duration::from_secs(7 * 86_400),
         };
         b.iter(|| {
             let reached = query::funnel(&storage, log_tenant, &steps, 600_000_000, &span).unwrap();

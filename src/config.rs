@@ -195,6 +195,9 @@ pub struct ReadsConfig {
     /// An export whose client takes nothing for this long is cut off.
     #[serde(with = "humantime_serde")]
     pub export_stall_timeout: Duration,
+    /// A funnel reads events received up to this long after its `to`, no later ones.
+    #[serde(with = "humantime_serde")]
+    pub funnel_late_arrival: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +207,7 @@ pub struct TenantDefaults {
     pub rate_limit_burst: u32,
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    pub max_event_names: u32,
 }
 
 /// Settings that exist only to measure the server. Never for production.
@@ -461,6 +465,13 @@ impl Config {
         if self.tenant_defaults.rate_limit_burst == 0 {
             return Err(invalid(
                 "tenant_defaults.rate_limit_burst",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.tenant_defaults.max_event_names == 0 {
+            return Err(invalid(
+                "tenant_defaults.max_event_names",
                 0,
                 "must be at least 1",
             ));

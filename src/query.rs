@@ -15,7 +15,9 @@ use serde::Serialize;
 
 use crate::event::Micros;
 use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
-use crate::storage::log::{first_seq_received_since, last_seq, scan_views, LogHeads};
+use crate::storage::log::{
+    first_seq_received_since, last_seq, scan_views, LogHeads, RECEIVE_ORDER_SLACK,
+};
 use crate::storage::rollups;
 use crate::storage::{Storage, StorageError};
 use crate::tenant::TenantId;
@@ -171,11 +173,15 @@ pub struct FunnelSpan {
     pub from: Micros,
     pub to: Micros,
     pub future_tolerance: std::time::Duration,
+    /// Events received more than this after `to` are not read (`reads.funnel_late_arrival`):
+    /// the scan stops there instead of reading the rest of the log.
+    pub late_arrival: std::time::Duration,
 }
 
 /// Users reaching each step of a funnel, in order, with every step within `window` of the first,
 /// over the events whose time is in the span. Exact: computed from the stored events, read from
-/// the first log entry that can hold one ([`first_seq_received_since`]) to the end.
+/// the first log entry that can hold one ([`first_seq_received_since`]) to the last one received
+/// within `late_arrival` (plus [`RECEIVE_ORDER_SLACK`]) of `to`.
 pub fn funnel(
     storage: &Storage,
     tenant: TenantId,
@@ -198,7 +204,15 @@ pub fn funnel(
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
     let start = first_seq_received_since(storage, tenant, from, span.future_tolerance)?;
+    let late_arrival = Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
+    // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
+    let last_received = to
+        .saturating_add(late_arrival)
+        .saturating_add(RECEIVE_ORDER_SLACK);
     scan_views(storage, tenant, start, |first_seq, batch| {
+        if batch.received_at > last_received {
+            return ControlFlow::Break(());
+        }
         for (offset, event) in batch.events.iter().enumerate() {
             if event.timestamp < from || event.timestamp >= to {
                 continue;

@@ -171,6 +171,39 @@ impl RollupItems {
             .map_or(ALL_EVENTS, String::as_str)
     }
 
+    /// Renames the series `rename` maps to another name (`None`: kept), merging names that end
+    /// up equal; returns how many items were renamed. Linear in the items.
+    pub fn rename(&mut self, mut rename: impl FnMut(&str) -> Option<&'static str>) -> u64 {
+        let renamed: Vec<Option<&'static str>> = self.names.iter().map(|n| rename(n)).collect();
+        if renamed.iter().all(Option::is_none) {
+            return 0;
+        }
+        let mut names: Vec<String> = Vec::with_capacity(self.names.len());
+        let mut index: FxHashMap<String, u32> = FxHashMap::default();
+        let remap: Vec<u32> = self
+            .names
+            .iter()
+            .zip(&renamed)
+            .map(|(name, renamed)| {
+                let target = renamed.map_or_else(|| name.clone(), str::to_string);
+                *index.entry(target.clone()).or_insert_with(|| {
+                    names.push(target);
+                    u32::try_from(names.len() - 1).unwrap_or(u32::MAX)
+                })
+            })
+            .collect();
+        let mut moved = 0;
+        for item in &mut self.items {
+            let old = item.name as usize;
+            if renamed.get(old).is_some_and(Option::is_some) {
+                moved += 1;
+            }
+            item.name = remap.get(old).copied().unwrap_or(item.name);
+        }
+        self.names = names;
+        moved
+    }
+
     /// Keeps the items whose `keep` flag is set (names no item uses any more stay, harmlessly).
     pub fn retain_kept(&mut self, keep: &[bool]) {
         let mut flags = keep.iter();
@@ -185,6 +218,80 @@ impl RollupItems {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+}
+
+/// The series events of a name over a tenant's cap are rolled up (and streamed) under.
+pub const OVERFLOW_NAME: &str = "$other";
+
+/// The event names a tenant's rollups may hold: at most `cap` distinct names, admitted in the
+/// order they are first rolled up; events of any further name are rolled up under
+/// [`OVERFLOW_NAME`]. Built-in series (`$page`, ..., the all-events series, `$other` itself) do
+/// not count. Admission follows the order of the log, and the admitted names are those the
+/// rollups store (`storage::rollups::event_names`), so a replay of the log after the rollups'
+/// watermark decides every name as before.
+#[derive(Debug, Default)]
+pub struct NameCap {
+    admitted: rustc_hash::FxHashSet<String>,
+}
+
+impl NameCap {
+    /// The cap with the names the rollups already hold.
+    pub fn new(stored: impl IntoIterator<Item = String>) -> NameCap {
+        NameCap {
+            admitted: stored
+                .into_iter()
+                .filter(|name| !is_builtin(name))
+                .collect(),
+        }
+    }
+
+    /// Maps the names of `items` over the cap to [`OVERFLOW_NAME`], admitting new names while
+    /// fewer than `cap` are admitted. Returns how many items were renamed.
+    pub fn apply(&mut self, items: &mut RollupItems, cap: usize) -> u64 {
+        items.rename(|name| {
+            if is_builtin(name) || self.admitted.contains(name) {
+                return None;
+            }
+            if self.admitted.len() < cap {
+                self.admitted.insert(name.to_string());
+                return None;
+            }
+            Some(OVERFLOW_NAME)
+        })
+    }
+
+    /// Like [`NameCap::apply`] without admitting anything: names not admitted yet are kept
+    /// while there is room (for live counts, which do not decide admission).
+    pub fn peek(&self, items: &mut RollupItems, cap: usize) -> u64 {
+        let room = self.admitted.len() < cap;
+        items.rename(|name| {
+            (!room && !is_builtin(name) && !self.admitted.contains(name)).then_some(OVERFLOW_NAME)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.admitted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.admitted.is_empty()
+    }
+}
+
+/// Series that exist whatever the events' names: the all-events series and `$`-names of the
+/// built-in calls and the overflow.
+fn is_builtin(name: &str) -> bool {
+    matches!(
+        name,
+        ALL_EVENTS
+            | "$page"
+            | "$screen"
+            | "$identify"
+            | "$group"
+            | "$alias"
+            | "$track"
+            | OVERFLOW_NAME
+    )
 }
 
 /// Values by series name, each at a fixed position, so that a batch's names are looked up once
@@ -544,6 +651,40 @@ pub fn cover(from: Micros, to: Micros) -> Vec<(Resolution, Micros)> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn items(names: &[&str]) -> RollupItems {
+        RollupItems::collect(names.iter().enumerate().map(|(i, n)| (*n, i as Micros, 7)))
+    }
+
+    fn named(items: &RollupItems) -> Vec<&str> {
+        items
+            .items()
+            .iter()
+            .map(|item| items.name_of(item))
+            .collect()
+    }
+
+    #[test]
+    fn names_over_the_cap_roll_up_as_other_in_log_order() {
+        let mut cap = NameCap::new(["a".to_string(), String::new(), "$page".to_string()]);
+        assert_eq!(cap.len(), 1, "built-in series do not count");
+        let mut batch = items(&["a", "b", "c", "$page", "b", "d", "c"]);
+        assert_eq!(cap.apply(&mut batch, 2), 3);
+        assert_eq!(
+            named(&batch),
+            ["a", "b", "$other", "$page", "b", "$other", "$other"]
+        );
+        // Renamed names are merged: `$other` is one series of the batch.
+        assert_eq!(batch.names().iter().filter(|n| *n == "$other").count(), 1);
+        // A replay decides the same way; a raised cap admits the next new name.
+        let mut replay = NameCap::new(["a".to_string(), "b".to_string()]);
+        let mut again = items(&["c", "b"]);
+        replay.peek(&mut again, 2);
+        assert_eq!(named(&again), ["$other", "b"]);
+        let mut raised = items(&["c", "d"]);
+        assert_eq!(replay.apply(&mut raised, 3), 1);
+        assert_eq!(named(&raised), ["c", "$other"]);
+    }
     use proptest::prelude::*;
 
     fn user(user: u64) -> u64 {

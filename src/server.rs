@@ -92,6 +92,7 @@ fn resume_purges(storage: &Storage) -> Result<(), StorageError> {
     std::thread::Builder::new()
         .name("purge-resume".into())
         .spawn(move || {
+            let _watch = storage.health.watch("purge-resume", None);
             for tenant in pending {
                 match storage::purge_tenant(&storage, tenant) {
                     Ok(removed) => {

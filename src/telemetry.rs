@@ -69,6 +69,10 @@ pub mod names {
     pub const LIVE_SUBSCRIBERS: &str = "statsremote_live_subscribers";
     /// Ticks a slow subscriber skipped (it got a later one instead).
     pub const LIVE_COALESCED: &str = "statsremote_live_coalesced_ticks_total";
+    /// Events rolled up under `$other` because their name was over the tenant's cap.
+    pub const EVENT_NAMES_OVERFLOW: &str = "statsremote_event_names_overflow_total";
+    /// Storage threads that have died (a panic), by thread name.
+    pub const STORAGE_THREAD_PANICS: &str = "statsremote_storage_thread_panics_total";
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -261,6 +265,16 @@ pub fn live_subscribers(tenant: &str, delta: f64) {
 }
 
 /// A subscriber skipped ticks.
+/// Events of one batch rolled up as `$other` (over the tenant's cap on event names).
+pub fn event_names_overflowed(tenant: &str, events: u64) {
+    counter!(names::EVENT_NAMES_OVERFLOW, "tenant" => tenant.to_string()).increment(events);
+}
+
+/// A storage thread died.
+pub fn storage_thread_panicked(thread: &'static str) {
+    counter!(names::STORAGE_THREAD_PANICS, "thread" => thread).increment(1);
+}
+
 pub fn live_coalesced(tenant: &str, ticks: u64) {
     counter!(names::LIVE_COALESCED, "tenant" => tenant.to_string()).increment(ticks);
 }

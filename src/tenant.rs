@@ -86,13 +86,16 @@ pub fn generate_admin_token() -> String {
     format!("sr_admin_{}", random_hex(20))
 }
 
-/// Per-tenant settings, changeable at run time through the admin API.
+/// Per-tenant settings, changeable at run time through the admin API. Stored by
+/// `storage::meta`, which keeps the layout of older records readable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantSettings {
     pub rate_limit_events_per_second: u32,
     pub rate_limit_burst: u32,
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    /// Distinct event names rolled up; events of further names are rolled up as `$other`.
+    pub max_event_names: u32,
 }
 
 impl TenantSettings {
@@ -101,6 +104,7 @@ impl TenantSettings {
             rate_limit_events_per_second: defaults.rate_limit_events_per_second,
             rate_limit_burst: defaults.rate_limit_burst,
             dedup_window: defaults.dedup_window,
+            max_event_names: defaults.max_event_names,
         }
     }
 }
@@ -113,6 +117,7 @@ pub struct SettingsPatch {
     pub rate_limit_burst: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub dedup_window: Option<Duration>,
+    pub max_event_names: Option<u32>,
 }
 
 impl SettingsPatch {
@@ -136,6 +141,12 @@ impl SettingsPatch {
                 return Err("settings.dedup_window must be positive".into());
             }
             next.dedup_window = value;
+        }
+        if let Some(value) = self.max_event_names {
+            if value == 0 {
+                return Err("settings.max_event_names must be at least 1".into());
+            }
+            next.max_event_names = value;
         }
         Ok(next)
     }
@@ -248,7 +259,7 @@ impl TenantDirectory {
         defaults: TenantDefaults,
         admin_digest: KeyDigest,
     ) -> Result<TenantDirectory, StorageError> {
-        let records = meta::load_tenants(&storage)?;
+        let records = meta::load_tenants(&storage, &defaults)?;
         let directory = TenantDirectory {
             storage,
             defaults,

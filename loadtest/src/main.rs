@@ -8,6 +8,7 @@
 //! run, and `--json FILE` writes the same figures.
 
 mod generate;
+mod hostile;
 mod queries;
 mod server;
 
@@ -57,6 +58,9 @@ enum Scenario {
     Ingest,
     /// Query latency and live-tick delay while ingesting at `--rate` (durable mode).
     Queries,
+    /// A good tenant's ack latency at `--rate` (default 20k events/s), without and with other
+    /// connections sending the worst shapes (no key, a valid key, stalled uploads).
+    Hostile,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -571,6 +575,11 @@ fn main() -> Result<()> {
         args.events = args.events.min(300_000);
         args.duration = args.duration.min(10);
     }
+    if args.scenario == Scenario::Hostile && args.rate == 0 {
+        // A moderate, held rate: the good tenant's latency, not the machine's ceiling.
+        args.rate = 20_000;
+        args.concurrency = args.concurrency.min(4);
+    }
     let args = Arc::new(args);
     let generator = Arc::new(Generator::new(
         args.batch_size,
@@ -580,6 +589,9 @@ fn main() -> Result<()> {
     )?);
     if args.scenario == Scenario::Queries {
         return run_queries(&args, &generator);
+    }
+    if args.scenario == Scenario::Hostile {
+        return hostile::run(&args, &generator);
     }
     println!(
         "loadtest: {} events per mode, batches of {} (~{} bytes/event), {} connections, {} tenant(s), {} users, compression {:?}",

@@ -214,14 +214,18 @@ impl LiveHub {
         }
     }
 
+    /// Counts the items of the previous and the current minute. Later ones (a client clock
+    /// ahead, within the future tolerance) are counted by the rollups only: a bucket for each
+    /// future second would let one batch make the hub hold thousands of buckets.
     fn add(&mut self, batch: &RollupItems, now: Micros) {
-        let oldest_minute = (now.div_euclid(MINUTE) - 1) * MINUTE;
+        let current_minute = now.div_euclid(MINUTE) * MINUTE;
+        let oldest_minute = current_minute - MINUTE;
         let mut seconds = Resolved::new(batch.names().len());
         let mut minutes = Resolved::new(batch.names().len());
         for item in batch.items() {
             let minute = item.timestamp.div_euclid(MINUTE) * MINUTE;
-            if minute < oldest_minute {
-                continue; // Late: counted by the rollups, not live.
+            if minute < oldest_minute || minute > current_minute {
+                continue; // Late or ahead: counted by the rollups, not live.
             }
             let second = item.timestamp.div_euclid(SECOND) * SECOND;
             seconds.add(&mut self.seconds, second, batch, item);
@@ -301,6 +305,21 @@ mod tests {
             minutes: BTreeMap::new(),
             seq: 0,
         }
+    }
+
+    #[test]
+    fn events_ahead_of_the_current_minute_make_no_buckets() {
+        let mut hub = hub();
+        let now = 1_000 * MINUTE + 10 * SECOND;
+        // A client clock an hour ahead: one event per second of that hour.
+        let ahead: Vec<(&str, Micros, u64)> = (0..3600)
+            .map(|s| ("a", now + MINUTE + s * SECOND, 1))
+            .collect();
+        hub.add(&batch(&ahead), now);
+        assert!(hub.seconds.is_empty() && hub.minutes.is_empty());
+        // Later in the current minute is still live.
+        hub.add(&batch(&[("a", now + 30 * SECOND, 1)]), now);
+        assert_eq!((hub.seconds.len(), hub.minutes.len()), (1, 1));
     }
 
     #[test]

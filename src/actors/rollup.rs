@@ -27,7 +27,7 @@ use crate::actors::live::{LiveHub, LiveItems};
 use crate::actors::supervisor::TenantSupervisor;
 use crate::actors::{PipelineDeps, StopChild};
 use crate::event::{now_micros, Micros};
-use crate::rollup::{Deltas, Resolution, Retention, RollupBatch, RollupItems};
+use crate::rollup::{Deltas, NameCap, Resolution, Retention, RollupBatch, RollupItems};
 use crate::storage::log::read_items;
 use crate::storage::rollups::{self, FlushOutcome};
 use crate::telemetry;
@@ -80,6 +80,8 @@ pub struct RollupActor {
     /// The tenant's last durable sequence, as far as this actor knows (for the lag metric).
     known_head: u64,
     deltas: Deltas,
+    /// The event names this tenant's rollups hold, and the cap on them.
+    names: NameCap,
     /// The watermark has been loaded and the log replayed up to its end at least once.
     loaded: bool,
     /// A load or catch-up read is running.
@@ -118,6 +120,7 @@ impl RollupActor {
             stored_watermark: 0,
             known_head: 0,
             deltas: Deltas::default(),
+            names: NameCap::default(),
             loaded: false,
             reading: false,
             flushing: false,
@@ -129,7 +132,23 @@ impl RollupActor {
         }
     }
 
-    fn apply(&mut self, first_seq: u64, items: &RollupItems) {
+    /// The tenant's cap on distinct event names.
+    fn name_cap(&self) -> usize {
+        self.deps
+            .directory
+            .get(self.tenant)
+            .map_or(usize::MAX, |tenant| {
+                tenant.settings.max_event_names as usize
+            })
+    }
+
+    /// Rolls up the items of the entry at `first_seq`, renaming the events over the tenant's
+    /// name cap first (see [`NameCap`]).
+    fn apply(&mut self, first_seq: u64, items: &mut RollupItems) {
+        let overflowed = self.names.apply(items, self.name_cap());
+        if overflowed > 0 {
+            telemetry::event_names_overflowed(&self.tenant_label, overflowed);
+        }
         self.deltas.apply(items, &self.retention, now_micros());
         self.applied_seq = crate::event::last_seq_of(first_seq, items.len());
         self.known_head = self.known_head.max(self.applied_seq);
@@ -140,6 +159,7 @@ impl RollupActor {
     fn start_epoch(&mut self) -> u64 {
         self.epoch += 1;
         self.deltas = Deltas::default();
+        self.names = NameCap::default();
         self.loaded = false;
         self.reading = true;
         self.epoch
@@ -154,7 +174,8 @@ impl RollupActor {
         let task = tokio::task::spawn_blocking(move || {
             let watermark = rollups::watermark(&storage, tenant)?;
             let head = crate::query::log_head(&storage, &heads, tenant)?;
-            Ok::<_, crate::storage::StorageError>((watermark, head))
+            let names = rollups::event_names(&storage, tenant)?;
+            Ok::<_, crate::storage::StorageError>((watermark, head, names))
         });
         ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
             if actor.epoch != epoch {
@@ -162,7 +183,8 @@ impl RollupActor {
             }
             actor.reading = false;
             match result {
-                Ok(Ok((watermark, head))) => {
+                Ok(Ok((watermark, head, names))) => {
+                    actor.names = NameCap::new(names);
                     actor.applied_seq = watermark;
                     actor.stored_watermark = watermark;
                     actor.known_head = actor.known_head.max(head);
@@ -215,11 +237,11 @@ impl RollupActor {
                 return;
             }
             telemetry::rollup_log_reads(batches.len());
-            for (first_seq, items) in batches {
+            for (first_seq, mut items) in batches {
                 if first_seq <= actor.applied_seq {
                     continue;
                 }
-                actor.apply(first_seq, &items);
+                actor.apply(first_seq, &mut items);
             }
             actor.catch_up(ctx);
         }));
@@ -419,16 +441,22 @@ impl Actor for RollupActor {
 impl Handler<Rolled> for RollupActor {
     type Result = ();
 
-    fn handle(&mut self, Rolled(batch): Rolled, ctx: &mut Self::Context) {
+    fn handle(&mut self, Rolled(mut batch): Rolled, ctx: &mut Self::Context) {
         self.known_head = self.known_head.max(batch.last_seq());
-        if !self.loaded || self.reading {
-            // The catch-up reads this entry from the log.
-        } else if batch.last_seq() <= self.applied_seq {
-            // Already applied (read from the log).
+        // Not applied here while a catch-up reads this entry from the log, or when it was
+        // already applied (read from the log).
+        let applied = if !self.loaded || self.reading || batch.last_seq() <= self.applied_seq {
+            false
         } else if batch.first_seq != self.applied_seq + 1 {
             self.catch_up(ctx); // Something was missed: read it from the log.
+            false
         } else {
-            self.apply(batch.first_seq, &batch.items);
+            self.apply(batch.first_seq, &mut batch.items);
+            true
+        };
+        if !applied {
+            // Live counts follow the cap as far as it is known now.
+            self.names.peek(&mut batch.items, self.name_cap());
         }
         if let Some(live) = &self.live {
             // Live counts are best effort under overload; rollups are not (see above).

@@ -6,6 +6,12 @@
 //! and `event` (the event name).
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
@@ -15,10 +21,12 @@ use serde_json::value::RawValue;
 
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
+use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::json::MergeBase;
 use crate::storage::log::{first_seq_received_since, scan};
-use crate::tenant::KeyKind;
+use crate::storage::Storage;
+use crate::tenant::{KeyKind, KeyWatch, TenantDirectory, TenantId};
 
 /// NDJSON bytes gathered before a chunk is sent to the client.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -63,46 +71,134 @@ pub async fn export(
         to,
         event: query.event,
     };
-    let storage = state.storage.clone();
-    let tenant_id = tenant.id;
-    let future_tolerance = state.config.limits.future_tolerance;
+    let slot = state.read_slots.take(tenant.id, ReadKind::Export)?;
+    let reader = ExportReader {
+        storage: state.storage.clone(),
+        tenant: tenant.id,
+        future_tolerance: state.config.limits.future_tolerance,
+        stall_timeout: state.config.reads.export_stall_timeout,
+        directory: Arc::clone(&state.directory),
+        key_watch: state
+            .directory
+            .watch_key(key.as_deref().unwrap_or_default()),
+        cut_off: Arc::new(AtomicBool::new(false)),
+    };
+    let cut_off = Arc::clone(&reader.cut_off);
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     actix_web::rt::task::spawn_blocking(move || {
-        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
-        let mut client_gone = false;
-        let scanned = first_seq_received_since(&storage, tenant_id, from, future_tolerance)
-            .and_then(|start| {
-                scan(&storage, tenant_id, start, |first_seq, batch| {
-                    write_batch(&mut chunk, first_seq, batch, &filter);
-                    if chunk.len() < CHUNK_BYTES {
-                        return ControlFlow::Continue(());
-                    }
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-                    client_gone = sender.blocking_send(Ok(Bytes::from(full))).is_err();
-                    if client_gone {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                })
-            });
-        match scanned {
-            Err(error) => {
-                tracing::error!(tenant = %tenant_id, %error, "export failed while reading the log");
-                let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
-            }
-            Ok(()) if !client_gone && !chunk.is_empty() => {
-                let _ = sender.blocking_send(Ok(Bytes::from(chunk)));
-            }
-            Ok(()) => {}
-        }
+        reader.run(&filter, &sender);
+        drop(slot);
     });
-    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
+    let directory = Arc::clone(&state.directory);
+    let key_watch = state
+        .directory
+        .watch_key(key.as_deref().unwrap_or_default());
+    let stream = futures_util::stream::unfold(Some((receiver, key_watch)), move |state| {
+        let directory = Arc::clone(&directory);
+        let cut_off = Arc::clone(&cut_off);
+        async move {
+            let (mut receiver, mut key_watch) = state?;
+            tokio::select! {
+                item = receiver.recv() => match item {
+                    Some(item) => Some((item, Some((receiver, key_watch)))),
+                    // The reader gave up on a stalled client or a revoked key: the
+                    // connection is aborted, so the export cannot pass for complete.
+                    None if cut_off.load(Ordering::Acquire) => Some((Err(export_cut_off()), None)),
+                    None => None,
+                },
+                () = key_watch.revoked(&directory) => Some((Err(export_cut_off()), None)),
+            }
+        }
     });
     Ok(HttpResponse::Ok()
         .content_type("application/x-ndjson")
         .streaming(stream))
+}
+
+fn export_cut_off() -> std::io::Error {
+    std::io::Error::other("export cut off: the key was revoked or the client stopped reading")
+}
+
+/// Reads the log for one export on a blocking thread and hands the NDJSON to the response in
+/// chunks. It stops when the client has taken nothing for `stall_timeout`, or as soon as the
+/// key is revoked, and then sets `cut_off`.
+struct ExportReader {
+    storage: Storage,
+    tenant: TenantId,
+    future_tolerance: Duration,
+    stall_timeout: Duration,
+    directory: Arc<TenantDirectory>,
+    key_watch: KeyWatch,
+    cut_off: Arc<AtomicBool>,
+}
+
+/// How often a reader waiting on a full channel looks again.
+const STALL_POLL: Duration = Duration::from_millis(20);
+
+impl ExportReader {
+    fn run(&self, filter: &Filter, sender: &Sender<Result<Bytes, std::io::Error>>) {
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+        let mut stopped = false;
+        let scanned = first_seq_received_since(
+            &self.storage,
+            self.tenant,
+            filter.from,
+            self.future_tolerance,
+        )
+        .and_then(|start| {
+            scan(&self.storage, self.tenant, start, |first_seq, batch| {
+                if !self.key_watch.in_force(&self.directory) {
+                    stopped = true;
+                    return ControlFlow::Break(());
+                }
+                write_batch(&mut chunk, first_seq, batch, filter);
+                if chunk.len() < CHUNK_BYTES {
+                    return ControlFlow::Continue(());
+                }
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                if self.send(sender, Ok(Bytes::from(full))) {
+                    ControlFlow::Continue(())
+                } else {
+                    stopped = true;
+                    ControlFlow::Break(())
+                }
+            })
+        });
+        match scanned {
+            Err(error) => {
+                tracing::error!(tenant = %self.tenant, %error, "export failed while reading the log");
+                let _ = self.send(sender, Err(std::io::Error::other(error.to_string())));
+            }
+            Ok(()) if !stopped && !chunk.is_empty() => {
+                self.send(sender, Ok(Bytes::from(chunk)));
+            }
+            Ok(()) => {}
+        }
+    }
+
+    /// Sends one item, waiting at most `stall_timeout` for room; false when the export must
+    /// stop (client gone, stalled, or key revoked).
+    fn send(
+        &self,
+        sender: &Sender<Result<Bytes, std::io::Error>>,
+        item: Result<Bytes, std::io::Error>,
+    ) -> bool {
+        let deadline = Instant::now() + self.stall_timeout;
+        let mut item = item;
+        loop {
+            match sender.try_send(item) {
+                Ok(()) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Full(back)) => item = back,
+            }
+            if Instant::now() >= deadline || !self.key_watch.in_force(&self.directory) {
+                self.cut_off.store(true, Ordering::Release);
+                tracing::info!(tenant = %self.tenant, "export cut off: client stalled or key revoked");
+                return false;
+            }
+            std::thread::sleep(STALL_POLL);
+        }
+    }
 }
 
 struct Filter {

@@ -6,7 +6,8 @@
 //! queueing them), and sends it, filtered to the events the client subscribed to with
 //! `{"subscribe": ["event", ...]}` (`{"subscribe": []}` or `null` = everything). The server pings
 //! every `live.ping_interval` and closes a connection it has not heard from (pong included) for
-//! `live.idle_timeout`, or whose sends stay blocked that long.
+//! `live.idle_timeout`, or whose sends stay blocked that long. A session ends as soon as its key
+//! is rotated or its tenant deleted, and each tenant has at most `reads.max_live_connections`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,9 +21,10 @@ use tokio::sync::watch;
 
 use crate::actors::live::LiveTick;
 use crate::http::errors::ApiError;
+use crate::http::slots::{ReadKind, ReadSlot};
 use crate::http::{auth, AppState};
 use crate::telemetry;
-use crate::tenant::KeyKind;
+use crate::tenant::{KeyKind, KeyWatch, TenantDirectory};
 
 /// Largest message a client may send.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
@@ -50,6 +52,10 @@ pub async fn live(
         None => params.into_inner().key,
     };
     let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let slot = state.read_slots.take(tenant.id, ReadKind::Live)?;
+    let key_watch = state
+        .directory
+        .watch_key(key.as_deref().unwrap_or_default());
     let ticks = state.pipelines.pipeline(tenant.id).subscribe_live();
     let (response, session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade request: {e}")))?;
@@ -57,6 +63,9 @@ pub async fn live(
         tenant: tenant.id.to_string(),
         ping_interval: state.config.live.ping_interval,
         idle_timeout: state.config.live.idle_timeout,
+        directory: Arc::clone(&state.directory),
+        key_watch,
+        _slot: slot,
     };
     actix_web::rt::spawn(run_session(
         session,
@@ -71,6 +80,11 @@ struct SessionSettings {
     tenant: String,
     ping_interval: Duration,
     idle_timeout: Duration,
+    directory: Arc<TenantDirectory>,
+    /// The session ends when its key is rotated or deleted.
+    key_watch: KeyWatch,
+    /// The tenant's place for one more live connection, held as long as the session.
+    _slot: ReadSlot,
 }
 
 /// Counts the subscriber for as long as the session lives.
@@ -109,7 +123,7 @@ async fn run_session(
     mut session: actix_ws::Session,
     mut stream: actix_ws::MessageStream,
     mut ticks: watch::Receiver<Arc<LiveTick>>,
-    settings: SessionSettings,
+    mut settings: SessionSettings,
 ) {
     let _subscribed = Subscribed::new(&settings.tenant);
     let mut filter: Option<HashSet<String>> = None;
@@ -162,6 +176,9 @@ async fn run_session(
                         break Some(CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) });
                     }
                 }
+            }
+            () = settings.key_watch.revoked(&settings.directory) => {
+                break Some(CloseReason { code: CloseCode::Policy, description: Some("key revoked".into()) });
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > settings.idle_timeout {

@@ -27,11 +27,20 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     };
     let writer_ok = state.writer.is_healthy();
     let actors_ok = state.pipelines.healthy();
+    let failed_threads = state.storage.health.failed();
+    let threads_ok = failed_threads.is_empty();
+    let ready = storage_ok && writer_ok && actors_ok && threads_ok;
     let body = serde_json::json!({
-        "status": if storage_ok && writer_ok && actors_ok { "ready" } else { "not ready" },
-        "checks": { "storage": storage_ok, "log_writer": writer_ok, "actors": actors_ok },
+        "status": if ready { "ready" } else { "not ready" },
+        "checks": {
+            "storage": storage_ok,
+            "log_writer": writer_ok,
+            "actors": actors_ok,
+            "storage_threads": threads_ok,
+        },
+        "failed_threads": failed_threads,
     });
-    if storage_ok && writer_ok && actors_ok {
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{format_timestamp, now_micros, parse_timestamp, Micros};
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
+use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::query::{self, align_range, Metric};
 use crate::rollup::Resolution;
@@ -584,12 +585,16 @@ pub async fn funnel(
     let storage = state.storage.clone();
     let heads = state.writer.heads().clone();
     let future_tolerance = state.config.limits.future_tolerance;
+    let late_arrival = state.config.reads.funnel_late_arrival;
+    let slot = state.read_slots.take(tenant_id, ReadKind::Funnel)?;
     let (reached, as_of) = web::block(move || {
+        let _slot = slot;
         let as_of = as_of(&storage, &heads, tenant_id)?;
         let span = query::FunnelSpan {
             from,
             to,
             future_tolerance,
+            late_arrival,
         };
         let reached = query::funnel(&storage, tenant_id, &steps, window_micros, &span)?;
         Ok::<_, query::FunnelError>((reached, as_of))

@@ -109,6 +109,7 @@ mod tests {
             max_concurrent_funnels: 1,
             max_live_connections: 3,
             export_stall_timeout: std::time::Duration::from_secs(30),
+            funnel_late_arrival: std::time::Duration::from_secs(60),
         })
     }
 

@@ -282,6 +282,8 @@ impl FilterBuilder {
                 let filters = filters.clone();
                 let stopping = Arc::clone(&stopping);
                 move || {
+                    // Lookups stay exact without a filter: writes go on if this thread dies.
+                    let _watch = storage.health.watch("dedup-filter", None);
                     crate::priority::background_thread();
                     if filters.0.max_bytes == 0 {
                         return;

@@ -96,6 +96,10 @@ impl DedupIngester {
         let thread = std::thread::Builder::new()
             .name("dedup-ingest".into())
             .spawn(move || {
+                // A panic here would leave acknowledged events' keys out of the dedup tables.
+                let _watch = storage
+                    .health
+                    .watch("dedup-ingest", Some(Arc::clone(&healthy)));
                 // Background work like the engine's flushes: the writer holds the keys meanwhile.
                 crate::priority::background_thread();
                 if let Err(error) = run(&storage, &received, &published, &filters, max_age) {
@@ -199,6 +203,7 @@ fn run(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
+        storage.health.checkpoint("dedup-ingest");
         if pending.due(max_age) {
             pending.ingest(storage, ingested, filters)?;
         }

@@ -167,7 +167,7 @@ impl LogWriter {
         let thread_healthy = Arc::clone(&healthy);
         let heads = LogHeads::default();
         let thread_heads = heads.clone();
-        let upkeep = Upkeep::start(storage.clone())?;
+        let upkeep = Upkeep::start(storage.clone(), Arc::clone(&healthy))?;
         let filters = KeyFilters::new(options.dedup_filter_bytes);
         let (ingester, key_groups, ingested) = DedupIngester::start(
             storage.clone(),
@@ -180,6 +180,7 @@ impl LogWriter {
             .name("log-writer".into())
             .spawn(move || {
                 let _alive = AliveGuard(Arc::clone(&thread_healthy));
+                let _watch = storage.health.watch("log-writer", None);
                 let mut writer = Writer {
                     storage,
                     options,
@@ -778,18 +779,7 @@ pub(crate) mod tests {
     }
 
     async fn append(writer: &LogWriter, tenant: TenantId, ids: &[&str]) -> AppendOutcome {
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            tenant,
-            queued_at: Instant::now(),
-            dedup_window: Duration::from_secs(3600),
-            batch: PreparedBatch::new(tenant, batch(ids)).unwrap(),
-            reply: Box::new(move |outcome| {
-                let _ = reply.send(outcome);
-            }),
-        };
-        writer.submit(request);
-        answer.await.unwrap().unwrap()
+        try_append(writer, tenant, ids).await.unwrap()
     }
 
     fn options() -> WriterOptions {
@@ -798,6 +788,55 @@ pub(crate) mod tests {
             queue_capacity: 16,
             max_group_requests: 8,
             dedup_filter_bytes: 16 << 20,
+        }
+    }
+
+    async fn try_append(
+        writer: &LogWriter,
+        tenant: TenantId,
+        ids: &[&str],
+    ) -> Result<AppendOutcome, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        writer.submit(AppendRequest {
+            tenant,
+            queued_at: Instant::now(),
+            dedup_window: Duration::from_secs(3600),
+            batch: PreparedBatch::new(tenant, batch(ids)).unwrap(),
+            reply: Box::new(move |outcome| {
+                let _ = reply.send(outcome);
+            }),
+        });
+        answer.await.unwrap()
+    }
+
+    /// A panic in a thread that writes depend on is reported by name and stops the
+    /// acknowledgement of writes.
+    #[actix_rt::test]
+    async fn a_panicking_storage_thread_is_reported_and_stops_the_writes_it_guards() {
+        for thread in ["dedup-ingest", "storage-upkeep"] {
+            let dir = tempfile::tempdir().unwrap();
+            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+            let writer = LogWriter::start(storage.clone(), options()).unwrap();
+            append(&writer, TenantId(1), &["a"]).await;
+            storage.health.inject_panic(thread);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while storage.health.failed().is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{thread} did not reach its checkpoint"
+                );
+                // The ingest thread passes its checkpoint when it receives a group.
+                let _ = try_append(&writer, TenantId(1), &["b"]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(storage.health.failed(), vec![thread]);
+            assert!(!writer.is_healthy(), "{thread}");
+            let refused = try_append(&writer, TenantId(1), &["c"]).await;
+            assert!(
+                matches!(refused, Err(StorageError::NotDurable(_))),
+                "{thread}: {refused:?}"
+            );
+            writer.shutdown();
         }
     }
 

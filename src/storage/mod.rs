@@ -23,6 +23,7 @@ pub mod codec;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod dedup_ingest;
+pub mod health;
 pub mod log;
 pub mod meta;
 pub mod rollups;
@@ -122,6 +123,8 @@ pub struct Storage {
     rollup_locks: Arc<dashmap::DashMap<TenantId, Arc<std::sync::Mutex<()>>>>,
     /// The background compaction that gives back purged log entries' space.
     log_reclaim: Arc<LogReclaim>,
+    /// Which storage threads have died.
+    pub health: Arc<health::ThreadHealth>,
 }
 
 impl Storage {
@@ -232,6 +235,7 @@ impl Storage {
             dedup_windows,
             rollup_locks: Arc::default(),
             log_reclaim: Arc::default(),
+            health: Arc::default(),
         })
     }
 
@@ -350,9 +354,11 @@ fn reclaim_log_space(storage: &Storage) {
         return;
     }
     let log = storage.log.clone();
+    let health = Arc::clone(&storage.health);
     let spawned = std::thread::Builder::new()
         .name("log-reclaim".into())
         .spawn(move || {
+            let _watch = health.watch("log-reclaim", None);
             crate::priority::background_thread();
             loop {
                 reclaim.pending.store(false, Ordering::SeqCst);

@@ -387,3 +387,41 @@ pub fn message_ids(events: &[Value]) -> Vec<String> {
         .map(|e| e["messageId"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// What the kernel says of a process: resident memory, its high-water mark, CPU time.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessStats {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub cpu: Duration,
+}
+
+/// Reads `/proc/<pid>/status` (VmRSS, VmHWM) and `/proc/<pid>/stat` (utime + stime).
+pub fn process_stats(pid: u32) -> ProcessStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find(|line| line.starts_with(field))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // The kernel's USER_HZ is 100 on Linux.
+    ProcessStats {
+        rss_bytes: kib("VmRSS:") * 1024,
+        peak_rss_bytes: kib("VmHWM:") * 1024,
+        cpu: Duration::from_millis(ticks * 10),
+    }
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS, so the next reading is the peak
+/// of what happens from now on.
+pub fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+}
