@@ -82,7 +82,7 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Open connections across all workers; further ones wait in the listen backlog.
     pub max_connections: usize,
-    /// Large bodies (decompression and parsing) handled at once; 0 = one per CPU core.
+    /// Large bodies (decompression and parsing) handled at once; 0 = half the CPU cores.
     pub max_concurrent_large_bodies: usize,
     /// Bodies at least this large (as received) count as large.
     pub large_body_bytes: ByteSize,
@@ -287,6 +287,19 @@ impl Config {
         if let Some(dir) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("storage.data_dir", dir));
         }
+        Self::extract(figment)
+    }
+
+    /// The embedded defaults with `toml` (a configuration file's text) layered on top.
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        Self::extract(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(toml)),
+        )
+    }
+
+    fn extract(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -498,9 +511,13 @@ impl Config {
         non_zero_or_cores(self.server.workers)
     }
 
-    /// Large bodies decoded and parsed at once.
+    /// Large bodies decoded and parsed at once: by default half the cores (at least one), so
+    /// that large bodies never take every core from small requests.
     pub fn large_body_permits(&self) -> usize {
-        non_zero_or_cores(self.server.max_concurrent_large_bodies)
+        match self.server.max_concurrent_large_bodies {
+            0 => (non_zero_or_cores(0) / 2).max(1),
+            permits => permits,
+        }
     }
 
     /// Number of arbiters hosting tenant actors.

@@ -12,13 +12,15 @@
 //!
 //! [`tenant`] holds tenants, settings and keys; [`config`] the typed settings; [`telemetry`]
 //! logs and metrics; [`server`] start-up and ordered shutdown; [`descriptors`] how file
-//! descriptors are shared between client connections and the storage engine.
+//! descriptors are shared between client connections and the storage engine; [`fuzzing`] the
+//! entry points of the fuzz targets.
 
 pub mod actors;
 pub mod config;
 pub mod descriptors;
 pub mod enrich;
 pub mod event;
+pub mod fuzzing;
 pub mod http;
 pub mod json;
 pub mod priority;

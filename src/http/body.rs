@@ -153,10 +153,33 @@ impl Received {
             Some(name) => decode(name, &self.bytes, max_bytes),
         }
     }
+
+    /// The body decompressed if it is smaller than `small_bytes` (else `None`), having spent at
+    /// most that much decompression on it: what an HTTP worker may do itself.
+    pub fn decoded_if_small(&self, small_bytes: usize) -> Result<Option<Bytes>, ApiError> {
+        match self.encoding.as_deref() {
+            None => Ok((self.bytes.len() < small_bytes).then(|| self.bytes.clone())),
+            Some(name) => decode_within(name, &self.bytes, small_bytes.saturating_sub(1)),
+        }
+    }
 }
 
 /// Decompresses `body` encoded as `encoding`, producing at most `max_bytes`.
 pub fn decode(encoding: &str, body: &[u8], max_bytes: usize) -> Result<Bytes, ApiError> {
+    decode_within(encoding, body, max_bytes)?.ok_or_else(|| {
+        ApiError::PayloadTooLarge(format!(
+            "decompressed request body is larger than the limit of {max_bytes} bytes"
+        ))
+    })
+}
+
+/// Like [`decode`], with `None` for a body that decompresses to more than `max_bytes` (having
+/// spent at most that much work on it).
+pub fn decode_within(
+    encoding: &str,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<Option<Bytes>, ApiError> {
     let result = match encoding {
         "gzip" | "x-gzip" => read_limited(flate2::read::MultiGzDecoder::new(body), max_bytes),
         "deflate" => {
@@ -184,10 +207,8 @@ pub fn decode(encoding: &str, body: &[u8], max_bytes: usize) -> Result<Bytes, Ap
         }
     };
     match result {
-        Ok(bytes) => Ok(Bytes::from(bytes)),
-        Err(Decode::TooLarge) => Err(ApiError::PayloadTooLarge(format!(
-            "decompressed request body is larger than the limit of {max_bytes} bytes"
-        ))),
+        Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+        Err(Decode::TooLarge) => Ok(None),
         Err(Decode::Corrupt(e)) => Err(ApiError::bad_request(format!(
             "request body is not valid {encoding} data: {e}"
         ))),

@@ -99,7 +99,6 @@ pub async fn handle(
     let work = BodyWork {
         route,
         ndjson,
-        max_body,
         tenant: header_tenant,
         directory: Arc::clone(&state.directory),
         limits: ParseLimits {
@@ -108,20 +107,22 @@ pub async fn handle(
             max_event_members: limits.max_event_members,
         },
     };
-    let large = received.encoding.is_some()
-        || received.bytes.len() as u64 >= state.config.server.large_body_bytes.as_u64();
-    let (tenant, parsed) = if large {
-        // Decompression and parsing of a large body run on a bounded pool, off the HTTP worker,
-        // so small requests and health checks on this worker are never stuck behind them.
-        let _permit = state
-            .large_bodies
-            .acquire(state.config.server.body_timeout)
-            .await?;
-        web::block(move || work.run(received))
-            .await
-            .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
-    } else {
-        work.run(received)?
+    let small_bytes =
+        usize::try_from(state.config.server.large_body_bytes.as_u64()).unwrap_or(usize::MAX);
+    let (tenant, parsed) = match received.decoded_if_small(small_bytes)? {
+        Some(body) => work.run(&body)?,
+        None => {
+            // Decompression and parsing of a large body run on a bounded pool, off the HTTP
+            // worker, so small requests and health checks on this worker are never stuck
+            // behind them.
+            let _permit = state
+                .large_bodies
+                .acquire(state.config.server.body_timeout)
+                .await?;
+            web::block(move || work.run(&received.decoded(max_body)?))
+                .await
+                .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
+        }
     };
     let tenant_label = tenant.id.to_string();
     let rejected = parsed.rejected;
@@ -211,7 +212,6 @@ pub async fn handle(
 struct BodyWork {
     route: Route,
     ndjson: bool,
-    max_body: usize,
     /// The tenant of a valid key sent in a header.
     tenant: Option<Arc<TenantRecord>>,
     directory: Arc<TenantDirectory>,
@@ -219,14 +219,13 @@ struct BodyWork {
 }
 
 impl BodyWork {
-    /// Decompresses and parses the body, and finds its tenant. Without a header key, the body
+    /// Parses the (decompressed) body, and finds its tenant. Without a header key, the body
     /// is first scanned for its key, which builds nothing: a body whose key is missing or
     /// unknown costs that scan, never the parse of its events.
-    fn run(self, received: body::Received) -> Result<(Arc<TenantRecord>, ParsedRequest), ApiError> {
-        let body = received.decoded(self.max_body)?;
+    fn run(self, body: &[u8]) -> Result<(Arc<TenantRecord>, ParsedRequest), ApiError> {
         let mut tenant = self.tenant.clone();
         if tenant.is_none() {
-            if let Some(key) = segment::find_write_key(self.route, self.ndjson, &body) {
+            if let Some(key) = segment::find_write_key(self.route, self.ndjson, body) {
                 tenant = Some(auth::tenant_for_key(
                     &self.directory,
                     key.as_deref(),
@@ -234,7 +233,7 @@ impl BodyWork {
                 )?);
             }
         }
-        let parsed = self.parse(&body)?;
+        let parsed = self.parse(body)?;
         let tenant = match tenant {
             Some(tenant) => tenant,
             // The scan could not read the body, yet the parse could (or it would have failed).

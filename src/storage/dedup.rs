@@ -96,10 +96,11 @@ impl DedupIndex {
         }
     }
 
-    /// Whether `key` was first seen within `window` before `now`.
+    /// Whether `key`, a key of `tenant`, was first seen within `window` before `now`.
     pub fn seen_within(
         &mut self,
         storage: &Storage,
+        tenant: TenantId,
         key: &DedupKey,
         now: Micros,
         window: Duration,
@@ -107,7 +108,7 @@ impl DedupIndex {
         let first_seen = match self.recent.get(key) {
             Some((first_seen, _)) => Some(*first_seen),
             None if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
-            None => tables_get(storage, key)?,
+            None => tables_get(storage, tenant, key)?,
         };
         let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
         Ok(first_seen.is_some_and(|first_seen| now.saturating_sub(first_seen) < window_micros))
@@ -139,9 +140,15 @@ impl DedupIndex {
     }
 }
 
-/// When `key` was first seen according to the keyspace's tables alone (not its memtables),
-/// newest table first, as the engine's own point read.
-fn tables_get(storage: &Storage, key: &DedupKey) -> Result<Option<Micros>, StorageError> {
+/// When `key` was first seen by `tenant` according to the keyspace's tables alone (not its
+/// memtables), newest table first, as the engine's own point read. A stored entry of another
+/// tenant (keys are seeded with the tenant, so only a 128-bit collision could match) is not a
+/// sighting.
+fn tables_get(
+    storage: &Storage,
+    tenant: TenantId,
+    key: &DedupKey,
+) -> Result<Option<Micros>, StorageError> {
     let hash = lsm_tree::table::filter::standard_bloom::Builder::get_hash(key);
     let version = storage.dedup.tree.current_version();
     for level in version.iter_levels() {
@@ -156,7 +163,9 @@ fn tables_get(storage: &Storage, key: &DedupKey) -> Result<Option<Micros>, Stora
                 if entry.is_tombstone() {
                     return Ok(None);
                 }
-                return Ok(parse_value(&entry.value).map(|(first_seen, _tenant)| first_seen));
+                return Ok(parse_value(&entry.value)
+                    .filter(|(_, stored)| *stored == tenant.0)
+                    .map(|(first_seen, _)| first_seen));
             }
         }
     }
@@ -274,15 +283,34 @@ pub(crate) mod tests {
         )
     }
 
+    /// The tenant whose keys [`into_tables`] stores.
+    const TEST_TENANT: TenantId = TenantId(1);
+
     /// Puts keys into the tables, as the ingest thread does.
     pub(crate) fn into_tables(storage: &Storage, keys: &[DedupKey], now: Micros) {
         for key in keys {
             storage
                 .dedup
-                .insert(key.to_vec(), value(TenantId(1), now).to_vec())
+                .insert(key.to_vec(), value(TEST_TENANT, now).to_vec())
                 .unwrap();
         }
         storage.dedup.rotate_memtable_and_wait().unwrap();
+    }
+
+    #[test]
+    fn a_stored_key_of_another_tenant_is_no_sighting() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let (mut index, _) = index();
+        let key = [9u8; 16];
+        into_tables(&storage, &[key], 1_000);
+        let hour = Duration::from_secs(3600);
+        assert!(index
+            .seen_within(&storage, TEST_TENANT, &key, 2_000, hour)
+            .unwrap());
+        assert!(!index
+            .seen_within(&storage, TenantId(2), &key, 2_000, hour)
+            .unwrap());
     }
 
     #[test]
@@ -295,9 +323,15 @@ pub(crate) mod tests {
         let later = now + 2 * 3_600_000_000;
         let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
         index.record(&[a, b], now, 1);
-        assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
-        assert!(!index.seen_within(&storage, &c, now + 1, hour).unwrap());
-        assert!(!index.seen_within(&storage, &a, later, hour).unwrap());
+        assert!(index
+            .seen_within(&storage, TEST_TENANT, &a, now + 1, hour)
+            .unwrap());
+        assert!(!index
+            .seen_within(&storage, TEST_TENANT, &c, now + 1, hour)
+            .unwrap());
+        assert!(!index
+            .seen_within(&storage, TEST_TENANT, &a, later, hour)
+            .unwrap());
 
         // `b` is seen again after its window (group 2) before group 1 reaches the tables.
         index.record(&[b], later, 2);
@@ -315,8 +349,12 @@ pub(crate) mod tests {
             "an ingested key is forgotten"
         );
         assert!(index.recent.contains_key(&b), "a newer entry is kept");
-        assert!(index.seen_within(&storage, &a, now + 1, hour).unwrap());
-        assert!(index.seen_within(&storage, &b, later + 1, hour).unwrap());
+        assert!(index
+            .seen_within(&storage, TEST_TENANT, &a, now + 1, hour)
+            .unwrap());
+        assert!(index
+            .seen_within(&storage, TEST_TENANT, &b, later + 1, hour)
+            .unwrap());
         assert_eq!(index.recent.len(), 1);
     }
 
@@ -337,10 +375,12 @@ pub(crate) mod tests {
         index.forget_ingested();
         assert!(index.filter.is_some(), "the index takes the built filter");
         for key in &stored {
-            assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
+            assert!(index
+                .seen_within(&storage, TEST_TENANT, key, now + 1, hour)
+                .unwrap());
         }
         assert!(!index
-            .seen_within(&storage, &[200u8; 16], now + 1, hour)
+            .seen_within(&storage, TEST_TENANT, &[200u8; 16], now + 1, hour)
             .unwrap());
         drop(builder);
     }
@@ -385,10 +425,12 @@ pub(crate) mod tests {
             index.forget_ingested();
             for key in [&a, &d] {
                 // From the tables: the memtables are never read.
-                assert!(index.seen_within(&storage, key, now + 1, hour).unwrap());
+                assert!(index
+                    .seen_within(&storage, TEST_TENANT, key, now + 1, hour)
+                    .unwrap());
             }
             assert!(!index
-                .seen_within(&storage, &[5u8; 16], now + 1, hour)
+                .seen_within(&storage, TEST_TENANT, &[5u8; 16], now + 1, hour)
                 .unwrap());
         }
         let db = fjall::Database::builder(dir.path()).open().unwrap();
@@ -438,7 +480,7 @@ pub(crate) mod tests {
         let (mut index, _) = index();
         let minute = Duration::from_secs(60);
         assert!(index
-            .seen_within(&storage, &key(short, "new"), now, minute)
+            .seen_within(&storage, short, &key(short, "new"), now, minute)
             .unwrap());
     }
 }

@@ -459,7 +459,7 @@ impl Writer {
                 continue;
             };
             let duplicate = !in_request.insert(*key)
-                || (self.dedup).seen_within(&self.storage, key, now, dedup_window)?;
+                || (self.dedup).seen_within(&self.storage, tenant, key, now, dedup_window)?;
             if !duplicate {
                 inserted.push(*key);
             }
