@@ -199,6 +199,11 @@ pub fn decode_within(
             Ok(decoder) => read_limited(decoder, max_bytes),
             Err(e) => Err(Decode::Corrupt(e)),
         },
+        "br" if is_large_window_brotli(body) => {
+            return Err(ApiError::bad_request(
+                "request body is large-window brotli, which is not accepted (use standard br)",
+            ))
+        }
         "br" => read_limited(brotli::Decompressor::new(body, 4096), max_bytes),
         other => {
             return Err(ApiError::UnsupportedMediaType(format!(
@@ -213,6 +218,14 @@ pub fn decode_within(
             "request body is not valid {encoding} data: {e}"
         ))),
     }
+}
+
+/// Whether a brotli stream uses the large-window extension (windows up to 1 GiB, which the
+/// decoder would reserve for a body of a few bytes). Its first 7 bits are `0010001` (read
+/// least significant first: WBITS escape, then the large-window marker); standard brotli,
+/// what HTTP's `br` means, has windows of at most 16 MiB.
+fn is_large_window_brotli(body: &[u8]) -> bool {
+    body.first().is_some_and(|first| first & 0x7f == 0x11)
 }
 
 enum Decode {
@@ -306,6 +319,24 @@ mod tests {
         // An ordinary frame still decodes.
         let ordinary = zstd::stream::encode_all(&data[..], 3).unwrap();
         assert_eq!(decode("zstd", &ordinary, 10_000).unwrap(), data);
+    }
+
+    #[test]
+    fn large_window_brotli_is_refused_before_decoding() {
+        // Found by fuzzing: seven bytes that asked the decoder for more than 1 GiB.
+        let found = [17u8, 158, 4, 65, 4, 86, 240];
+        let err = decode("br", &found, 10_000).unwrap_err();
+        assert!(err.to_string().contains("large-window"), "{err}");
+        // Standard brotli with the largest standard window still decodes.
+        let data = b"standard".repeat(100);
+        let mut br = Vec::new();
+        let params = brotli::enc::BrotliEncoderParams {
+            lgwin: 24,
+            ..Default::default()
+        };
+        brotli::BrotliCompress(&mut &data[..], &mut br, &params).unwrap();
+        assert!(!is_large_window_brotli(&br));
+        assert_eq!(decode("br", &br, 10_000).unwrap(), data);
     }
 
     #[test]

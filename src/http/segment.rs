@@ -25,6 +25,8 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_MESSAGE_ID_BYTES: usize = 512;
 /// Longest accepted `userId`, `anonymousId`, `groupId` or `previousId`, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
+/// Most reasons given for one rejected event; further ones are counted.
+const MAX_REASONS: usize = 3;
 /// Top-level key under which exports show what the server added; clients may not send it.
 pub const RESERVED_KEY: &str = "statsremote";
 
@@ -534,22 +536,24 @@ impl<'de> Visitor<'de> for ItemKeys {
 /// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
 pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
     let text = utf8(body)?;
-    let lines: Vec<&str> = text
-        .split('\n')
-        .map(|line| line.trim_end_matches('\r'))
-        .filter(|line| !line.trim().is_empty())
-        .collect();
-    if lines.len() > limits.max_events {
+    // Counted first, without keeping the lines: a body of tiny lines costs no list of them.
+    let lines = || {
+        text.split('\n')
+            .map(|line| line.trim_end_matches('\r'))
+            .filter(|line| !line.trim().is_empty())
+    };
+    let count = lines().count();
+    if count > limits.max_events {
         return Err(ParseError::TooManyEvents {
-            count: lines.len(),
+            count,
             limit: limits.max_events,
         });
     }
     let mut parsed = ParsedRequest {
-        events: Vec::with_capacity(lines.len()),
+        events: Vec::with_capacity(count),
         ..ParsedRequest::default()
     };
-    for (index, line) in lines.into_iter().enumerate() {
+    for (index, line) in lines().enumerate() {
         let outcome = read_object(line)
             .map_err(EventError::new)
             .and_then(|members| parse_event(None, members, &Defaults::default(), limits));
@@ -670,10 +674,17 @@ fn parse_event(
         ..IncomingEvent::default()
     };
     let mut write_key = None;
+    // The first few reasons are kept, the rest counted: an event of a thousand bad members
+    // must not answer with a thousand reasons.
     let mut errors: Vec<String> = Vec::new();
+    let mut more_errors = 0usize;
     let mut record = |result: Result<(), String>| {
         if let Err(reason) = result {
-            errors.push(reason);
+            if errors.len() < MAX_REASONS {
+                errors.push(reason);
+            } else {
+                more_errors += 1;
+            }
         }
     };
     for (key, value) in members {
@@ -723,7 +734,11 @@ fn parse_event(
         reason,
     };
     if !errors.is_empty() {
-        return Err(fail(errors.join("; "), &event));
+        let mut reason = errors.join("; ");
+        if more_errors > 0 {
+            reason.push_str(&format!(" (and {more_errors} more)"));
+        }
+        return Err(fail(reason, &event));
     }
     if let Some(reason) = check_required(kind, &event) {
         return Err(fail(reason, &event));
@@ -1201,6 +1216,24 @@ mod tests {
         assert_eq!(extra[0], ("k0".to_string(), "30000".to_string()));
         assert_eq!(extra[29_999], ("k29999".to_string(), "59999".to_string()));
     }
+
+    #[test]
+    fn a_rejected_event_gives_a_few_reasons_however_many_members_are_bad() {
+        let bad: String = (0..500).map(|_| r#","userId":{}"#).collect();
+        let body = format!(r#"{{"batch":[{{"type":"track","event":"e"{bad}}}]}}"#);
+        let parsed = parse_json(Route::Batch, body.as_bytes(), &LIMITS_WIDE).unwrap();
+        let reason = &parsed.rejected[0].reason;
+        assert_eq!(
+            reason.matches("must be a string or a number").count(),
+            MAX_REASONS
+        );
+        assert!(reason.ends_with("(and 497 more)"), "{reason}");
+    }
+
+    const LIMITS_WIDE: ParseLimits = ParseLimits {
+        max_event_members: 1000,
+        ..LIMITS
+    };
 
     #[test]
     fn the_write_key_is_found_without_parsing_events() {
