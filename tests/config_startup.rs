@@ -111,3 +111,58 @@ fn a_config_file_and_the_environment_apply() {
         "not JSON: {first}"
     );
 }
+
+/// Runs the server under `prlimit` with the given open-file limits (soft:hard) until it says
+/// where it listens; returns the process (to kill) and its soft limit then.
+fn start_with_nofile(limits: &str) -> Result<(std::process::Child, u64), String> {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={limits}"))
+        .arg(common::binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("STATSREMOTE_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let started = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.starts_with("statsremote listening on"));
+    if !started {
+        let output = child.wait_with_output().unwrap();
+        return Err(String::from_utf8_lossy(&output.stderr).to_string());
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    Ok((child, soft))
+}
+
+#[test]
+fn the_open_file_limit_is_raised_and_shared_or_the_server_refuses_to_start() {
+    let (mut child, soft) = start_with_nofile("512:4096").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, 4096, "the soft limit is raised to the hard one");
+    let stderr = start_with_nofile("300:300").expect_err("refused to start");
+    assert!(
+        stderr.contains("open-file limit is 300") && stderr.contains("server.max_connections"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_short_admin_token_is_refused_without_being_echoed() {
+    let (code, stderr) = serve_output(&[], &[("STATSREMOTE_ADMIN_TOKEN", "hunter2")]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("at least 16 characters"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
