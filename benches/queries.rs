@@ -54,7 +54,7 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
             all: true,
             ..Default::default()
         };
-        rollups::flush(storage, tenant, &deltas, previous, seq, &fold).unwrap();
+        rollups::flush(storage, tenant, &deltas, &[], previous, seq, &fold).unwrap();
     }
     // Old buckets live in on-disk tables on a running server, not in the memtable.
     for keyspace in [&storage.rollup_counts, &storage.rollup_users] {

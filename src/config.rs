@@ -395,6 +395,15 @@ impl Config {
                 "must be positive",
             ));
         }
+        // Requests are sequenced by when their body arrived; a wait longer than a few minutes
+        // could exceed the receive-order slack that exports and funnels rely on.
+        if self.server.body_timeout > Duration::from_secs(300) {
+            return Err(invalid(
+                "server.body_timeout",
+                humantime::format_duration(self.server.body_timeout),
+                "must be at most 5m",
+            ));
+        }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", 0, "must be at least 1"));
         }

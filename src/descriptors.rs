@@ -2,15 +2,20 @@
 //! engine so that neither can starve the other.
 //!
 //! At start the open-file soft limit is raised to the hard limit. Of what that gives,
-//! [`RESERVED`] descriptors are kept for everything that is neither a client socket nor a
-//! cached table file (journals, blob files, listeners, logs, the threads' own); the storage
+//! [`RESERVED`] descriptors, and [`PER_THREAD`] for each worker and arbiter thread (each runs
+//! its own event loop), are kept for everything that is neither a client socket nor a cached
+//! table file (journals, blob files, listeners, logs); the storage
 //! engine gets its table-file cache ([`STORAGE_FILES_WANTED`]); connections get the rest, up to
 //! `server.max_connections`. When the limit is too low for all of it, the two share what is
 //! spare: the table-file cache keeps at least half (and at least [`MIN_STORAGE_FILES`]), the
 //! connections the rest (at least [`MIN_CONNECTIONS`]); below that the server refuses to start.
 
-/// Descriptors for everything but client sockets and cached table files.
+/// Descriptors for everything but client sockets, cached table files and the threads' event
+/// loops.
 pub const RESERVED: u64 = 256;
+/// Descriptors of each HTTP worker's and actor arbiter's event loop (epoll, its waker), with
+/// room for the connection or two a worker may accept past its share of the cap.
+pub const PER_THREAD: u64 = 4;
 /// Table files the storage engine keeps open when it can (both databases together).
 pub const STORAGE_FILES_WANTED: u64 = 900;
 /// Fewest cached table files the storage engine runs with.
@@ -40,8 +45,11 @@ pub struct TooFewDescriptors {
 }
 
 /// Raises the soft open-file limit to the hard one (where the system allows it) and shares out
-/// the result.
-pub fn raise_and_share(max_connections: usize) -> Result<Budget, TooFewDescriptors> {
+/// the result, for a server of `threads` HTTP workers and actor arbiters.
+pub fn raise_and_share(
+    max_connections: usize,
+    threads: usize,
+) -> Result<Budget, TooFewDescriptors> {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let current = getrlimit(Resource::Nofile);
     if current.current != current.maximum {
@@ -55,17 +63,22 @@ pub fn raise_and_share(max_connections: usize) -> Result<Budget, TooFewDescripto
     }
     // No limit at all: as good as any number we would ask for.
     let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX / 2);
-    share(limit, max_connections)
+    share(limit, max_connections, threads)
 }
 
 /// Shares out `limit` descriptors.
-pub fn share(limit: u64, max_connections: usize) -> Result<Budget, TooFewDescriptors> {
+pub fn share(
+    limit: u64,
+    max_connections: usize,
+    threads: usize,
+) -> Result<Budget, TooFewDescriptors> {
     let wanted_connections = max_connections as u64;
-    let needed = RESERVED + MIN_STORAGE_FILES + MIN_CONNECTIONS.min(wanted_connections);
+    let reserved = RESERVED + PER_THREAD * threads as u64;
+    let needed = reserved + MIN_STORAGE_FILES + MIN_CONNECTIONS.min(wanted_connections);
     if limit < needed {
         return Err(TooFewDescriptors { limit, needed });
     }
-    let spare = limit - RESERVED;
+    let spare = limit - reserved;
     // Half of what is spare at least, more if the connections leave it; never below the floor.
     let storage_share = (spare / 2)
         .max(spare.saturating_sub(wanted_connections))
@@ -86,29 +99,34 @@ mod tests {
 
     #[test]
     fn everyone_gets_what_they_want_under_a_high_limit() {
-        let budget = share(1 << 20, 10_000).unwrap();
+        let budget = share(1 << 20, 10_000, 0).unwrap();
         assert_eq!((budget.connections, budget.storage_files), (10_000, 900));
     }
 
     #[test]
     fn a_low_limit_is_shared_and_never_exceeded() {
         // 4096 - 256 = 3840: storage keeps its 900, connections get 2940.
-        let budget = share(4096, 10_000).unwrap();
+        let budget = share(4096, 10_000, 0).unwrap();
         assert_eq!((budget.connections, budget.storage_files), (2940, 900));
         // 1024 - 256 = 768 with 10k connections wanted: half each.
-        let budget = share(1024, 10_000).unwrap();
+        let budget = share(1024, 10_000, 0).unwrap();
         assert_eq!((budget.connections, budget.storage_files), (384, 384));
         // Few connections wanted: storage takes what is left, up to what it wants.
-        let budget = share(1024, 100).unwrap();
+        let budget = share(1024, 100, 0).unwrap();
         assert_eq!((budget.connections, budget.storage_files), (100, 668));
-        assert!(share(400, 10_000).is_err());
+        assert!(share(400, 10_000, 0).is_err());
         // Neither ever exceeds the limit.
-        for limit in [420, 500, 1000, 2000, 5000] {
+        for limit in [500, 1000, 2000, 5000] {
             for wanted in [1, 64, 500, 10_000] {
-                let b = share(limit, wanted).unwrap();
-                assert!(RESERVED + (b.connections + b.storage_files) as u64 <= limit);
-                assert!(b.storage_files as u64 >= MIN_STORAGE_FILES);
+                for threads in [0, 4, 16] {
+                    let b = share(limit, wanted, threads).unwrap();
+                    let reserved = RESERVED + PER_THREAD * threads as u64;
+                    assert!(reserved + (b.connections + b.storage_files) as u64 <= limit);
+                    assert!(b.storage_files as u64 >= MIN_STORAGE_FILES);
+                }
             }
         }
+        // Threads count: 64 of them take 256 more.
+        assert!(share(500, 10_000, 64).is_err());
     }
 }

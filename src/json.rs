@@ -17,12 +17,12 @@ pub struct Members<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
 impl Members<'_> {
     /// The object's size as compact JSON text: its members' keys and values, their quotes,
     /// colons and commas, and the braces. Whitespace between members does not count (inside a
-    /// value it does); a key with escapes counts as unescaped.
+    /// value it does); a key counts as serde_json escapes it.
     pub fn compact_len(&self) -> usize {
         let members: usize = self
             .0
             .iter()
-            .map(|(key, value)| key.len() + value.get().len() + 4)
+            .map(|(key, value)| escaped_len(key) + value.get().len() + 2)
             .sum();
         // Each member has a comma but the last; the braces.
         (members + 2).saturating_sub(usize::from(!self.0.is_empty()))
@@ -59,6 +59,15 @@ impl<'a> MergeBase<'a> {
         })
     }
 
+    /// Its members, repeated ones included.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
     /// The base members an object with `own_keys` does not override, each once.
     fn inherited<'s>(
         &'s self,
@@ -91,12 +100,14 @@ impl<'a> MergeBase<'a> {
         (own_text.len() + inherited).saturating_sub(usize::from(extra_comma))
     }
 
-    /// The merged object's text. `own` must be a JSON object's text (as stored by the parser).
+    /// The merged object's text. `own` must be a JSON object's text (as stored by the parser);
+    /// one this cannot read (a key with a lone surrogate escape) is returned as it is.
     pub fn merge(&self, own: Option<&str>) -> String {
         let own_members: Option<Members<'_>> = own.and_then(|text| serde_json::from_str(text).ok());
         let (own_text, own_members) = match (own, own_members) {
             (Some(text), Some(members)) => (text.trim(), members),
-            _ => ("{}", Members(Vec::new())),
+            (Some(text), None) => return text.to_string(),
+            (None, _) => ("{}", Members(Vec::new())),
         };
         let own_keys = key_set(&own_members);
         let mut out = String::with_capacity(own_text.len() + self.distinct_len + 2);
@@ -118,7 +129,20 @@ impl<'a> MergeBase<'a> {
 }
 
 fn member_len((key, value): &(Cow<'_, str>, &RawValue)) -> usize {
-    key.len() + value.get().len() + 4
+    escaped_len(key) + value.get().len() + 2
+}
+
+/// Length of `text` as a JSON string, quotes included, escaped as serde_json writes it.
+pub fn escaped_len(text: &str) -> usize {
+    let escapes: usize = text
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..=0x1f => 5,
+            _ => 0,
+        })
+        .sum();
+    text.len() + escapes + 2
 }
 
 fn key_set<'m>(members: &'m Members<'_>) -> HashMap<&'m str, ()> {
@@ -268,6 +292,19 @@ mod tests {
         let empty = MergeBase::parse("{}").unwrap();
         assert_eq!(empty.merge(Some(r#"{"k":1}"#)), r#"{"k":1}"#);
         assert_eq!(empty.merge(None), "{}");
+    }
+
+    #[test]
+    fn keys_count_as_escaped_and_unreadable_own_objects_are_kept() {
+        let base = MergeBase::parse("{\"a\\u0001\\n\": 1}").unwrap();
+        let merged = base.merge(None);
+        assert_eq!(merged, "{\"a\\u0001\\n\":1}");
+        assert_eq!(base.merged_len(None), merged.len());
+        let padded: Members<'_> = serde_json::from_str("{\"q\\\"\": 1}").unwrap();
+        assert_eq!(padded.compact_len(), "{\"q\\\"\":1}".len());
+        // An own object with a lone surrogate key: exported as it came.
+        let own = "{\"\\ud800\": 1}";
+        assert_eq!(base.merge(Some(own)), own);
     }
 
     proptest! {

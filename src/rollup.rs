@@ -172,9 +172,19 @@ impl RollupItems {
     }
 
     /// Renames the series `rename` maps to another name (`None`: kept), merging names that end
-    /// up equal; returns how many items were renamed. Linear in the items.
+    /// up equal; returns how many items were renamed. `rename` is asked about each name once,
+    /// in the order of the name's first item, and never about a name no item uses (one whose
+    /// items were all dropped as duplicates). Linear in the items.
     pub fn rename(&mut self, mut rename: impl FnMut(&str) -> Option<&'static str>) -> u64 {
-        let renamed: Vec<Option<&'static str>> = self.names.iter().map(|n| rename(n)).collect();
+        let mut decided: Vec<Option<Option<&'static str>>> = vec![None; self.names.len()];
+        for item in &self.items {
+            let index = item.name as usize;
+            if let (Some(slot @ None), Some(name)) = (decided.get_mut(index), self.names.get(index))
+            {
+                *slot = Some(rename(name));
+            }
+        }
+        let renamed: Vec<Option<&'static str>> = decided.into_iter().map(Option::flatten).collect();
         if renamed.iter().all(Option::is_none) {
             return 0;
         }
@@ -232,6 +242,9 @@ pub const OVERFLOW_NAME: &str = "$other";
 #[derive(Debug, Default)]
 pub struct NameCap {
     admitted: rustc_hash::FxHashSet<String>,
+    /// Admitted since the last stored flush: written with the next one, together with the
+    /// watermark, so that what a replay starts from always includes them.
+    unflushed: Vec<String>,
 }
 
 impl NameCap {
@@ -242,7 +255,19 @@ impl NameCap {
                 .into_iter()
                 .filter(|name| !is_builtin(name))
                 .collect(),
+            unflushed: Vec::new(),
         }
+    }
+
+    /// The names admitted since the last stored flush, for the next flush to store.
+    pub fn take_unflushed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unflushed)
+    }
+
+    /// Names a failed flush did not store, to be stored by the next one.
+    pub fn restore_unflushed(&mut self, mut names: Vec<String>) {
+        names.append(&mut self.unflushed);
+        self.unflushed = names;
     }
 
     /// Maps the names of `items` over the cap to [`OVERFLOW_NAME`], admitting new names while
@@ -254,6 +279,7 @@ impl NameCap {
             }
             if self.admitted.len() < cap {
                 self.admitted.insert(name.to_string());
+                self.unflushed.push(name.to_string());
                 return None;
             }
             Some(OVERFLOW_NAME)
@@ -662,6 +688,23 @@ mod tests {
             .iter()
             .map(|item| items.name_of(item))
             .collect()
+    }
+
+    #[test]
+    fn names_are_admitted_in_the_order_of_their_events_and_only_with_events() {
+        // The batch lists "z" first, but its first kept event comes after "y"'s; "x" lost its
+        // only event (a duplicate).
+        let mut batch = RollupItems::collect([("x", 0, 1), ("z", 1, 1), ("y", 2, 1), ("z", 3, 1)]);
+        batch.retain_kept(&[false, false, true, true]);
+        let mut cap = NameCap::default();
+        assert_eq!(cap.apply(&mut batch, 1), 1);
+        assert_eq!(named(&batch), ["y", "$other"]);
+        assert_eq!(cap.take_unflushed(), ["y"]);
+        // A replay from the log sees only the stored events, in the same order.
+        let mut replayed = RollupItems::collect([("y", 2, 1), ("z", 3, 1)]);
+        let mut fresh = NameCap::default();
+        fresh.apply(&mut replayed, 1);
+        assert_eq!(named(&replayed), ["y", "$other"]);
     }
 
     #[test]

@@ -137,7 +137,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "benchmark.ceiling_discard_events is ON: events are parsed and then DISCARDED, not stored"
         );
     }
-    let descriptors = crate::descriptors::raise_and_share(config.server.max_connections)?;
+    let descriptors = crate::descriptors::raise_and_share(
+        config.server.max_connections,
+        config.http_workers() + config.actor_arbiters(),
+    )?;
     if descriptors.connections < config.server.max_connections {
         tracing::warn!(
             open_file_limit = descriptors.limit,

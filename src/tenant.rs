@@ -239,14 +239,15 @@ impl KeyWatch {
         matches!(directory.check_digest(&self.digest), KeyCheck::Valid(..))
     }
 
-    /// Resolves once the key no longer works (never, if the directory is dropped first).
+    /// Resolves once the key no longer works (at once if it already does not; never, if the
+    /// directory is dropped first).
     pub async fn revoked(&mut self, directory: &TenantDirectory) {
         loop {
-            if self.changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
             if !self.in_force(directory) {
                 return;
+            }
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
             }
         }
     }
@@ -472,6 +473,7 @@ fn validate_name(name: &str) -> Result<String, DirectoryError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -483,6 +485,31 @@ mod tests {
         assert_ne!(a, b);
         assert!(generate_key(KeyKind::Read).starts_with("sr_read_"));
         assert!(generate_admin_token().starts_with("sr_admin_"));
+    }
+
+    #[actix_rt::test]
+    async fn a_key_watch_sees_revocations_before_and_after_it_was_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let config = crate::config::Config::load_from(&Default::default(), &[]).unwrap();
+        let directory =
+            TenantDirectory::load(storage, config.tenant_defaults.clone(), [0; 32]).unwrap();
+        let (tenant, keys) = directory.create("watched").unwrap();
+        let read_key = keys.read_key.unwrap();
+        let mut early = directory.watch_key(&read_key);
+        assert!(early.in_force(&directory));
+        // Rotating the other key is no revocation of this one.
+        directory.rotate(tenant.id, RotateWhich::Write).unwrap();
+        let pending = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            early.revoked(&directory),
+        );
+        assert!(pending.await.is_err());
+        directory.rotate(tenant.id, RotateWhich::Read).unwrap();
+        early.revoked(&directory).await;
+        // A watch made after the rotation (a request that raced it) resolves at once.
+        let mut late = directory.watch_key(&read_key);
+        late.revoked(&directory).await;
     }
 
     #[test]

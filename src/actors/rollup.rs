@@ -314,6 +314,7 @@ impl RollupActor {
         }
         let epoch = self.epoch;
         let mut deltas = std::mem::take(&mut self.deltas);
+        let admitted = self.names.take_unflushed();
         let through = self.applied_seq;
         let expected = self.stored_watermark;
         let storage = self.deps.storage.clone();
@@ -327,19 +328,21 @@ impl RollupActor {
             let _slot = slot;
             let started = Instant::now();
             deltas.roll_up_users();
-            let result = rollups::flush(&storage, tenant, &deltas, expected, through, &fold);
+            let result = rollups::flush(
+                &storage, tenant, &deltas, &admitted, expected, through, &fold,
+            );
             if matches!(result, Ok(FlushOutcome::Stored)) && expire {
                 if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
                     tracing::warn!(%tenant, %error, "expiring old rollups failed");
                 }
             }
-            (result, deltas, fold, started.elapsed())
+            (result, deltas, admitted, fold, started.elapsed())
         });
         ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
             actor.flushing = false;
             if actor.epoch == epoch {
                 match joined {
-                    Ok((Ok(FlushOutcome::Stored), deltas, fold, took)) => {
+                    Ok((Ok(FlushOutcome::Stored), deltas, _, fold, took)) => {
                         actor.stored_watermark = through;
                         actor.flushes += 1;
                         actor.note_folds(&deltas, &fold);
@@ -355,10 +358,11 @@ impl RollupActor {
                         tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
                         actor.reload(ctx);
                     }
-                    Ok((Err(error), deltas, ..)) => {
+                    Ok((Err(error), deltas, admitted, ..)) => {
                         tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
                         // Not stored: keep the updates for the next flush.
                         actor.deltas.merge(deltas);
+                        actor.names.restore_unflushed(admitted);
                     }
                     Err(error) => {
                         tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");

@@ -81,9 +81,9 @@ pub async fn export(
         key_watch: state
             .directory
             .watch_key(key.as_deref().unwrap_or_default()),
-        cut_off: Arc::new(AtomicBool::new(false)),
+        finished: Arc::new(AtomicBool::new(false)),
     };
-    let cut_off = Arc::clone(&reader.cut_off);
+    let finished = Arc::clone(&reader.finished);
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     actix_web::rt::task::spawn_blocking(move || {
         reader.run(&filter, &sender);
@@ -95,18 +95,20 @@ pub async fn export(
         .watch_key(key.as_deref().unwrap_or_default());
     let stream = futures_util::stream::unfold(Some((receiver, key_watch)), move |state| {
         let directory = Arc::clone(&directory);
-        let cut_off = Arc::clone(&cut_off);
+        let finished = Arc::clone(&finished);
         async move {
             let (mut receiver, mut key_watch) = state?;
             tokio::select! {
+                biased;
+                () = key_watch.revoked(&directory) => Some((Err(export_cut_off()), None)),
                 item = receiver.recv() => match item {
                     Some(item) => Some((item, Some((receiver, key_watch)))),
-                    // The reader gave up on a stalled client or a revoked key: the
-                    // connection is aborted, so the export cannot pass for complete.
-                    None if cut_off.load(Ordering::Acquire) => Some((Err(export_cut_off()), None)),
-                    None => None,
+                    None if finished.load(Ordering::Acquire) => None,
+                    // The reader stopped before the end (a stalled client, a revoked key, a
+                    // failure): the connection is aborted, so the export cannot pass for
+                    // complete.
+                    None => Some((Err(export_cut_off()), None)),
                 },
-                () = key_watch.revoked(&directory) => Some((Err(export_cut_off()), None)),
             }
         }
     });
@@ -121,7 +123,8 @@ fn export_cut_off() -> std::io::Error {
 
 /// Reads the log for one export on a blocking thread and hands the NDJSON to the response in
 /// chunks. It stops when the client has taken nothing for `stall_timeout`, or as soon as the
-/// key is revoked, and then sets `cut_off`.
+/// key is revoked; it sets `finished` only once it has read to the end and handed over the
+/// last chunk.
 struct ExportReader {
     storage: Storage,
     tenant: TenantId,
@@ -129,7 +132,7 @@ struct ExportReader {
     stall_timeout: Duration,
     directory: Arc<TenantDirectory>,
     key_watch: KeyWatch,
-    cut_off: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
 }
 
 /// How often a reader waiting on a full channel looks again.
@@ -169,8 +172,10 @@ impl ExportReader {
                 tracing::error!(tenant = %self.tenant, %error, "export failed while reading the log");
                 let _ = self.send(sender, Err(std::io::Error::other(error.to_string())));
             }
-            Ok(()) if !stopped && !chunk.is_empty() => {
-                self.send(sender, Ok(Bytes::from(chunk)));
+            Ok(()) if !stopped => {
+                if chunk.is_empty() || self.send(sender, Ok(Bytes::from(chunk))) {
+                    self.finished.store(true, Ordering::Release);
+                }
             }
             Ok(()) => {}
         }
@@ -192,7 +197,6 @@ impl ExportReader {
                 Err(TrySendError::Full(back)) => item = back,
             }
             if Instant::now() >= deadline || !self.key_watch.in_force(&self.directory) {
-                self.cut_off.store(true, Ordering::Release);
                 tracing::info!(tenant = %self.tenant, "export cut off: client stalled or key revoked");
                 return false;
             }

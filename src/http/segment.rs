@@ -298,8 +298,8 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
         optional_object("integrations", envelope.integrations).map_err(ParseError::Malformed)?;
     let defaults = Defaults {
         sent_at: optional_time("sentAt", envelope.sent_at).map_err(ParseError::Malformed)?,
-        context: merge_base("context", context)?,
-        integrations: merge_base("integrations", integrations)?,
+        context: merge_base("context", context, limits.max_event_members)?,
+        integrations: merge_base("integrations", integrations, limits.max_event_members)?,
     };
     let mut parsed = ParsedRequest {
         write_key: envelope.write_key.flatten(),
@@ -320,13 +320,24 @@ fn parse_batch(text: &str, limits: &ParseLimits) -> Result<ParsedRequest, ParseE
     Ok(parsed)
 }
 
-fn merge_base<'a>(field: &str, text: Option<&'a str>) -> Result<Option<MergeBase<'a>>, ParseError> {
-    text.map(|text| {
-        MergeBase::parse(text).map_err(|e| {
-            ParseError::Malformed(format!("batch field `{field}` cannot be read: {e}"))
-        })
-    })
-    .transpose()
+/// A batch-level object, read once; like an event, it has at most `max_members` members.
+fn merge_base<'a>(
+    field: &str,
+    text: Option<&'a str>,
+    max_members: usize,
+) -> Result<Option<MergeBase<'a>>, ParseError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let base = MergeBase::parse(text)
+        .map_err(|e| ParseError::Malformed(format!("batch field `{field}` cannot be read: {e}")))?;
+    if base.len() > max_members {
+        return Err(ParseError::Malformed(format!(
+            "batch field `{field}` has {} members; the limit is {max_members}",
+            base.len()
+        )));
+    }
+    Ok(Some(base))
 }
 
 fn parse_single(
@@ -373,8 +384,9 @@ pub fn find_write_key(route: Route, ndjson: bool, body: &[u8]) -> Option<Option<
         deserializer.end().ok()?;
         return Some(key);
     }
+    // A line the scan cannot read is no event with a key: the parse will reject it alone.
     for line in text.split('\n').filter(|line| !line.trim().is_empty()) {
-        if let Some(key) = serde_json::from_str::<KeyScanned>(line).ok()?.0 {
+        if let Ok(KeyScanned(Some(key))) = serde_json::from_str::<KeyScanned>(line) {
             return Some(Some(key));
         }
     }
@@ -768,10 +780,14 @@ fn inherited_len(members: &Members<'_>, defaults: &Defaults<'_>) -> usize {
             .map(|(_, value)| value.get())
             .filter(|text| text.starts_with('{'));
         let own_members = own.and_then(|text| serde_json::from_str::<Members<'_>>(text).ok());
-        added += match own.zip(own_members.as_ref()) {
-            Some((text, own_members)) => base.merged_len(Some((text, own_members))) - text.len(),
+        added += match (own, own_members.as_ref()) {
+            (Some(text), Some(own_members)) => {
+                base.merged_len(Some((text, own_members))) - text.len()
+            }
+            // An object the merge cannot read is exported as it is (see `MergeBase::merge`).
+            (Some(_), None) => 0,
             // A new member: `,"context":{...}`.
-            None => field.len() + 4 + base.merged_len(None),
+            (None, _) => field.len() + 4 + base.merged_len(None),
         };
     }
     added

@@ -181,6 +181,7 @@ pub fn flush(
     storage: &Storage,
     tenant: TenantId,
     deltas: &Deltas,
+    admitted: &[String],
     expected_watermark: u64,
     through_seq: u64,
     fold: &FoldPlan,
@@ -220,7 +221,9 @@ pub fn flush(
             fold_users(storage, &mut batch, &key, &PendingUsers::default())?;
         }
     }
-    for name in names {
+    // Every name the deltas use, and the names admitted under the tenant's cap since the last
+    // flush (some may have no delta: all their events were past every retention).
+    for name in names.into_iter().chain(admitted.iter().map(String::as_str)) {
         batch.insert(
             &storage.meta,
             meta_key(NAME, tenant, &name_hash(name).to_be_bytes()),
@@ -498,6 +501,7 @@ mod tests {
                 &storage,
                 tenant,
                 &deltas_of_users(at, from..to),
+                &[],
                 seq,
                 seq + 1,
                 &FoldPlan {
@@ -542,7 +546,7 @@ mod tests {
         };
         let elsewhere = deltas_of_users(at + 10 * Resolution::Day.width(), 0..1);
         assert_eq!(
-            flush(&storage, tenant, &elsewhere, 5, 6, &ended).unwrap(),
+            flush(&storage, tenant, &elsewhere, &[], 5, 6, &ended).unwrap(),
             FlushOutcome::Stored
         );
         for resolution in Resolution::ALL {
@@ -583,16 +587,34 @@ mod tests {
         let tenant = TenantId(3);
         let at = 1_000 * Resolution::Day.width();
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 0, 1, &FoldPlan::default()).unwrap(),
+            flush(
+                &storage,
+                tenant,
+                &deltas(at),
+                &[],
+                0,
+                1,
+                &FoldPlan::default()
+            )
+            .unwrap(),
             FlushOutcome::Stored
         );
         // A second writer that also started from watermark 0 (a replaced actor) is refused.
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 0, 1, &FoldPlan::default()).unwrap(),
+            flush(
+                &storage,
+                tenant,
+                &deltas(at),
+                &[],
+                0,
+                1,
+                &FoldPlan::default()
+            )
+            .unwrap(),
             FlushOutcome::Conflict { stored: 1 }
         );
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), 1, 2, &all()).unwrap(),
+            flush(&storage, tenant, &deltas(at), &[], 1, 2, &all()).unwrap(),
             FlushOutcome::Stored
         );
         let counts = read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1).unwrap();
