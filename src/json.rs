@@ -4,7 +4,7 @@
 //! an event's own object over a batch-level one in time linear in both.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -71,13 +71,13 @@ impl<'a> MergeBase<'a> {
     /// The base members an object with `own_keys` does not override, each once.
     fn inherited<'s>(
         &'s self,
-        own_keys: &'s HashMap<&str, ()>,
+        own_keys: &'s HashSet<&str>,
     ) -> impl Iterator<Item = &'s (Cow<'a, str>, &'a RawValue)> + 's {
         self.members
             .iter()
             .enumerate()
             .filter(move |(index, (key, _))| {
-                self.last.get(key) == Some(index) && !own_keys.contains_key(key.as_ref())
+                self.last.get(key) == Some(index) && !own_keys.contains(key.as_ref())
             })
             .map(|(_, member)| member)
     }
@@ -90,7 +90,7 @@ impl<'a> MergeBase<'a> {
         };
         let own_keys = key_set(own_members);
         let overridden: usize = own_keys
-            .keys()
+            .iter()
             .filter_map(|key| self.last.get(*key))
             .map(|&index| member_len(&self.members[index]))
             .sum();
@@ -145,12 +145,8 @@ pub fn escaped_len(text: &str) -> usize {
     text.len() + escapes + 2
 }
 
-fn key_set<'m>(members: &'m Members<'_>) -> HashMap<&'m str, ()> {
-    members
-        .0
-        .iter()
-        .map(|(key, _)| (key.as_ref(), ()))
-        .collect()
+fn key_set<'m>(members: &'m Members<'_>) -> HashSet<&'m str> {
+    members.0.iter().map(|(key, _)| key.as_ref()).collect()
 }
 
 /// A value that should be an object, read in one pass: its members, or which JSON type it

@@ -290,14 +290,6 @@ fn compressed_bombs_stop_at_the_limit() {
     );
 }
 
-/// Writes raw bytes on a new connection.
-fn raw_connection(server: &TestServer, bytes: &[u8]) -> TcpStream {
-    let addr = server.base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(bytes).unwrap();
-    stream
-}
-
 /// Reads what the server sends until it closes the connection (or `limit` passes).
 fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Duration) {
     let started = Instant::now();
@@ -326,7 +318,7 @@ fn slow_and_stalled_uploads_are_cut_off() {
     ]);
     let tenant = server.create_tenant("slow");
     // Headers that never end.
-    let mut stream = raw_connection(&server, b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-");
+    let mut stream = server.raw_connection(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-");
     let (_, took) = read_until_closed(&mut stream, Duration::from_secs(10));
     assert!(
         took < Duration::from_secs(5),
@@ -346,7 +338,7 @@ fn slow_and_stalled_uploads_are_cut_off() {
     let before = process_stats(pid);
     let started = Instant::now();
     let mut stalled: Vec<TcpStream> = (0..300)
-        .map(|_| raw_connection(&server, head.as_bytes()))
+        .map(|_| server.raw_connection(head.as_bytes()))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let during = process_stats(pid);
@@ -384,9 +376,9 @@ fn connections_over_the_cap_wait_for_a_free_one() {
         ("STATSREMOTE__SERVER__HEADER_TIMEOUT", "30s"),
     ]);
     // Four idle connections take every place.
-    let idle: Vec<TcpStream> = (0..4).map(|_| raw_connection(&server, b"")).collect();
+    let idle: Vec<TcpStream> = (0..4).map(|_| server.raw_connection(b"")).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let mut waiting = raw_connection(&server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut waiting = server.raw_connection(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     waiting
         .set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();

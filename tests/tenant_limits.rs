@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -192,14 +192,10 @@ fn fill(server: &TestServer, write_key: &str, megabytes: usize) {
 
 /// Starts an export and reads only the response head, leaving the body unread.
 fn stalled_export(server: &TestServer, read_key: &str) -> TcpStream {
-    let addr = server.base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    // A small receive buffer, so the server meets a full socket soon.
-    write!(
-        stream,
+    let request = format!(
         "GET /v1/events/export HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {read_key}\r\n\r\n"
-    )
-    .unwrap();
+    );
+    let mut stream = server.raw_connection(request.as_bytes());
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");

@@ -63,27 +63,26 @@ pub struct Received {
     pub encoding: Option<String>,
 }
 
-/// Reads the body as sent: at most `max_bytes`, all of it within `timeout` (else 408).
+/// Reads the body as sent: at most `max_bytes`, all of it within `timeout`, the body deadline
+/// that [`deadline`] puts on every request (else 408).
 pub async fn receive(
     req: &HttpRequest,
     payload: web::Payload,
     max_bytes: usize,
     timeout: Duration,
 ) -> Result<Received, ApiError> {
-    // `deadline` ends the body stream at the deadline; this timeout is the same deadline for a
-    // payload that did not pass through it.
-    let timed_out = || {
-        ApiError::RequestTimeout(format!(
-            "the request body did not arrive within {} (server.body_timeout)",
-            humantime::format_duration(timeout)
-        ))
+    // The body deadline itself is `deadline`'s, on every route: it ends the body stream with a
+    // timeout error, answered here with 408.
+    let bytes = match read_limited_stream(req, payload, max_bytes).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TimedOut) => {
+            return Err(ApiError::RequestTimeout(format!(
+                "the request body did not arrive within {} (server.body_timeout)",
+                humantime::format_duration(timeout)
+            )))
+        }
+        Err(BodyError::Api(error)) => return Err(error),
     };
-    let bytes =
-        match tokio::time::timeout(timeout, read_limited_stream(req, payload, max_bytes)).await {
-            Ok(Err(BodyError::TimedOut)) | Err(_) => return Err(timed_out()),
-            Ok(Err(BodyError::Api(error))) => return Err(error),
-            Ok(Ok(bytes)) => bytes,
-        };
     let encoding = req
         .headers()
         .get(header::CONTENT_ENCODING)

@@ -385,7 +385,7 @@ pub fn find_write_key(route: Route, ndjson: bool, body: &[u8]) -> Option<Option<
         return Some(key);
     }
     // A line the scan cannot read is no event with a key: the parse will reject it alone.
-    for line in text.split('\n').filter(|line| !line.trim().is_empty()) {
+    for line in ndjson_lines(text) {
         if let Ok(KeyScanned(Some(key))) = serde_json::from_str::<KeyScanned>(line) {
             return Some(Some(key));
         }
@@ -429,8 +429,9 @@ impl<'de> Visitor<'de> for KeyScan {
         while let Some(MemberKey(key)) = map.next_key()? {
             match &*key {
                 "writeKey" => {
-                    if let Some(StringOnly(Some(value))) = map.next_value()? {
-                        own = Some(value);
+                    let value: &'de RawValue = map.next_value()?;
+                    if let Some(key) = string_of(value) {
+                        own = Some(key.into_owned());
                     }
                 }
                 "batch" if self.batch => {
@@ -471,48 +472,6 @@ impl<'de> Visitor<'de> for KeyScan {
     }
 }
 
-/// A string value, or `None` for a value of any other type (read and dropped).
-struct StringOnly(Option<String>);
-
-impl<'de> Deserialize<'de> for StringOnly {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct StringVisitor;
-        impl<'de> Visitor<'de> for StringVisitor {
-            type Value = StringOnly;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(StringOnly(Some(v.to_string())))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(StringOnly(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(StringOnly(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(StringOnly(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(StringOnly(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(StringOnly(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(StringOnly(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(StringOnly(None))
-            }
-        }
-        deserializer.deserialize_any(StringVisitor)
-    }
-}
-
 /// The items of `batch`, each scanned for its `writeKey`; the first one found.
 struct ItemKeys;
 
@@ -545,16 +504,18 @@ impl<'de> Visitor<'de> for ItemKeys {
     }
 }
 
+/// The non-empty lines of an NDJSON body, without their line ends.
+fn ndjson_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n')
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| !line.trim().is_empty())
+}
+
 /// Parses `application/x-ndjson`: one event (with its `type`) per non-empty line.
 pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ParseError> {
     let text = utf8(body)?;
     // Counted first, without keeping the lines: a body of tiny lines costs no list of them.
-    let lines = || {
-        text.split('\n')
-            .map(|line| line.trim_end_matches('\r'))
-            .filter(|line| !line.trim().is_empty())
-    };
-    let count = lines().count();
+    let count = ndjson_lines(text).count();
     if count > limits.max_events {
         return Err(ParseError::TooManyEvents {
             count,
@@ -565,7 +526,7 @@ pub fn parse_ndjson(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, 
         events: Vec::with_capacity(count),
         ..ParsedRequest::default()
     };
-    for (index, line) in lines().enumerate() {
+    for (index, line) in ndjson_lines(text).enumerate() {
         let outcome = read_object(line)
             .map_err(EventError::new)
             .and_then(|members| parse_event(None, members, &Defaults::default(), limits));

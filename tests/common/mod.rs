@@ -156,6 +156,15 @@ impl TestServer {
         format!("{}{}", self.base, path)
     }
 
+    /// A new connection to the server that has sent `bytes` (raw HTTP, maybe unfinished).
+    pub fn raw_connection(&self, bytes: &[u8]) -> std::net::TcpStream {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.write_all(bytes).expect("send");
+        stream
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap().as_ref().expect("running").id()
     }
