@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use statsremote::event::{BatchSource, EventKind, LogBatch, StoredEvent};
 use statsremote::query::{self, Metric};
 use statsremote::rollup::{Deltas, Resolution, Retention, RollupItems};
-use statsremote::storage::{codec, rollups, tenant_key, Storage};
+use statsremote::storage::{codec, rollups, Storage};
 use statsremote::tenant::TenantId;
 
 const MINUTE: i64 = 60_000_000;
@@ -57,10 +57,7 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
         rollups::flush(storage, tenant, &deltas, &[], previous, seq, &fold).unwrap();
     }
     // Old buckets live in on-disk tables on a running server, not in the memtable.
-    for keyspace in [&storage.rollup_counts, &storage.rollup_users] {
-        keyspace.rotate_memtable_and_wait().unwrap();
-        keyspace.major_compact().unwrap();
-    }
+    storage.settle().unwrap();
 }
 
 /// 1,000 log entries of 100 events (~550 bytes each: properties and context), one per second
@@ -113,11 +110,12 @@ fn populate_log(storage: &Storage, tenant: TenantId, end: i64) {
         };
         let value = codec::encode_compressed(&batch).unwrap();
         storage
-            .log
-            .insert(tenant_key(tenant, entry * 100 + 1), value)
+            .log()
+            .append(tenant, entry * 100 + 1, value.into())
             .unwrap();
     }
-    storage.log.rotate_memtable_and_wait().unwrap();
+    storage.log().commit(&[], false).unwrap();
+    storage.settle().unwrap();
 }
 
 fn benches(c: &mut Criterion) {

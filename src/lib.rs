@@ -16,13 +16,16 @@
 //! entry points of the fuzz targets.
 
 pub mod actors;
+pub mod blocking;
 pub mod config;
 pub mod descriptors;
 pub mod enrich;
 pub mod event;
 pub mod fuzzing;
 pub mod http;
+pub mod ids;
 pub mod json;
+pub mod lifecycle;
 pub mod priority;
 pub mod query;
 pub mod ratelimit;

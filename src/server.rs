@@ -13,10 +13,11 @@ use actix_web::{web, HttpServer};
 use crate::actors::{PipelineDeps, Pipelines};
 use crate::config::{Config, Durability};
 use crate::http::{self, AppState};
+use crate::lifecycle::TenantLifecycle;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
-use crate::storage::log::{LogWriter, WriterOptions};
-use crate::storage::{self, meta, Storage, StorageError};
+use crate::storage::writer::{LogWriter, WriterOptions};
+use crate::storage::{meta, Storage, StorageError};
 use crate::telemetry;
 use crate::tenant::{self, KeyDigest, TenantDirectory};
 
@@ -73,39 +74,6 @@ fn admin_digest(config: &Config, storage: &Storage) -> Result<KeyDigest, Storage
     Ok(digest)
 }
 
-/// Deleted tenants whose data is still there.
-fn pending_purges(storage: &Storage) -> Result<Vec<crate::tenant::TenantId>, StorageError> {
-    Ok(meta::tombstoned_tenants(storage)?
-        .into_iter()
-        .filter(|tenant| storage::has_tenant_data(storage, *tenant))
-        .collect())
-}
-
-/// Finishes purges that a crash or failure interrupted (tenants with a tombstone whose data is
-/// still there). Runs in the background; their keys are gone, so nothing new arrives for them.
-fn resume_purges(storage: &Storage) -> Result<(), StorageError> {
-    let pending = pending_purges(storage)?;
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let storage = storage.clone();
-    std::thread::Builder::new()
-        .name("purge-resume".into())
-        .spawn(move || {
-            let _watch = storage.health.watch("purge-resume", None);
-            for tenant in pending {
-                match storage::purge_tenant(&storage, tenant) {
-                    Ok(removed) => {
-                        tracing::info!(%tenant, removed, "finished an interrupted purge")
-                    }
-                    Err(error) => tracing::error!(%tenant, %error, "resuming a purge failed"),
-                }
-            }
-        })
-        .map_err(|e| StorageError::NotDurable(format!("cannot start the purge thread: {e}")))?;
-    Ok(())
-}
-
 /// Starts the pipeline of every tenant whose rollups are behind its log (after a crash, say),
 /// so they catch up without waiting for the tenant's next request.
 fn start_lagging_pipelines(
@@ -114,8 +82,8 @@ fn start_lagging_pipelines(
     pipelines: &Pipelines,
 ) -> Result<(), StorageError> {
     for tenant in directory.list() {
-        let head = storage::log::last_seq(storage, tenant.id)?;
-        let watermark = storage::rollups::watermark(storage, tenant.id)?;
+        let head = storage.log().head(tenant.id)?;
+        let watermark = crate::storage::rollups::watermark(storage, tenant.id)?;
         if head > watermark {
             tracing::info!(tenant = %tenant.id, head, watermark, "rolling up events after restart");
             pipelines.pipeline(tenant.id);
@@ -162,7 +130,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         descriptors.storage_files,
     )?;
     let admin = admin_digest(&config, &storage)?;
-    resume_purges(&storage)?;
+    crate::lifecycle::resume_purges(&storage)?;
     let directory = Arc::new(TenantDirectory::load(
         storage.clone(),
         config.tenant_defaults.clone(),
@@ -198,13 +166,23 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         config.actor_arbiters(),
     ));
     start_lagging_pipelines(&storage, &directory, &pipelines)?;
+    let rate_limits = Arc::new(RateLimits::default());
+    let lifecycle = TenantLifecycle {
+        storage: storage.clone(),
+        writer: Arc::clone(&writer),
+        directory: Arc::clone(&directory),
+        pipelines: Arc::clone(&pipelines),
+        rate_limits: Arc::clone(&rate_limits),
+        query_cache: Arc::clone(&query_cache),
+    };
     let state = web::Data::new(AppState {
         config: config.clone(),
         storage: storage.clone(),
         writer: Arc::clone(&writer),
         directory: Arc::clone(&directory),
         pipelines: Arc::clone(&pipelines),
-        rate_limits: RateLimits::default(),
+        lifecycle,
+        rate_limits,
         query_cache,
         metrics,
         large_bodies: http::body::LargeBodies::new(config.large_body_permits()),
@@ -264,7 +242,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!("HTTP stopped; stopping tenant actors and flushing the log");
     let writer_for_stop = Arc::clone(&writer);
     let pipelines_for_stop = Arc::clone(&pipelines);
-    tokio::task::spawn_blocking(move || {
+    crate::blocking::run(move || {
         pipelines_for_stop.shutdown();
         writer_for_stop.shutdown();
     })
@@ -291,36 +269,5 @@ async fn wait_for_signal() {
             tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::config::Overrides;
-
-    #[test]
-    fn an_interrupted_purge_is_found_and_finished() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config::load_from(&Overrides::default(), &[]).unwrap();
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let directory =
-            TenantDirectory::load(storage.clone(), config.tenant_defaults.clone(), [0; 32])
-                .unwrap();
-        let (gone, _) = directory.create("gone").unwrap();
-        let (kept, _) = directory.create("kept").unwrap();
-        for tenant in [gone.id, kept.id] {
-            storage
-                .log
-                .insert(storage::tenant_key(tenant, 1), b"x".to_vec())
-                .unwrap();
-        }
-        // The tombstone is written, then the process "crashes" before the purge.
-        directory.remove(gone.id).unwrap();
-        assert_eq!(pending_purges(&storage).unwrap(), vec![gone.id]);
-        storage::purge_tenant(&storage, gone.id).unwrap();
-        assert!(pending_purges(&storage).unwrap().is_empty());
-        assert!(storage::has_tenant_data(&storage, kept.id));
     }
 }

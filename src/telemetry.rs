@@ -46,6 +46,8 @@ pub mod names {
     pub const RATE_LIMITED_EVENTS: &str = "statsremote_rate_limited_events_total";
     /// Child actors rebuilt by a tenant supervisor.
     pub const ACTOR_RESTARTS: &str = "statsremote_actor_restarts_total";
+    /// Labels `tenant`, `actor`: 1 while the child runs, 0 while it waits to be rebuilt.
+    pub const ACTOR_RUNNING: &str = "statsremote_actor_running";
     /// Tenant supervisors currently running.
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
     /// Durable events not yet rolled up (log head minus rollup watermark), per tenant.
@@ -222,6 +224,11 @@ pub fn actor_restarted(tenant: &str, actor: &'static str, backoff: Duration) {
         backoff_ms = backoff.as_millis() as u64,
         "restarted failed actor"
     );
+}
+
+pub fn child_running(tenant: &str, actor: &'static str, running: bool) {
+    gauge!(names::ACTOR_RUNNING, "tenant" => tenant.to_string(), "actor" => actor)
+        .set(if running { 1.0 } else { 0.0 });
 }
 
 pub fn tenant_pipelines(count: usize) {

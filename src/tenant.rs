@@ -18,27 +18,9 @@ use subtle::ConstantTimeEq;
 
 use crate::config::TenantDefaults;
 use crate::event::{now_micros, Micros};
-use crate::storage::{meta, Storage, StorageError};
+use crate::storage::{codec, meta, Storage, StorageError};
 
-/// A tenant's id: random, never reused, shown as 16 hex digits. Big-endian in storage keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct TenantId(pub u64);
-
-impl std::fmt::Display for TenantId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl std::str::FromStr for TenantId {
-    type Err = ();
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text.len() != 16 {
-            return Err(());
-        }
-        u64::from_str_radix(text, 16).map(TenantId).map_err(|_| ())
-    }
-}
+pub use crate::ids::TenantId;
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,8 +68,8 @@ pub fn generate_admin_token() -> String {
     format!("sr_admin_{}", random_hex(20))
 }
 
-/// Per-tenant settings, changeable at run time through the admin API. Stored by
-/// `storage::meta`, which keeps the layout of older records readable.
+/// Per-tenant settings, changeable at run time through the admin API. Stored in `meta` as part
+/// of the tenant's record ([`encode_record`]), whose layout keeps older records readable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantSettings {
     pub rate_limit_events_per_second: u32,
@@ -260,7 +242,10 @@ impl TenantDirectory {
         defaults: TenantDefaults,
         admin_digest: KeyDigest,
     ) -> Result<TenantDirectory, StorageError> {
-        let records = meta::load_tenants(&storage, &defaults)?;
+        let records = meta::tenant_records(&storage)?
+            .iter()
+            .map(|value| decode_record(value, &defaults))
+            .collect::<Result<Vec<_>, _>>()?;
         let directory = TenantDirectory {
             storage,
             defaults,
@@ -374,7 +359,7 @@ impl TenantDirectory {
             read_key_digest: digest(&read_key),
             user_hash_key,
         };
-        meta::put_tenant(&self.storage, &record)?;
+        meta::put_tenant(&self.storage, record.id, encode_record(&record)?)?;
         let record = Arc::new(record);
         self.index(Arc::clone(&record));
         Ok((
@@ -402,7 +387,7 @@ impl TenantDirectory {
         next.settings = patch
             .apply(&current.settings)
             .map_err(DirectoryError::Invalid)?;
-        meta::put_tenant(&self.storage, &next)?;
+        meta::put_tenant(&self.storage, next.id, encode_record(&next)?)?;
         let next = Arc::new(next);
         self.index(Arc::clone(&next));
         Ok(next)
@@ -431,7 +416,7 @@ impl TenantDirectory {
             next.read_key_digest = digest(&key);
             issued.read_key = Some(key);
         }
-        meta::put_tenant(&self.storage, &next)?;
+        meta::put_tenant(&self.storage, next.id, encode_record(&next)?)?;
         // Index the new record first, then drop only the replaced digests, so the key that was
         // not rotated never stops working, not even for an instant.
         let next = Arc::new(next);
@@ -451,7 +436,7 @@ impl TenantDirectory {
     pub fn remove(&self, id: TenantId) -> Result<Arc<TenantRecord>, DirectoryError> {
         let _guard = self.lock();
         let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
-        meta::delete_tenant(&self.storage, &current)?;
+        meta::delete_tenant(&self.storage, current.id)?;
         self.unindex(&current);
         self.revoked();
         Ok(current)
@@ -469,6 +454,85 @@ fn validate_name(name: &str) -> Result<String, DirectoryError> {
         ));
     }
     Ok(trimmed.to_string())
+}
+
+/// A tenant record as stored: the first version's layout (field order is the bincode layout),
+/// then the settings added since, as a trailer that records written before lack.
+#[derive(Serialize, Deserialize)]
+struct StoredTenant {
+    id: TenantId,
+    name: String,
+    created_at: crate::event::Micros,
+    settings: StoredSettings,
+    write_key_digest: KeyDigest,
+    read_key_digest: KeyDigest,
+    user_hash_key: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSettings {
+    rate_limit_events_per_second: u32,
+    rate_limit_burst: u32,
+    #[serde(with = "humantime_serde")]
+    dedup_window: std::time::Duration,
+}
+
+/// Settings added after the first layout; `None`: the server's default.
+#[derive(Serialize, Deserialize, Default)]
+struct LaterSettings {
+    max_event_names: Option<u32>,
+}
+
+fn meta_codec_error(source: codec::CodecError) -> StorageError {
+    StorageError::Codec {
+        keyspace: "meta",
+        source,
+    }
+}
+
+/// A stored tenant record; settings it predates take their value from `defaults`.
+fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord, StorageError> {
+    {
+        let plain = codec::plain(&value).map_err(meta_codec_error)?;
+        let (stored, later): (StoredTenant, LaterSettings) =
+            plain.decode_with_trailer().map_err(meta_codec_error)?;
+        Ok(TenantRecord {
+            id: stored.id,
+            name: stored.name,
+            created_at: stored.created_at,
+            settings: TenantSettings {
+                rate_limit_events_per_second: stored.settings.rate_limit_events_per_second,
+                rate_limit_burst: stored.settings.rate_limit_burst,
+                dedup_window: stored.settings.dedup_window,
+                max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
+            },
+            write_key_digest: stored.write_key_digest,
+            read_key_digest: stored.read_key_digest,
+            user_hash_key: stored.user_hash_key,
+        })
+    }
+}
+
+/// A tenant record as stored (see [`StoredTenant`]).
+fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
+    let stored = StoredTenant {
+        id: record.id,
+        name: record.name.clone(),
+        created_at: record.created_at,
+        settings: StoredSettings {
+            rate_limit_events_per_second: record.settings.rate_limit_events_per_second,
+            rate_limit_burst: record.settings.rate_limit_burst,
+            dedup_window: record.settings.dedup_window,
+        },
+        write_key_digest: record.write_key_digest,
+        read_key_digest: record.read_key_digest,
+        user_hash_key: record.user_hash_key,
+    };
+    let later = LaterSettings {
+        max_event_names: Some(record.settings.max_event_names),
+    };
+    // bincode writes a tuple as its fields one after the other: the trailer follows the record.
+    codec::encode(&(stored, later)).map_err(meta_codec_error)
 }
 
 #[cfg(test)]

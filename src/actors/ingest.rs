@@ -1,24 +1,26 @@
 //! The ingest actor: enrich a request's events and hand them to the durable log.
 //!
 //! One per tenant, child of the [`super::supervisor::TenantSupervisor`]. It runs on an arbiter
-//! thread and does only CPU work (enrichment); dedup, sequencing and the fsync happen on the
-//! log writer thread, which answers the request through the reply it is given. The actor keeps
-//! no state of its own: the tenant's settings and hashing key are read from the directory for
-//! each batch, so a rebuilt actor is immediately equivalent to the one it replaces.
+//! thread and does only CPU work (enrichment, encoding, rollup items); dedup, sequencing and the
+//! fsync happen on the log writer thread, which answers with what became of each event. From
+//! that answer this actor sends the rollup actor the items of the events that were new. The
+//! actor keeps no state of its own: the tenant's settings and hashing key are read from the
+//! directory for each batch, so a rebuilt actor is immediately equivalent to the one it replaces.
 
 use std::sync::Arc;
 
-use actix::{Actor, ActorContext, Addr, Context, Handler, Message};
+use actix::{Actor, Context, StreamHandler};
 use tokio::sync::oneshot;
 
-use crate::actors::rollup::Rolled;
-use crate::actors::supervisor::TenantSupervisor;
-use crate::actors::{InflightPermit, PipelineDeps, PipelineError, StopChild};
+use crate::actors::child::{ChildActor, Mailbox};
+use crate::actors::rollup::RollupMessage;
+use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
 use crate::enrich::{enrich_all, enrich_shared, EnrichContext};
 use crate::event::{BatchShared, BatchSource, IncomingEvent, LogBatch, Micros};
-use crate::storage::log::{AppendOutcome, AppendRequest, PreparedBatch};
+use crate::ids::TenantId;
+use crate::rollup::{RollupBatch, RollupItems};
+use crate::storage::writer::{AppendOutcome, AppendRequest, PreparedBatch};
 use crate::storage::StorageError;
-use crate::tenant::TenantId;
 
 /// One request's validated events.
 pub struct IngestBatch {
@@ -33,42 +35,36 @@ pub struct IngestBatch {
     pub reply: oneshot::Sender<Result<AppendOutcome, PipelineError>>,
 }
 
-impl Message for IngestBatch {
-    type Result = ();
-}
-
 pub struct IngestActor {
     tenant: TenantId,
     deps: Arc<PipelineDeps>,
-    /// Where durable batches go for rolling up.
-    supervisor: Addr<TenantSupervisor>,
+    /// Where durable events go for rolling up.
+    rollup: Mailbox<RollupMessage>,
 }
 
 impl IngestActor {
     pub fn new(
         tenant: TenantId,
         deps: Arc<PipelineDeps>,
-        supervisor: Addr<TenantSupervisor>,
+        rollup: Mailbox<RollupMessage>,
     ) -> IngestActor {
         IngestActor {
             tenant,
             deps,
-            supervisor,
+            rollup,
         }
     }
 }
 
 impl Actor for IngestActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.deps.actors.mailbox_capacity);
-    }
 }
 
-impl Handler<IngestBatch> for IngestActor {
-    type Result = ();
+impl ChildActor for IngestActor {
+    type Message = IngestBatch;
+}
 
+impl StreamHandler<IngestBatch> for IngestActor {
     fn handle(&mut self, message: IngestBatch, _ctx: &mut Self::Context) {
         let IngestBatch {
             events,
@@ -96,25 +92,37 @@ impl Handler<IngestBatch> for IngestActor {
             events: enrich_all(events, &context),
             shared,
         };
-        let batch = match PreparedBatch::new(self.tenant, batch) {
-            Ok(batch) => batch,
+        let prepared = match PreparedBatch::new(self.tenant, &batch) {
+            Ok(prepared) => prepared,
             Err(error) => {
                 let _ = reply.send(Err(error.into()));
                 return;
             }
         };
-        let supervisor = self.supervisor.clone();
+        let mut items = RollupItems::from_events(&batch.events);
+        // The events are freed here, not on the writer thread.
+        drop(batch);
+        let rollup = self.rollup.clone();
         let request = AppendRequest {
             tenant: self.tenant,
             queued_at: std::time::Instant::now(),
             dedup_window: tenant.settings.dedup_window,
-            batch,
-            reply: Box::new(move |mut outcome| {
-                // The events are durable now: hand them to the rollups (through the supervisor,
-                // which knows the current rollup actor). If this is dropped, the rollup actor
-                // reads the entry from the log instead.
-                if let Some(batch) = outcome.as_mut().ok().and_then(|o| o.rollup.take()) {
-                    let _ = supervisor.try_send(Rolled(batch));
+            batch: prepared,
+            reply: Box::new(move |outcome| {
+                // The new events are durable: roll them up. If the rollup actor's queue is full,
+                // it reads the entry from the log instead.
+                if let Ok(done) = &outcome {
+                    if let Some(first_seq) = done.first_seq {
+                        if done.duplicates > 0 {
+                            items.retain_kept(&done.new_events());
+                        }
+                        let batch = RollupBatch {
+                            tenant: done.tenant,
+                            first_seq,
+                            items,
+                        };
+                        let _ = rollup.try_send(RollupMessage::Rolled(batch));
+                    }
                 }
                 // Free the place first: once the client has its answer, it may send again.
                 drop(permit);
@@ -125,25 +133,17 @@ impl Handler<IngestBatch> for IngestActor {
     }
 }
 
-impl Handler<StopChild> for IngestActor {
-    type Result = ();
-
-    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
-}
-
 /// Test hook: makes the actor panic, to prove that the supervisor rebuilds it.
 #[cfg(test)]
 pub(crate) struct Crash;
 
 #[cfg(test)]
-impl Message for Crash {
+impl actix::Message for Crash {
     type Result = ();
 }
 
 #[cfg(test)]
-impl Handler<Crash> for IngestActor {
+impl actix::Handler<Crash> for IngestActor {
     type Result = ();
     fn handle(&mut self, _: Crash, _ctx: &mut Self::Context) {
         panic!("injected failure in the ingest actor");

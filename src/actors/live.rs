@@ -12,13 +12,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, WeakAddr};
+use actix::{Actor, AsyncContext, Context, StreamHandler};
 use cardinality_estimator::CardinalityEstimator;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::actors::supervisor::TenantSupervisor;
-use crate::actors::StopChild;
+use crate::actors::child::ChildActor;
 use crate::event::{format_timestamp, now_micros, Micros};
 use crate::rollup::{ByName, RollupItem, RollupItems};
 
@@ -81,10 +80,6 @@ pub fn tick_channel() -> TickSender {
 
 /// Durable events for the live counters.
 pub struct LiveItems(pub Arc<RollupItems>);
-
-impl Message for LiveItems {
-    type Result = ();
-}
 
 #[derive(Default)]
 struct Agg {
@@ -165,7 +160,6 @@ impl Resolved {
 
 pub struct LiveHub {
     sender: TickSender,
-    supervisor: Option<WeakAddr<TenantSupervisor>>,
     tick_interval: Duration,
     seconds: BTreeMap<Micros, Bucket>,
     minutes: BTreeMap<Micros, Bucket>,
@@ -173,15 +167,10 @@ pub struct LiveHub {
 }
 
 impl LiveHub {
-    pub fn new(
-        sender: TickSender,
-        tick_interval: Duration,
-        supervisor: WeakAddr<TenantSupervisor>,
-    ) -> LiveHub {
+    pub fn new(sender: TickSender, tick_interval: Duration) -> LiveHub {
         let seq = sender.borrow().seq;
         LiveHub {
             sender,
-            supervisor: Some(supervisor),
             tick_interval,
             seconds: BTreeMap::new(),
             minutes: BTreeMap::new(),
@@ -238,46 +227,30 @@ impl Actor for LiveHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(64);
         // Align ticks to the second boundary.
         let now = now_micros();
         let until_next = SECOND - now.rem_euclid(SECOND);
         let first = Duration::from_micros(u64::try_from(until_next).unwrap_or(0));
         ctx.run_later(first, |hub, ctx| {
-            hub.publish(ctx);
-            ctx.run_interval(hub.tick_interval, |hub, ctx| hub.publish(ctx));
+            hub.publish();
+            ctx.run_interval(hub.tick_interval, |hub, _ctx| hub.publish());
         });
     }
 }
 
 impl LiveHub {
-    fn publish(&mut self, ctx: &mut Context<Self>) {
-        // A child outlives a dead supervisor only by mistake: stop.
-        let orphaned = self
-            .supervisor
-            .as_ref()
-            .is_some_and(|s| s.upgrade().is_none_or(|s| !s.connected()));
-        if orphaned {
-            ctx.stop();
-            return;
-        }
+    fn publish(&mut self) {
         let mut tick = self.tick_at(now_micros());
         tick.json = Arc::from(serde_json::to_string(&tick).unwrap_or_default());
         self.sender.send_replace(Arc::new(tick));
     }
 }
 
-impl Handler<StopChild> for LiveHub {
-    type Result = ();
-
-    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
+impl ChildActor for LiveHub {
+    type Message = LiveItems;
 }
 
-impl Handler<LiveItems> for LiveHub {
-    type Result = ();
-
+impl StreamHandler<LiveItems> for LiveHub {
     fn handle(&mut self, LiveItems(items): LiveItems, _ctx: &mut Self::Context) {
         self.add(&items, now_micros());
     }
@@ -299,7 +272,6 @@ mod tests {
     fn hub() -> LiveHub {
         LiveHub {
             sender: tick_channel(),
-            supervisor: None,
             tick_interval: Duration::from_secs(1),
             seconds: BTreeMap::new(),
             minutes: BTreeMap::new(),

@@ -1,16 +1,17 @@
 //! Per-tenant actors.
 //!
 //! Every tenant gets a [`supervisor::TenantSupervisor`], started lazily on the tenant's first
-//! request on one of a fixed set of arbiters (threads), round-robin. The supervisor owns the
-//! tenant's child actors (today the [`ingest::IngestActor`]; rollup, live and flush actors hang
-//! off it later), restarts a failed child with capped backoff, and is the stable address senders
-//! use across child restarts.
+//! request on one of a fixed set of arbiters (threads), round-robin. The supervisor registers the
+//! tenant's child actors ([`ingest`], [`rollup`], [`live`]) and rebuilds a failed one with capped
+//! backoff; each child has a mailbox that outlives its restarts ([`child`]), which is what
+//! senders hold.
 //!
 //! [`Pipelines`] is the registry the HTTP layer talks to. Each tenant's pipeline admits at most
 //! `actors.mailbox_capacity` batches in flight ([`InflightLimit`]); beyond that its requests get
 //! 503 at once, while other tenants' pipelines are untouched. (actix's own mailbox bound is per
 //! sender, so the bound is enforced here, in one place.)
 
+pub mod child;
 pub mod ingest;
 pub mod live;
 pub mod rollup;
@@ -26,16 +27,19 @@ use tokio::sync::oneshot;
 
 use crate::config::{ActorsConfig, LiveConfig, RollupsConfig};
 use crate::event::{BatchShared, BatchSource, IncomingEvent, Micros};
+use crate::ids::TenantId;
 use crate::query::QueryCache;
-use crate::storage::log::{AppendOutcome, LogWriter};
+use crate::storage::writer::{AppendOutcome, LogWriter};
 use crate::storage::Storage;
 use crate::storage::StorageError;
 use crate::telemetry;
-use crate::tenant::{TenantDirectory, TenantId};
+use crate::tenant::TenantDirectory;
 
+use self::child::{ChildState, SendRefused};
 use self::ingest::IngestBatch;
 use self::live::{tick_channel, LiveTick, TickSender};
-use self::supervisor::{RebuildRollups, StopPipeline, TenantSupervisor};
+use self::rollup::RollupMessage;
+use self::supervisor::{Mailboxes, StopPipeline, TenantSupervisor};
 
 /// Why a pipeline did not take or finish a batch.
 #[derive(Debug, thiserror::Error)]
@@ -55,14 +59,6 @@ impl From<StorageError> for PipelineError {
             other => PipelineError::Storage(other),
         }
     }
-}
-
-/// Tells a child actor to stop (its supervisor is stopping). Children with timers do not stop
-/// by themselves when their addresses are dropped, so the supervisor says it explicitly.
-pub struct StopChild;
-
-impl actix::Message for StopChild {
-    type Result = ();
 }
 
 /// What every tenant actor needs; shared by all pipelines.
@@ -137,6 +133,7 @@ impl Drop for InflightPermit {
 #[derive(Clone)]
 pub struct TenantPipeline {
     supervisor: Addr<TenantSupervisor>,
+    mailboxes: Mailboxes,
     inflight: Arc<InflightLimit>,
     ticks: TickSender,
 }
@@ -149,7 +146,7 @@ impl TenantPipeline {
     pub fn admit(&self) -> Option<Admission> {
         let permit = self.inflight.try_acquire()?;
         Some(Admission {
-            supervisor: self.supervisor.clone(),
+            ingest: self.mailboxes.ingest.clone(),
             permit,
         })
     }
@@ -163,15 +160,19 @@ impl TenantPipeline {
         self.ticks.subscribe()
     }
 
+    /// The state of each of the tenant's child actors.
+    pub fn children(&self) -> Vec<ChildState> {
+        self.mailboxes.statuses.iter().map(|s| s.state()).collect()
+    }
+
     /// Asks the rollup actor to drop and recompute the tenant's rollups from the log; resolves
     /// once the old rollups are deleted (the replay continues in the background). False if the
     /// pipeline could not take the request (busy or restarting).
     pub async fn rebuild_rollups(&self) -> bool {
         let (deleted, done) = oneshot::channel();
-        if self
-            .supervisor
-            .try_send(RebuildRollups { deleted })
-            .is_err()
+        let rollup = &self.mailboxes.rollup;
+        if rollup.status().is_restarting()
+            || rollup.try_send(RollupMessage::Rebuild(deleted)).is_err()
         {
             return false;
         }
@@ -181,7 +182,7 @@ impl TenantPipeline {
 
 /// A reserved place in a tenant's pipeline.
 pub struct Admission {
-    supervisor: Addr<TenantSupervisor>,
+    ingest: child::Mailbox<IngestBatch>,
     permit: InflightPermit,
 }
 
@@ -203,10 +204,23 @@ impl Admission {
             permit: self.permit,
             reply,
         };
-        if self.supervisor.try_send(message).is_err() {
+        if self.ingest.status().is_restarting() {
             return Err(PipelineError::Busy(
-                "the tenant's ingestion pipeline is not accepting batches",
+                "the tenant's ingestion pipeline is restarting",
             ));
+        }
+        match self.ingest.try_send(message) {
+            Ok(()) => {}
+            Err((SendRefused::Full, _)) => {
+                return Err(PipelineError::Busy(
+                    "the tenant's ingestion pipeline is full",
+                ))
+            }
+            Err((SendRefused::Closed, _)) => {
+                return Err(PipelineError::Busy(
+                    "the tenant's ingestion pipeline is not accepting batches",
+                ))
+            }
         }
         match answer.await {
             Ok(outcome) => outcome,
@@ -265,15 +279,15 @@ impl Pipelines {
 
     fn start(&self, tenant: TenantId) -> TenantPipeline {
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        let deps = Arc::clone(&self.deps);
         let ticks = tick_channel();
-        let supervisor_ticks = Arc::clone(&ticks);
-        let supervisor = TenantSupervisor::start_in_arbiter(&self.handles[index], move |_| {
-            TenantSupervisor::new(tenant, deps, supervisor_ticks)
-        });
+        let (supervisor, mailboxes) =
+            TenantSupervisor::new(tenant, Arc::clone(&self.deps), Arc::clone(&ticks));
+        let supervisor =
+            TenantSupervisor::start_in_arbiter(&self.handles[index], move |_| supervisor);
         tracing::debug!(%tenant, arbiter = index, "started tenant pipeline");
         TenantPipeline {
             supervisor,
+            mailboxes,
             inflight: Arc::new(InflightLimit::new(
                 tenant,
                 self.deps.actors.mailbox_capacity,

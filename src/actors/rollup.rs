@@ -1,77 +1,88 @@
 //! The rollup actor: keeps a tenant's minute/hour/day rollups up to date, incrementally.
 //!
-//! It is fed, through its supervisor, a [`RollupBatch`] for every log entry once that entry is
-//! durable, in sequence order. Updates collect in memory ([`Deltas`]) and are merged into
-//! storage every `rollups.flush_interval` together with the watermark (the last sequence they
-//! cover), atomically and fenced (see `storage::rollups::flush`).
+//! The ingest actor sends it a [`RollupBatch`] for every log entry once that entry is durable.
+//! Updates collect in memory ([`Deltas`]) and are merged into storage every
+//! `rollups.flush_interval` together with the watermark (the last sequence they cover),
+//! atomically and fenced (see `storage::rollups::flush`).
 //!
 //! The actor never trusts that it has seen everything: at start it loads the watermark and
 //! replays the log after it, and whenever a batch arrives that does not continue its sequence
-//! (a message was dropped, or it was restarted) it reads the missing entries from the log. So a
-//! crash, a restart or a full mailbox can delay rollups but never make them wrong.
+//! (one was dropped from a full queue, or the actor was restarted) it reads the missing entries
+//! from the log. So a crash, a restart or a full queue can delay rollups but never make them
+//! wrong.
 //!
-//! Storage reads and writes run on blocking threads. Every such task carries the actor's
-//! `epoch`; a reset (reload from storage, rebuild) starts a new epoch, and a task that finishes
-//! for an old epoch is ignored, so no stale read is ever applied to fresh state. One flush runs at
-//! a time, and a rebuild waits for it.
+//! It is an explicit state machine ([`Phase`]), one storage task at a time:
+//!
+//! ```text
+//!            ┌────────────── flush due between steps ─────────────┐
+//!            │                                                    ▼
+//! Loading ─▶ CatchingUp ─(log read to its end)─▶ Idle ─(tick)─▶ Flushing ─▶ CatchingUp | Idle
+//!    ▲           ▲                                │  (gap in pushed batches)
+//!    │           └────────────────────────────────┘
+//!    └── Rebuilding ◀── rebuild request (after a running flush)
+//! ```
+//!
+//! Pushed batches are applied only in `Idle` and `Flushing`, and only when they continue the
+//! applied sequence. Every storage task carries the actor's `epoch`; a reset (reload, rebuild)
+//! starts a new epoch, and a task that finishes for an old one is dropped ([`RollupActor::fenced`]),
+//! so no stale read is ever applied to fresh state. A failed task is retried after [`RETRY`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::fut::wrap_future;
-use actix::{
-    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WeakAddr,
-};
+use actix::{Actor, ActorFutureExt, AsyncContext, Context, StreamHandler};
 
-use crate::actors::live::{LiveHub, LiveItems};
-use crate::actors::supervisor::TenantSupervisor;
-use crate::actors::{PipelineDeps, StopChild};
+use crate::actors::child::{ChildActor, Mailbox};
+use crate::actors::live::LiveItems;
+use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
+use crate::ids::TenantId;
 use crate::rollup::{Deltas, NameCap, Resolution, Retention, RollupBatch, RollupItems};
-use crate::storage::log::read_items;
+use crate::storage::event_log::scan_views;
 use crate::storage::rollups::{self, FlushOutcome};
+use crate::storage::{Storage, StorageError};
 use crate::telemetry;
-use crate::tenant::TenantId;
 
 /// Log entries read per catch-up step.
 const CATCH_UP_BATCHES: usize = 256;
 /// Delay before retrying a failed storage task.
-const RETRY: Duration = Duration::from_secs(1);
+pub const RETRY: Duration = Duration::from_secs(1);
 /// How often expired buckets are deleted.
 const EXPIRY_EVERY: Duration = Duration::from_secs(600);
 
-/// Durable events to roll up.
-pub struct Rolled(pub RollupBatch);
-
-impl Message for Rolled {
-    type Result = ();
+/// What the rollup actor is sent.
+pub enum RollupMessage {
+    /// Durable events to roll up.
+    Rolled(RollupBatch),
+    /// Drop every stored rollup of the tenant and recompute them from the log; the sender is
+    /// told once the old rollups and watermark are gone (the replay then runs on).
+    Rebuild(tokio::sync::oneshot::Sender<()>),
 }
 
-/// The live hub to feed (after the hub was restarted).
-pub struct SetLive(pub Addr<LiveHub>);
-
-impl Message for SetLive {
-    type Result = ();
-}
-
-/// Drop every stored rollup of the tenant and recompute them from the log. `deleted` is told
-/// once the old rollups and watermark are gone (the replay then runs on).
-pub struct Rebuild {
-    pub deleted: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Message for Rebuild {
-    type Result = ();
+/// Where the actor stands. See the module docs for the transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the watermark, the event names and the log head.
+    Loading,
+    /// Reading the log after the applied sequence, a chunk at a time.
+    CatchingUp,
+    /// Everything known is applied; pushed batches are applied as they come.
+    Idle,
+    /// Waiting for a flush slot, then merging the deltas into storage.
+    Flushing,
+    /// Deleting the stored rollups before a replay from the start.
+    Rebuilding,
 }
 
 pub struct RollupActor {
     tenant: TenantId,
     tenant_label: String,
     deps: Arc<PipelineDeps>,
-    supervisor: WeakAddr<TenantSupervisor>,
-    live: Option<Addr<LiveHub>>,
+    live: Mailbox<LiveItems>,
     retention: Retention,
-    /// Bumped by every reset; storage tasks of an older epoch are ignored when they finish.
+    phase: Phase,
+    /// Bumped by every reset; storage tasks of an older epoch are dropped when they finish.
     epoch: u64,
     /// Last sequence whose events are in storage or in `deltas`.
     applied_seq: u64,
@@ -82,12 +93,6 @@ pub struct RollupActor {
     deltas: Deltas,
     /// The event names this tenant's rollups hold, and the cap on them.
     names: NameCap,
-    /// The watermark has been loaded and the log replayed up to its end at least once.
-    loaded: bool,
-    /// A load or catch-up read is running.
-    reading: bool,
-    /// A flush is waiting for a slot or running.
-    flushing: bool,
     /// Flushes stored by this actor; every `FOLD_EVERY`th folds sketch deltas (see
     /// `storage::rollups`), starting with the first.
     flushes: u64,
@@ -95,41 +100,77 @@ pub struct RollupActor {
     unfolded: rustc_hash::FxHashSet<rollups::BucketId>,
     /// Rebuilds asked for while a flush was running; they start when the flush ends.
     rebuild_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// When the last flush started.
+    last_flush: Instant,
     /// When the stored rollups last caught up with everything applied.
     last_caught_up: Instant,
     last_expiry: Option<Instant>,
 }
 
 impl RollupActor {
-    pub fn new(
-        tenant: TenantId,
-        deps: Arc<PipelineDeps>,
-        supervisor: WeakAddr<TenantSupervisor>,
-        live: Option<Addr<LiveHub>>,
-    ) -> RollupActor {
+    pub fn new(tenant: TenantId, deps: Arc<PipelineDeps>, live: Mailbox<LiveItems>) -> RollupActor {
         let retention = deps.rollups.retention();
         RollupActor {
             tenant,
             tenant_label: tenant.to_string(),
             deps,
-            supervisor,
             live,
             retention,
+            phase: Phase::Loading,
             epoch: 0,
             applied_seq: 0,
             stored_watermark: 0,
             known_head: 0,
             deltas: Deltas::default(),
             names: NameCap::default(),
-            loaded: false,
-            reading: false,
-            flushing: false,
             flushes: 0,
             unfolded: Default::default(),
             rebuild_waiters: Vec::new(),
+            last_flush: Instant::now(),
             last_caught_up: Instant::now(),
             last_expiry: None,
         }
+    }
+
+    /// Runs a storage task on a blocking thread; `done` gets its outcome on the actor, unless
+    /// the epoch has changed since it started (the outcome is then stale, and dropped).
+    fn fenced<T: Send + 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        work: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
+        done: impl FnOnce(&mut Self, Result<T, String>, &mut Context<Self>) + 'static,
+    ) {
+        let epoch = self.epoch;
+        let storage = self.deps.storage.clone();
+        let task = crate::blocking::run(move || work(&storage));
+        ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
+            if actor.epoch != epoch {
+                return;
+            }
+            let outcome = match joined {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            done(actor, outcome, ctx);
+        }));
+    }
+
+    /// Logs a failed step and runs `step` again after [`RETRY`], unless the epoch has changed.
+    fn retry_later(
+        &mut self,
+        ctx: &mut Context<Self>,
+        what: &'static str,
+        error: &str,
+        step: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        tracing::error!(tenant = %self.tenant, error, "{what} failed; retrying");
+        let epoch = self.epoch;
+        ctx.run_later(RETRY, move |actor, ctx| {
+            if actor.epoch == epoch {
+                step(actor, ctx);
+            }
+        });
     }
 
     /// The tenant's cap on distinct event names.
@@ -154,129 +195,122 @@ impl RollupActor {
         self.known_head = self.known_head.max(self.applied_seq);
     }
 
-    /// Starts a new epoch: in-memory updates are discarded, the results of storage tasks started
-    /// before are ignored, and a storage task of the new epoch is assumed to be running.
-    fn start_epoch(&mut self) -> u64 {
+    /// Starts a new epoch in `phase`: in-memory updates are discarded and the results of storage
+    /// tasks started before are dropped.
+    fn start_epoch(&mut self, phase: Phase) {
         self.epoch += 1;
         self.deltas = Deltas::default();
         self.names = NameCap::default();
-        self.loaded = false;
-        self.reading = true;
-        self.epoch
+        self.phase = phase;
     }
 
-    /// Starts a new epoch: forgets in-memory state, loads the watermark, replays the log after it.
+    /// Loading: forgets in-memory state, loads the watermark, then catches up from it.
     fn reload(&mut self, ctx: &mut Context<Self>) {
-        let epoch = self.start_epoch();
-        let storage = self.deps.storage.clone();
+        self.start_epoch(Phase::Loading);
         let heads = self.deps.writer.heads().clone();
         let tenant = self.tenant;
-        let task = tokio::task::spawn_blocking(move || {
-            let watermark = rollups::watermark(&storage, tenant)?;
-            let head = crate::query::log_head(&storage, &heads, tenant)?;
-            let names = rollups::event_names(&storage, tenant)?;
-            Ok::<_, crate::storage::StorageError>((watermark, head, names))
-        });
-        ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
-            if actor.epoch != epoch {
-                return;
-            }
-            actor.reading = false;
-            match result {
-                Ok(Ok((watermark, head, names))) => {
+        self.fenced(
+            ctx,
+            move |storage| {
+                let watermark = rollups::watermark(storage, tenant)?;
+                let head = crate::query::log_head(storage, &heads, tenant)?;
+                let names = rollups::event_names(storage, tenant)?;
+                Ok((watermark, head, names))
+            },
+            |actor, loaded, ctx| match loaded {
+                Ok((watermark, head, names)) => {
                     actor.names = NameCap::new(names);
                     actor.applied_seq = watermark;
                     actor.stored_watermark = watermark;
                     actor.known_head = actor.known_head.max(head);
                     actor.catch_up(ctx);
                 }
-                other => {
-                    tracing::error!(tenant = %actor.tenant, ?other, "loading the rollup watermark failed; retrying");
-                    ctx.run_later(RETRY, move |actor, ctx| {
-                        if actor.epoch == epoch {
-                            actor.reload(ctx);
-                        }
-                    });
+                Err(error) => {
+                    actor.retry_later(ctx, "loading the rollup watermark", &error, Self::reload)
                 }
-            }
-        }));
+            },
+        );
     }
 
-    /// Reads the log after `applied_seq` until its end, applying every entry.
+    /// CatchingUp: reads the next chunk of the log after `applied_seq` and applies it; goes on
+    /// until the log's end (then Idle), flushing between chunks when a flush is due.
     fn catch_up(&mut self, ctx: &mut Context<Self>) {
-        if self.reading {
-            return;
-        }
-        self.reading = true;
-        let epoch = self.epoch;
-        let storage = self.deps.storage.clone();
+        self.phase = Phase::CatchingUp;
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
-        let task = tokio::task::spawn_blocking(move || {
-            read_items(&storage, tenant, from, CATCH_UP_BATCHES)
-        });
-        ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
-            if actor.epoch != epoch {
-                return;
-            }
-            actor.reading = false;
-            let batches = match result {
-                Ok(Ok(batches)) => batches,
-                other => {
-                    tracing::error!(tenant = %actor.tenant, ?other, "reading the log for rollups failed; retrying");
-                    ctx.run_later(RETRY, move |actor, ctx| {
-                        if actor.epoch == epoch {
-                            actor.catch_up(ctx);
-                        }
-                    });
+        self.fenced(
+            ctx,
+            move |storage| read_items(storage, tenant, from, CATCH_UP_BATCHES),
+            |actor, read, ctx| {
+                let batches = match read {
+                    Ok(batches) => batches,
+                    Err(error) => {
+                        let what = "reading the log for rollups";
+                        return actor.retry_later(ctx, what, &error, Self::catch_up);
+                    }
+                };
+                if batches.is_empty() {
+                    actor.phase = Phase::Idle;
                     return;
                 }
-            };
-            if batches.is_empty() {
-                actor.loaded = true;
-                return;
-            }
-            telemetry::rollup_log_reads(batches.len());
-            for (first_seq, mut items) in batches {
-                if first_seq <= actor.applied_seq {
-                    continue;
+                telemetry::rollup_log_reads(batches.len());
+                for (first_seq, mut items) in batches {
+                    if first_seq > actor.applied_seq {
+                        actor.apply(first_seq, &mut items);
+                    }
                 }
-                actor.apply(first_seq, &mut items);
-            }
-            actor.catch_up(ctx);
-        }));
+                if actor.flush_due() {
+                    actor.flush(ctx);
+                } else {
+                    actor.catch_up(ctx);
+                }
+            },
+        );
+    }
+
+    fn flush_due(&self) -> bool {
+        !self.deltas.is_empty() && self.last_flush.elapsed() >= self.deps.rollups.flush_interval
+    }
+
+    /// After a flush: a rebuild asked for meanwhile, else what is left to read, else Idle.
+    fn resume(&mut self, ctx: &mut Context<Self>) {
+        let waiters = std::mem::take(&mut self.rebuild_waiters);
+        if !waiters.is_empty() {
+            self.rebuild(waiters, ctx);
+        } else if self.known_head > self.applied_seq {
+            self.catch_up(ctx);
+        } else {
+            self.phase = Phase::Idle;
+        }
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        // A child outlives a dead supervisor only by mistake: stop.
-        if self.supervisor.upgrade().is_none_or(|s| !s.connected()) {
-            ctx.stop();
-            return;
-        }
-        // Safety net: durable entries that no push delivered (dropped while catching up, for
-        // example) are read from the log.
+        // Safety net: durable entries that no push delivered are read from the log.
         if let Some(head) = self.deps.writer.heads().get(self.tenant) {
             self.known_head = self.known_head.max(head);
         }
-        if self.loaded && !self.reading && self.known_head > self.applied_seq {
-            self.catch_up(ctx);
+        if self.phase == Phase::Idle {
+            if self.known_head > self.applied_seq {
+                self.catch_up(ctx);
+            } else if !self.deltas.is_empty() {
+                self.flush(ctx);
+            }
         }
-        self.flush(ctx);
         self.report_lag();
     }
 
-    /// Waits for a flush slot (shared by all tenants, handed out first come, first served), then
-    /// flushes whatever has been applied by then. Meanwhile updates keep merging in memory.
+    /// Flushing: waits for a flush slot (shared by all tenants, first come, first served), then
+    /// flushes whatever has been applied by then. Meanwhile pushed batches keep merging in
+    /// memory.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing || self.deltas.is_empty() {
-            return;
-        }
-        self.flushing = true;
+        self.phase = Phase::Flushing;
+        self.last_flush = Instant::now();
         let slots = Arc::clone(&self.deps.rollup_flush_slots);
         ctx.spawn(wrap_future(slots.acquire_owned()).map(
             |slot, actor: &mut Self, ctx| match slot {
                 Ok(slot) => actor.flush_in(slot, ctx),
-                Err(_) => actor.flushing = false, // Closed: the server is stopping.
+                // Closed: the server is stopping.
+                Err(_) => actor.phase = Phase::Idle,
             },
         ));
     }
@@ -284,18 +318,13 @@ impl RollupActor {
     fn flush_in(&mut self, slot: tokio::sync::OwnedSemaphorePermit, ctx: &mut Context<Self>) {
         if !self.rebuild_waiters.is_empty() || self.deltas.is_empty() {
             drop(slot);
-            self.flushing = false;
-            let waiters = std::mem::take(&mut self.rebuild_waiters);
-            if !waiters.is_empty() {
-                self.rebuild(waiters, ctx);
-            }
-            return;
+            return self.resume(ctx);
         }
         let now = now_micros();
         // Hour and day buckets are folded once they have ended (long ranges read them). Minute
-        // buckets are not: folding every series' minute at every minute boundary cost 8% of
-        // the throughput and 110 MiB of peak RSS with 100 tenants, and a minute keeps at most
-        // 7 small deltas (its last fold came at most 7 flushes before it ended).
+        // buckets are not: folding every series' minute at every minute boundary costs more
+        // than the at most 7 small deltas a minute keeps (its last fold came at most 7 flushes
+        // before it ended); see docs/decisions/0006.
         let ended = |resolution: Resolution, start: Micros| {
             resolution != Resolution::Minute && start + resolution.width() <= now
         };
@@ -312,69 +341,72 @@ impl RollupActor {
                 fold.buckets.insert((resolution, name.to_string(), start));
             }
         }
-        let epoch = self.epoch;
-        let mut deltas = std::mem::take(&mut self.deltas);
-        let admitted = self.names.take_unflushed();
-        let through = self.applied_seq;
-        let expected = self.stored_watermark;
-        let storage = self.deps.storage.clone();
+        let flush = PendingFlush {
+            deltas: std::mem::take(&mut self.deltas),
+            admitted: self.names.take_unflushed(),
+            fold,
+            through: self.applied_seq,
+            expected: self.stored_watermark,
+            expire: self
+                .last_expiry
+                .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY),
+        };
         let tenant = self.tenant;
-        let expire = self
-            .last_expiry
-            .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY);
         let retention = self.retention;
-        let task = tokio::task::spawn_blocking(move || {
-            crate::priority::background_thread();
-            let _slot = slot;
-            let started = Instant::now();
-            deltas.roll_up_users();
-            let result = rollups::flush(
-                &storage, tenant, &deltas, &admitted, expected, through, &fold,
-            );
-            if matches!(result, Ok(FlushOutcome::Stored)) && expire {
-                if let Err(error) = rollups::expire(&storage, tenant, &retention, now_micros()) {
-                    tracing::warn!(%tenant, %error, "expiring old rollups failed");
+        self.fenced(
+            ctx,
+            move |storage| {
+                crate::priority::background_thread();
+                let _slot = slot;
+                Ok(flush.run(storage, tenant, &retention))
+            },
+            |actor, flushed, ctx| match flushed {
+                Ok((Ok(FlushOutcome::Stored), flush, took)) => {
+                    actor.stored(&flush, took);
+                    actor.resume(ctx);
                 }
-            }
-            (result, deltas, admitted, fold, started.elapsed())
-        });
-        ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
-            actor.flushing = false;
-            if actor.epoch == epoch {
-                match joined {
-                    Ok((Ok(FlushOutcome::Stored), deltas, _, fold, took)) => {
-                        actor.stored_watermark = through;
-                        actor.flushes += 1;
-                        actor.note_folds(&deltas, &fold);
-                        if expire {
-                            actor.last_expiry = Some(Instant::now());
-                        }
-                        telemetry::rollup_flushed(&actor.tenant_label, deltas.len(), took, &deltas.skipped);
-                        actor.deps.query_cache.invalidate_late(tenant, &deltas, &actor.retention, now_micros());
-                    }
-                    Ok((Ok(FlushOutcome::Conflict { stored }), ..)) => {
-                        // Another writer moved the watermark: our updates may overlap what it
-                        // stored. Start over from storage.
-                        tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
-                        actor.reload(ctx);
-                    }
-                    Ok((Err(error), deltas, admitted, ..)) => {
-                        tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
-                        // Not stored: keep the updates for the next flush.
-                        actor.deltas.merge(deltas);
-                        actor.names.restore_unflushed(admitted);
-                    }
-                    Err(error) => {
-                        tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");
-                        actor.reload(ctx);
-                    }
+                Ok((Ok(FlushOutcome::Conflict { stored }), flush, _)) => {
+                    // Another writer moved the watermark: our updates may overlap what it
+                    // stored. Start over from storage.
+                    let expected = flush.expected;
+                    tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
+                    actor.reload(ctx);
                 }
-            }
-            if !actor.rebuild_waiters.is_empty() {
-                let waiters = std::mem::take(&mut actor.rebuild_waiters);
-                actor.rebuild(waiters, ctx);
-            }
-        }));
+                Ok((Err(error), flush, _)) => {
+                    tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
+                    // Not stored: keep the updates for the next flush.
+                    actor.deltas.merge(flush.deltas);
+                    actor.names.restore_unflushed(flush.admitted);
+                    actor.resume(ctx);
+                }
+                Err(error) => {
+                    tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");
+                    actor.reload(ctx);
+                }
+            },
+        );
+    }
+
+    /// Bookkeeping after a stored flush.
+    fn stored(&mut self, flush: &PendingFlush, took: Duration) {
+        self.stored_watermark = flush.through;
+        self.flushes += 1;
+        self.note_folds(&flush.deltas, &flush.fold);
+        if flush.expire {
+            self.last_expiry = Some(Instant::now());
+        }
+        telemetry::rollup_flushed(
+            &self.tenant_label,
+            flush.deltas.len(),
+            took,
+            &flush.deltas.skipped,
+        );
+        (self.deps.query_cache).invalidate_late(
+            self.tenant,
+            &flush.deltas,
+            &self.retention,
+            now_micros(),
+        );
     }
 
     /// Keeps track of the buckets left with delta records by a stored flush.
@@ -392,33 +424,56 @@ impl RollupActor {
         }
     }
 
-    /// Deletes the stored rollups, then reloads (from watermark 0: the whole log).
+    /// Rebuilding: deletes the stored rollups, then reloads (from watermark 0: the whole log).
+    /// A running flush finishes first.
     fn rebuild(&mut self, waiters: Vec<tokio::sync::oneshot::Sender<()>>, ctx: &mut Context<Self>) {
-        if self.flushing {
+        if self.phase == Phase::Flushing {
             self.rebuild_waiters.extend(waiters);
             return;
         }
-        let epoch = self.start_epoch();
-        let storage = self.deps.storage.clone();
+        self.start_epoch(Phase::Rebuilding);
         let tenant = self.tenant;
-        let task = tokio::task::spawn_blocking(move || rollups::delete_all(&storage, tenant));
-        ctx.spawn(wrap_future(task).map(move |result, actor: &mut Self, ctx| {
-            if actor.epoch != epoch {
-                return;
+        self.fenced(
+            ctx,
+            move |storage| rollups::delete_all(storage, tenant),
+            move |actor, deleted, ctx| {
+                if let Err(error) = deleted {
+                    // Replaying now would lose whatever the failed delete left behind: retry.
+                    let what = "deleting rollups for a rebuild";
+                    return actor
+                        .retry_later(ctx, what, &error, |actor, ctx| actor.rebuild(waiters, ctx));
+                }
+                tracing::info!(tenant = %actor.tenant, "rebuilding rollups from the log");
+                for waiter in waiters {
+                    let _ = waiter.send(());
+                }
+                actor.reload(ctx);
+            },
+        );
+    }
+
+    /// A batch pushed after its entry became durable.
+    fn rolled(&mut self, mut batch: RollupBatch, ctx: &mut Context<Self>) {
+        self.known_head = self.known_head.max(batch.last_seq());
+        let applying = matches!(self.phase, Phase::Idle | Phase::Flushing);
+        let applied = if !applying || batch.last_seq() <= self.applied_seq {
+            false
+        } else if batch.first_seq != self.applied_seq + 1 {
+            // Something was missed: read it from the log (after the flush, if one runs).
+            if self.phase == Phase::Idle {
+                self.catch_up(ctx);
             }
-            actor.reading = false;
-            if !matches!(result, Ok(Ok(()))) {
-                // Replaying now would lose whatever the failed delete left behind: retry.
-                tracing::error!(tenant = %actor.tenant, ?result, "deleting rollups for a rebuild failed; retrying");
-                ctx.run_later(RETRY, move |actor, ctx| actor.rebuild(waiters, ctx));
-                return;
-            }
-            tracing::info!(tenant = %actor.tenant, "rebuilding rollups from the log");
-            for waiter in waiters {
-                let _ = waiter.send(());
-            }
-            actor.reload(ctx);
-        }));
+            false
+        } else {
+            self.apply(batch.first_seq, &mut batch.items);
+            true
+        };
+        if !applied {
+            // Live counts follow the cap as far as it is known now.
+            self.names.peek(&mut batch.items, self.name_cap());
+        }
+        // Live counts are best effort under overload; rollups are not (see above).
+        let _ = self.live.try_send(LiveItems(Arc::new(batch.items)));
     }
 
     fn report_lag(&mut self) {
@@ -430,11 +485,69 @@ impl RollupActor {
     }
 }
 
+/// A flush handed to a blocking thread, and handed back with its outcome.
+struct PendingFlush {
+    deltas: Deltas,
+    admitted: Vec<String>,
+    fold: rollups::FoldPlan,
+    /// The watermark the flush stores, and the one it expects to replace.
+    through: u64,
+    expected: u64,
+    /// Whether expired buckets are deleted after it.
+    expire: bool,
+}
+
+impl PendingFlush {
+    fn run(
+        mut self,
+        storage: &Storage,
+        tenant: TenantId,
+        retention: &Retention,
+    ) -> (Result<FlushOutcome, StorageError>, PendingFlush, Duration) {
+        let started = Instant::now();
+        self.deltas.roll_up_users();
+        let result = rollups::flush(
+            storage,
+            tenant,
+            &self.deltas,
+            &self.admitted,
+            self.expected,
+            self.through,
+            &self.fold,
+        );
+        if matches!(result, Ok(FlushOutcome::Stored)) && self.expire {
+            if let Err(error) = rollups::expire(storage, tenant, retention, now_micros()) {
+                tracing::warn!(%tenant, %error, "expiring old rollups failed");
+            }
+        }
+        (result, self, started.elapsed())
+    }
+}
+
+/// The rollup items of the tenant's log entries whose first sequence is ≥ `from_seq`, in order,
+/// at most `max_batches` entries (at least one, if there is one). Blocking.
+pub fn read_items(
+    storage: &Storage,
+    tenant: TenantId,
+    from_seq: u64,
+    max_batches: usize,
+) -> Result<Vec<(u64, RollupItems)>, StorageError> {
+    let mut out = Vec::new();
+    scan_views(storage.log(), tenant, from_seq, |first_seq, batch| {
+        out.push((first_seq, RollupItems::from_views(&batch.events)));
+        if out.len() < max_batches {
+            std::ops::ControlFlow::Continue(())
+        } else {
+            std::ops::ControlFlow::Break(())
+        }
+    })?;
+    Ok(out)
+}
+
 impl Actor for RollupActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.deps.actors.mailbox_capacity);
         self.reload(ctx);
         ctx.run_interval(self.deps.rollups.flush_interval, |actor, ctx| {
             actor.tick(ctx)
@@ -442,53 +555,308 @@ impl Actor for RollupActor {
     }
 }
 
-impl Handler<Rolled> for RollupActor {
-    type Result = ();
+impl ChildActor for RollupActor {
+    type Message = RollupMessage;
+}
 
-    fn handle(&mut self, Rolled(mut batch): Rolled, ctx: &mut Self::Context) {
-        self.known_head = self.known_head.max(batch.last_seq());
-        // Not applied here while a catch-up reads this entry from the log, or when it was
-        // already applied (read from the log).
-        let applied = if !self.loaded || self.reading || batch.last_seq() <= self.applied_seq {
-            false
-        } else if batch.first_seq != self.applied_seq + 1 {
-            self.catch_up(ctx); // Something was missed: read it from the log.
-            false
-        } else {
-            self.apply(batch.first_seq, &mut batch.items);
-            true
-        };
-        if !applied {
-            // Live counts follow the cap as far as it is known now.
-            self.names.peek(&mut batch.items, self.name_cap());
-        }
-        if let Some(live) = &self.live {
-            // Live counts are best effort under overload; rollups are not (see above).
-            let _ = live.try_send(LiveItems(Arc::new(batch.items)));
+impl StreamHandler<RollupMessage> for RollupActor {
+    fn handle(&mut self, message: RollupMessage, ctx: &mut Self::Context) {
+        match message {
+            RollupMessage::Rolled(batch) => self.rolled(batch, ctx),
+            RollupMessage::Rebuild(deleted) => self.rebuild(vec![deleted], ctx),
         }
     }
 }
 
-impl Handler<SetLive> for RollupActor {
-    type Result = ();
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::actors::child::Children;
+    use crate::config::{Config, Overrides};
+    use crate::event::LogBatch;
+    use crate::storage::writer::{
+        AppendOutcome, AppendRequest, LogWriter, PreparedBatch, WriterOptions,
+    };
+    use crate::tenant::TenantDirectory;
+    use actix::{Addr, Handler, Message};
 
-    fn handle(&mut self, SetLive(live): SetLive, _ctx: &mut Self::Context) {
-        self.live = Some(live);
+    /// What the tests observe of the actor.
+    #[derive(Debug, Clone, Copy)]
+    struct Snapshot {
+        phase: Phase,
+        epoch: u64,
+        applied_seq: u64,
+        stored_watermark: u64,
     }
-}
 
-impl Handler<Rebuild> for RollupActor {
-    type Result = ();
+    struct Inspect;
 
-    fn handle(&mut self, Rebuild { deleted }: Rebuild, ctx: &mut Self::Context) {
-        self.rebuild(vec![deleted], ctx);
+    impl Message for Inspect {
+        type Result = Snapshot;
     }
-}
 
-impl Handler<StopChild> for RollupActor {
-    type Result = ();
+    impl Handler<Inspect> for RollupActor {
+        type Result = actix::MessageResult<Inspect>;
+        fn handle(&mut self, _: Inspect, _ctx: &mut Context<Self>) -> Self::Result {
+            actix::MessageResult(Snapshot {
+                phase: self.phase,
+                epoch: self.epoch,
+                applied_seq: self.applied_seq,
+                stored_watermark: self.stored_watermark,
+            })
+        }
+    }
 
-    fn handle(&mut self, _: StopChild, ctx: &mut Self::Context) {
-        ctx.stop();
+    /// A rollup actor of one tenant over a fresh data dir, run by a child registry as its
+    /// supervisor would.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        deps: Arc<PipelineDeps>,
+        tenant: TenantId,
+        children: Children,
+        mailbox: Mailbox<RollupMessage>,
+        next_id: u64,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Config::load_from(&Overrides::default(), &[]).unwrap();
+            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+            let options = WriterOptions {
+                fsync: false,
+                queue_capacity: 64,
+                max_group_requests: 8,
+                dedup_filter_bytes: 0,
+            };
+            let writer = LogWriter::start(storage.clone(), options).unwrap();
+            let directory =
+                TenantDirectory::load(storage.clone(), config.tenant_defaults.clone(), [0; 32])
+                    .unwrap();
+            let tenant = directory.create("acme").unwrap().0.id;
+            let mut rollups = config.rollups.clone();
+            rollups.flush_interval = Duration::from_millis(20);
+            let deps = Arc::new(PipelineDeps {
+                storage,
+                writer: Arc::new(writer),
+                directory: Arc::new(directory),
+                query_cache: Arc::new(crate::query::QueryCache::new(8, 8)),
+                actors: config.actors.clone(),
+                rollups,
+                live: config.live.clone(),
+                future_tolerance: Duration::from_secs(3600),
+                rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            });
+            let mut children = Children::new("test".into(), RETRY, RETRY);
+            let live = children.register("live", 64, {
+                let ticks = crate::actors::live::tick_channel();
+                move || crate::actors::live::LiveHub::new(Arc::clone(&ticks), RETRY)
+            });
+            let mailbox = children.register("rollup", 64, {
+                let deps = Arc::clone(&deps);
+                move || RollupActor::new(tenant, Arc::clone(&deps), live.clone())
+            });
+            Rig {
+                _dir: dir,
+                deps,
+                tenant,
+                children,
+                mailbox,
+                next_id: 0,
+            }
+        }
+
+        fn start(&mut self) -> Addr<RollupActor> {
+            self.children.start_all();
+            self.children.addr("rollup").unwrap()
+        }
+
+        /// Appends a request of `events` new "Signed Up" events, timestamped now, through the
+        /// log writer; returns the batch the ingest actor would push.
+        async fn append(&mut self, events: usize) -> RollupBatch {
+            let ids: Vec<String> = (0..events)
+                .map(|_| {
+                    self.next_id += 1;
+                    format!("m{}", self.next_id)
+                })
+                .collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let mut batch: LogBatch = crate::storage::event_log::tests::batch(&ids);
+            let now = now_micros();
+            batch.received_at = now;
+            for event in &mut batch.events {
+                event.timestamp = now;
+            }
+            let items = RollupItems::from_events(&batch.events);
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.deps.writer.submit(AppendRequest {
+                tenant: self.tenant,
+                queued_at: Instant::now(),
+                dedup_window: Duration::from_secs(3600),
+                batch: PreparedBatch::new(self.tenant, &batch).unwrap(),
+                reply: Box::new(move |outcome| {
+                    let _ = reply.send(outcome);
+                }),
+            });
+            let outcome: AppendOutcome = answer.await.unwrap().unwrap();
+            RollupBatch {
+                tenant: self.tenant,
+                first_seq: outcome.first_seq.unwrap(),
+                items,
+            }
+        }
+
+        fn push(&self, batch: RollupBatch) {
+            self.mailbox
+                .try_send(RollupMessage::Rolled(batch))
+                .ok()
+                .unwrap();
+        }
+
+        /// Events counted in today's stored day bucket.
+        fn stored_count(&self) -> u64 {
+            let day = Resolution::Day.bucket(now_micros());
+            let width = Resolution::Day.width();
+            rollups::read_counts(
+                &self.deps.storage,
+                self.tenant,
+                Resolution::Day,
+                "Signed Up",
+                day,
+                day + width,
+            )
+            .unwrap()
+            .iter()
+            .map(|(_, count)| count)
+            .sum()
+        }
+    }
+
+    /// Polls the actor until `done` holds (or fails after 10 s).
+    async fn until(
+        actor: &Addr<RollupActor>,
+        what: &str,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let snapshot = actor.send(Inspect).await.unwrap();
+            if done(&snapshot) {
+                return snapshot;
+            }
+            assert!(Instant::now() < deadline, "{what}: {snapshot:?}");
+            actix_rt::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn loading_catches_up_with_the_log_then_idles_and_flushes() {
+        let mut rig = Rig::new();
+        for events in [2, 1, 3] {
+            rig.append(events).await;
+        }
+        let actor = rig.start();
+        let idle = until(&actor, "caught up", |s| s.phase == Phase::Idle).await;
+        assert_eq!(idle.applied_seq, 6);
+        until(&actor, "flushed", |s| s.stored_watermark == 6).await;
+        assert_eq!(rig.stored_count(), 6);
+        assert_eq!(
+            rollups::watermark(&rig.deps.storage, rig.tenant).unwrap(),
+            6
+        );
+    }
+
+    #[actix_rt::test]
+    async fn pushes_apply_in_order_and_a_gap_is_read_from_the_log() {
+        let mut rig = Rig::new();
+        let actor = rig.start();
+        until(&actor, "loaded", |s| s.phase == Phase::Idle).await;
+        let first = rig.append(2).await;
+        rig.push(first);
+        until(&actor, "applied", |s| s.applied_seq == 2).await;
+        // The second batch is never pushed (a full queue dropped it); the third is.
+        rig.append(1).await;
+        let third = rig.append(1).await;
+        rig.push(third);
+        let caught_up = until(&actor, "gap read", |s| {
+            s.applied_seq == 4 && s.phase == Phase::Idle
+        })
+        .await;
+        assert_eq!(caught_up.epoch, 1, "a gap is read without a reset");
+        until(&actor, "flushed", |s| s.stored_watermark == 4).await;
+        assert_eq!(rig.stored_count(), 4, "every event once");
+    }
+
+    #[actix_rt::test]
+    async fn a_flush_waits_for_a_slot_while_pushes_keep_applying() {
+        let mut rig = Rig::new();
+        let actor = rig.start();
+        until(&actor, "loaded", |s| s.phase == Phase::Idle).await;
+        let slot = Arc::clone(&rig.deps.rollup_flush_slots)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let first = rig.append(1).await;
+        rig.push(first);
+        until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
+        let second = rig.append(2).await;
+        rig.push(second);
+        let flushing = until(&actor, "applied while flushing", |s| s.applied_seq == 3).await;
+        assert_eq!(flushing.phase, Phase::Flushing);
+        assert_eq!(flushing.stored_watermark, 0);
+        drop(slot);
+        until(&actor, "flushed", |s| s.stored_watermark == 3).await;
+        until(&actor, "idle", |s| s.phase == Phase::Idle).await;
+        assert_eq!(rig.stored_count(), 3);
+    }
+
+    #[actix_rt::test]
+    async fn a_rebuild_deletes_then_replays_everything_once() {
+        let mut rig = Rig::new();
+        for _ in 0..3 {
+            rig.append(1).await;
+        }
+        let actor = rig.start();
+        until(&actor, "flushed", |s| s.stored_watermark == 3).await;
+        let before = actor.send(Inspect).await.unwrap().epoch;
+        let (deleted, done) = tokio::sync::oneshot::channel();
+        rig.mailbox
+            .try_send(RollupMessage::Rebuild(deleted))
+            .ok()
+            .unwrap();
+        done.await.unwrap();
+        let rebuilt = until(&actor, "replayed", |s| {
+            s.phase == Phase::Idle && s.stored_watermark == 3
+        })
+        .await;
+        // One epoch for the deletion, one for the reload after it.
+        assert_eq!(rebuilt.epoch, before + 2);
+        assert_eq!(rig.stored_count(), 3);
+    }
+
+    #[actix_rt::test]
+    async fn a_reset_during_a_catch_up_drops_the_stale_read() {
+        let mut rig = Rig::new();
+        // Enough entries for several catch-up chunks.
+        for _ in 0..(3 * CATCH_UP_BATCHES) {
+            rig.append(1).await;
+        }
+        let total = 3 * CATCH_UP_BATCHES as u64;
+        let actor = rig.start();
+        until(&actor, "catching up", |s| s.phase == Phase::CatchingUp).await;
+        // A rebuild starts a new epoch while a chunk is being read: that chunk's result must
+        // not be applied on top of the replay.
+        let (deleted, done) = tokio::sync::oneshot::channel();
+        rig.mailbox
+            .try_send(RollupMessage::Rebuild(deleted))
+            .ok()
+            .unwrap();
+        done.await.unwrap();
+        until(&actor, "replayed", |s| {
+            s.phase == Phase::Idle && s.stored_watermark == total
+        })
+        .await;
+        assert_eq!(rig.stored_count(), total, "no event counted twice");
     }
 }

@@ -1,7 +1,7 @@
 //! Admin API: tenants, their settings and keys. Guarded by the admin token.
 //!
-//! Writes go through the [`crate::tenant::TenantDirectory`] on a blocking thread (they fsync).
-//! Deleting a tenant revokes its keys at once, stops its pipeline and purges its events.
+//! The handlers check the token and translate requests and replies; the operations themselves
+//! are [`crate::lifecycle::TenantLifecycle`]'s.
 
 use std::sync::Arc;
 
@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::event::format_timestamp;
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
-use crate::tenant::{
-    DirectoryError, RotateWhich, SettingsPatch, TenantId, TenantRecord, TenantSettings,
-};
+use crate::ids::TenantId;
+use crate::lifecycle::LifecycleError;
+use crate::tenant::{DirectoryError, RotateWhich, SettingsPatch, TenantRecord, TenantSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,24 +71,18 @@ fn existing_tenant(state: &AppState, raw: &str) -> Result<Arc<TenantRecord>, Api
         .ok_or_else(|| ApiError::NotFound(format!("tenant {id} not found")))
 }
 
-fn directory_error(error: DirectoryError) -> ApiError {
+fn lifecycle_error(error: LifecycleError) -> ApiError {
     match error {
-        DirectoryError::NotFound(id) => ApiError::NotFound(format!("tenant {id} not found")),
-        DirectoryError::Invalid(detail) => ApiError::bad_request(detail),
-        DirectoryError::Storage(error) => {
+        LifecycleError::Directory(DirectoryError::NotFound(id)) => {
+            ApiError::NotFound(format!("tenant {id} not found"))
+        }
+        LifecycleError::Directory(DirectoryError::Invalid(detail)) => ApiError::bad_request(detail),
+        LifecycleError::Directory(DirectoryError::Storage(error)) => {
             tracing::error!(%error, "admin write failed");
             ApiError::Internal(format!("storage failure: {error}"))
         }
+        other => ApiError::Internal(other.to_string()),
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, DirectoryError> + Send + 'static,
-) -> Result<T, ApiError> {
-    web::block(work)
-        .await
-        .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
-        .map_err(directory_error)
 }
 
 pub async fn create(
@@ -98,24 +92,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let CreateTenant { name, settings } = body.into_inner();
-    let directory = state.directory.clone();
-    let (record, keys) = blocking(move || {
-        let (record, keys) = directory.create(&name)?;
-        let record = match settings {
-            Some(patch) => match directory.update(record.id, None, &patch) {
-                Ok(updated) => updated,
-                Err(error) => {
-                    // Don't leave a half-configured tenant behind.
-                    let _ = directory.remove(record.id);
-                    return Err(error);
-                }
-            },
-            None => record,
-        };
-        Ok((record, keys))
-    })
-    .await?;
-    tracing::info!(tenant = %record.id, name = %record.name, "tenant created");
+    let (record, keys) = (state.lifecycle.create(name, settings).await).map_err(lifecycle_error)?;
     let view = TenantView::from(&*record);
     Ok(HttpResponse::Created().json(serde_json::json!({
         "id": view.id,
@@ -157,11 +134,8 @@ pub async fn update(
     auth::require_admin(&req, &state.directory)?;
     let id = tenant_id(&path)?;
     let UpdateTenant { name, settings } = body.into_inner();
-    let directory = state.directory.clone();
-    let record =
-        blocking(move || directory.update(id, name.as_deref(), &settings.unwrap_or_default()))
-            .await?;
-    tracing::info!(tenant = %id, "tenant updated");
+    let patch = settings.unwrap_or_default();
+    let record = (state.lifecycle.update(id, name, patch).await).map_err(lifecycle_error)?;
     Ok(HttpResponse::Ok().json(TenantView::from(&*record)))
 }
 
@@ -181,9 +155,7 @@ pub async fn rotate(
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
     let which = request.which.unwrap_or(RotateWhich::Both);
-    let directory = state.directory.clone();
-    let (record, keys) = blocking(move || directory.rotate(id, which)).await?;
-    tracing::info!(tenant = %id, ?which, "tenant keys rotated");
+    let (record, keys) = (state.lifecycle.rotate(id, which).await).map_err(lifecycle_error)?;
     let mut reply = serde_json::Map::new();
     reply.insert("id".into(), record.id.to_string().into());
     if let Some(key) = keys.write_key {
@@ -202,27 +174,7 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let id = tenant_id(&path)?;
-    let directory = state.directory.clone();
-    blocking(move || directory.remove(id)).await?;
-    state.pipelines.stop(id);
-    state.rate_limits.forget(id);
-    state.query_cache.forget(id);
-    // Once sealed, nothing more is written for the tenant; the purge then runs off the writer
-    // thread, so deleting a large tenant does not delay other tenants' acknowledgements. If
-    // this fails or the server crashes, the purge is finished at the next start (tombstone).
-    let purge_failed = |error: crate::storage::StorageError| {
-        tracing::error!(tenant = %id, %error, "purge failed; it is retried at the next start");
-        ApiError::Internal(format!(
-            "tenant removed; purging its data failed and is retried at the next start: {error}"
-        ))
-    };
-    state.writer.seal_tenant(id).await.map_err(purge_failed)?;
-    let storage = state.storage.clone();
-    let purged = web::block(move || crate::storage::purge_tenant(&storage, id))
-        .await
-        .map_err(|e| ApiError::Internal(format!("purge task failed: {e}")))?
-        .map_err(purge_failed)?;
-    tracing::info!(tenant = %id, purged_batches = purged, "tenant deleted and purged");
+    let purged = (state.lifecycle.delete(id).await).map_err(lifecycle_error)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": id.to_string(),
         "deleted": true,
@@ -240,13 +192,11 @@ pub async fn rebuild_rollups(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let id = existing_tenant(&state, &path)?.id;
-    if !state.pipelines.pipeline(id).rebuild_rollups().await {
+    if !state.lifecycle.rebuild_rollups(id).await {
         return Err(ApiError::unavailable(
             "the tenant's pipeline is busy; retry",
         ));
     }
-    state.query_cache.forget(id);
-    tracing::info!(tenant = %id, "rollup rebuild requested");
     Ok(HttpResponse::Accepted().json(serde_json::json!({
         "id": id.to_string(),
         "rebuilding": true,

@@ -24,7 +24,7 @@ use crate::http::errors::ApiError;
 use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::json::MergeBase;
-use crate::storage::log::{first_seq_received_since, scan};
+use crate::storage::event_log::{first_seq_received_since, scan};
 use crate::storage::Storage;
 use crate::tenant::{KeyKind, KeyWatch, TenantDirectory, TenantId};
 
@@ -85,7 +85,7 @@ pub async fn export(
     };
     let finished = Arc::clone(&reader.finished);
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    actix_web::rt::task::spawn_blocking(move || {
+    crate::blocking::detach(move || {
         reader.run(&filter, &sender);
         drop(slot);
     });
@@ -143,29 +143,34 @@ impl ExportReader {
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         let mut stopped = false;
         let scanned = first_seq_received_since(
-            &self.storage,
+            self.storage.log(),
             self.tenant,
             filter.from,
             self.future_tolerance,
         )
         .and_then(|start| {
-            scan(&self.storage, self.tenant, start, |first_seq, batch| {
-                if !self.key_watch.in_force(&self.directory) {
-                    stopped = true;
-                    return ControlFlow::Break(());
-                }
-                write_batch(&mut chunk, first_seq, batch, filter);
-                if chunk.len() < CHUNK_BYTES {
-                    return ControlFlow::Continue(());
-                }
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-                if self.send(sender, Ok(Bytes::from(full))) {
-                    ControlFlow::Continue(())
-                } else {
-                    stopped = true;
-                    ControlFlow::Break(())
-                }
-            })
+            scan(
+                self.storage.log(),
+                self.tenant,
+                start,
+                |first_seq, batch| {
+                    if !self.key_watch.in_force(&self.directory) {
+                        stopped = true;
+                        return ControlFlow::Break(());
+                    }
+                    write_batch(&mut chunk, first_seq, batch, filter);
+                    if chunk.len() < CHUNK_BYTES {
+                        return ControlFlow::Continue(());
+                    }
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                    if self.send(sender, Ok(Bytes::from(full))) {
+                        ControlFlow::Continue(())
+                    } else {
+                        stopped = true;
+                        ControlFlow::Break(())
+                    }
+                },
+            )
         });
         match scanned {
             Err(error) => {

@@ -119,7 +119,7 @@ pub async fn handle(
                 .large_bodies
                 .acquire(state.config.server.body_timeout)
                 .await?;
-            web::block(move || work.run(&received.decoded(max_body)?))
+            crate::blocking::run(move || work.run(&received.decoded(max_body)?))
                 .await
                 .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
         }

@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::event::EventKind;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
-use crate::storage::log::LogWriter;
+use crate::storage::writer::LogWriter;
 use crate::storage::Storage;
 use crate::telemetry;
 use crate::tenant::TenantDirectory;
@@ -52,7 +52,9 @@ pub struct AppState {
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
     pub pipelines: Arc<Pipelines>,
-    pub rate_limits: RateLimits,
+    /// Create, change and delete tenants.
+    pub lifecycle: crate::lifecycle::TenantLifecycle,
+    pub rate_limits: Arc<RateLimits>,
     pub query_cache: Arc<QueryCache>,
     pub metrics: PrometheusHandle,
     /// Places for decompressing and parsing large bodies.

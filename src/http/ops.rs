@@ -19,11 +19,9 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage_ok = {
         let storage = state.storage.clone();
-        web::block(move || {
-            storage.meta.first_key_value().is_some() || storage.meta.is_empty().is_ok()
-        })
-        .await
-        .unwrap_or(false)
+        crate::blocking::run(move || crate::storage::meta::readable(&storage))
+            .await
+            .unwrap_or(false)
     };
     let writer_ok = state.writer.is_healthy();
     let actors_ok = state.pipelines.healthy();

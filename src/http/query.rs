@@ -19,6 +19,7 @@ use crate::http::errors::ApiError;
 use crate::http::export::time_param;
 use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
+use crate::query::blocks::{RenderedSeries, SeriesAsk};
 use crate::query::{self, align_range, Metric};
 use crate::rollup::Resolution;
 use crate::storage::rollups;
@@ -93,7 +94,7 @@ fn blocking_error(error: impl std::fmt::Display) -> ApiError {
 /// fresh as it says. Blocking.
 fn as_of(
     storage: &crate::storage::Storage,
-    heads: &crate::storage::log::LogHeads,
+    heads: &crate::storage::writer::LogHeads,
     tenant: crate::tenant::TenantId,
 ) -> Result<AsOf, crate::storage::StorageError> {
     Ok(AsOf {
@@ -113,7 +114,7 @@ async fn run<T: Send + 'static>(
     let storage = state.storage.clone();
     let heads = state.writer.heads().clone();
     let tenant_id = tenant.id;
-    web::block(move || {
+    crate::blocking::run(move || {
         let as_of = as_of(&storage, &heads, tenant_id)?;
         Ok::<_, crate::storage::StorageError>((work(&storage)?, as_of))
     })
@@ -235,83 +236,21 @@ pub async fn series(
     };
     let event = params.event.filter(|e| !e.is_empty());
     let started = Instant::now();
-    let plan = series_blocks(resolution, from, to, now_micros());
-    let block_key = |block: &SeriesBlock| {
-        format!(
-            "{}\u{1}{metric:?}\u{1}{}\u{1}{values_only}\u{1}{}\u{1}{}",
-            event.as_deref().unwrap_or(""),
-            resolution.as_str(),
-            block.from,
-            block.to
-        )
+    let ask = SeriesAsk {
+        tenant: tenant.id,
+        event: event.clone(),
+        metric,
+        resolution,
+        from,
+        to,
+        values_only,
     };
-    // Cached blocks first; the version read before computing the rest guards the blocks
-    // computed against a late event flushed meanwhile.
-    let version = state.query_cache.version(tenant.id);
-    let keys: Vec<Option<String>> = plan
-        .iter()
-        .map(|block| block.cacheable.then(|| block_key(block)))
-        .collect();
-    let mut parts = state.query_cache.get_blocks(tenant.id, &keys);
-    // The blocks to compute, as maximal runs of neighbours (one storage scan each).
-    let mut runs: Vec<(Micros, Micros)> = Vec::new();
-    for (block, part) in plan.iter().zip(&parts) {
-        if part.is_some() {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(run) if run.1 == block.from => run.1 = block.to,
-            _ => runs.push((block.from, block.to)),
-        }
-    }
-    let all_cached = runs.is_empty();
-    let name = event.clone();
-    let tenant_id = tenant.id;
-    let (computed, as_of) = run(&state, &tenant, move |storage| {
-        let mut points = Vec::new();
-        for (run_from, run_to) in runs {
-            points.extend(query::series(
-                storage,
-                tenant_id,
-                name.as_deref(),
-                metric,
-                resolution,
-                run_from,
-                run_to,
-            )?);
-        }
-        Ok(points)
+    let cache = Arc::clone(&state.query_cache);
+    let (rendered, as_of) = run(&state, &tenant, move |storage| {
+        query::blocks::render_series(storage, &cache, &ask, now_micros())
     })
     .await?;
-    let mut computed = computed.into_iter().peekable();
-    for (block, part) in plan.iter().zip(parts.iter_mut()) {
-        if part.is_some() {
-            continue;
-        }
-        let mut text = String::with_capacity(64 * 48);
-        while let Some(point) = computed.next_if(|p| p.ts < block.to) {
-            if !text.is_empty() {
-                text.push(',');
-            }
-            if values_only {
-                use std::fmt::Write;
-                let _ = write!(text, "{}", point.value);
-            } else {
-                push_point(&mut text, point.ts, point.value);
-            }
-        }
-        let text: Arc<str> = Arc::from(text);
-        if block.cacheable {
-            state.query_cache.put_block(
-                tenant.id,
-                version,
-                block_key(block),
-                (block.from, block.to),
-                Arc::clone(&text),
-            );
-        }
-        *part = Some(text);
-    }
+    let RenderedSeries { parts, all_cached } = rendered;
     let head = serde_json::json!({
         "as_of": as_of,
         "event": event,
@@ -331,7 +270,7 @@ pub async fn series(
         ",\"points\":["
     });
     chunks.push(Bytes::from(opening));
-    for part in parts.into_iter().flatten().filter(|p| !p.is_empty()) {
+    for part in parts.into_iter().filter(|p| !p.is_empty()) {
         if chunks.len() > 1 {
             chunks.push(Bytes::from_static(b","));
         }
@@ -353,62 +292,6 @@ impl AsRef<[u8]> for SharedText {
     fn as_ref(&self) -> &[u8] {
         self.0.as_bytes()
     }
-}
-
-/// A block of a series answer: an hour of a minute series, a day of an hour series (a day
-/// series is one block, cacheable when all of it has ended). Blocks are cut at the block
-/// boundaries, so the first and last may be partial; only whole blocks whose every bucket has
-/// ended are cacheable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SeriesBlock {
-    from: Micros,
-    to: Micros,
-    cacheable: bool,
-}
-
-fn series_blocks(
-    resolution: Resolution,
-    from: Micros,
-    to: Micros,
-    now: Micros,
-) -> Vec<SeriesBlock> {
-    let block = match resolution {
-        Resolution::Minute => Resolution::Hour,
-        Resolution::Hour => Resolution::Day,
-        Resolution::Day => {
-            let cacheable = to <= resolution.bucket(now);
-            return vec![SeriesBlock {
-                from,
-                to,
-                cacheable,
-            }];
-        }
-    };
-    let closed_before = resolution.bucket(now);
-    let mut blocks = Vec::new();
-    let mut at = from;
-    while at < to {
-        let start = block.bucket(at);
-        let end = start + block.width();
-        let block_to = end.min(to);
-        blocks.push(SeriesBlock {
-            from: at,
-            to: block_to,
-            cacheable: at == start && block_to == end && end <= closed_before,
-        });
-        at = block_to;
-    }
-    blocks
-}
-
-/// Appends one point of a series answer as JSON.
-fn push_point(out: &mut String, ts: Micros, value: u64) {
-    use std::fmt::Write;
-    let _ = write!(
-        out,
-        "{{\"ts\":\"{}\",\"value\":{value}}}",
-        format_timestamp(ts)
-    );
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,7 +470,7 @@ pub async fn funnel(
     let future_tolerance = state.config.limits.future_tolerance;
     let late_arrival = state.config.reads.funnel_late_arrival;
     let slot = state.read_slots.take(tenant_id, ReadKind::Funnel)?;
-    let (reached, as_of) = web::block(move || {
+    let (reached, as_of) = crate::blocking::run(move || {
         let _slot = slot;
         let as_of = as_of(&storage, &heads, tenant_id)?;
         let span = query::FunnelSpan {
@@ -619,46 +502,4 @@ pub async fn funnel(
         "to": format_timestamp(to),
         "as_of": as_of,
     })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINUTE: Micros = 60_000_000;
-    const HOUR: Micros = 60 * MINUTE;
-
-    #[test]
-    fn series_blocks_are_whole_closed_hours_in_between_partial_edges() {
-        let day = 24 * HOUR;
-        // 22:30 on day 10 to 01:30 on day 11, asked at 01:10.
-        let from = 10 * day + 22 * HOUR + 30 * MINUTE;
-        let to = 11 * day + HOUR + 30 * MINUTE;
-        let now = 11 * day + HOUR + 10 * MINUTE;
-        let blocks = series_blocks(Resolution::Minute, from, to, now);
-        let expected = [
-            (from, 10 * day + 23 * HOUR, false), // partial
-            (10 * day + 23 * HOUR, 11 * day, true),
-            (11 * day, 11 * day + HOUR, true),
-            (11 * day + HOUR, to, false), // open and partial
-        ];
-        let got: Vec<(Micros, Micros, bool)> =
-            blocks.iter().map(|b| (b.from, b.to, b.cacheable)).collect();
-        assert_eq!(got, expected);
-        // The hour that ends exactly now is closed; the one that has not ended is not.
-        let blocks = series_blocks(
-            Resolution::Minute,
-            11 * day,
-            11 * day + 2 * HOUR,
-            11 * day + HOUR,
-        );
-        assert_eq!(
-            blocks.iter().map(|b| b.cacheable).collect::<Vec<_>>(),
-            [true, false]
-        );
-        let blocks = series_blocks(Resolution::Day, 0, 30 * day, 100 * day);
-        assert_eq!(blocks.len(), 1);
-        assert!(blocks[0].cacheable);
-        assert!(!series_blocks(Resolution::Day, 0, 30 * day, 29 * day + 1)[0].cacheable);
-    }
 }

@@ -37,9 +37,9 @@ use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
 use crate::event::{flags, now_micros, Micros, StoredEvent};
+use crate::ids::TenantId;
 use crate::storage::dedup_filter::{KeyFilter, KeyFilters};
 use crate::storage::{Storage, StorageError};
-use crate::tenant::TenantId;
 
 pub type DedupKey = [u8; 16];
 

@@ -328,9 +328,9 @@ impl Drop for FilterBuilder {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ids::TenantId;
     use crate::storage::dedup;
     use crate::storage::dedup::tests::into_tables;
-    use crate::tenant::TenantId;
 
     /// Waits for the builder's first filter (a test fails instead of hanging if none comes).
     pub(crate) fn wait_until_built(filters: &KeyFilters) -> Arc<KeyFilter> {

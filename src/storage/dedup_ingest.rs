@@ -31,11 +31,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
 use crate::event::last_seq_of;
+use crate::ids::TenantId;
 use crate::storage::dedup::{self, DedupKey};
 use crate::storage::dedup_filter::{FilterBuilder, KeyFilters};
-use crate::storage::{log, meta, tenant_key, Storage, StorageError};
+use crate::storage::{event_log, meta, Storage, StorageError};
 use crate::telemetry;
-use crate::tenant::TenantId;
 
 /// Keys gathered before they are written as one table: about 8 MB of keys and values, written
 /// about once a second at 230k events/s. Until then they are in the writer's memory (about
@@ -50,12 +50,6 @@ pub const MAX_PENDING_AGE: Duration = Duration::from_secs(30);
 /// Groups of keys that may wait for this thread before the log writer waits for it (a group
 /// holds one to `max_group_requests` requests' keys).
 const QUEUE_GROUPS: usize = 1024;
-
-/// `meta` key of a tenant's dedup watermark.
-const WATERMARK: u8 = b'd';
-/// `meta` key present once the log writer no longer writes dedup keys itself. Without it, the
-/// data dir was written by an earlier version, whose keyspace holds every key of the log.
-const INGESTED_LAYOUT: &[u8] = b"dedup_keys_ingested";
 
 /// The keys of one durable group commit.
 pub struct KeyGroup {
@@ -252,19 +246,12 @@ fn ingest(
 }
 
 fn watermark_key(tenant: TenantId) -> [u8; 9] {
-    meta::tenant_key(WATERMARK, tenant)
+    meta::tenant_key(meta::kind::DEDUP_WATERMARK, tenant)
 }
 
 /// The last log sequence of the tenant whose dedup key the tables hold (0 = none).
 fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
-    let value = storage
-        .meta
-        .get(watermark_key(tenant))
-        .map_err(StorageError::engine("reading a dedup watermark"))?;
-    Ok(value
-        .as_deref()
-        .and_then(|bytes| bytes.try_into().ok())
-        .map_or(0, u64::from_be_bytes))
+    meta::get_u64(storage, meta::kind::DEDUP_WATERMARK, tenant)
 }
 
 /// Forgets a purged tenant's watermark.
@@ -278,20 +265,20 @@ pub fn forget_tenant(storage: &Storage, tenant: TenantId) -> Result<(), StorageE
 /// Brings the dedup tables up to the log before the writer starts: ingests the keys of every
 /// log entry past its tenant's watermark. Returns how many keys were recovered. Blocking.
 pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
-    let tenants = log_tenants(storage)?;
+    let tenants = storage.log().tenants()?;
     let layout_known = storage
         .meta
-        .get(INGESTED_LAYOUT)
+        .get(meta::kind::DEDUP_LAYOUT)
         .map_err(StorageError::engine("reading the dedup layout"))?
         .is_some();
     if !layout_known {
         // A new data dir, or one whose log writer wrote every key with its log entry.
         let mut batch = storage.batch();
         for tenant in &tenants {
-            let head = log::last_seq(storage, *tenant)?;
+            let head = storage.log().head(*tenant)?;
             batch.insert(&storage.meta, watermark_key(*tenant), head.to_be_bytes());
         }
-        batch.insert(&storage.meta, INGESTED_LAYOUT, [1u8]);
+        batch.insert(&storage.meta, meta::kind::DEDUP_LAYOUT, [1u8]);
         batch
             .commit()
             .map_err(StorageError::engine("writing dedup watermarks"))?;
@@ -302,7 +289,7 @@ pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
     let mut heads = FxHashMap::default();
     for tenant in tenants {
         let from = watermark(storage, tenant)? + 1;
-        log::scan(storage, tenant, from, |first_seq, batch| {
+        event_log::scan(storage.log(), tenant, from, |first_seq, batch| {
             let value = dedup::value(tenant, batch.received_at);
             entries.extend(
                 (batch.events.iter())
@@ -323,32 +310,11 @@ pub fn recover(storage: &Storage) -> Result<usize, StorageError> {
     Ok(keys)
 }
 
-/// Every tenant with at least one log entry, found by seeking past each tenant's keys.
-fn log_tenants(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
-    let mut tenants = Vec::new();
-    let mut from = tenant_key(TenantId(0), 0);
-    while let Some(guard) = storage.log.range(from..).next() {
-        let key = guard
-            .key()
-            .map_err(StorageError::engine("listing the log's tenants"))?;
-        let Some(id) = key.get(..8).and_then(|bytes| bytes.try_into().ok()) else {
-            break;
-        };
-        let tenant = u64::from_be_bytes(id);
-        tenants.push(TenantId(tenant));
-        let Some(next) = tenant.checked_add(1) else {
-            break;
-        };
-        from = tenant_key(TenantId(next), 0);
-    }
-    Ok(tenants)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::storage::log::tests::batch;
+    use crate::storage::event_log::tests::batch;
     use fjall::AbstractTree;
 
     fn first_seen(storage: &Storage, key: DedupKey) -> Option<i64> {
@@ -366,10 +332,10 @@ mod tests {
         }
         let value = crate::storage::codec::encode_compressed(&entry).unwrap();
         storage
-            .log
-            .insert(tenant_key(tenant, first_seq), value)
+            .log()
+            .append(tenant, first_seq, value.into())
             .unwrap();
-        storage.persist(true).unwrap();
+        storage.log().commit(&[], true).unwrap();
     }
 
     #[test]

@@ -1,22 +1,40 @@
-//! The `meta` keyspace: tenant records, tombstones of deleted tenants, the admin token digest.
+//! The `meta` keyspace: small records that several parts of the server keep, and the one
+//! registry of its keys ([`kind`]), so that no two concerns can share a prefix by accident.
 //!
-//! Keys: `t ‖ tenant` → [`TenantRecord`]; `x ‖ tenant` → deletion time (a tombstone, so a deleted
-//! tenant's id is never reused and late writes for it are refused); `admin_token_digest` → 32
-//! bytes. Metadata changes are rare, so every write is fsync'd before it returns.
+//! Per-tenant records are keyed `kind ‖ tenant` (big-endian), optionally followed by more bytes;
+//! the few global records have names of their own. Metadata changes are rare, so the writes here
+//! persist before they return, except where a caller commits them with other writes.
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::TenantDefaults;
 use crate::event::now_micros;
-use crate::storage::{codec, Storage, StorageError};
-use crate::tenant::{KeyDigest, TenantId, TenantRecord, TenantSettings};
+use crate::ids::TenantId;
+use crate::storage::{Storage, StorageError};
 
-const TENANT: u8 = b't';
-const TOMBSTONE: u8 = b'x';
-const ADMIN_TOKEN_DIGEST: &[u8] = b"admin_token_digest";
+/// The kinds of `meta` key. A kind is the first byte of a per-tenant key; named records start
+/// with a byte none of the kinds scans for (a prefix scan over a kind would otherwise see them:
+/// `dedup_keys_ingested` starts with the dedup watermark's `d`, which is only ever read by
+/// exact key).
+pub(crate) mod kind {
+    /// `t ‖ tenant` → the tenant's record (encoded by `crate::tenant`).
+    pub(crate) const TENANT: u8 = b't';
+    /// `x ‖ tenant` → deletion time: a tombstone, so a deleted tenant's id is never reused and
+    /// late writes for it are refused.
+    pub(crate) const TOMBSTONE: u8 = b'x';
+    /// `h ‖ tenant` → the last log sequence assigned to the tenant, committed with the log.
+    pub(crate) const LOG_HEAD: u8 = b'h';
+    /// `w ‖ tenant` → the last log sequence the stored rollups include.
+    pub(crate) const ROLLUP_WATERMARK: u8 = b'w';
+    /// `n ‖ tenant ‖ xxh3(name)` → an event name the tenant's rollups hold.
+    pub(crate) const EVENT_NAME: u8 = b'n';
+    /// `d ‖ tenant` → the last log sequence whose dedup keys the dedup tables hold.
+    pub(crate) const DEDUP_WATERMARK: u8 = b'd';
+    /// The digest of the admin token in force when none is configured.
+    pub(crate) const ADMIN_TOKEN_DIGEST: &[u8] = b"admin_token_digest";
+    /// Present once the log writer no longer writes dedup keys itself. Without it, the data dir
+    /// was written by an earlier version, whose dedup keyspace holds every key of the log.
+    pub(crate) const DEDUP_LAYOUT: &[u8] = b"dedup_keys_ingested";
+}
 
-/// `kind ‖ tenant`: the key of a per-tenant record in `meta`. Kinds in use: `t`, `x` (here),
-/// `w`, `n` (rollup watermarks and event names), `d` (dedup watermarks).
+/// `kind ‖ tenant`: the key of a per-tenant record in `meta`.
 pub(crate) fn tenant_key(kind: u8, tenant: TenantId) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = kind;
@@ -24,105 +42,65 @@ pub(crate) fn tenant_key(kind: u8, tenant: TenantId) -> [u8; 9] {
     key
 }
 
-/// A tenant record as stored: the first version's layout (field order is the bincode layout),
-/// then the settings added since, as a trailer that records written before lack.
-#[derive(Serialize, Deserialize)]
-struct StoredTenant {
-    id: TenantId,
-    name: String,
-    created_at: crate::event::Micros,
-    settings: StoredSettings,
-    write_key_digest: KeyDigest,
-    read_key_digest: KeyDigest,
-    user_hash_key: [u8; 32],
+/// The tenant in a `kind ‖ tenant ‖ …` key.
+fn key_tenant(key: &[u8]) -> Option<TenantId> {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|id| TenantId(u64::from_be_bytes(id)))
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredSettings {
-    rate_limit_events_per_second: u32,
-    rate_limit_burst: u32,
-    #[serde(with = "humantime_serde")]
-    dedup_window: std::time::Duration,
+/// A big-endian `u64` record of a tenant (0 when there is none).
+pub(crate) fn get_u64(storage: &Storage, kind: u8, tenant: TenantId) -> Result<u64, StorageError> {
+    get_u64_in(&storage.meta, kind, tenant)
 }
 
-/// Settings added after the first layout; `None`: the server's default.
-#[derive(Serialize, Deserialize, Default)]
-struct LaterSettings {
-    max_event_names: Option<u32>,
+/// [`get_u64`] from the keyspace itself.
+pub(crate) fn get_u64_in(
+    meta: &fjall::Keyspace,
+    kind: u8,
+    tenant: TenantId,
+) -> Result<u64, StorageError> {
+    let value = meta
+        .get(tenant_key(kind, tenant))
+        .map_err(StorageError::engine("reading a sequence record"))?;
+    Ok(value
+        .as_deref()
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
-fn meta_codec_error(source: codec::CodecError) -> StorageError {
-    StorageError::Codec {
-        keyspace: "meta",
-        source,
-    }
-}
-
-/// Every tenant record; settings a record predates take their value from `defaults`.
-pub fn load_tenants(
-    storage: &Storage,
-    defaults: &TenantDefaults,
-) -> Result<Vec<TenantRecord>, StorageError> {
+/// Every tenant record, encoded (see `crate::tenant`).
+pub fn tenant_records(storage: &Storage) -> Result<Vec<fjall::Slice>, StorageError> {
     let mut records = Vec::new();
-    for guard in storage.meta.prefix([TENANT]) {
+    for guard in storage.meta.prefix([kind::TENANT]) {
         let (_key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("loading tenants"))?;
-        let plain = codec::plain(&value).map_err(meta_codec_error)?;
-        let (stored, later): (StoredTenant, LaterSettings) =
-            plain.decode_with_trailer().map_err(meta_codec_error)?;
-        records.push(TenantRecord {
-            id: stored.id,
-            name: stored.name,
-            created_at: stored.created_at,
-            settings: TenantSettings {
-                rate_limit_events_per_second: stored.settings.rate_limit_events_per_second,
-                rate_limit_burst: stored.settings.rate_limit_burst,
-                dedup_window: stored.settings.dedup_window,
-                max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
-            },
-            write_key_digest: stored.write_key_digest,
-            read_key_digest: stored.read_key_digest,
-            user_hash_key: stored.user_hash_key,
-        });
+        records.push(value);
     }
     Ok(records)
 }
 
-/// Writes (creates or replaces) a tenant record, durably.
-pub fn put_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), StorageError> {
-    let stored = StoredTenant {
-        id: record.id,
-        name: record.name.clone(),
-        created_at: record.created_at,
-        settings: StoredSettings {
-            rate_limit_events_per_second: record.settings.rate_limit_events_per_second,
-            rate_limit_burst: record.settings.rate_limit_burst,
-            dedup_window: record.settings.dedup_window,
-        },
-        write_key_digest: record.write_key_digest,
-        read_key_digest: record.read_key_digest,
-        user_hash_key: record.user_hash_key,
-    };
-    let later = LaterSettings {
-        max_event_names: Some(record.settings.max_event_names),
-    };
-    // bincode writes a tuple as its fields one after the other: the trailer follows the record.
-    let value = codec::encode(&(stored, later)).map_err(meta_codec_error)?;
+/// Writes (creates or replaces) a tenant's encoded record, durably.
+pub fn put_tenant(
+    storage: &Storage,
+    tenant: TenantId,
+    record: Vec<u8>,
+) -> Result<(), StorageError> {
     storage
         .meta
-        .insert(tenant_key(TENANT, record.id), value)
+        .insert(tenant_key(kind::TENANT, tenant), record)
         .map_err(StorageError::engine("writing a tenant"))?;
     storage.persist(true)
 }
 
 /// Removes a tenant record and leaves a tombstone, durably.
-pub fn delete_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), StorageError> {
+pub fn delete_tenant(storage: &Storage, tenant: TenantId) -> Result<(), StorageError> {
     let mut batch = storage.batch();
-    batch.remove(&storage.meta, tenant_key(TENANT, record.id));
+    batch.remove(&storage.meta, tenant_key(kind::TENANT, tenant));
     batch.insert(
         &storage.meta,
-        tenant_key(TOMBSTONE, record.id),
+        tenant_key(kind::TOMBSTONE, tenant),
         now_micros().to_be_bytes(),
     );
     batch
@@ -134,36 +112,39 @@ pub fn delete_tenant(storage: &Storage, record: &TenantRecord) -> Result<(), Sto
 pub fn is_tombstoned(storage: &Storage, tenant: TenantId) -> Result<bool, StorageError> {
     storage
         .meta
-        .contains_key(tenant_key(TOMBSTONE, tenant))
+        .contains_key(tenant_key(kind::TOMBSTONE, tenant))
         .map_err(StorageError::engine("reading a tombstone"))
 }
 
 /// Every deleted tenant (their data may still need purging after a crash).
 pub fn tombstoned_tenants(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
     let mut tenants = Vec::new();
-    for guard in storage.meta.prefix([TOMBSTONE]) {
-        let (key, _value) = guard
-            .into_inner()
+    for guard in storage.meta.prefix([kind::TOMBSTONE]) {
+        let key = guard
+            .key()
             .map_err(StorageError::engine("loading tombstones"))?;
-        if let Some(id) = key.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-            tenants.push(TenantId(u64::from_be_bytes(id)));
-        }
+        tenants.extend(key_tenant(&key));
     }
     Ok(tenants)
 }
 
-pub fn admin_token_digest(storage: &Storage) -> Result<Option<KeyDigest>, StorageError> {
+pub fn admin_token_digest(storage: &Storage) -> Result<Option<[u8; 32]>, StorageError> {
     let value = storage
         .meta
-        .get(ADMIN_TOKEN_DIGEST)
+        .get(kind::ADMIN_TOKEN_DIGEST)
         .map_err(StorageError::engine("reading the admin token digest"))?;
-    Ok(value.and_then(|v| KeyDigest::try_from(&v[..]).ok()))
+    Ok(value.and_then(|v| <[u8; 32]>::try_from(&v[..]).ok()))
 }
 
-pub fn set_admin_token_digest(storage: &Storage, digest: &KeyDigest) -> Result<(), StorageError> {
+pub fn set_admin_token_digest(storage: &Storage, digest: &[u8; 32]) -> Result<(), StorageError> {
     storage
         .meta
-        .insert(ADMIN_TOKEN_DIGEST, digest.to_vec())
+        .insert(kind::ADMIN_TOKEN_DIGEST, digest.to_vec())
         .map_err(StorageError::engine("writing the admin token digest"))?;
     storage.persist(true)
+}
+
+/// Whether the keyspace answers a read (for readiness).
+pub fn readable(storage: &Storage) -> bool {
+    storage.meta.first_key_value().is_some() || storage.meta.is_empty().is_ok()
 }

@@ -25,11 +25,10 @@
 use std::collections::HashSet;
 
 use crate::event::Micros;
+use crate::ids::TenantId;
 use crate::rollup::{BucketAgg, Deltas, PendingUsers, Resolution, Retention, Sketch};
 use crate::storage::{codec, meta, Storage, StorageError};
-use crate::tenant::TenantId;
 
-const NAME: u8 = b'n';
 /// A tenant's rollup actor folds sketch deltas into their bases on every this many flushes.
 pub const FOLD_EVERY: u64 = 8;
 
@@ -55,7 +54,6 @@ impl FoldPlan {
 }
 /// Length of a bucket key; longer keys in `rollup_users` are delta records.
 const BUCKET_KEY_LEN: usize = 25;
-const WATERMARK: u8 = b'w';
 
 pub fn name_hash(name: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes())
@@ -94,7 +92,7 @@ fn codec_error(keyspace: &'static str) -> impl Fn(codec::CodecError) -> StorageE
 pub fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     let value = storage
         .meta
-        .get(meta_key(WATERMARK, tenant, &[]))
+        .get(meta_key(meta::kind::ROLLUP_WATERMARK, tenant, &[]))
         .map_err(StorageError::engine("reading the rollup watermark"))?;
     Ok(value.as_deref().map_or(0, u64_value))
 }
@@ -226,13 +224,17 @@ pub fn flush(
     for name in names.into_iter().chain(admitted.iter().map(String::as_str)) {
         batch.insert(
             &storage.meta,
-            meta_key(NAME, tenant, &name_hash(name).to_be_bytes()),
+            meta_key(
+                meta::kind::EVENT_NAME,
+                tenant,
+                &name_hash(name).to_be_bytes(),
+            ),
             name.as_bytes().to_vec(),
         );
     }
     batch.insert(
         &storage.meta,
-        meta_key(WATERMARK, tenant, &[]),
+        meta_key(meta::kind::ROLLUP_WATERMARK, tenant, &[]),
         through_seq.to_be_bytes().to_vec(),
     );
     batch
@@ -372,7 +374,10 @@ pub fn total_over(
 /// Every event name the tenant has rollups for.
 pub fn event_names(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, StorageError> {
     let mut names = Vec::new();
-    for guard in storage.meta.prefix(meta_key(NAME, tenant, &[])) {
+    for guard in storage
+        .meta
+        .prefix(meta_key(meta::kind::EVENT_NAME, tenant, &[]))
+    {
         let (_key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading event names"))?;
@@ -389,13 +394,19 @@ pub fn delete_all(storage: &Storage, tenant: TenantId) -> Result<(), StorageErro
     super::purge_prefix(storage, &storage.rollup_counts, tenant)?;
     super::purge_prefix(storage, &storage.rollup_users, tenant)?;
     let mut batch = storage.batch();
-    for guard in storage.meta.prefix(meta_key(NAME, tenant, &[])) {
+    for guard in storage
+        .meta
+        .prefix(meta_key(meta::kind::EVENT_NAME, tenant, &[]))
+    {
         let (key, _value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading event names"))?;
         batch.remove(&storage.meta, key);
     }
-    batch.remove(&storage.meta, meta_key(WATERMARK, tenant, &[]));
+    batch.remove(
+        &storage.meta,
+        meta_key(meta::kind::ROLLUP_WATERMARK, tenant, &[]),
+    );
     batch
         .commit()
         .map_err(StorageError::engine("deleting rollups"))

@@ -3,7 +3,10 @@
 //! blocking thread.
 //!
 //! [`QueryCache`] keeps answers over closed time ranges per tenant (bounded, least recently
-//! used first out); the rollup actor invalidates the entries that a late event touches.
+//! used first out), and series answers by blocks ([`blocks`]); the rollup actor invalidates the
+//! entries that a late event touches.
+
+pub mod blocks;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -11,16 +14,16 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+
 use serde::Serialize;
 
 use crate::event::Micros;
+use crate::ids::TenantId;
 use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
-use crate::storage::log::{
-    first_seq_received_since, last_seq, scan_views, LogHeads, RECEIVE_ORDER_SLACK,
-};
+use crate::storage::event_log::{first_seq_received_since, scan_views, RECEIVE_ORDER_SLACK};
 use crate::storage::rollups;
+use crate::storage::writer::LogHeads;
 use crate::storage::{Storage, StorageError};
-use crate::tenant::TenantId;
 
 /// What a series counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,13 +206,13 @@ pub fn funnel(
     // Per user: (time, sequence, step code) of the matching events.
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
-    let start = first_seq_received_since(storage, tenant, from, span.future_tolerance)?;
+    let start = first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?;
     let late_arrival = Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
     // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
     let last_received = to
         .saturating_add(late_arrival)
         .saturating_add(RECEIVE_ORDER_SLACK);
-    scan_views(storage, tenant, start, |first_seq, batch| {
+    scan_views(storage.log(), tenant, start, |first_seq, batch| {
         if batch.received_at > last_received {
             return ControlFlow::Break(());
         }
@@ -279,7 +282,7 @@ pub fn log_head(
     if let Some(head) = heads.get(tenant) {
         return Ok(head);
     }
-    last_seq(storage, tenant)
+    storage.log().head(tenant)
 }
 
 struct CachedAnswer {

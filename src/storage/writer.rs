@@ -1,10 +1,10 @@
-//! The durable event log and its writer thread (group commit).
+//! The log writer thread: deduplication, sequencing and group commit.
 //!
-//! One dedicated OS thread, the [`LogWriter`], owns all writes to `log`. Requests
+//! One dedicated OS thread, the [`LogWriter`], owns all appends to the [`EventLog`]. Requests
 //! arrive on a bounded queue. The thread takes everything queued (up to `max_group_requests`),
-//! and for each request drops duplicates, assigns sequence numbers and commits the log entry.
-//! Then it persists the journal once for the whole group (fsync in `fsync` mode) and only then
-//! answers the requests. While it fsyncs, new requests queue up and form the next group: the
+//! and for each request drops duplicates, assigns sequence numbers and stages the log entry.
+//! Then it commits the whole group at once (fsync in `fsync` mode) and only then answers the
+//! requests, each with facts ([`AppendOutcome`]): what the events mean is the actors' business. While it fsyncs, new requests queue up and form the next group: the
 //! busier the server, the more requests share an fsync. The group's new dedup keys then go to
 //! the [`dedup_ingest`] thread, which writes them into the dedup tables.
 //!
@@ -23,16 +23,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::oneshot;
 
-use std::ops::ControlFlow;
-
-use crate::event::{last_seq_of, now_micros, BatchShared, LogBatch, LogBatchView, Micros};
-use crate::rollup::{RollupBatch, RollupItems};
+use crate::event::{last_seq_of, now_micros, LogBatch};
+use crate::ids::TenantId;
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
+use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
 use crate::storage::upkeep::Upkeep;
-use crate::storage::{codec, dedup, tenant_key, Storage, StorageError};
+use crate::storage::{dedup, Storage, StorageError};
 use crate::telemetry;
-use crate::tenant::TenantId;
 
 /// Called once with the outcome of an append, after the write is durable (or has failed).
 pub type AppendReply = Box<dyn FnOnce(Result<AppendOutcome, StorageError>) + Send>;
@@ -48,30 +46,26 @@ pub struct AppendRequest {
 }
 
 /// A log batch made ready by its sender, in parallel with other senders: encoded and compressed
-/// as the log entry, with each event's dedup key and rollup item. The one writer thread then
-/// only deduplicates and commits (it decodes and re-encodes only a batch that had duplicates).
-/// The decoded events are freed by the sender: freeing them was 2% of the server's CPU on the
-/// writer thread.
+/// as the log entry, with each event's dedup key. The one writer thread then only deduplicates
+/// and commits (it decodes and re-encodes only a batch that had duplicates). The decoded events
+/// are freed by the sender, off the writer thread.
 pub struct PreparedBatch {
-    encoded: fjall::Slice,
+    encoded: EntryBytes,
     /// `None` for an event whose messageId the server generated (never a duplicate).
     dedup_keys: Vec<Option<dedup::DedupKey>>,
-    items: RollupItems,
 }
 
 impl PreparedBatch {
-    pub fn new(tenant: TenantId, batch: LogBatch) -> Result<PreparedBatch, StorageError> {
-        let encoded = encode_entry(&batch)?;
+    pub fn new(tenant: TenantId, batch: &LogBatch) -> Result<PreparedBatch, StorageError> {
+        let encoded = encode_entry(batch)?;
         let dedup_keys = batch
             .events
             .iter()
             .map(|event| dedup::event_key(tenant, event))
             .collect();
-        let items = RollupItems::from_events(&batch.events);
         Ok(PreparedBatch {
             encoded,
             dedup_keys,
-            items,
         })
     }
 }
@@ -85,30 +79,30 @@ fn only_kept<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
         .collect()
 }
 
-/// A log entry: the [`LogBatch`], then its [`crate::event::BatchShared`] as a trailer when it
-/// has any (entries without one, older ones included, decode with an empty one).
-fn encode_entry(batch: &LogBatch) -> Result<fjall::Slice, StorageError> {
-    let encoded = if batch.shared.is_empty() {
-        codec::encode_compressed_value(batch)
-    } else {
-        // bincode writes a tuple as its fields one after the other.
-        codec::encode_compressed_value(&(batch, &batch.shared))
-    };
-    encoded.map_err(|source| StorageError::Codec {
-        keyspace: "log",
-        source,
-    })
-}
-
-/// What happened to a request's events.
+/// What happened to a request's events; delivered once the accepted ones are durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
+    pub tenant: TenantId,
     pub accepted: usize,
     pub duplicates: usize,
-    /// Sequence number of the first accepted event; `None` if none was accepted.
+    /// Sequence number of the first accepted event; `None` if none was accepted. The accepted
+    /// events have the sequences from it on, in request order.
     pub first_seq: Option<u64>,
-    /// What the rollups need of the accepted events (they are durable when this is delivered).
-    pub rollup: Option<RollupBatch>,
+    /// Positions in the request of the events dropped as duplicates, ascending.
+    pub duplicate_positions: Vec<usize>,
+}
+
+impl AppendOutcome {
+    /// Whether the event at `position` in the request was new (stored), for every position.
+    pub fn new_events(&self) -> Vec<bool> {
+        let mut new = vec![true; self.accepted + self.duplicates];
+        for position in &self.duplicate_positions {
+            if let Some(slot) = new.get_mut(*position) {
+                *slot = false;
+            }
+        }
+        new
+    }
 }
 
 /// The last durable log sequence of each tenant written by this process.
@@ -161,6 +155,7 @@ pub struct WriterOptions {
 impl LogWriter {
     /// Starts the writer thread, after bringing the dedup tables up to the log (blocking).
     pub fn start(storage: Storage, options: WriterOptions) -> std::io::Result<LogWriter> {
+        let log = storage.log_handle();
         dedup_ingest::recover(&storage).map_err(std::io::Error::other)?;
         let (queue, commands) = crossbeam_channel::bounded(options.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -183,6 +178,7 @@ impl LogWriter {
                 let _watch = storage.health.watch("log-writer", None);
                 let mut writer = Writer {
                     storage,
+                    log,
                     options,
                     dedup,
                     key_groups,
@@ -283,6 +279,7 @@ type Reply = (AppendReply, Result<AppendOutcome, StorageError>);
 
 struct Writer {
     storage: Storage,
+    log: Arc<dyn EventLog>,
     options: WriterOptions,
     /// The keys of recent appends, until the dedup tables hold them.
     dedup: dedup::DedupIndex,
@@ -293,7 +290,7 @@ struct Writer {
     group_heads: Vec<(TenantId, u64)>,
     /// Groups sent to the ingest thread so far; the current group will be number + 1.
     groups_sent: u64,
-    /// Next sequence number per tenant, loaded from the log on first use.
+    /// Next sequence number per tenant, from the log's head on first use.
     next_seq: HashMap<TenantId, u64>,
     /// Tenants being deleted: late appends for them are refused.
     sealed: HashSet<TenantId>,
@@ -363,13 +360,13 @@ impl Writer {
             }
         }
         self.finish_group(&mut replies);
-        if let Err(error) = self.storage.persist(true) {
+        if let Err(error) = self.log.commit(&[], true) {
             tracing::error!(%error, "final persist of the log failed");
         }
         tracing::info!("log writer stopped");
     }
 
-    /// Persists the journal once for every commit of the group, then answers the requests.
+    /// Commits the group's entries and heads at once, then answers the requests.
     fn finish_group(&mut self, replies: &mut Vec<Reply>) {
         if replies.is_empty() {
             return;
@@ -378,7 +375,7 @@ impl Writer {
         if let Some(group_started) = self.group_started.take() {
             telemetry::log_write(started - group_started);
         }
-        let persisted = self.storage.persist(self.options.fsync);
+        let persisted = self.log.commit(&self.group_heads, self.options.fsync);
         let sync = started.elapsed();
         let events: usize = replies
             .iter()
@@ -388,14 +385,10 @@ impl Writer {
         telemetry::group_committed(replies.len(), events, sync);
         match persisted {
             Ok(()) => {
+                for (tenant, head) in &self.group_heads {
+                    self.heads.advance(*tenant, *head);
+                }
                 for (reply, outcome) in replies.drain(..) {
-                    if let Ok(AppendOutcome {
-                        rollup: Some(batch),
-                        ..
-                    }) = &outcome
-                    {
-                        self.heads.advance(batch.tenant, batch.last_seq());
-                    }
                     reply(outcome);
                 }
                 self.send_keys();
@@ -432,8 +425,8 @@ impl Writer {
         self.dedup.forget_ingested();
     }
 
-    /// Drops duplicates, assigns sequence numbers and commits the log entry. Not yet durable:
-    /// the caller persists the whole group.
+    /// Drops duplicates, assigns sequence numbers and stages the log entry. Not yet durable:
+    /// the caller commits the whole group.
     fn append(
         &mut self,
         tenant: TenantId,
@@ -451,46 +444,42 @@ impl Writer {
         }
         let now = now_micros();
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
-        let mut keep = Vec::with_capacity(prepared.dedup_keys.len());
+        let mut duplicate_positions = Vec::new();
         let mut inserted = Vec::with_capacity(prepared.dedup_keys.len());
-        for key in &prepared.dedup_keys {
+        for (position, key) in prepared.dedup_keys.iter().enumerate() {
             let Some(key) = key else {
-                keep.push(true);
                 continue;
             };
             let duplicate = !in_request.insert(*key)
                 || (self.dedup).seen_within(&self.storage, tenant, key, now, dedup_window)?;
-            if !duplicate {
+            if duplicate {
+                duplicate_positions.push(position);
+            } else {
                 inserted.push(*key);
             }
-            keep.push(!duplicate);
         }
-        let accepted = keep.iter().filter(|kept| **kept).count();
-        let duplicates = keep.len() - accepted;
+        let duplicates = duplicate_positions.len();
+        let accepted = prepared.dedup_keys.len() - duplicates;
+        let mut outcome = AppendOutcome {
+            tenant,
+            accepted,
+            duplicates,
+            first_seq: None,
+            duplicate_positions,
+        };
         if accepted == 0 {
-            return Ok(AppendOutcome {
-                accepted: 0,
-                duplicates,
-                first_seq: None,
-                rollup: None,
-            });
+            return Ok(outcome);
         }
-        let PreparedBatch { encoded, items, .. } = prepared;
-        let (value, items) = if duplicates == 0 {
-            (encoded, items)
+        let value = if duplicates == 0 {
+            prepared.encoded
         } else {
-            let mut batch = decode_batch(&encoded)?;
-            batch.events = only_kept(std::mem::take(&mut batch.events), &keep);
-            let mut items = items;
-            items.retain_kept(&keep);
-            (encode_entry(&batch)?, items)
+            let mut batch = decode_batch(&prepared.encoded)?;
+            batch.events = only_kept(std::mem::take(&mut batch.events), &outcome.new_events());
+            encode_entry(&batch)?
         };
         let first_seq = self.next_seq(tenant)?;
         // The entry is the only write: its events' dedup keys go to the ingest thread later.
-        self.storage
-            .log
-            .insert(tenant_key(tenant, first_seq), value)
-            .map_err(StorageError::engine("committing a log batch"))?;
+        self.log.append(tenant, first_seq, value)?;
         self.dedup.record(&inserted, now, self.groups_sent + 1);
         let value = dedup::value(tenant, now);
         self.group_keys
@@ -498,219 +487,17 @@ impl Writer {
         self.group_heads
             .push((tenant, last_seq_of(first_seq, accepted)));
         self.next_seq.insert(tenant, first_seq + accepted as u64);
-        Ok(AppendOutcome {
-            accepted,
-            duplicates,
-            first_seq: Some(first_seq),
-            rollup: Some(RollupBatch {
-                tenant,
-                first_seq,
-                items,
-            }),
-        })
+        outcome.first_seq = Some(first_seq);
+        Ok(outcome)
     }
 
     fn next_seq(&mut self, tenant: TenantId) -> Result<u64, StorageError> {
         if let Some(next) = self.next_seq.get(&tenant) {
             return Ok(*next);
         }
-        let next = last_seq(&self.storage, tenant)? + 1;
+        let next = self.log.head(tenant)? + 1;
         self.next_seq.insert(tenant, next);
         Ok(next)
-    }
-}
-
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<(u64, LogBatch), StorageError> {
-    Ok((entry_seq(key)?, decode_batch(value)?))
-}
-
-fn decode_batch(value: &[u8]) -> Result<LogBatch, StorageError> {
-    let plain = codec::plain(value).map_err(log_codec_error)?;
-    let (mut batch, shared): (LogBatch, BatchShared) =
-        plain.decode_with_trailer().map_err(log_codec_error)?;
-    batch.shared = shared;
-    Ok(batch)
-}
-
-/// The tenant's last sequence number in the log (0 when it has none). Blocking.
-pub fn last_seq(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
-    let Some(guard) = storage.log.prefix(tenant.0.to_be_bytes()).next_back() else {
-        return Ok(0);
-    };
-    let (key, value) = guard
-        .into_inner()
-        .map_err(StorageError::engine("reading the log"))?;
-    let (first_seq, batch) = decode_entry(&key, &value)?;
-    Ok(last_seq_of(first_seq, batch.events.len()))
-}
-
-/// Visits every log entry of a tenant from `from_seq` on, in sequence order, reading in chunks;
-/// `visit` may stop the scan early. Blocking.
-pub fn scan(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
-) -> Result<(), StorageError> {
-    scan_entries(storage, tenant, from_seq, |first_seq, value| {
-        let batch = decode_batch(value)?;
-        Ok((visit(first_seq, &batch), batch.events.len()))
-    })
-}
-
-/// Like [`scan`], with each entry decoded as a [`LogBatchView`], whose text borrows from the
-/// entry: for scans that keep little of each event. Blocking.
-pub fn scan_views(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    mut visit: impl FnMut(u64, &LogBatchView<'_>) -> ControlFlow<()>,
-) -> Result<(), StorageError> {
-    scan_entries(storage, tenant, from_seq, |first_seq, value| {
-        let plain = codec::plain(value).map_err(log_codec_error)?;
-        let batch: LogBatchView = plain.decode().map_err(log_codec_error)?;
-        Ok((visit(first_seq, &batch), batch.events.len()))
-    })
-}
-
-/// The loop of [`scan`] and [`scan_views`]: `each` decodes and visits one raw entry, and says
-/// whether to go on and how many events the entry held.
-fn scan_entries(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    mut each: impl FnMut(u64, &[u8]) -> Result<(ControlFlow<()>, usize), StorageError>,
-) -> Result<(), StorageError> {
-    let mut next_seq = from_seq;
-    loop {
-        let entries = read_entries(storage, tenant, next_seq, SCAN_CHUNK)?;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        for (first_seq, value) in &entries {
-            let (flow, events) = each(*first_seq, value)?;
-            if flow.is_break() {
-                return Ok(());
-            }
-            next_seq = last_seq_of(*first_seq, events) + 1;
-        }
-    }
-}
-
-/// How far out of receive order entries may be committed (requests are timestamped when they
-/// arrive and sequenced when the writer takes them), with room for small clock adjustments.
-pub const RECEIVE_ORDER_SLACK: Micros = 10 * 60 * 1_000_000;
-
-/// The first sequence a scan for events timestamped at or after `from` must start at, so that a
-/// funnel or an export over recent events does not read the tenant's whole history. An event's
-/// timestamp is at most its receive time plus `future_tolerance` (later ones are clamped at
-/// ingestion), so no entry received before `from - future_tolerance - RECEIVE_ORDER_SLACK` holds
-/// one. Entries are appended in arrival order, so this is a binary search over the tenant's
-/// sequence numbers: O(log n) entries read, each only as far as its receive time. Blocking.
-pub fn first_seq_received_since(
-    storage: &Storage,
-    tenant: TenantId,
-    from: Micros,
-    future_tolerance: Duration,
-) -> Result<u64, StorageError> {
-    let tolerance = Micros::try_from(future_tolerance.as_micros()).unwrap_or(Micros::MAX);
-    let since = from
-        .saturating_sub(tolerance)
-        .saturating_sub(RECEIVE_ORDER_SLACK);
-    // The answer is in [low, high]: entries starting at or after it were received since `since`.
-    let (mut low, mut high) = (0u64, last_seq(storage, tenant)?.saturating_add(1));
-    while low < high {
-        let middle = low + (high - low) / 2;
-        match entry_holding(storage, tenant, middle)? {
-            Some((first_seq, received_at)) if received_at >= since => high = first_seq,
-            _ => low = middle + 1,
-        }
-    }
-    Ok(low)
-}
-
-/// The first sequence and receive time of the tenant's entry holding `seq` (or the last one
-/// before it), if any.
-fn entry_holding(
-    storage: &Storage,
-    tenant: TenantId,
-    seq: u64,
-) -> Result<Option<(u64, Micros)>, StorageError> {
-    /// The leading fields of a [`LogBatch`]; decoding stops after them.
-    #[derive(serde::Deserialize)]
-    struct EntryHead {
-        _batch_id: u128,
-        received_at: Micros,
-    }
-    let range = tenant_key(tenant, 0)..=tenant_key(tenant, seq);
-    let Some(guard) = storage.log.range(range).next_back() else {
-        return Ok(None);
-    };
-    let (key, value) = guard
-        .into_inner()
-        .map_err(StorageError::engine("reading the log"))?;
-    let head: EntryHead = codec::decode(&value).map_err(log_codec_error)?;
-    Ok(Some((entry_seq(&key)?, head.received_at)))
-}
-
-/// Log entries read per step of [`scan`].
-const SCAN_CHUNK: usize = 256;
-
-/// The rollup items of the tenant's log entries whose first sequence is ≥ `from_seq`, in order,
-/// at most `max_batches` entries (at least one, if there is one). Blocking.
-pub fn read_items(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    max_batches: usize,
-) -> Result<Vec<(u64, RollupItems)>, StorageError> {
-    let mut out = Vec::new();
-    scan_views(storage, tenant, from_seq, |first_seq, batch| {
-        let items = RollupItems::from_views(&batch.events);
-        out.push((first_seq, items));
-        if out.len() < max_batches {
-            ControlFlow::Continue(())
-        } else {
-            ControlFlow::Break(())
-        }
-    })?;
-    Ok(out)
-}
-
-/// Up to `max_entries` raw log entries of a tenant from `from_seq` on: (first sequence, value).
-fn read_entries(
-    storage: &Storage,
-    tenant: TenantId,
-    from_seq: u64,
-    max_entries: usize,
-) -> Result<Vec<(u64, fjall::Slice)>, StorageError> {
-    let start = tenant_key(tenant, from_seq);
-    let end = tenant_key(tenant, u64::MAX);
-    let mut out = Vec::new();
-    for guard in storage.log.range(start..=end).take(max_entries) {
-        let (key, value) = guard
-            .into_inner()
-            .map_err(StorageError::engine("reading the log"))?;
-        out.push((entry_seq(&key)?, value));
-    }
-    Ok(out)
-}
-
-/// The first sequence in a log key.
-fn entry_seq(key: &[u8]) -> Result<u64, StorageError> {
-    key.get(8..16)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map(u64::from_be_bytes)
-        .ok_or(StorageError::Codec {
-            keyspace: "log",
-            source: codec::CodecError::Empty,
-        })
-}
-
-fn log_codec_error(source: codec::CodecError) -> StorageError {
-    StorageError::Codec {
-        keyspace: "log",
-        source,
     }
 }
 
@@ -718,65 +505,7 @@ fn log_codec_error(source: codec::CodecError) -> StorageError {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::event::{BatchSource, EventKind, StoredEvent};
-
-    fn event(id: &str) -> StoredEvent {
-        StoredEvent {
-            kind: EventKind::Track,
-            message_id: id.into(),
-            name: Some("Signed Up".into()),
-            user_id: Some("u1".into()),
-            anonymous_id: None,
-            group_id: None,
-            previous_id: None,
-            timestamp: 1,
-            original_timestamp: None,
-            sent_at: None,
-            received_at: 1,
-            user_hash: 7,
-            library_name: None,
-            library_version: None,
-            flags: 0,
-            properties: None,
-            traits: None,
-            context: None,
-            integrations: None,
-            extra: vec![],
-        }
-    }
-
-    /// Up to `max_batches` log entries of a tenant from `from_seq` on, decoded.
-    fn read_batches(
-        storage: &Storage,
-        tenant: TenantId,
-        from_seq: u64,
-        max_batches: usize,
-    ) -> Result<Vec<(u64, LogBatch)>, StorageError> {
-        let mut out = Vec::new();
-        scan(storage, tenant, from_seq, |first_seq, batch| {
-            out.push((first_seq, batch.clone()));
-            if out.len() < max_batches {
-                ControlFlow::Continue(())
-            } else {
-                ControlFlow::Break(())
-            }
-        })?;
-        Ok(out)
-    }
-
-    /// A log batch of track events with these messageIds.
-    pub(crate) fn batch(ids: &[&str]) -> LogBatch {
-        LogBatch {
-            batch_id: 1,
-            received_at: 1,
-            source: BatchSource {
-                endpoint: "/v1/batch".into(),
-                client_ip: None,
-            },
-            events: ids.iter().map(|id| event(id)).collect(),
-            shared: Default::default(),
-        }
-    }
+    use crate::storage::event_log::tests::{batch, read_batches};
 
     async fn append(writer: &LogWriter, tenant: TenantId, ids: &[&str]) -> AppendOutcome {
         try_append(writer, tenant, ids).await.unwrap()
@@ -801,7 +530,7 @@ pub(crate) mod tests {
             tenant,
             queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
-            batch: PreparedBatch::new(tenant, batch(ids)).unwrap(),
+            batch: PreparedBatch::new(tenant, &batch(ids)).unwrap(),
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
             }),
@@ -840,86 +569,6 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn batch_level_objects_are_a_trailer_that_old_entries_lack() {
-        let mut with_shared = batch(&["a", "b"]);
-        with_shared.shared = BatchShared {
-            context: Some(r#"{"library":{"name":"x"}}"#.into()),
-            integrations: None,
-        };
-        let encoded = encode_entry(&with_shared).unwrap();
-        assert_eq!(decode_batch(&encoded).unwrap(), with_shared);
-        // Views skip the trailer.
-        let plain = codec::plain(&encoded).unwrap();
-        let view: LogBatchView = plain.decode().unwrap();
-        assert_eq!(view.events.len(), 2);
-        // An entry written before the trailer existed (the plain batch) decodes with none.
-        let old = codec::encode_compressed(&batch(&["c"])).unwrap();
-        assert_eq!(decode_batch(&old).unwrap(), batch(&["c"]));
-    }
-
-    #[test]
-    fn scans_for_recent_events_start_at_the_first_entry_received_in_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let tenant = TenantId(7);
-        let tolerance = Duration::from_secs(3600);
-        let start = |from: Micros| first_seq_received_since(&storage, tenant, from, tolerance);
-        assert_eq!(
-            start(0).unwrap(),
-            1,
-            "empty log: from the first sequence a tenant gets"
-        );
-        // Entries of 1 to 4 events, received one hour apart, with another tenant's in between.
-        let hour: Micros = 3_600_000_000;
-        let mut seq = 1;
-        let mut firsts = Vec::new();
-        for n in 0..200u64 {
-            let mut entry = batch(&vec!["e"; (n % 4 + 1) as usize]);
-            entry.received_at = n as Micros * hour;
-            storage
-                .log
-                .insert(tenant_key(tenant, seq), encode_entry(&entry).unwrap())
-                .unwrap();
-            storage
-                .log
-                .insert(tenant_key(TenantId(8), n), encode_entry(&entry).unwrap())
-                .unwrap();
-            firsts.push((seq, entry.received_at));
-            seq += entry.events.len() as u64;
-        }
-        let margin = hour + RECEIVE_ORDER_SLACK;
-        for from in [
-            -5 * hour,
-            0,
-            1,
-            hour,
-            2 * hour + 1,
-            117 * hour,
-            199 * hour,
-            500 * hour,
-        ] {
-            let expected = firsts
-                .iter()
-                .find(|(_, received)| *received >= from - margin)
-                .map_or(seq, |(first, _)| *first);
-            let found = start(from).unwrap();
-            // Every entry before `found` was received too early; `found` itself starts an entry.
-            assert!(found <= expected, "from {from}: {found} > {expected}");
-            assert_eq!(
-                read_batches(&storage, tenant, found, 1)
-                    .unwrap()
-                    .first()
-                    .map(|(s, _)| *s),
-                read_batches(&storage, tenant, expected, 1)
-                    .unwrap()
-                    .first()
-                    .map(|(s, _)| *s),
-                "from {from}"
-            );
-        }
-    }
-
     #[actix_rt::test]
     async fn sequences_continue_and_duplicates_are_dropped_across_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -943,7 +592,7 @@ pub(crate) mod tests {
             (third.accepted, third.duplicates, third.first_seq),
             (1, 1, Some(4))
         );
-        let entries = read_batches(&storage, tenant, 0, 100).unwrap();
+        let entries = read_batches(storage.log(), tenant, 0, 100).unwrap();
         let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![1, 3, 4]);
         writer.seal_tenant(tenant).await.unwrap();
@@ -952,7 +601,7 @@ pub(crate) mod tests {
             tenant,
             queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
-            batch: PreparedBatch::new(tenant, batch(&["late"])).unwrap(),
+            batch: PreparedBatch::new(tenant, &batch(&["late"])).unwrap(),
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
             }),
@@ -962,7 +611,9 @@ pub(crate) mod tests {
             Err(StorageError::TenantDeleted(_))
         ));
         assert_eq!(crate::storage::purge_tenant(&storage, tenant).unwrap(), 3);
-        assert!(read_batches(&storage, tenant, 0, 100).unwrap().is_empty());
+        assert!(read_batches(storage.log(), tenant, 0, 100)
+            .unwrap()
+            .is_empty());
         writer.shutdown();
     }
 }
