@@ -130,7 +130,7 @@ fn generated_admin_token_is_printed_once_and_only_its_hash_is_stored() {
     // No STATSREMOTE_ADMIN_TOKEN: an empty value means "not set".
     let token = {
         let server = TestServer::start_in(dir.path(), &[("STATSREMOTE_ADMIN_TOKEN", "")]);
-        let lines = server.stdout.lock().unwrap().clone();
+        let lines = server.stdout();
         let line = lines
             .iter()
             .find(|l| l.contains("Generated admin token"))
@@ -148,7 +148,7 @@ fn generated_admin_token_is_printed_once_and_only_its_hash_is_stored() {
         token
     };
     let server = TestServer::start_in(dir.path(), &[("STATSREMOTE_ADMIN_TOKEN", "")]);
-    let lines = server.stdout.lock().unwrap().clone();
+    let lines = server.stdout();
     assert!(
         !lines.iter().any(|l| l.contains("Generated admin token")),
         "printed twice"

@@ -143,24 +143,12 @@ fn live_requires_a_read_key_of_the_tenant() {
 }
 
 fn server_rss_kb(server: &TestServer) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    common::process_stats(server.pid()).rss_bytes / 1024
 }
 
+/// CPU time in clock ticks (1/100 s).
 fn server_cpu_ticks(server: &TestServer) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(") ")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    common::process_stats(server.pid()).cpu.as_millis() as u64 / 10
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! prints one table, with each mode's throughput as a ratio of the ceiling measured in the same
 //! run, and `--json FILE` writes the same figures.
 
+mod dates;
 mod generate;
 mod hostile;
 mod queries;
@@ -25,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::dates::now_rfc3339;
 use crate::generate::{Generator, UserSet};
 use crate::server::{Target, Tenant};
 
@@ -299,62 +301,6 @@ fn worker(
     Ok(tally)
 }
 
-fn now_rfc3339(offset_secs: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339_at(now + offset_secs)
-}
-
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC), without a date crate.
-pub(crate) fn rfc3339_at(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rest = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        (rest / 60) % 60,
-        rest % 60
-    )
-}
-
-/// Microseconds of `YYYY-MM-DDTHH:MM:SS[.fff]Z` (the server's timestamp format).
-pub(crate) fn parse_rfc3339_micros(text: &str) -> Option<i64> {
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let fraction = text
-        .get(19..)
-        .and_then(|rest| rest.strip_prefix('.'))
-        .map(|rest| rest.trim_end_matches('Z'))
-        .map(|digits| format!("{digits:0<6}"))
-        .and_then(|digits| digits.get(..6)?.parse::<i64>().ok())
-        .unwrap_or(0);
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(secs * 1_000_000 + fraction)
-}
-
 /// Runs one mode against `target`.
 fn run_mode(
     mode: Mode,
@@ -370,7 +316,7 @@ fn run_mode(
     let from = now_rfc3339(-3600);
     let budget = Arc::new(AtomicU64::new(args.events));
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu_before = target.pid().and_then(server::cpu_seconds);
+    let cpu_before = target.stats().map(|stats| stats.cpu);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let workers: Vec<_> = (0..args.concurrency.max(1))
@@ -398,11 +344,12 @@ fn run_mode(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let server_cpu_cores = match (cpu_before, target.pid().and_then(server::cpu_seconds)) {
-        (Some(before), Some(after)) => Some((after - before) / seconds),
+    let after = target.stats();
+    let server_cpu_cores = match (cpu_before, after) {
+        (Some(before), Some(after)) => Some((after.cpu - before).as_secs_f64() / seconds),
         _ => None,
     };
-    let peak_rss_mb = target.pid().and_then(server::peak_rss_mb);
+    let peak_rss_mb = after.map(|stats| stats.peak_rss_bytes as f64 / 1_048_576.0);
 
     // Verification: the server's rolled-up counts and uniques against what it acknowledged.
     let (mut lost, mut duplicated, mut users_counted) = (None, None, None);

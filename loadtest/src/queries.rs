@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::dates::{parse_rfc3339_micros, rfc3339, unix_now};
 use crate::server::{Target, Tenant};
 
 /// Latency summary of one kind of request.
@@ -44,20 +45,9 @@ fn histogram() -> Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 600_000_000, 3)?)
 }
 
-fn unix_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-pub(crate) fn rfc3339(secs: i64) -> String {
-    crate::rfc3339_at(secs)
-}
-
 /// Sends one event per minute for the last 30 days (and one per hour for the 60 days before).
 pub(crate) fn backfill(target: &Target, tenant: &Tenant) -> Result<u64> {
-    let now = unix_secs();
+    let now = unix_now();
     let mut times: Vec<i64> = (1..=30 * 1440).map(|m| now - m * 60).collect();
     times.extend((30 * 24..90 * 24).map(|h| now - h * 3600));
     for (chunk_index, chunk) in times.chunks(1000).enumerate() {
@@ -82,7 +72,7 @@ pub(crate) fn query_loop(
     tenant: &Tenant,
     stop: &AtomicBool,
 ) -> Result<BTreeMap<String, Latency>> {
-    let now = unix_secs();
+    let now = unix_now();
     let minute = now - now.rem_euclid(60);
     let hour = now - now.rem_euclid(3600);
     let minute_series = format!(
@@ -128,7 +118,7 @@ pub(crate) fn query_loop(
             )?;
             histograms[index].record(started.elapsed().as_micros().max(1) as u64)?;
         }
-        let now = unix_secs();
+        let now = unix_now();
         let started = Instant::now();
         read_body(
             agent
@@ -213,9 +203,7 @@ pub(crate) fn subscribers(
                             .unwrap_or_default();
                         let tick: serde_json::Value =
                             serde_json::from_str(text.as_str()).unwrap_or_default();
-                        if let Some(sent) =
-                            tick["ts"].as_str().and_then(crate::parse_rfc3339_micros)
-                        {
+                        if let Some(sent) = tick["ts"].as_str().and_then(parse_rfc3339_micros) {
                             let delay = (received.as_micros() as i64 - sent).max(1) as u64;
                             if let Ok(mut h) = delays.lock() {
                                 let _ = h.record(delay.min(600_000_000));

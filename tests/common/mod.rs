@@ -1,26 +1,24 @@
-//! Test harness: runs the real `statsremote` binary on `127.0.0.1:0` with a temporary data dir,
-//! and talks HTTP to it like any client.
+//! Test harness: the real `statsremote` binary, started through `testkit` on `127.0.0.1:0` with a
+//! temporary data dir (or a given one), and an HTTP client that talks to it like any client.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use serde_json::Value;
+pub use testkit::{ProcessStats, Tenant};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-/// A running server process.
+/// How long a stopping server may take to exit before it is killed and the test fails.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running server process, with an HTTP client for it.
 pub struct TestServer {
-    child: std::sync::Mutex<Option<Child>>,
+    server: testkit::Server,
     pub base: String,
-    pub data_dir: PathBuf,
-    /// Owns the temporary dir when the server created it.
-    _tempdir: Option<tempfile::TempDir>,
-    /// Everything the server printed on stdout.
-    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     agent: ureq::Agent,
 }
 
@@ -65,14 +63,6 @@ impl Reply {
     }
 }
 
-/// A tenant created through the admin API.
-#[derive(Debug, Clone)]
-pub struct Tenant {
-    pub id: String,
-    pub write_key: String,
-    pub read_key: String,
-}
-
 /// How to authenticate a request.
 #[derive(Clone, Copy)]
 pub enum Auth<'a> {
@@ -81,8 +71,15 @@ pub enum Auth<'a> {
     Bearer(&'a str),
 }
 
+/// The debug binary cargo builds for this package's integration tests.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_statsremote")
+}
+
+fn launch(env: &[(&str, &str)]) -> testkit::Launch {
+    testkit::Launch::new(binary(), ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
 }
 
 impl TestServer {
@@ -92,60 +89,19 @@ impl TestServer {
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> TestServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        let mut server = Self::start_in(&path, env);
-        server._tempdir = Some(dir);
-        server
+        Self::started(launch(env))
     }
 
     /// A server on an existing data dir (to test restarts).
     pub fn start_in(data_dir: &Path, env: &[(&str, &str)]) -> TestServer {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("server.log"))
-            .ok();
-        let mut command = Command::new(binary());
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("STATSREMOTE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.map(Stdio::from).unwrap_or_else(Stdio::null));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn statsremote");
-        let stdout = child.stdout.take().expect("stdout");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("statsremote listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-                collected.lock().unwrap().push(line);
-            }
-        });
-        let base = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(base) => base,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
-                panic!("server did not start; log:\n{log}");
-            }
-        };
+        Self::started(launch(env).data_dir(data_dir))
+    }
+
+    fn started(launch: testkit::Launch) -> TestServer {
+        let server = launch.start().unwrap_or_else(|e| panic!("{e}"));
         TestServer {
-            child: std::sync::Mutex::new(Some(child)),
-            base,
-            data_dir: data_dir.to_path_buf(),
-            _tempdir: None,
-            stdout: lines,
+            base: server.base().to_string(),
+            server,
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(30))
                 .build(),
@@ -166,38 +122,31 @@ impl TestServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.lock().unwrap().as_ref().expect("running").id()
+        self.server.pid().expect("running")
+    }
+
+    /// Every line the server printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.server.stdout()
     }
 
     /// SIGKILL, no goodbye.
     pub fn kill(&self) {
-        let child = self.child.lock().map(|mut c| c.take()).unwrap_or(None);
-        if let Some(mut child) = child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.server.kill();
     }
 
     /// Waits for the process to exit by itself (after a signal sent elsewhere).
     pub fn wait(&self) -> ExitStatus {
-        let mut child = self.child.lock().unwrap().take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not exit within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.server
+            .wait(EXIT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// SIGTERM, then wait for the process to exit.
     pub fn terminate(&self) -> ExitStatus {
-        send_signal(self.pid(), "TERM");
-        self.wait()
+        self.server
+            .stop(EXIT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn request(
@@ -280,14 +229,8 @@ impl TestServer {
     }
 
     pub fn create_tenant_with(&self, body: Value) -> Tenant {
-        let reply = self.admin("POST", "/admin/v1/tenants", Some(&body));
-        assert_eq!(reply.status, 201, "{}", reply.body);
-        let json = reply.json();
-        Tenant {
-            id: json["id"].as_str().unwrap().to_string(),
-            write_key: json["write_key"].as_str().unwrap().to_string(),
-            read_key: json["read_key"].as_str().unwrap().to_string(),
-        }
+        testkit::create_tenant(&self.agent, &self.base, ADMIN_TOKEN, &body)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Every stored event of the tenant, via the export endpoint.
@@ -304,38 +247,20 @@ impl TestServer {
     /// Waits until the tenant's stored rollups include every durable event; returns that
     /// sequence.
     pub fn wait_rollups_caught_up(&self, read_key: &str) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(60);
         // Any range works: `as_of` describes the tenant, not the range.
-        let path = "/v1/query/uniques?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z";
-        loop {
-            let reply = self.get(path, Auth::Bearer(read_key));
-            assert_eq!(reply.status, 200, "{}", reply.body);
-            let as_of = &reply.json()["as_of"];
-            let rolled = as_of["rolled_up_through_seq"].as_u64().unwrap();
-            let log = as_of["log_seq"].as_u64().unwrap();
-            if rolled == log {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rollups never caught up: {as_of}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (from, to) = ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z");
+        let timeout = Duration::from_secs(60);
+        testkit::wait_rollups_caught_up(&self.agent, &self.base, read_key, from, to, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn metrics(&self) -> String {
         self.get("/metrics", Auth::None).body
     }
 
+    /// The server's stderr, over all its starts on this data dir.
     pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.log()
     }
 }
 
@@ -364,12 +289,7 @@ fn to_reply(response: ureq::Response) -> Reply {
 
 /// Sends a signal (by name, e.g. "TERM") with kill(1).
 pub fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid} failed");
+    testkit::send_signal(pid, signal).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A track event with a chosen messageId.
@@ -397,40 +317,13 @@ pub fn message_ids(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// What the kernel says of a process: resident memory, its high-water mark, CPU time.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessStats {
-    pub rss_bytes: u64,
-    pub peak_rss_bytes: u64,
-    pub cpu: Duration,
-}
-
-/// Reads `/proc/<pid>/status` (VmRSS, VmHWM) and `/proc/<pid>/stat` (utime + stime).
+/// Resident memory, its high-water mark and CPU time of a process, from `/proc`.
 pub fn process_stats(pid: u32) -> ProcessStats {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find(|line| line.starts_with(field))
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // The kernel's USER_HZ is 100 on Linux.
-    ProcessStats {
-        rss_bytes: kib("VmRSS:") * 1024,
-        peak_rss_bytes: kib("VmHWM:") * 1024,
-        cpu: Duration::from_millis(ticks * 10),
-    }
+    testkit::process_stats(pid).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Resets the process's peak RSS (VmHWM) to its current RSS, so the next reading is the peak
 /// of what happens from now on.
 pub fn reset_peak_rss(pid: u32) {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    testkit::reset_peak_rss(pid).unwrap_or_else(|e| panic!("{e}"));
 }
