@@ -388,7 +388,7 @@ impl<T> ByName<T> {
 /// The durable events of one log entry, for the rollup actor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollupBatch {
-    pub tenant: crate::tenant::TenantId,
+    pub tenant: crate::ids::TenantId,
     pub first_seq: u64,
     pub items: RollupItems,
 }
