@@ -492,25 +492,23 @@ fn meta_codec_error(source: codec::CodecError) -> StorageError {
 
 /// A stored tenant record; settings it predates take their value from `defaults`.
 fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord, StorageError> {
-    {
-        let plain = codec::plain(&value).map_err(meta_codec_error)?;
-        let (stored, later): (StoredTenant, LaterSettings) =
-            plain.decode_with_trailer().map_err(meta_codec_error)?;
-        Ok(TenantRecord {
-            id: stored.id,
-            name: stored.name,
-            created_at: stored.created_at,
-            settings: TenantSettings {
-                rate_limit_events_per_second: stored.settings.rate_limit_events_per_second,
-                rate_limit_burst: stored.settings.rate_limit_burst,
-                dedup_window: stored.settings.dedup_window,
-                max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
-            },
-            write_key_digest: stored.write_key_digest,
-            read_key_digest: stored.read_key_digest,
-            user_hash_key: stored.user_hash_key,
-        })
-    }
+    let plain = codec::plain(value).map_err(meta_codec_error)?;
+    let (stored, later): (StoredTenant, LaterSettings) =
+        plain.decode_with_trailer().map_err(meta_codec_error)?;
+    Ok(TenantRecord {
+        id: stored.id,
+        name: stored.name,
+        created_at: stored.created_at,
+        settings: TenantSettings {
+            rate_limit_events_per_second: stored.settings.rate_limit_events_per_second,
+            rate_limit_burst: stored.settings.rate_limit_burst,
+            dedup_window: stored.settings.dedup_window,
+            max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
+        },
+        write_key_digest: stored.write_key_digest,
+        read_key_digest: stored.read_key_digest,
+        user_hash_key: stored.user_hash_key,
+    })
 }
 
 /// A tenant record as stored (see [`StoredTenant`]).

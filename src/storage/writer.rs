@@ -616,4 +616,74 @@ pub(crate) mod tests {
             .is_empty());
         writer.shutdown();
     }
+
+    /// Deleting old entries (the cold tier moves them away) never makes a tenant's sequences
+    /// start again, across a restart too.
+    #[actix_rt::test]
+    async fn sequences_never_repeat_after_old_entries_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId(9);
+        {
+            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+            let writer = LogWriter::start(storage.clone(), options()).unwrap();
+            append(&writer, tenant, &["a", "b"]).await;
+            let second = append(&writer, tenant, &["c"]).await;
+            assert_eq!(second.first_seq, Some(3));
+            writer.shutdown();
+            assert_eq!(storage.log().delete_below(tenant, 4).unwrap(), 2);
+            assert!(read_batches(storage.log(), tenant, 0, 10)
+                .unwrap()
+                .is_empty());
+            assert_eq!(storage.log().head(tenant).unwrap(), 3);
+        }
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let writer = LogWriter::start(storage.clone(), options()).unwrap();
+        let third = append(&writer, tenant, &["d", "e"]).await;
+        assert_eq!(
+            third.first_seq,
+            Some(4),
+            "continues after the deleted entries"
+        );
+        // Duplicates of deleted entries are still known to dedup.
+        let again = append(&writer, tenant, &["a", "f"]).await;
+        assert_eq!((again.accepted, again.duplicates), (1, 1));
+        assert_eq!(again.duplicate_positions, vec![0]);
+        assert_eq!(again.first_seq, Some(6));
+        writer.shutdown();
+    }
+
+    /// A data dir written before heads were recorded: the head is the last entry's last
+    /// sequence.
+    #[test]
+    fn without_a_recorded_head_the_log_continues_after_its_last_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let tenant = TenantId(3);
+        let log = storage.log();
+        let entry = encode_entry(&batch(&["a", "b", "c"])).unwrap();
+        log.append(tenant, 5, entry).unwrap();
+        log.commit(&[], true).unwrap();
+        assert_eq!(log.head(tenant).unwrap(), 7);
+        assert_eq!(log.head(TenantId(4)).unwrap(), 0);
+        // A recorded head beyond the entries wins.
+        log.commit(&[(tenant, 20)], true).unwrap();
+        assert_eq!(log.head(tenant).unwrap(), 20);
+        assert_eq!(log.tenants().unwrap(), vec![tenant]);
+        // Deleting the tenant removes its head too.
+        assert_eq!(log.delete_tenant(tenant).unwrap(), 1);
+        assert_eq!(log.head(tenant).unwrap(), 0);
+        assert!(log.tenants().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_outcome_marks_the_duplicates_among_the_events() {
+        let outcome = AppendOutcome {
+            tenant: TenantId(1),
+            accepted: 3,
+            duplicates: 2,
+            first_seq: Some(10),
+            duplicate_positions: vec![1, 4],
+        };
+        assert_eq!(outcome.new_events(), vec![true, false, true, true, false]);
+    }
 }
