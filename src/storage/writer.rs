@@ -222,7 +222,7 @@ impl LogWriter {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.clone();
         // Blocking send: sealing is a rare admin call and must not be dropped for a full queue.
-        let sent = tokio::task::spawn_blocking(move || {
+        let sent = crate::blocking::run(move || {
             queue.send(Command::Seal { tenant, reply }).is_ok()
         })
         .await
