@@ -20,7 +20,7 @@ use std::any::Any;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, AsyncContext, Context, StreamHandler};
@@ -112,10 +112,17 @@ impl<M> Mailbox<M> {
 }
 
 /// The receiving end of a child's queue, kept by the registry; each instance of the child reads
-/// it through an [`Inbox`].
-type Queue<M> = Arc<Mutex<mpsc::Receiver<M>>>;
+/// it through an [`Inbox`]. With it, the waker of the instance waiting on it: closing the queue
+/// from the registry must wake that instance, so that it sees the end of its stream and stops
+/// (a receiver closed by another than its reader would not wake the reader).
+type Queue<M> = Arc<Mutex<Receiving<M>>>;
 
-fn lock<M>(queue: &Queue<M>) -> MutexGuard<'_, mpsc::Receiver<M>> {
+struct Receiving<M> {
+    receiver: mpsc::Receiver<M>,
+    waiting: Option<Waker>,
+}
+
+fn lock<M>(queue: &Queue<M>) -> MutexGuard<'_, Receiving<M>> {
     // The lock is only held inside `poll_next` and `close`, which do not panic.
     queue
         .lock()
@@ -129,7 +136,12 @@ impl<M> futures_util::Stream for Inbox<M> {
     type Item = M;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<M>> {
-        lock(&self.0).poll_recv(cx)
+        let mut queue = lock(&self.0);
+        let polled = queue.receiver.poll_recv(cx);
+        if polled.is_pending() {
+            queue.waiting = Some(cx.waker().clone());
+        }
+        polled
     }
 }
 
@@ -169,7 +181,14 @@ impl<A: ChildActor> Slot for TypedSlot<A> {
     }
 
     fn close(&mut self) {
-        lock(&self.queue).close();
+        let waiting = {
+            let mut queue = lock(&self.queue);
+            queue.receiver.close();
+            queue.waiting.take()
+        };
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
         self.addr = None;
         self.status.running.store(false, Ordering::Release);
     }
@@ -222,7 +241,10 @@ impl Children {
         self.children.push(Restarts {
             slot: Box::new(TypedSlot {
                 factory: Box::new(factory),
-                queue: Arc::new(Mutex::new(receiver)),
+                queue: Arc::new(Mutex::new(Receiving {
+                    receiver,
+                    waiting: None,
+                })),
                 addr: None,
                 status: Arc::clone(&status),
             }),
@@ -299,5 +321,152 @@ impl Drop for Children {
         for child in &mut self.children {
             child.slot.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use actix::{ActorContext, Handler, Message};
+
+    /// A child with a timer (so it would not stop by itself, and is not woken by it during the
+    /// test) that records what it handles.
+    struct Recorder {
+        seen: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            ctx.run_interval(Duration::from_secs(3600), |_, _| {});
+        }
+    }
+
+    impl ChildActor for Recorder {
+        type Message = u32;
+    }
+
+    impl StreamHandler<u32> for Recorder {
+        fn handle(&mut self, message: u32, _ctx: &mut Context<Self>) {
+            if message == 0 {
+                panic!("injected failure");
+            }
+            self.seen.lock().unwrap().push(message);
+        }
+    }
+
+    /// Stands in for a supervisor: holds the registry, checks it on a heartbeat.
+    struct Holder {
+        children: Option<Children>,
+    }
+
+    impl Actor for Holder {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            if let Some(children) = &mut self.children {
+                children.start_all();
+            }
+            ctx.run_interval(Duration::from_millis(10), |holder, ctx| {
+                if let Some(children) = &mut holder.children {
+                    children.check(ctx, |holder: &mut Holder| holder.children.as_mut().unwrap());
+                }
+            });
+        }
+    }
+
+    struct Release;
+
+    impl Message for Release {
+        type Result = ();
+    }
+
+    impl Handler<Release> for Holder {
+        type Result = ();
+        fn handle(&mut self, _: Release, ctx: &mut Context<Self>) {
+            self.children = None;
+            ctx.stop();
+        }
+    }
+
+    struct Running;
+
+    impl Message for Running {
+        type Result = Option<actix::Addr<Recorder>>;
+    }
+
+    impl Handler<Running> for Holder {
+        type Result = actix::MessageResult<Running>;
+        fn handle(&mut self, _: Running, _ctx: &mut Context<Self>) -> Self::Result {
+            actix::MessageResult(self.children.as_ref().and_then(|c| c.addr("recorder")))
+        }
+    }
+
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{what}");
+    }
+
+    #[actix_rt::test]
+    async fn the_mailbox_outlives_a_failed_instance_and_the_registry_stops_its_children() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut children = Children::new(
+            "test".into(),
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+        );
+        let mailbox = children.register("recorder", 16, {
+            let seen = Arc::clone(&seen);
+            move || Recorder {
+                seen: Arc::clone(&seen),
+            }
+        });
+        // Sent before the child runs: waits in the queue.
+        mailbox.try_send(1).unwrap();
+        let holder = Holder {
+            children: Some(children),
+        }
+        .start();
+        let status = Arc::clone(mailbox.status());
+        eventually("first message handled", || *seen.lock().unwrap() == [1]).await;
+        let first = holder.send(Running).await.unwrap().unwrap();
+        assert!(status.state().running);
+
+        // The instance dies on message 0; 2 and 3 are sent while it is down.
+        mailbox.try_send(0).unwrap();
+        eventually("instance gone", || !first.connected()).await;
+        mailbox.try_send(2).unwrap();
+        mailbox.try_send(3).unwrap();
+        eventually("rebuilt and drained", || *seen.lock().unwrap() == [1, 2, 3]).await;
+        let state = status.state();
+        assert_eq!(
+            (state.restarts, state.running, state.restart_pending),
+            (1, true, false)
+        );
+        let second = holder.send(Running).await.unwrap().unwrap();
+        assert!(second.connected());
+
+        // The registry goes: the child, timer and all, stops, and nothing more is queued.
+        holder.send(Release).await.unwrap();
+        eventually("child stopped", || !second.connected()).await;
+        assert_eq!(mailbox.try_send(4).unwrap_err().0, SendRefused::Closed);
+        assert!(!status.state().running);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_without_waiting() {
+        let mut children = Children::new("test".into(), Duration::ZERO, Duration::ZERO);
+        let mailbox = children.register("recorder", 1, || Recorder {
+            seen: Arc::default(),
+        });
+        mailbox.try_send(1).unwrap();
+        assert_eq!(mailbox.try_send(2).unwrap_err(), (SendRefused::Full, 2));
     }
 }

@@ -222,11 +222,10 @@ impl LogWriter {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.clone();
         // Blocking send: sealing is a rare admin call and must not be dropped for a full queue.
-        let sent = crate::blocking::run(move || {
-            queue.send(Command::Seal { tenant, reply }).is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let sent =
+            crate::blocking::run(move || queue.send(Command::Seal { tenant, reply }).is_ok())
+                .await
+                .unwrap_or(false);
         if !sent {
             return Err(StorageError::WriterStopped);
         }
