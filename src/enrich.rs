@@ -202,7 +202,8 @@ fn read_context(context: String) -> (String, LibraryInfo) {
 
 /// `context.library.{name,version}` of the first `library` member, if they are strings. The
 /// members after it are not read: the parser has already checked that the whole context is
-/// valid JSON, and reading the rest was most of the cost of enrichment.
+/// valid JSON, and reading the rest would be most of the cost of enrichment
+/// (docs/decisions/0020).
 fn library_of(context_json: &str) -> LibraryInfo {
     struct FirstLibrary<'s>(&'s mut LibraryInfo);
     impl<'de> Visitor<'de> for FirstLibrary<'_> {

@@ -138,7 +138,7 @@ impl BatchShared {
 /// The events of one request, as one event-log value.
 ///
 /// `shared` is stored after the other fields as an optional trailer (see
-/// `storage::log::encode_entry`), so entries written before it existed still decode.
+/// `storage::event_log::encode_entry`), so entries written before it existed still decode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogBatch {
     /// Lineage: which request these events came in with (UUIDv7, time-ordered).

@@ -9,16 +9,16 @@ use clap::{Parser, Subcommand};
 use statsremote::config::{Config, Overrides};
 
 /// mimalloc instead of the system allocator: the pipeline allocates per request and per event on
-/// several threads, where glibc's arenas cost CPU (lock and consolidate) and fragment (RSS).
+/// several threads, where glibc's arenas cost CPU (lock and consolidate) and fragment (RSS)
+/// (docs/decisions/0019).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How long mimalloc keeps freed memory before it gives it back to the operating system.
 /// mimalloc 3 waits a second by default. Under ingestion, request bodies, log entries, memtables
-/// and rollup flushes free and take many MiB a second on several threads, so that second of
-/// kept pages was about 100 MiB of RSS. 10M events over 100 tenants, peak RSS: 508–599 MiB in
-/// four runs with the default, 509 and 517 MiB with 100 ms, 452–478 MiB in three with 10 ms
-/// (mimalloc 2's default), at 151k–171k events/s all. The environment variable
+/// and rollup flushes free and take many MiB a second on several threads, and every page freed
+/// within the delay still counts in the RSS; 10 ms (mimalloc 2's default) keeps that small at
+/// no throughput cost beyond the noise (docs/decisions/0019). The environment variable
 /// `MIMALLOC_PURGE_DELAY` still overrides it.
 const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 

@@ -108,8 +108,8 @@ pub struct RollupItem {
 
 /// What rollups need of a batch's events. Each item names its series by an index into the
 /// batch's distinct names, so an event costs no allocation, and the consumers (the rollup deltas
-/// and the live hub) look each name up once per batch, not once per event: hashing and comparing
-/// each event's name there was about 8% of the server's CPU.
+/// and the live hub) look each name up once per batch, not once per event, which would hash and
+/// compare every event's name several times on the ingestion path (docs/decisions/0018).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RollupItems {
     names: Vec<String>,
@@ -438,8 +438,9 @@ impl Retention {
 /// Distinct users added to one bucket since the last flush: their hashes while they are few
 /// (8 bytes each), a sketch once they would take more room than one.
 ///
-/// Most pending buckets of a quiet tenant see a few hundred users between flushes; holding them
-/// as dense sketches (48 KiB each at precision 16) is what made many-tenant servers large.
+/// Most pending buckets of a quiet tenant see a few hundred users between flushes; holding each
+/// as a dense sketch (48 KiB at precision 16) would make a many-tenant server's memory grow with
+/// its number of series (docs/decisions/0017).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum PendingUsers {
     Hashes(Vec<u64>),

@@ -199,7 +199,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .client_request_timeout(config.server.header_timeout)
         .disable_signals()
         // Streamed answers (a series is sent block by block) end with a small write; with
-        // Nagle's algorithm it waited for the client's delayed ACK, 40 ms.
+        // Nagle's algorithm it would wait for the client's delayed ACK, 40 ms.
         .on_connect(|connection, _extensions| {
             if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
                 let _ = tcp.set_nodelay(true);

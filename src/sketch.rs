@@ -1,16 +1,16 @@
 //! The distinct-user sketch stored in rollups: `cardinality-estimator`'s HyperLogLog++ at
 //! precision 16, with a decoder that gives the library the memory layout it assumes.
 //!
-//! `cardinality-estimator` (1.0.3, the newest) keeps a set of 3–128 users as an array whose
-//! capacity it never records: it frees the array as `next_power_of_two(len)` elements. Its serde
-//! decoder takes the decoded `Vec` and resizes it to that many elements, which reallocates with
-//! the `Vec`'s growth rule whenever the decoder sized the `Vec` exactly (bincode does; serde_json
-//! happens not to). The array is then freed with a smaller size than it was allocated with. mimalloc
-//! and glibc malloc ignore that size; jemalloc, which uses it to find the size class, corrupts its
-//! heap (this is the crash the load test found under jemalloc). [`Sketch`]'s decoder reads the
-//! stored parts itself and hands them to the library with a `Vec` capacity hint of exactly that
-//! power of two, so the resize never reallocates. The stored format is the library's own, unchanged.
-//! `tests/sketch_memory.rs` runs under jemalloc's debug build, which aborts on a size mismatch.
+//! `cardinality-estimator` (as of 1.0.3) keeps a set of 3–128 users as an array whose capacity
+//! it never records: it frees the array as `next_power_of_two(len)` elements. Its serde decoder
+//! takes the decoded `Vec` and resizes it to that many elements, which reallocates with the
+//! `Vec`'s growth rule whenever the decoder sized the `Vec` exactly (bincode does; serde_json
+//! happens not to). The array is then freed with a smaller size than it was allocated with.
+//! mimalloc and glibc malloc ignore that size; jemalloc, which uses it to find the size class,
+//! corrupts its heap. [`Sketch`]'s decoder reads the stored parts itself and hands them to the
+//! library with a `Vec` capacity hint of exactly that power of two, so the resize never
+//! reallocates. The stored format is the library's own, unchanged. `tests/sketch_memory.rs`
+//! runs under jemalloc's debug build, which aborts on a size mismatch.
 
 use cardinality_estimator::CardinalityEstimator;
 use serde::de::value::{Error as ValueError, SeqAccessDeserializer};

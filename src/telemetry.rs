@@ -14,66 +14,75 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Metric names, all in one place.
+/// Metric names, all in one place. Each doc names exactly the labels its metric carries; `tenant`
+/// is the tenant's id (16 hex digits).
 pub mod names {
-    /// Requests by route and outcome (HTTP status class and reason).
+    /// Requests answered. Labels `route` (the matched route pattern, or `unmatched`) and
+    /// `status` (the HTTP status code).
     pub const HTTP_REQUESTS: &str = "statsremote_http_requests_total";
-    /// Events by tenant and outcome: accepted, duplicate, rejected, rate_limited, unavailable.
+    /// Events of ingestion requests. Labels `tenant` and `outcome`: `accepted`, `duplicate`,
+    /// `rejected`, `rate_limited` or `unavailable`.
     pub const INGEST_EVENTS: &str = "statsremote_ingest_events_total";
     /// Time from request start to the ingestion reply (including the fsync that covers it).
+    /// Label `tenant`.
     pub const ACK_LATENCY: &str = "statsremote_ingest_ack_latency_seconds";
-    /// Requests folded into one group commit.
+    /// Requests folded into one group commit. No labels.
     pub const GROUP_COMMIT_REQUESTS: &str = "statsremote_group_commit_requests";
-    /// Events written by one group commit.
+    /// Events written by one group commit. No labels.
     pub const GROUP_COMMIT_EVENTS: &str = "statsremote_group_commit_events";
-    /// Duration of the fsync (or buffer flush) that ends a group commit.
+    /// Duration of the fsync (or buffer flush) that ends a group commit. No labels.
     pub const FSYNC_LATENCY: &str = "statsremote_log_fsync_seconds";
-    /// Batches waiting for the log writer.
+    /// Batches waiting for the log writer. No labels.
     pub const LOG_QUEUE_DEPTH: &str = "statsremote_log_queue_depth";
-    /// How long the oldest request of a group waited in the writer queue.
+    /// How long the oldest request of a group waited in the writer queue. No labels.
     pub const LOG_QUEUE_WAIT: &str = "statsremote_log_queue_wait_seconds";
-    /// Time to write a group (dedup, sequencing, commit) before its fsync.
+    /// Time to write a group (dedup, sequencing, commit) before its fsync. No labels.
     pub const LOG_WRITE: &str = "statsremote_log_write_seconds";
-    /// Batches in flight per tenant (queued at or being handled by the tenant's actors).
+    /// Batches in flight (queued at or being handled by the tenant's actors). Label `tenant`.
     pub const MAILBOX_DEPTH: &str = "statsremote_tenant_mailbox_depth";
-    /// Duration of writing one run of dedup keys into the tables (off the log writer).
+    /// Duration of writing one run of dedup keys into the tables (off the log writer). No
+    /// labels.
     pub const DEDUP_INGEST: &str = "statsremote_dedup_ingest_seconds";
-    /// Dedup keys written into the tables by the ingest thread.
+    /// Dedup keys written into the tables by the ingest thread. No labels.
     pub const DEDUP_INGESTED_KEYS: &str = "statsremote_dedup_ingested_keys_total";
-    /// Events dropped as duplicates of an earlier messageId.
+    /// Events dropped as duplicates of an earlier messageId. Label `tenant`.
     pub const DEDUP_HITS: &str = "statsremote_dedup_hits_total";
-    /// Events refused because the tenant's rate limit was exceeded.
+    /// Events refused because the tenant's rate limit was exceeded. Label `tenant`.
     pub const RATE_LIMITED_EVENTS: &str = "statsremote_rate_limited_events_total";
-    /// Child actors rebuilt by a tenant supervisor.
+    /// Child actors rebuilt by a tenant supervisor. Labels `tenant` and `actor` (`ingest`,
+    /// `rollup` or `live`).
     pub const ACTOR_RESTARTS: &str = "statsremote_actor_restarts_total";
-    /// Labels `tenant`, `actor`: 1 while the child runs, 0 while it waits to be rebuilt.
+    /// 1 while the child runs, 0 while it waits to be rebuilt. Labels `tenant` and `actor`.
     pub const ACTOR_RUNNING: &str = "statsremote_actor_running";
-    /// Tenant supervisors currently running.
+    /// Tenant supervisors currently running. No labels.
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
-    /// Durable events not yet rolled up (log head minus rollup watermark), per tenant.
+    /// Durable events not yet rolled up (log head minus rollup watermark). Label `tenant`.
     pub const ROLLUP_LAG: &str = "statsremote_rollup_lag_events";
-    /// Seconds the tenant's stored rollups have been behind its log (0 when caught up).
+    /// Seconds the tenant's stored rollups have been behind its log (0 when caught up). Label
+    /// `tenant`.
     pub const WATERMARK_AGE: &str = "statsremote_rollup_watermark_age_seconds";
-    /// Duration of a rollup flush (merge into storage + watermark).
+    /// Duration of a rollup flush (merge into storage + watermark). No labels.
     pub const ROLLUP_FLUSH: &str = "statsremote_rollup_flush_seconds";
-    /// Buckets written per flush.
+    /// Buckets written per flush. No labels.
     pub const ROLLUP_FLUSH_BUCKETS: &str = "statsremote_rollup_flush_buckets";
     /// Log entries the rollup actors read back from the log (catch-up after a start, a restart
-    /// or a full mailbox) instead of receiving them from the writer.
+    /// or a full mailbox) instead of having them pushed by the ingest actor. No labels.
     pub const ROLLUP_LOG_READS: &str = "statsremote_rollup_log_reads_total";
-    /// Events that skipped a resolution because they are older than its retention.
+    /// Events that skipped a resolution because they are older than its retention. Labels
+    /// `tenant` and `resolution` (`minute`, `hour` or `day`).
     pub const ROLLUP_SKIPPED: &str = "statsremote_rollup_skipped_events_total";
-    /// Query latency by endpoint.
+    /// Query latency. Label `endpoint` (`series`, `events`, `uniques` or `funnel`).
     pub const QUERY_LATENCY: &str = "statsremote_query_latency_seconds";
-    /// Query answers served from the cache.
+    /// Query answers served from the cache. Label `endpoint`.
     pub const QUERY_CACHE_HITS: &str = "statsremote_query_cache_hits_total";
-    /// WebSocket subscribers of /v1/live, per tenant.
+    /// WebSocket subscribers of /v1/live. Label `tenant`.
     pub const LIVE_SUBSCRIBERS: &str = "statsremote_live_subscribers";
-    /// Ticks a slow subscriber skipped (it got a later one instead).
+    /// Ticks a slow subscriber skipped (it got a later one instead). Label `tenant`.
     pub const LIVE_COALESCED: &str = "statsremote_live_coalesced_ticks_total";
-    /// Events rolled up under `$other` because their name was over the tenant's cap.
+    /// Events rolled up under `$other` because their name was over the tenant's cap. Label
+    /// `tenant`.
     pub const EVENT_NAMES_OVERFLOW: &str = "statsremote_event_names_overflow_total";
-    /// Storage threads that have died (a panic), by thread name.
+    /// Storage threads that have died (a panic). Label `thread` (the thread's name).
     pub const STORAGE_THREAD_PANICS: &str = "statsremote_storage_thread_panics_total";
 }
 
@@ -271,7 +280,6 @@ pub fn live_subscribers(tenant: &str, delta: f64) {
     gauge!(names::LIVE_SUBSCRIBERS, "tenant" => tenant.to_string()).increment(delta);
 }
 
-/// A subscriber skipped ticks.
 /// Events of one batch rolled up as `$other` (over the tenant's cap on event names).
 pub fn event_names_overflowed(tenant: &str, events: u64) {
     counter!(names::EVENT_NAMES_OVERFLOW, "tenant" => tenant.to_string()).increment(events);
@@ -282,6 +290,7 @@ pub fn storage_thread_panicked(thread: &'static str) {
     counter!(names::STORAGE_THREAD_PANICS, "thread" => thread).increment(1);
 }
 
+/// A subscriber skipped ticks.
 pub fn live_coalesced(tenant: &str, ticks: u64) {
     counter!(names::LIVE_COALESCED, "tenant" => tenant.to_string()).increment(ticks);
 }

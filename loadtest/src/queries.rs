@@ -143,8 +143,9 @@ pub(crate) fn query_loop(
 }
 
 /// Reads a whole answer as bytes, into a buffer of its announced size. (`into_string` checks
-/// the text as UTF-8 char by char and grows a zeroed buffer: for a 1.9 MB series that took the
-/// client longer than the server took to answer, and was measured as query latency.)
+/// the text as UTF-8 char by char and grows a zeroed buffer: for a large series that can take
+/// the client longer than the server takes to answer, and it would be measured as query
+/// latency.)
 fn read_body(response: ureq::Response) -> Result<Vec<u8>> {
     use std::io::Read;
     let announced = response

@@ -17,11 +17,12 @@ pub const FORMAT_V1: u8 = 1;
 pub const FORMAT_V2_FIXED: u8 = 2;
 /// Format 3: format 1 compressed with LZ4 (uncompressed size first, u32 little endian). For log
 /// entries, compressed by the sender, in parallel, rather than by the storage engine on the one
-/// log writer thread.
+/// log writer thread (docs/decisions/0014).
 pub const FORMAT_V3_LZ4: u8 = 3;
 /// Format 4: format 2 compressed with LZ4 (uncompressed size first, u32 little endian). For
 /// distinct-user sketches: a HyperLogLog of a few hundred users is 48 KiB of mostly zero
-/// registers, which LZ4 shrinks about thirtyfold.
+/// registers, which LZ4 shrinks more than tenfold (`sparse_sketches_compress` checks it;
+/// docs/decisions/0016).
 pub const FORMAT_V4_FIXED_LZ4: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +68,8 @@ pub fn encode_compressed<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError>
 }
 
 /// [`encode_compressed`], built in the storage engine's own buffer type: inserting it into a
-/// keyspace takes it as it is, where a `Vec` would be copied into a new buffer (for a log
-/// entry, 1.6% of the server's CPU at full load).
+/// keyspace takes it as it is, where a `Vec` would be copied into a new buffer, for a log entry
+/// on the log writer thread (docs/decisions/0015).
 pub fn encode_compressed_value<T: Serialize>(value: &T) -> Result<fjall::Slice, CodecError> {
     let config = bincode::config::standard();
     compressed(
@@ -101,11 +102,10 @@ fn joined(header: &[u8], body: &[u8]) -> Result<Vec<u8>, CodecError> {
     Ok([header, body].concat())
 }
 
-/// The buffers a thread encodes and compresses values in, kept between values: a log entry
-/// (about 40 KiB for 100 events) would otherwise cost two fresh buffers, the copies of the first
-/// one's growth and the zeroing of the second (together about 1.5% of the server's CPU at full
-/// load), and LZ4 a fresh zeroed hash table. Buffers that grew past [`SCRATCH_KEEP`] for a large
-/// value are not kept.
+/// The buffers a thread encodes and compresses values in, kept between values: each log entry
+/// (tens of KiB) would otherwise cost two fresh buffers, the copies of the first one's growth
+/// and the zeroing of the second, and LZ4 a fresh zeroed hash table (docs/decisions/0015).
+/// Buffers that grew past [`SCRATCH_KEEP`] for a large value are not kept.
 #[derive(Default)]
 struct Scratch {
     plain: Vec<u8>,
@@ -427,7 +427,7 @@ mod tests {
             let mut plain = Vec::new();
             bincode::serde::encode_into_std_write(&text, &mut plain, bincode::config::standard())
                 .unwrap();
-            // Values written before the buffers were kept between values used this layout.
+            // The layout every stored format 3 value has, whatever buffers encoded it.
             let mut expected = vec![FORMAT_V3_LZ4];
             expected.extend_from_slice(&lz4_flex::compress_prepend_size(&plain));
             assert_eq!(bytes, expected, "{len} bytes");

@@ -11,8 +11,7 @@
 //! Why this key: a 16-byte key is stored inline by the engine (no pointer to chase per
 //! comparison), and starting with random hash bits, most comparisons (in the ingest thread's
 //! sort, in compactions, in table lookups) end at the first word instead of running `memcmp`
-//! over a tenant prefix that every key of a busy tenant shares. When keys still went through
-//! the memtables, this made their skiplist searches about a fifth cheaper.
+//! over a tenant prefix that every key of a busy tenant shares (docs/decisions/0011).
 //!
 //! Entries older than their tenant's window, and all entries of a deleted tenant, are dropped
 //! during compaction ([`DedupExpiry`]); the tenant id in the value tells whose an entry is.
@@ -58,17 +57,16 @@ pub fn event_key(tenant: TenantId, event: &StoredEvent) -> Option<DedupKey> {
 ///
 /// The writer hands each durable group's keys to the ingest thread, which writes them into the
 /// tables in runs and publishes the number of the last group it wrote. Until then the keys are
-/// here; once the tables hold them they are forgotten. (The memtables were never searched: in
-/// the design before the ingest thread, fjall's point read searched every memtable's skiplist
-/// before the tables, a quarter of the whole server's CPU at 140k events/s.)
+/// here; once the tables hold them they are forgotten. Lookups never search the keyspace's
+/// memtables, as fjall's own point read would (a skiplist search per memtable, per event, on
+/// the writer): nothing but the ingest thread's bulk ingestion writes the keyspace, so its
+/// memtables stay empty (docs/decisions/0010). (The keys a data dir of the layout before the
+/// ingest thread left in the journal are written into tables when the storage opens: see
+/// `Storage::open`.)
 ///
-/// Nothing else writes the keyspace, so its memtables stay empty. (The keys a data dir written
-/// before the ingest thread left in the journal are written into tables when the storage opens:
-/// see `Storage::open`.)
-///
-/// Memory: 33 bytes per slot of a hash table at most seven-eighths full, for the keys of about
-/// one and a half runs of the ingest thread (up to 440k keys with 100 tenants at 143k events/s:
-/// 1M slots, 33 MB).
+/// Memory: 33 bytes per slot of a hash table at most seven-eighths full, for every key not yet
+/// in the tables: the run the ingest thread gathers, the one it writes, and the groups queued
+/// for it (docs/decisions/0010 has the size measured with many tenants).
 pub struct DedupIndex {
     /// Keys not in the tables yet, with their first-seen time and the number of their group.
     recent: FxHashMap<DedupKey, (Micros, u64)>,
@@ -125,8 +123,8 @@ impl DedupIndex {
     /// Forgets the keys the tables now hold.
     ///
     /// In one pass over the table each time the ingest thread finishes a run (of up to 256k
-    /// keys): looking each forgotten key up again missed the CPU cache every time, and was
-    /// 1.5% of the server's CPU at full load.
+    /// keys), not by looking each forgotten key up again: that is a CPU cache miss per key, on
+    /// the writer thread (docs/decisions/0010).
     pub fn forget_ingested(&mut self) {
         let ingested = self.ingested.load(Ordering::Acquire);
         // Taken after `ingested`: it holds every key of the groups forgotten below.

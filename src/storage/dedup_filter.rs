@@ -1,11 +1,11 @@
 //! One in-memory Bloom filter over every key in the `dedup` tables, so that the log writer's
 //! "never seen" answer costs one filter probe instead of one per table.
 //!
-//! Almost every event is new, and a new key is looked up in every table of the keyspace: the
-//! engine's per-table filters made that 15% of the whole server's CPU, on the log writer thread
-//! that every acknowledgement waits for (a probe of scattered bits per table, four to eight
-//! tables deep). Here one filter answers for all tables; only a key it may hold (a duplicate, or
-//! a false positive in about 1% of new keys) is read from the tables.
+//! Almost every event is new, and the engine looks a new key up in every table of the keyspace,
+//! through each table's own filter: a probe of scattered bits, a cache miss or more, per table,
+//! on the log writer thread that every acknowledgement waits for (docs/decisions/0012). Here one
+//! filter answers for all tables; only a key it may hold (a duplicate, or a false positive in
+//! about 1% of new keys) is read from the tables.
 //!
 //! The rule that keeps it exact: every key the tables hold is in the filter the writer uses, or
 //! still in the writer's own index of recent keys ([`DedupIndex`](super::dedup::DedupIndex)).
@@ -19,7 +19,7 @@
 //! A filter cannot forget: keys that compaction expires stay in it. It is built with room for
 //! twice the keys the tables held, and rebuilt (in the background, by the `dedup-filter` thread)
 //! once that many have been added. Until the first build is done, and when the keys would need
-//! more memory than `storage.dedup_filter_memory`, lookups read the tables as before.
+//! more memory than `storage.dedup_filter_memory`, lookups read the tables' own filters.
 
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -232,8 +232,9 @@ impl KeyFilters {
 /// Puts every key of the `dedup` keyspace into `filter`; `None` if the server began to stop.
 ///
 /// In chunks of [`SCAN_CHUNK_KEYS`], each with an iterator of its own: an open iterator holds a
-/// snapshot, and one held for the whole scan (seconds, at low priority under load) kept what
-/// the engine would have freed meanwhile: peak RSS rose by 250 MB during such a scan.
+/// snapshot, and one held for the whole scan (seconds, at low priority under load) would keep
+/// everything the engine frees meanwhile, raising the peak RSS by as much
+/// (docs/decisions/0012).
 fn scan_into(
     storage: &Storage,
     filter: &KeyFilter,

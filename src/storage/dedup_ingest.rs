@@ -1,12 +1,12 @@
 //! Writes new dedup keys into the `dedup` keyspace's tables, off the log writer thread.
 //!
-//! Inserting each event's key into the dedup memtable (a skiplist of a quarter of a million
-//! random 16-byte keys) was the log writer's largest cost: 11% of the whole server's CPU at
-//! 230k events/s, on the one thread every acknowledgement waits for. But a dedup key needs no
-//! write of its own to be durable: it is a hash of the messageId, which the log entry already
-//! holds. So the writer only commits the log entry, keeps the keys of its recent appends in
-//! memory ([`DedupIndex`](super::dedup::DedupIndex)) and, once the group is durable, hands them
-//! to this thread. The thread gathers them (a run of [`RUN_KEYS`], or what came within
+//! The log writer is the one thread every acknowledgement waits for, so it does not insert each
+//! event's key into a dedup memtable: a search of a skiplist of random keys, a cache miss per
+//! level, would be its largest cost (docs/decisions/0009). Nor does it need to: a dedup key
+//! needs no write of its own to be durable, since it is a hash of the messageId, which the log
+//! entry already holds. So the writer only commits the log entry, keeps the keys of its recent
+//! appends in memory ([`DedupIndex`](super::dedup::DedupIndex)) and, once the group is durable,
+//! hands them to this thread. The thread gathers them (a run of [`RUN_KEYS`], or what came within
 //! [`MAX_PENDING_AGE`]), sorts them and writes them straight into a new table (fjall's bulk
 //! ingestion: no memtable, no journal), then tells the writer it may forget them.
 //!
@@ -37,9 +37,10 @@ use crate::storage::dedup_filter::{FilterBuilder, KeyFilters};
 use crate::storage::{event_log, meta, Storage, StorageError};
 use crate::telemetry;
 
-/// Keys gathered before they are written as one table: about 8 MB of keys and values, written
-/// about once a second at 230k events/s. Until then they are in the writer's memory (about
-/// 60 bytes each, twice this many at most while one run is being written).
+/// Keys gathered before they are written as one table (8 MiB of keys and values). Until then
+/// they are in the writer's memory (about 60 bytes each, twice this many at most while one run
+/// is being written); smaller runs mean more ingestions and level-0 compactions, which cost
+/// throughput without lowering the peak RSS (docs/decisions/0009).
 const RUN_KEYS: usize = 256 * 1024;
 
 /// Longest a received key waits for its run, however few keys came since: bounds what a start

@@ -109,7 +109,7 @@ impl EventLog for FjallLog {
                 .map_err(StorageError::engine("recording a sequence head"))?;
         }
         // `SyncData` is `fdatasync`: the data and whatever metadata reading it back needs, but
-        // not the modification time, which a crash may lose at no cost.
+        // not the modification time, which a crash may lose at no cost (docs/decisions/0008).
         let mode = if sync {
             PersistMode::SyncData
         } else {

@@ -29,8 +29,9 @@ pub(crate) mod kind {
     pub(crate) const DEDUP_WATERMARK: u8 = b'd';
     /// The digest of the admin token in force when none is configured.
     pub(crate) const ADMIN_TOKEN_DIGEST: &[u8] = b"admin_token_digest";
-    /// Present once the log writer no longer writes dedup keys itself. Without it, the data dir
-    /// was written by an earlier version, whose dedup keyspace holds every key of the log.
+    /// Present in a data dir whose dedup keys the ingest thread writes. A data dir without it
+    /// is of the layout before that thread, where the log writer wrote each key with its entry:
+    /// its dedup keyspace holds every key of the log.
     pub(crate) const DEDUP_LAYOUT: &[u8] = b"dedup_keys_ingested";
 }
 

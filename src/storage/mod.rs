@@ -103,8 +103,8 @@ pub const DEFAULT_OPEN_FILES: usize = 900;
 /// Background worker threads of each database: fjall's default (one per core, at most 4), but
 /// at least 3. With more than one worker, fjall's worker 0 leaves compactions to the others and
 /// puts each compaction request it receives back into the queue, so while the only other worker
-/// of a 2-core machine compacted, worker 0 took the same request again and again, spinning. A
-/// third worker takes the request instead.
+/// of a 2-core machine compacts, worker 0 takes the same request again and again, spinning. A
+/// third worker takes the request instead (docs/decisions/0007).
 fn engine_workers() -> usize {
     std::thread::available_parallelism().map_or(3, |cores| cores.get().clamp(3, 4))
 }
@@ -163,8 +163,9 @@ impl Storage {
             .cache_size(cache_bytes - dedup_cache)
             .max_cached_files(Some(main_files))
             .manual_journal_persist(true)
-            // Log entries arrive compressed (codec format 3) and the rest is small or dense
-            // sketches: compressing the journal again cost the log writer thread CPU for nothing.
+            // Log entries arrive compressed (codec format 3) and the rest is small or compressed
+            // too (sketches, codec format 4): compressing the journal again would cost the log
+            // writer thread CPU for nothing (docs/decisions/0014).
             .journal_compression(fjall::CompressionType::None)
             .worker_threads(engine_workers())
             .open()
@@ -243,7 +244,8 @@ impl Storage {
         self.log.clone()
     }
 
-    /// Flushes the journal to the OS (`buffered`) or to disk (`fsync`, as `fdatasync`).
+    /// Flushes the journal to the OS (`buffered`) or to disk (`fsync`, as `fdatasync`:
+    /// docs/decisions/0008).
     pub fn persist(&self, fsync: bool) -> Result<(), StorageError> {
         let mode = if fsync {
             PersistMode::SyncData
@@ -261,9 +263,9 @@ impl Storage {
 
     /// Seals every keyspace's active memtable that has outgrown its size. fjall seals them from
     /// its background workers, which may be busy with a long compaction meanwhile: under load
-    /// the active memtables then grew far past their size (to gigabytes). The [`upkeep`] thread
-    /// calls this; fjall's own back-pressure (writes wait while a keyspace has 4 sealed
-    /// memtables waiting to be flushed) bounds the rest.
+    /// the active memtables then grow far past their size. The [`upkeep`] thread calls this;
+    /// fjall's own back-pressure (writes wait while a keyspace has 4 sealed memtables waiting to
+    /// be flushed) bounds the rest (docs/decisions/0013).
     pub fn bound_memtables(&self) -> Result<(), StorageError> {
         use fjall::AbstractTree;
         for (keyspace, limit) in self.keyspaces() {

@@ -5,13 +5,15 @@
 //! - `rollup_users`: same key, value the encoded distinct-user sketch (the bucket's *base*), and
 //!   after it *delta records* at `key ‖ sequence` (the watermark of the flush that wrote them),
 //!   each holding the users one flush added ([`PendingUsers`]). A bucket's users are its base
-//!   merged with its deltas. Rewriting a dense sketch (48 KiB at precision 16) on every flush
-//!   was the largest cost of the rollups with many tenants, in CPU and in memtable memory; a
-//!   delta is 8 bytes per user added. Every [`FOLD_EVERY`]th flush of a tenant folds the deltas of
-//!   the buckets it touches into their base, and a bucket's deltas are folded once it has ended
-//!   (see [`FoldPlan`]), so stored buckets are read as one record.
-//!   Both are stored compressed (codec format 4): a base of a few hundred users is a dense sketch
-//!   of mostly zero registers, and compressed it takes about 1/30 of the memtable and disk.
+//!   merged with its deltas. A flush does not rewrite a dense sketch (48 KiB at precision 16)
+//!   per bucket it touches: with many tenants that would be most of the rollups' CPU and
+//!   memtable memory, where a delta is 8 bytes per user added (docs/decisions/0017). Every
+//!   [`FOLD_EVERY`]th flush of a tenant folds the deltas of the buckets it touches into their
+//!   base, and a bucket's deltas are folded once it has ended (see [`FoldPlan`]), so stored
+//!   buckets are read as one record.
+//!   Both are stored compressed (codec format 4): a base of a few hundred users is a dense
+//!   sketch of mostly zero registers, and compressed it takes a small fraction of the memtable
+//!   and disk (docs/decisions/0016).
 //! - in `meta`: `n ‖ tenant ‖ name hash` → the name (to list events), and `w ‖ tenant` → the
 //!   watermark: the last log sequence whose events are in the stored rollups.
 //!

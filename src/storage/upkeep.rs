@@ -1,25 +1,20 @@
 //! The storage upkeep thread: keeps memtables bounded, and frees what the engine lets go of.
 //!
-//! Two jobs that must stay off the log writer thread, found by timing every append under a
-//! held 90k events/s on a 2-core machine:
+//! Two jobs that must stay off the log writer thread: each can take tens of milliseconds, and
+//! every request queued behind the writer would wait with it (docs/decisions/0013).
 //!
 //! - **Sealing.** fjall seals an outgrown memtable from its background workers, which may be
-//!   busy with a long compaction: memtables then grew to gigabytes. Sealing it after each commit
-//!   on the log writer bounded them, but a seal can take tens of milliseconds (it waits for the
-//!   journal lock and runs the engine's journal and version maintenance), and every request
-//!   queued behind the writer waited with it. This thread seals instead
+//!   busy with a long compaction: active memtables then grow far past their size. Sealing them
+//!   after each commit on the log writer would bound them, but a seal waits for the journal
+//!   lock and runs the engine's journal and version maintenance. This thread seals instead
 //!   ([`Storage::bound_memtables`]).
 //! - **Freeing.** fjall frees a flushed memtable in whichever thread drops the last reference
 //!   to it: often its own version maintenance, holding the keyspace's version lock that every
 //!   read needs, or the log writer itself when its dedup lookup held the last snapshot. Freeing
-//!   a 16 MiB dedup memtable (a quarter of a million nodes) took 40–60 ms, and stalled the
-//!   writer and with it every client. So this thread holds a reference to every memtable it
-//!   sees active: fjall's drops then only count down, and the last reference, and with it the
-//!   work, falls here. (Holding compacted tables the same way, so that their files are deleted
-//!   here, cost 150 MiB of peak RSS with 100 tenants and no measurable latency.)
-//!
-//! Measured (3M events at 90k/s, one tenant, 16 connections): ack p99 30–35 ms before,
-//! 18–26 ms after.
+//!   a memtable frees each of its skiplist's nodes, one by one. So this thread holds a reference
+//!   to every memtable it sees active: fjall's drops then only count down, and the last
+//!   reference, and with it the work, falls here. Compacted tables are not held the same way
+//!   (so that their files would be deleted here): that costs peak RSS for no latency gain.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

@@ -4,9 +4,10 @@
 //! arrive on a bounded queue. The thread takes everything queued (up to `max_group_requests`),
 //! and for each request drops duplicates, assigns sequence numbers and stages the log entry.
 //! Then it commits the whole group at once (fsync in `fsync` mode) and only then answers the
-//! requests, each with facts ([`AppendOutcome`]): what the events mean is the actors' business. While it fsyncs, new requests queue up and form the next group: the
-//! busier the server, the more requests share an fsync. The group's new dedup keys then go to
-//! the [`dedup_ingest`] thread, which writes them into the dedup tables.
+//! requests, each with facts ([`AppendOutcome`]): what the events mean is the actors' business.
+//! While it fsyncs, new requests queue up and form the next group: the busier the server, the
+//! more requests share an fsync. The group's new dedup keys then go to the [`dedup_ingest`]
+//! thread, which writes them into the dedup tables.
 //!
 //! Being the only writer makes dedup and sequence assignment race-free without locks.
 //!
@@ -48,7 +49,8 @@ pub struct AppendRequest {
 /// A log batch made ready by its sender, in parallel with other senders: encoded and compressed
 /// as the log entry, with each event's dedup key. The one writer thread then only deduplicates
 /// and commits (it decodes and re-encodes only a batch that had duplicates). The decoded events
-/// are freed by the sender, off the writer thread.
+/// are freed by the sender: freeing them is per-event work, which the writer thread must not
+/// do (docs/decisions/0014).
 pub struct PreparedBatch {
     encoded: EntryBytes,
     /// `None` for an event whose messageId the server generated (never a duplicate).
