@@ -100,10 +100,16 @@ impl EventLog for FjallLog {
     }
 
     fn commit(&self, heads: &[(TenantId, u64)], sync: bool) -> Result<(), StorageError> {
+        // One record per tenant: its highest head in the group.
+        let mut highest: rustc_hash::FxHashMap<TenantId, u64> = Default::default();
         for (tenant, head) in heads {
+            let entry = highest.entry(*tenant).or_insert(*head);
+            *entry = (*entry).max(*head);
+        }
+        for (tenant, head) in highest {
             self.meta
                 .insert(
-                    meta::tenant_key(meta::kind::LOG_HEAD, *tenant),
+                    meta::tenant_key(meta::kind::LOG_HEAD, tenant),
                     head.to_be_bytes(),
                 )
                 .map_err(StorageError::engine("recording a sequence head"))?;
