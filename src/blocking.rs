@@ -1,6 +1,7 @@
-//! The one way to run blocking work (storage reads and writes, fsyncs) from async code: on
-//! tokio's blocking pool, which actix's own `web::block` uses too, so HTTP handlers, actors and
-//! start-up share one bounded pool.
+//! The one way to run blocking work (storage reads and writes, fsyncs) from async code: on the
+//! blocking pool of the tokio runtime the caller runs on (each actix-web worker and each actor
+//! arbiter has its own), never on the async thread itself, whose other requests or actors would
+//! wait.
 
 /// A blocking task that panicked or was cancelled.
 #[derive(Debug, thiserror::Error)]

@@ -320,6 +320,7 @@ impl Drop for Children {
     fn drop(&mut self) {
         for child in &mut self.children {
             child.slot.close();
+            telemetry::child_running(&self.tenant_label, child.slot.status().name, false);
         }
     }
 }

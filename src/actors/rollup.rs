@@ -238,9 +238,14 @@ impl RollupActor {
         self.phase = Phase::CatchingUp;
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
+        let heads = self.deps.writer.heads().clone();
         self.fenced(
             ctx,
-            move |storage| read_items(storage, tenant, from, CATCH_UP_BATCHES),
+            move |storage| {
+                // Only durable entries: the rollups persist what they apply.
+                let durable = crate::query::log_head(storage, &heads, tenant)?;
+                read_items(storage, tenant, from, durable, CATCH_UP_BATCHES)
+            },
             |actor, read, ctx| {
                 let batches = match read {
                     Ok(batches) => batches,
@@ -274,6 +279,7 @@ impl RollupActor {
 
     /// After a flush: a rebuild asked for meanwhile, else what is left to read, else Idle.
     fn resume(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Idle;
         let waiters = std::mem::take(&mut self.rebuild_waiters);
         if !waiters.is_empty() {
             self.rebuild(waiters, ctx);
@@ -370,7 +376,7 @@ impl RollupActor {
                     // stored. Start over from storage.
                     let expected = flush.expected;
                     tracing::warn!(tenant = %actor.tenant, expected, stored, "rollup watermark moved under us; reloading");
-                    actor.reload(ctx);
+                    actor.start_over(ctx);
                 }
                 Ok((Err(error), flush, _)) => {
                     tracing::error!(tenant = %actor.tenant, %error, "flushing rollups failed; will retry");
@@ -381,10 +387,22 @@ impl RollupActor {
                 }
                 Err(error) => {
                     tracing::error!(tenant = %actor.tenant, %error, "rollup flush task failed; reloading from storage");
-                    actor.reload(ctx);
+                    actor.start_over(ctx);
                 }
             },
         );
+    }
+
+    /// After a flush that left storage in an unknown state: a rebuild asked for meanwhile (which
+    /// reloads after it), else a reload.
+    fn start_over(&mut self, ctx: &mut Context<Self>) {
+        let waiters = std::mem::take(&mut self.rebuild_waiters);
+        self.phase = Phase::Loading;
+        if waiters.is_empty() {
+            self.reload(ctx);
+        } else {
+            self.rebuild(waiters, ctx);
+        }
     }
 
     /// Bookkeeping after a stored flush.
@@ -524,16 +542,20 @@ impl PendingFlush {
     }
 }
 
-/// The rollup items of the tenant's log entries whose first sequence is ≥ `from_seq`, in order,
-/// at most `max_batches` entries (at least one, if there is one). Blocking.
+/// The rollup items of the tenant's log entries whose first sequence is in `from_seq..=through`,
+/// in order, at most `max_batches` entries (at least one, if there is one). Blocking.
 pub fn read_items(
     storage: &Storage,
     tenant: TenantId,
     from_seq: u64,
+    through: u64,
     max_batches: usize,
 ) -> Result<Vec<(u64, RollupItems)>, StorageError> {
     let mut out = Vec::new();
     scan_views(storage.log(), tenant, from_seq, |first_seq, batch| {
+        if first_seq > through {
+            return std::ops::ControlFlow::Break(());
+        }
         out.push((first_seq, RollupItems::from_views(&batch.events)));
         if out.len() < max_batches {
             std::ops::ControlFlow::Continue(())
@@ -858,5 +880,67 @@ mod tests {
         })
         .await;
         assert_eq!(rig.stored_count(), total, "no event counted twice");
+    }
+
+    #[actix_rt::test]
+    async fn a_rebuild_asked_while_a_flush_waits_is_served_after_it() {
+        let mut rig = Rig::new();
+        let actor = rig.start();
+        until(&actor, "loaded", |s| s.phase == Phase::Idle).await;
+        let slot = Arc::clone(&rig.deps.rollup_flush_slots)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let first = rig.append(2).await;
+        rig.push(first);
+        until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
+        let (deleted, done) = tokio::sync::oneshot::channel();
+        rig.mailbox
+            .try_send(RollupMessage::Rebuild(deleted))
+            .ok()
+            .unwrap();
+        drop(slot);
+        tokio::time::timeout(Duration::from_secs(10), done)
+            .await
+            .expect("the rebuild is answered")
+            .unwrap();
+        until(&actor, "replayed", |s| {
+            s.phase == Phase::Idle && s.stored_watermark == 2
+        })
+        .await;
+        assert_eq!(rig.stored_count(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn a_flush_that_finds_the_watermark_moved_reloads_from_storage() {
+        let mut rig = Rig::new();
+        let actor = rig.start();
+        until(&actor, "loaded", |s| s.phase == Phase::Idle).await;
+        let slot = Arc::clone(&rig.deps.rollup_flush_slots)
+            .acquire_owned()
+            .await
+            .unwrap();
+        let first = rig.append(1).await;
+        let mut theirs = Deltas::default();
+        theirs.apply(&first.items, &rig.deps.rollups.retention(), now_micros());
+        theirs.roll_up_users();
+        rig.push(first);
+        until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
+        // Another writer stores the same entry first.
+        let fold = rollups::FoldPlan::default();
+        let stored = rollups::flush(&rig.deps.storage, rig.tenant, &theirs, &[], 0, 1, &fold);
+        assert_eq!(stored.unwrap(), FlushOutcome::Stored);
+        let before = actor.send(Inspect).await.unwrap().epoch;
+        drop(slot);
+        let reloaded = until(&actor, "reloaded", |s| {
+            s.epoch > before && s.phase == Phase::Idle
+        })
+        .await;
+        assert_eq!((reloaded.applied_seq, reloaded.stored_watermark), (1, 1));
+        assert_eq!(rig.stored_count(), 1, "counted once, by the other writer");
+        let second = rig.append(1).await;
+        rig.push(second);
+        until(&actor, "flushed", |s| s.stored_watermark == 2).await;
+        assert_eq!(rig.stored_count(), 2);
     }
 }

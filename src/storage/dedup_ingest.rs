@@ -225,7 +225,7 @@ fn ingest(
     entries.dedup_by_key(|(key, _)| *key);
     // The events of these keys must be on disk before the keys are (see the module docs).
     if sync_first {
-        storage.persist(true)?;
+        storage.log().commit(&[], true)?;
     }
     let failed = StorageError::engine("ingesting dedup keys");
     let written = (|| {

@@ -7,18 +7,22 @@
 //!
 //! One thread appends (the log writer, [`super::writer`]): it stages a group of entries with
 //! [`EventLog::append`], then makes them durable at once with [`EventLog::commit`] and only then
-//! acknowledges them. Readers run on any thread and see only what is committed or staged before
-//! they read; nothing reads a range a writer is still filling, because readers start from heads
-//! the writer published after its commit.
+//! acknowledges them and publishes the tenants' new heads ([`super::writer::LogHeads`]). A
+//! staged entry may be visible to readers before its commit; a reader that must see only
+//! durable entries (the rollups, which persist what they read) stops at the published head.
 //!
 //! The embedded implementation is [`super::fjall_log::FjallLog`]: a keyspace of the main
-//! database, with `commit` as one journal fsync. A JetStream-backed log fits the same calls
-//! without changing its callers: `append` publishes the entry to the tenant's subject (with its
-//! first sequence in a header) and keeps the publish-ack future; `commit` awaits every ack of the
-//! group (JetStream's acknowledgement is its durability point) and writes the heads to a
-//! key-value bucket; `read` and `entry_holding` fetch by subject from a stream sequence found in
-//! a per-tenant index of first sequences; `tenants` lists the subjects; the deletes purge the
-//! subject up to a stream sequence.
+//! database, with `commit` as one journal fsync. In cluster mode the process node that owns a
+//! tenant's partition is this one writer (it consumes the ingest stream, deduplicates and
+//! sequences), and a JetStream-backed log fits the same calls without changing its callers:
+//! `append` publishes the entry to the tenant's subject of a log stream (first sequence in a
+//! header) and keeps the publish-ack future; `commit` awaits every ack of the group (JetStream's
+//! acknowledgement is its durability point) and writes the heads to a key-value bucket, `head`
+//! falling back to the subject's last message as the embedded log falls back to its last entry;
+//! `read` and `entry_holding` start an ordered consumer on the subject at the stream sequence of
+//! the nearest earlier first sequence, from an index of first sequences kept in the same bucket
+//! every so many entries; `tenants` lists the stream's subjects; the deletes purge the subject
+//! up to a stream sequence.
 //!
 //! # Entries
 //!
@@ -34,8 +38,55 @@ use crate::event::{last_seq_of, BatchShared, LogBatch, LogBatchView, Micros};
 use crate::ids::TenantId;
 use crate::storage::{codec, StorageError};
 
-/// An encoded entry: an immutable, reference-counted byte buffer.
-pub type EntryBytes = fjall::Slice;
+/// An encoded entry: an immutable, reference-counted byte buffer. An implementation keeps the
+/// buffer its engine hands out (the embedded log's, without a copy); any other bytes convert in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryBytes(Buffer);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Buffer {
+    Embedded(fjall::Slice),
+    Shared(bytes::Bytes),
+}
+
+impl EntryBytes {
+    /// The embedded engine's buffer (copied once if the entry came from elsewhere).
+    pub(super) fn into_slice(self) -> fjall::Slice {
+        match self.0 {
+            Buffer::Embedded(slice) => slice,
+            Buffer::Shared(bytes) => fjall::Slice::from(&bytes[..]),
+        }
+    }
+}
+
+impl From<fjall::Slice> for EntryBytes {
+    fn from(slice: fjall::Slice) -> EntryBytes {
+        EntryBytes(Buffer::Embedded(slice))
+    }
+}
+
+impl From<bytes::Bytes> for EntryBytes {
+    fn from(bytes: bytes::Bytes) -> EntryBytes {
+        EntryBytes(Buffer::Shared(bytes))
+    }
+}
+
+impl From<Vec<u8>> for EntryBytes {
+    fn from(bytes: Vec<u8>) -> EntryBytes {
+        EntryBytes(Buffer::Shared(bytes.into()))
+    }
+}
+
+impl std::ops::Deref for EntryBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Buffer::Embedded(slice) => slice,
+            Buffer::Shared(bytes) => bytes,
+        }
+    }
+}
 
 /// The durable event log. See the module docs for the contract.
 pub trait EventLog: Send + Sync {
@@ -91,7 +142,7 @@ pub fn encode_entry(batch: &LogBatch) -> Result<EntryBytes, StorageError> {
         // bincode writes a tuple as its fields one after the other.
         codec::encode_compressed_value(&(batch, &batch.shared))
     };
-    encoded.map_err(log_codec_error)
+    encoded.map(EntryBytes::from).map_err(log_codec_error)
 }
 
 /// Decodes a log entry, its trailer included.

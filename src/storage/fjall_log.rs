@@ -83,7 +83,7 @@ impl FjallLog {
         let (key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading the log"))?;
-        Ok(Some((entry_seq(&key)?, value)))
+        Ok(Some((entry_seq(&key)?, value.into())))
     }
 }
 
@@ -95,7 +95,7 @@ impl EventLog for FjallLog {
         entry: EntryBytes,
     ) -> Result<(), StorageError> {
         self.log
-            .insert(tenant_key(tenant, first_seq), entry)
+            .insert(tenant_key(tenant, first_seq), entry.into_slice())
             .map_err(StorageError::engine("committing a log batch"))
     }
 
@@ -148,7 +148,7 @@ impl EventLog for FjallLog {
             let (key, value) = guard
                 .into_inner()
                 .map_err(StorageError::engine("reading the log"))?;
-            out.push((entry_seq(&key)?, value));
+            out.push((entry_seq(&key)?, value.into()));
         }
         Ok(out)
     }
@@ -165,7 +165,7 @@ impl EventLog for FjallLog {
         let (key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading the log"))?;
-        Ok(Some((entry_seq(&key)?, value)))
+        Ok(Some((entry_seq(&key)?, value.into())))
     }
 
     fn tenants(&self) -> Result<Vec<TenantId>, StorageError> {
@@ -190,6 +190,15 @@ impl EventLog for FjallLog {
     }
 
     fn delete_below(&self, tenant: TenantId, seq: u64) -> Result<u64, StorageError> {
+        // A tenant not appended to since heads were recorded has none: record it now, before its
+        // last entries may go.
+        let head = self.head(tenant)?;
+        self.meta
+            .insert(
+                meta::tenant_key(meta::kind::LOG_HEAD, tenant),
+                head.to_be_bytes(),
+            )
+            .map_err(StorageError::engine("recording a sequence head"))?;
         let below = tenant_key(tenant, 0)..tenant_key(tenant, seq);
         let removed = purge_keys(&self.db, &self.log, || self.log.range(below.clone()))?;
         if removed > 0 {

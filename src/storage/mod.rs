@@ -333,7 +333,7 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     storage.dedup_windows.deleted(tenant);
     dedup_ingest::forget_tenant(storage, tenant)?;
     rollups::delete_all(storage, tenant)?;
-    // Last: it persists what the steps before wrote.
+    storage.persist(true)?;
     storage.log().delete_tenant(tenant)
 }
 

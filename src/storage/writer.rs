@@ -496,7 +496,12 @@ impl Writer {
         if let Some(next) = self.next_seq.get(&tenant) {
             return Ok(*next);
         }
-        let next = self.log.head(tenant)? + 1;
+        let head = self.log.head(tenant)?;
+        // Durable (the writer has staged nothing for the tenant yet): publish it, so that readers
+        // bounded by the published heads never need the log's own head, which counts staged
+        // entries.
+        self.heads.advance(tenant, head);
+        let next = head + 1;
         self.next_seq.insert(tenant, next);
         Ok(next)
     }
