@@ -56,6 +56,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub actors: ActorsConfig,
     pub rollups: RollupsConfig,
+    pub cold: ColdConfig,
     pub live: LiveConfig,
     pub reads: ReadsConfig,
     pub tenant_defaults: TenantDefaults,
@@ -111,6 +112,31 @@ pub struct StorageConfig {
     pub cache_size: ByteSize,
     /// Most memory the in-memory filter of dedup keys may take; 0 turns it off.
     pub dedup_filter_memory: ByteSize,
+    /// Log entries received longer ago than this move to the cold tier.
+    #[serde(with = "humantime_serde")]
+    pub hot_retention: Duration,
+}
+
+/// Where cold segments go, and how often the flushers look for work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColdConfig {
+    pub store: ColdStoreKind,
+    /// How often each tenant's flusher looks for entries to move.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Most events one flush moves (it holds them in memory while it writes them).
+    pub max_flush_events: usize,
+    /// How long superseded or never committed objects wait before they are deleted.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColdStoreKind {
+    /// A folder under the data dir, `<data_dir>/cold/`.
+    Local,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -538,6 +564,11 @@ impl Config {
     pub fn database_path(&self) -> PathBuf {
         database_path(&self.storage.data_dir)
     }
+}
+
+/// Where the local cold store lives inside a data dir.
+pub fn cold_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("cold")
 }
 
 /// Where the fjall database lives inside a data dir.

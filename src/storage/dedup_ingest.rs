@@ -251,7 +251,7 @@ fn watermark_key(tenant: TenantId) -> [u8; 9] {
 }
 
 /// The last log sequence of the tenant whose dedup key the tables hold (0 = none).
-fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
+pub fn watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     meta::get_u64(storage, meta::kind::DEDUP_WATERMARK, tenant)
 }
 

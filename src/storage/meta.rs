@@ -25,6 +25,10 @@ pub(crate) mod kind {
     pub(crate) const ROLLUP_WATERMARK: u8 = b'w';
     /// `n ‖ tenant ‖ xxh3(name)` → an event name the tenant's rollups hold.
     pub(crate) const EVENT_NAME: u8 = b'n';
+    /// `s ‖ tenant ‖ flush first sequence ‖ hour` → a committed cold segment.
+    pub(crate) const SEGMENT: u8 = b's';
+    /// `c ‖ tenant` → the last log sequence moved to cold segments.
+    pub(crate) const COLD_WATERMARK: u8 = b'c';
     /// `d ‖ tenant` → the last log sequence whose dedup keys the dedup tables hold.
     pub(crate) const DEDUP_WATERMARK: u8 = b'd';
     /// The digest of the admin token in force when none is configured.

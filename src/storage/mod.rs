@@ -22,6 +22,7 @@
 //! `db/dedup` and would count retries of earlier events again.
 
 pub mod codec;
+pub mod cold;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod dedup_ingest;

@@ -1,0 +1,284 @@
+//! A cold segment: one Parquet object of a tenant's events of one hour (by corrected event
+//! time), from one flush, in sequence order.
+//!
+//! Typed columns for what warehouses filter and group on, the JSON objects as text, zstd, row
+//! groups of at most [`ROW_GROUP_ROWS`] rows, column statistics, and bloom filters on the user
+//! columns (per-user erasure finds the segments holding a user through them). A row holds
+//! everything the hot log keeps of an event, with the batch-level context and integrations
+//! merged in, so a segment reads back into the same events.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    StringBuilder, TimestampMicrosecondBuilder, UInt64Builder, UInt8Builder,
+};
+use arrow_array::{
+    Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array, UInt8Array,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+
+use super::ColdError;
+use crate::event::{EventKind, Micros, StoredEvent};
+
+/// Most rows of one row group.
+pub const ROW_GROUP_ROWS: usize = 100_000;
+
+/// One event as a segment holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdRow {
+    pub seq: u64,
+    pub batch_id: u128,
+    pub endpoint: String,
+    pub client_ip: Option<String>,
+    /// The event, its `context` and `integrations` merged with its batch's.
+    pub event: StoredEvent,
+}
+
+const UTC: &str = "UTC";
+
+fn schema() -> SchemaRef {
+    let text = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+    let time = |name: &str, nullable: bool| {
+        Field::new(
+            name,
+            DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+            nullable,
+        )
+    };
+    Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        text("message_id", false),
+        text("type", false),
+        text("event", true),
+        text("user_id", true),
+        text("anonymous_id", true),
+        text("group_id", true),
+        text("previous_id", true),
+        Field::new("user_hash", DataType::UInt64, false),
+        time("timestamp", false),
+        time("original_timestamp", true),
+        time("sent_at", true),
+        time("received_at", false),
+        text("endpoint", false),
+        text("library_name", true),
+        text("library_version", true),
+        text("client_ip", true),
+        text("batch_id", false),
+        Field::new("flags", DataType::UInt8, false),
+        text("properties", true),
+        text("traits", true),
+        text("context", true),
+        text("integrations", true),
+        text("extra", true),
+    ]))
+}
+
+/// Encodes rows (in sequence order) as one Parquet object. Blocking (CPU).
+pub fn encode(rows: &[ColdRow]) -> Result<Bytes, ColdError> {
+    let schema = schema();
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_column_bloom_filter_enabled(ColumnPath::from("user_id"), true)
+        .set_column_bloom_filter_enabled(ColumnPath::from("anonymous_id"), true)
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(properties))?;
+    for chunk in rows.chunks(ROW_GROUP_ROWS) {
+        writer.write(&record_batch(&schema, chunk)?)?;
+    }
+    writer.close()?;
+    Ok(Bytes::from(out))
+}
+
+fn record_batch(schema: &SchemaRef, rows: &[ColdRow]) -> Result<RecordBatch, ColdError> {
+    let texts = |get: &dyn Fn(&ColdRow) -> Option<&str>| -> ArrayRef {
+        let mut builder = StringBuilder::new();
+        for row in rows {
+            builder.append_option(get(row));
+        }
+        Arc::new(builder.finish())
+    };
+    let times = |get: &dyn Fn(&ColdRow) -> Option<Micros>| -> ArrayRef {
+        let mut builder = TimestampMicrosecondBuilder::new().with_timezone(UTC);
+        for row in rows {
+            builder.append_option(get(row));
+        }
+        Arc::new(builder.finish())
+    };
+    let numbers = |get: &dyn Fn(&ColdRow) -> u64| -> ArrayRef {
+        let mut builder = UInt64Builder::new();
+        for row in rows {
+            builder.append_value(get(row));
+        }
+        Arc::new(builder.finish())
+    };
+    let mut flags = UInt8Builder::new();
+    for row in rows {
+        flags.append_value(row.event.flags);
+    }
+    let batch_ids: Vec<String> = rows
+        .iter()
+        .map(|row| uuid::Uuid::from_u128(row.batch_id).to_string())
+        .collect();
+    let extras: Vec<Option<String>> = rows
+        .iter()
+        .map(|row| {
+            (!row.event.extra.is_empty())
+                .then(|| serde_json::to_string(&row.event.extra).unwrap_or_default())
+        })
+        .collect();
+    let columns: Vec<ArrayRef> = vec![
+        numbers(&|row| row.seq),
+        texts(&|row| Some(&row.event.message_id)),
+        texts(&|row| Some(row.event.kind.as_str())),
+        texts(&|row| row.event.name.as_deref()),
+        texts(&|row| row.event.user_id.as_deref()),
+        texts(&|row| row.event.anonymous_id.as_deref()),
+        texts(&|row| row.event.group_id.as_deref()),
+        texts(&|row| row.event.previous_id.as_deref()),
+        numbers(&|row| row.event.user_hash),
+        times(&|row| Some(row.event.timestamp)),
+        times(&|row| row.event.original_timestamp),
+        times(&|row| row.event.sent_at),
+        times(&|row| Some(row.event.received_at)),
+        texts(&|row| Some(&row.endpoint)),
+        texts(&|row| row.event.library_name.as_deref()),
+        texts(&|row| row.event.library_version.as_deref()),
+        texts(&|row| row.client_ip.as_deref()),
+        Arc::new(StringArray::from_iter_values(&batch_ids)),
+        Arc::new(flags.finish()),
+        texts(&|row| row.event.properties.as_deref()),
+        texts(&|row| row.event.traits.as_deref()),
+        texts(&|row| row.event.context.as_deref()),
+        texts(&|row| row.event.integrations.as_deref()),
+        Arc::new(StringArray::from(extras)),
+    ];
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
+/// Decodes a segment back into its rows, in order. Blocking (CPU).
+pub fn decode(bytes: Bytes) -> Result<Vec<ColdRow>, ColdError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| ColdError::Corrupt(format!("segment has no column `{name}`")))
+        };
+        let texts = |name: &str| -> Result<StringArray, ColdError> {
+            let array = column(name)?;
+            array
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .cloned()
+                .ok_or_else(|| ColdError::Corrupt(format!("column `{name}` is not text")))
+        };
+        let times = |name: &str| -> Result<TimestampMicrosecondArray, ColdError> {
+            let array = column(name)?;
+            array
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .cloned()
+                .ok_or_else(|| ColdError::Corrupt(format!("column `{name}` is not a time")))
+        };
+        let numbers = |name: &str| -> Result<UInt64Array, ColdError> {
+            let array = column(name)?;
+            array
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .cloned()
+                .ok_or_else(|| ColdError::Corrupt(format!("column `{name}` is not a number")))
+        };
+        let (seq, user_hash) = (numbers("seq")?, numbers("user_hash")?);
+        let [message_id, kind, name, user_id, anonymous_id, group_id, previous_id] = [
+            "message_id",
+            "type",
+            "event",
+            "user_id",
+            "anonymous_id",
+            "group_id",
+            "previous_id",
+        ]
+        .map(texts);
+        let [endpoint, library_name, library_version, client_ip, batch_id] = [
+            "endpoint",
+            "library_name",
+            "library_version",
+            "client_ip",
+            "batch_id",
+        ]
+        .map(texts);
+        let [properties, traits, context, integrations, extra] =
+            ["properties", "traits", "context", "integrations", "extra"].map(texts);
+        let [timestamp, original_timestamp, sent_at, received_at] =
+            ["timestamp", "original_timestamp", "sent_at", "received_at"].map(times);
+        let (message_id, kind, name, user_id, anonymous_id) =
+            (message_id?, kind?, name?, user_id?, anonymous_id?);
+        let (group_id, previous_id, endpoint, library_name) =
+            (group_id?, previous_id?, endpoint?, library_name?);
+        let (library_version, client_ip, batch_id) = (library_version?, client_ip?, batch_id?);
+        let (properties, traits, context, integrations, extra) =
+            (properties?, traits?, context?, integrations?, extra?);
+        let (timestamp, original_timestamp, sent_at, received_at) =
+            (timestamp?, original_timestamp?, sent_at?, received_at?);
+        let flags = column("flags")?
+            .as_any()
+            .downcast_ref::<UInt8Array>()
+            .cloned()
+            .ok_or_else(|| ColdError::Corrupt("column `flags` is not a byte".into()))?;
+        let text =
+            |array: &StringArray, i: usize| array.is_valid(i).then(|| array.value(i).to_string());
+        let time =
+            |array: &TimestampMicrosecondArray, i: usize| array.is_valid(i).then(|| array.value(i));
+        for i in 0..batch.num_rows() {
+            let kind = EventKind::parse(kind.value(i))
+                .ok_or_else(|| ColdError::Corrupt(format!("unknown type {:?}", kind.value(i))))?;
+            let extra = match text(&extra, i) {
+                Some(json) => serde_json::from_str(&json)
+                    .map_err(|e| ColdError::Corrupt(format!("column `extra`: {e}")))?,
+                None => Vec::new(),
+            };
+            let batch_id = uuid::Uuid::parse_str(batch_id.value(i))
+                .map_err(|e| ColdError::Corrupt(format!("column `batch_id`: {e}")))?
+                .as_u128();
+            rows.push(ColdRow {
+                seq: seq.value(i),
+                batch_id,
+                endpoint: endpoint.value(i).to_string(),
+                client_ip: text(&client_ip, i),
+                event: StoredEvent {
+                    kind,
+                    message_id: message_id.value(i).to_string(),
+                    name: text(&name, i),
+                    user_id: text(&user_id, i),
+                    anonymous_id: text(&anonymous_id, i),
+                    group_id: text(&group_id, i),
+                    previous_id: text(&previous_id, i),
+                    timestamp: timestamp.value(i),
+                    original_timestamp: time(&original_timestamp, i),
+                    sent_at: time(&sent_at, i),
+                    received_at: received_at.value(i),
+                    user_hash: user_hash.value(i),
+                    library_name: text(&library_name, i),
+                    library_version: text(&library_version, i),
+                    flags: flags.value(i),
+                    properties: text(&properties, i),
+                    traits: text(&traits, i),
+                    context: text(&context, i),
+                    integrations: text(&integrations, i),
+                    extra,
+                },
+            });
+        }
+    }
+    Ok(rows)
+}
