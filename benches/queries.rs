@@ -186,7 +186,8 @@ fn benches(c: &mut Criterion) {
             late_arrival: Duration::from_secs(7 * 86_400),
         };
         b.iter(|| {
-            let reached = query::funnel(&storage, log_tenant, &steps, 600_000_000, &span).unwrap();
+            let reached =
+                query::funnel(&storage, None, log_tenant, &steps, 600_000_000, &span).unwrap();
             assert!(reached[0] > 0);
         })
     });

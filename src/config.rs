@@ -112,6 +112,9 @@ pub struct StorageConfig {
     pub cache_size: ByteSize,
     /// Most memory the in-memory filter of dedup keys may take; 0 turns it off.
     pub dedup_filter_memory: ByteSize,
+    /// Longest a new dedup key waits before it is written into the dedup tables in a run.
+    #[serde(with = "humantime_serde")]
+    pub dedup_max_age: Duration,
     /// Log entries received longer ago than this move to the cold tier.
     #[serde(with = "humantime_serde")]
     pub hot_retention: Duration,
@@ -463,6 +466,9 @@ impl Config {
                 "must be at least actors.restart_backoff_min",
             ));
         }
+        if self.cold.max_flush_events == 0 {
+            return Err(invalid("cold.max_flush_events", "0", "must be positive"));
+        }
         if self.actors.heartbeat.is_zero() {
             return Err(invalid("actors.heartbeat", "0s", "must be positive"));
         }
@@ -477,6 +483,9 @@ impl Config {
             ("live.tick_interval", self.live.tick_interval),
             ("live.idle_timeout", self.live.idle_timeout),
             ("live.ping_interval", self.live.ping_interval),
+            ("storage.dedup_max_age", self.storage.dedup_max_age),
+            ("storage.hot_retention", self.storage.hot_retention),
+            ("cold.flush_interval", self.cold.flush_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(setting, "0s", "must be positive"));

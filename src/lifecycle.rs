@@ -15,6 +15,7 @@ use crate::blocking::{self, BlockingError};
 use crate::ids::TenantId;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
+use crate::storage::cold::ColdStore;
 use crate::storage::writer::LogWriter;
 use crate::storage::{self, meta, Storage, StorageError};
 use crate::tenant::{
@@ -43,6 +44,7 @@ pub struct TenantLifecycle {
     pub pipelines: Arc<Pipelines>,
     pub rate_limits: Arc<RateLimits>,
     pub query_cache: Arc<QueryCache>,
+    pub cold: ColdStore,
 }
 
 impl TenantLifecycle {
@@ -110,8 +112,8 @@ impl TenantLifecycle {
             LifecycleError::Purge(error)
         };
         self.writer.seal_tenant(id).await.map_err(purge_failed)?;
-        let storage = self.storage.clone();
-        let purged = blocking::run(move || storage::purge_tenant(&storage, id))
+        let (storage, cold) = (self.storage.clone(), self.cold.clone());
+        let purged = blocking::run(move || purge_both_tiers(&storage, &cold, id))
             .await?
             .map_err(purge_failed)?;
         tracing::info!(tenant = %id, purged_batches = purged, "tenant deleted and purged");
@@ -130,6 +132,19 @@ impl TenantLifecycle {
     }
 }
 
+/// Purges a deleted tenant's hot data, then its cold segments; returns the hot log entries
+/// purged.
+fn purge_both_tiers(
+    storage: &Storage,
+    cold: &ColdStore,
+    id: TenantId,
+) -> Result<u64, StorageError> {
+    let purged = storage::purge_tenant(storage, id)?;
+    storage::cold::purge_tenant(storage, cold, id)
+        .map_err(|error| StorageError::NotDurable(format!("purging cold segments: {error}")))?;
+    Ok(purged)
+}
+
 /// Deleted tenants whose data is still there.
 fn pending_purges(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
     Ok(meta::tombstoned_tenants(storage)?
@@ -141,18 +156,18 @@ fn pending_purges(storage: &Storage) -> Result<Vec<TenantId>, StorageError> {
 /// Finishes purges that a crash or failure interrupted (tenants with a tombstone whose data is
 /// still there), on a thread of its own; their keys are gone, so nothing new arrives for them.
 /// Runs at start-up.
-pub fn resume_purges(storage: &Storage) -> Result<(), StorageError> {
+pub fn resume_purges(storage: &Storage, cold: &ColdStore) -> Result<(), StorageError> {
     let pending = pending_purges(storage)?;
     if pending.is_empty() {
         return Ok(());
     }
-    let storage = storage.clone();
+    let (storage, cold) = (storage.clone(), cold.clone());
     std::thread::Builder::new()
         .name("purge-resume".into())
         .spawn(move || {
             let _watch = storage.health.watch("purge-resume", None);
             for tenant in pending {
-                match storage::purge_tenant(&storage, tenant) {
+                match purge_both_tiers(&storage, &cold, tenant) {
                     Ok(removed) => {
                         tracing::info!(%tenant, removed, "finished an interrupted purge")
                     }

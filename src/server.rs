@@ -37,6 +37,8 @@ pub enum ServerError {
     },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot open the cold store: {0}")]
+    Cold(#[from] crate::storage::cold::ColdError),
     #[error(transparent)]
     Descriptors(#[from] crate::descriptors::TooFewDescriptors),
     #[error("{ADMIN_TOKEN_ENV} must be at least {min} characters", min = crate::config::MIN_TOKEN_LEN)]
@@ -75,7 +77,8 @@ fn admin_digest(config: &Config, storage: &Storage) -> Result<KeyDigest, Storage
 }
 
 /// Starts the pipeline of every tenant whose rollups are behind its log (after a crash, say),
-/// so they catch up without waiting for the tenant's next request.
+/// or that has entries in the hot log, so its rollups catch up and its old entries move to the
+/// cold tier without waiting for the tenant's next request.
 fn start_lagging_pipelines(
     storage: &Storage,
     directory: &TenantDirectory,
@@ -86,6 +89,9 @@ fn start_lagging_pipelines(
         let watermark = crate::storage::rollups::watermark(storage, tenant.id)?;
         if head > watermark {
             tracing::info!(tenant = %tenant.id, head, watermark, "rolling up events after restart");
+            pipelines.pipeline(tenant.id);
+        } else if !storage.log().read(tenant.id, 0, 1)?.is_empty() {
+            // Its flusher moves what ages out of the hot log.
             pipelines.pipeline(tenant.id);
         }
     }
@@ -130,7 +136,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         descriptors.storage_files,
     )?;
     let admin = admin_digest(&config, &storage)?;
-    crate::lifecycle::resume_purges(&storage)?;
+    let cold = match config.cold.store {
+        crate::config::ColdStoreKind::Local => crate::storage::cold::ColdStore::local(
+            &crate::config::cold_path(&config.storage.data_dir),
+        )?,
+    };
+    crate::lifecycle::resume_purges(&storage, &cold)?;
     let directory = Arc::new(TenantDirectory::load(
         storage.clone(),
         config.tenant_defaults.clone(),
@@ -143,6 +154,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             queue_capacity: config.storage.queue_capacity,
             max_group_requests: config.storage.max_group_requests,
             dedup_filter_bytes: config.storage.dedup_filter_memory.as_u64(),
+            dedup_max_age: config.storage.dedup_max_age,
         },
     )?);
     let query_cache = Arc::new(QueryCache::new(
@@ -162,6 +174,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.rollups.max_concurrent_flushes,
             )),
+            cold: cold.clone(),
+            cold_settings: config.cold.clone(),
+            hot_retention: config.storage.hot_retention,
         },
         config.actor_arbiters(),
     ));
@@ -174,6 +189,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         pipelines: Arc::clone(&pipelines),
         rate_limits: Arc::clone(&rate_limits),
         query_cache: Arc::clone(&query_cache),
+        cold: cold.clone(),
     };
     let state = web::Data::new(AppState {
         config: config.clone(),
@@ -183,6 +199,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         pipelines: Arc::clone(&pipelines),
         lifecycle,
         rate_limits,
+        cold,
         query_cache,
         metrics,
         large_bodies: http::body::LargeBodies::new(config.large_body_permits()),

@@ -54,6 +54,13 @@ pub mod names {
     pub const ACTOR_RESTARTS: &str = "statsremote_actor_restarts_total";
     /// 1 while the child runs, 0 while it waits to be rebuilt. Labels `tenant` and `actor`.
     pub const ACTOR_RUNNING: &str = "statsremote_actor_running";
+    /// Label `tenant`: events moved to the cold tier.
+    pub const COLD_FLUSHED_EVENTS: &str = "statsremote_cold_flushed_events_total";
+    /// Label `tenant`: segments written and their bytes.
+    pub const COLD_SEGMENTS: &str = "statsremote_cold_segments_written_total";
+    pub const COLD_BYTES: &str = "statsremote_cold_bytes_written_total";
+    /// Label `tenant`: flushes (or their recovery) that failed and will be retried.
+    pub const COLD_FLUSH_FAILURES: &str = "statsremote_cold_flush_failures_total";
     /// Tenant supervisors currently running. No labels.
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
     /// Durable events not yet rolled up (log head minus rollup watermark). Label `tenant`.
@@ -238,6 +245,16 @@ pub fn actor_restarted(tenant: &str, actor: &'static str, backoff: Duration) {
 pub fn child_running(tenant: &str, actor: &'static str, running: bool) {
     gauge!(names::ACTOR_RUNNING, "tenant" => tenant.to_string(), "actor" => actor)
         .set(if running { 1.0 } else { 0.0 });
+}
+
+pub fn cold_flushed(tenant: &str, events: u64, segments: usize, bytes: u64) {
+    counter!(names::COLD_FLUSHED_EVENTS, "tenant" => tenant.to_string()).increment(events);
+    counter!(names::COLD_SEGMENTS, "tenant" => tenant.to_string()).increment(segments as u64);
+    counter!(names::COLD_BYTES, "tenant" => tenant.to_string()).increment(bytes);
+}
+
+pub fn cold_flush_failed(tenant: &str) {
+    counter!(names::COLD_FLUSH_FAILURES, "tenant" => tenant.to_string()).increment(1);
 }
 
 pub fn tenant_pipelines(count: usize) {

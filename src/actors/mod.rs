@@ -12,6 +12,7 @@
 //! sender, so the bound is enforced here, in one place.)
 
 pub mod child;
+pub mod flusher;
 pub mod ingest;
 pub mod live;
 pub mod rollup;
@@ -75,6 +76,10 @@ pub struct PipelineDeps {
     /// keeps merging its updates in memory and flushes on a later tick, so many tenants cannot
     /// oversubscribe the CPU and memory with flushes.
     pub rollup_flush_slots: Arc<tokio::sync::Semaphore>,
+    /// Where cold segments go, and the settings of the tenants' flushers.
+    pub cold: crate::storage::cold::ColdStore,
+    pub cold_settings: crate::config::ColdConfig,
+    pub hot_retention: Duration,
 }
 
 /// Counts a tenant's batches in flight; a permit is held from admission to reply.

@@ -39,6 +39,7 @@ use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, NameCap, Resolution, Retention, RollupBatch, RollupItems};
+use crate::storage::cold;
 use crate::storage::event_log::scan_views;
 use crate::storage::rollups::{self, FlushOutcome};
 use crate::storage::{Storage, StorageError};
@@ -239,11 +240,18 @@ impl RollupActor {
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
         let heads = self.deps.writer.heads().clone();
+        let cold = self.deps.cold.clone();
+        let cold_step = self.deps.cold_settings.max_flush_events as u64;
         self.fenced(
             ctx,
             move |storage| {
                 // Only durable entries: the rollups persist what they apply.
                 let durable = crate::query::log_head(storage, &heads, tenant)?;
+                let cold_through = cold::cold_watermark(storage, tenant)?;
+                if from <= cold_through {
+                    let through = cold_through.min(from.saturating_add(cold_step));
+                    return read_cold_items(storage, &cold, tenant, from, through);
+                }
                 read_items(storage, tenant, from, durable, CATCH_UP_BATCHES)
             },
             |actor, read, ctx| {
@@ -566,6 +574,50 @@ pub fn read_items(
     Ok(out)
 }
 
+/// The rollup items of the cold events with sequences in `from_seq..=through`, as one run
+/// (flushes hold whole log entries, so the run has no gap). Blocking.
+fn read_cold_items(
+    storage: &Storage,
+    store: &cold::ColdStore,
+    tenant: TenantId,
+    from_seq: u64,
+    through: u64,
+) -> Result<Vec<(u64, RollupItems)>, StorageError> {
+    let mut events = Vec::new();
+    let mut expected = from_seq;
+    let mut gap = None;
+    let scanned = cold::scan_cold(
+        storage,
+        store,
+        tenant,
+        from_seq,
+        through,
+        None,
+        |seq, batch| {
+            if seq != expected {
+                gap = Some(seq);
+                return std::ops::ControlFlow::Break(());
+            }
+            expected = seq + batch.events.len() as u64;
+            events.extend(batch.events.iter().cloned());
+            std::ops::ControlFlow::Continue(())
+        },
+    );
+    let cold_error =
+        |error: String| StorageError::NotDurable(format!("reading cold segments: {error}"));
+    // A break is a gap, reported below.
+    let _flow = scanned.map_err(|error| cold_error(error.to_string()))?;
+    if let Some(seq) = gap {
+        return Err(cold_error(format!(
+            "expected sequence {expected}, found {seq}"
+        )));
+    }
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(vec![(from_seq, RollupItems::from_events(&events))])
+}
+
 impl Actor for RollupActor {
     type Context = Context<Self>;
 
@@ -645,12 +697,14 @@ mod tests {
         fn new() -> Rig {
             let dir = tempfile::tempdir().unwrap();
             let config = Config::load_from(&Overrides::default(), &[]).unwrap();
-            let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+            let storage =
+                Storage::open(&dir.path().join("db"), 1 << 20, Default::default()).unwrap();
             let options = WriterOptions {
                 fsync: false,
                 queue_capacity: 64,
                 max_group_requests: 8,
                 dedup_filter_bytes: 0,
+                dedup_max_age: crate::storage::dedup_ingest::MAX_PENDING_AGE,
             };
             let writer = LogWriter::start(storage.clone(), options).unwrap();
             let directory =
@@ -669,6 +723,9 @@ mod tests {
                 live: config.live.clone(),
                 future_tolerance: Duration::from_secs(3600),
                 rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+                cold: cold::ColdStore::local(&dir.path().join("cold")).unwrap(),
+                cold_settings: config.cold.clone(),
+                hot_retention: config.storage.hot_retention,
             });
             let mut children = Children::new("test".into(), RETRY, RETRY);
             let live = children.register("live", 64, {

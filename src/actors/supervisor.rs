@@ -1,7 +1,8 @@
 //! The tenant supervisor: registers a tenant's child actors and keeps them alive.
 //!
 //! Children, in start order: the [`LiveHub`] (live ticks), the [`RollupActor`] (incremental
-//! rollups, feeding the hub) and the [`IngestActor`] (enrich, hand to the log, feed the rollups).
+//! rollups, feeding the hub), the [`IngestActor`] (enrich, hand to the log, feed the rollups)
+//! and the [`SegmentFlusher`] (old log entries to the cold tier).
 //! Each is registered once in [`TenantSupervisor::new`] with a factory; the [`Children`] registry
 //! gives it a mailbox that survives its restarts, and senders (the pipeline handle, the other
 //! children) hold those mailboxes, never an instance. actix's own `Supervisor` neither catches
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 
 use crate::actors::child::{ChildStatus, Children, Mailbox};
+use crate::actors::flusher::{FlushNow, SegmentFlusher};
 use crate::actors::ingest::{IngestActor, IngestBatch};
 use crate::actors::live::{LiveHub, LiveItems, TickSender};
 use crate::actors::rollup::{RollupActor, RollupMessage};
@@ -39,6 +41,7 @@ impl Message for StopPipeline {
 pub struct Mailboxes {
     pub ingest: Mailbox<IngestBatch>,
     pub rollup: Mailbox<RollupMessage>,
+    pub flusher: Mailbox<FlushNow>,
     /// Every child's status, in start order.
     pub statuses: Vec<Arc<ChildStatus>>,
 }
@@ -78,9 +81,14 @@ impl TenantSupervisor {
             let rollup = rollup.clone();
             move || IngestActor::new(tenant, Arc::clone(&deps), rollup.clone())
         });
+        let flusher = children.register("flusher", capacity, {
+            let deps = Arc::clone(&deps);
+            move || SegmentFlusher::new(tenant, Arc::clone(&deps))
+        });
         let mailboxes = Mailboxes {
             ingest,
             rollup,
+            flusher,
             statuses: children.statuses(),
         };
         let supervisor = TenantSupervisor {
@@ -184,7 +192,7 @@ mod tests {
     async fn a_panicking_child_is_rebuilt_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::load_from(&Overrides::default(), &[]).unwrap();
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let storage = Storage::open(&dir.path().join("db"), 1 << 20, Default::default()).unwrap();
         let writer = LogWriter::start(
             storage.clone(),
             WriterOptions {
@@ -192,6 +200,7 @@ mod tests {
                 queue_capacity: 8,
                 max_group_requests: 8,
                 dedup_filter_bytes: 0,
+                dedup_max_age: crate::storage::dedup_ingest::MAX_PENDING_AGE,
             },
         )
         .unwrap();
@@ -214,6 +223,9 @@ mod tests {
             live: config.live.clone(),
             future_tolerance: Duration::from_secs(3600),
             rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            cold: crate::storage::cold::ColdStore::local(&dir.path().join("cold")).unwrap(),
+            cold_settings: config.cold.clone(),
+            hot_retention: config.storage.hot_retention,
         });
         let (supervisor, mailboxes) = TenantSupervisor::new(
             tenant.id,

@@ -24,7 +24,8 @@ use crate::http::errors::ApiError;
 use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::json::MergeBase;
-use crate::storage::event_log::{first_seq_received_since, scan};
+use crate::storage::cold::{scan_tiers_from, ColdError};
+use crate::storage::event_log::first_seq_received_since;
 use crate::storage::Storage;
 use crate::tenant::{KeyKind, KeyWatch, TenantDirectory, TenantId};
 
@@ -74,6 +75,7 @@ pub async fn export(
     let slot = state.read_slots.take(tenant.id, ReadKind::Export)?;
     let reader = ExportReader {
         storage: state.storage.clone(),
+        cold: state.cold.clone(),
         tenant: tenant.id,
         future_tolerance: state.config.limits.future_tolerance,
         stall_timeout: state.config.reads.export_stall_timeout,
@@ -127,6 +129,7 @@ fn export_cut_off() -> std::io::Error {
 /// last chunk.
 struct ExportReader {
     storage: Storage,
+    cold: crate::storage::cold::ColdStore,
     tenant: TenantId,
     future_tolerance: Duration,
     stall_timeout: Duration,
@@ -142,17 +145,23 @@ impl ExportReader {
     fn run(&self, filter: &Filter, sender: &Sender<Result<Bytes, std::io::Error>>) {
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         let mut stopped = false;
+        // The hot log from the first entry that can hold an event of the range; the cold tier
+        // pruned by the segments' hours.
         let scanned = first_seq_received_since(
             self.storage.log(),
             self.tenant,
             filter.from,
             self.future_tolerance,
         )
-        .and_then(|start| {
-            scan(
-                self.storage.log(),
+        .map_err(ColdError::from)
+        .and_then(|hot_from| {
+            scan_tiers_from(
+                &self.storage,
+                Some(&self.cold),
                 self.tenant,
-                start,
+                1,
+                hot_from,
+                Some((filter.from, filter.to)),
                 |first_seq, batch| {
                     if !self.key_watch.in_force(&self.directory) {
                         stopped = true;

@@ -466,6 +466,7 @@ pub async fn funnel(
     let steps = request.steps.clone();
     let tenant_id = tenant.id;
     let storage = state.storage.clone();
+    let cold = state.cold.clone();
     let heads = state.writer.heads().clone();
     let future_tolerance = state.config.limits.future_tolerance;
     let late_arrival = state.config.reads.funnel_late_arrival;
@@ -479,7 +480,14 @@ pub async fn funnel(
             future_tolerance,
             late_arrival,
         };
-        let reached = query::funnel(&storage, tenant_id, &steps, window_micros, &span)?;
+        let reached = query::funnel(
+            &storage,
+            Some(&cold),
+            tenant_id,
+            &steps,
+            window_micros,
+            &span,
+        )?;
         Ok::<_, query::FunnelError>((reached, as_of))
     })
     .await
@@ -487,6 +495,7 @@ pub async fn funnel(
     .map_err(|error| match error {
         too_many @ query::FunnelError::TooManyEvents => ApiError::bad_request(too_many.to_string()),
         query::FunnelError::Storage(error) => blocking_error(error),
+        query::FunnelError::Cold(error) => blocking_error(error),
     })?;
     let steps: Vec<_> = request
         .steps

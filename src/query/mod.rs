@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
+use crate::storage::cold::ColdStore;
 use crate::storage::event_log::{first_seq_received_since, scan_views, RECEIVE_ORDER_SLACK};
 use crate::storage::rollups;
 use crate::storage::writer::LogHeads;
@@ -165,6 +166,8 @@ pub const MAX_FUNNEL_EVENTS: usize = 10_000_000;
 pub enum FunnelError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Cold(#[from] crate::storage::cold::ColdError),
     #[error("more than {MAX_FUNNEL_EVENTS} events match the funnel's steps in this range; narrow the range")]
     TooManyEvents,
 }
@@ -187,6 +190,7 @@ pub struct FunnelSpan {
 /// within `late_arrival` (plus [`RECEIVE_ORDER_SLACK`]) of `to`.
 pub fn funnel(
     storage: &Storage,
+    cold: Option<&ColdStore>,
     tenant: TenantId,
     steps: &[String],
     window: Micros,
@@ -206,7 +210,61 @@ pub fn funnel(
     // Per user: (time, sequence, step code) of the matching events.
     let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
     let mut gathered = 0usize;
-    let start = first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?;
+    let mut gather = |seq: u64, timestamp: Micros, name: &str, user_hash: u64| {
+        if timestamp < from || timestamp >= to {
+            return ControlFlow::Continue(());
+        }
+        if let Some(code) = step_of.get(name) {
+            gathered += 1;
+            if gathered > MAX_FUNNEL_EVENTS {
+                return ControlFlow::Break(());
+            }
+            per_user
+                .entry(user_hash)
+                .or_default()
+                .push((timestamp, seq, *code));
+        }
+        ControlFlow::Continue(())
+    };
+    let gather_cold =
+        |from_seq: u64,
+         through: u64,
+         gather: &mut dyn FnMut(u64, Micros, &str, u64) -> ControlFlow<()>| {
+            let Some(store) = cold else {
+                return Ok::<_, FunnelError>(());
+            };
+            // A break means too many events, which `gathered` tells.
+            let _ = crate::storage::cold::scan_cold(
+                storage,
+                store,
+                tenant,
+                from_seq,
+                through,
+                Some((from, to)),
+                |seq, batch| {
+                    let mut flow = ControlFlow::Continue(());
+                    for event in &batch.events {
+                        flow = gather(
+                            seq,
+                            event.timestamp,
+                            series_name(event.kind, event.name.as_deref()),
+                            event.user_hash,
+                        );
+                    }
+                    flow
+                },
+            )?;
+            Ok(())
+        };
+    // The cold tier up to its watermark, pruned by hour; then the hot log; then whatever a flush
+    // committed meanwhile (it may have left the hot log before the scan reached it; events read
+    // twice are dropped below).
+    let cold_before = crate::storage::cold::cold_watermark(storage, tenant)?;
+    if cold_before > 0 {
+        gather_cold(1, cold_before, &mut gather)?;
+    }
+    let start = first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?
+        .max(cold_before + 1);
     let late_arrival = Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
     // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
     let last_received = to
@@ -217,29 +275,27 @@ pub fn funnel(
             return ControlFlow::Break(());
         }
         for (offset, event) in batch.events.iter().enumerate() {
-            if event.timestamp < from || event.timestamp >= to {
-                continue;
-            }
-            if let Some(code) = step_of.get(series_name(event.kind, event.name)) {
-                gathered += 1;
-                if gathered > MAX_FUNNEL_EVENTS {
-                    return ControlFlow::Break(());
-                }
-                per_user.entry(event.user_hash).or_default().push((
-                    event.timestamp,
-                    first_seq + offset as u64,
-                    *code,
-                ));
+            let name = series_name(event.kind, event.name);
+            let seq = first_seq + offset as u64;
+            if gather(seq, event.timestamp, name, event.user_hash).is_break() {
+                return ControlFlow::Break(());
             }
         }
         ControlFlow::Continue(())
     })?;
+    let cold_after = crate::storage::cold::cold_watermark(storage, tenant)?;
+    if cold_after > cold_before {
+        gather_cold(cold_before + 1, cold_after, &mut gather)?;
+    }
+    for events in per_user.values_mut() {
+        events.sort_unstable();
+        events.dedup();
+    }
     if gathered > MAX_FUNNEL_EVENTS {
         return Err(FunnelError::TooManyEvents);
     }
     let mut reached = vec![0u64; steps.len()];
     for events in per_user.values_mut() {
-        events.sort_unstable();
         let depth = deepest_step(events, &codes, window);
         for count in reached.iter_mut().take(depth) {
             *count += 1;

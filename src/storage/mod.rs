@@ -345,7 +345,9 @@ pub fn has_tenant_data(storage: &Storage, tenant: TenantId) -> bool {
         .log()
         .read(tenant, 0, 1)
         .map_or(true, |entries| !entries.is_empty());
+    let cold = cold::cold_watermark(storage, tenant).map_or(true, |watermark| watermark > 0);
     logged
+        || cold
         || storage
             .rollup_counts
             .prefix(tenant.0.to_be_bytes())

@@ -152,6 +152,9 @@ pub struct WriterOptions {
     pub max_group_requests: usize,
     /// Most memory the in-memory filter of dedup keys may take (0: no filter).
     pub dedup_filter_bytes: u64,
+    /// Longest a new dedup key waits before it is written to the dedup tables (see
+    /// [`dedup_ingest::MAX_PENDING_AGE`]); the cold tier flushes only what they cover.
+    pub dedup_max_age: Duration,
 }
 
 impl LogWriter {
@@ -169,7 +172,7 @@ impl LogWriter {
         let (ingester, key_groups, ingested) = DedupIngester::start(
             storage.clone(),
             Arc::clone(&healthy),
-            dedup_ingest::MAX_PENDING_AGE,
+            options.dedup_max_age,
             filters.clone(),
         )?;
         let dedup = dedup::DedupIndex::open(ingested, filters);
@@ -523,6 +526,7 @@ pub(crate) mod tests {
             queue_capacity: 16,
             max_group_requests: 8,
             dedup_filter_bytes: 16 << 20,
+            dedup_max_age: dedup_ingest::MAX_PENDING_AGE,
         }
     }
 

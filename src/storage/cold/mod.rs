@@ -230,6 +230,10 @@ pub fn flush_once(
     if fail == Some(FailPoint::AfterWrite) {
         return Err(ColdError::Injected(FailPoint::AfterWrite));
     }
+    // A tenant deleted meanwhile: nothing is committed (its purge deletes the objects).
+    if meta::is_tombstoned(storage, tenant)? {
+        return Ok(None);
+    }
     commit_flush(storage, tenant, &added, through)?;
     publish(store, tenant, through, &added);
     if fail == Some(FailPoint::AfterCommit) {
@@ -327,6 +331,41 @@ pub fn recover(
     Ok(())
 }
 
+/// Deletes every cold object of a deleted tenant (segments, published manifest, trash) and then
+/// its manifest records. Blocking; once nothing more is flushed for the tenant.
+pub fn purge_tenant(
+    storage: &Storage,
+    store: &ColdStore,
+    tenant: TenantId,
+) -> Result<u64, ColdError> {
+    let mut removed = 0;
+    for prefix in ["events", "manifest", "trash"] {
+        for object in block_on(store.list(&format!("{prefix}/tenant={tenant}/")))? {
+            block_on(store.delete(object.location.as_ref()))?;
+            removed += 1;
+        }
+    }
+    let mut batch = storage.batch();
+    for guard in storage
+        .meta
+        .prefix(meta::tenant_key(meta::kind::SEGMENT, tenant))
+    {
+        let key = guard
+            .key()
+            .map_err(StorageError::engine("reading the cold manifest"))?;
+        batch.remove(&storage.meta, key);
+    }
+    batch.remove(
+        &storage.meta,
+        meta::tenant_key(meta::kind::COLD_WATERMARK, tenant),
+    );
+    batch
+        .commit()
+        .map_err(StorageError::engine("removing a cold manifest"))?;
+    storage.persist(true)?;
+    Ok(removed)
+}
+
 /// Visits the tenant's events from `from_seq` on, in sequence order, across both tiers: the
 /// committed segments up to the cold watermark (skipping those whose hour is outside `hours`,
 /// when given), then the hot log. A cold event comes as a one-event batch with its batch-level
@@ -339,18 +378,39 @@ pub fn scan_tiers(
     hours: Option<(Micros, Micros)>,
     mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
 ) -> Result<(), ColdError> {
+    scan_tiers_from(
+        storage, store, tenant, from_seq, from_seq, hours, &mut visit,
+    )
+}
+
+/// [`scan_tiers`], reading the hot log only from `hot_from` on (entries before it are known to
+/// hold nothing the caller wants; the cold tier is pruned by `hours` instead).
+pub fn scan_tiers_from(
+    storage: &Storage,
+    store: Option<&ColdStore>,
+    tenant: TenantId,
+    from_seq: u64,
+    hot_from: u64,
+    hours: Option<(Micros, Micros)>,
+    mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
+) -> Result<(), ColdError> {
     let mut next = from_seq.max(1);
+    let mut hot_started = false;
     loop {
         let cold = cold_watermark(storage, tenant)?;
         if next <= cold {
             let Some(store) = store else {
                 return Err(ColdError::Corrupt("the cold tier is not configured".into()));
             };
-            if visit_cold(storage, store, tenant, next, cold, hours, &mut visit)?.is_break() {
+            if scan_cold(storage, store, tenant, next, cold, hours, &mut visit)?.is_break() {
                 return Ok(());
             }
             next = cold + 1;
             continue;
+        }
+        if !hot_started {
+            next = next.max(hot_from);
+            hot_started = true;
         }
         let entries = storage.log().read(tenant, next, 256)?;
         // A flush that committed past `next` meanwhile may have deleted what this read missed:
@@ -371,15 +431,17 @@ pub fn scan_tiers(
     }
 }
 
-/// The cold part of [`scan_tiers`]: flush by flush, each flush's rows sorted by sequence.
-fn visit_cold(
+/// The committed events with sequences in `from_seq..=through`, flush by flush, each flush's
+/// rows in sequence order, as one-event batches (see [`scan_tiers`]). A flush's rows are
+/// consecutive sequences. Blocking.
+pub fn scan_cold(
     storage: &Storage,
     store: &ColdStore,
     tenant: TenantId,
     from_seq: u64,
     through: u64,
     hours: Option<(Micros, Micros)>,
-    visit: &mut impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
+    mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, ColdError> {
     let mut flushes: BTreeMap<u64, Vec<Segment>> = BTreeMap::new();
     for segment in segments(storage, tenant)? {
