@@ -74,6 +74,8 @@ impl SegmentFlusher {
 
 /// The blocking part of [`SegmentFlusher::run`]: returns the cold watermark reached.
 fn flush_due(deps: &PipelineDeps, tenant: TenantId, recovered: bool) -> Result<u64, ColdError> {
+    // Acknowledgements come first: encoding segments is background work.
+    crate::priority::background_thread();
     let storage = &deps.storage;
     if !recovered {
         cold::recover(storage, &deps.cold, tenant, deps.cold_settings.grace_period)?;
