@@ -157,6 +157,39 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     );
     assert!(files.iter().any(|f| f.contains(&expected_dir)), "{files:?}");
 
+    // The admin listing names the same segments.
+    let listing = server.admin(
+        "GET",
+        &format!("/admin/v1/tenants/{}/segments", tenant.id),
+        None,
+    );
+    assert_eq!(listing.status, 200, "{}", listing.body);
+    let listing = listing.json();
+    assert_eq!(listing["cold_watermark"], 200);
+    let mut listed: Vec<String> = listing["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            dir.path()
+                .join("cold")
+                .join(s["path"].as_str().unwrap())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed, files);
+    let rows: u64 = listing["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 200);
+    let unknown = server.admin("GET", "/admin/v1/tenants/0000000000000001/segments", None);
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+
     // Newer events stay hot for a moment: the export spans both tiers, in order, once each.
     send(&server, &tenant, "new", 50, start + HOUR);
     let events = exported(&server, &tenant, from, to);

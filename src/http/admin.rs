@@ -202,3 +202,41 @@ pub async fn rebuild_rollups(
         "rebuilding": true,
     })))
 }
+
+/// `GET /admin/v1/tenants/{id}/segments`: the tenant's committed cold segments, in flush order,
+/// and its cold watermark (the last sequence that left the hot log).
+pub async fn segments(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let id = existing_tenant(&state, &path)?.id;
+    let storage = state.storage.clone();
+    let (segments, watermark) = crate::blocking::run(move || {
+        let segments = crate::storage::cold::segments(&storage, id)?;
+        let watermark = crate::storage::cold::cold_watermark(&storage, id)?;
+        Ok::<_, crate::storage::StorageError>((segments, watermark))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reading segments failed: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("reading segments failed: {e}")))?;
+    let listed: Vec<serde_json::Value> = segments
+        .iter()
+        .map(|segment| {
+            serde_json::json!({
+                "path": segment.path,
+                "hour": format_timestamp(segment.hour),
+                "first_seq": segment.first_seq,
+                "last_seq": segment.last_seq,
+                "rows": segment.rows,
+                "bytes": segment.bytes,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": id.to_string(),
+        "cold_watermark": watermark,
+        "segments": listed,
+    })))
+}

@@ -153,6 +153,11 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
+            web::resource("/admin/v1/tenants/{id}/segments")
+                .route(web::get().to(admin::segments))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
             web::resource("/admin/v1/tenants/{id}/rotate-keys")
                 .route(web::post().to(admin::rotate))
                 .default_service(web::to(method_not_allowed)),
