@@ -245,3 +245,89 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     let left = parquet_files(&dir.path().join("cold/events"));
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_kill_while_flushing_under_load_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = std::sync::Arc::new(TestServer::start_in(dir.path(), &FAST_FLUSH));
+    let tenant = server.create_tenant("killed");
+    let start = (now_secs() - 6 * HOUR) / HOUR * HOUR;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..2)
+        .map(|sender| {
+            let (server, stop) = (std::sync::Arc::clone(&server), std::sync::Arc::clone(&stop));
+            let key = tenant.write_key.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let ids: Vec<String> =
+                        (0..50).map(|i| format!("s{sender}-b{n}-e{i}")).collect();
+                    let events: Vec<Value> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| {
+                            json!({
+                                "type": "track",
+                                "messageId": id,
+                                "userId": format!("u{}", i % 7),
+                                "event": "e",
+                                "timestamp": rfc3339(start + ((n * 50 + i) as i64 % (3 * HOUR))),
+                            })
+                        })
+                        .collect();
+                    let body = batch(events).to_string();
+                    match server.try_post("/v1/batch", Auth::Bearer(&key), body.as_bytes()) {
+                        Some(reply) if reply.status == 200 => acked.extend(ids),
+                        Some(reply) if reply.status == 503 => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        Some(reply) => panic!("unexpected reply {}: {}", reply.status, reply.body),
+                        None => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    // Long enough for several flushes to commit while the senders keep going.
+    wait_flushed(&server, &tenant, 2_000);
+    std::thread::sleep(Duration::from_millis(700));
+    server.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked: Vec<String> = senders
+        .into_iter()
+        .flat_map(|s| s.join().unwrap())
+        .collect();
+    drop(server);
+
+    let server = TestServer::start_in(dir.path(), &FAST_FLUSH);
+    assert!(!parquet_files(&dir.path().join("cold/events")).is_empty());
+    let stored = exported(&server, &tenant, start - HOUR, start + 4 * HOUR);
+    let mut ids: Vec<&str> = stored.iter().map(|e| e.1.as_str()).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "an event is stored twice");
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| ids.binary_search(&id.as_str()).is_err())
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged events missing: {missing:?}"
+    );
+    let seqs: Vec<u64> = stored.iter().map(|e| e.0).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequences out of order"
+    );
+    // The rollups count every stored event once, across the restart and the flushes.
+    server.wait_rollups_caught_up(&tenant.read_key);
+    let counted =
+        totals(&server, &tenant, start - HOUR, start + 4 * HOUR)["events"][0]["count"].clone();
+    assert_eq!(counted, stored.len() as u64);
+}
