@@ -59,6 +59,9 @@ pub mod names {
     /// Label `tenant`: segments written and their bytes.
     pub const COLD_SEGMENTS: &str = "statsremote_cold_segments_written_total";
     pub const COLD_BYTES: &str = "statsremote_cold_bytes_written_total";
+    /// Label `tenant`: seconds since the oldest entry still in the hot log was received (0 when
+    /// the hot log holds none), as of the flusher's last pass.
+    pub const COLD_FLUSH_LAG: &str = "statsremote_cold_flush_lag_seconds";
     /// Label `tenant`: flushes (or their recovery) that failed and will be retried.
     pub const COLD_FLUSH_FAILURES: &str = "statsremote_cold_flush_failures_total";
     /// Tenant supervisors currently running. No labels.
@@ -251,6 +254,10 @@ pub fn cold_flushed(tenant: &str, events: u64, segments: usize, bytes: u64) {
     counter!(names::COLD_FLUSHED_EVENTS, "tenant" => tenant.to_string()).increment(events);
     counter!(names::COLD_SEGMENTS, "tenant" => tenant.to_string()).increment(segments as u64);
     counter!(names::COLD_BYTES, "tenant" => tenant.to_string()).increment(bytes);
+}
+
+pub fn cold_flush_lag(tenant: &str, lag_micros: i64) {
+    gauge!(names::COLD_FLUSH_LAG, "tenant" => tenant.to_string()).set(lag_micros as f64 / 1e6);
 }
 
 pub fn cold_flush_failed(tenant: &str) {

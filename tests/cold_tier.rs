@@ -209,6 +209,11 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     );
 
     wait_flushed(&server, &tenant, 250);
+    let lag_line = format!(
+        "statsremote_cold_flush_lag_seconds{{tenant=\"{}\"}}",
+        tenant.id
+    );
+    assert!(server.metrics().contains(&lag_line), "no flush lag metric");
     server.wait_rollups_caught_up(&tenant.read_key);
     let before = (
         totals(&server, &tenant, from, to),

@@ -99,7 +99,11 @@ fn flush_due(deps: &PipelineDeps, tenant: TenantId, recovered: bool) -> Result<u
             bytes,
         );
     }
-    Ok(cold::cold_watermark(storage, tenant)?)
+    let watermark = cold::cold_watermark(storage, tenant)?;
+    let oldest = cold::oldest_hot_received_at(storage, tenant)?;
+    let lag = oldest.map_or(0, |received_at| now_micros().saturating_sub(received_at));
+    telemetry::cold_flush_lag(&tenant.to_string(), lag);
+    Ok(watermark)
 }
 
 impl Actor for SegmentFlusher {

@@ -331,6 +331,19 @@ pub fn recover(
     Ok(())
 }
 
+/// When the tenant's oldest entry still in the hot log was received, if it has one. Blocking.
+pub fn oldest_hot_received_at(
+    storage: &Storage,
+    tenant: TenantId,
+) -> Result<Option<Micros>, StorageError> {
+    let from = cold_watermark(storage, tenant)? + 1;
+    let oldest = storage.log().read(tenant, from, 1)?;
+    oldest
+        .first()
+        .map(|(_, value)| decode_batch(value).map(|batch| batch.received_at))
+        .transpose()
+}
+
 /// Deletes every cold object of a deleted tenant (segments, published manifest, trash) and then
 /// its manifest records. Blocking; once nothing more is flushed for the tenant.
 pub fn purge_tenant(
