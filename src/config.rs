@@ -112,6 +112,8 @@ pub struct StorageConfig {
     pub cache_size: ByteSize,
     /// Most memory the in-memory filter of dedup keys may take; 0 turns it off.
     pub dedup_filter_memory: ByteSize,
+    /// Below this much free space on the data disk, ingestion is refused (0: never).
+    pub min_free_space: ByteSize,
     /// Longest a new dedup key waits before it is written into the dedup tables in a run.
     #[serde(with = "humantime_serde")]
     pub dedup_max_age: Duration,

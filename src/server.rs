@@ -182,6 +182,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     ));
     start_lagging_pipelines(&storage, &directory, &pipelines)?;
     let rate_limits = Arc::new(RateLimits::default());
+    let disk = crate::storage::disk::DiskSpace::new(
+        db_path.clone(),
+        config.storage.min_free_space.as_u64(),
+    );
+    disk.watch();
     let lifecycle = TenantLifecycle {
         storage: storage.clone(),
         writer: Arc::clone(&writer),
@@ -199,6 +204,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         pipelines: Arc::clone(&pipelines),
         lifecycle,
         rate_limits,
+        disk: Arc::clone(&disk),
         cold,
         query_cache,
         metrics,

@@ -122,3 +122,23 @@ fn browsers_may_send_events_cross_origin() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert!(reply.header("access-control-allow-origin").is_some());
 }
+
+#[test]
+fn a_full_data_disk_refuses_ingestion_with_the_reason_and_readyz_says_why() {
+    let server = TestServer::start_with_env(&[("STATSREMOTE__STORAGE__MIN_FREE_SPACE", "1000TiB")]);
+    let tenant = server.create_tenant("full");
+    let reply = server.post_json(
+        "/v1/batch",
+        Auth::Basic(&tenant.write_key),
+        &batch(vec![track("m1", "u", "e")]),
+    );
+    let detail = reply.problem(503);
+    assert!(detail.contains("storage.min_free_space"), "{detail}");
+    let ready = server.get("/readyz", Auth::None);
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let body = ready.json();
+    assert_eq!(body["checks"]["disk_space"], false);
+    assert!(body["disk"].as_str().unwrap().contains("free"), "{body}");
+    // Nothing was stored: the export is empty.
+    assert!(server.export(&tenant.read_key, "").is_empty());
+}

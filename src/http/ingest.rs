@@ -83,6 +83,9 @@ pub async fn handle(
         )?),
         None => None,
     };
+    if let Some(reason) = state.disk.too_low() {
+        return Err(ApiError::unavailable(reason));
+    }
     let ndjson = is_ndjson(&req);
     if ndjson && route != Route::Batch {
         return Err(ApiError::UnsupportedMediaType(format!(

@@ -55,6 +55,8 @@ pub struct AppState {
     /// Create, change and delete tenants.
     pub lifecycle: crate::lifecycle::TenantLifecycle,
     pub rate_limits: Arc<RateLimits>,
+    /// The data disk's free space.
+    pub disk: Arc<crate::storage::disk::DiskSpace>,
     /// Where the cold segments are.
     pub cold: crate::storage::cold::ColdStore,
     pub query_cache: Arc<QueryCache>,

@@ -15,7 +15,7 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Storage answers, the log writer runs, the actor arbiters run.
+/// Storage answers, the log writer runs, the actor arbiters run, the data disk has room.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage_ok = {
         let storage = state.storage.clone();
@@ -27,17 +27,22 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let actors_ok = state.pipelines.healthy();
     let failed_threads = state.storage.health.failed();
     let threads_ok = failed_threads.is_empty();
-    let ready = storage_ok && writer_ok && actors_ok && threads_ok;
-    let body = serde_json::json!({
+    let disk_low = state.disk.too_low();
+    let ready = storage_ok && writer_ok && actors_ok && threads_ok && disk_low.is_none();
+    let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not ready" },
         "checks": {
             "storage": storage_ok,
             "log_writer": writer_ok,
             "actors": actors_ok,
             "storage_threads": threads_ok,
+            "disk_space": disk_low.is_none(),
         },
         "failed_threads": failed_threads,
     });
+    if let Some(reason) = disk_low {
+        body["disk"] = reason.into();
+    }
     if ready {
         HttpResponse::Ok().json(body)
     } else {

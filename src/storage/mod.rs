@@ -26,6 +26,7 @@ pub mod cold;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod dedup_ingest;
+pub mod disk;
 pub mod event_log;
 pub mod fjall_log;
 pub mod health;
