@@ -15,13 +15,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use fjall::{Database, Keyspace, PersistMode};
+use fjall::{Database, Keyspace};
 
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::storage::event_log::{entry_events, EntryBytes, EventLog};
 use crate::storage::health::ThreadHealth;
-use crate::storage::{meta, purge_keys, StorageError};
+use crate::storage::{meta, persist_journal, purge_keys, StorageError};
 
 /// `tenant ‖ n`, both big-endian, so a tenant's keys sort by `n`.
 pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
@@ -114,16 +114,7 @@ impl EventLog for FjallLog {
                 )
                 .map_err(StorageError::engine("recording a sequence head"))?;
         }
-        // `SyncData` is `fdatasync`: the data and whatever metadata reading it back needs, but
-        // not the modification time, which a crash may lose at no cost (docs/decisions/0008).
-        let mode = if sync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
-        };
-        self.db
-            .persist(mode)
-            .map_err(StorageError::engine("persisting the journal"))
+        persist_journal(&self.db, sync)
     }
 
     fn head(&self, tenant: TenantId) -> Result<u64, StorageError> {
@@ -213,9 +204,7 @@ impl EventLog for FjallLog {
         self.meta
             .remove(meta::tenant_key(meta::kind::LOG_HEAD, tenant))
             .map_err(StorageError::engine("removing a sequence head"))?;
-        self.db
-            .persist(PersistMode::SyncData)
-            .map_err(StorageError::engine("persisting the journal"))?;
+        persist_journal(&self.db, true)?;
         if removed > 0 {
             self.reclaim_space();
         }

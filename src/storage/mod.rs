@@ -249,14 +249,7 @@ impl Storage {
     /// Flushes the journal to the OS (`buffered`) or to disk (`fsync`, as `fdatasync`:
     /// docs/decisions/0008).
     pub fn persist(&self, fsync: bool) -> Result<(), StorageError> {
-        let mode = if fsync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
-        };
-        self.db
-            .persist(mode)
-            .map_err(StorageError::engine("persisting the journal"))
+        persist_journal(&self.db, fsync)
     }
 
     pub(in crate::storage) fn batch(&self) -> fjall::OwnedWriteBatch {
@@ -325,6 +318,19 @@ fn move_dedup_keyspace(db: &Database, dedup: &Keyspace) -> Result<(), fjall::Err
     db.delete_keyspace(old)?;
     tracing::info!(keys = moved, "moved the dedup keys into their own database");
     Ok(())
+}
+
+/// Flushes a database's journal to the OS, or to disk with `fdatasync` (the data and whatever
+/// metadata reading it back needs, not the modification time, which a crash may lose at no
+/// cost: docs/decisions/0008).
+pub(crate) fn persist_journal(db: &Database, fsync: bool) -> Result<(), StorageError> {
+    let mode = if fsync {
+        PersistMode::SyncData
+    } else {
+        PersistMode::Buffer
+    };
+    db.persist(mode)
+        .map_err(StorageError::engine("persisting the journal"))
 }
 
 /// Deletes a tenant's log, dedup watermark and rollups, durably; returns the number of log
