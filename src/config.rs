@@ -22,11 +22,15 @@ pub const ENV_PREFIX: &str = "STATSREMOTE__";
 
 /// Settings whose environment value is taken verbatim, never parsed as a number or boolean:
 /// a token like `007` must stay `007`, and a secret must never be echoed by a type error.
-const VERBATIM_SETTINGS: [&str; 4] = [
+const VERBATIM_SETTINGS: [&str; 8] = [
     "auth.admin_token",
     "server.metrics_token",
     "storage.data_dir",
     "log.level",
+    "cold.s3.bucket",
+    "cold.s3.prefix",
+    "cold.s3.endpoint",
+    "cold.s3.region",
 ];
 
 /// Shortest admin or metrics token accepted in the configuration.
@@ -135,6 +139,8 @@ pub struct ColdConfig {
     /// How long superseded or never committed objects wait before they are deleted.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// Where the objects go when `store` is `s3`.
+    pub s3: S3Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +148,25 @@ pub struct ColdConfig {
 pub enum ColdStoreKind {
     /// A folder under the data dir, `<data_dir>/cold/`.
     Local,
+    /// An S3-compatible bucket (`cold.s3`).
+    S3,
+}
+
+/// An S3-compatible bucket for the cold tier. Credentials come from the standard
+/// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Folder inside the bucket that plays the store's root ("" = the bucket's root).
+    pub prefix: String,
+    /// The service's URL ("" = AWS's own endpoint for the region).
+    pub endpoint: String,
+    pub region: String,
+    /// `https://<bucket>.<host>/` addressing; false: path style, `https://<host>/<bucket>/`.
+    pub virtual_hosted_style: bool,
+    /// Allows an `http://` endpoint.
+    pub allow_http: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -466,6 +491,13 @@ impl Config {
                 "actors.restart_backoff_max",
                 humantime::format_duration(self.actors.restart_backoff_max),
                 "must be at least actors.restart_backoff_min",
+            ));
+        }
+        if self.cold.store == ColdStoreKind::S3 && self.cold.s3.bucket.trim().is_empty() {
+            return Err(invalid(
+                "cold.s3.bucket",
+                "\"\"",
+                "must name a bucket when cold.store is \"s3\"",
             ));
         }
         if self.cold.max_flush_events == 0 {

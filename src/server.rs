@@ -140,6 +140,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         crate::config::ColdStoreKind::Local => crate::storage::cold::ColdStore::local(
             &crate::config::cold_path(&config.storage.data_dir),
         )?,
+        crate::config::ColdStoreKind::S3 => crate::storage::cold::ColdStore::s3(&config.cold.s3)?,
     };
     crate::lifecycle::resume_purges(&storage, &cold)?;
     let directory = Arc::new(TenantDirectory::load(

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod proxy;
+pub mod python;
+pub mod s3;
+
 /// File name of the server binary.
 pub const BINARY_NAME: &str = "statsremote";
 

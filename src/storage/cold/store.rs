@@ -1,17 +1,28 @@
-//! The object store behind the cold tier, through the `object_store` crate. The local default
-//! is a folder under the data dir; every object written there is fsync'd, with the directories
-//! that lead to it, before the write returns, so a committed manifest never names an object a
-//! power failure could lose.
+//! The object store behind the cold tier, through the `object_store` crate: a folder under the
+//! data dir by default, an S3-compatible bucket by configuration. Every object written to the
+//! folder is fsync'd, with the directories that lead to it, before the write returns, so a
+//! committed manifest never names an object a power failure could lose (S3 acknowledges a put
+//! once it is durable). Objects larger than [`PART_BYTES`] go up as multipart uploads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
 
 use super::ColdError;
+use crate::config::S3Config;
+
+/// Part size of multipart uploads; smaller objects are put in one request. (S3 wants parts of
+/// at least 5 MiB, all but the last.)
+pub const PART_BYTES: usize = 8 * 1024 * 1024;
 
 /// A cold store: where segments, the published manifest and superseded objects live.
 #[derive(Clone)]
@@ -32,12 +43,49 @@ impl ColdStore {
         })
     }
 
-    /// Writes (or overwrites) an object, durably.
+    /// A store in an S3-compatible bucket. A request that fails is retried a few times within
+    /// 30 s; the flusher's own backoff takes over after that, so a store that is down delays
+    /// flushes rather than blocking them for minutes.
+    pub fn s3(settings: &S3Config) -> Result<ColdStore, ColdError> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_virtual_hosted_style_request(settings.virtual_hosted_style)
+            .with_allow_http(settings.allow_http)
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(30),
+            });
+        if !settings.endpoint.is_empty() {
+            builder = builder.with_endpoint(&settings.endpoint);
+        }
+        let bucket = builder.build()?;
+        let prefix = settings.prefix.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(bucket)
+        } else {
+            Arc::new(PrefixStore::new(bucket, prefix))
+        };
+        Ok(ColdStore {
+            store,
+            local_root: None,
+        })
+    }
+
+    /// Writes (or overwrites) an object, durably; in parts when it is large.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<(), ColdError> {
         let location = ObjectPath::from(path);
-        self.store
-            .put(&location, PutPayload::from_bytes(bytes))
-            .await?;
+        if bytes.len() <= PART_BYTES {
+            self.store
+                .put(&location, PutPayload::from_bytes(bytes))
+                .await?;
+        } else {
+            let upload = self.store.put_multipart(&location).await?;
+            let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            parts.put(bytes);
+            parts.finish().await?;
+        }
         self.sync(path)
     }
 
