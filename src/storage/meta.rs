@@ -29,6 +29,10 @@ pub(crate) mod kind {
     pub(crate) const SEGMENT: u8 = b's';
     /// `c ‖ tenant` → the last log sequence moved to cold segments.
     pub(crate) const COLD_WATERMARK: u8 = b'c';
+    /// `v ‖ tenant` → the number of the last change committed to the tenant's cold manifest.
+    pub(crate) const MANIFEST_NUMBER: u8 = b'v';
+    /// `e ‖ job id` → a per-user erasure job and its audit record (JSON).
+    pub(crate) const ERASURE_JOB: u8 = b'e';
     /// `d ‖ tenant` → the last log sequence whose dedup keys the dedup tables hold.
     pub(crate) const DEDUP_WATERMARK: u8 = b'd';
     /// The digest of the admin token in force when none is configured.

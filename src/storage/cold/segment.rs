@@ -13,14 +13,18 @@ use arrow_array::builder::{
     StringBuilder, TimestampMicrosecondBuilder, UInt64Builder, UInt8Builder,
 };
 use arrow_array::{
-    Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array, UInt8Array,
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray,
+    UInt64Array, UInt8Array,
 };
+use arrow_select::filter::filter_record_batch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{ReaderProperties, WriterProperties};
+use parquet::file::reader::FileReader;
+use parquet::file::serialized_reader::{ReadOptionsBuilder, SerializedFileReader};
 use parquet::schema::types::ColumnPath;
 
 use super::ColdError;
@@ -79,22 +83,117 @@ fn schema() -> SchemaRef {
     ]))
 }
 
+/// Rows per record batch when a segment is read: a reader holds one decoded batch per open
+/// segment, whatever the segment's size.
+const READ_BATCH_ROWS: usize = 4096;
+
+/// Writes one segment, a record batch at a time: row groups are encoded and compressed as they
+/// fill, so what the writer holds is the compressed object plus one row group's columns.
+pub struct SegmentWriter {
+    writer: ArrowWriter<Vec<u8>>,
+    schema: SchemaRef,
+    rows: u64,
+}
+
+impl SegmentWriter {
+    pub fn new() -> Result<SegmentWriter, ColdError> {
+        let schema = schema();
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_column_bloom_filter_enabled(ColumnPath::from("user_id"), true)
+            .set_column_bloom_filter_enabled(ColumnPath::from("anonymous_id"), true)
+            .build();
+        let writer = ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(properties))?;
+        Ok(SegmentWriter {
+            writer,
+            schema,
+            rows: 0,
+        })
+    }
+
+    /// Appends rows (in sequence order, after those written before).
+    pub fn write_rows(&mut self, rows: &[ColdRow]) -> Result<(), ColdError> {
+        for chunk in rows.chunks(READ_BATCH_ROWS) {
+            let batch = record_batch(&self.schema, chunk)?;
+            self.write_batch(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a record batch read from another segment.
+    pub fn write_batch(&mut self, batch: &RecordBatch) -> Result<(), ColdError> {
+        self.writer.write(batch)?;
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// The finished object.
+    pub fn finish(self) -> Result<Bytes, ColdError> {
+        Ok(Bytes::from(self.writer.into_inner()?))
+    }
+}
+
 /// Encodes rows (in sequence order) as one Parquet object. Blocking (CPU).
 pub fn encode(rows: &[ColdRow]) -> Result<Bytes, ColdError> {
-    let schema = schema();
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_column_bloom_filter_enabled(ColumnPath::from("user_id"), true)
-        .set_column_bloom_filter_enabled(ColumnPath::from("anonymous_id"), true)
+    let mut writer = SegmentWriter::new()?;
+    writer.write_rows(rows)?;
+    writer.finish()
+}
+
+/// The record batches of a segment, in order, decoded one at a time. Blocking (CPU).
+pub fn batches(
+    bytes: Bytes,
+) -> Result<impl Iterator<Item = Result<RecordBatch, ColdError>>, ColdError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?
+        .with_batch_size(READ_BATCH_ROWS)
+        .build()?;
+    Ok(reader.map(|batch| batch.map_err(ColdError::from)))
+}
+
+/// Whether a segment may hold events whose `userId` or `anonymousId` is `user`, by its bloom
+/// filters (false: certainly not; a row group without a filter may). Blocking.
+pub fn may_hold_user(bytes: Bytes, user: &str) -> Result<bool, ColdError> {
+    let options = ReadOptionsBuilder::new()
+        .with_reader_properties(ReaderProperties::builder().set_read_bloom_filter(true).build())
         .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(properties))?;
-    for chunk in rows.chunks(ROW_GROUP_ROWS) {
-        writer.write(&record_batch(&schema, chunk)?)?;
+    let reader = SerializedFileReader::new_with_options(bytes, options)?;
+    let columns = reader.metadata().file_metadata().schema_descr();
+    let wanted: Vec<usize> = (0..columns.num_columns())
+        .filter(|&i| matches!(columns.column(i).name(), "user_id" | "anonymous_id"))
+        .collect();
+    for group in 0..reader.num_row_groups() {
+        let row_group = reader.get_row_group(group)?;
+        for &column in &wanted {
+            match row_group.get_column_bloom_filter(column) {
+                Some(filter) if !filter.check(user) => {}
+                _ => return Ok(true),
+            }
+        }
     }
-    writer.close()?;
-    Ok(Bytes::from(out))
+    Ok(false)
+}
+
+/// The rows of `batch` whose `user_id` and `anonymous_id` are not `user`, and how many were
+/// left out.
+pub fn without_user(batch: &RecordBatch, user: &str) -> Result<(RecordBatch, usize), ColdError> {
+    let column = |name: &str| -> Result<StringArray, ColdError> {
+        batch
+            .column_by_name(name)
+            .and_then(|array| array.as_any().downcast_ref::<StringArray>().cloned())
+            .ok_or_else(|| ColdError::Corrupt(format!("segment has no text column `{name}`")))
+    };
+    let (user_id, anonymous_id) = (column("user_id")?, column("anonymous_id")?);
+    let is_user = |array: &StringArray, i: usize| array.is_valid(i) && array.value(i) == user;
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|i| Some(!is_user(&user_id, i) && !is_user(&anonymous_id, i)))
+        .collect();
+    let removed = batch.num_rows() - keep.true_count();
+    Ok((filter_record_batch(batch, &keep)?, removed))
 }
 
 fn record_batch(schema: &SchemaRef, rows: &[ColdRow]) -> Result<RecordBatch, ColdError> {
@@ -165,10 +264,17 @@ fn record_batch(schema: &SchemaRef, rows: &[ColdRow]) -> Result<RecordBatch, Col
 
 /// Decodes a segment back into its rows, in order. Blocking (CPU).
 pub fn decode(bytes: Bytes) -> Result<Vec<ColdRow>, ColdError> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch?;
+    for batch in batches(bytes)? {
+        rows.extend(rows_of(&batch?)?);
+    }
+    Ok(rows)
+}
+
+/// The rows of one record batch of a segment. Blocking (CPU).
+pub fn rows_of(batch: &RecordBatch) -> Result<Vec<ColdRow>, ColdError> {
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    {
         let column = |name: &str| {
             batch
                 .column_by_name(name)

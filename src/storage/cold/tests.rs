@@ -1,5 +1,10 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
+use std::ops::ControlFlow;
+use crate::storage::{meta, Storage};
+use crate::storage::cold::segment::ColdRow;
+use crate::storage::cold::flush::rows_of;
+use crate::storage::cold::manifest::Segment;
 use crate::storage::event_log::{encode_entry, tests::batch};
 
 const T: TenantId = TenantId(77);
@@ -204,4 +209,183 @@ fn uncommitted_objects_wait_in_the_trash_for_the_grace_period() {
         objects(&store, "trash/").is_empty(),
         "deleted once it is over"
     );
+}
+
+/// [`setup`] plus a fourth entry (sequences 7 to 10) whose events alternate between hours 10
+/// and 11, flushed one entry at a time: five small segments whose sequence ranges overlap
+/// across hours.
+fn setup_small_segments() -> (tempfile::TempDir, Storage, ColdStore) {
+    let (dir, storage, store) = setup();
+    let mut entry = batch(&["g", "h", "i", "j"]);
+    entry.received_at = 1_003;
+    for (i, event) in entry.events.iter_mut().enumerate() {
+        event.timestamp = 10 * HOUR + (i as Micros % 2) * HOUR + 7;
+        event.user_id = Some(if i == 1 { "erase-me" } else { "u2" }.into());
+    }
+    storage
+        .log()
+        .append(T, 7, encode_entry(&entry).unwrap())
+        .unwrap();
+    storage.log().commit(&[(T, 10)], true).unwrap();
+    set_watermarks(&storage, 10);
+    while flush_once(&storage, &store, T, 5_000, 1, None)
+        .unwrap()
+        .is_some()
+    {}
+    assert_eq!(committed(&storage).len(), 5);
+    (dir, storage, store)
+}
+
+fn ids(events: &[(u64, String, Option<String>)]) -> Vec<(u64, String)> {
+    events.iter().map(|(seq, id, _)| (*seq, id.clone())).collect()
+}
+
+const COMPACT_ALL: CompactionPolicy = CompactionPolicy {
+    small_rows: 10,
+    max_rows: 100,
+    settled_before: Micros::MAX,
+};
+
+#[test]
+fn compaction_merges_small_segments_per_hour_and_reads_stay_in_sequence_order() {
+    let (_dir, storage, store) = setup_small_segments();
+    let before = everything(&storage, &store);
+    assert_eq!(
+        ids(&before).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    let report = compact(&storage, &store, T, COMPACT_ALL).unwrap();
+    assert_eq!((report.removed_segments, report.written_segments), (5, 2));
+    let paths = committed(&storage);
+    assert_eq!(
+        paths,
+        vec![
+            "events/tenant=000000000000004d/date=1970-01-01/hour=10/1-9.parquet".to_string(),
+            "events/tenant=000000000000004d/date=1970-01-01/hour=11/4-10.parquet".to_string(),
+        ]
+    );
+    assert_eq!(objects(&store, "events/"), paths, "superseded objects left events/");
+    assert_eq!(objects(&store, "trash/").len(), 5, "and wait in the trash");
+    assert_eq!(everything(&storage, &store), before);
+    // Nothing left to merge; an hour still receiving flushes is not touched.
+    assert_eq!(
+        compact(&storage, &store, T, COMPACT_ALL).unwrap(),
+        MaintenanceReport::default()
+    );
+    let published = objects(&store, "manifest/");
+    let newest = block_on(store.get(&published[0])).unwrap();
+    let newest: serde_json::Value = serde_json::from_slice(&newest).unwrap();
+    assert_eq!(newest["change"]["kind"], "compaction");
+    assert_eq!(newest["segments"].as_array().unwrap().len(), 2, "{newest}");
+}
+
+#[test]
+fn compaction_leaves_unsettled_hours_and_respects_the_size_limits() {
+    let (_dir, storage, store) = setup_small_segments();
+    let policy = CompactionPolicy {
+        settled_before: 11 * HOUR,
+        ..COMPACT_ALL
+    };
+    compact(&storage, &store, T, policy).unwrap();
+    assert_eq!(committed(&storage).len(), 3, "hour 11 is not settled");
+    let (_dir, storage, store) = setup_small_segments();
+    let policy = CompactionPolicy {
+        max_rows: 3,
+        ..COMPACT_ALL
+    };
+    compact(&storage, &store, T, policy).unwrap();
+    // Hour 10: 2 + 1 rows merge, the next 2 would exceed 3; hour 11: 3 + 2 would too.
+    assert_eq!(committed(&storage).len(), 4);
+}
+
+#[test]
+fn a_crash_inside_a_compaction_loses_and_duplicates_nothing() {
+    let (_dir, storage, store) = setup_small_segments();
+    let before = everything(&storage, &store);
+    let old = segments(&storage, T).unwrap();
+    let hour10: Vec<Segment> = old.iter().filter(|s| s.hour == 10 * HOUR).cloned().collect();
+    // Crash after writing the merged object: it is not committed, recovery moves it away.
+    let merged_path = "events/tenant=000000000000004d/date=1970-01-01/hour=10/1-9.parquet";
+    block_on(store.put(merged_path, segment::encode(&[]).unwrap())).unwrap();
+    recover(&storage, &store, T, std::time::Duration::from_secs(3600)).unwrap();
+    assert_eq!(objects(&store, "events/"), committed(&storage));
+    assert_eq!(everything(&storage, &store), before);
+    // Crash after the commit, before the superseded objects moved: recovery moves them.
+    let mut writer = segment::SegmentWriter::new().unwrap();
+    for segment in &hour10 {
+        let bytes = block_on(store.get(&segment.path)).unwrap();
+        for batch in segment::batches(bytes).unwrap() {
+            writer.write_batch(&batch.unwrap()).unwrap();
+        }
+    }
+    let bytes = writer.finish().unwrap();
+    block_on(store.put(merged_path, bytes.clone())).unwrap();
+    let change = manifest::Change {
+        kind: manifest::ChangeKind::Compaction,
+        added: vec![Segment {
+            path: merged_path.into(),
+            flush_first: 1,
+            flush_last: 10,
+            hour: 10 * HOUR,
+            first_seq: 1,
+            last_seq: 9,
+            rows: 5,
+            bytes: bytes.len() as u64,
+        }],
+        removed: hour10,
+        watermark: None,
+    };
+    manifest::commit(&storage, &store, T, &change).unwrap();
+    assert_eq!(everything(&storage, &store), before, "readers follow the manifest");
+    recover(&storage, &store, T, std::time::Duration::from_secs(3600)).unwrap();
+    assert_eq!(objects(&store, "events/"), committed(&storage));
+    assert_eq!(committed(&storage).len(), 3);
+    assert_eq!(everything(&storage, &store), before);
+}
+
+#[test]
+fn retention_removes_whole_expired_segments() {
+    let (_dir, storage, store) = setup_small_segments();
+    let report = enforce_retention(&storage, &store, T, 11 * HOUR).unwrap();
+    assert_eq!((report.removed_segments, report.removed_events), (3, 5));
+    let left = ids(&everything(&storage, &store));
+    assert_eq!(
+        left.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![4, 5, 6, 8, 10]
+    );
+    assert_eq!(objects(&store, "events/"), committed(&storage));
+    assert_eq!(objects(&store, "trash/").len(), 3);
+    assert_eq!(cold_watermark(&storage, T).unwrap(), 10, "the watermark stays");
+}
+
+#[test]
+fn erasure_rewrites_only_the_segments_holding_the_user() {
+    let (_dir, storage, store) = setup_small_segments();
+    compact(&storage, &store, T, COMPACT_ALL).unwrap();
+    let before = everything(&storage, &store);
+    let report = erase_user(&storage, &store, T, "erase-me").unwrap();
+    // Event 8 ("h") was the user's, in hour 11's segment only.
+    assert_eq!(report.removed_events, 1);
+    assert_eq!((report.removed_segments, report.written_segments), (1, 1));
+    let after = everything(&storage, &store);
+    let expected: Vec<_> = before.into_iter().filter(|(seq, _, _)| *seq != 8).collect();
+    assert_eq!(after, expected);
+    let paths = committed(&storage);
+    assert!(paths[0].ends_with("hour=10/1-9.parquet"), "{paths:?}");
+    assert!(paths[1].contains("hour=11/4-10-r"), "{paths:?}");
+    assert_eq!(objects(&store, "events/"), paths);
+    assert_eq!(
+        erase_user(&storage, &store, T, "erase-me").unwrap(),
+        MaintenanceReport::default(),
+        "nothing left"
+    );
+    // Erasing every user of a segment removes it.
+    let report = erase_user(&storage, &store, T, "u1").unwrap();
+    assert_eq!(report.removed_events, 6);
+    let left = ids(&everything(&storage, &store));
+    assert_eq!(
+        left.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(),
+        vec!["g", "i", "j"]
+    );
+    assert_eq!(objects(&store, "events/"), committed(&storage));
 }

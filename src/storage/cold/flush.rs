@@ -1,0 +1,122 @@
+//! A flush: the tenant's oldest log entries become segments, one per hour of event time.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use super::manifest::{self, cold_watermark, Change, ChangeKind, Segment};
+use super::segment::{self, ColdRow};
+use super::{block_on, segment_path, ColdError, ColdStore, FailPoint, HOUR};
+use crate::event::{last_seq_of, LogBatch, Micros};
+use crate::ids::TenantId;
+use crate::json::MergeBase;
+use crate::storage::{dedup_ingest, meta, rollups, Storage};
+
+/// What a flush moved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlushReport {
+    pub through: u64,
+    pub events: u64,
+    pub segments: Vec<Segment>,
+}
+
+/// Moves the tenant's oldest log entries received before `received_before` to segments: at most
+/// `max_events` events (at least one entry), never past the rollup or dedup watermark. `None`
+/// when nothing is due. Blocking.
+pub fn flush_once(
+    storage: &Storage,
+    store: &ColdStore,
+    tenant: TenantId,
+    received_before: Micros,
+    max_events: usize,
+    fail: Option<FailPoint>,
+) -> Result<Option<FlushReport>, ColdError> {
+    let cold = cold_watermark(storage, tenant)?;
+    let limit = rollups::watermark(storage, tenant)?.min(dedup_ingest::watermark(storage, tenant)?);
+    let mut hours: BTreeMap<Micros, Vec<ColdRow>> = BTreeMap::new();
+    let (mut through, mut events) = (cold, 0usize);
+    crate::storage::event_log::scan(storage.log(), tenant, cold + 1, |first_seq, batch| {
+        let last = last_seq_of(first_seq, batch.events.len());
+        let too_many = events > 0 && events + batch.events.len() > max_events;
+        if batch.received_at >= received_before || last > limit || too_many {
+            return ControlFlow::Break(());
+        }
+        for (seq, row) in (first_seq..).zip(rows_of(batch)) {
+            let hour = row.event.timestamp.div_euclid(HOUR) * HOUR;
+            hours.entry(hour).or_default().push(ColdRow { seq, ..row });
+        }
+        through = last;
+        events += batch.events.len();
+        ControlFlow::Continue(())
+    })?;
+    if events == 0 {
+        return Ok(None);
+    }
+    let mut added = Vec::with_capacity(hours.len());
+    for (hour, rows) in &hours {
+        let (first, last) = (rows[0].seq, rows[rows.len() - 1].seq);
+        let bytes = segment::encode(rows)?;
+        let path = segment_path(tenant, *hour, first, last, None);
+        added.push(Segment {
+            path: path.clone(),
+            flush_first: cold + 1,
+            flush_last: through,
+            hour: *hour,
+            first_seq: first,
+            last_seq: last,
+            rows: rows.len() as u64,
+            bytes: bytes.len() as u64,
+        });
+        block_on(store.put(&path, bytes))?;
+    }
+    if fail == Some(FailPoint::AfterWrite) {
+        return Err(ColdError::Injected(FailPoint::AfterWrite));
+    }
+    // A tenant deleted meanwhile: nothing is committed (its purge deletes the objects).
+    if meta::is_tombstoned(storage, tenant)? {
+        return Ok(None);
+    }
+    let change = Change {
+        kind: ChangeKind::Flush,
+        added,
+        removed: Vec::new(),
+        watermark: Some(through),
+    };
+    manifest::commit(storage, store, tenant, &change)?;
+    if fail == Some(FailPoint::AfterCommit) {
+        return Err(ColdError::Injected(FailPoint::AfterCommit));
+    }
+    storage.log().delete_below(tenant, through + 1)?;
+    Ok(Some(FlushReport {
+        through,
+        events: events as u64,
+        segments: change.added,
+    }))
+}
+
+/// The events of a log entry as rows (sequence numbers not yet set), with the batch-level
+/// objects merged into each event's own (the event's members win).
+pub(super) fn rows_of(batch: &LogBatch) -> impl Iterator<Item = ColdRow> + '_ {
+    fn base(text: &Option<String>) -> Option<MergeBase<'_>> {
+        text.as_deref().and_then(|t| MergeBase::parse(t).ok())
+    }
+    let (context, integrations) = (
+        base(&batch.shared.context),
+        base(&batch.shared.integrations),
+    );
+    batch.events.iter().map(move |event| {
+        let mut event = event.clone();
+        if let Some(base) = &context {
+            event.context = Some(base.merge(event.context.as_deref()));
+        }
+        if let Some(base) = &integrations {
+            event.integrations = Some(base.merge(event.integrations.as_deref()));
+        }
+        ColdRow {
+            seq: 0,
+            batch_id: batch.batch_id,
+            endpoint: batch.source.endpoint.clone(),
+            client_ip: batch.source.client_ip.clone(),
+            event,
+        }
+    })
+}

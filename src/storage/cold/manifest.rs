@@ -1,0 +1,210 @@
+//! The manifest: a tenant's committed segments and cold watermark, in `meta`, and its published
+//! copy under `manifest/` in the object store.
+//!
+//! Every change (a flush, a compaction, a retention pass, an erasure) commits in one atomic
+//! `meta` write: the segments it adds and removes, the cold watermark, and the change's number.
+//! It is then published as `manifest/tenant=<id>/<u64::MAX - number, 20 digits>.json`, created
+//! only if absent, so a listing sorts newest first; each object holds the whole list of current
+//! segments, so the newest one alone tells a reader without the local database what `events/`
+//! holds. The local manifest is authoritative: a failed publication is logged, and the next
+//! change publishes the whole state again.
+
+use serde::{Deserialize, Serialize};
+
+use super::{block_on, ColdError, ColdStore, HOUR};
+use crate::event::{format_timestamp, now_micros, Micros};
+use crate::ids::TenantId;
+use crate::storage::{codec, meta, Storage, StorageError};
+
+/// A committed segment, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// The object's path under the store's root.
+    pub path: String,
+    /// The sequence range of the flushes whose events it holds: the flush that wrote it, or the
+    /// first and last of those whose segments a compaction merged. Together with `hour`, the
+    /// first names the segment in the manifest.
+    pub flush_first: u64,
+    pub flush_last: u64,
+    /// The hour (start, by event time) of its events.
+    pub hour: Micros,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Segment {
+    /// The end of its hour.
+    pub fn hour_end(&self) -> Micros {
+        self.hour + HOUR
+    }
+}
+
+/// What a change did, as published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Flush,
+    Compaction,
+    Retention,
+    Erasure,
+}
+
+/// One commit to the manifest.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub added: Vec<Segment>,
+    pub removed: Vec<Segment>,
+    /// The new cold watermark (a flush), or `None` to keep it.
+    pub watermark: Option<u64>,
+}
+
+fn segment_key(tenant: TenantId, flush_first: u64, hour: Micros) -> Vec<u8> {
+    let mut key = meta::tenant_key(meta::kind::SEGMENT, tenant).to_vec();
+    key.extend_from_slice(&flush_first.to_be_bytes());
+    key.extend_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
+    key
+}
+
+/// The tenant's last flushed sequence (0: nothing is cold).
+pub fn cold_watermark(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
+    meta::get_u64(storage, meta::kind::COLD_WATERMARK, tenant)
+}
+
+/// The tenant's committed segments, by first flush, then by hour.
+pub fn segments(storage: &Storage, tenant: TenantId) -> Result<Vec<Segment>, StorageError> {
+    let prefix = meta::tenant_key(meta::kind::SEGMENT, tenant);
+    let mut out = Vec::new();
+    for guard in storage.meta.prefix(prefix) {
+        let (_key, value) = guard
+            .into_inner()
+            .map_err(StorageError::engine("reading the cold manifest"))?;
+        out.push(codec::decode(&value).map_err(|source| StorageError::Codec {
+            keyspace: "meta",
+            source,
+        })?);
+    }
+    Ok(out)
+}
+
+/// The number the tenant's next change will have. Numbers grow, and stay above the cold
+/// watermark, which named the published objects of data dirs from before numbers.
+pub fn next_number(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
+    let watermark = cold_watermark(storage, tenant)?;
+    Ok(meta::get_u64(storage, meta::kind::MANIFEST_NUMBER, tenant)?.max(watermark) + 1)
+}
+
+/// Commits a change in one atomic, durable `meta` write, then publishes it. Returns the
+/// change's number. Blocking.
+pub fn commit(
+    storage: &Storage,
+    store: &ColdStore,
+    tenant: TenantId,
+    change: &Change,
+) -> Result<u64, ColdError> {
+    let watermark = cold_watermark(storage, tenant)?;
+    let number = next_number(storage, tenant)?;
+    let mut batch = storage.batch();
+    let added: std::collections::HashSet<Vec<u8>> = (change.added.iter())
+        .map(|segment| segment_key(tenant, segment.flush_first, segment.hour))
+        .collect();
+    for segment in &change.removed {
+        let key = segment_key(tenant, segment.flush_first, segment.hour);
+        if !added.contains(&key) {
+            batch.remove(&storage.meta, key);
+        }
+    }
+    for segment in &change.added {
+        let value = codec::encode(segment).map_err(|source| StorageError::Codec {
+            keyspace: "meta",
+            source,
+        })?;
+        batch.insert(
+            &storage.meta,
+            segment_key(tenant, segment.flush_first, segment.hour),
+            value,
+        );
+    }
+    let watermark = change.watermark.unwrap_or(watermark);
+    for (kind, value) in [
+        (meta::kind::COLD_WATERMARK, watermark),
+        (meta::kind::MANIFEST_NUMBER, number),
+    ] {
+        batch.insert(
+            &storage.meta,
+            meta::tenant_key(kind, tenant),
+            value.to_be_bytes(),
+        );
+    }
+    batch
+        .commit()
+        .map_err(StorageError::engine("committing a cold manifest change"))?;
+    storage.persist(true)?;
+    publish(storage, store, tenant, number, watermark, change);
+    Ok(number)
+}
+
+fn publish(
+    storage: &Storage,
+    store: &ColdStore,
+    tenant: TenantId,
+    number: u64,
+    watermark: u64,
+    change: &Change,
+) {
+    let current = match segments(storage, tenant) {
+        Ok(current) => current,
+        Err(error) => {
+            tracing::warn!(%tenant, %error, "publishing the cold manifest failed");
+            return;
+        }
+    };
+    let state = serde_json::json!({
+        "tenant": tenant.to_string(),
+        "number": number,
+        "cold_watermark": watermark,
+        "committed_at": format_timestamp(now_micros()),
+        "change": {
+            "kind": change.kind,
+            "added": change.added,
+            "removed": change.removed,
+        },
+        "segments": current,
+    });
+    let path = format!("{}{:020}.json", prefix(tenant), u64::MAX - number);
+    let body = bytes::Bytes::from(state.to_string());
+    if let Err(error) = block_on(store.put_new(&path, body)) {
+        tracing::warn!(%tenant, %error, "publishing the cold manifest failed");
+    }
+}
+
+/// Where the tenant's published manifest lives.
+pub fn prefix(tenant: TenantId) -> String {
+    format!("manifest/tenant={tenant}/")
+}
+
+/// Published manifests kept besides the newest (older ones are deleted once they are older
+/// than the grace period).
+const PUBLISHED_KEPT: usize = 16;
+
+/// Deletes published manifests beyond the newest [`PUBLISHED_KEPT`] that are older than
+/// `grace`. Blocking.
+pub fn prune_published(
+    store: &ColdStore,
+    tenant: TenantId,
+    grace: Micros,
+) -> Result<usize, ColdError> {
+    let mut objects = block_on(store.list(&prefix(tenant)))?;
+    objects.sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
+    let cutoff = now_micros().saturating_sub(grace);
+    let mut removed = 0;
+    for object in objects.iter().skip(PUBLISHED_KEPT) {
+        if object.last_modified.timestamp_micros() < cutoff {
+            block_on(store.delete(object.location.as_ref()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
