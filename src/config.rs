@@ -139,6 +139,10 @@ pub struct ColdConfig {
     /// How long superseded or never committed objects wait before they are deleted.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// Segments with fewer rows are merged with their neighbours of the same hour.
+    pub compact_below_rows: u64,
+    /// Most rows of a segment merged by compaction.
+    pub compact_max_rows: u64,
     /// Where the objects go when `store` is `s3`.
     pub s3: S3Config,
 }
@@ -264,6 +268,9 @@ pub struct TenantDefaults {
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
     pub max_event_names: u32,
+    /// Cold segments whose hour ended longer ago than this are deleted (0: kept forever).
+    #[serde(with = "humantime_serde")]
+    pub raw_retention: Duration,
 }
 
 /// Settings that exist only to measure the server. Never for production.
@@ -498,6 +505,13 @@ impl Config {
                 "cold.s3.bucket",
                 "\"\"",
                 "must name a bucket when cold.store is \"s3\"",
+            ));
+        }
+        if self.cold.compact_max_rows < self.cold.compact_below_rows {
+            return Err(invalid(
+                "cold.compact_max_rows",
+                self.cold.compact_max_rows,
+                "must be at least cold.compact_below_rows",
             ));
         }
         if self.cold.max_flush_events == 0 {

@@ -33,6 +33,7 @@ pub mod blocking;
 pub mod config;
 pub mod descriptors;
 pub mod enrich;
+pub mod erasure;
 pub mod event;
 pub mod fuzzing;
 pub mod http;

@@ -12,10 +12,12 @@ use std::sync::Arc;
 
 use crate::actors::Pipelines;
 use crate::blocking::{self, BlockingError};
+use crate::erasure::{self, ErasureJob, JobStatus, Requester};
+use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
-use crate::storage::cold::ColdStore;
+use crate::storage::cold::{ColdStore, MaintenanceReport};
 use crate::storage::writer::LogWriter;
 use crate::storage::{self, meta, Storage, StorageError};
 use crate::tenant::{
@@ -34,9 +36,19 @@ pub enum LifecycleError {
     Purge(StorageError),
     #[error(transparent)]
     Task(#[from] BlockingError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The cold tier could not do what was asked (object storage down, a watermark that did
+    /// not catch up in time); nothing was lost, and the request can be repeated.
+    #[error("{0}")]
+    Cold(String),
 }
 
+/// How long an admin flush or erasure waits for the rollups to cover the log.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Everything a tenant's lifecycle touches.
+#[derive(Clone)]
 pub struct TenantLifecycle {
     pub storage: Storage,
     pub writer: Arc<LogWriter>,
@@ -45,6 +57,8 @@ pub struct TenantLifecycle {
     pub rate_limits: Arc<RateLimits>,
     pub query_cache: Arc<QueryCache>,
     pub cold: ColdStore,
+    /// How long superseded cold objects wait before deletion.
+    pub cold_grace: std::time::Duration,
 }
 
 impl TenantLifecycle {
@@ -129,6 +143,151 @@ impl TenantLifecycle {
         self.query_cache.forget(id);
         tracing::info!(tenant = %id, "rollup rebuild requested");
         true
+    }
+}
+
+impl TenantLifecycle {
+    /// Brings the tenant's dedup and rollup watermarks up to what its log held at the call:
+    /// the dedup keys are written now, and the rollups, which flush every second, are waited
+    /// for. Returns that log head.
+    async fn settle_watermarks(&self, id: TenantId) -> Result<u64, LifecycleError> {
+        // The pipeline rolls the log up; it must be running.
+        let _pipeline = self.pipelines.pipeline(id);
+        self.writer.ingest_dedup_keys_now().await?;
+        let storage = self.storage.clone();
+        let head = blocking::run(move || storage.log().head(id)).await??;
+        let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let storage = self.storage.clone();
+            let rolled = blocking::run(move || storage::rollups::watermark(&storage, id)).await??;
+            if rolled >= head {
+                return Ok(head);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(LifecycleError::Cold(format!(
+                    "the rollups reached sequence {rolled} of {head} within {SETTLE_TIMEOUT:?}; try again"
+                )));
+            }
+            actix_rt::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The admin flush: brings the watermarks up to date, then has the tenant's flusher move
+    /// everything received more than `hot_retention` before now to the cold tier. Resolves
+    /// with the cold watermark once that is committed.
+    pub async fn flush_cold(
+        &self,
+        id: TenantId,
+        hot_retention: std::time::Duration,
+    ) -> Result<u64, LifecycleError> {
+        let started = crate::event::now_micros();
+        self.settle_watermarks(id).await?;
+        let retention = Micros::try_from(hot_retention.as_micros()).unwrap_or(Micros::MAX);
+        self.pipelines
+            .pipeline(id)
+            .flush_cold(started.saturating_sub(retention))
+            .await
+            .map_err(LifecycleError::Cold)
+    }
+
+    /// Starts erasing a user's raw events (see [`crate::erasure`]); returns the job, running.
+    pub async fn erase_user(
+        &self,
+        id: TenantId,
+        user_id: String,
+        requested_by: Requester,
+    ) -> Result<ErasureJob, LifecycleError> {
+        if self.directory.get(id).is_none() {
+            return Err(DirectoryError::NotFound(id).into());
+        }
+        let job = ErasureJob {
+            id: uuid::Uuid::new_v4(),
+            tenant: id,
+            user_id,
+            status: JobStatus::Running,
+            requested_at: crate::event::now_micros(),
+            requested_by,
+            finished_at: None,
+            removed_events: 0,
+            rewritten_segments: 0,
+            removed_segments: 0,
+            superseded_purged_by: None,
+            error: None,
+        };
+        let (storage, record) = (self.storage.clone(), job.clone());
+        blocking::run(move || erasure::save(&storage, &record)).await??;
+        tracing::info!(
+            job = %job.id,
+            tenant = %id,
+            client_ip = job.requested_by.client_ip.as_deref().unwrap_or("-"),
+            token = job.requested_by.token_fingerprint,
+            "per-user erasure requested"
+        );
+        self.spawn_erasure(job.clone());
+        Ok(job)
+    }
+
+    /// Runs a job in the background and records how it ended.
+    pub fn spawn_erasure(&self, mut job: ErasureJob) {
+        let lifecycle = self.clone();
+        actix_rt::spawn(async move {
+            match lifecycle.run_erasure(&job).await {
+                Ok(report) => {
+                    let now = crate::event::now_micros();
+                    job.status = JobStatus::Done;
+                    job.removed_events = report.removed_events;
+                    job.rewritten_segments = report.written_segments;
+                    job.removed_segments = report.removed_segments - report.written_segments;
+                    job.finished_at = Some(now);
+                    let grace = Micros::try_from(lifecycle.cold_grace.as_micros()).unwrap_or(0);
+                    job.superseded_purged_by = Some(now.saturating_add(grace));
+                    tracing::info!(job = %job.id, tenant = %job.tenant, removed_events = job.removed_events, "per-user erasure done");
+                }
+                Err(error) => {
+                    job.status = JobStatus::Failed;
+                    job.finished_at = Some(crate::event::now_micros());
+                    job.error = Some(error.to_string());
+                    tracing::error!(job = %job.id, tenant = %job.tenant, %error, "per-user erasure failed");
+                }
+            }
+            let storage = lifecycle.storage.clone();
+            match blocking::run(move || erasure::save(&storage, &job)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "recording an erasure job failed"),
+                Err(error) => tracing::error!(%error, "recording an erasure job failed"),
+            }
+        });
+    }
+
+    async fn run_erasure(&self, job: &ErasureJob) -> Result<MaintenanceReport, LifecycleError> {
+        let head = self.settle_watermarks(job.tenant).await?;
+        let pipeline = self.pipelines.pipeline(job.tenant);
+        let flushed =
+            (pipeline.flush_cold(job.requested_at + 1).await).map_err(LifecycleError::Cold)?;
+        if flushed < head {
+            return Err(LifecycleError::Cold(format!(
+                "the hot log was flushed to sequence {flushed} of {head}"
+            )));
+        }
+        let report =
+            (pipeline.erase_cold(job.user_id.clone()).await).map_err(LifecycleError::Cold)?;
+        self.query_cache.forget(job.tenant);
+        Ok(report)
+    }
+
+    /// An erasure job by id.
+    pub async fn erasure(&self, id: uuid::Uuid) -> Result<Option<ErasureJob>, LifecycleError> {
+        let storage = self.storage.clone();
+        Ok(blocking::run(move || erasure::load(&storage, id)).await??)
+    }
+
+    /// Starts again the erasure jobs a stop interrupted. At start-up.
+    pub fn resume_erasures(&self) -> Result<(), StorageError> {
+        for job in erasure::running(&self.storage)? {
+            tracing::info!(job = %job.id, tenant = %job.tenant, "resuming an interrupted erasure");
+            self.spawn_erasure(job);
+        }
+        Ok(())
     }
 }
 

@@ -90,8 +90,11 @@ fn start_lagging_pipelines(
         if head > watermark {
             tracing::info!(tenant = %tenant.id, head, watermark, "rolling up events after restart");
             pipelines.pipeline(tenant.id);
-        } else if !storage.log().read(tenant.id, 0, 1)?.is_empty() {
-            // Its flusher moves what ages out of the hot log.
+        } else if !storage.log().read(tenant.id, 0, 1)?.is_empty()
+            || crate::storage::cold::cold_watermark(storage, tenant.id)? > 0
+        {
+            // Its flusher moves what ages out of the hot log and keeps the cold tier (retention,
+            // compaction, trash).
             pipelines.pipeline(tenant.id);
         }
     }
@@ -196,7 +199,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         rate_limits: Arc::clone(&rate_limits),
         query_cache: Arc::clone(&query_cache),
         cold: cold.clone(),
+        cold_grace: config.cold.grace_period,
     };
+    lifecycle.resume_erasures()?;
     let state = web::Data::new(AppState {
         config: config.clone(),
         storage: storage.clone(),

@@ -64,6 +64,21 @@ pub mod names {
     pub const COLD_FLUSH_LAG: &str = "statsremote_cold_flush_lag_seconds";
     /// Label `tenant`: flushes (or their recovery) that failed and will be retried.
     pub const COLD_FLUSH_FAILURES: &str = "statsremote_cold_flush_failures_total";
+    /// Label `tenant`: what retention passes, compactions and erasures changed in the cold
+    /// tier: segments removed from `events/`, segments written, events removed.
+    pub const COLD_MAINTENANCE_SEGMENTS_REMOVED: &str =
+        "statsremote_cold_maintenance_segments_removed_total";
+    pub const COLD_MAINTENANCE_SEGMENTS_WRITTEN: &str =
+        "statsremote_cold_maintenance_segments_written_total";
+    pub const COLD_MAINTENANCE_EVENTS_REMOVED: &str =
+        "statsremote_cold_maintenance_events_removed_total";
+    /// Label `tenant`: committed segments, their bytes, and bytes per event in Parquet.
+    pub const COLD_SEGMENTS_CURRENT: &str = "statsremote_cold_segments";
+    pub const COLD_SEGMENT_BYTES: &str = "statsremote_cold_segment_bytes";
+    pub const COLD_BYTES_PER_EVENT: &str = "statsremote_cold_bytes_per_event";
+    /// The hot log's size on disk and its bytes per event (all tenants), as of the last scrape.
+    pub const HOT_LOG_BYTES: &str = "statsremote_hot_log_bytes";
+    pub const HOT_LOG_BYTES_PER_EVENT: &str = "statsremote_hot_log_bytes_per_event";
     /// Tenant supervisors currently running. No labels.
     pub const TENANT_PIPELINES: &str = "statsremote_tenant_pipelines";
     /// Durable events not yet rolled up (log head minus rollup watermark). Label `tenant`.
@@ -262,6 +277,38 @@ pub fn cold_flush_lag(tenant: &str, lag_micros: i64) {
 
 pub fn cold_flush_failed(tenant: &str) {
     counter!(names::COLD_FLUSH_FAILURES, "tenant" => tenant.to_string()).increment(1);
+}
+
+/// A cold maintenance task (`task`: retention, compaction, erasure) changed the tier.
+pub fn cold_maintained(
+    tenant: &str,
+    task: &'static str,
+    segments_removed: u64,
+    segments_written: u64,
+    events_removed: u64,
+) {
+    let labels = [("tenant", tenant.to_string()), ("task", task.to_string())];
+    counter!(names::COLD_MAINTENANCE_SEGMENTS_REMOVED, &labels).increment(segments_removed);
+    counter!(names::COLD_MAINTENANCE_SEGMENTS_WRITTEN, &labels).increment(segments_written);
+    counter!(names::COLD_MAINTENANCE_EVENTS_REMOVED, &labels).increment(events_removed);
+}
+
+/// The tenant's committed segments, as of its flusher's last pass.
+pub fn cold_segments(tenant: &str, segments: usize, bytes: u64, rows: u64) {
+    gauge!(names::COLD_SEGMENTS_CURRENT, "tenant" => tenant.to_string()).set(segments as f64);
+    gauge!(names::COLD_SEGMENT_BYTES, "tenant" => tenant.to_string()).set(bytes as f64);
+    if rows > 0 {
+        gauge!(names::COLD_BYTES_PER_EVENT, "tenant" => tenant.to_string())
+            .set(bytes as f64 / rows as f64);
+    }
+}
+
+/// The hot log's bytes on disk and the events it holds.
+pub fn hot_log_size(bytes: u64, events: u64) {
+    gauge!(names::HOT_LOG_BYTES).set(bytes as f64);
+    if events > 0 {
+        gauge!(names::HOT_LOG_BYTES_PER_EVENT).set(bytes as f64 / events as f64);
+    }
 }
 
 pub fn tenant_pipelines(count: usize) {

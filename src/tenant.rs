@@ -78,6 +78,9 @@ pub struct TenantSettings {
     pub dedup_window: Duration,
     /// Distinct event names rolled up; events of further names are rolled up as `$other`.
     pub max_event_names: u32,
+    /// Cold segments whose hour ended longer ago than this are deleted (0: kept forever).
+    #[serde(with = "humantime_serde")]
+    pub raw_retention: Duration,
 }
 
 impl TenantSettings {
@@ -87,6 +90,7 @@ impl TenantSettings {
             rate_limit_burst: defaults.rate_limit_burst,
             dedup_window: defaults.dedup_window,
             max_event_names: defaults.max_event_names,
+            raw_retention: defaults.raw_retention,
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct SettingsPatch {
     #[serde(default, with = "humantime_serde")]
     pub dedup_window: Option<Duration>,
     pub max_event_names: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub raw_retention: Option<Duration>,
 }
 
 impl SettingsPatch {
@@ -129,6 +135,9 @@ impl SettingsPatch {
                 return Err("settings.max_event_names must be at least 1".into());
             }
             next.max_event_names = value;
+        }
+        if let Some(value) = self.raw_retention {
+            next.raw_retention = value;
         }
         Ok(next)
     }
@@ -483,6 +492,13 @@ struct LaterSettings {
     max_event_names: Option<u32>,
 }
 
+/// Settings added after [`LaterSettings`], as a second trailer; `None`: the server's default.
+#[derive(Serialize, Deserialize, Default)]
+struct ColdSettings {
+    /// Seconds.
+    raw_retention: Option<u64>,
+}
+
 fn meta_codec_error(source: codec::CodecError) -> StorageError {
     StorageError::Codec {
         keyspace: "meta",
@@ -493,8 +509,8 @@ fn meta_codec_error(source: codec::CodecError) -> StorageError {
 /// A stored tenant record; settings it predates take their value from `defaults`.
 fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord, StorageError> {
     let plain = codec::plain(value).map_err(meta_codec_error)?;
-    let (stored, later): (StoredTenant, LaterSettings) =
-        plain.decode_with_trailer().map_err(meta_codec_error)?;
+    let (stored, later, cold): (StoredTenant, LaterSettings, ColdSettings) =
+        plain.decode_with_trailers().map_err(meta_codec_error)?;
     Ok(TenantRecord {
         id: stored.id,
         name: stored.name,
@@ -504,6 +520,9 @@ fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord
             rate_limit_burst: stored.settings.rate_limit_burst,
             dedup_window: stored.settings.dedup_window,
             max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
+            raw_retention: cold
+                .raw_retention
+                .map_or(defaults.raw_retention, Duration::from_secs),
         },
         write_key_digest: stored.write_key_digest,
         read_key_digest: stored.read_key_digest,
@@ -529,8 +548,11 @@ fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
     let later = LaterSettings {
         max_event_names: Some(record.settings.max_event_names),
     };
-    // bincode writes a tuple as its fields one after the other: the trailer follows the record.
-    codec::encode(&(stored, later)).map_err(meta_codec_error)
+    let cold = ColdSettings {
+        raw_retention: Some(record.settings.raw_retention.as_secs()),
+    };
+    // bincode writes a tuple as its fields one after the other: the trailers follow the record.
+    codec::encode(&(stored, later, cold)).map_err(meta_codec_error)
 }
 
 #[cfg(test)]

@@ -336,3 +336,238 @@ fn a_kill_while_flushing_under_load_loses_and_doubles_nothing() {
         totals(&server, &tenant, start - HOUR, start + 4 * HOUR)["events"][0]["count"].clone();
     assert_eq!(counted, stored.len() as u64);
 }
+
+/// Counts in the Parquet files by DuckDB, as a warehouse reads them: `{"a": n, ...}` by event,
+/// and `{"<hour>": n}` by the Hive `date`/`hour` partition.
+fn duckdb_counts(cold_root: &std::path::Path) -> Value {
+    let bin = testkit::python::python_env().unwrap();
+    let script = r#"
+import duckdb, json, sys
+glob = sys.argv[1] + "/events/**/*.parquet"
+rel = f"read_parquet('{glob}', hive_partitioning = true)"
+by_event = dict(duckdb.sql(f"select event, count(*) from {rel} group by event").fetchall())
+by_hour = {f"{d} {h}": n for d, h, n in duckdb.sql(
+    f"select date::varchar, hour::varchar, count(*) from {rel} group by all").fetchall()}
+users = dict(duckdb.sql(f"select user_id, count(*) from {rel} group by user_id").fetchall())
+print(json.dumps({"by_event": by_event, "by_hour": by_hour, "users": users}))
+"#;
+    let out = std::process::Command::new(bin.join("python"))
+        .args(["-c", script, cold_root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Committed segments per hour, from the admin listing.
+fn files_per_hour(
+    server: &TestServer,
+    tenant: &Tenant,
+) -> std::collections::BTreeMap<String, usize> {
+    let listing = server
+        .admin(
+            "GET",
+            &format!("/admin/v1/tenants/{}/segments", tenant.id),
+            None,
+        )
+        .json();
+    let mut hours = std::collections::BTreeMap::new();
+    for segment in listing["segments"].as_array().unwrap() {
+        *hours
+            .entry(segment["hour"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    hours
+}
+
+fn admin_flush(server: &TestServer, tenant: &Tenant) -> u64 {
+    let reply = server.admin(
+        "POST",
+        &format!("/admin/v1/flush?tenant={}", tenant.id),
+        None,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()["tenants"][0]["cold_watermark"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn admin_flush_compaction_erasure_and_retention_agree_with_duckdb() {
+    let dir = tempfile::tempdir().unwrap();
+    // Flushes and compactions only when asked: no periodic pass within the test.
+    let env = [
+        ("STATSREMOTE__STORAGE__HOT_RETENTION", "1s"),
+        ("STATSREMOTE__COLD__FLUSH_INTERVAL", "1h"),
+        ("STATSREMOTE__ROLLUPS__FLUSH_INTERVAL", "200ms"),
+        ("STATSREMOTE__COLD__GRACE_PERIOD", "1h"),
+    ];
+    let server = TestServer::start_in(dir.path(), &env);
+    let tenant = server.create_tenant("lifecycle");
+    // Four rounds of late events into the same two hours, six hours back: each flush adds a
+    // small segment per hour, which the same pass merges with the hour's earlier one.
+    let start = (now_secs() / HOUR - 6) * HOUR;
+    let mut watermark = 0;
+    for round in 0..4 {
+        send(&server, &tenant, &format!("r{round}"), 100, start);
+        std::thread::sleep(Duration::from_millis(1100));
+        let reached = admin_flush(&server, &tenant);
+        assert_eq!(
+            reached,
+            watermark + 100,
+            "the admin flush moves everything due"
+        );
+        watermark = reached;
+        let hours = files_per_hour(&server, &tenant);
+        assert_eq!(hours.len(), 2, "{hours:?}");
+        assert!(
+            hours.values().all(|files| *files == 1),
+            "compacted: {hours:?}"
+        );
+    }
+    let cold_root = dir.path().join("cold");
+    assert_eq!(
+        parquet_files(&cold_root.join("events")).len(),
+        2,
+        "superseded files left events/"
+    );
+    // Rounds 2 to 4 each merged two segments in each of the two hours.
+    assert_eq!(
+        parquet_files(&cold_root.join("trash")).len(),
+        12,
+        "and wait out the grace period"
+    );
+    let everything = exported(&server, &tenant, start - HOUR, now_secs() + HOUR);
+    assert_eq!(everything.len(), 400);
+    assert!(
+        everything.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "in sequence order"
+    );
+
+    // DuckDB over events/ agrees with the query API.
+    let api = totals(&server, &tenant, start - HOUR, now_secs() + HOUR);
+    let counted = duckdb_counts(&cold_root);
+    for row in api["events"].as_array().unwrap() {
+        let event = row["event"].as_str().unwrap();
+        if event.starts_with('$') {
+            continue;
+        }
+        assert_eq!(
+            counted["by_event"][event], row["count"],
+            "{event}: {counted}"
+        );
+    }
+    assert_eq!(
+        counted["by_hour"].as_object().unwrap().len(),
+        2,
+        "{counted}"
+    );
+    assert_eq!(
+        counted["by_hour"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum::<u64>(),
+        400
+    );
+
+    // Per-user erasure: every event of u3 leaves both tiers; a hot event of u3 too.
+    send(&server, &tenant, "hot", 20, now_secs() - 2 * HOUR);
+    let u3_before = counted["users"]["u3"].as_u64().unwrap() + 2;
+    let path = format!("/admin/v1/tenants/{}/users/u3", tenant.id);
+    let reply = server.admin("DELETE", &path, None);
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let job = reply.json();
+    assert_eq!(job["status"], "running");
+    let job_path = format!("/admin/v1/deletions/{}", job["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let state = server.admin("GET", &job_path, None).json();
+        if state["status"] != "running" {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "erasure still running: {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["removed_events"].as_u64(), Some(u3_before), "{done}");
+    assert!(done["rewritten_segments"].as_u64().unwrap() >= 2, "{done}");
+    assert!(done["superseded_purged_by"].is_string(), "{done}");
+    assert!(
+        done["requested_by"]["token_fingerprint"].is_string(),
+        "{done}"
+    );
+    let left = server.export(
+        &tenant.read_key,
+        &format!(
+            "?from={}&to={}",
+            rfc3339(start - HOUR),
+            rfc3339(now_secs() + HOUR)
+        ),
+    );
+    assert_eq!(left.len() as u64, 420 - u3_before);
+    assert!(left.iter().all(|event| event["userId"] != "u3"));
+    let counted = duckdb_counts(&cold_root);
+    assert!(counted["users"].get("u3").is_none(), "{counted}");
+    // Rollups are aggregates: they keep counting the erased events (documented).
+    let after = totals(&server, &tenant, start - 2 * HOUR, now_secs() + HOUR);
+    let counts: u64 = (after["events"].as_array().unwrap().iter())
+        .filter(|row| !row["event"].as_str().unwrap().starts_with('$'))
+        .map(|row| row["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 420, "{after}");
+
+    // Retention: segments of hours that ended more than 3h ago go; the recent hour stays.
+    let patch = json!({ "settings": { "raw_retention": "3h" } });
+    let reply = server.admin(
+        "PATCH",
+        &format!("/admin/v1/tenants/{}", tenant.id),
+        Some(&patch),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    admin_flush(&server, &tenant);
+    let hours = files_per_hour(&server, &tenant);
+    let oldest_kept = rfc3339(now_secs() - 4 * HOUR);
+    assert!(hours.keys().all(|hour| *hour > oldest_kept), "{hours:?}");
+    let left = server.export(
+        &tenant.read_key,
+        &format!(
+            "?from={}&to={}",
+            rfc3339(start - HOUR),
+            rfc3339(now_secs() + HOUR)
+        ),
+    );
+    assert_eq!(left.len(), 20 - 2);
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("statsremote_cold_maintenance_events_removed_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("statsremote_hot_log_bytes_per_event")
+            || metrics.contains("statsremote_hot_log_bytes "),
+        "{metrics}"
+    );
+
+    // Restart: the erasure job is still there, and nothing comes back.
+    drop(server);
+    let server = TestServer::start_in(dir.path(), &env);
+    assert_eq!(
+        server.admin("GET", &job_path, None).json()["status"],
+        "done"
+    );
+    let left = server.export(
+        &tenant.read_key,
+        &format!(
+            "?from={}&to={}",
+            rfc3339(start - HOUR),
+            rfc3339(now_secs() + HOUR)
+        ),
+    );
+    assert_eq!(left.len(), 18);
+}

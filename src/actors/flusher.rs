@@ -1,34 +1,60 @@
-//! The segment flusher: moves a tenant's log entries older than `storage.hot_retention` to the
-//! cold tier, every `cold.flush_interval`.
+//! The segment flusher: the one place that changes a tenant's cold tier.
 //!
-//! One per tenant, child of the supervisor. Its first task, before any flush, is the cold tier's
-//! recovery for the tenant (an interrupted flush finished or undone, see
-//! [`crate::storage::cold`]); after a restart it runs it again. One task at a time, on a
-//! blocking thread; a failed one is logged, counted and retried on a later tick (object storage
-//! down: the hot log keeps growing and the flush lag shows it, nothing is lost).
+//! One per tenant, child of the supervisor. Every `cold.flush_interval` it moves log entries
+//! older than `storage.hot_retention` to the cold tier, then enforces the tenant's raw-data
+//! retention, compacts small segments of settled hours and empties the trash of what waited
+//! out the grace period. It also runs the admin flush and per-user erasures. One task at a
+//! time, on a blocking thread, so no two changes to the tenant's manifest ever race.
+//!
+//! Its first task, before any other, is the cold tier's recovery for the tenant (an
+//! interrupted change finished or undone, see [`crate::storage::cold`]); after a failed task it
+//! recovers again. A failed task is logged, counted and retried on a later tick, after a
+//! backoff that doubles up to ten flush intervals: with object storage down, the hot log keeps
+//! growing and the flush lag shows it, and nothing is lost.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::fut::wrap_future;
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, StreamHandler};
+use tokio::sync::oneshot;
 
 use crate::actors::child::ChildActor;
 use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
-use crate::storage::cold::{self, ColdError};
+use crate::storage::cold::{self, ColdError, CompactionPolicy, MaintenanceReport};
 use crate::telemetry;
 
-/// Flush now (the admin flush), then answer with the cold watermark.
-pub struct FlushNow(pub tokio::sync::oneshot::Sender<Result<u64, String>>);
+/// What the flusher is asked to do besides its periodic pass.
+pub enum FlusherMessage {
+    /// Flush everything received before this time (the admin flush, whose caller has brought
+    /// the rollup and dedup watermarks up to date), then answer with the cold watermark.
+    FlushNow {
+        received_before: Micros,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Erase a user's events from the cold tier (the hot log was flushed first).
+    Erase {
+        user: String,
+        reply: oneshot::Sender<Result<MaintenanceReport, String>>,
+    },
+}
+
+type FlushWaiter = (Micros, oneshot::Sender<Result<u64, String>>);
 
 pub struct SegmentFlusher {
     tenant: TenantId,
     deps: Arc<PipelineDeps>,
     recovered: bool,
     busy: bool,
-    /// Asked for while a task ran; answered after the next one.
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>,
+    /// Admin flushes asked for; answered after the next pass that starts after them.
+    flushes: Vec<FlushWaiter>,
+    erasures: VecDeque<(String, oneshot::Sender<Result<MaintenanceReport, String>>)>,
+    /// After a failure: no periodic pass before this.
+    retry_at: Option<Instant>,
+    failures: u32,
 }
 
 impl SegmentFlusher {
@@ -38,72 +64,192 @@ impl SegmentFlusher {
             deps,
             recovered: false,
             busy: false,
-            waiting: Vec::new(),
+            flushes: Vec::new(),
+            erasures: VecDeque::new(),
+            retry_at: None,
+            failures: 0,
         }
     }
 
-    /// Recovers if it has not yet, then flushes until nothing more is due.
+    /// Starts the next task unless one runs: an erasure, else a pass (periodic, or asked for).
     fn run(&mut self, ctx: &mut Context<Self>) {
         if self.busy {
+            return;
+        }
+        let asked = !self.flushes.is_empty() || !self.erasures.is_empty();
+        if !asked && self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
         self.busy = true;
         let (tenant, recovered) = (self.tenant, self.recovered);
         let deps = Arc::clone(&self.deps);
-        let task = crate::blocking::run(move || flush_due(&deps, tenant, recovered));
-        ctx.spawn(wrap_future(task).map(|joined, flusher: &mut Self, _ctx| {
-            flusher.busy = false;
-            let outcome = match joined {
-                Ok(Ok(watermark)) => {
-                    flusher.recovered = true;
-                    Ok(watermark)
+        if let Some((user, reply)) = self.erasures.pop_front() {
+            let task = crate::blocking::run(move || {
+                crate::priority::background_thread();
+                if !recovered {
+                    cold::recover(
+                        &deps.storage,
+                        &deps.cold,
+                        tenant,
+                        deps.cold_settings.grace_period,
+                    )?;
                 }
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            if let Err(error) = &outcome {
-                tracing::warn!(tenant = %flusher.tenant, error, "flushing to the cold tier failed; retrying later");
-                telemetry::cold_flush_failed(&flusher.tenant.to_string());
+                cold::erase_user(&deps.storage, &deps.cold, tenant, &user)
+            });
+            ctx.spawn(
+                wrap_future(task).map(move |joined, flusher: &mut Self, ctx| {
+                    let outcome = flusher.finished(joined, ctx);
+                    if let Ok(report) = &outcome {
+                        let tenant = flusher.tenant.to_string();
+                        telemetry::cold_maintained(
+                            &tenant,
+                            "erasure",
+                            report.removed_segments,
+                            report.written_segments,
+                            report.removed_events,
+                        );
+                    }
+                    let _ = reply.send(outcome);
+                }),
+            );
+            return;
+        }
+        let waiters = std::mem::take(&mut self.flushes);
+        let retention = Micros::try_from(deps.hot_retention.as_micros()).unwrap_or(Micros::MAX);
+        let due = now_micros().saturating_sub(retention);
+        let received_before = waiters.iter().map(|(at, _)| *at).fold(due, Micros::max);
+        let task = crate::blocking::run(move || pass(&deps, tenant, recovered, received_before));
+        ctx.spawn(
+            wrap_future(task).map(move |joined, flusher: &mut Self, ctx| {
+                let outcome = flusher.finished(joined, ctx);
+                for (_, waiter) in waiters {
+                    let _ = waiter.send(outcome.clone());
+                }
+            }),
+        );
+    }
+
+    /// Bookkeeping after a task; starts the next one if something was asked for meanwhile.
+    fn finished<T>(
+        &mut self,
+        joined: Result<Result<T, ColdError>, crate::blocking::BlockingError>,
+        ctx: &mut Context<Self>,
+    ) -> Result<T, String> {
+        self.busy = false;
+        let outcome = match joined {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match &outcome {
+            Ok(_) => {
+                self.recovered = true;
+                self.failures = 0;
+                self.retry_at = None;
             }
-            for waiter in flusher.waiting.drain(..) {
-                let _ = waiter.send(outcome.clone());
+            Err(error) => {
+                tracing::warn!(tenant = %self.tenant, error, "a cold-tier task failed; retrying later");
+                telemetry::cold_flush_failed(&self.tenant.to_string());
+                // Objects of the failed task may be left under events/: recover first.
+                self.recovered = false;
+                self.failures = self.failures.saturating_add(1);
+                let interval = self.deps.cold_settings.flush_interval;
+                let backoff = (interval / 4)
+                    .saturating_mul(1 << self.failures.min(8))
+                    .min(interval * 10);
+                self.retry_at = Some(Instant::now() + backoff);
             }
-        }));
+        }
+        if !self.flushes.is_empty() || !self.erasures.is_empty() {
+            ctx.run_later(Duration::ZERO, |flusher, ctx| flusher.run(ctx));
+        }
+        outcome
     }
 }
 
-/// The blocking part of [`SegmentFlusher::run`]: returns the cold watermark reached.
-fn flush_due(deps: &PipelineDeps, tenant: TenantId, recovered: bool) -> Result<u64, ColdError> {
+/// One pass (blocking): recovery if needed, flushes of what was received before
+/// `received_before`, retention, compaction, trash. Returns the cold watermark reached.
+fn pass(
+    deps: &PipelineDeps,
+    tenant: TenantId,
+    recovered: bool,
+    received_before: Micros,
+) -> Result<u64, ColdError> {
     // Acknowledgements come first: encoding segments is background work.
     crate::priority::background_thread();
-    let storage = &deps.storage;
+    let (storage, store, settings) = (&deps.storage, &deps.cold, &deps.cold_settings);
+    let label = tenant.to_string();
     if !recovered {
-        cold::recover(storage, &deps.cold, tenant, deps.cold_settings.grace_period)?;
+        cold::recover(storage, store, tenant, settings.grace_period)?;
     }
-    let retention = Micros::try_from(deps.hot_retention.as_micros()).unwrap_or(Micros::MAX);
-    let received_before = now_micros().saturating_sub(retention);
-    let max_events = deps.cold_settings.max_flush_events;
     while let Some(report) = cold::flush_once(
         storage,
-        &deps.cold,
+        store,
         tenant,
         received_before,
-        max_events,
+        settings.max_flush_events,
         None,
     )? {
         let bytes = report.segments.iter().map(|s| s.bytes).sum();
-        telemetry::cold_flushed(
-            &tenant.to_string(),
-            report.events,
-            report.segments.len(),
-            bytes,
+        telemetry::cold_flushed(&label, report.events, report.segments.len(), bytes);
+    }
+    let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
+    let now = now_micros();
+    let raw_retention = (deps.directory.get(tenant)).map(|record| record.settings.raw_retention);
+    if let Some(keep) = raw_retention.filter(|keep| !keep.is_zero()) {
+        let removed =
+            cold::enforce_retention(storage, store, tenant, now.saturating_sub(micros(keep)))?;
+        if removed.removed_segments > 0 {
+            tracing::info!(
+                %tenant,
+                segments = removed.removed_segments,
+                events = removed.removed_events,
+                "raw-data retention removed expired segments"
+            );
+            telemetry::cold_maintained(
+                &label,
+                "retention",
+                removed.removed_segments,
+                0,
+                removed.removed_events,
+            );
+        }
+    }
+    let policy = CompactionPolicy {
+        small_rows: settings.compact_below_rows,
+        max_rows: settings.compact_max_rows,
+        settled_before: now
+            .saturating_sub(micros(deps.hot_retention))
+            .saturating_sub(micros(settings.flush_interval)),
+    };
+    let compacted = cold::compact(storage, store, tenant, policy)?;
+    if compacted.written_segments > 0 {
+        tracing::info!(
+            %tenant,
+            merged = compacted.removed_segments,
+            into = compacted.written_segments,
+            "compacted small cold segments"
+        );
+        telemetry::cold_maintained(
+            &label,
+            "compaction",
+            compacted.removed_segments,
+            compacted.written_segments,
+            0,
         );
     }
-    let watermark = cold::cold_watermark(storage, tenant)?;
+    cold::purge_trash(store, tenant, settings.grace_period)?;
+    let segments = cold::segments(storage, tenant)?;
+    telemetry::cold_segments(
+        &label,
+        segments.len(),
+        segments.iter().map(|s| s.bytes).sum(),
+        segments.iter().map(|s| s.rows).sum(),
+    );
     let oldest = cold::oldest_hot_received_at(storage, tenant)?;
     let lag = oldest.map_or(0, |received_at| now_micros().saturating_sub(received_at));
-    telemetry::cold_flush_lag(&tenant.to_string(), lag);
-    Ok(watermark)
+    telemetry::cold_flush_lag(&label, lag);
+    Ok(cold::cold_watermark(storage, tenant)?)
 }
 
 impl Actor for SegmentFlusher {
@@ -118,20 +264,18 @@ impl Actor for SegmentFlusher {
 }
 
 impl ChildActor for SegmentFlusher {
-    type Message = FlushNow;
+    type Message = FlusherMessage;
 }
 
-impl StreamHandler<FlushNow> for SegmentFlusher {
-    fn handle(&mut self, FlushNow(reply): FlushNow, ctx: &mut Self::Context) {
-        self.waiting.push(reply);
-        if self.busy {
-            // The running task may have started before what the caller wants flushed was due:
-            // run once more after it.
-            ctx.run_later(std::time::Duration::from_millis(50), |flusher, ctx| {
-                flusher.run(ctx)
-            });
-        } else {
-            self.run(ctx);
+impl StreamHandler<FlusherMessage> for SegmentFlusher {
+    fn handle(&mut self, message: FlusherMessage, ctx: &mut Self::Context) {
+        match message {
+            FlusherMessage::FlushNow {
+                received_before,
+                reply,
+            } => self.flushes.push((received_before, reply)),
+            FlusherMessage::Erase { user, reply } => self.erasures.push_back((user, reply)),
         }
+        self.run(ctx);
     }
 }

@@ -30,6 +30,7 @@ use crate::config::{ActorsConfig, LiveConfig, RollupsConfig};
 use crate::event::{BatchShared, BatchSource, IncomingEvent, Micros};
 use crate::ids::TenantId;
 use crate::query::QueryCache;
+use crate::storage::cold::MaintenanceReport;
 use crate::storage::writer::{AppendOutcome, LogWriter};
 use crate::storage::Storage;
 use crate::storage::StorageError;
@@ -37,6 +38,7 @@ use crate::telemetry;
 use crate::tenant::TenantDirectory;
 
 use self::child::{ChildState, SendRefused};
+use self::flusher::FlusherMessage;
 use self::ingest::IngestBatch;
 use self::live::{tick_channel, LiveTick, TickSender};
 use self::rollup::RollupMessage;
@@ -182,6 +184,38 @@ impl TenantPipeline {
             return false;
         }
         done.await.is_ok()
+    }
+}
+
+impl TenantPipeline {
+    /// Has the tenant's flusher flush everything received before `received_before` (once the
+    /// watermarks allow it); resolves with the cold watermark reached.
+    pub async fn flush_cold(&self, received_before: Micros) -> Result<u64, String> {
+        let (reply, answer) = oneshot::channel();
+        let message = FlusherMessage::FlushNow {
+            received_before,
+            reply,
+        };
+        if self.mailboxes.flusher.try_send(message).is_err() {
+            return Err("the tenant's segment flusher is busy or restarting".into());
+        }
+        answer
+            .await
+            .map_err(|_| "the tenant's segment flusher restarted".to_string())?
+    }
+
+    /// Has the tenant's flusher erase a user's events from the cold tier.
+    pub async fn erase_cold(&self, user: String) -> Result<MaintenanceReport, String> {
+        let (reply, answer) = oneshot::channel();
+        if (self.mailboxes.flusher)
+            .try_send(FlusherMessage::Erase { user, reply })
+            .is_err()
+        {
+            return Err("the tenant's segment flusher is busy or restarting".into());
+        }
+        answer
+            .await
+            .map_err(|_| "the tenant's segment flusher restarted".to_string())?
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 
 use crate::actors::child::{ChildStatus, Children, Mailbox};
-use crate::actors::flusher::{FlushNow, SegmentFlusher};
+use crate::actors::flusher::{FlusherMessage, SegmentFlusher};
 use crate::actors::ingest::{IngestActor, IngestBatch};
 use crate::actors::live::{LiveHub, LiveItems, TickSender};
 use crate::actors::rollup::{RollupActor, RollupMessage};
@@ -41,7 +41,7 @@ impl Message for StopPipeline {
 pub struct Mailboxes {
     pub ingest: Mailbox<IngestBatch>,
     pub rollup: Mailbox<RollupMessage>,
-    pub flusher: Mailbox<FlushNow>,
+    pub flusher: Mailbox<FlusherMessage>,
     /// Every child's status, in start order.
     pub statuses: Vec<Arc<ChildStatus>>,
 }

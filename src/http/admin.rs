@@ -8,6 +8,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use crate::erasure::{ErasureJob, Requester};
 use crate::event::format_timestamp;
 use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
@@ -81,6 +82,7 @@ fn lifecycle_error(error: LifecycleError) -> ApiError {
             tracing::error!(%error, "admin write failed");
             ApiError::Internal(format!("storage failure: {error}"))
         }
+        LifecycleError::Cold(detail) => ApiError::unavailable(detail),
         other => ApiError::Internal(other.to_string()),
     }
 }
@@ -239,4 +241,105 @@ pub async fn segments(
         "cold_watermark": watermark,
         "segments": listed,
     })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushQuery {
+    tenant: Option<String>,
+}
+
+/// `POST /admin/v1/flush[?tenant=<id>]`: brings each tenant's rollup and dedup watermarks up to
+/// date, then flushes everything received more than `storage.hot_retention` ago to the cold
+/// tier; answers once that is committed, with each tenant's cold watermark.
+pub async fn flush(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<FlushQuery>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let tenants: Vec<TenantId> = match &query.tenant {
+        Some(raw) => vec![existing_tenant(&state, raw)?.id],
+        None => state
+            .directory
+            .list()
+            .iter()
+            .map(|record| record.id)
+            .collect(),
+    };
+    let hot_retention = state.config.storage.hot_retention;
+    let mut flushed = Vec::with_capacity(tenants.len());
+    for id in tenants {
+        let watermark =
+            (state.lifecycle.flush_cold(id, hot_retention).await).map_err(lifecycle_error)?;
+        flushed.push(serde_json::json!({"id": id.to_string(), "cold_watermark": watermark}));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "tenants": flushed })))
+}
+
+/// `DELETE /admin/v1/tenants/{id}/users/{user_id}`: starts erasing every raw event whose
+/// `userId` or `anonymousId` is `user_id`, from both tiers; 202 with the job.
+pub async fn erase_user(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let (tenant, user_id) = path.into_inner();
+    let id = existing_tenant(&state, &tenant)?.id;
+    if user_id.is_empty() || user_id.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "user_id must be 1 to 1024 bytes long",
+        ));
+    }
+    let token = auth::header_credential(&req)?.unwrap_or_default();
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(token.as_bytes());
+    let requested_by = Requester {
+        client_ip: req.peer_addr().map(|addr| addr.ip().to_string()),
+        user_agent: (req.headers().get(actix_web::http::header::USER_AGENT))
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string),
+        token_fingerprint: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    let job =
+        (state.lifecycle.erase_user(id, user_id, requested_by).await).map_err(lifecycle_error)?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((
+            actix_web::http::header::LOCATION,
+            format!("/admin/v1/deletions/{}", job.id),
+        ))
+        .json(job_view(&job)))
+}
+
+/// `GET /admin/v1/deletions/{id}`: an erasure job, which is also its audit record.
+pub async fn deletion(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let not_found = || ApiError::NotFound(format!("deletion {:?} not found", path.as_str()));
+    let id = uuid::Uuid::parse_str(&path).map_err(|_| not_found())?;
+    let job = (state.lifecycle.erasure(id).await)
+        .map_err(lifecycle_error)?
+        .ok_or_else(not_found)?;
+    Ok(HttpResponse::Ok().json(job_view(&job)))
+}
+
+fn job_view(job: &ErasureJob) -> serde_json::Value {
+    let time = |at: Option<crate::event::Micros>| at.map(format_timestamp);
+    serde_json::json!({
+        "id": job.id.to_string(),
+        "tenant": job.tenant.to_string(),
+        "user_id": job.user_id,
+        "status": job.status,
+        "requested_at": format_timestamp(job.requested_at),
+        "requested_by": job.requested_by,
+        "finished_at": time(job.finished_at),
+        "removed_events": job.removed_events,
+        "rewritten_segments": job.rewritten_segments,
+        "removed_segments": job.removed_segments,
+        "superseded_purged_by": time(job.superseded_purged_by),
+        "error": job.error,
+    })
 }

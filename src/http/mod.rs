@@ -155,6 +155,21 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
+            web::resource("/admin/v1/flush")
+                .route(web::post().to(admin::flush))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/users/{user_id}")
+                .route(web::delete().to(admin::erase_user))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/deletions/{id}")
+                .route(web::get().to(admin::deletion))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
             web::resource("/admin/v1/tenants/{id}/segments")
                 .route(web::get().to(admin::segments))
                 .default_service(web::to(method_not_allowed)),

@@ -67,9 +67,26 @@ pub async fn metrics(
         }
     }
     telemetry::log_queue_depth(state.writer.queue_depth());
+    let storage = state.storage.clone();
+    if let Ok(Ok((bytes, events))) = crate::blocking::run(move || hot_log_size(&storage)).await {
+        telemetry::hot_log_size(bytes, events);
+    }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render()))
+}
+
+/// The hot log's bytes on disk and the events it holds (all tenants). Blocking.
+fn hot_log_size(
+    storage: &crate::storage::Storage,
+) -> Result<(u64, u64), crate::storage::StorageError> {
+    let log = storage.log();
+    let mut events = 0;
+    for tenant in log.tenants()? {
+        let cold = crate::storage::cold::cold_watermark(storage, tenant)?;
+        events += log.head(tenant)?.saturating_sub(cold);
+    }
+    Ok((log.disk_bytes(), events))
 }
 
 pub async fn openapi() -> HttpResponse {

@@ -217,6 +217,27 @@ impl Plain<'_> {
         Ok((value, self.decode_at::<U>(read)?.0))
     }
 
+    /// Decodes a value followed by two optional trailers, each added to the layout after values
+    /// without it were stored: a missing trailer decodes as its `Default`.
+    pub fn decode_with_trailers<
+        'b,
+        T: Deserialize<'b>,
+        U: Deserialize<'b> + Default,
+        V: Deserialize<'b> + Default,
+    >(
+        &'b self,
+    ) -> Result<(T, U, V), CodecError> {
+        let (value, read) = self.decode_at::<T>(0)?;
+        if read >= self.body.len() {
+            return Ok((value, U::default(), V::default()));
+        }
+        let (first, read) = self.decode_at::<U>(read)?;
+        if read >= self.body.len() {
+            return Ok((value, first, V::default()));
+        }
+        Ok((value, first, self.decode_at::<V>(read)?.0))
+    }
+
     fn decode_at<'b, T: Deserialize<'b>>(&'b self, from: usize) -> Result<(T, usize), CodecError> {
         let body = self.body.get(from..).ok_or(CodecError::Empty)?;
         let standard = bincode::config::standard().with_limit::<DECODE_LIMIT>();

@@ -52,6 +52,21 @@ pub const MAX_PENDING_AGE: Duration = Duration::from_secs(30);
 /// holds one to `max_group_requests` requests' keys).
 const QUEUE_GROUPS: usize = 1024;
 
+/// What the log writer sends the ingest thread.
+pub enum ToIngest {
+    /// The keys of a durable group.
+    Group(KeyGroup),
+    /// Ingest every key received so far now, then answer (the cold tier's flush waits for
+    /// the dedup watermark).
+    Now(tokio::sync::oneshot::Sender<()>),
+}
+
+impl From<KeyGroup> for ToIngest {
+    fn from(group: KeyGroup) -> ToIngest {
+        ToIngest::Group(group)
+    }
+}
+
 /// The keys of one durable group commit.
 pub struct KeyGroup {
     /// Numbers groups in the order written, from 1.
@@ -83,7 +98,7 @@ impl DedupIngester {
         healthy: Arc<AtomicBool>,
         max_age: Duration,
         filters: KeyFilters,
-    ) -> std::io::Result<(DedupIngester, Sender<KeyGroup>, Arc<AtomicU64>)> {
+    ) -> std::io::Result<(DedupIngester, Sender<ToIngest>, Arc<AtomicU64>)> {
         let (groups, received) = crossbeam_channel::bounded(QUEUE_GROUPS);
         let ingested = Arc::new(AtomicU64::new(0));
         let published = Arc::clone(&ingested);
@@ -181,26 +196,34 @@ impl Pending {
 
 fn run(
     storage: &Storage,
-    received: &Receiver<KeyGroup>,
+    received: &Receiver<ToIngest>,
     ingested: &AtomicU64,
     filters: &KeyFilters,
     max_age: Duration,
 ) -> Result<(), StorageError> {
     let mut pending = Pending::default();
+    let mut asked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     loop {
         match received.recv_timeout(pending.wait(max_age)) {
-            Ok(group) => {
-                pending.add(group);
-                while let Ok(group) = received.try_recv() {
-                    pending.add(group);
+            Ok(message) => {
+                let mut next = Some(message);
+                while let Some(message) = next {
+                    match message {
+                        ToIngest::Group(group) => pending.add(group),
+                        ToIngest::Now(reply) => asked.push(reply),
+                    }
+                    next = received.try_recv().ok();
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
         storage.health.checkpoint("dedup-ingest");
-        if pending.due(max_age) {
+        if pending.due(max_age) || !asked.is_empty() {
             pending.ingest(storage, ingested, filters)?;
+            for reply in asked.drain(..) {
+                let _ = reply.send(());
+            }
         }
     }
     // The writer has stopped: what it sent last is written now, with the watermarks, so a
@@ -444,12 +467,15 @@ mod tests {
         ] {
             let heads = vec![(tenant, number * 10)];
             groups
-                .send(KeyGroup {
-                    number,
-                    entries,
-                    heads,
-                    synced: true,
-                })
+                .send(
+                    KeyGroup {
+                        number,
+                        entries,
+                        heads,
+                        synced: true,
+                    }
+                    .into(),
+                )
                 .unwrap();
         }
         drop(groups);
@@ -485,12 +511,15 @@ mod tests {
         let entries = vec![(key, dedup::value(tenant, 10))];
         let heads = vec![(tenant, 1)];
         groups
-            .send(KeyGroup {
-                number: 1,
-                entries,
-                heads,
-                synced: true,
-            })
+            .send(
+                KeyGroup {
+                    number: 1,
+                    entries,
+                    heads,
+                    synced: true,
+                }
+                .into(),
+            )
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while ingested.load(Ordering::Acquire) < 1 && Instant::now() < deadline {

@@ -125,6 +125,9 @@ pub trait EventLog: Send + Sync {
     /// Every tenant with at least one entry.
     fn tenants(&self) -> Result<Vec<TenantId>, StorageError>;
 
+    /// Bytes the log takes on disk, all tenants together (an estimate the engine keeps).
+    fn disk_bytes(&self) -> u64;
+
     /// Deletes the tenant's entries whose first sequence is below `seq` (an entry boundary), and
     /// returns how many. The head is kept.
     fn delete_below(&self, tenant: TenantId, seq: u64) -> Result<u64, StorageError>;

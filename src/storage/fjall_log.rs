@@ -159,6 +159,10 @@ impl EventLog for FjallLog {
         Ok(Some((entry_seq(&key)?, value.into())))
     }
 
+    fn disk_bytes(&self) -> u64 {
+        self.log.disk_space()
+    }
+
     fn tenants(&self) -> Result<Vec<TenantId>, StorageError> {
         // One seek past each tenant's keys.
         let mut tenants = Vec::new();

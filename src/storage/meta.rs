@@ -157,3 +157,38 @@ pub fn set_admin_token_digest(storage: &Storage, digest: &[u8; 32]) -> Result<()
 pub fn readable(storage: &Storage) -> bool {
     storage.meta.first_key_value().is_some() || storage.meta.is_empty().is_ok()
 }
+
+fn erasure_job_key(id: &[u8; 16]) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = kind::ERASURE_JOB;
+    key[1..].copy_from_slice(id);
+    key
+}
+
+/// Writes an erasure job's record (encoded by `crate::erasure`), durably.
+pub fn put_erasure_job(storage: &Storage, id: &[u8; 16], value: &[u8]) -> Result<(), StorageError> {
+    storage
+        .meta
+        .insert(erasure_job_key(id), value)
+        .map_err(StorageError::engine("writing an erasure job"))?;
+    storage.persist(true)
+}
+
+pub fn erasure_job(storage: &Storage, id: &[u8; 16]) -> Result<Option<fjall::Slice>, StorageError> {
+    storage
+        .meta
+        .get(erasure_job_key(id))
+        .map_err(StorageError::engine("reading an erasure job"))
+}
+
+/// Every erasure job record.
+pub fn erasure_jobs(storage: &Storage) -> Result<Vec<fjall::Slice>, StorageError> {
+    let mut jobs = Vec::new();
+    for guard in storage.meta.prefix([kind::ERASURE_JOB]) {
+        let (_key, value) = guard
+            .into_inner()
+            .map_err(StorageError::engine("reading erasure jobs"))?;
+        jobs.push(value);
+    }
+    Ok(jobs)
+}

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::event::{last_seq_of, now_micros, LogBatch};
 use crate::ids::TenantId;
 use crate::storage::dedup_filter::KeyFilters;
-use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup};
+use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
 use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
 use crate::storage::upkeep::Upkeep;
 use crate::storage::{dedup, Storage, StorageError};
@@ -130,6 +130,7 @@ enum Command {
         tenant: TenantId,
         reply: oneshot::Sender<()>,
     },
+    IngestKeysNow(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -237,6 +238,20 @@ impl LogWriter {
         answer.await.map_err(|_| StorageError::WriterStopped)
     }
 
+    /// Has the dedup keys of every append acknowledged before this call written into the dedup
+    /// tables, advancing the dedup watermarks (which the cold tier's flushes wait for).
+    pub async fn ingest_dedup_keys_now(&self) -> Result<(), StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let queue = self.queue.clone();
+        let sent = crate::blocking::run(move || queue.send(Command::IngestKeysNow(reply)).is_ok())
+            .await
+            .unwrap_or(false);
+        if !sent {
+            return Err(StorageError::WriterStopped);
+        }
+        answer.await.map_err(|_| StorageError::WriterStopped)
+    }
+
     /// The last durable sequence of each tenant written since start.
     pub fn heads(&self) -> &LogHeads {
         &self.heads
@@ -288,7 +303,7 @@ struct Writer {
     /// The keys of recent appends, until the dedup tables hold them.
     dedup: dedup::DedupIndex,
     /// To the ingest thread: each durable group's new dedup keys.
-    key_groups: crossbeam_channel::Sender<KeyGroup>,
+    key_groups: crossbeam_channel::Sender<ToIngest>,
     /// The current group's new dedup keys with their values, and each tenant's last sequence.
     group_keys: Vec<(dedup::DedupKey, [u8; 16])>,
     group_heads: Vec<(TenantId, u64)>,
@@ -348,6 +363,11 @@ impl Writer {
                         self.sealed.insert(tenant);
                         self.next_seq.remove(&tenant);
                         let _ = reply.send(());
+                    }
+                    Command::IngestKeysNow(reply) => {
+                        // After the keys of everything appended before.
+                        self.finish_group(&mut replies);
+                        let _ = self.key_groups.send(ToIngest::Now(reply));
                     }
                     Command::Shutdown => stopping = true,
                 }
@@ -424,7 +444,7 @@ impl Writer {
             };
             // Fails only once the ingest thread has stopped on an error; it cleared `healthy`,
             // and the next append is refused.
-            let _ = self.key_groups.send(group);
+            let _ = self.key_groups.send(group.into());
         }
         self.dedup.forget_ingested();
     }

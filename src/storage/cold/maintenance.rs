@@ -207,7 +207,11 @@ fn merge(
     let merged = Segment {
         path: path.clone(),
         flush_first: first.flush_first,
-        flush_last: run.iter().map(|s| s.flush_last).max().unwrap_or(last.flush_last),
+        flush_last: run
+            .iter()
+            .map(|s| s.flush_last)
+            .max()
+            .unwrap_or(last.flush_last),
         hour: first.hour,
         first_seq: first.first_seq,
         last_seq: last.last_seq,
@@ -215,7 +219,14 @@ fn merge(
         bytes: bytes.len() as u64,
     };
     block_on(store.put(&path, bytes))?;
-    swap(storage, store, tenant, ChangeKind::Compaction, vec![merged], run.to_vec())
+    swap(
+        storage,
+        store,
+        tenant,
+        ChangeKind::Compaction,
+        vec![merged],
+        run.to_vec(),
+    )
 }
 
 /// Commits `added` in place of `removed` and retires the removed objects, unless the tenant was
@@ -295,7 +306,14 @@ pub fn erase_user(
         report.written_segments += added.len() as u64;
         report.removed_segments += 1;
         report.removed_events += removed;
-        swap(storage, store, tenant, ChangeKind::Erasure, added, vec![old])?;
+        swap(
+            storage,
+            store,
+            tenant,
+            ChangeKind::Erasure,
+            added,
+            vec![old],
+        )?;
     }
     Ok(report)
 }

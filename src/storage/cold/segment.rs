@@ -16,8 +16,8 @@ use arrow_array::{
     Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray,
     UInt64Array, UInt8Array,
 };
-use arrow_select::filter::filter_record_batch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_select::filter::filter_record_batch;
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -159,7 +159,11 @@ pub fn batches(
 /// filters (false: certainly not; a row group without a filter may). Blocking.
 pub fn may_hold_user(bytes: Bytes, user: &str) -> Result<bool, ColdError> {
     let options = ReadOptionsBuilder::new()
-        .with_reader_properties(ReaderProperties::builder().set_read_bloom_filter(true).build())
+        .with_reader_properties(
+            ReaderProperties::builder()
+                .set_read_bloom_filter(true)
+                .build(),
+        )
         .build();
     let reader = SerializedFileReader::new_with_options(bytes, options)?;
     let columns = reader.metadata().file_metadata().schema_descr();

@@ -1,11 +1,11 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
-use std::ops::ControlFlow;
-use crate::storage::{meta, Storage};
-use crate::storage::cold::segment::ColdRow;
 use crate::storage::cold::flush::rows_of;
 use crate::storage::cold::manifest::Segment;
+use crate::storage::cold::segment::ColdRow;
 use crate::storage::event_log::{encode_entry, tests::batch};
+use crate::storage::{meta, Storage};
+use std::ops::ControlFlow;
 
 const T: TenantId = TenantId(77);
 
@@ -237,7 +237,10 @@ fn setup_small_segments() -> (tempfile::TempDir, Storage, ColdStore) {
 }
 
 fn ids(events: &[(u64, String, Option<String>)]) -> Vec<(u64, String)> {
-    events.iter().map(|(seq, id, _)| (*seq, id.clone())).collect()
+    events
+        .iter()
+        .map(|(seq, id, _)| (*seq, id.clone()))
+        .collect()
 }
 
 const COMPACT_ALL: CompactionPolicy = CompactionPolicy {
@@ -264,7 +267,11 @@ fn compaction_merges_small_segments_per_hour_and_reads_stay_in_sequence_order() 
             "events/tenant=000000000000004d/date=1970-01-01/hour=11/4-10.parquet".to_string(),
         ]
     );
-    assert_eq!(objects(&store, "events/"), paths, "superseded objects left events/");
+    assert_eq!(
+        objects(&store, "events/"),
+        paths,
+        "superseded objects left events/"
+    );
     assert_eq!(objects(&store, "trash/").len(), 5, "and wait in the trash");
     assert_eq!(everything(&storage, &store), before);
     // Nothing left to merge; an hour still receiving flushes is not touched.
@@ -303,7 +310,11 @@ fn a_crash_inside_a_compaction_loses_and_duplicates_nothing() {
     let (_dir, storage, store) = setup_small_segments();
     let before = everything(&storage, &store);
     let old = segments(&storage, T).unwrap();
-    let hour10: Vec<Segment> = old.iter().filter(|s| s.hour == 10 * HOUR).cloned().collect();
+    let hour10: Vec<Segment> = old
+        .iter()
+        .filter(|s| s.hour == 10 * HOUR)
+        .cloned()
+        .collect();
     // Crash after writing the merged object: it is not committed, recovery moves it away.
     let merged_path = "events/tenant=000000000000004d/date=1970-01-01/hour=10/1-9.parquet";
     block_on(store.put(merged_path, segment::encode(&[]).unwrap())).unwrap();
@@ -336,7 +347,11 @@ fn a_crash_inside_a_compaction_loses_and_duplicates_nothing() {
         watermark: None,
     };
     manifest::commit(&storage, &store, T, &change).unwrap();
-    assert_eq!(everything(&storage, &store), before, "readers follow the manifest");
+    assert_eq!(
+        everything(&storage, &store),
+        before,
+        "readers follow the manifest"
+    );
     recover(&storage, &store, T, std::time::Duration::from_secs(3600)).unwrap();
     assert_eq!(objects(&store, "events/"), committed(&storage));
     assert_eq!(committed(&storage).len(), 3);
@@ -355,7 +370,11 @@ fn retention_removes_whole_expired_segments() {
     );
     assert_eq!(objects(&store, "events/"), committed(&storage));
     assert_eq!(objects(&store, "trash/").len(), 3);
-    assert_eq!(cold_watermark(&storage, T).unwrap(), 10, "the watermark stays");
+    assert_eq!(
+        cold_watermark(&storage, T).unwrap(),
+        10,
+        "the watermark stays"
+    );
 }
 
 #[test]
