@@ -2,6 +2,7 @@
 //! folder and on an S3-compatible server (moto, from the project-local Python environment):
 //! overwrite, conditional create, multipart upload of a large segment, listing, rename and
 //! deletion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use statsremote::config::S3Config;
