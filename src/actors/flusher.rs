@@ -118,7 +118,12 @@ impl SegmentFlusher {
         let retention = Micros::try_from(deps.hot_retention.as_micros()).unwrap_or(Micros::MAX);
         let due = now_micros().saturating_sub(retention);
         let received_before = waiters.iter().map(|(at, _)| *at).fold(due, Micros::max);
-        let task = crate::blocking::run(move || pass(&deps, tenant, recovered, received_before));
+        let task = crate::blocking::run(move || {
+            let passed = pass(&deps, tenant, recovered, received_before);
+            // Also after a failed pass: with the store down, the lag is what shows it.
+            report_lag(&deps, tenant);
+            passed
+        });
         ctx.spawn(
             wrap_future(task).map(move |joined, flusher: &mut Self, ctx| {
                 let outcome = flusher.finished(joined, ctx);
@@ -246,10 +251,18 @@ fn pass(
         segments.iter().map(|s| s.bytes).sum(),
         segments.iter().map(|s| s.rows).sum(),
     );
-    let oldest = cold::oldest_hot_received_at(storage, tenant)?;
-    let lag = oldest.map_or(0, |received_at| now_micros().saturating_sub(received_at));
-    telemetry::cold_flush_lag(&label, lag);
     Ok(cold::cold_watermark(storage, tenant)?)
+}
+
+/// Publishes the flush lag: the age of the oldest entry still in the hot log. Blocking.
+fn report_lag(deps: &PipelineDeps, tenant: TenantId) {
+    match cold::oldest_hot_received_at(&deps.storage, tenant) {
+        Ok(oldest) => {
+            let lag = oldest.map_or(0, |received_at| now_micros().saturating_sub(received_at));
+            telemetry::cold_flush_lag(&tenant.to_string(), lag);
+        }
+        Err(error) => tracing::warn!(%tenant, %error, "reading the flush lag failed"),
+    }
 }
 
 impl Actor for SegmentFlusher {

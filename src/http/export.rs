@@ -86,16 +86,31 @@ pub async fn export(
         finished: Arc::new(AtomicBool::new(false)),
     };
     let finished = Arc::clone(&reader.finished);
+    let reader_finished = Arc::clone(&reader.finished);
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     crate::blocking::detach(move || {
         reader.run(&filter, &sender);
         drop(slot);
     });
+    // The status waits for the first chunk: a failure before any event was read (the cold
+    // store unreachable, say) is answered as an error, not as an empty export.
+    let mut receiver = receiver;
+    let first = match receiver.recv().await {
+        Some(Ok(chunk)) => Some(chunk),
+        Some(Err(error)) => {
+            return Err(ApiError::unavailable(format!(
+                "reading the stored events failed: {error}"
+            )))
+        }
+        None if reader_finished.load(Ordering::Acquire) => None,
+        None => return Err(ApiError::unavailable("the export stopped before it began")),
+    };
     let directory = Arc::clone(&state.directory);
     let key_watch = state
         .directory
         .watch_key(key.as_deref().unwrap_or_default());
-    let stream = futures_util::stream::unfold(Some((receiver, key_watch)), move |state| {
+    let first = futures_util::stream::iter(first.map(Ok::<Bytes, std::io::Error>));
+    let rest = futures_util::stream::unfold(Some((receiver, key_watch)), move |state| {
         let directory = Arc::clone(&directory);
         let finished = Arc::clone(&finished);
         async move {
@@ -116,7 +131,7 @@ pub async fn export(
     });
     Ok(HttpResponse::Ok()
         .content_type("application/x-ndjson")
-        .streaming(stream))
+        .streaming(futures_util::StreamExt::chain(first, rest)))
 }
 
 fn export_cut_off() -> std::io::Error {
