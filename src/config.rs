@@ -134,7 +134,7 @@ pub struct ColdConfig {
     /// How often each tenant's flusher looks for entries to move.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Most events one flush moves (it holds them in memory while it writes them).
+    /// Most events one flush moves (it holds their compressed segments while it writes them).
     pub max_flush_events: usize,
     /// How long superseded or never committed objects wait before they are deleted.
     #[serde(with = "humantime_serde")]
@@ -143,6 +143,8 @@ pub struct ColdConfig {
     pub compact_below_rows: u64,
     /// Most rows of a segment merged by compaction.
     pub compact_max_rows: u64,
+    /// Fewest adjacent small segments of an hour merged at once (at least 2).
+    pub compact_min_segments: usize,
     /// Where the objects go when `store` is `s3`.
     pub s3: S3Config,
 }
@@ -505,6 +507,13 @@ impl Config {
                 "cold.s3.bucket",
                 "\"\"",
                 "must name a bucket when cold.store is \"s3\"",
+            ));
+        }
+        if self.cold.compact_min_segments < 2 {
+            return Err(invalid(
+                "cold.compact_min_segments",
+                self.cold.compact_min_segments,
+                "must be at least 2",
             ));
         }
         if self.cold.compact_max_rows < self.cold.compact_below_rows {

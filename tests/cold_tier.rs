@@ -405,6 +405,7 @@ fn admin_flush_compaction_erasure_and_retention_agree_with_duckdb() {
         ("STATSREMOTE__COLD__FLUSH_INTERVAL", "1h"),
         ("STATSREMOTE__ROLLUPS__FLUSH_INTERVAL", "200ms"),
         ("STATSREMOTE__COLD__GRACE_PERIOD", "1h"),
+        ("STATSREMOTE__COLD__COMPACT_MIN_SEGMENTS", "2"),
     ];
     let server = TestServer::start_in(dir.path(), &env);
     let tenant = server.create_tenant("lifecycle");

@@ -71,17 +71,26 @@ fn event_name(rank: usize) -> String {
     }
 }
 
+/// Late events: a share of events carry a timestamp hours in the past.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Late {
+    /// 0 to 100.
+    pub(crate) percent: u32,
+    pub(crate) max_hours: u32,
+}
+
 impl Generator {
     pub(crate) fn new(
         batch_size: usize,
         users: u64,
         event_names: usize,
         seed: u64,
+        late: Late,
     ) -> anyhow::Result<Generator> {
         let mut rng = StdRng::seed_from_u64(seed);
         let zipf = Zipf::new(event_names.max(1) as f64, 1.1)?;
         let templates: Vec<Template> = (0..32)
-            .map(|_| template(&mut rng, &zipf, batch_size))
+            .map(|_| template(&mut rng, &zipf, batch_size, late))
             .collect();
         let total: usize = templates.iter().map(|t| t.body.len()).sum();
         let event_bytes = total / (templates.len() * batch_size.max(1));
@@ -119,7 +128,7 @@ impl Generator {
     }
 }
 
-fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize) -> Template {
+fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize, late: Late) -> Template {
     let mut body = String::from("{\"batch\":[");
     let mut id_slots = Vec::with_capacity(batch_size);
     let mut user_slots = Vec::with_capacity(batch_size);
@@ -149,6 +158,11 @@ fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize) -> Template {
                 "page": {"path": path, "url": format!("https://app.example.com{path}")},
             },
         });
+        let mut event = event;
+        if rng.random_range(0..100) < late.percent {
+            let ago = rng.random_range(3600..=i64::from(late.max_hours) * 3600);
+            event["timestamp"] = serde_json::Value::from(crate::dates::now_rfc3339(-ago));
+        }
         let mut text = event.to_string();
         // Slots go in front of the generated fields; JSON key order does not matter.
         text.insert_str(
@@ -213,7 +227,7 @@ mod tests {
 
     #[test]
     fn filled_bodies_are_valid_unique_batches() {
-        let generator = Generator::new(50, 1000, 30, 1).unwrap();
+        let generator = Generator::new(50, 1000, 30, 1, Late::default()).unwrap();
         let mut rng = StdRng::seed_from_u64(2);
         let mut users = UserSet::new(1000);
         let mut body = Vec::new();

@@ -195,7 +195,7 @@ fn one_run(
     }
     target.stop();
     let outcomes = outcomes.lock().map(|o| o.clone()).unwrap_or_default();
-    Ok((run?, outcomes))
+    Ok((run?.0, outcomes))
 }
 
 /// The scenario: the good tenant without the attack, then with it.

@@ -7,6 +7,7 @@
 //! prints one table, with each mode's throughput as a ratio of the ceiling measured in the same
 //! run, and `--json FILE` writes the same figures.
 
+mod cold;
 mod dates;
 mod generate;
 mod hostile;
@@ -126,6 +127,16 @@ struct Args {
     /// The server binary to start.
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Percent of events (0-100) sent with a timestamp 1 to `--late-hours` hours in the past,
+    /// as SDKs that queue events offline do.
+    #[arg(long, default_value_t = 0)]
+    late_percent: u32,
+    #[arg(long, default_value_t = 24)]
+    late_hours: u32,
+    /// After each stored mode: an admin flush, then the cold tier's files per hour and bytes per
+    /// event (run the server with a short `STATSREMOTE__STORAGE__HOT_RETENTION`).
+    #[arg(long)]
+    cold_report: bool,
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -307,13 +318,13 @@ fn run_mode(
     target: &Target,
     args: &Arc<Args>,
     generator: &Arc<Generator>,
-) -> Result<Run> {
+) -> Result<(Run, Arc<Vec<Tenant>>)> {
     let tenants: Arc<Vec<Tenant>> = Arc::new(
         (0..args.tenants.max(1))
             .map(|i| target.create_tenant(&format!("loadtest-{mode:?}-{i}")))
             .collect::<Result<_>>()?,
     );
-    let from = now_rfc3339(-3600);
+    let from = now_rfc3339(-3600 * (i64::from(args.late_hours) + 2));
     let budget = Arc::new(AtomicU64::new(args.events));
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_before = target.stats().map(|stats| stats.cpu);
@@ -378,7 +389,7 @@ fn run_mode(
         }
     }
     let ms = |q: f64| total.latency.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Run {
+    let run = Run {
         mode,
         events_per_sec: total.acked as f64 / seconds,
         mb_per_sec: total.bytes as f64 / seconds / 1_048_576.0,
@@ -397,7 +408,8 @@ fn run_mode(
         server_cpu_cores,
         peak_rss_mb,
         seconds,
-    })
+    };
+    Ok((run, tenants))
 }
 
 fn print_table(runs: &[Run]) {
@@ -480,7 +492,7 @@ fn run_queries(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
     let query_tenant = tenant.clone();
     let query_thread =
         std::thread::spawn(move || queries::query_loop(&query_target, &query_tenant, &query_stop));
-    let ingest = run_mode(Mode::Durable, &target, args, generator)?;
+    let (ingest, _) = run_mode(Mode::Durable, &target, args, generator)?;
     stop.store(true, Ordering::Relaxed);
     let latencies = query_thread
         .join()
@@ -533,6 +545,10 @@ fn main() -> Result<()> {
         args.users,
         args.event_names,
         42,
+        generate::Late {
+            percent: args.late_percent.min(100),
+            max_hours: args.late_hours.max(1),
+        },
     )?);
     if args.scenario == Scenario::Queries {
         return run_queries(&args, &generator);
@@ -545,10 +561,11 @@ fn main() -> Result<()> {
         args.events, args.batch_size, generator.event_bytes, args.concurrency, args.tenants, args.users, args.compression
     );
     let mut runs = Vec::new();
+    let mut cold_reports = Vec::new();
     if let Some(url) = &args.url {
         let target = Target::existing(url, &args.admin_token);
         let mode = args.modes.first().copied().unwrap_or(Mode::Durable);
-        runs.push(run_mode(mode, &target, &args, &generator)?);
+        runs.push(run_mode(mode, &target, &args, &generator)?.0);
     } else {
         let binary = args
             .server_bin
@@ -556,7 +573,12 @@ fn main() -> Result<()> {
             .unwrap_or_else(server::default_binary);
         for mode in &args.modes {
             let mut target = Target::start(&binary, &mode.settings())?;
-            let run = run_mode(*mode, &target, &args, &generator)?;
+            let (run, tenants) = run_mode(*mode, &target, &args, &generator)?;
+            if args.cold_report && *mode != Mode::Ceiling {
+                let report = cold::report(&target, &tenants)?;
+                cold::print(&report);
+                cold_reports.push(report);
+            }
             target.stop();
             runs.push(run);
         }
@@ -565,7 +587,7 @@ fn main() -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(
             path,
-            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?,
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "cold": cold_reports }))?,
         )?;
         println!("wrote {}", path.display());
     }

@@ -105,6 +105,27 @@ impl Target {
         Ok(reply.into_json()?)
     }
 
+    /// An admin request (no body); JSON reply, or null for an empty one.
+    pub(crate) fn admin(&self, method: &str, path: &str) -> Result<Value> {
+        let reply = self
+            .agent
+            .request(method, &format!("{}{}", self.base, path))
+            .set("Authorization", &format!("Bearer {}", self.admin_token))
+            .call()
+            .with_context(|| format!("{method} {path}"))?;
+        Ok(reply.into_json().unwrap_or(Value::Null))
+    }
+
+    /// The server's `/metrics` text.
+    pub(crate) fn metrics(&self) -> Result<String> {
+        Ok(self
+            .agent
+            .get(&format!("{}/metrics", self.base))
+            .call()
+            .context("GET /metrics")?
+            .into_string()?)
+    }
+
     /// Waits until the tenant's rollups include every durable event.
     pub(crate) fn wait_caught_up(&self, tenant: &Tenant, from: &str, to: &str) -> Result<()> {
         let timeout = Duration::from_secs(120);

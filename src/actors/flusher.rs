@@ -223,6 +223,7 @@ fn pass(
     let policy = CompactionPolicy {
         small_rows: settings.compact_below_rows,
         max_rows: settings.compact_max_rows,
+        min_segments: settings.compact_min_segments,
         settled_before: now
             .saturating_sub(micros(deps.hot_retention))
             .saturating_sub(micros(settings.flush_interval)),

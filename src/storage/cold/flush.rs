@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use super::manifest::{self, cold_watermark, Change, ChangeKind, Segment};
-use super::segment::{self, ColdRow};
+use super::segment::{ColdRow, SegmentWriter};
 use super::{block_on, segment_path, ColdError, ColdStore, FailPoint, HOUR};
 use crate::event::{last_seq_of, LogBatch, Micros};
 use crate::ids::TenantId;
@@ -32,8 +32,9 @@ pub fn flush_once(
 ) -> Result<Option<FlushReport>, ColdError> {
     let cold = cold_watermark(storage, tenant)?;
     let limit = rollups::watermark(storage, tenant)?.min(dedup_ingest::watermark(storage, tenant)?);
-    let mut hours: BTreeMap<Micros, Vec<ColdRow>> = BTreeMap::new();
+    let mut hours: BTreeMap<Micros, HourSegment> = BTreeMap::new();
     let (mut through, mut events) = (cold, 0usize);
+    let mut failed = None;
     crate::storage::event_log::scan(storage.log(), tenant, cold + 1, |first_seq, batch| {
         let last = last_seq_of(first_seq, batch.events.len());
         let too_many = events > 0 && events + batch.events.len() > max_events;
@@ -42,28 +43,44 @@ pub fn flush_once(
         }
         for (seq, row) in (first_seq..).zip(rows_of(batch)) {
             let hour = row.event.timestamp.div_euclid(HOUR) * HOUR;
-            hours.entry(hour).or_default().push(ColdRow { seq, ..row });
+            let segment = match hours.entry(hour) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(entry) => match HourSegment::new() {
+                    Ok(segment) => entry.insert(segment),
+                    Err(error) => {
+                        failed = Some(error);
+                        return ControlFlow::Break(());
+                    }
+                },
+            };
+            if let Err(error) = segment.push(ColdRow { seq, ..row }) {
+                failed = Some(error);
+                return ControlFlow::Break(());
+            }
         }
         through = last;
         events += batch.events.len();
         ControlFlow::Continue(())
     })?;
+    if let Some(error) = failed {
+        return Err(error);
+    }
     if events == 0 {
         return Ok(None);
     }
     let mut added = Vec::with_capacity(hours.len());
-    for (hour, rows) in &hours {
-        let (first, last) = (rows[0].seq, rows[rows.len() - 1].seq);
-        let bytes = segment::encode(rows)?;
-        let path = segment_path(tenant, *hour, first, last, None);
+    for (hour, segment) in hours {
+        let (first, last) = (segment.first, segment.last);
+        let (rows, bytes) = segment.finish()?;
+        let path = segment_path(tenant, hour, first, last, None);
         added.push(Segment {
             path: path.clone(),
             flush_first: cold + 1,
             flush_last: through,
-            hour: *hour,
+            hour,
             first_seq: first,
             last_seq: last,
-            rows: rows.len() as u64,
+            rows,
             bytes: bytes.len() as u64,
         });
         block_on(store.put(&path, bytes))?;
@@ -71,8 +88,12 @@ pub fn flush_once(
     if fail == Some(FailPoint::AfterWrite) {
         return Err(ColdError::Injected(FailPoint::AfterWrite));
     }
-    // A tenant deleted meanwhile: nothing is committed (its purge deletes the objects).
+    // A tenant deleted meanwhile: nothing is committed, and what was written goes (its purge
+    // may have listed the objects before they existed).
     if meta::is_tombstoned(storage, tenant)? {
+        for segment in &added {
+            block_on(store.delete(&segment.path))?;
+        }
         return Ok(None);
     }
     let change = Change {
@@ -91,6 +112,50 @@ pub fn flush_once(
         events: events as u64,
         segments: change.added,
     }))
+}
+
+/// Rows kept before they are appended to a segment as one record batch.
+const PENDING_ROWS: usize = 4096;
+
+/// One hour's segment of a flush, written as its rows come: what it holds is the compressed
+/// object so far, one row group being encoded, and at most [`PENDING_ROWS`] rows.
+struct HourSegment {
+    writer: SegmentWriter,
+    pending: Vec<ColdRow>,
+    first: u64,
+    last: u64,
+}
+
+impl HourSegment {
+    fn new() -> Result<HourSegment, ColdError> {
+        Ok(HourSegment {
+            writer: SegmentWriter::new()?,
+            pending: Vec::with_capacity(PENDING_ROWS),
+            first: 0,
+            last: 0,
+        })
+    }
+
+    /// Appends a row (rows come in sequence order).
+    fn push(&mut self, row: ColdRow) -> Result<(), ColdError> {
+        if self.pending.is_empty() && self.writer.rows() == 0 {
+            self.first = row.seq;
+        }
+        self.last = row.seq;
+        self.pending.push(row);
+        if self.pending.len() >= PENDING_ROWS {
+            self.writer.write_rows(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// The rows and the finished object.
+    fn finish(mut self) -> Result<(u64, bytes::Bytes), ColdError> {
+        self.writer.write_rows(&self.pending)?;
+        let rows = self.writer.rows();
+        Ok((rows, self.writer.finish()?))
+    }
 }
 
 /// The events of a log entry as rows (sequence numbers not yet set), with the batch-level

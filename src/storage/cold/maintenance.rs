@@ -141,6 +141,10 @@ pub struct CompactionPolicy {
     pub small_rows: u64,
     /// Most rows of a merged segment.
     pub max_rows: u64,
+    /// Fewest small segments merged at once: each merge rewrites the segments it takes, so
+    /// waiting for several keeps an hour that keeps receiving late events from being rewritten
+    /// at every flush.
+    pub min_segments: usize,
     /// Only hours that ended before this are compacted (later ones still receive flushes).
     pub settled_before: Micros,
 }
@@ -178,7 +182,7 @@ pub fn compact(
             }
         }
         runs.push(run);
-        for run in runs.iter().filter(|run| run.len() >= 2) {
+        for run in runs.iter().filter(|run| run.len() >= policy.min_segments.max(2)) {
             merge(storage, store, tenant, run)?;
             report.removed_segments += run.len() as u64;
             report.written_segments += 1;
@@ -240,6 +244,9 @@ fn swap(
     removed: Vec<Segment>,
 ) -> Result<(), ColdError> {
     if meta::is_tombstoned(storage, tenant)? {
+        for segment in &added {
+            block_on(store.delete(&segment.path))?;
+        }
         return Ok(());
     }
     let change = Change {

@@ -246,6 +246,7 @@ fn ids(events: &[(u64, String, Option<String>)]) -> Vec<(u64, String)> {
 const COMPACT_ALL: CompactionPolicy = CompactionPolicy {
     small_rows: 10,
     max_rows: 100,
+    min_segments: 2,
     settled_before: Micros::MAX,
 };
 
