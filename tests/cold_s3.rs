@@ -18,7 +18,10 @@ fn metric(server: &TestServer, name: &str, tenant: &Tenant) -> f64 {
     server
         .metrics()
         .lines()
-        .find_map(|line| line.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
+        .find_map(|line| {
+            line.strip_prefix(&prefix)
+                .map(|v| v.trim().parse().unwrap())
+        })
         .unwrap_or(0.0)
 }
 
@@ -32,7 +35,10 @@ fn send(server: &TestServer, tenant: &Tenant, prefix: &str, count: usize) {
 
 fn message_ids(server: &TestServer, tenant: &Tenant) -> Vec<String> {
     let mut ids: Vec<String> = server
-        .export(&tenant.read_key, "?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z")
+        .export(
+            &tenant.read_key,
+            "?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z",
+        )
         .iter()
         .map(|event| event["messageId"].as_str().unwrap().to_string())
         .collect();
@@ -41,7 +47,11 @@ fn message_ids(server: &TestServer, tenant: &Tenant) -> Vec<String> {
 }
 
 fn admin_flush(server: &TestServer, tenant: &Tenant) -> common::Reply {
-    server.admin("POST", &format!("/admin/v1/flush?tenant={}", tenant.id), None)
+    server.admin(
+        "POST",
+        &format!("/admin/v1/flush?tenant={}", tenant.id),
+        None,
+    )
 }
 
 #[test]
@@ -74,15 +84,24 @@ fn segments_go_to_s3_and_an_outage_delays_flushes_without_losing_anything() {
     let reply = admin_flush(&server, &tenant);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["tenants"][0]["cold_watermark"], 50);
-    let listing = ureq::get(&format!("{}/cold?list-type=2&prefix=statsremote/", s3.endpoint()))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let listing = ureq::get(&format!(
+        "{}/cold?list-type=2&prefix=statsremote/",
+        s3.endpoint()
+    ))
+    .call()
+    .unwrap()
+    .into_string()
+    .unwrap();
     assert!(listing.contains("statsremote/events/tenant="), "{listing}");
     assert!(listing.contains(".parquet"), "{listing}");
-    assert!(listing.contains("statsremote/manifest/tenant="), "{listing}");
-    assert!(!std::fs::exists(dir.path().join("cold")).unwrap(), "nothing in a local folder");
+    assert!(
+        listing.contains("statsremote/manifest/tenant="),
+        "{listing}"
+    );
+    assert!(
+        !std::fs::exists(dir.path().join("cold")).unwrap(),
+        "nothing in a local folder"
+    );
 
     // The store goes away: ingestion goes on, flushes fail and the lag grows.
     proxy.down();
@@ -91,7 +110,11 @@ fn segments_go_to_s3_and_an_outage_delays_flushes_without_losing_anything() {
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(&server, "statsremote_cold_flush_failures_total", &tenant) < 1.0 {
-        assert!(Instant::now() < deadline, "no failed flush: {}", server.metrics());
+        assert!(
+            Instant::now() < deadline,
+            "no failed flush: {}",
+            server.metrics()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let reply = admin_flush(&server, &tenant);
@@ -113,7 +136,11 @@ fn segments_go_to_s3_and_an_outage_delays_flushes_without_losing_anything() {
         "/v1/events/export?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z",
         Auth::Bearer(&tenant.read_key),
     );
-    assert!(reply.problem(503).contains("object store"), "{}", reply.body);
+    assert!(
+        reply.problem(503).contains("object store"),
+        "{}",
+        reply.body
+    );
 
     // Back: the flusher catches up by itself, each event once.
     proxy.up();
@@ -132,5 +159,9 @@ fn segments_go_to_s3_and_an_outage_delays_flushes_without_losing_anything() {
     let server = TestServer::start_in(dir.path(), &env);
     assert_eq!(message_ids(&server, &tenant), expected);
     send(&server, &tenant, "before", 50);
-    assert_eq!(message_ids(&server, &tenant), expected, "retries after restart are duplicates");
+    assert_eq!(
+        message_ids(&server, &tenant),
+        expected,
+        "retries after restart are duplicates"
+    );
 }

@@ -29,7 +29,9 @@ pub(crate) fn report(target: &Target, tenants: &[Tenant]) -> Result<ColdReport> 
             .and_then(|value| value.trim().parse().ok())
     });
     let started = std::time::Instant::now();
-    target.admin("POST", "/admin/v1/flush").context("admin flush")?;
+    target
+        .admin("POST", "/admin/v1/flush")
+        .context("admin flush")?;
     let flush_seconds = started.elapsed().as_secs_f64();
     let mut per_hour: BTreeMap<(String, String), usize> = BTreeMap::new();
     let (mut rows, mut bytes) = (0u64, 0u64);

@@ -587,7 +587,9 @@ fn main() -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(
             path,
-            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "cold": cold_reports }))?,
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "runs": runs, "cold": cold_reports }),
+            )?,
         )?;
         println!("wrote {}", path.display());
     }

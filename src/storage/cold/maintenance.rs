@@ -182,7 +182,10 @@ pub fn compact(
             }
         }
         runs.push(run);
-        for run in runs.iter().filter(|run| run.len() >= policy.min_segments.max(2)) {
+        for run in runs
+            .iter()
+            .filter(|run| run.len() >= policy.min_segments.max(2))
+        {
             merge(storage, store, tenant, run)?;
             report.removed_segments += run.len() as u64;
             report.written_segments += 1;
