@@ -3,8 +3,8 @@
 //! copies are purged).
 //!
 //! A job runs in the background ([`crate::lifecycle::TenantLifecycle::erase_user`]): the
-//! tenant's rollup and dedup watermarks are brought up to date, everything its hot log received
-//! before the request is flushed to the cold tier, and the tenant's flusher rewrites each
+//! tenant's rollup and dedup watermarks are brought up to date, its hot log is flushed to the
+//! cold tier up to the log head of the request's time, and the tenant's flusher rewrites each
 //! segment that holds the user without the user's events. A job still `running` when the
 //! server stops runs again from the start at the next start (every step is idempotent).
 
@@ -39,6 +39,9 @@ pub struct ErasureJob {
     pub user_id: String,
     pub status: JobStatus,
     pub requested_at: Micros,
+    /// The tenant's log head when the request came: the job erases the events up to it.
+    #[serde(default)]
+    pub through_seq: u64,
     pub requested_by: Requester,
     pub finished_at: Option<Micros>,
     pub removed_events: u64,

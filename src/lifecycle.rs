@@ -17,7 +17,7 @@ use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
-use crate::storage::cold::{ColdStore, MaintenanceReport};
+use crate::storage::cold::{ColdStore, Due, MaintenanceReport};
 use crate::storage::writer::LogWriter;
 use crate::storage::{self, meta, Storage, StorageError};
 use crate::tenant::{
@@ -57,8 +57,9 @@ pub struct TenantLifecycle {
     pub rate_limits: Arc<RateLimits>,
     pub query_cache: Arc<QueryCache>,
     pub cold: ColdStore,
-    /// How long superseded cold objects wait before deletion.
-    pub cold_grace: std::time::Duration,
+    /// Longest a superseded cold object waits before deletion: the grace period, then up to
+    /// one flusher pass.
+    pub cold_purge_delay: std::time::Duration,
 }
 
 impl TenantLifecycle {
@@ -151,7 +152,9 @@ impl TenantLifecycle {
     /// the dedup keys are written now, and the rollups, which flush every second, are waited
     /// for. Returns that log head.
     async fn settle_watermarks(&self, id: TenantId) -> Result<u64, LifecycleError> {
-        // The pipeline rolls the log up; it must be running.
+        // The pipeline rolls the log up; it must be running (and is never started again for a
+        // deleted tenant).
+        self.live_tenant(id)?;
         let _pipeline = self.pipelines.pipeline(id);
         self.writer.ingest_dedup_keys_now().await?;
         let storage = self.storage.clone();
@@ -172,6 +175,13 @@ impl TenantLifecycle {
         }
     }
 
+    fn live_tenant(&self, id: TenantId) -> Result<(), LifecycleError> {
+        match self.directory.get(id) {
+            Some(_) => Ok(()),
+            None => Err(DirectoryError::NotFound(id).into()),
+        }
+    }
+
     /// The admin flush: brings the watermarks up to date, then has the tenant's flusher move
     /// everything received more than `hot_retention` before now to the cold tier. Resolves
     /// with the cold watermark once that is committed.
@@ -183,11 +193,9 @@ impl TenantLifecycle {
         let started = crate::event::now_micros();
         self.settle_watermarks(id).await?;
         let retention = Micros::try_from(hot_retention.as_micros()).unwrap_or(Micros::MAX);
-        self.pipelines
-            .pipeline(id)
-            .flush_cold(started.saturating_sub(retention))
-            .await
-            .map_err(LifecycleError::Cold)
+        self.live_tenant(id)?;
+        let due = Due::received_before(started.saturating_sub(retention));
+        (self.pipelines.pipeline(id).flush_cold(due).await).map_err(LifecycleError::Cold)
     }
 
     /// Starts erasing a user's raw events (see [`crate::erasure`]); returns the job, running.
@@ -197,15 +205,16 @@ impl TenantLifecycle {
         user_id: String,
         requested_by: Requester,
     ) -> Result<ErasureJob, LifecycleError> {
-        if self.directory.get(id).is_none() {
-            return Err(DirectoryError::NotFound(id).into());
-        }
+        self.live_tenant(id)?;
+        let storage = self.storage.clone();
+        let through_seq = blocking::run(move || storage.log().head(id)).await??;
         let job = ErasureJob {
             id: uuid::Uuid::new_v4(),
             tenant: id,
             user_id,
             status: JobStatus::Running,
             requested_at: crate::event::now_micros(),
+            through_seq,
             requested_by,
             finished_at: None,
             removed_events: 0,
@@ -239,7 +248,8 @@ impl TenantLifecycle {
                     job.rewritten_segments = report.written_segments;
                     job.removed_segments = report.removed_segments - report.written_segments;
                     job.finished_at = Some(now);
-                    let grace = Micros::try_from(lifecycle.cold_grace.as_micros()).unwrap_or(0);
+                    let grace =
+                        Micros::try_from(lifecycle.cold_purge_delay.as_micros()).unwrap_or(0);
                     job.superseded_purged_by = Some(now.saturating_add(grace));
                     tracing::info!(job = %job.id, tenant = %job.tenant, removed_events = job.removed_events, "per-user erasure done");
                 }
@@ -260,13 +270,19 @@ impl TenantLifecycle {
     }
 
     async fn run_erasure(&self, job: &ErasureJob) -> Result<MaintenanceReport, LifecycleError> {
-        let head = self.settle_watermarks(job.tenant).await?;
+        self.settle_watermarks(job.tenant).await?;
+        self.live_tenant(job.tenant)?;
         let pipeline = self.pipelines.pipeline(job.tenant);
-        let flushed =
-            (pipeline.flush_cold(job.requested_at + 1).await).map_err(LifecycleError::Cold)?;
-        if flushed < head {
+        // By sequence: everything the log held at the request, whenever it was received.
+        let due = Due {
+            received_before: 0,
+            through_seq: job.through_seq,
+        };
+        let flushed = (pipeline.flush_cold(due).await).map_err(LifecycleError::Cold)?;
+        if flushed < job.through_seq {
             return Err(LifecycleError::Cold(format!(
-                "the hot log was flushed to sequence {flushed} of {head}"
+                "the hot log was flushed to sequence {flushed} of {}",
+                job.through_seq
             )));
         }
         let report =
@@ -299,6 +315,11 @@ fn purge_both_tiers(
     id: TenantId,
 ) -> Result<u64, StorageError> {
     let purged = storage::purge_tenant(storage, id)?;
+    // After any cold-tier task of the tenant still running (see `ColdStore::tenant_lock`).
+    let lock = cold.tenant_lock(id);
+    let _changing = lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     storage::cold::purge_tenant(storage, cold, id)
         .map_err(|error| StorageError::NotDurable(format!("purging cold segments: {error}")))?;
     Ok(purged)

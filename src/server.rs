@@ -199,7 +199,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         rate_limits: Arc::clone(&rate_limits),
         query_cache: Arc::clone(&query_cache),
         cold: cold.clone(),
-        cold_grace: config.cold.grace_period,
+        cold_purge_delay: config.cold.grace_period + config.cold.flush_interval,
     };
     lifecycle.resume_erasures()?;
     let state = web::Data::new(AppState {

@@ -495,7 +495,7 @@ struct LaterSettings {
 /// Settings added after [`LaterSettings`], as a second trailer; `None`: the server's default.
 #[derive(Serialize, Deserialize, Default)]
 struct ColdSettings {
-    /// Seconds.
+    /// Microseconds.
     raw_retention: Option<u64>,
 }
 
@@ -522,7 +522,7 @@ fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord
             max_event_names: later.max_event_names.unwrap_or(defaults.max_event_names),
             raw_retention: cold
                 .raw_retention
-                .map_or(defaults.raw_retention, Duration::from_secs),
+                .map_or(defaults.raw_retention, Duration::from_micros),
         },
         write_key_digest: stored.write_key_digest,
         read_key_digest: stored.read_key_digest,
@@ -549,7 +549,9 @@ fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
         max_event_names: Some(record.settings.max_event_names),
     };
     let cold = ColdSettings {
-        raw_retention: Some(record.settings.raw_retention.as_secs()),
+        raw_retention: Some(
+            u64::try_from(record.settings.raw_retention.as_micros()).unwrap_or(u64::MAX),
+        ),
     };
     // bincode writes a tuple as its fields one after the other: the trailers follow the record.
     codec::encode(&(stored, later, cold)).map_err(meta_codec_error)

@@ -24,15 +24,15 @@ use crate::actors::child::ChildActor;
 use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
-use crate::storage::cold::{self, ColdError, CompactionPolicy, MaintenanceReport};
+use crate::storage::cold::{self, ColdError, CompactionPolicy, Due, MaintenanceReport};
 use crate::telemetry;
 
 /// What the flusher is asked to do besides its periodic pass.
 pub enum FlusherMessage {
-    /// Flush everything received before this time (the admin flush, whose caller has brought
-    /// the rollup and dedup watermarks up to date), then answer with the cold watermark.
+    /// Flush what is `due` (the admin flush and erasures, whose callers have brought the
+    /// rollup and dedup watermarks up to date), then answer with the cold watermark.
     FlushNow {
-        received_before: Micros,
+        due: Due,
         reply: oneshot::Sender<Result<u64, String>>,
     },
     /// Erase a user's events from the cold tier (the hot log was flushed first).
@@ -42,7 +42,7 @@ pub enum FlusherMessage {
     },
 }
 
-type FlushWaiter = (Micros, oneshot::Sender<Result<u64, String>>);
+type FlushWaiter = (Due, oneshot::Sender<Result<u64, String>>);
 
 pub struct SegmentFlusher {
     tenant: TenantId,
@@ -86,6 +86,10 @@ impl SegmentFlusher {
         if let Some((user, reply)) = self.erasures.pop_front() {
             let task = crate::blocking::run(move || {
                 crate::priority::background_thread();
+                let lock = deps.cold.tenant_lock(tenant);
+                let _changing = lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if !recovered {
                     cold::recover(
                         &deps.storage,
@@ -116,10 +120,18 @@ impl SegmentFlusher {
         }
         let waiters = std::mem::take(&mut self.flushes);
         let retention = Micros::try_from(deps.hot_retention.as_micros()).unwrap_or(Micros::MAX);
-        let due = now_micros().saturating_sub(retention);
-        let received_before = waiters.iter().map(|(at, _)| *at).fold(due, Micros::max);
+        let periodic = Due::received_before(now_micros().saturating_sub(retention));
+        let due = waiters
+            .iter()
+            .map(|(due, _)| *due)
+            .fold(periodic, Due::union);
         let task = crate::blocking::run(move || {
-            let passed = pass(&deps, tenant, recovered, received_before);
+            let lock = deps.cold.tenant_lock(tenant);
+            let changing = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let passed = pass(&deps, tenant, recovered, due);
+            drop(changing);
             // Also after a failed pass: with the store down, the lag is what shows it.
             report_lag(&deps, tenant);
             passed
@@ -172,13 +184,13 @@ impl SegmentFlusher {
     }
 }
 
-/// One pass (blocking): recovery if needed, flushes of what was received before
-/// `received_before`, retention, compaction, trash. Returns the cold watermark reached.
+/// One pass (blocking): recovery if needed, flushes of what is `due`, retention, compaction,
+/// trash. Returns the cold watermark reached.
 fn pass(
     deps: &PipelineDeps,
     tenant: TenantId,
     recovered: bool,
-    received_before: Micros,
+    due: Due,
 ) -> Result<u64, ColdError> {
     // Acknowledgements come first: encoding segments is background work.
     crate::priority::background_thread();
@@ -187,14 +199,9 @@ fn pass(
     if !recovered {
         cold::recover(storage, store, tenant, settings.grace_period)?;
     }
-    while let Some(report) = cold::flush_once(
-        storage,
-        store,
-        tenant,
-        received_before,
-        settings.max_flush_events,
-        None,
-    )? {
+    while let Some(report) =
+        cold::flush_due(storage, store, tenant, due, settings.max_flush_events, None)?
+    {
         let bytes = report.segments.iter().map(|s| s.bytes).sum();
         telemetry::cold_flushed(&label, report.events, report.segments.len(), bytes);
     }
@@ -284,10 +291,7 @@ impl ChildActor for SegmentFlusher {
 impl StreamHandler<FlusherMessage> for SegmentFlusher {
     fn handle(&mut self, message: FlusherMessage, ctx: &mut Self::Context) {
         match message {
-            FlusherMessage::FlushNow {
-                received_before,
-                reply,
-            } => self.flushes.push((received_before, reply)),
+            FlusherMessage::FlushNow { due, reply } => self.flushes.push((due, reply)),
             FlusherMessage::Erase { user, reply } => self.erasures.push_back((user, reply)),
         }
         self.run(ctx);

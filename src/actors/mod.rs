@@ -30,7 +30,7 @@ use crate::config::{ActorsConfig, LiveConfig, RollupsConfig};
 use crate::event::{BatchShared, BatchSource, IncomingEvent, Micros};
 use crate::ids::TenantId;
 use crate::query::QueryCache;
-use crate::storage::cold::MaintenanceReport;
+use crate::storage::cold::{Due, MaintenanceReport};
 use crate::storage::writer::{AppendOutcome, LogWriter};
 use crate::storage::Storage;
 use crate::storage::StorageError;
@@ -188,14 +188,11 @@ impl TenantPipeline {
 }
 
 impl TenantPipeline {
-    /// Has the tenant's flusher flush everything received before `received_before` (once the
-    /// watermarks allow it); resolves with the cold watermark reached.
-    pub async fn flush_cold(&self, received_before: Micros) -> Result<u64, String> {
+    /// Has the tenant's flusher flush what is `due` (once the watermarks allow it); resolves
+    /// with the cold watermark reached.
+    pub async fn flush_cold(&self, due: Due) -> Result<u64, String> {
         let (reply, answer) = oneshot::channel();
-        let message = FlusherMessage::FlushNow {
-            received_before,
-            reply,
-        };
+        let message = FlusherMessage::FlushNow { due, reply };
         if self.mailboxes.flusher.try_send(message).is_err() {
             return Err("the tenant's segment flusher is busy or restarting".into());
         }

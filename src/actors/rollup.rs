@@ -574,8 +574,9 @@ pub fn read_items(
     Ok(out)
 }
 
-/// The rollup items of the cold events with sequences in `from_seq..=through`, as one run
-/// (flushes hold whole log entries, so the run has no gap). Blocking.
+/// The rollup items of the cold events with sequences in `from_seq..=through`: one item list
+/// per run of consecutive sequences, then an empty list that ends at `through`, so that the
+/// range counts as applied even where retention or an erasure left no event. Blocking.
 fn read_cold_items(
     storage: &Storage,
     store: &cold::ColdStore,
@@ -583,9 +584,8 @@ fn read_cold_items(
     from_seq: u64,
     through: u64,
 ) -> Result<Vec<(u64, RollupItems)>, StorageError> {
-    let mut events = Vec::new();
-    let mut expected = from_seq;
-    let mut gap = None;
+    let mut runs: Vec<(u64, Vec<crate::event::StoredEvent>)> = Vec::new();
+    let mut expected = 0;
     let scanned = cold::scan_cold(
         storage,
         store,
@@ -594,28 +594,23 @@ fn read_cold_items(
         through,
         None,
         |seq, batch| {
-            if seq != expected {
-                gap = Some(seq);
-                return std::ops::ControlFlow::Break(());
+            match runs.last_mut() {
+                Some((_, events)) if seq == expected => events.extend(batch.events.iter().cloned()),
+                _ => runs.push((seq, batch.events.clone())),
             }
             expected = seq + batch.events.len() as u64;
-            events.extend(batch.events.iter().cloned());
             std::ops::ControlFlow::Continue(())
         },
     );
-    let cold_error =
-        |error: String| StorageError::NotDurable(format!("reading cold segments: {error}"));
-    // A break is a gap, reported below.
-    let _flow = scanned.map_err(|error| cold_error(error.to_string()))?;
-    if let Some(seq) = gap {
-        return Err(cold_error(format!(
-            "expected sequence {expected}, found {seq}"
-        )));
-    }
-    if events.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(vec![(from_seq, RollupItems::from_events(&events))])
+    let _visited_all = scanned
+        .map_err(|error| StorageError::NotDurable(format!("reading cold segments: {error}")))?;
+    let mut out: Vec<(u64, RollupItems)> = runs
+        .into_iter()
+        .map(|(first, events)| (first, RollupItems::from_events(&events)))
+        .collect();
+    // An empty list at `through` moves the applied sequence to `through` (`last_seq_of`).
+    out.push((through, RollupItems::from_events(&[])));
+    Ok(out)
 }
 
 impl Actor for RollupActor {

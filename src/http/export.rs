@@ -29,6 +29,9 @@ use crate::storage::event_log::first_seq_received_since;
 use crate::storage::Storage;
 use crate::tenant::{KeyKind, KeyWatch, TenantDirectory, TenantId};
 
+/// Longest the status waits for the first chunk (see [`export`]).
+const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(1);
+
 /// NDJSON bytes gathered before a chunk is sent to the client.
 const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -92,18 +95,20 @@ pub async fn export(
         reader.run(&filter, &sender);
         drop(slot);
     });
-    // The status waits for the first chunk: a failure before any event was read (the cold
-    // store unreachable, say) is answered as an error, not as an empty export.
+    // The status waits for the first chunk, for at most a second: a failure before any event
+    // was read (the cold store unreachable, say) is answered as an error, not as an empty or
+    // shorter export. A scan that finds nothing for longer streams as before.
     let mut receiver = receiver;
-    let first = match receiver.recv().await {
-        Some(Ok(chunk)) => Some(chunk),
-        Some(Err(error)) => {
+    let first = match tokio::time::timeout(FIRST_CHUNK_WAIT, receiver.recv()).await {
+        Ok(Some(Ok(chunk))) => Some(chunk),
+        Ok(Some(Err(error))) => {
             return Err(ApiError::unavailable(format!(
                 "reading the stored events failed: {error}"
             )))
         }
-        None if reader_finished.load(Ordering::Acquire) => None,
-        None => return Err(ApiError::unavailable("the export stopped before it began")),
+        Ok(None) if reader_finished.load(Ordering::Acquire) => None,
+        Ok(None) => return Err(ApiError::unavailable("the export stopped before it began")),
+        Err(_waited) => None,
     };
     let directory = Arc::clone(&state.directory);
     let key_watch = state

@@ -9,7 +9,7 @@ use super::{block_on, segment_path, ColdError, ColdStore, FailPoint, HOUR};
 use crate::event::{last_seq_of, LogBatch, Micros};
 use crate::ids::TenantId;
 use crate::json::MergeBase;
-use crate::storage::{dedup_ingest, meta, rollups, Storage};
+use crate::storage::{dedup_ingest, rollups, Storage};
 
 /// What a flush moved.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,14 +19,54 @@ pub struct FlushReport {
     pub segments: Vec<Segment>,
 }
 
-/// Moves the tenant's oldest log entries received before `received_before` to segments: at most
-/// `max_events` events (at least one entry), never past the rollup or dedup watermark. `None`
-/// when nothing is due. Blocking.
+/// Which log entries a flush may move: those received before `received_before`, and those
+/// whose sequences are all at most `through_seq`, whenever they were received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub received_before: Micros,
+    pub through_seq: u64,
+}
+
+impl Due {
+    /// Entries received before `received_before`.
+    pub fn received_before(received_before: Micros) -> Due {
+        Due {
+            received_before,
+            through_seq: 0,
+        }
+    }
+
+    /// Both kinds of entry (a pass that serves several requests).
+    pub fn union(self, other: Due) -> Due {
+        Due {
+            received_before: self.received_before.max(other.received_before),
+            through_seq: self.through_seq.max(other.through_seq),
+        }
+    }
+}
+
+/// Moves the tenant's oldest log entries received before `received_before` to segments: see
+/// [`flush_due`].
 pub fn flush_once(
     storage: &Storage,
     store: &ColdStore,
     tenant: TenantId,
     received_before: Micros,
+    max_events: usize,
+    fail: Option<FailPoint>,
+) -> Result<Option<FlushReport>, ColdError> {
+    let due = Due::received_before(received_before);
+    flush_due(storage, store, tenant, due, max_events, fail)
+}
+
+/// Moves the tenant's oldest log entries that are `due` to segments: at most `max_events`
+/// events (at least one entry), never past the rollup or dedup watermark. `None` when nothing
+/// is due. Blocking.
+pub fn flush_due(
+    storage: &Storage,
+    store: &ColdStore,
+    tenant: TenantId,
+    due: Due,
     max_events: usize,
     fail: Option<FailPoint>,
 ) -> Result<Option<FlushReport>, ColdError> {
@@ -38,7 +78,8 @@ pub fn flush_once(
     crate::storage::event_log::scan(storage.log(), tenant, cold + 1, |first_seq, batch| {
         let last = last_seq_of(first_seq, batch.events.len());
         let too_many = events > 0 && events + batch.events.len() > max_events;
-        if batch.received_at >= received_before || last > limit || too_many {
+        let is_due = batch.received_at < due.received_before || last <= due.through_seq;
+        if !is_due || last > limit || too_many {
             return ControlFlow::Break(());
         }
         for (seq, row) in (first_seq..).zip(rows_of(batch)) {
@@ -88,21 +129,20 @@ pub fn flush_once(
     if fail == Some(FailPoint::AfterWrite) {
         return Err(ColdError::Injected(FailPoint::AfterWrite));
     }
-    // A tenant deleted meanwhile: nothing is committed, and what was written goes (its purge
-    // may have listed the objects before they existed).
-    if meta::is_tombstoned(storage, tenant)? {
-        for segment in &added {
-            block_on(store.delete(&segment.path))?;
-        }
-        return Ok(None);
-    }
     let change = Change {
         kind: ChangeKind::Flush,
         added,
         removed: Vec::new(),
         watermark: Some(through),
     };
-    manifest::commit(storage, store, tenant, &change)?;
+    if manifest::commit(storage, store, tenant, &change)?.is_none() {
+        // The tenant was deleted: what was written goes (its purge may have listed the
+        // objects before they existed).
+        for segment in &change.added {
+            block_on(store.delete(&segment.path))?;
+        }
+        return Ok(None);
+    }
     if fail == Some(FailPoint::AfterCommit) {
         return Err(ColdError::Injected(FailPoint::AfterCommit));
     }

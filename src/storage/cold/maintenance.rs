@@ -125,7 +125,9 @@ pub fn enforce_retention(
         removed: expired,
         watermark: None,
     };
-    manifest::commit(storage, store, tenant, &change)?;
+    if manifest::commit(storage, store, tenant, &change)?.is_none() {
+        return Ok(MaintenanceReport::default());
+    }
     retire(store, tenant, &change.removed)?;
     Ok(MaintenanceReport {
         removed_segments: change.removed.len() as u64,
@@ -237,7 +239,7 @@ fn merge(
 }
 
 /// Commits `added` in place of `removed` and retires the removed objects, unless the tenant was
-/// deleted meanwhile (its purge removes everything).
+/// deleted meanwhile (its purge removes everything else).
 fn swap(
     storage: &Storage,
     store: &ColdStore,
@@ -246,19 +248,19 @@ fn swap(
     added: Vec<Segment>,
     removed: Vec<Segment>,
 ) -> Result<(), ColdError> {
-    if meta::is_tombstoned(storage, tenant)? {
-        for segment in &added {
-            block_on(store.delete(&segment.path))?;
-        }
-        return Ok(());
-    }
     let change = Change {
         kind,
         added,
         removed,
         watermark: None,
     };
-    manifest::commit(storage, store, tenant, &change)?;
+    if manifest::commit(storage, store, tenant, &change)?.is_none() {
+        // The tenant was deleted: what was written goes.
+        for segment in &change.added {
+            block_on(store.delete(&segment.path))?;
+        }
+        return Ok(());
+    }
     retire(store, tenant, &change.removed)
 }
 

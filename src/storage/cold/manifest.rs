@@ -97,13 +97,18 @@ pub fn next_number(storage: &Storage, tenant: TenantId) -> Result<u64, StorageEr
 }
 
 /// Commits a change in one atomic, durable `meta` write, then publishes it. Returns the
-/// change's number. Blocking.
+/// change's number, or `None` for a deleted tenant: nothing is committed (its purge removes
+/// what it had; the caller removes the objects it wrote). Blocking; under the tenant's lock
+/// (`ColdStore::tenant_lock`), which the purge takes too, so no commit lands after a purge.
 pub fn commit(
     storage: &Storage,
     store: &ColdStore,
     tenant: TenantId,
     change: &Change,
-) -> Result<u64, ColdError> {
+) -> Result<Option<u64>, ColdError> {
+    if meta::is_tombstoned(storage, tenant)? {
+        return Ok(None);
+    }
     let watermark = cold_watermark(storage, tenant)?;
     let number = next_number(storage, tenant)?;
     let mut batch = storage.batch();
@@ -143,7 +148,7 @@ pub fn commit(
         .map_err(StorageError::engine("committing a cold manifest change"))?;
     storage.persist(true)?;
     publish(storage, store, tenant, number, watermark, change);
-    Ok(number)
+    Ok(Some(number))
 }
 
 fn publish(

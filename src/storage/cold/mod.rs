@@ -31,7 +31,7 @@ use crate::event::{format_timestamp, Micros};
 use crate::ids::TenantId;
 use crate::storage::StorageError;
 
-pub use self::flush::{flush_once, FlushReport};
+pub use self::flush::{flush_due, flush_once, Due, FlushReport};
 pub use self::maintenance::{
     compact, enforce_retention, erase_user, oldest_hot_received_at, purge_tenant, purge_trash,
     recover, CompactionPolicy, MaintenanceReport,

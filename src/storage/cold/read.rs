@@ -116,7 +116,7 @@ pub fn scan_cold(
                 .peek()
                 .is_none_or(|Reverse((seq, _))| next.first_seq <= *seq)
         }) {
-            let mut reader = OpenSegment::open(store, &segment, range.clone())?;
+            let mut reader = OpenSegment::open(store, tenant, &segment, range.clone())?;
             if let Some(row) = reader.next_row()? {
                 heads.push(Reverse((row.seq, open.len())));
                 rows.push(Some(row));
@@ -150,6 +150,26 @@ pub fn scan_cold(
     }
 }
 
+/// A segment that left `events/` after the read began, from `trash/`.
+fn retired_copy(
+    store: &ColdStore,
+    tenant: TenantId,
+    path: &str,
+) -> Result<bytes::Bytes, ColdError> {
+    let suffix = format!("/{path}");
+    let copy = block_on(store.list(&format!("trash/tenant={tenant}/")))?
+        .into_iter()
+        .map(|object| object.location.to_string())
+        .filter(|location| location.ends_with(&suffix))
+        .max();
+    match copy {
+        Some(location) => block_on(store.get(&location)),
+        None => Err(ColdError::Corrupt(format!(
+            "segment {path} is neither under events/ nor in the trash"
+        ))),
+    }
+}
+
 /// A segment being read: its rows within a range, one decoded batch at a time.
 struct OpenSegment {
     batches: Box<dyn Iterator<Item = Result<arrow_array::RecordBatch, ColdError>>>,
@@ -160,10 +180,18 @@ struct OpenSegment {
 impl OpenSegment {
     fn open(
         store: &ColdStore,
+        tenant: TenantId,
         segment: &Segment,
         range: std::ops::RangeInclusive<u64>,
     ) -> Result<OpenSegment, ColdError> {
-        let bytes = block_on(store.get(&segment.path))?;
+        let bytes = match block_on(store.get(&segment.path)) {
+            Ok(bytes) => bytes,
+            // Superseded since the read began: it waits out the grace period in the trash.
+            Err(ColdError::Store(object_store::Error::NotFound { .. })) => {
+                retired_copy(store, tenant, &segment.path)?
+            }
+            Err(error) => return Err(error),
+        };
         Ok(OpenSegment {
             batches: Box::new(segment::batches(bytes)?),
             rows: Vec::new().into_iter(),

@@ -5,7 +5,7 @@
 //! once it is durable). Objects larger than [`PART_BYTES`] go up as multipart uploads.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -19,6 +19,7 @@ use object_store::{
 
 use super::ColdError;
 use crate::config::S3Config;
+use crate::ids::TenantId;
 
 /// Part size of multipart uploads; smaller objects are put in one request. (S3 wants parts of
 /// at least 5 MiB, all but the last.)
@@ -30,6 +31,8 @@ pub struct ColdStore {
     store: Arc<dyn ObjectStore>,
     /// The folder of a local store (for fsync).
     local_root: Option<PathBuf>,
+    /// One lock per tenant, shared by every clone (see [`ColdStore::tenant_lock`]).
+    locks: Arc<dashmap::DashMap<TenantId, Arc<Mutex<()>>>>,
 }
 
 impl ColdStore {
@@ -40,6 +43,7 @@ impl ColdStore {
         Ok(ColdStore {
             store: Arc::new(store),
             local_root: Some(root.to_path_buf()),
+            locks: Arc::default(),
         })
     }
 
@@ -70,7 +74,15 @@ impl ColdStore {
         Ok(ColdStore {
             store,
             local_root: None,
+            locks: Arc::default(),
         })
+    }
+
+    /// The lock that serialises every change to a tenant's cold tier: each task that changes it
+    /// (a flusher's pass or erasure, a tenant's purge) holds it while it runs, so a task left
+    /// running by a restarted flusher never overlaps the next one.
+    pub fn tenant_lock(&self, tenant: TenantId) -> Arc<Mutex<()>> {
+        Arc::clone(self.locks.entry(tenant).or_default().value())
     }
 
     /// Writes (or overwrites) an object, durably; in parts when it is large.

@@ -409,3 +409,41 @@ fn erasure_rewrites_only_the_segments_holding_the_user() {
     );
     assert_eq!(objects(&store, "events/"), committed(&storage));
 }
+
+#[test]
+fn a_flush_by_sequence_moves_recent_entries_up_to_it() {
+    let (_dir, storage, store) = setup();
+    // Entries 1-3 and 4 were received at 1_000 and 1_001: too recent by time, due by sequence.
+    let due = Due {
+        received_before: 0,
+        through_seq: 3,
+    };
+    let report = flush_due(&storage, &store, T, due, 1_000, None)
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.through, 3);
+    assert!(flush_due(&storage, &store, T, due, 1_000, None)
+        .unwrap()
+        .is_none());
+    assert_eq!(everything(&storage, &store).len(), 6);
+}
+
+#[test]
+fn a_read_that_began_before_a_compaction_finds_the_retired_segments() {
+    let (_dir, storage, store) = setup_small_segments();
+    let before = everything(&storage, &store);
+    let mut seen = Vec::new();
+    let mut compacted = false;
+    scan_tiers(&storage, Some(&store), T, 1, None, |seq, batch| {
+        if !compacted {
+            // The reader holds the manifest it started with; the objects move to the trash.
+            compact(&storage, &store, T, COMPACT_ALL).unwrap();
+            compacted = true;
+        }
+        seen.push((seq, batch.events[0].message_id.clone()));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(compacted);
+    assert_eq!(seen, ids(&before));
+}
