@@ -127,11 +127,58 @@ pub async fn handle(
                 .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
         }
     };
+    let stored = store(
+        &req,
+        &state,
+        &tenant,
+        parsed,
+        endpoint,
+        received_at,
+        started,
+    )
+    .await?;
+    Ok(reply(
+        stored.accepted,
+        stored.duplicates,
+        stored.rejected,
+        stored.rate,
+    ))
+}
+
+/// What storing a parsed request did.
+pub struct Stored {
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// Positions (in the request) of the accepted events that were duplicates.
+    pub duplicate_positions: Vec<usize>,
+    pub rejected: Vec<Rejection>,
+    /// The tenant's rate limit and what is left of it, when the events were counted against it.
+    pub rate: Option<(u32, u32)>,
+}
+
+/// The part every ingestion protocol shares once it has a tenant and parsed events: admission
+/// into the tenant's pipeline, the rate limit, the durable append. Answers once the events are
+/// durable. A request whose events were all rejected is a 400 listing them.
+pub async fn store(
+    req: &HttpRequest,
+    state: &AppState,
+    tenant: &TenantRecord,
+    parsed: ParsedRequest,
+    endpoint: &str,
+    received_at: crate::event::Micros,
+    started: Instant,
+) -> Result<Stored, ApiError> {
     let tenant_label = tenant.id.to_string();
     let rejected = parsed.rejected;
     if parsed.events.is_empty() {
         if rejected.is_empty() {
-            return Ok(reply(0, 0, Vec::new(), None));
+            return Ok(Stored {
+                accepted: 0,
+                duplicates: 0,
+                duplicate_positions: Vec::new(),
+                rejected,
+                rate: None,
+            });
         }
         telemetry::ingest_refused(&tenant_label, rejected.len(), "rejected");
         return Err(ApiError::BadRequest {
@@ -149,7 +196,7 @@ pub async fn handle(
             "the tenant's ingestion pipeline is full",
         ));
     };
-    let admitted = match state.rate_limits.check(&tenant, event_count) {
+    let admitted = match state.rate_limits.check(tenant, event_count) {
         Ok(admitted) => admitted,
         Err(Refused::Later { retry_after, limit }) => {
             telemetry::ingest_refused(&tenant_label, event_count, "rate_limited");
@@ -170,21 +217,23 @@ pub async fn handle(
             )));
         }
     };
+    let rate = Some((admitted.limit, admitted.remaining));
 
     if state.config.benchmark.ceiling_discard_events {
         // Benchmark ceiling: everything up to here, nothing after (see config/default.toml).
         drop(admission);
-        return Ok(reply(
-            event_count,
-            0,
+        return Ok(Stored {
+            accepted: event_count,
+            duplicates: 0,
+            duplicate_positions: Vec::new(),
             rejected,
-            Some((admitted.limit, admitted.remaining)),
-        ));
+            rate,
+        });
     }
 
     let source = BatchSource {
         endpoint: endpoint.to_string(),
-        client_ip: client_ip(&req, state.config.server.trust_forwarded_for).map(anonymize_ip),
+        client_ip: client_ip(req, state.config.server.trust_forwarded_for).map(anonymize_ip),
     };
     let outcome = admission
         .ingest(parsed.events, parsed.shared, source, received_at)
@@ -202,12 +251,13 @@ pub async fn handle(
         latency: started.elapsed(),
     }
     .emit();
-    Ok(reply(
-        outcome.accepted,
-        outcome.duplicates,
+    Ok(Stored {
+        accepted: outcome.accepted,
+        duplicates: outcome.duplicates,
+        duplicate_positions: outcome.duplicate_positions,
         rejected,
-        Some((admitted.limit, admitted.remaining)),
-    ))
+        rate,
+    })
 }
 
 /// What reading a body needs: who sent it (if a header said so), how to parse it, within

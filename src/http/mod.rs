@@ -21,6 +21,7 @@ pub mod export;
 pub mod ingest;
 pub mod live;
 pub mod ops;
+pub mod posthog;
 pub mod query;
 pub mod segment;
 pub mod slots;
@@ -82,8 +83,29 @@ const SEGMENT_ROUTES: [(&str, Route); 8] = [
 /// Largest admin JSON body.
 const ADMIN_JSON_LIMIT: usize = 64 * 1024;
 
+/// Registers one PostHog capture route (and its form with a trailing slash).
+fn posthog_route(config: &mut web::ServiceConfig, path: &'static str, protocol: posthog::Protocol) {
+    for served in [path.to_string(), format!("{path}/")] {
+        let handler = move |req: HttpRequest,
+                            payload: web::Payload,
+                            state: web::Data<AppState>,
+                            query: web::Query<posthog::CaptureQuery>| {
+            posthog::capture(req, payload, state, query, protocol, path)
+        };
+        let mut resource = web::resource(served).route(web::post().to(handler));
+        if protocol == posthog::Protocol::Legacy {
+            resource = resource.route(web::get().to(handler));
+        }
+        config.service(resource.default_service(web::to(method_not_allowed)));
+    }
+}
+
 /// Registers every route.
 pub fn configure(config: &mut web::ServiceConfig) {
+    for path in posthog::LEGACY_PATHS {
+        posthog_route(config, path, posthog::Protocol::Legacy);
+    }
+    posthog_route(config, posthog::V1_PATH, posthog::Protocol::V1);
     for (path, route) in SEGMENT_ROUTES {
         config.service(
             web::resource(path)
