@@ -20,6 +20,7 @@ pub mod errors;
 pub mod export;
 pub mod ingest;
 pub mod live;
+pub mod lz64;
 pub mod ops;
 pub mod posthog;
 pub mod query;
@@ -106,6 +107,24 @@ pub fn configure(config: &mut web::ServiceConfig) {
         posthog_route(config, path, posthog::Protocol::Legacy);
     }
     posthog_route(config, posthog::V1_PATH, posthog::Protocol::V1);
+    for path in ["/flags", "/flags/", "/decide", "/decide/"] {
+        config.service(
+            web::resource(path)
+                .route(web::get().to(posthog::flags))
+                .route(web::post().to(posthog::flags))
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+    config.service(
+        web::resource("/array/{token}/config")
+            .route(web::get().to(posthog::remote_config))
+            .default_service(web::to(method_not_allowed)),
+    );
+    config.service(
+        web::resource("/array/{token}/config.js")
+            .route(web::get().to(posthog::remote_config_script))
+            .default_service(web::to(method_not_allowed)),
+    );
     for (path, route) in SEGMENT_ROUTES {
         config.service(
             web::resource(path)

@@ -22,7 +22,7 @@ use crate::event::{now_micros, parse_timestamp, EventKind, IncomingEvent, Micros
 use crate::http::errors::ApiError;
 use crate::http::ingest::{self, Stored};
 use crate::http::segment::{ParseLimits, ParsedRequest, Rejection};
-use crate::http::{auth, body, AppState};
+use crate::http::{auth, body, lz64, AppState};
 use crate::json::Members;
 use crate::tenant::KeyKind;
 
@@ -79,7 +79,21 @@ pub async fn capture(
         max_events: limits.max_events_per_request,
         max_event_members: limits.max_event_members,
     };
-    let request = parse(&json, &limits, received_at)?;
+    let mut request = parse(&json, &limits, received_at)?;
+    // v1 SDKs name themselves in a header instead of `$lib` ("posthog-python/7.91.1").
+    if let Some(info) = (req.headers().get("posthog-sdk-info")).and_then(|v| v.to_str().ok()) {
+        let (name, version) = info.split_once('/').unwrap_or((info, ""));
+        let context =
+            serde_json::json!({ "library": { "name": name, "version": version } }).to_string();
+        for event in request
+            .parsed
+            .events
+            .iter_mut()
+            .filter(|e| e.context.is_none())
+        {
+            event.context = Some(context.clone());
+        }
+    }
     let key = header_key.or_else(|| request.parsed.write_key.clone());
     let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Write)?;
     let uuids: Vec<Option<String>> = (request.parsed.events.iter())
@@ -110,14 +124,19 @@ fn reply(
     match protocol {
         Protocol::Legacy => HttpResponse::Ok().json(serde_json::json!({ "status": 1 })),
         Protocol::V1 => {
-            // Every stored or duplicate event is done; the SDK resends none of them.
+            // Stored and duplicate events are `ok` and rejected ones `drop`: the SDK resends
+            // none of them (only `retry` is resent, and failures of the whole request).
             let mut results = serde_json::Map::new();
             for (position, uuid) in uuids.iter().enumerate() {
                 if let Some(uuid) = uuid {
-                    let duplicate = stored.duplicate_positions.contains(&position);
+                    let details = if stored.duplicate_positions.contains(&position) {
+                        "duplicate"
+                    } else {
+                        "stored"
+                    };
                     results.insert(
                         uuid.clone(),
-                        serde_json::json!({ "result": if duplicate { "duplicate" } else { "ok" } }),
+                        serde_json::json!({ "result": "ok", "details": details }),
                     );
                 }
             }
@@ -125,7 +144,7 @@ fn reply(
                 if let Some(uuid) = &rejection.message_id {
                     results.insert(
                         uuid.clone(),
-                        serde_json::json!({ "result": "rejected", "reason": rejection.reason }),
+                        serde_json::json!({ "result": "drop", "details": rejection.reason }),
                     );
                 }
             }
@@ -170,9 +189,30 @@ fn unwrap_body(
     }
     let data = match compression.as_deref() {
         Some("lz64") => {
-            return Err(ApiError::UnsupportedMediaType(
-                "compression=lz64 is not supported; use gzip-js or base64".into(),
-            ))
+            let text: Vec<u8> = (data.iter().copied())
+                .filter(|byte| !byte.is_ascii_whitespace())
+                .collect();
+            let units = match lz64::decompress_from_base64(&text, max_bytes) {
+                Ok(units) => units,
+                Err(lz64::LzError::TooLarge) => {
+                    return Err(ApiError::PayloadTooLarge(format!(
+                        "lz64 body decompresses to more than the limit of {max_bytes} bytes"
+                    )))
+                }
+                Err(lz64::LzError::Corrupt(why)) => {
+                    return Err(ApiError::bad_request(format!(
+                        "lz64 body is corrupt: {why}"
+                    )))
+                }
+            };
+            let json = String::from_utf16(&units)
+                .map_err(|_| ApiError::bad_request("lz64 body does not decompress to text"))?;
+            if json.len() > max_bytes {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "lz64 body decompresses to more than the limit of {max_bytes} bytes"
+                )));
+            }
+            json.into_bytes()
         }
         Some("base64") => decode_base64(&data)?,
         // A form field or query value that is not JSON is base64 (posthog-js's default then).
@@ -247,7 +287,7 @@ fn parse(
                     let key = ["api_key", "token", "$token"]
                         .iter()
                         .find_map(|name| field(name).and_then(string));
-                    let sent_at = ["sent_at", "sentAt"]
+                    let sent_at = ["sent_at", "sentAt", "created_at"]
                         .iter()
                         .find_map(|name| field(name).and_then(string))
                         .and_then(|text| parse_timestamp(&text));
@@ -449,4 +489,62 @@ fn parse_event(
         }
     }
     Ok((event, key))
+}
+
+/// What posthog-js learns from its remote config: the encodings it may send (so it compresses
+/// with gzip-js), and that there are no feature flags, recordings, surveys or site apps.
+fn remote_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "supportedCompression": ["gzip-js", "base64"],
+        "hasFeatureFlags": false,
+        "sessionRecording": false,
+        "heatmaps": false,
+        "surveys": false,
+        "siteApps": [],
+        "capturePerformance": false,
+        "autocaptureExceptions": false,
+    })
+}
+
+/// `GET /array/{token}/config`: the remote config. The same for every project key: it holds
+/// nothing of a tenant's.
+pub async fn remote_config() -> HttpResponse {
+    HttpResponse::Ok().json(remote_config_json())
+}
+
+/// `GET /array/{token}/config.js`: the remote config as the script posthog-js loads first.
+pub async fn remote_config_script(token: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    if token.len() > 200 {
+        return Err(ApiError::NotFound("no such project key".into()));
+    }
+    let key = serde_json::to_string(token.as_str())
+        .map_err(|e| ApiError::Internal(format!("encoding a key: {e}")))?;
+    let script = format!(
+        "(function(){{var c=window._POSTHOG_REMOTE_CONFIG=window._POSTHOG_REMOTE_CONFIG||{{}};c[{key}]={{config:{},siteApps:[]}};}})();",
+        remote_config_json()
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("application/javascript")
+        .body(script))
+}
+
+/// `/flags` and `/decide` (older posthog-js): no feature flags, capture on.
+pub async fn flags() -> HttpResponse {
+    let mut answer = remote_config_json();
+    if let Some(fields) = answer.as_object_mut() {
+        for (key, value) in [
+            ("flags", serde_json::json!({})),
+            ("featureFlags", serde_json::json!({})),
+            ("featureFlagPayloads", serde_json::json!({})),
+            ("errorsWhileComputingFlags", serde_json::json!(false)),
+            (
+                "config",
+                serde_json::json!({ "enable_collect_everything": true }),
+            ),
+            ("toolbarParams", serde_json::json!({})),
+        ] {
+            fields.insert(key.to_string(), value);
+        }
+    }
+    HttpResponse::Ok().json(answer)
 }
