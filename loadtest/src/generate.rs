@@ -44,7 +44,27 @@ pub(crate) struct Template {
 }
 
 /// Builds request bodies.
+/// The body shape the load generator sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Protocol {
+    /// Segment's `/v1/batch`.
+    Segment,
+    /// PostHog's `/batch/` (posthog-node's shape).
+    Posthog,
+}
+
+impl Protocol {
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Protocol::Segment => "/v1/batch",
+            Protocol::Posthog => "/batch/",
+        }
+    }
+}
+
 pub(crate) struct Generator {
+    pub(crate) protocol: Protocol,
     templates: Vec<Template>,
     pub(crate) batch_size: usize,
     pub(crate) users: u64,
@@ -86,15 +106,17 @@ impl Generator {
         event_names: usize,
         seed: u64,
         late: Late,
+        protocol: Protocol,
     ) -> anyhow::Result<Generator> {
         let mut rng = StdRng::seed_from_u64(seed);
         let zipf = Zipf::new(event_names.max(1) as f64, 1.1)?;
         let templates: Vec<Template> = (0..32)
-            .map(|_| template(&mut rng, &zipf, batch_size, late))
+            .map(|_| template(&mut rng, &zipf, batch_size, late, protocol))
             .collect();
         let total: usize = templates.iter().map(|t| t.body.len()).sum();
         let event_bytes = total / (templates.len() * batch_size.max(1));
         Ok(Generator {
+            protocol,
             templates,
             batch_size,
             users: users.max(1),
@@ -128,7 +150,18 @@ impl Generator {
     }
 }
 
-fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize, late: Late) -> Template {
+fn template(
+    rng: &mut StdRng,
+    zipf: &Zipf<f64>,
+    batch_size: usize,
+    late: Late,
+    protocol: Protocol,
+) -> Template {
+    // The same events in either shape; the two slot keys differ.
+    let (user_key, id_key) = match protocol {
+        Protocol::Segment => ("userId", "messageId"),
+        Protocol::Posthog => ("distinct_id", "uuid"),
+    };
     let mut body = String::from("{\"batch\":[");
     let mut id_slots = Vec::with_capacity(batch_size);
     let mut user_slots = Vec::with_capacity(batch_size);
@@ -158,7 +191,10 @@ fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize, late: Late) -
                 "page": {"path": path, "url": format!("https://app.example.com{path}")},
             },
         });
-        let mut event = event;
+        let mut event = match protocol {
+            Protocol::Segment => event,
+            Protocol::Posthog => posthog_event(event),
+        };
         if rng.random_range(0..100) < late.percent {
             let ago = rng.random_range(3600..=i64::from(late.max_hours) * 3600);
             event["timestamp"] = serde_json::Value::from(crate::dates::now_rfc3339(-ago));
@@ -168,18 +204,18 @@ fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize, late: Late) -
         text.insert_str(
             1,
             &format!(
-                "\"userId\":\"user-{}\",\"messageId\":\"{}-{i:04}\",",
+                "\"{user_key}\":\"user-{}\",\"{id_key}\":\"{}-{i:04}\",",
                 "0".repeat(USER_WIDTH),
                 "0".repeat(ID_WIDTH)
             ),
         );
         let start = body.len();
-        user_slots.push(start + 1 + "\"userId\":\"user-".len());
+        user_slots.push(start + 1 + format!("\"{user_key}\":\"user-").len());
         id_slots.push(
             start
                 + 1
                 + format!(
-                    "\"userId\":\"user-{}\",\"messageId\":\"",
+                    "\"{user_key}\":\"user-{}\",\"{id_key}\":\"",
                     "0".repeat(USER_WIDTH)
                 )
                 .len(),
@@ -192,6 +228,22 @@ fn template(rng: &mut StdRng, zipf: &Zipf<f64>, batch_size: usize, late: Late) -
         id_slots,
         user_slots,
     }
+}
+
+/// A Segment track event as posthog-node sends it: the name in `event`, the context's facts
+/// as `$` properties.
+fn posthog_event(segment: serde_json::Value) -> serde_json::Value {
+    let mut properties = segment["properties"].clone();
+    let context = &segment["context"];
+    if let Some(fields) = properties.as_object_mut() {
+        fields.insert("$lib".into(), "posthog-node".into());
+        fields.insert("$lib_version".into(), "5.74.0".into());
+        fields.insert("$user_agent".into(), context["userAgent"].clone());
+        fields.insert("$current_url".into(), context["page"]["url"].clone());
+        fields.insert("$pathname".into(), context["page"]["path"].clone());
+        fields.insert("$browser_language".into(), context["locale"].clone());
+    }
+    serde_json::json!({ "event": segment["event"], "properties": properties })
 }
 
 /// Which user numbers were sent in acknowledged requests (a bitset).
@@ -227,7 +279,8 @@ mod tests {
 
     #[test]
     fn filled_bodies_are_valid_unique_batches() {
-        let generator = Generator::new(50, 1000, 30, 1, Late::default()).unwrap();
+        let generator =
+            Generator::new(50, 1000, 30, 1, Late::default(), Protocol::Segment).unwrap();
         let mut rng = StdRng::seed_from_u64(2);
         let mut users = UserSet::new(1000);
         let mut body = Vec::new();

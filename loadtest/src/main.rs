@@ -28,7 +28,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::dates::now_rfc3339;
-use crate::generate::{Generator, UserSet};
+use crate::generate::{Generator, Protocol, UserSet};
 use crate::server::{Target, Tenant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -137,6 +137,9 @@ struct Args {
     /// event (run the server with a short `STATSREMOTE__STORAGE__HOT_RETENTION`).
     #[arg(long)]
     cold_report: bool,
+    /// Body shapes to send, each mode once per shape (posthog: PostHog's `/batch/`).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Protocol::Segment])]
+    protocols: Vec<Protocol>,
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -146,6 +149,7 @@ struct Args {
 #[derive(Debug, Serialize)]
 struct Run {
     mode: Mode,
+    protocol: Protocol,
     events_per_sec: f64,
     mb_per_sec: f64,
     p50_ms: f64,
@@ -238,7 +242,7 @@ fn worker(
     let agent = agent_builder(Duration::from_secs(60))
         .max_idle_connections_per_host(1)
         .build();
-    let url = format!("{base}/v1/batch");
+    let url = format!("{base}{}", generator.protocol.path());
     let mut rng = StdRng::seed_from_u64(index as u64 + 1);
     let mut body = Vec::with_capacity(64 * 1024);
     let batch = generator.batch_size as u64;
@@ -391,6 +395,7 @@ fn run_mode(
     let ms = |q: f64| total.latency.value_at_quantile(q) as f64 / 1000.0;
     let run = Run {
         mode,
+        protocol: generator.protocol,
         events_per_sec: total.acked as f64 / seconds,
         mb_per_sec: total.bytes as f64 / seconds / 1_048_576.0,
         p50_ms: ms(0.50),
@@ -412,6 +417,17 @@ fn run_mode(
     Ok((run, tenants))
 }
 
+impl Run {
+    /// The mode, and the body shape when it is not Segment's.
+    fn label(&self) -> String {
+        let mode = format!("{:?}", self.mode).to_lowercase();
+        match self.protocol {
+            Protocol::Segment => mode,
+            Protocol::Posthog => format!("{mode}/ph"),
+        }
+    }
+}
+
 fn print_table(runs: &[Run]) {
     let ceiling = runs
         .iter()
@@ -425,7 +441,7 @@ fn print_table(runs: &[Run]) {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         println!(
             "{:<9} {:>11.0} {:>7.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.1} {:>10} {:>10} {:>6} {:>6} {:>8} {:>6} {:>8} {:>9}",
-            format!("{:?}", run.mode).to_lowercase(),
+            run.label(),
             run.events_per_sec,
             run.mb_per_sec,
             run.p50_ms,
@@ -540,16 +556,28 @@ fn main() -> Result<()> {
         args.concurrency = args.concurrency.min(4);
     }
     let args = Arc::new(args);
-    let generator = Arc::new(Generator::new(
-        args.batch_size,
-        args.users,
-        args.event_names,
-        42,
-        generate::Late {
-            percent: args.late_percent.min(100),
-            max_hours: args.late_hours.max(1),
-        },
-    )?);
+    let late = generate::Late {
+        percent: args.late_percent.min(100),
+        max_hours: args.late_hours.max(1),
+    };
+    let generators: Vec<Arc<Generator>> = (args.protocols.iter())
+        .map(|&protocol| {
+            let generator = Generator::new(
+                args.batch_size,
+                args.users,
+                args.event_names,
+                42,
+                late,
+                protocol,
+            );
+            generator.map(Arc::new)
+        })
+        .collect::<Result<_>>()?;
+    let generator = Arc::clone(
+        generators
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no protocol"))?,
+    );
     if args.scenario == Scenario::Queries {
         return run_queries(&args, &generator);
     }
@@ -572,15 +600,17 @@ fn main() -> Result<()> {
             .clone()
             .unwrap_or_else(server::default_binary);
         for mode in &args.modes {
-            let mut target = Target::start(&binary, &mode.settings())?;
-            let (run, tenants) = run_mode(*mode, &target, &args, &generator)?;
-            if args.cold_report && *mode != Mode::Ceiling {
-                let report = cold::report(&target, &tenants)?;
-                cold::print(&report);
-                cold_reports.push(report);
+            for generator in &generators {
+                let mut target = Target::start(&binary, &mode.settings())?;
+                let (run, tenants) = run_mode(*mode, &target, &args, generator)?;
+                if args.cold_report && *mode != Mode::Ceiling {
+                    let report = cold::report(&target, &tenants)?;
+                    cold::print(&report);
+                    cold_reports.push(report);
+                }
+                target.stop();
+                runs.push(run);
             }
-            target.stop();
-            runs.push(run);
         }
     }
     print_table(&runs);
