@@ -458,7 +458,10 @@ fn parse_event(
             event.anonymous_id = property("$anon_distinct_id").and_then(identifier);
         }
         EventKind::Alias => {
-            event.previous_id = property("alias").and_then(identifier);
+            // `alias` is the id the person goes by from now on; `distinct_id` the one before.
+            if let Some(alias) = property("alias").and_then(identifier) {
+                event.previous_id = event.user_id.replace(alias);
+            }
         }
         EventKind::Group => {
             event.group_id = property("$group_key").and_then(identifier);

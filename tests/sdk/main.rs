@@ -1,0 +1,124 @@
+//! SDK conformance: the official SDKs, pinned and installed into project-local environments
+//! (`tests/python/requirements.txt`), send every call type to the real server as an app
+//! would, flush, and resend one event with the same id; the export must hold each event
+//! exactly once, with its ids, properties, library and client timestamp.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Tenant, TestServer};
+use serde_json::Value;
+
+/// Runs `tests/sdk/python/send.py`; returns the ids it used, by call.
+fn send_with_python(
+    sdk: &str,
+    server: &TestServer,
+    tenant: &Tenant,
+    run: &str,
+    extra: &[&str],
+) -> BTreeMap<String, String> {
+    let bin = testkit::python::python_env().unwrap();
+    let script = testkit::python::workspace_root().join("tests/sdk/python/send.py");
+    let output = std::process::Command::new(bin.join("python"))
+        .arg(&script)
+        .args([sdk, &server.url(""), &tenant.write_key, run])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{sdk}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The exported events, by messageId; each id must appear once.
+fn exported_once(server: &TestServer, tenant: &Tenant) -> BTreeMap<String, Value> {
+    let mut by_id = BTreeMap::new();
+    for event in server.export(
+        &tenant.read_key,
+        "?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z",
+    ) {
+        let id = event["messageId"].as_str().unwrap().to_string();
+        assert!(
+            by_id.insert(id.clone(), event).is_none(),
+            "{id} stored twice"
+        );
+    }
+    by_id
+}
+
+const SENT_AT: &str = "2026-03-01T10:00:00.000Z";
+
+#[test]
+fn segment_python_counts_every_call_once() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("segment-python");
+    let ids = send_with_python("segment", &server, &tenant, "sp", &[]);
+    let events = exported_once(&server, &tenant);
+    assert_eq!(events.len(), 6, "{events:?}");
+    for (call, id) in &ids {
+        let event = &events[id];
+        assert_eq!(event["type"], call.as_str(), "{event}");
+        assert_eq!(event["userId"], "sp-user", "{event}");
+        assert_eq!(event["originalTimestamp"], SENT_AT, "{event}");
+        assert_eq!(
+            event["statsremote"]["libraryName"], "analytics-python",
+            "{event}"
+        );
+    }
+    assert_eq!(events[&ids["track"]]["event"], "Signed Up");
+    assert_eq!(events[&ids["track"]]["properties"]["plan"], "pro");
+    assert_eq!(
+        events[&ids["identify"]]["traits"]["email"],
+        "ann@example.com"
+    );
+    assert_eq!(events[&ids["page"]]["name"], "Home");
+    assert_eq!(events[&ids["group"]]["groupId"], "sp-team");
+    assert_eq!(events[&ids["alias"]]["previousId"], "sp-anon");
+}
+
+fn posthog_python(run: &str, extra: &[&str]) {
+    let server = TestServer::start();
+    let tenant = server.create_tenant(run);
+    let ids = send_with_python("posthog", &server, &tenant, run, extra);
+    let events = exported_once(&server, &tenant);
+    assert_eq!(events.len(), 4, "{events:?}");
+    let user = format!("{run}-user");
+    for id in ids.values() {
+        let event = &events[id];
+        assert_eq!(event["userId"], user.as_str(), "{event}");
+        assert_eq!(event["originalTimestamp"], SENT_AT, "{event}");
+        assert_eq!(
+            event["statsremote"]["libraryName"], "posthog-python",
+            "{event}"
+        );
+    }
+    let captured = &events[&ids["capture"]];
+    assert_eq!(captured["event"], "signed_up");
+    assert_eq!(captured["properties"]["plan"], "pro");
+    assert_eq!(events[&ids["set"]]["event"], "$set");
+    assert_eq!(events[&ids["alias"]]["type"], "alias");
+    assert_eq!(events[&ids["alias"]]["previousId"], format!("{run}-anon"));
+    assert_eq!(events[&ids["group_identify"]]["type"], "group");
+    assert_eq!(
+        events[&ids["group_identify"]]["groupId"],
+        format!("{run}-team")
+    );
+}
+
+#[test]
+fn posthog_python_counts_every_event_once() {
+    posthog_python("pp", &[]);
+}
+
+#[test]
+fn posthog_python_v1_counts_every_event_once() {
+    posthog_python("pv", &["v1"]);
+}
