@@ -340,7 +340,7 @@ fn a_kill_while_flushing_under_load_loses_and_doubles_nothing() {
 /// Counts in the Parquet files by DuckDB, as a warehouse reads them: `{"a": n, ...}` by event,
 /// and `{"<hour>": n}` by the Hive `date`/`hour` partition.
 fn duckdb_counts(cold_root: &std::path::Path) -> Value {
-    let bin = testkit::python::python_env().unwrap();
+    let bin = testkit::envs::python_env().unwrap();
     let script = r#"
 import duckdb, json, sys
 glob = sys.argv[1] + "/events/**/*.parquet"

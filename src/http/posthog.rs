@@ -468,6 +468,11 @@ fn parse_event(
         }
         _ => {}
     }
+    // Person properties: `$set` at the top level (posthog-js, posthog-python) or in
+    // `properties` (posthog-node); the top-level one, read below, wins.
+    event.traits = property("$set")
+        .filter(|raw| raw.get().starts_with('{'))
+        .map(|raw| raw.get().to_string());
     // What the SDK says it is, where enrichment reads it.
     if let Some(library) = property("$lib").and_then(string) {
         let version = property("$lib_version").and_then(string);

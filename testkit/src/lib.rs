@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod envs;
 pub mod proxy;
-pub mod python;
 pub mod s3;
 
 /// File name of the server binary.

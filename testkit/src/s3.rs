@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{http_error, python::python_env, Error};
+use crate::{envs::python_env, http_error, Error};
 
 /// Credentials moto accepts (it checks none); set them for the server under test.
 pub const ACCESS_KEY: &str = "testing";

@@ -20,12 +20,37 @@ fn send_with_python(
     run: &str,
     extra: &[&str],
 ) -> BTreeMap<String, String> {
-    let bin = testkit::python::python_env().unwrap();
-    let script = testkit::python::workspace_root().join("tests/sdk/python/send.py");
+    let bin = testkit::envs::python_env().unwrap();
+    let script = testkit::envs::workspace_root().join("tests/sdk/python/send.py");
     let output = std::process::Command::new(bin.join("python"))
         .arg(&script)
         .args([sdk, &server.url(""), &tenant.write_key, run])
         .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{sdk}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// Runs `tests/sdk/node/send.mjs`; returns the ids it used, by call.
+fn send_with_node(
+    sdk: &str,
+    server: &TestServer,
+    tenant: &Tenant,
+    run: &str,
+) -> BTreeMap<String, String> {
+    let env = testkit::envs::node_env().unwrap();
+    let script = testkit::envs::workspace_root().join("tests/sdk/node/send.mjs");
+    let output = std::process::Command::new("node")
+        .arg(&script)
+        .args([sdk, &server.url(""), &tenant.write_key, run])
+        .env("NODE_ENV_DIR", &env)
         .output()
         .unwrap();
     assert!(
@@ -56,22 +81,22 @@ fn exported_once(server: &TestServer, tenant: &Tenant) -> BTreeMap<String, Value
 
 const SENT_AT: &str = "2026-03-01T10:00:00.000Z";
 
-#[test]
-fn segment_python_counts_every_call_once() {
-    let server = TestServer::start();
-    let tenant = server.create_tenant("segment-python");
-    let ids = send_with_python("segment", &server, &tenant, "sp", &[]);
-    let events = exported_once(&server, &tenant);
+/// Checks the six Segment calls of a run.
+fn check_segment(
+    server: &TestServer,
+    tenant: &Tenant,
+    run: &str,
+    ids: &BTreeMap<String, String>,
+    library: &str,
+) {
+    let events = exported_once(server, tenant);
     assert_eq!(events.len(), 6, "{events:?}");
-    for (call, id) in &ids {
+    for (call, id) in ids {
         let event = &events[id];
         assert_eq!(event["type"], call.as_str(), "{event}");
-        assert_eq!(event["userId"], "sp-user", "{event}");
+        assert_eq!(event["userId"], format!("{run}-user"), "{event}");
         assert_eq!(event["originalTimestamp"], SENT_AT, "{event}");
-        assert_eq!(
-            event["statsremote"]["libraryName"], "analytics-python",
-            "{event}"
-        );
+        assert_eq!(event["statsremote"]["libraryName"], library, "{event}");
     }
     assert_eq!(events[&ids["track"]]["event"], "Signed Up");
     assert_eq!(events[&ids["track"]]["properties"]["plan"], "pro");
@@ -80,10 +105,55 @@ fn segment_python_counts_every_call_once() {
         "ann@example.com"
     );
     assert_eq!(events[&ids["page"]]["name"], "Home");
-    assert_eq!(events[&ids["group"]]["groupId"], "sp-team");
-    assert_eq!(events[&ids["alias"]]["previousId"], "sp-anon");
+    assert_eq!(events[&ids["group"]]["groupId"], format!("{run}-team"));
+    assert_eq!(events[&ids["alias"]]["previousId"], format!("{run}-anon"));
 }
 
+#[test]
+fn segment_python_counts_every_call_once() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("segment-python");
+    let ids = send_with_python("segment", &server, &tenant, "sp", &[]);
+    check_segment(&server, &tenant, "sp", &ids, "analytics-python");
+}
+
+#[test]
+fn segment_node_counts_every_call_once() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("segment-node");
+    let ids = send_with_node("segment", &server, &tenant, "sn");
+    check_segment(&server, &tenant, "sn", &ids, "@segment/analytics-node");
+}
+
+#[test]
+fn posthog_node_counts_every_event_once() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("posthog-node");
+    let ids = send_with_node("posthog", &server, &tenant, "pn");
+    let events = exported_once(&server, &tenant);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(events
+        .values()
+        .all(|event| event["statsremote"]["libraryName"] == "posthog-node"));
+    // capture() takes the uuid and timestamp given; identify() and alias() make their own.
+    let captured = &events[&ids["capture"]];
+    assert_eq!(captured["event"], "signed_up");
+    assert_eq!(captured["userId"], "pn-user");
+    assert_eq!(captured["originalTimestamp"], SENT_AT);
+    assert_eq!(captured["properties"]["plan"], "pro");
+    let of_type = |kind: &str| -> &Value {
+        let found: Vec<&Value> = events.values().filter(|e| e["type"] == kind).collect();
+        assert_eq!(found.len(), 1, "{kind}: {found:?}");
+        found[0]
+    };
+    let identify = of_type("identify");
+    assert_eq!(identify["userId"], "pn-user");
+    assert_eq!(identify["traits"]["email"], "ann@example.com", "{identify}");
+    let alias = of_type("alias");
+    assert_eq!(alias["userId"], "pn-new", "{alias}");
+    assert_eq!(alias["previousId"], "pn-user", "{alias}");
+    assert_eq!(of_type("group")["groupId"], "pn-team");
+}
 fn posthog_python(run: &str, extra: &[&str]) {
     let server = TestServer::start();
     let tenant = server.create_tenant(run);

@@ -1,6 +1,7 @@
-//! The project-local Python environment (`target/python-env`), for tests that use a Python
-//! tool: moto's S3-compatible server, DuckDB. `scripts/python-env.sh` creates it; tests running
-//! at the same time wait for one another on a lock file rather than install twice.
+//! The project-local tool environments the tests use: Python (`target/python-env`: moto's
+//! S3-compatible server, DuckDB, the Python SDKs) and Node (`target/node-env`: the Node SDKs).
+//! `scripts/python-env.sh` and `scripts/node-env.sh` create them; tests running at the same time
+//! wait for one another on a lock file rather than install twice.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -14,15 +15,27 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map_or(manifest.clone(), PathBuf::from)
 }
 
-/// The environment's `bin/` folder, after making sure the environment is installed.
+/// The Python environment's `bin/` folder, after making sure it is installed.
 pub fn python_env() -> Result<PathBuf, Error> {
+    set_up("python-env")?;
+    Ok(workspace_root().join("target/python-env/bin"))
+}
+
+/// The Node environment's folder (with `node_modules/`), after making sure it is installed.
+pub fn node_env() -> Result<PathBuf, Error> {
+    set_up("node-env")?;
+    Ok(workspace_root().join("target/node-env"))
+}
+
+/// Runs `scripts/<name>.sh` under `target/<name>.lock`.
+fn set_up(name: &str) -> Result<(), Error> {
     let root = workspace_root();
     let target = root.join("target");
     std::fs::create_dir_all(&target).map_err(|source| Error::Io {
         what: format!("creating {}", target.display()),
         source,
     })?;
-    let lock_path = target.join("python-env.lock");
+    let lock_path = target.join(format!("{name}.lock"));
     let lock = File::create(&lock_path).map_err(|source| Error::Io {
         what: format!("opening {}", lock_path.display()),
         source,
@@ -31,7 +44,7 @@ pub fn python_env() -> Result<PathBuf, Error> {
         what: format!("locking {}", lock_path.display()),
         source,
     })?;
-    let script = root.join("scripts/python-env.sh");
+    let script = root.join(format!("scripts/{name}.sh"));
     let status = Command::new(&script).status().map_err(|source| Error::Io {
         what: format!("running {}", script.display()),
         source,
@@ -42,5 +55,5 @@ pub fn python_env() -> Result<PathBuf, Error> {
             source: std::io::Error::other(status.to_string()),
         });
     }
-    Ok(target.join("python-env/bin"))
+    Ok(())
 }
