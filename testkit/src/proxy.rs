@@ -84,3 +84,96 @@ fn pump(from: &TcpStream, to: &TcpStream) {
         let _ = from.shutdown(Shutdown::Both);
     });
 }
+
+/// A proxy that answers the first requests itself with the given statuses (each with
+/// `Retry-After: 1`, then closing the connection), and forwards every later connection to
+/// `upstream`: a server that is rate limited, then unavailable, then well.
+pub struct FaultyProxy {
+    address: String,
+    /// Requests answered with a fault so far.
+    faults_sent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FaultyProxy {
+    pub fn start(upstream: &str, faults: &[u16]) -> Result<FaultyProxy, Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+            what: "binding the proxy".into(),
+            source,
+        })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| Error::Io {
+                what: "the proxy's address".into(),
+                source,
+            })?
+            .to_string();
+        let faults_sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (sent, faults, upstream) = (
+            Arc::clone(&faults_sent),
+            faults.to_vec(),
+            upstream.to_string(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let n = sent.load(Ordering::Acquire);
+                if let Some(status) = faults.get(n) {
+                    sent.fetch_add(1, Ordering::AcqRel);
+                    answer_with(&mut client, *status);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                pump(&client, &server);
+                pump(&server, &client);
+            }
+        });
+        Ok(FaultyProxy {
+            address,
+            faults_sent,
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn faults_sent(&self) -> usize {
+        self.faults_sent.load(Ordering::Acquire)
+    }
+}
+
+/// Reads one request (headers and a `Content-Length` body) and answers `status`, closing.
+fn answer_with(client: &mut TcpStream, status: u16) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let Ok(reader_stream) = client.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(reader_stream);
+    let mut length = 0usize;
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|read| read > 0) {
+        let header = line.trim_end().to_ascii_lowercase();
+        if header.is_empty() {
+            break;
+        }
+        if let Some(value) = header.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+        line.clear();
+    }
+    let mut body = vec![0u8; length.min(64 << 20)];
+    let _ = reader.read_exact(&mut body);
+    let reason = if status == 429 {
+        "Too Many Requests"
+    } else {
+        "Service Unavailable"
+    };
+    let reply = format!(
+        "HTTP/1.1 {status} {reason}\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let _ = client.write_all(reply.as_bytes());
+    let _ = client.shutdown(Shutdown::Both);
+}

@@ -15,7 +15,7 @@ use serde_json::Value;
 /// Runs `tests/sdk/python/send.py`; returns the ids it used, by call.
 fn send_with_python(
     sdk: &str,
-    server: &TestServer,
+    host: &str,
     tenant: &Tenant,
     run: &str,
     extra: &[&str],
@@ -24,7 +24,7 @@ fn send_with_python(
     let script = testkit::envs::workspace_root().join("tests/sdk/python/send.py");
     let output = std::process::Command::new(bin.join("python"))
         .arg(&script)
-        .args([sdk, &server.url(""), &tenant.write_key, run])
+        .args([sdk, host, &tenant.write_key, run])
         .args(extra)
         .output()
         .unwrap();
@@ -39,17 +39,12 @@ fn send_with_python(
 }
 
 /// Runs `tests/sdk/node/send.mjs`; returns the ids it used, by call.
-fn send_with_node(
-    sdk: &str,
-    server: &TestServer,
-    tenant: &Tenant,
-    run: &str,
-) -> BTreeMap<String, String> {
+fn send_with_node(sdk: &str, host: &str, tenant: &Tenant, run: &str) -> BTreeMap<String, String> {
     let env = testkit::envs::node_env().unwrap();
     let script = testkit::envs::workspace_root().join("tests/sdk/node/send.mjs");
     let output = std::process::Command::new("node")
         .arg(&script)
-        .args([sdk, &server.url(""), &tenant.write_key, run])
+        .args([sdk, host, &tenant.write_key, run])
         .env("NODE_ENV_DIR", &env)
         .output()
         .unwrap();
@@ -113,7 +108,7 @@ fn check_segment(
 fn segment_python_counts_every_call_once() {
     let server = TestServer::start();
     let tenant = server.create_tenant("segment-python");
-    let ids = send_with_python("segment", &server, &tenant, "sp", &[]);
+    let ids = send_with_python("segment", &server.url(""), &tenant, "sp", &[]);
     check_segment(&server, &tenant, "sp", &ids, "analytics-python");
 }
 
@@ -121,7 +116,7 @@ fn segment_python_counts_every_call_once() {
 fn segment_node_counts_every_call_once() {
     let server = TestServer::start();
     let tenant = server.create_tenant("segment-node");
-    let ids = send_with_node("segment", &server, &tenant, "sn");
+    let ids = send_with_node("segment", &server.url(""), &tenant, "sn");
     check_segment(&server, &tenant, "sn", &ids, "@segment/analytics-node");
 }
 
@@ -129,7 +124,7 @@ fn segment_node_counts_every_call_once() {
 fn posthog_node_counts_every_event_once() {
     let server = TestServer::start();
     let tenant = server.create_tenant("posthog-node");
-    let ids = send_with_node("posthog", &server, &tenant, "pn");
+    let ids = send_with_node("posthog", &server.url(""), &tenant, "pn");
     let events = exported_once(&server, &tenant);
     assert_eq!(events.len(), 4, "{events:?}");
     assert!(events
@@ -157,7 +152,7 @@ fn posthog_node_counts_every_event_once() {
 fn posthog_python(run: &str, extra: &[&str]) {
     let server = TestServer::start();
     let tenant = server.create_tenant(run);
-    let ids = send_with_python("posthog", &server, &tenant, run, extra);
+    let ids = send_with_python("posthog", &server.url(""), &tenant, run, extra);
     let events = exported_once(&server, &tenant);
     assert_eq!(events.len(), 4, "{events:?}");
     let user = format!("{run}-user");
@@ -191,4 +186,34 @@ fn posthog_python_counts_every_event_once() {
 #[test]
 fn posthog_python_v1_counts_every_event_once() {
     posthog_python("pv", &["v1"]);
+}
+
+/// Each SDK against a server that first answers 429, then 503: every event ends up counted
+/// once (the SDKs retry both).
+#[test]
+fn every_sdk_retries_through_429_and_503() {
+    let server = TestServer::start();
+    let upstream = server
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let cases: [(&str, &str, &str, usize); 4] = [
+        ("python", "segment", "rs", 6),
+        ("python", "posthog", "rp", 4),
+        ("node", "segment", "rn", 6),
+        ("node", "posthog", "rq", 4),
+    ];
+    for (runtime, sdk, run, expected) in cases {
+        let tenant = server.create_tenant(run);
+        let proxy = testkit::proxy::FaultyProxy::start(&upstream, &[429, 503]).unwrap();
+        let via = format!("http://{}", proxy.address());
+        match runtime {
+            "python" => send_with_python(sdk, &via, &tenant, run, &[]),
+            _ => send_with_node(sdk, &via, &tenant, run),
+        };
+        assert_eq!(proxy.faults_sent(), 2, "{runtime} {sdk}");
+        let events = exported_once(&server, &tenant);
+        assert_eq!(events.len(), expected, "{runtime} {sdk}: {events:?}");
+    }
 }
