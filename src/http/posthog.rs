@@ -312,8 +312,9 @@ fn parse(
         )));
     }
     parsed.write_key = batch_key;
+    let mut libraries = LibraryContexts::default();
     for (index, item) in items.into_iter().enumerate() {
-        match parse_event(item, limits, sent_at, received_at) {
+        match parse_event(item, limits, sent_at, received_at, &mut libraries) {
             Ok((event, key)) => {
                 if parsed.write_key.is_none() {
                     parsed.write_key = key;
@@ -328,6 +329,34 @@ fn parse(
         }
     }
     Ok(CaptureRequest { parsed })
+}
+
+/// The `context` that names an event's library, built once per request for each (`$lib`,
+/// `$lib_version`) text: a request's events nearly always share one.
+#[derive(Default)]
+struct LibraryContexts {
+    last: Option<(String, String, String)>,
+}
+
+impl LibraryContexts {
+    fn context(&mut self, name: &RawValue, version: Option<&RawValue>) -> Option<String> {
+        let version_text = version.map_or("null", |raw| raw.get());
+        if let Some((known_name, known_version, context)) = &self.last {
+            if known_name == name.get() && known_version == version_text {
+                return Some(context.clone());
+            }
+        }
+        let library = string(name)?;
+        let version = version.and_then(string);
+        let context =
+            serde_json::json!({ "library": { "name": library, "version": version } }).to_string();
+        self.last = Some((
+            name.get().to_string(),
+            version_text.to_string(),
+            context.clone(),
+        ));
+        Some(context)
+    }
 }
 
 /// A JSON string's value.
@@ -352,6 +381,7 @@ fn parse_event(
     limits: &ParseLimits,
     batch_sent_at: Option<Micros>,
     received_at: Micros,
+    libraries: &mut LibraryContexts,
 ) -> Result<(IncomingEvent, Option<String>), (Option<String>, String)> {
     if raw.get().len() > limits.max_event_bytes {
         return Err((
@@ -474,11 +504,8 @@ fn parse_event(
         .filter(|raw| raw.get().starts_with('{'))
         .map(|raw| raw.get().to_string());
     // What the SDK says it is, where enrichment reads it.
-    if let Some(library) = property("$lib").and_then(string) {
-        let version = property("$lib_version").and_then(string);
-        event.context = Some(
-            serde_json::json!({ "library": { "name": library, "version": version } }).to_string(),
-        );
+    if let Some(library) = property("$lib") {
+        event.context = libraries.context(library, property("$lib_version"));
     }
     for (key, value) in &members.0 {
         match key.as_ref() {
