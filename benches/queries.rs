@@ -54,7 +54,7 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
             all: true,
             ..Default::default()
         };
-        rollups::flush(storage, tenant, &deltas, &[], previous, seq, &fold).unwrap();
+        rollups::flush(storage, tenant, &deltas, &Default::default(), previous, seq, &fold).unwrap();
     }
     // Old buckets live in on-disk tables on a running server, not in the memtable.
     storage.settle().unwrap();
@@ -187,7 +187,7 @@ fn benches(c: &mut Criterion) {
         };
         b.iter(|| {
             let reached =
-                query::funnel(&storage, None, log_tenant, &steps, 600_000_000, &span).unwrap();
+                query::funnel(&storage, None, log_tenant, &steps, 600_000_000, &span, &Default::default()).unwrap();
             assert!(reached[0] > 0);
         })
     });

@@ -224,6 +224,8 @@ pub struct RollupsConfig {
     pub query_cache_entries: usize,
     pub query_cache_series_blocks: usize,
     pub max_concurrent_flushes: usize,
+    /// Most ids of one tenant that take part in identity links (held in memory).
+    pub max_identity_ids: usize,
 }
 
 impl RollupsConfig {

@@ -15,7 +15,8 @@
 //! 3. **Rollups** — [`actors::rollup`]: from those facts the ingest actor sends the new events'
 //!    rollup items ([`rollup`]) to the tenant's rollup actor, which merges them in memory and
 //!    flushes them with a watermark ([`storage::rollups`]); it reads from the log whatever it
-//!    missed.
+//!    missed. It also applies identity calls in log order and counts each event for its person
+//!    ([`identity`]).
 //! 4. **Live** — [`actors::live`]: the rollup actor feeds the live hub, which ticks every second
 //!    to WebSocket subscribers ([`http::live`]).
 //! 5. **Queries** — [`query`]: series, top events, uniques from the stored rollups (cached by
@@ -37,6 +38,7 @@ pub mod erasure;
 pub mod event;
 pub mod fuzzing;
 pub mod http;
+pub mod identity;
 pub mod ids;
 pub mod json;
 pub mod lifecycle;

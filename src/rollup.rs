@@ -15,6 +15,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 
 use crate::event::{EventKind, Micros, StoredEvent, StoredEventView};
+use crate::identity::{Link, LinkKind};
 
 /// Distinct-user sketch.
 pub use crate::sketch::Sketch;
@@ -114,6 +115,8 @@ pub struct RollupItem {
 pub struct RollupItems {
     names: Vec<String>,
     items: Vec<RollupItem>,
+    /// The batch's identity calls, by item index (see `crate::identity`).
+    links: Vec<Link>,
 }
 
 impl RollupItems {
@@ -138,21 +141,51 @@ impl RollupItems {
     }
 
     pub fn from_events(events: &[StoredEvent]) -> RollupItems {
-        RollupItems::collect(
+        let mut out = RollupItems::collect(
             events
                 .iter()
                 .map(|event| (rollup_name(event), event.timestamp, event.user_hash)),
-        )
+        );
+        out.links = (events.iter().enumerate())
+            .filter_map(|(at, e)| {
+                link_of(
+                    at,
+                    e.kind,
+                    e.user_id.as_deref(),
+                    e.anonymous_id.as_deref(),
+                    e.previous_id.as_deref(),
+                )
+            })
+            .collect();
+        out
     }
 
     pub fn from_views(events: &[StoredEventView<'_>]) -> RollupItems {
-        RollupItems::collect(events.iter().map(|event| {
+        let mut out = RollupItems::collect(events.iter().map(|event| {
             (
                 series_name(event.kind, event.name),
                 event.timestamp,
                 event.user_hash,
             )
-        }))
+        }));
+        out.links = (events.iter().enumerate())
+            .filter_map(|(at, e)| link_of(at, e.kind, e.user_id, e.anonymous_id, e.previous_id))
+            .collect();
+        out
+    }
+
+    /// The batch's identity calls, ordered by item.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// Every item's user hash, in order, and the batch's identity calls: what identity
+    /// resolution reads and rewrites.
+    pub fn identity_parts(&mut self) -> (impl Iterator<Item = &mut u64>, &[Link]) {
+        (
+            self.items.iter_mut().map(|item| &mut item.user_hash),
+            &self.links,
+        )
     }
 
     /// The batch's distinct series names; [`RollupItem::name`] indexes this.
@@ -216,9 +249,25 @@ impl RollupItems {
 
     /// Keeps the items whose `keep` flag is set (names no item uses any more stay, harmlessly).
     pub fn retain_kept(&mut self, keep: &[bool]) {
-        let mut flags = keep.iter();
-        self.items
-            .retain(|_| flags.next().copied().unwrap_or(false));
+        let kept = |at: usize| keep.get(at).copied().unwrap_or(false);
+        if !self.links.is_empty() {
+            // Each kept link moves to its item's new index.
+            let mut new_index = Vec::with_capacity(self.items.len());
+            let mut next = 0u32;
+            for at in 0..self.items.len() {
+                new_index.push(next);
+                next += u32::from(kept(at));
+            }
+            self.links.retain(|link| kept(link.at as usize));
+            for link in &mut self.links {
+                link.at = new_index.get(link.at as usize).copied().unwrap_or(link.at);
+            }
+        }
+        let mut at = 0;
+        self.items.retain(|_| {
+            at += 1;
+            kept(at - 1)
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -228,6 +277,28 @@ impl RollupItems {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+}
+
+/// The identity call an event makes, if any: an `identify` with a user id links its anonymous
+/// id (if any) to it; an `alias` links its previous id to its user id.
+fn link_of(
+    at: usize,
+    kind: EventKind,
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    previous_id: Option<&str>,
+) -> Option<Link> {
+    let (kind, source) = match kind {
+        EventKind::Identify => (LinkKind::Identify, anonymous_id),
+        EventKind::Alias => (LinkKind::Alias, Some(previous_id?)),
+        _ => return None,
+    };
+    Some(Link {
+        at: u32::try_from(at).ok()?,
+        kind,
+        source: source.map(str::to_string),
+        target: user_id?.to_string(),
+    })
 }
 
 /// The series events of a name over a tenant's cap are rolled up (and streamed) under.

@@ -107,6 +107,10 @@ pub mod names {
     /// Events rolled up under `$other` because their name was over the tenant's cap. Label
     /// `tenant`.
     pub const EVENT_NAMES_OVERFLOW: &str = "statsremote_event_names_overflow_total";
+    /// Identity calls applied by the rollup actors. Labels `tenant`, `kind` (`identify`,
+    /// `alias`), `outcome` (`unchanged`, `joined`, `renamed`, `refused`, `full`); see
+    /// `crate::identity`.
+    pub const IDENTITY_LINKS: &str = "statsremote_identity_links_total";
     /// Storage threads that have died (a panic). Label `thread` (the thread's name).
     pub const STORAGE_THREAD_PANICS: &str = "statsremote_storage_thread_panics_total";
 }
@@ -354,6 +358,12 @@ pub fn live_subscribers(tenant: &str, delta: f64) {
 /// Events of one batch rolled up as `$other` (over the tenant's cap on event names).
 pub fn event_names_overflowed(tenant: &str, events: u64) {
     counter!(names::EVENT_NAMES_OVERFLOW, "tenant" => tenant.to_string()).increment(events);
+}
+
+/// An identity call applied, with its outcome.
+pub fn identity_linked(tenant: &str, kind: crate::identity::LinkKind, outcome: &'static str) {
+    counter!(names::IDENTITY_LINKS, "tenant" => tenant.to_string(), "kind" => kind.as_str(), "outcome" => outcome)
+        .increment(1);
 }
 
 /// A storage thread died.

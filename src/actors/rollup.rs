@@ -37,12 +37,13 @@ use crate::actors::child::{ChildActor, Mailbox};
 use crate::actors::live::LiveItems;
 use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
+use crate::identity::{Pending, StoredLink};
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, NameCap, Resolution, Retention, RollupBatch, RollupItems};
 use crate::storage::cold;
 use crate::storage::event_log::scan_views;
 use crate::storage::rollups::{self, FlushOutcome};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{self, Storage, StorageError};
 use crate::telemetry;
 
 /// Log entries read per catch-up step.
@@ -106,6 +107,9 @@ pub struct RollupActor {
     /// When the stored rollups last caught up with everything applied.
     last_caught_up: Instant,
     last_expiry: Option<Instant>,
+    /// Identity links over the stored ones (`crate::identity`); `None` until loaded, or when the
+    /// tenant is gone.
+    identity: Option<Pending>,
 }
 
 impl RollupActor {
@@ -130,6 +134,7 @@ impl RollupActor {
             last_flush: Instant::now(),
             last_caught_up: Instant::now(),
             last_expiry: None,
+            identity: None,
         }
     }
 
@@ -187,6 +192,13 @@ impl RollupActor {
     /// Rolls up the items of the entry at `first_seq`, renaming the events over the tenant's
     /// name cap first (see [`NameCap`]).
     fn apply(&mut self, first_seq: u64, items: &mut RollupItems) {
+        if let Some(identity) = &mut self.identity {
+            let (hashes, links) = items.identity_parts();
+            let tenant = &self.tenant_label;
+            identity.apply(hashes, links, |link, outcome| {
+                telemetry::identity_linked(tenant, link.kind, outcome.as_str());
+            });
+        }
         let overflowed = self.names.apply(items, self.name_cap());
         if overflowed > 0 {
             telemetry::event_names_overflowed(&self.tenant_label, overflowed);
@@ -202,6 +214,9 @@ impl RollupActor {
         self.epoch += 1;
         self.deltas = Deltas::default();
         self.names = NameCap::default();
+        if let Some(identity) = &mut self.identity {
+            identity.clear();
+        }
         self.phase = phase;
     }
 
@@ -210,16 +225,27 @@ impl RollupActor {
         self.start_epoch(Phase::Loading);
         let heads = self.deps.writer.heads().clone();
         let tenant = self.tenant;
+        let hash_key = (self.deps.directory.get(tenant)).map(|record| record.user_hash_key);
+        let max_ids = self.deps.rollups.max_identity_ids;
         self.fenced(
             ctx,
             move |storage| {
                 let watermark = rollups::watermark(storage, tenant)?;
                 let head = crate::query::log_head(storage, &heads, tenant)?;
                 let names = rollups::event_names(storage, tenant)?;
-                Ok((watermark, head, names))
+                let identity = match hash_key {
+                    Some(key) => Some(Pending::new(
+                        storage::identity::map(storage, tenant, &key)?,
+                        key,
+                        max_ids,
+                    )),
+                    None => None,
+                };
+                Ok((watermark, head, names, identity))
             },
             |actor, loaded, ctx| match loaded {
-                Ok((watermark, head, names)) => {
+                Ok((watermark, head, names, identity)) => {
+                    actor.identity = identity;
                     actor.names = NameCap::new(names);
                     actor.applied_seq = watermark;
                     actor.stored_watermark = watermark;
@@ -358,6 +384,7 @@ impl RollupActor {
         let flush = PendingFlush {
             deltas: std::mem::take(&mut self.deltas),
             admitted: self.names.take_unflushed(),
+            links: (self.identity.as_mut()).map_or_else(Vec::new, Pending::take_writes),
             fold,
             through: self.applied_seq,
             expected: self.stored_watermark,
@@ -375,8 +402,11 @@ impl RollupActor {
                 Ok(flush.run(storage, tenant, &retention))
             },
             |actor, flushed, ctx| match flushed {
-                Ok((Ok(FlushOutcome::Stored), flush, took)) => {
+                Ok((Ok(FlushOutcome::Stored), mut flush, took)) => {
                     actor.stored(&flush, took);
+                    if let Some(identity) = &mut actor.identity {
+                        identity.stored(std::mem::take(&mut flush.links));
+                    }
                     actor.resume(ctx);
                 }
                 Ok((Ok(FlushOutcome::Conflict { stored }), flush, _)) => {
@@ -391,6 +421,9 @@ impl RollupActor {
                     // Not stored: keep the updates for the next flush.
                     actor.deltas.merge(flush.deltas);
                     actor.names.restore_unflushed(flush.admitted);
+                    if let Some(identity) = &mut actor.identity {
+                        identity.failed(flush.links);
+                    }
                     actor.resume(ctx);
                 }
                 Err(error) => {
@@ -495,8 +528,11 @@ impl RollupActor {
             true
         };
         if !applied {
-            // Live counts follow the cap as far as it is known now.
+            // Live counts follow the cap and the identity links as far as they are known now.
             self.names.peek(&mut batch.items, self.name_cap());
+            if let Some(identity) = &self.identity {
+                identity.resolve(batch.items.identity_parts().0);
+            }
         }
         // Live counts are best effort under overload; rollups are not (see above).
         let _ = self.live.try_send(LiveItems(Arc::new(batch.items)));
@@ -515,6 +551,8 @@ impl RollupActor {
 struct PendingFlush {
     deltas: Deltas,
     admitted: Vec<String>,
+    /// Identity links to store with the rollups.
+    links: Vec<StoredLink>,
     fold: rollups::FoldPlan,
     /// The watermark the flush stores, and the one it expects to replace.
     through: u64,
@@ -532,11 +570,15 @@ impl PendingFlush {
     ) -> (Result<FlushOutcome, StorageError>, PendingFlush, Duration) {
         let started = Instant::now();
         self.deltas.roll_up_users();
+        let meta_writes = rollups::FlushMeta {
+            admitted: &self.admitted,
+            links: &self.links,
+        };
         let result = rollups::flush(
             storage,
             tenant,
             &self.deltas,
-            &self.admitted,
+            &meta_writes,
             self.expected,
             self.through,
             &self.fold,
@@ -980,7 +1022,7 @@ mod tests {
         until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
         // Another writer stores the same entry first.
         let fold = rollups::FoldPlan::default();
-        let stored = rollups::flush(&rig.deps.storage, rig.tenant, &theirs, &[], 0, 1, &fold);
+        let stored = rollups::flush(&rig.deps.storage, rig.tenant, &theirs, &Default::default(), 0, 1, &fold);
         assert_eq!(stored.unwrap(), FlushOutcome::Stored);
         let before = actor.send(Inspect).await.unwrap().epoch;
         drop(slot);

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
+use crate::identity::{IdentityMap, Resolver};
 use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::json::MergeBase;
@@ -163,6 +164,14 @@ const STALL_POLL: Duration = Duration::from_millis(20);
 
 impl ExportReader {
     fn run(&self, filter: &Filter, sender: &Sender<Result<Bytes, std::io::Error>>) {
+        let identity = match self.identity() {
+            Ok(identity) => identity,
+            Err(error) => {
+                tracing::error!(tenant = %self.tenant, %error, "export failed reading identity links");
+                let _ = self.send(sender, Err(std::io::Error::other(error.to_string())));
+                return;
+            }
+        };
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         let mut stopped = false;
         // The hot log from the first entry that can hold an event of the range; the cold tier
@@ -187,7 +196,8 @@ impl ExportReader {
                         stopped = true;
                         return ControlFlow::Break(());
                     }
-                    write_batch(&mut chunk, first_seq, batch, filter);
+                    // Locked per entry, not for the export: the rollup actor adds links.
+                    write_batch(&mut chunk, first_seq, batch, filter, &identity.resolver());
                     if chunk.len() < CHUNK_BYTES {
                         return ControlFlow::Continue(());
                     }
@@ -212,6 +222,16 @@ impl ExportReader {
                 }
             }
             Ok(()) => {}
+        }
+    }
+
+    /// The tenant's stored identity links (none once the tenant is gone).
+    fn identity(&self) -> Result<Arc<IdentityMap>, crate::storage::StorageError> {
+        match self.directory.get(self.tenant) {
+            Some(record) => {
+                crate::storage::identity::map(&self.storage, self.tenant, &record.user_hash_key)
+            }
+            None => Ok(Arc::default()),
         }
     }
 
@@ -256,7 +276,13 @@ impl Filter {
     }
 }
 
-fn write_batch(out: &mut Vec<u8>, first_seq: u64, batch: &LogBatch, filter: &Filter) {
+fn write_batch(
+    out: &mut Vec<u8>,
+    first_seq: u64,
+    batch: &LogBatch,
+    filter: &Filter,
+    identity: &Resolver<'_>,
+) {
     // The batch-level objects are read once; each event's own are merged over them.
     let context_base = merge_base(&batch.shared.context);
     let integrations_base = merge_base(&batch.shared.integrations);
@@ -271,6 +297,7 @@ fn write_batch(out: &mut Vec<u8>, first_seq: u64, batch: &LogBatch, filter: &Fil
             seq: first_seq + offset as u64,
             batch,
             event,
+            person: identity.person(event.user_hash),
             context: merged(&context_base, &event.context),
             integrations: merged(&integrations_base, &event.integrations),
         };
@@ -289,6 +316,8 @@ struct ExportLine<'a> {
     seq: u64,
     batch: &'a LogBatch,
     event: &'a StoredEvent,
+    /// The person the event's id belongs to (hash, name), when it is not the id itself.
+    person: Option<(u64, &'a str)>,
     /// The event's context and integrations merged over its batch's, where the batch had any.
     context: Option<String>,
     integrations: Option<String>,
@@ -354,6 +383,10 @@ impl Serialize for ExportLine<'_> {
                 seq: self.seq,
                 batch_id: uuid::Uuid::from_u128(self.batch.batch_id).to_string(),
                 user_hash: format!("{:016x}", e.user_hash),
+                person: (self.person.map(|(_, name)| name))
+                    .or(e.user_id.as_deref())
+                    .or(e.anonymous_id.as_deref()),
+                person_hash: format!("{:016x}", self.person.map_or(e.user_hash, |(hash, _)| hash)),
                 endpoint: &self.batch.source.endpoint,
                 client_ip: self.batch.source.client_ip.as_deref(),
                 library_name: e.library_name.as_deref(),
@@ -372,6 +405,10 @@ struct Enrichment<'a> {
     seq: u64,
     batch_id: String,
     user_hash: String,
+    /// The resolved person: the id that names the person the event's id belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    person: Option<&'a str>,
+    person_hash: String,
     endpoint: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     client_ip: Option<&'a str>,

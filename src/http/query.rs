@@ -465,6 +465,7 @@ pub async fn funnel(
     let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
     let steps = request.steps.clone();
     let tenant_id = tenant.id;
+    let hash_key = tenant.user_hash_key;
     let storage = state.storage.clone();
     let cold = state.cold.clone();
     let heads = state.writer.heads().clone();
@@ -474,6 +475,7 @@ pub async fn funnel(
     let (reached, as_of) = crate::blocking::run(move || {
         let _slot = slot;
         let as_of = as_of(&storage, &heads, tenant_id)?;
+        let identity = crate::storage::identity::map(&storage, tenant_id, &hash_key)?;
         let span = query::FunnelSpan {
             from,
             to,
@@ -487,6 +489,7 @@ pub async fn funnel(
             &steps,
             window_micros,
             &span,
+            &identity,
         )?;
         Ok::<_, query::FunnelError>((reached, as_of))
     })

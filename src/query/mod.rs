@@ -18,6 +18,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::event::Micros;
+use crate::identity::IdentityMap;
 use crate::ids::TenantId;
 use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
 use crate::storage::cold::ColdStore;
@@ -184,7 +185,8 @@ pub struct FunnelSpan {
     pub late_arrival: std::time::Duration,
 }
 
-/// Users reaching each step of a funnel, in order, with every step within `window` of the first,
+/// Users reaching each step of a funnel, in order, a user being a person as `identity`
+/// resolves it, with every step within `window` of the first,
 /// over the events whose time is in the span. Exact: computed from the stored events, read from
 /// the first log entry that can hold one ([`first_seq_received_since`]) to the last one received
 /// within `late_arrival` (plus [`RECEIVE_ORDER_SLACK`]) of `to`.
@@ -195,6 +197,7 @@ pub fn funnel(
     steps: &[String],
     window: Micros,
     span: &FunnelSpan,
+    identity: &IdentityMap,
 ) -> Result<Vec<u64>, FunnelError> {
     let FunnelSpan { from, to, .. } = *span;
     // Distinct step names, by first appearance, so repeated steps share one code.
@@ -287,12 +290,24 @@ pub fn funnel(
     if cold_after > cold_before {
         gather_cold(cold_before + 1, cold_after, &mut gather)?;
     }
+    if gathered > MAX_FUNNEL_EVENTS {
+        return Err(FunnelError::TooManyEvents);
+    }
+    // Each id's events count for its person, as the stored identity links resolve it now.
+    if !identity.is_empty() {
+        let resolver = identity.resolver();
+        let mut per_person: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+        for (user, events) in per_user {
+            per_person
+                .entry(resolver.resolve(user))
+                .or_default()
+                .extend(events);
+        }
+        per_user = per_person;
+    }
     for events in per_user.values_mut() {
         events.sort_unstable();
         events.dedup();
-    }
-    if gathered > MAX_FUNNEL_EVENTS {
-        return Err(FunnelError::TooManyEvents);
     }
     let mut reached = vec![0u64; steps.len()];
     for events in per_user.values_mut() {

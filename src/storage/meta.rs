@@ -33,6 +33,8 @@ pub(crate) mod kind {
     pub(crate) const MANIFEST_NUMBER: u8 = b'v';
     /// `e ‖ job id` → a per-user erasure job and its audit record (JSON).
     pub(crate) const ERASURE_JOB: u8 = b'e';
+    /// `i ‖ tenant ‖ id hash` → the name of the id's parent in its person (`storage::identity`).
+    pub(crate) const IDENTITY: u8 = b'i';
     /// `d ‖ tenant` → the last log sequence whose dedup keys the dedup tables hold.
     pub(crate) const DEDUP_WATERMARK: u8 = b'd';
     /// The digest of the admin token in force when none is configured.

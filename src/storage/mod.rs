@@ -9,8 +9,8 @@
 //!   finishes a bulk ingestion, fsync of the new table included, and the log writer's appends
 //!   would wait for it (docs/decisions/0004). Data dirs with `dedup` in the main database are
 //!   moved over at open.
-//! - `meta`: tenants, tombstones, sequence heads, watermarks; every key kind is listed in
-//!   [`meta::kind`].
+//! - `meta`: tenants, tombstones, sequence heads, watermarks, identity links ([`identity`]);
+//!   every key kind is listed in [`meta::kind`].
 //! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
 //!   [`rollups`], the only module that persists rollup types.
 //!
@@ -30,6 +30,7 @@ pub mod disk;
 pub mod event_log;
 pub mod fjall_log;
 pub mod health;
+pub mod identity;
 pub mod meta;
 pub mod rollups;
 pub mod upkeep;
@@ -127,6 +128,8 @@ pub struct Storage {
     pub dedup_windows: dedup::DedupWindows,
     /// Per-tenant lock that fences rollup flushes and deletions (see [`rollups::flush`]).
     rollup_locks: Arc<dashmap::DashMap<TenantId, Arc<std::sync::Mutex<()>>>>,
+    /// Tenants' committed identity links, loaded on first use ([`identity::map`]).
+    identities: Arc<dashmap::DashMap<TenantId, Arc<crate::identity::IdentityMap>>>,
     /// Which storage threads have died.
     pub health: Arc<health::ThreadHealth>,
 }
@@ -232,6 +235,7 @@ impl Storage {
             rollup_users,
             dedup_windows,
             rollup_locks: Arc::default(),
+            identities: Arc::default(),
             health,
         })
     }
@@ -341,6 +345,7 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     storage.dedup_windows.deleted(tenant);
     dedup_ingest::forget_tenant(storage, tenant)?;
     rollups::delete_all(storage, tenant)?;
+    identity::delete_all(storage, tenant)?;
     storage.persist(true)?;
     storage.log().delete_tenant(tenant)
 }

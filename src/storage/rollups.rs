@@ -173,6 +173,15 @@ pub enum FlushOutcome {
     },
 }
 
+/// What a rollup flush stores beside the buckets, derived from the same events.
+#[derive(Debug, Default)]
+pub struct FlushMeta<'a> {
+    /// Event names admitted under the tenant's cap since the last flush.
+    pub admitted: &'a [String],
+    /// Identity links applied since the last flush (`crate::identity`).
+    pub links: &'a [crate::identity::StoredLink],
+}
+
 /// Merges `deltas` (users rolled up: [`Deltas::roll_up_users`]) into the stored buckets and moves
 /// the watermark from `expected_watermark` to `through_seq`, atomically, if the stored watermark
 /// still is `expected_watermark`. Users are written as delta records, or for the buckets `fold`
@@ -181,7 +190,7 @@ pub fn flush(
     storage: &Storage,
     tenant: TenantId,
     deltas: &Deltas,
-    admitted: &[String],
+    meta_writes: &FlushMeta<'_>,
     expected_watermark: u64,
     through_seq: u64,
     fold: &FoldPlan,
@@ -223,7 +232,8 @@ pub fn flush(
     }
     // Every name the deltas use, and the names admitted under the tenant's cap since the last
     // flush (some may have no delta: all their events were past every retention).
-    for name in names.into_iter().chain(admitted.iter().map(String::as_str)) {
+    let admitted = meta_writes.admitted.iter().map(String::as_str);
+    for name in names.into_iter().chain(admitted) {
         batch.insert(
             &storage.meta,
             meta_key(
@@ -234,6 +244,7 @@ pub fn flush(
             name.as_bytes().to_vec(),
         );
     }
+    super::identity::write_into(storage, &mut batch, tenant, meta_writes.links);
     batch.insert(
         &storage.meta,
         meta_key(meta::kind::ROLLUP_WATERMARK, tenant, &[]),
@@ -514,7 +525,7 @@ mod tests {
                 &storage,
                 tenant,
                 &deltas_of_users(at, from..to),
-                &[],
+                &Default::default(),
                 seq,
                 seq + 1,
                 &FoldPlan {
@@ -559,7 +570,7 @@ mod tests {
         };
         let elsewhere = deltas_of_users(at + 10 * Resolution::Day.width(), 0..1);
         assert_eq!(
-            flush(&storage, tenant, &elsewhere, &[], 5, 6, &ended).unwrap(),
+            flush(&storage, tenant, &elsewhere, &Default::default(), 5, 6, &ended).unwrap(),
             FlushOutcome::Stored
         );
         for resolution in Resolution::ALL {
@@ -604,7 +615,7 @@ mod tests {
                 &storage,
                 tenant,
                 &deltas(at),
-                &[],
+                &Default::default(),
                 0,
                 1,
                 &FoldPlan::default()
@@ -618,7 +629,7 @@ mod tests {
                 &storage,
                 tenant,
                 &deltas(at),
-                &[],
+                &Default::default(),
                 0,
                 1,
                 &FoldPlan::default()
@@ -627,7 +638,7 @@ mod tests {
             FlushOutcome::Conflict { stored: 1 }
         );
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), &[], 1, 2, &all()).unwrap(),
+            flush(&storage, tenant, &deltas(at), &Default::default(), 1, 2, &all()).unwrap(),
             FlushOutcome::Stored
         );
         let counts = read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1).unwrap();
