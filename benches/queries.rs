@@ -54,7 +54,16 @@ fn populate(storage: &Storage, tenant: TenantId, end: i64) {
             all: true,
             ..Default::default()
         };
-        rollups::flush(storage, tenant, &deltas, &Default::default(), previous, seq, &fold).unwrap();
+        rollups::flush(
+            storage,
+            tenant,
+            &deltas,
+            &Default::default(),
+            previous,
+            seq,
+            &fold,
+        )
+        .unwrap();
     }
     // Old buckets live in on-disk tables on a running server, not in the memtable.
     storage.settle().unwrap();
@@ -186,8 +195,16 @@ fn benches(c: &mut Criterion) {
             late_arrival: Duration::from_secs(7 * 86_400),
         };
         b.iter(|| {
-            let reached =
-                query::funnel(&storage, None, log_tenant, &steps, 600_000_000, &span, &Default::default()).unwrap();
+            let reached = query::funnel(
+                &storage,
+                None,
+                log_tenant,
+                &steps,
+                600_000_000,
+                &span,
+                &Default::default(),
+            )
+            .unwrap();
             assert!(reached[0] > 0);
         })
     });

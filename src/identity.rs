@@ -154,8 +154,7 @@ impl IdentityMap {
     /// A resolver that holds the map's read lock, for resolving many ids in a row.
     pub fn resolver(&self) -> Resolver<'_> {
         Resolver {
-            links: (!self.is_empty())
-                .then(|| self.links.read().unwrap_or_else(|p| p.into_inner())),
+            links: (!self.is_empty()).then(|| self.links.read().unwrap_or_else(|p| p.into_inner())),
         }
     }
 }
@@ -270,7 +269,11 @@ impl Pending {
         if self.is_empty() {
             return;
         }
-        let stored = self.committed.links.read().unwrap_or_else(|p| p.into_inner());
+        let stored = self
+            .committed
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         for hash in hashes {
             *hash = root_of(*hash, |id| self.get(&stored, id));
         }

@@ -162,9 +162,11 @@ fn anonymous_events_then_identify_then_more_count_one_person() {
     assert_eq!(persons["m7"], "anon-2");
     let metrics = server.metrics();
     assert!(
-        metrics.lines().any(|l| l.starts_with("statsremote_identity_links_total")
-            && l.contains("outcome=\"joined\"")
-            && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("statsremote_identity_links_total")
+                && l.contains("outcome=\"joined\"")
+                && l.ends_with(" 1")),
         "{metrics}"
     );
 }
@@ -253,14 +255,22 @@ fn merging_two_known_users_is_refused() {
     server.wait_rollups_caught_up(&tenant.read_key);
     assert_eq!(uniques(&server, &tenant, t0 + 120, t0 + 180), 2);
     let persons = persons(&server, &tenant);
-    assert_eq!((persons["e1"].as_str(), persons["e2"].as_str()), ("u1", "u1"));
-    assert_eq!((persons["e3"].as_str(), persons["e4"].as_str()), ("u2", "u2"));
+    assert_eq!(
+        (persons["e1"].as_str(), persons["e2"].as_str()),
+        ("u1", "u1")
+    );
+    assert_eq!(
+        (persons["e3"].as_str(), persons["e4"].as_str()),
+        ("u2", "u2")
+    );
     let metrics = server.metrics();
     assert!(
-        metrics.lines().any(|l| l.starts_with("statsremote_identity_links_total")
-            && l.contains("kind=\"alias\"")
-            && l.contains("outcome=\"refused\"")
-            && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("statsremote_identity_links_total")
+                && l.contains("kind=\"alias\"")
+                && l.contains("outcome=\"refused\"")
+                && l.ends_with(" 1")),
         "{metrics}"
     );
 }
@@ -326,7 +336,13 @@ fn posthog_identify_and_alias_follow_the_same_rule() {
     server.wait_rollups_caught_up(&tenant.read_key);
     assert_eq!(uniques(&server, &tenant, t0 + 120, t0 + 180), 1);
     assert_eq!(
-        funnel(&server, &tenant, &["$pageview", "clicked", "paid"], t0, t0 + 3600),
+        funnel(
+            &server,
+            &tenant,
+            &["$pageview", "clicked", "paid"],
+            t0,
+            t0 + 3600
+        ),
         vec![1, 1, 1],
         "{:?}",
         server.export(&tenant.read_key, "")

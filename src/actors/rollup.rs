@@ -1022,7 +1022,15 @@ mod tests {
         until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
         // Another writer stores the same entry first.
         let fold = rollups::FoldPlan::default();
-        let stored = rollups::flush(&rig.deps.storage, rig.tenant, &theirs, &Default::default(), 0, 1, &fold);
+        let stored = rollups::flush(
+            &rig.deps.storage,
+            rig.tenant,
+            &theirs,
+            &Default::default(),
+            0,
+            1,
+            &fold,
+        );
         assert_eq!(stored.unwrap(), FlushOutcome::Stored);
         let before = actor.send(Inspect).await.unwrap().epoch;
         drop(slot);

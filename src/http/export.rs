@@ -21,9 +21,9 @@ use serde_json::value::RawValue;
 
 use crate::event::{flags, format_timestamp, parse_timestamp, LogBatch, Micros, StoredEvent};
 use crate::http::errors::ApiError;
-use crate::identity::{IdentityMap, Resolver};
 use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
+use crate::identity::{IdentityMap, Resolver};
 use crate::json::MergeBase;
 use crate::storage::cold::{scan_tiers_from, ColdError};
 use crate::storage::event_log::first_seq_received_since;

@@ -69,16 +69,25 @@ pub struct AppState {
     pub read_slots: slots::ReadSlots,
 }
 
-/// Segment routes: path and how its body is read.
-const SEGMENT_ROUTES: [(&str, Route); 8] = [
+/// Segment routes: path and how its body is read. The one-letter paths are those Segment's
+/// browser library (analytics.js, @segment/analytics-next) posts to: `/v1/b` with its batching
+/// delivery, `/v1/<first letter of the type>` without.
+const SEGMENT_ROUTES: [(&str, Route); 15] = [
     ("/v1/batch", Route::Batch),
     ("/v1/import", Route::Batch),
+    ("/v1/b", Route::Batch),
     ("/v1/track", Route::Single(EventKind::Track)),
     ("/v1/identify", Route::Single(EventKind::Identify)),
     ("/v1/page", Route::Single(EventKind::Page)),
     ("/v1/screen", Route::Single(EventKind::Screen)),
     ("/v1/group", Route::Single(EventKind::Group)),
     ("/v1/alias", Route::Single(EventKind::Alias)),
+    ("/v1/t", Route::Single(EventKind::Track)),
+    ("/v1/i", Route::Single(EventKind::Identify)),
+    ("/v1/p", Route::Single(EventKind::Page)),
+    ("/v1/s", Route::Single(EventKind::Screen)),
+    ("/v1/g", Route::Single(EventKind::Group)),
+    ("/v1/a", Route::Single(EventKind::Alias)),
 ];
 
 /// Largest admin JSON body.

@@ -570,7 +570,16 @@ mod tests {
         };
         let elsewhere = deltas_of_users(at + 10 * Resolution::Day.width(), 0..1);
         assert_eq!(
-            flush(&storage, tenant, &elsewhere, &Default::default(), 5, 6, &ended).unwrap(),
+            flush(
+                &storage,
+                tenant,
+                &elsewhere,
+                &Default::default(),
+                5,
+                6,
+                &ended
+            )
+            .unwrap(),
             FlushOutcome::Stored
         );
         for resolution in Resolution::ALL {
@@ -638,7 +647,16 @@ mod tests {
             FlushOutcome::Conflict { stored: 1 }
         );
         assert_eq!(
-            flush(&storage, tenant, &deltas(at), &Default::default(), 1, 2, &all()).unwrap(),
+            flush(
+                &storage,
+                tenant,
+                &deltas(at),
+                &Default::default(),
+                1,
+                2,
+                &all()
+            )
+            .unwrap(),
             FlushOutcome::Stored
         );
         let counts = read_counts(&storage, tenant, Resolution::Day, "e", at, at + 1).unwrap();

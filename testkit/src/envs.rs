@@ -1,6 +1,7 @@
 //! The project-local tool environments the tests use: Python (`target/python-env`: moto's
-//! S3-compatible server, DuckDB, the Python SDKs) and Node (`target/node-env`: the Node SDKs).
-//! `scripts/python-env.sh` and `scripts/node-env.sh` create them; tests running at the same time
+//! S3-compatible server, DuckDB, the Python SDKs) and Node (`target/node-env`: the Node and
+//! browser SDKs, playwright-core), and Debian's Chromium. `scripts/python-env.sh`,
+//! `scripts/node-env.sh` and `scripts/browser-env.sh` create them; tests running at the same time
 //! wait for one another on a lock file rather than install twice.
 
 use std::fs::File;
@@ -25,6 +26,13 @@ pub fn python_env() -> Result<PathBuf, Error> {
 pub fn node_env() -> Result<PathBuf, Error> {
     set_up("node-env")?;
     Ok(workspace_root().join("target/node-env"))
+}
+
+/// The Node environment (see [`node_env`]) and Debian's Chromium for browser tests, installed by
+/// `scripts/browser-env.sh` if missing; returns the Node environment's folder.
+pub fn browser_env() -> Result<PathBuf, Error> {
+    set_up("browser-env")?;
+    node_env()
 }
 
 /// Runs `scripts/<name>.sh` under `target/<name>.lock`.

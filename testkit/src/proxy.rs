@@ -153,6 +153,7 @@ fn answer_with(client: &mut TcpStream, status: u16) {
     };
     let mut reader = BufReader::new(reader_stream);
     let mut length = 0usize;
+    let mut origin = None;
     let mut line = String::new();
     while reader.read_line(&mut line).is_ok_and(|read| read > 0) {
         let header = line.trim_end().to_ascii_lowercase();
@@ -161,6 +162,12 @@ fn answer_with(client: &mut TcpStream, status: u16) {
         }
         if let Some(value) = header.strip_prefix("content-length:") {
             length = value.trim().parse().unwrap_or(0);
+        }
+        if header.starts_with("origin:") {
+            origin = line
+                .trim_end()
+                .split_once(':')
+                .map(|(_, o)| o.trim().to_string());
         }
         line.clear();
     }
@@ -171,8 +178,12 @@ fn answer_with(client: &mut TcpStream, status: u16) {
     } else {
         "Service Unavailable"
     };
+    // As the server would, CORS headers for a browser's request, so the page sees the status.
+    let cors = origin.map_or_else(String::new, |origin| {
+        format!("Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Expose-Headers: Retry-After\r\n")
+    });
     let reply = format!(
-        "HTTP/1.1 {status} {reason}\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        "HTTP/1.1 {status} {reason}\r\nRetry-After: 1\r\n{cors}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
     );
     let _ = client.write_all(reply.as_bytes());
     let _ = client.shutdown(Shutdown::Both);
