@@ -322,7 +322,7 @@ fn posthog_js_in_a_browser_counts_every_event_once() {
     let tenant = server.create_tenant("posthog-js");
     let ids = send_with_browser(
         "posthog-js",
-        &server.url("").trim_end_matches('/'),
+        server.url("").trim_end_matches('/'),
         &tenant,
         "pj",
         false,
