@@ -90,7 +90,8 @@ fn send_with_browser(
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-/// The exported events, by messageId; each id must appear once.
+/// The exported events, by messageId; each id must appear once, and the query API must count
+/// as many events as the export holds.
 fn exported_once(server: &TestServer, tenant: &Tenant) -> BTreeMap<String, Value> {
     let mut by_id = BTreeMap::new();
     for event in server.export(
@@ -103,6 +104,18 @@ fn exported_once(server: &TestServer, tenant: &Tenant) -> BTreeMap<String, Value
             "{id} stored twice"
         );
     }
+    server.wait_rollups_caught_up(&tenant.read_key);
+    let tomorrow = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    let to = tomorrow
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let path = format!("/v1/query/events?from=2026-01-01T00:00:00Z&to={to}");
+    let reply = server.get(&path, common::Auth::Bearer(&tenant.read_key));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let counted: u64 = (reply.json()["events"].as_array().unwrap().iter())
+        .map(|event| event["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, by_id.len() as u64, "{}", reply.body);
     by_id
 }
 
