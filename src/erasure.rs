@@ -48,6 +48,9 @@ pub struct ErasureJob {
     pub rewritten_segments: u64,
     /// Segments that held only the user's events and were removed.
     pub removed_segments: u64,
+    /// Identity links that named the user, removed (see `crate::storage::identity::forget`).
+    #[serde(default)]
+    pub removed_identity_links: u64,
     /// When the superseded copies (in `trash/`) will have been deleted.
     pub superseded_purged_by: Option<Micros>,
     pub error: Option<String>,

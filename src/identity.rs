@@ -133,6 +133,16 @@ impl IdentityMap {
         self.len.store(links.entries.len(), Ordering::Release);
     }
 
+    /// Removes the links of `ids`, and the name of the id hashed `named` (an erasure).
+    pub fn remove(&self, ids: &[u64], named: u64) {
+        let mut links = self.links.write().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            links.entries.remove(id);
+        }
+        links.names.remove(&named);
+        self.len.store(links.entries.len(), Ordering::Release);
+    }
+
     /// How many ids take part in links.
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)

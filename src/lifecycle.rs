@@ -220,6 +220,7 @@ impl TenantLifecycle {
             removed_events: 0,
             rewritten_segments: 0,
             removed_segments: 0,
+            removed_identity_links: 0,
             superseded_purged_by: None,
             error: None,
         };
@@ -241,10 +242,11 @@ impl TenantLifecycle {
         let lifecycle = self.clone();
         actix_rt::spawn(async move {
             match lifecycle.run_erasure(&job).await {
-                Ok(report) => {
+                Ok((report, links)) => {
                     let now = crate::event::now_micros();
                     job.status = JobStatus::Done;
                     job.removed_events = report.removed_events;
+                    job.removed_identity_links = links;
                     job.rewritten_segments = report.written_segments;
                     job.removed_segments = report.removed_segments - report.written_segments;
                     job.finished_at = Some(now);
@@ -269,7 +271,11 @@ impl TenantLifecycle {
         });
     }
 
-    async fn run_erasure(&self, job: &ErasureJob) -> Result<MaintenanceReport, LifecycleError> {
+    /// Runs an erasure; returns what it removed from the cold tier, and how many identity links.
+    async fn run_erasure(
+        &self,
+        job: &ErasureJob,
+    ) -> Result<(MaintenanceReport, u64), LifecycleError> {
         self.settle_watermarks(job.tenant).await?;
         self.live_tenant(job.tenant)?;
         let pipeline = self.pipelines.pipeline(job.tenant);
@@ -287,8 +293,21 @@ impl TenantLifecycle {
         }
         let report =
             (pipeline.erase_cold(job.user_id.clone()).await).map_err(LifecycleError::Cold)?;
+        // The id in the identity links too (the rollups stored every link up to the request).
+        let links = match self.directory.get(job.tenant) {
+            Some(record) => {
+                let (storage, tenant, user) =
+                    (self.storage.clone(), job.tenant, job.user_id.clone());
+                let key = record.user_hash_key;
+                blocking::run(move || {
+                    crate::storage::identity::forget(&storage, tenant, &key, &user)
+                })
+                .await??
+            }
+            None => 0,
+        };
         self.query_cache.forget(job.tenant);
-        Ok(report)
+        Ok((report, links))
     }
 
     /// An erasure job by id.

@@ -385,3 +385,56 @@ fn links_survive_a_kill_before_the_rollups_flush() {
     let persons = persons(&server, &tenant);
     assert_eq!(persons["b3"], "carol");
 }
+
+#[test]
+fn erasing_a_user_removes_the_links_that_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), &[]);
+    let tenant = server.create_tenant("erase-identity");
+    let t0 = base();
+    send(
+        &server,
+        &tenant,
+        vec![
+            track("r1", ("anon", "anon-e"), "Viewed", t0 + 10),
+            identify("r2", "erin", "anon-e", t0 + 20),
+            track("r3", ("user", "erin"), "Bought", t0 + 30),
+            identify("r4", "frank", "anon-f", t0 + 40),
+        ],
+    );
+    server.wait_rollups_caught_up(&tenant.read_key);
+    assert_eq!(persons(&server, &tenant)["r1"], "erin");
+    let path = format!("/admin/v1/tenants/{}/users/erin", tenant.id);
+    let reply = server.admin("DELETE", &path, None);
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let job_path = format!(
+        "/admin/v1/deletions/{}",
+        reply.json()["id"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let state = server.admin("GET", &job_path, None).json();
+        if state["status"] != "running" {
+            break state;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "done", "{done}");
+    // erin's own link, and anon-e's (whose parent erin was).
+    assert_eq!(done["removed_identity_links"], 2, "{done}");
+    assert_eq!(done["removed_events"], 2, "{done}");
+    let persons = persons(&server, &tenant);
+    assert!(!persons.contains_key("r2") && !persons.contains_key("r3"));
+    // The anonymous id keeps its events, as a person of its own; frank is untouched.
+    assert_eq!(persons["r1"], "anon-e");
+    assert_eq!(persons["r4"], "frank");
+    // A restart (which reloads the links and replays nothing erased) keeps it so.
+    server.terminate();
+    drop(server);
+    let server = TestServer::start_in(dir.path(), &[]);
+    server.wait_rollups_caught_up(&tenant.read_key);
+    let persons = self::persons(&server, &tenant);
+    assert_eq!(persons["r1"], "anon-e");
+    assert_eq!(persons["r4"], "frank");
+}

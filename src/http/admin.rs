@@ -338,6 +338,7 @@ fn job_view(job: &ErasureJob) -> serde_json::Value {
         "finished_at": time(job.finished_at),
         "removed_events": job.removed_events,
         "rewritten_segments": job.rewritten_segments,
+        "removed_identity_links": job.removed_identity_links,
         "removed_segments": job.removed_segments,
         "superseded_purged_by": time(job.superseded_purged_by),
         "error": job.error,

@@ -69,6 +69,41 @@ pub(crate) fn write_into(
     }
 }
 
+/// Forgets the id `id` (an erasure): removes its own link and the links of the ids whose parent
+/// it is, which become persons of their own, from storage and from the shared map, so that no
+/// copy of the id is left in the links. Returns how many links were removed. Blocking.
+pub fn forget(
+    storage: &Storage,
+    tenant: TenantId,
+    hash_key: &[u8; 32],
+    id: &str,
+) -> Result<u64, StorageError> {
+    // Not while a rollup flush stores links.
+    let lock = storage.rollup_lock(tenant);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let own = crate::enrich::user_hash(hash_key, id);
+    let removed: Vec<u64> = load(storage, tenant)?
+        .into_iter()
+        .filter(|(hash, parent)| *hash == own || &**parent == id)
+        .map(|(hash, _)| hash)
+        .collect();
+    if removed.is_empty() {
+        return Ok(0);
+    }
+    let mut batch = storage.batch();
+    for hash in &removed {
+        batch.remove(&storage.meta, key(tenant, *hash));
+    }
+    batch
+        .commit()
+        .map_err(StorageError::engine("removing identity links"))?;
+    storage.persist(true)?;
+    if let Some(map) = storage.identities.get(&tenant) {
+        map.remove(&removed, own);
+    }
+    Ok(removed.len() as u64)
+}
+
 /// Deletes the tenant's links (the tenant is being deleted). Blocking.
 pub fn delete_all(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     storage.identities.remove(&tenant);
