@@ -64,6 +64,7 @@ pub struct Config {
     pub live: LiveConfig,
     pub reads: ReadsConfig,
     pub tenant_defaults: TenantDefaults,
+    pub processing: ProcessingConfig,
     pub benchmark: BenchmarkConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -275,6 +276,23 @@ pub struct TenantDefaults {
     /// Cold segments whose hour ended longer ago than this are deleted (0: kept forever).
     #[serde(with = "humantime_serde")]
     pub raw_retention: Duration,
+    pub schema_enforcement: crate::schema::Enforcement,
+    pub unplanned_events: crate::schema::Unplanned,
+    #[serde(with = "humantime_serde")]
+    pub deadletter_retention: Duration,
+    pub deadletter_max_bytes: ByteSize,
+}
+
+/// Tracking plans and dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingConfig {
+    /// Largest schema document one version may have.
+    pub max_schema_bytes: ByteSize,
+    /// Most schema versions (of all its event names, retired ones included) one tenant keeps.
+    pub max_schema_versions: usize,
+    /// Mismatches listed per event in a reply and a dead letter.
+    pub max_violations_per_event: usize,
 }
 
 /// Settings that exist only to measure the server. Never for production.

@@ -46,6 +46,7 @@ pub mod priority;
 pub mod query;
 pub mod ratelimit;
 pub mod rollup;
+pub mod schema;
 pub mod server;
 pub mod sketch;
 pub mod storage;

@@ -53,6 +53,7 @@ pub struct TenantLifecycle {
     pub storage: Storage,
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
+    pub schemas: Arc<crate::schema::SchemaRegistry>,
     pub pipelines: Arc<Pipelines>,
     pub rate_limits: Arc<RateLimits>,
     pub query_cache: Arc<QueryCache>,
@@ -122,6 +123,7 @@ impl TenantLifecycle {
         self.pipelines.stop(id);
         self.rate_limits.forget(id);
         self.query_cache.forget(id);
+        self.schemas.forget(id);
         let purge_failed = |error: StorageError| {
             tracing::error!(tenant = %id, %error, "purge failed; it is retried at the next start");
             LifecycleError::Purge(error)

@@ -14,6 +14,7 @@ use crate::actors::{PipelineDeps, Pipelines};
 use crate::config::{Config, Durability};
 use crate::http::{self, AppState};
 use crate::lifecycle::TenantLifecycle;
+use crate::schema::{RegistryLimits, SchemaRegistry};
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
 use crate::storage::writer::{LogWriter, WriterOptions};
@@ -151,6 +152,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         config.tenant_defaults.clone(),
         admin,
     )?);
+    let schemas = Arc::new(SchemaRegistry::load(
+        storage.clone(),
+        RegistryLimits {
+            max_schema_bytes: usize::try_from(config.processing.max_schema_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            max_versions_per_tenant: config.processing.max_schema_versions,
+        },
+    )?);
     let writer = Arc::new(LogWriter::start(
         storage.clone(),
         WriterOptions {
@@ -170,6 +179,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             storage: storage.clone(),
             writer: Arc::clone(&writer),
             directory: Arc::clone(&directory),
+            schemas: Arc::clone(&schemas),
+            processing: config.processing.clone(),
             query_cache: Arc::clone(&query_cache),
             actors: config.actors.clone(),
             rollups: config.rollups.clone(),
@@ -195,6 +206,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         storage: storage.clone(),
         writer: Arc::clone(&writer),
         directory: Arc::clone(&directory),
+        schemas: Arc::clone(&schemas),
         pipelines: Arc::clone(&pipelines),
         rate_limits: Arc::clone(&rate_limits),
         query_cache: Arc::clone(&query_cache),
@@ -207,6 +219,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         storage: storage.clone(),
         writer: Arc::clone(&writer),
         directory: Arc::clone(&directory),
+        schemas,
         pipelines: Arc::clone(&pipelines),
         lifecycle,
         rate_limits,

@@ -16,8 +16,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use bytesize::ByteSize;
+
 use crate::config::TenantDefaults;
 use crate::event::{now_micros, Micros};
+use crate::schema::{Enforcement, Unplanned};
 use crate::storage::{codec, meta, Storage, StorageError};
 
 pub use crate::ids::TenantId;
@@ -81,6 +84,15 @@ pub struct TenantSettings {
     /// Cold segments whose hour ended longer ago than this are deleted (0: kept forever).
     #[serde(with = "humantime_serde")]
     pub raw_retention: Duration,
+    /// What happens to events that do not match their schema (an event's own enforcement wins).
+    pub schema_enforcement: Enforcement,
+    /// What happens to events whose name has no schema in force.
+    pub unplanned_events: Unplanned,
+    /// Dead letters received longer ago than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub deadletter_retention: Duration,
+    /// Most bytes the tenant's dead letters may take; the oldest go first beyond it.
+    pub deadletter_max_bytes: ByteSize,
 }
 
 impl TenantSettings {
@@ -91,6 +103,10 @@ impl TenantSettings {
             dedup_window: defaults.dedup_window,
             max_event_names: defaults.max_event_names,
             raw_retention: defaults.raw_retention,
+            schema_enforcement: defaults.schema_enforcement,
+            unplanned_events: defaults.unplanned_events,
+            deadletter_retention: defaults.deadletter_retention,
+            deadletter_max_bytes: defaults.deadletter_max_bytes,
         }
     }
 }
@@ -106,6 +122,11 @@ pub struct SettingsPatch {
     pub max_event_names: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub raw_retention: Option<Duration>,
+    pub schema_enforcement: Option<Enforcement>,
+    pub unplanned_events: Option<Unplanned>,
+    #[serde(default, with = "humantime_serde")]
+    pub deadletter_retention: Option<Duration>,
+    pub deadletter_max_bytes: Option<ByteSize>,
 }
 
 impl SettingsPatch {
@@ -138,6 +159,24 @@ impl SettingsPatch {
         }
         if let Some(value) = self.raw_retention {
             next.raw_retention = value;
+        }
+        if let Some(value) = self.schema_enforcement {
+            next.schema_enforcement = value;
+        }
+        if let Some(value) = self.unplanned_events {
+            next.unplanned_events = value;
+        }
+        if let Some(value) = self.deadletter_retention {
+            if value.is_zero() {
+                return Err("settings.deadletter_retention must be positive".into());
+            }
+            next.deadletter_retention = value;
+        }
+        if let Some(value) = self.deadletter_max_bytes {
+            if value.as_u64() < 1 << 20 {
+                return Err("settings.deadletter_max_bytes must be at least 1 MiB".into());
+            }
+            next.deadletter_max_bytes = value;
         }
         Ok(next)
     }
@@ -499,6 +538,24 @@ struct ColdSettings {
     raw_retention: Option<u64>,
 }
 
+/// Settings added after [`ColdSettings`], as a third and last trailer: a JSON object, so that
+/// settings added later need no new trailer. A missing member is the server's default.
+#[derive(Serialize, Deserialize, Default)]
+struct JsonSettings(String);
+
+/// The members of [`JsonSettings`].
+#[derive(Serialize, Deserialize, Default)]
+struct LaterJsonSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schema_enforcement: Option<Enforcement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unplanned_events: Option<Unplanned>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadletter_retention_micros: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadletter_max_bytes: Option<u64>,
+}
+
 fn meta_codec_error(source: codec::CodecError) -> StorageError {
     StorageError::Codec {
         keyspace: "meta",
@@ -509,8 +566,17 @@ fn meta_codec_error(source: codec::CodecError) -> StorageError {
 /// A stored tenant record; settings it predates take their value from `defaults`.
 fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord, StorageError> {
     let plain = codec::plain(value).map_err(meta_codec_error)?;
-    let (stored, later, cold): (StoredTenant, LaterSettings, ColdSettings) =
-        plain.decode_with_trailers().map_err(meta_codec_error)?;
+    let (stored, later, cold, json): (StoredTenant, LaterSettings, ColdSettings, JsonSettings) =
+        plain
+            .decode_with_three_trailers()
+            .map_err(meta_codec_error)?;
+    let json: LaterJsonSettings = if json.0.is_empty() {
+        LaterJsonSettings::default()
+    } else {
+        serde_json::from_str(&json.0).map_err(|e| {
+            meta_codec_error(codec::CodecError::Invalid(format!("tenant settings: {e}")))
+        })?
+    };
     Ok(TenantRecord {
         id: stored.id,
         name: stored.name,
@@ -523,6 +589,16 @@ fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord
             raw_retention: cold
                 .raw_retention
                 .map_or(defaults.raw_retention, Duration::from_micros),
+            schema_enforcement: json
+                .schema_enforcement
+                .unwrap_or(defaults.schema_enforcement),
+            unplanned_events: json.unplanned_events.unwrap_or(defaults.unplanned_events),
+            deadletter_retention: json
+                .deadletter_retention_micros
+                .map_or(defaults.deadletter_retention, Duration::from_micros),
+            deadletter_max_bytes: json
+                .deadletter_max_bytes
+                .map_or(defaults.deadletter_max_bytes, ByteSize),
         },
         write_key_digest: stored.write_key_digest,
         read_key_digest: stored.read_key_digest,
@@ -553,8 +629,17 @@ fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
             u64::try_from(record.settings.raw_retention.as_micros()).unwrap_or(u64::MAX),
         ),
     };
+    let json = LaterJsonSettings {
+        schema_enforcement: Some(record.settings.schema_enforcement),
+        unplanned_events: Some(record.settings.unplanned_events),
+        deadletter_retention_micros: Some(
+            u64::try_from(record.settings.deadletter_retention.as_micros()).unwrap_or(u64::MAX),
+        ),
+        deadletter_max_bytes: Some(record.settings.deadletter_max_bytes.as_u64()),
+    };
+    let json = JsonSettings(serde_json::to_string(&json).unwrap_or_default());
     // bincode writes a tuple as its fields one after the other: the trailers follow the record.
-    codec::encode(&(stored, later, cold)).map_err(meta_codec_error)
+    codec::encode(&(stored, later, cold, json)).map_err(meta_codec_error)
 }
 
 #[cfg(test)]

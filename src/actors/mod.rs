@@ -69,6 +69,9 @@ pub struct PipelineDeps {
     pub storage: Storage,
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
+    /// The tenants' tracking plans.
+    pub schemas: Arc<crate::schema::SchemaRegistry>,
+    pub processing: crate::config::ProcessingConfig,
     pub query_cache: Arc<QueryCache>,
     pub actors: ActorsConfig,
     pub rollups: RollupsConfig,

@@ -64,7 +64,7 @@ fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
 }
 
 /// The tenant named in the path, or 404.
-fn existing_tenant(state: &AppState, raw: &str) -> Result<Arc<TenantRecord>, ApiError> {
+pub(crate) fn existing_tenant(state: &AppState, raw: &str) -> Result<Arc<TenantRecord>, ApiError> {
     let id = tenant_id(raw)?;
     state
         .directory

@@ -27,6 +27,12 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// A new version of a schema that breaks its compatibility mode.
+    #[error("{detail}")]
+    Conflict {
+        detail: String,
+        breaking_changes: Vec<crate::schema::Change>,
+    },
     #[error("{0}")]
     MethodNotAllowed(String),
     /// The client was too slow; the connection is closed after the answer.
@@ -74,6 +80,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => ("unauthorized", "Missing or unknown key"),
             ApiError::Forbidden(_) => ("forbidden", "Key not allowed here"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
+            ApiError::Conflict { .. } => ("incompatible-schema", "Incompatible schema version"),
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
             ApiError::RequestTimeout(_) => ("request-timeout", "Request timeout"),
             ApiError::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
@@ -98,6 +105,8 @@ struct Problem<'a> {
     #[serde(skip_serializing_if = "<[Rejection]>::is_empty")]
     errors: &'a [Rejection],
     #[serde(skip_serializing_if = "Option::is_none")]
+    breaking_changes: Option<&'a [crate::schema::Change]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error_id: Option<String>,
 }
 
@@ -108,6 +117,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -144,6 +154,12 @@ impl ResponseError for ApiError {
             status: status.as_u16(),
             detail,
             errors,
+            breaking_changes: match self {
+                ApiError::Conflict {
+                    breaking_changes, ..
+                } => Some(breaking_changes),
+                _ => None,
+            },
             error_id,
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();

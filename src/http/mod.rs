@@ -4,7 +4,7 @@
 //!   [`body`];
 //! - [`export`]: reading stored events back;
 //! - [`query`]: series, events, uniques, funnels; [`live`]: the live WebSocket;
-//! - [`admin`]: tenants and keys;
+//! - [`admin`]: tenants and keys; [`schemas`]: tracking plans;
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document;
 //! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json);
 //! - [`deadline`]: every request body arrives within `server.body_timeout` or is cut off;
@@ -24,6 +24,7 @@ pub mod lz64;
 pub mod ops;
 pub mod posthog;
 pub mod query;
+pub mod schemas;
 pub mod segment;
 pub mod slots;
 
@@ -53,6 +54,8 @@ pub struct AppState {
     pub storage: Storage,
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
+    /// The tenants' tracking plans.
+    pub schemas: Arc<crate::schema::SchemaRegistry>,
     pub pipelines: Arc<Pipelines>,
     /// Create, change and delete tenants.
     pub lifecycle: crate::lifecycle::TenantLifecycle,
@@ -217,6 +220,23 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/admin/v1/deletions/{id}")
                 .route(web::get().to(admin::deletion))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/schemas")
+                .route(web::get().to(schemas::tenant_plan))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/schemas/{event}")
+                .route(web::put().to(schemas::register))
+                .route(web::get().to(schemas::versions))
+                .route(web::delete().to(schemas::retire))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/schemas")
+                .route(web::get().to(schemas::own_plan))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(

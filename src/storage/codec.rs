@@ -42,6 +42,8 @@ pub enum CodecError {
     Compress(String),
     #[error("cannot decompress value: {0}")]
     Decompress(String),
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 /// Encodes `value` with the current format version.
@@ -236,6 +238,37 @@ impl Plain<'_> {
             return Ok((value, first, V::default()));
         }
         Ok((value, first, self.decode_at::<V>(read)?.0))
+    }
+
+    /// [`Plain::decode_with_trailers`] with a third optional trailer.
+    pub fn decode_with_three_trailers<
+        'b,
+        T: Deserialize<'b>,
+        U: Deserialize<'b> + Default,
+        V: Deserialize<'b> + Default,
+        W: Deserialize<'b> + Default,
+    >(
+        &'b self,
+    ) -> Result<(T, U, V, W), CodecError> {
+        let (value, read) = self.decode_at::<T>(0)?;
+        let mut trailers = (U::default(), V::default(), W::default());
+        if read >= self.body.len() {
+            return Ok((value, trailers.0, trailers.1, trailers.2));
+        }
+        let read = {
+            let (first, read) = self.decode_at::<U>(read)?;
+            trailers.0 = first;
+            read
+        };
+        if read >= self.body.len() {
+            return Ok((value, trailers.0, trailers.1, trailers.2));
+        }
+        let (second, read) = self.decode_at::<V>(read)?;
+        trailers.1 = second;
+        if read < self.body.len() {
+            trailers.2 = self.decode_at::<W>(read)?.0;
+        }
+        Ok((value, trailers.0, trailers.1, trailers.2))
     }
 
     fn decode_at<'b, T: Deserialize<'b>>(&'b self, from: usize) -> Result<(T, usize), CodecError> {

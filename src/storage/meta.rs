@@ -35,6 +35,8 @@ pub(crate) mod kind {
     pub(crate) const ERASURE_JOB: u8 = b'e';
     /// `i ‖ tenant ‖ id hash` → the name of the id's parent in its person (`storage::identity`).
     pub(crate) const IDENTITY: u8 = b'i';
+    /// `r ‖ tenant ‖ xxh3(event name) ‖ version` → a schema version (`storage::schemas`).
+    pub(crate) const SCHEMA: u8 = b'r';
     /// `d ‖ tenant` → the last log sequence whose dedup keys the dedup tables hold.
     pub(crate) const DEDUP_WATERMARK: u8 = b'd';
     /// The digest of the admin token in force when none is configured.
@@ -54,7 +56,7 @@ pub(crate) fn tenant_key(kind: u8, tenant: TenantId) -> [u8; 9] {
 }
 
 /// The tenant in a `kind ‖ tenant ‖ …` key.
-fn key_tenant(key: &[u8]) -> Option<TenantId> {
+pub(crate) fn key_tenant(key: &[u8]) -> Option<TenantId> {
     key.get(1..9)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(|id| TenantId(u64::from_be_bytes(id)))

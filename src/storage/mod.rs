@@ -9,7 +9,8 @@
 //!   finishes a bulk ingestion, fsync of the new table included, and the log writer's appends
 //!   would wait for it (docs/decisions/0004). Data dirs with `dedup` in the main database are
 //!   moved over at open.
-//! - `meta`: tenants, tombstones, sequence heads, watermarks, identity links ([`identity`]);
+//! - `meta`: tenants, tombstones, sequence heads, watermarks, identity links ([`identity`]),
+//!   schema versions ([`schemas`]);
 //!   every key kind is listed in [`meta::kind`].
 //! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
 //!   [`rollups`], the only module that persists rollup types.
@@ -33,6 +34,7 @@ pub mod health;
 pub mod identity;
 pub mod meta;
 pub mod rollups;
+pub mod schemas;
 pub mod upkeep;
 pub mod writer;
 
@@ -346,6 +348,7 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     dedup_ingest::forget_tenant(storage, tenant)?;
     rollups::delete_all(storage, tenant)?;
     identity::delete_all(storage, tenant)?;
+    schemas::delete_all(storage, tenant)?;
     storage.persist(true)?;
     storage.log().delete_tenant(tenant)
 }

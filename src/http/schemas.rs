@@ -1,0 +1,139 @@
+//! The tracking plan over HTTP: the admin registers and retires schema versions; a tenant reads
+//! its own plan with its read key. The rules are [`crate::schema`]'s.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use crate::http::errors::ApiError;
+use crate::http::{admin, auth, AppState};
+use crate::schema::{Registration, RegistryError, TenantPlan};
+use crate::tenant::{KeyKind, TenantRecord};
+
+fn registry_error(error: RegistryError) -> ApiError {
+    match error {
+        RegistryError::Invalid(detail) => ApiError::bad_request(detail),
+        RegistryError::NotFound(detail) => ApiError::NotFound(detail),
+        incompatible @ RegistryError::Incompatible { .. } => {
+            let detail = incompatible.to_string();
+            let RegistryError::Incompatible { changes, .. } = incompatible else {
+                unreachable!("matched above")
+            };
+            ApiError::Conflict {
+                detail,
+                breaking_changes: changes,
+            }
+        }
+        RegistryError::Storage(error) => ApiError::Internal(format!("storage failure: {error}")),
+    }
+}
+
+/// One event's versions and the one in force.
+fn event_json(name: &str, plan: &TenantPlan) -> Option<serde_json::Value> {
+    let event = plan.events.get(name)?;
+    Some(serde_json::json!({
+        "event": name,
+        "in_force": event.in_force.as_ref().map(|v| v.version),
+        "versions": event.versions,
+    }))
+}
+
+/// The whole plan, events by name, with the tenant's settings that apply to it.
+fn plan_json(tenant: &TenantRecord, plan: &TenantPlan) -> serde_json::Value {
+    let mut names: Vec<&String> = plan.events.keys().collect();
+    names.sort();
+    serde_json::json!({
+        "schema_enforcement": tenant.settings.schema_enforcement,
+        "unplanned_events": tenant.settings.unplanned_events,
+        "events": names.iter().filter_map(|n| event_json(n, plan)).collect::<Vec<_>>(),
+    })
+}
+
+/// `PUT /admin/v1/tenants/{id}/schemas/{event}`: registers a new version.
+pub async fn register(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    body: web::Json<Registration>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let (tenant, event) = path.into_inner();
+    let id = admin::existing_tenant(&state, &tenant)?.id;
+    let registry = state.schemas.clone();
+    let version = crate::blocking::run(move || registry.register(id, &event, body.into_inner()))
+        .await
+        .map_err(|e| ApiError::Internal(format!("schema task failed: {e}")))?
+        .map_err(registry_error)?;
+    Ok(HttpResponse::Created().json(version))
+}
+
+/// `GET /admin/v1/tenants/{id}/schemas/{event}`: the event's versions.
+pub async fn versions(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let (tenant, event) = path.into_inner();
+    let id = admin::existing_tenant(&state, &tenant)?.id;
+    let plan = state.schemas.plan(id);
+    let found = event_json(&event, &plan)
+        .ok_or_else(|| ApiError::NotFound(format!("event {event:?} has no schema")))?;
+    Ok(HttpResponse::Ok().json(found))
+}
+
+/// `GET /admin/v1/tenants/{id}/schemas`: the tenant's whole plan.
+pub async fn tenant_plan(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let tenant = admin::existing_tenant(&state, &path)?;
+    Ok(HttpResponse::Ok().json(plan_json(&tenant, &state.schemas.plan(tenant.id))))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireQuery {
+    version: Option<u32>,
+}
+
+/// `DELETE /admin/v1/tenants/{id}/schemas/{event}[?version=N]`: retires a version (default:
+/// the one in force).
+pub async fn retire(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    query: web::Query<RetireQuery>,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_admin(&req, &state.directory)?;
+    let (tenant, event) = path.into_inner();
+    let id = admin::existing_tenant(&state, &tenant)?.id;
+    let number = match query.version {
+        Some(number) => number,
+        None => state
+            .schemas
+            .plan(id)
+            .in_force(&event)
+            .map(|v| v.version)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("event {event:?} has no schema version in force"))
+            })?,
+    };
+    let registry = state.schemas.clone();
+    let retired = crate::blocking::run(move || registry.retire(id, &event, number))
+        .await
+        .map_err(|e| ApiError::Internal(format!("schema task failed: {e}")))?
+        .map_err(registry_error)?;
+    Ok(HttpResponse::Ok().json(retired))
+}
+
+/// `GET /v1/schemas` (read key): the tenant's own plan.
+pub async fn own_plan(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let key = auth::header_credential(&req)?;
+    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    Ok(HttpResponse::Ok().json(plan_json(&tenant, &state.schemas.plan(tenant.id))))
+}
