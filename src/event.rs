@@ -49,8 +49,9 @@ impl EventKind {
     }
 }
 
-/// One event as sent by a client, after parsing and validation.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// One event as sent by a client, after parsing and validation. A dead letter keeps it as
+/// JSON (`crate::deadletter`), so a field added here needs `#[serde(default)]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct IncomingEvent {
     pub kind: Option<EventKind>,
     /// Client's dedup id; `None` means the server generates one (and skips dedup).
@@ -79,6 +80,10 @@ pub mod flags {
     pub const GENERATED_ID: u8 = 1;
     /// The corrected timestamp was beyond the future tolerance and was clamped to `received_at`.
     pub const CLAMPED_FUTURE: u8 = 2;
+    /// Stored under `warn` enforcement although it does not match its schema.
+    pub const SCHEMA_MISMATCH: u8 = 4;
+    /// Stored under `unplanned_events = "warn"`: its name has no schema in force.
+    pub const UNPLANNED: u8 = 8;
 }
 
 /// An enriched event as stored in the log. Field order is the bincode layout: append new fields

@@ -32,6 +32,7 @@
 pub mod actors;
 pub mod blocking;
 pub mod config;
+pub mod deadletter;
 pub mod descriptors;
 pub mod enrich;
 pub mod erasure;

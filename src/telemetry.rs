@@ -107,6 +107,15 @@ pub mod names {
     /// Events rolled up under `$other` because their name was over the tenant's cap. Label
     /// `tenant`.
     pub const EVENT_NAMES_OVERFLOW: &str = "statsremote_event_names_overflow_total";
+    /// Events checked against a tracking plan that did not pass, by what became of them
+    /// (`warned`: stored and flagged; `dead_lettered`) and why (`schema_mismatch`, `unplanned`).
+    pub const SCHEMA_VIOLATIONS: &str = "statsremote_schema_violations_total";
+    /// Dead letters stored, by reason.
+    pub const DEAD_LETTERS: &str = "statsremote_dead_letters_total";
+    /// Dead letters replayed, by outcome (`logged`, `duplicate`, `still_refused`).
+    pub const DEAD_LETTER_REPLAYS: &str = "statsremote_dead_letter_replays_total";
+    /// Dead letters deleted by retention or the size cap.
+    pub const DEAD_LETTERS_EXPIRED: &str = "statsremote_dead_letters_expired_total";
     /// Identity calls applied by the rollup actors. Labels `tenant`, `kind` (`identify`,
     /// `alias`), `outcome` (`unchanged`, `joined`, `renamed`, `refused`, `full`); see
     /// `crate::identity`.
@@ -374,4 +383,30 @@ pub fn storage_thread_panicked(thread: &'static str) {
 /// A subscriber skipped ticks.
 pub fn live_coalesced(tenant: &str, ticks: u64) {
     counter!(names::LIVE_COALESCED, "tenant" => tenant.to_string()).increment(ticks);
+}
+
+/// Events of one batch that did not pass the tenant's plan.
+pub fn schema_violations(
+    tenant: &str,
+    outcome: &'static str,
+    reason: crate::deadletter::ReasonKind,
+    events: u64,
+) {
+    counter!(names::SCHEMA_VIOLATIONS, "tenant" => tenant.to_string(), "outcome" => outcome, "reason" => reason.as_str())
+        .increment(events);
+    if outcome == "dead_lettered" {
+        counter!(names::DEAD_LETTERS, "tenant" => tenant.to_string(), "reason" => reason.as_str())
+            .increment(events);
+    }
+}
+
+/// Dead letters replayed, by outcome.
+pub fn dead_letters_replayed(tenant: &str, outcome: &'static str, letters: u64) {
+    counter!(names::DEAD_LETTER_REPLAYS, "tenant" => tenant.to_string(), "outcome" => outcome)
+        .increment(letters);
+}
+
+/// Dead letters deleted by retention or the size cap.
+pub fn dead_letters_expired(tenant: &str, letters: u64) {
+    counter!(names::DEAD_LETTERS_EXPIRED, "tenant" => tenant.to_string()).increment(letters);
 }

@@ -96,6 +96,11 @@ fn openapi_describes_every_route() {
         "/i/v1/analytics/events",
         "/flags",
         "/array/{token}/config",
+        "/admin/v1/tenants/{id}/schemas",
+        "/admin/v1/tenants/{id}/schemas/{event}",
+        "/v1/schemas",
+        "/v1/deadletter",
+        "/admin/v1/tenants/{id}/deadletter/replay",
     ] {
         assert!(paths.contains_key(path), "openapi.json lacks {path}");
     }

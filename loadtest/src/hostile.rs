@@ -188,7 +188,7 @@ fn one_run(
         // Let the attack reach its full strength before the good tenant starts.
         std::thread::sleep(Duration::from_secs(2));
     }
-    let run = run_mode(Mode::Durable, &target, args, generator);
+    let run = run_mode(Mode::Durable, crate::Plans::None, &target, args, generator);
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
         let _ = thread.join();

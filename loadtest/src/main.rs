@@ -55,6 +55,16 @@ impl Mode {
     }
 }
 
+/// Whether the tenants have a tracking plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Plans {
+    /// No schemas (the default).
+    None,
+    /// A schema for every event name, `schema_enforcement = "reject"` (every event passes).
+    Every,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// Throughput, latency and verification of ingestion, per mode.
@@ -140,6 +150,9 @@ struct Args {
     /// Body shapes to send, each mode once per shape (posthog: PostHog's `/batch/`).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Protocol::Segment])]
     protocols: Vec<Protocol>,
+    /// Tracking plans to run each mode with, in order (`every`: a schema per event name).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Plans::None])]
+    plans: Vec<Plans>,
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -150,6 +163,7 @@ struct Args {
 struct Run {
     mode: Mode,
     protocol: Protocol,
+    plans: Plans,
     events_per_sec: f64,
     mb_per_sec: f64,
     p50_ms: f64,
@@ -319,6 +333,7 @@ fn worker(
 /// Runs one mode against `target`.
 fn run_mode(
     mode: Mode,
+    plans: Plans,
     target: &Target,
     args: &Arc<Args>,
     generator: &Arc<Generator>,
@@ -328,6 +343,11 @@ fn run_mode(
             .map(|i| target.create_tenant(&format!("loadtest-{mode:?}-{i}")))
             .collect::<Result<_>>()?,
     );
+    if plans == Plans::Every {
+        for tenant in tenants.iter() {
+            register_plan(target, tenant, args.event_names)?;
+        }
+    }
     let from = now_rfc3339(-3600 * (i64::from(args.late_hours) + 2));
     let budget = Arc::new(AtomicU64::new(args.events));
     let stop = Arc::new(AtomicBool::new(false));
@@ -396,6 +416,7 @@ fn run_mode(
     let run = Run {
         mode,
         protocol: generator.protocol,
+        plans,
         events_per_sec: total.acked as f64 / seconds,
         mb_per_sec: total.bytes as f64 / seconds / 1_048_576.0,
         p50_ms: ms(0.50),
@@ -417,13 +438,36 @@ fn run_mode(
     Ok((run, tenants))
 }
 
+/// A schema for each of the generator's event names, rejecting what does not match.
+fn register_plan(target: &Target, tenant: &Tenant, event_names: usize) -> Result<()> {
+    let schema = generate::properties_schema();
+    for rank in 0..event_names.max(1) {
+        let name = generate::event_name(rank).replace(' ', "%20");
+        target.admin_json(
+            "PUT",
+            &format!("/admin/v1/tenants/{}/schemas/{name}", tenant.id),
+            &serde_json::json!({ "schema": schema }),
+        )?;
+    }
+    target.admin_json(
+        "PATCH",
+        &format!("/admin/v1/tenants/{}", tenant.id),
+        &serde_json::json!({ "settings": { "schema_enforcement": "reject" } }),
+    )?;
+    Ok(())
+}
+
 impl Run {
-    /// The mode, and the body shape when it is not Segment's.
+    /// The mode, the body shape when it is not Segment's, and `+plan` with schemas.
     fn label(&self) -> String {
         let mode = format!("{:?}", self.mode).to_lowercase();
-        match self.protocol {
+        let shaped = match self.protocol {
             Protocol::Segment => mode,
             Protocol::Posthog => format!("{mode}/ph"),
+        };
+        match self.plans {
+            Plans::None => shaped,
+            Plans::Every => format!("{shaped}+plan"),
         }
     }
 }
@@ -508,7 +552,7 @@ fn run_queries(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
     let query_tenant = tenant.clone();
     let query_thread =
         std::thread::spawn(move || queries::query_loop(&query_target, &query_tenant, &query_stop));
-    let (ingest, _) = run_mode(Mode::Durable, &target, args, generator)?;
+    let (ingest, _) = run_mode(Mode::Durable, Plans::None, &target, args, generator)?;
     stop.store(true, Ordering::Relaxed);
     let latencies = query_thread
         .join()
@@ -593,7 +637,8 @@ fn main() -> Result<()> {
     if let Some(url) = &args.url {
         let target = Target::existing(url, &args.admin_token);
         let mode = args.modes.first().copied().unwrap_or(Mode::Durable);
-        runs.push(run_mode(mode, &target, &args, &generator)?.0);
+        let plans = args.plans.first().copied().unwrap_or(Plans::None);
+        runs.push(run_mode(mode, plans, &target, &args, &generator)?.0);
     } else {
         let binary = args
             .server_bin
@@ -601,15 +646,17 @@ fn main() -> Result<()> {
             .unwrap_or_else(server::default_binary);
         for mode in &args.modes {
             for generator in &generators {
-                let mut target = Target::start(&binary, &mode.settings())?;
-                let (run, tenants) = run_mode(*mode, &target, &args, generator)?;
-                if args.cold_report && *mode != Mode::Ceiling {
-                    let report = cold::report(&target, &tenants)?;
-                    cold::print(&report);
-                    cold_reports.push(report);
+                for plans in &args.plans {
+                    let mut target = Target::start(&binary, &mode.settings())?;
+                    let (run, tenants) = run_mode(*mode, *plans, &target, &args, generator)?;
+                    if args.cold_report && *mode != Mode::Ceiling {
+                        let report = cold::report(&target, &tenants)?;
+                        cold::print(&report);
+                        cold_reports.push(report);
+                    }
+                    target.stop();
+                    runs.push(run);
                 }
-                target.stop();
-                runs.push(run);
             }
         }
     }

@@ -94,6 +94,17 @@ impl Target {
         )?)
     }
 
+    /// An admin request with a JSON body; JSON reply.
+    pub(crate) fn admin_json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
+        let reply = self
+            .agent
+            .request(method, &format!("{}{}", self.base, path))
+            .set("Authorization", &format!("Bearer {}", self.admin_token))
+            .send_json(body.clone())
+            .with_context(|| format!("{method} {path}"))?;
+        Ok(reply.into_json().unwrap_or(Value::Null))
+    }
+
     /// GET with the tenant's read key; JSON reply.
     pub(crate) fn query(&self, tenant: &Tenant, path_and_query: &str) -> Result<Value> {
         let reply = self

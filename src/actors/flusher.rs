@@ -3,7 +3,8 @@
 //! One per tenant, child of the supervisor. Every `cold.flush_interval` it moves log entries
 //! older than `storage.hot_retention` to the cold tier, then enforces the tenant's raw-data
 //! retention, compacts small segments of settled hours and empties the trash of what waited
-//! out the grace period. It also runs the admin flush and per-user erasures. One task at a
+//! out the grace period; it also keeps the tenant's dead letters within their retention and
+//! size cap. It also runs the admin flush and per-user erasures. One task at a
 //! time, on a blocking thread, so no two changes to the tenant's manifest ever race.
 //!
 //! Its first task, before any other, is the cold tier's recovery for the tenant (an
@@ -196,6 +197,7 @@ fn pass(
     crate::priority::background_thread();
     let (storage, store, settings) = (&deps.storage, &deps.cold, &deps.cold_settings);
     let label = tenant.to_string();
+    expire_dead_letters(deps, tenant, &label)?;
     if !recovered {
         cold::recover(storage, store, tenant, settings.grace_period)?;
     }
@@ -260,6 +262,31 @@ fn pass(
         segments.iter().map(|s| s.rows).sum(),
     );
     Ok(cold::cold_watermark(storage, tenant)?)
+}
+
+/// Deletes the tenant's dead letters past its retention, then the oldest beyond its size cap.
+/// Blocking.
+fn expire_dead_letters(
+    deps: &PipelineDeps,
+    tenant: TenantId,
+    label: &str,
+) -> Result<(), crate::storage::StorageError> {
+    let Some(record) = deps.directory.get(tenant) else {
+        return Ok(());
+    };
+    let keep =
+        Micros::try_from(record.settings.deadletter_retention.as_micros()).unwrap_or(Micros::MAX);
+    let removed = crate::storage::deadletters::enforce_limits(
+        &deps.storage,
+        tenant,
+        now_micros().saturating_sub(keep),
+        record.settings.deadletter_max_bytes.as_u64(),
+    )?;
+    if removed > 0 {
+        tracing::info!(%tenant, letters = removed, "dead-letter retention removed letters");
+        telemetry::dead_letters_expired(label, removed);
+    }
+    Ok(())
 }
 
 /// Publishes the flush lag: the age of the oldest entry still in the hot log. Blocking.

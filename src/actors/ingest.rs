@@ -15,12 +15,16 @@ use tokio::sync::oneshot;
 use crate::actors::child::{ChildActor, Mailbox};
 use crate::actors::rollup::RollupMessage;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
+use crate::deadletter::{DeadLetter, ReasonKind};
 use crate::enrich::{enrich_all, enrich_shared, EnrichContext};
-use crate::event::{BatchShared, BatchSource, IncomingEvent, LogBatch, Micros};
+use crate::event::{flags, BatchShared, BatchSource, EventKind, IncomingEvent, LogBatch, Micros};
 use crate::ids::TenantId;
-use crate::rollup::{RollupBatch, RollupItems};
-use crate::storage::writer::{AppendOutcome, AppendRequest, PreparedBatch};
-use crate::storage::StorageError;
+use crate::rollup::{series_name, RollupBatch, RollupItems};
+use crate::schema::{self, TenantPlan, Unplanned, Verdict, Violation};
+use crate::storage::writer::{AppendOutcome, AppendRequest, PreparedBatch, PreparedDeadLetter};
+use crate::storage::{deadletters, dedup, StorageError};
+use crate::telemetry;
+use crate::tenant::TenantSettings;
 
 /// One request's validated events.
 pub struct IngestBatch {
@@ -32,7 +36,95 @@ pub struct IngestBatch {
     /// The tenant's in-flight place, released when the log writer answers (or the batch is
     /// dropped).
     pub permit: InflightPermit,
-    pub reply: oneshot::Sender<Result<AppendOutcome, PipelineError>>,
+    pub reply: oneshot::Sender<Result<IngestOutcome, PipelineError>>,
+}
+
+/// What became of a request's events, by their positions in the request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestOutcome {
+    /// Events stored in the log.
+    pub accepted: usize,
+    /// Events dropped as retries of logged events (dead letters' duplicates included).
+    pub duplicates: usize,
+    /// Their positions, ascending.
+    pub duplicate_positions: Vec<usize>,
+    /// Events refused by the tenant's plan and kept as dead letters, with why.
+    pub dead_lettered: Vec<(usize, Violation)>,
+    /// Events stored although they did not pass the plan (`warn`).
+    pub warned: usize,
+}
+
+/// A batch's events sorted by the tenant's plan.
+struct Checked {
+    kept: Vec<IncomingEvent>,
+    /// Request position of each kept event; `None`: every event was kept, in order.
+    positions: Option<Vec<usize>>,
+    /// Flags to set on kept events: (index among the kept, flag), with the reason.
+    warned: Vec<(usize, u8, ReasonKind)>,
+    /// Refused events: (request position, event, why).
+    refused: Vec<(usize, IncomingEvent, Violation)>,
+}
+
+impl Checked {
+    fn all(events: Vec<IncomingEvent>) -> Checked {
+        Checked {
+            kept: events,
+            positions: None,
+            warned: Vec::new(),
+            refused: Vec::new(),
+        }
+    }
+}
+
+/// Applies the tenant's tracking plan to a batch. Nothing is parsed when the tenant has no
+/// plan and accepts unplanned events (the default).
+fn apply_plan(
+    events: Vec<IncomingEvent>,
+    plan: &TenantPlan,
+    settings: &TenantSettings,
+    max_errors: usize,
+) -> Checked {
+    if plan.is_empty() && settings.unplanned_events == Unplanned::Accept {
+        return Checked::all(events);
+    }
+    let mut checked = Checked {
+        kept: Vec::with_capacity(events.len()),
+        positions: Some(Vec::with_capacity(events.len())),
+        warned: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (position, event) in events.into_iter().enumerate() {
+        let name = series_name(
+            event.kind.unwrap_or(EventKind::Track),
+            event.name.as_deref(),
+        );
+        let verdict = schema::check(
+            plan,
+            name,
+            &event,
+            settings.schema_enforcement,
+            settings.unplanned_events,
+            max_errors,
+        );
+        match verdict {
+            Verdict::Reject(violation) => checked.refused.push((position, event, violation)),
+            pass_or_warn => {
+                if let Verdict::Warn(violation) = pass_or_warn {
+                    let reason = ReasonKind::of(&violation);
+                    let flag = match reason {
+                        ReasonKind::SchemaMismatch => flags::SCHEMA_MISMATCH,
+                        ReasonKind::Unplanned => flags::UNPLANNED,
+                    };
+                    checked.warned.push((checked.kept.len(), flag, reason));
+                }
+                checked.kept.push(event);
+                if let Some(positions) = &mut checked.positions {
+                    positions.push(position);
+                }
+            }
+        }
+    }
+    checked
 }
 
 pub struct IngestActor {
@@ -78,6 +170,12 @@ impl StreamHandler<IngestBatch> for IngestActor {
             let _ = reply.send(Err(StorageError::TenantDeleted(self.tenant).into()));
             return;
         };
+        let checked = apply_plan(
+            events,
+            &self.deps.schemas.plan(self.tenant),
+            &tenant.settings,
+            self.deps.processing.max_violations_per_event,
+        );
         let (shared, batch_library) = enrich_shared(shared);
         let context = EnrichContext {
             received_at,
@@ -85,20 +183,49 @@ impl StreamHandler<IngestBatch> for IngestActor {
             user_hash_key: &tenant.user_hash_key,
             batch_library: &batch_library,
         };
-        let batch = LogBatch {
-            batch_id: uuid::Uuid::now_v7().as_u128(),
+        let Checked {
+            kept,
+            positions,
+            warned,
+            refused,
+        } = checked;
+        let batch_id = uuid::Uuid::now_v7();
+        let letters = dead_letters(
+            self.tenant,
+            &refused,
+            &shared,
+            &source,
+            received_at,
+            batch_id,
+        );
+        let mut batch = LogBatch {
+            batch_id: batch_id.as_u128(),
             received_at,
             source,
-            events: enrich_all(events, &context),
+            events: enrich_all(kept, &context),
             shared,
         };
+        for (at, flag, _) in &warned {
+            if let Some(event) = batch.events.get_mut(*at) {
+                event.flags |= flag;
+            }
+        }
         let prepared = match PreparedBatch::new(self.tenant, &batch) {
-            Ok(prepared) => prepared,
+            Ok(prepared) => prepared.with_dead_letters(letters),
             Err(error) => {
                 let _ = reply.send(Err(error.into()));
                 return;
             }
         };
+        let tenant_label = self.tenant.to_string();
+        for (_, _, reason) in &warned {
+            telemetry::schema_violations(&tenant_label, "warned", *reason, 1);
+        }
+        let refused: Vec<(usize, Violation)> = refused
+            .into_iter()
+            .map(|(position, _, violation)| (position, violation))
+            .collect();
+        let warned = warned.len();
         let mut items = RollupItems::from_events(&batch.events);
         // The events are freed here, not on the writer thread.
         drop(batch);
@@ -126,10 +253,85 @@ impl StreamHandler<IngestBatch> for IngestActor {
                 }
                 // Free the place first: once the client has its answer, it may send again.
                 drop(permit);
+                let outcome = outcome.map(|done| {
+                    by_request_position(&done, positions.as_deref(), refused, warned, &tenant_label)
+                });
                 let _ = reply.send(outcome.map_err(PipelineError::from));
             }),
         };
         self.deps.writer.submit(request);
+    }
+}
+
+/// The dead letters of a batch's refused events.
+fn dead_letters(
+    tenant: TenantId,
+    refused: &[(usize, IncomingEvent, Violation)],
+    shared: &BatchShared,
+    source: &BatchSource,
+    received_at: Micros,
+    batch_id: uuid::Uuid,
+) -> Vec<PreparedDeadLetter> {
+    refused
+        .iter()
+        .map(|(position, event, violation)| {
+            let position = u32::try_from(*position).unwrap_or(u32::MAX);
+            let letter = DeadLetter {
+                received_at,
+                batch_id: batch_id.to_string(),
+                position,
+                endpoint: source.endpoint.clone(),
+                client_ip: source.client_ip.clone(),
+                event_name: violation.event.clone(),
+                event: event.clone(),
+                shared: shared.clone(),
+                reason: violation.clone(),
+                checked_at: received_at,
+                replays: 0,
+            };
+            PreparedDeadLetter {
+                dedup_key: event.message_id.as_deref().map(|id| dedup::key(tenant, id)),
+                key: deadletters::key(tenant, received_at, batch_id.as_u128(), position),
+                value: letter.encode(),
+            }
+        })
+        .collect()
+}
+
+/// The writer's outcome (positions among the logged events and among the dead letters) by
+/// positions in the request.
+fn by_request_position(
+    done: &AppendOutcome,
+    positions: Option<&[usize]>,
+    refused: Vec<(usize, Violation)>,
+    warned: usize,
+    tenant_label: &str,
+) -> IngestOutcome {
+    let in_request = |at: usize| positions.and_then(|p| p.get(at).copied()).unwrap_or(at);
+    let mut duplicate_positions: Vec<usize> = (done.duplicate_positions.iter())
+        .map(|&at| in_request(at))
+        .collect();
+    let mut dead_lettered = Vec::with_capacity(refused.len());
+    for (at, (position, violation)) in refused.into_iter().enumerate() {
+        if done.dead_letter_duplicates.binary_search(&at).is_ok() {
+            duplicate_positions.push(position);
+        } else {
+            telemetry::schema_violations(
+                tenant_label,
+                "dead_lettered",
+                ReasonKind::of(&violation),
+                1,
+            );
+            dead_lettered.push((position, violation));
+        }
+    }
+    duplicate_positions.sort_unstable();
+    IngestOutcome {
+        accepted: done.accepted,
+        duplicates: duplicate_positions.len(),
+        duplicate_positions,
+        dead_lettered,
+        warned,
     }
 }
 

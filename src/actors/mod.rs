@@ -31,7 +31,7 @@ use crate::event::{BatchShared, BatchSource, IncomingEvent, Micros};
 use crate::ids::TenantId;
 use crate::query::QueryCache;
 use crate::storage::cold::{Due, MaintenanceReport};
-use crate::storage::writer::{AppendOutcome, LogWriter};
+use crate::storage::writer::LogWriter;
 use crate::storage::Storage;
 use crate::storage::StorageError;
 use crate::telemetry;
@@ -39,7 +39,7 @@ use crate::tenant::TenantDirectory;
 
 use self::child::{ChildState, SendRefused};
 use self::flusher::FlusherMessage;
-use self::ingest::IngestBatch;
+use self::ingest::{IngestBatch, IngestOutcome};
 use self::live::{tick_channel, LiveTick, TickSender};
 use self::rollup::RollupMessage;
 use self::supervisor::{Mailboxes, StopPipeline, TenantSupervisor};
@@ -233,7 +233,7 @@ impl Admission {
         shared: BatchShared,
         source: BatchSource,
         received_at: Micros,
-    ) -> Result<AppendOutcome, PipelineError> {
+    ) -> Result<IngestOutcome, PipelineError> {
         let (reply, answer) = oneshot::channel();
         let message = IngestBatch {
             events,

@@ -750,10 +750,13 @@ mod tests {
             let tenant = directory.create("acme").unwrap().0.id;
             let mut rollups = config.rollups.clone();
             rollups.flush_interval = Duration::from_millis(20);
+            let schema_storage = storage.clone();
             let deps = Arc::new(PipelineDeps {
                 storage,
                 writer: Arc::new(writer),
                 directory: Arc::new(directory),
+                schemas: crate::schema::SchemaRegistry::for_tests(schema_storage),
+                processing: config.processing.clone(),
                 query_cache: Arc::new(crate::query::QueryCache::new(8, 8)),
                 actors: config.actors.clone(),
                 rollups,
@@ -954,11 +957,12 @@ mod tests {
     #[actix_rt::test]
     async fn a_reset_during_a_catch_up_drops_the_stale_read() {
         let mut rig = Rig::new();
-        // Enough entries for several catch-up chunks.
-        for _ in 0..(3 * CATCH_UP_BATCHES) {
+        // Enough entries for many catch-up chunks: the poll below must find the actor
+        // still catching up, between two of its 5 ms sleeps.
+        for _ in 0..(10 * CATCH_UP_BATCHES) {
             rig.append(1).await;
         }
-        let total = 3 * CATCH_UP_BATCHES as u64;
+        let total = 10 * CATCH_UP_BATCHES as u64;
         let actor = rig.start();
         until(&actor, "catching up", |s| s.phase == Phase::CatchingUp).await;
         // A rebuild starts a new epoch while a chunk is being read: that chunk's result must

@@ -164,7 +164,7 @@ mod tests {
         id: &str,
     ) -> (
         IngestBatch,
-        oneshot::Receiver<Result<crate::storage::writer::AppendOutcome, PipelineError>>,
+        oneshot::Receiver<Result<crate::actors::ingest::IngestOutcome, PipelineError>>,
     ) {
         let (reply, answer) = oneshot::channel();
         let event = IncomingEvent {
@@ -213,10 +213,13 @@ mod tests {
         actors.restart_backoff_min = Duration::from_millis(10);
         let mut rollups = config.rollups.clone();
         rollups.flush_interval = Duration::from_millis(20);
+        let schema_storage = storage.clone();
         let deps = Arc::new(PipelineDeps {
             storage: storage.clone(),
             writer: Arc::new(writer),
             directory: Arc::new(directory),
+            schemas: crate::schema::SchemaRegistry::for_tests(schema_storage),
+            processing: config.processing.clone(),
             query_cache: Arc::new(crate::query::QueryCache::new(8, 8)),
             actors,
             rollups,

@@ -393,6 +393,13 @@ impl Serialize for ExportLine<'_> {
                 library_version: e.library_version.as_deref(),
                 generated_message_id: e.flags & flags::GENERATED_ID != 0,
                 clamped_future_timestamp: e.flags & flags::CLAMPED_FUTURE != 0,
+                schema_warning: if e.flags & flags::SCHEMA_MISMATCH != 0 {
+                    Some("schema_mismatch")
+                } else if e.flags & flags::UNPLANNED != 0 {
+                    Some("unplanned")
+                } else {
+                    None
+                },
             },
         )?;
         map.end()
@@ -418,4 +425,7 @@ struct Enrichment<'a> {
     library_version: Option<&'a str>,
     generated_message_id: bool,
     clamped_future_timestamp: bool,
+    /// Stored under `warn` although it did not pass the tenant's plan: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema_warning: Option<&'static str>,
 }

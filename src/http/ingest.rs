@@ -235,6 +235,9 @@ pub async fn store(
         endpoint: endpoint.to_string(),
         client_ip: client_ip(req, state.config.server.trust_forwarded_for).map(anonymize_ip),
     };
+    // The ids of the events, for the replies of those the plan refuses.
+    let message_ids: Vec<Option<String>> =
+        parsed.events.iter().map(|e| e.message_id.clone()).collect();
     let outcome = admission
         .ingest(parsed.events, parsed.shared, source, received_at)
         .await
@@ -243,6 +246,10 @@ pub async fn store(
             pipeline_error(error)
         })?;
 
+    let mut rejected = rejected;
+    let refused = refused_by_plan(&outcome.dead_lettered, &rejected, &message_ids);
+    rejected.extend(refused);
+    rejected.sort_by_key(|r| r.index);
     IngestReplied {
         tenant: &tenant_label,
         accepted: outcome.accepted,
@@ -258,6 +265,41 @@ pub async fn store(
         rejected,
         rate,
     })
+}
+
+/// The rejections of the events the tenant's plan refused. `dead_lettered` holds positions
+/// among the parsed events; a rejection's index is the position in the request, which counts
+/// the events the parser refused (`parse_rejected`, ascending) too.
+fn refused_by_plan(
+    dead_lettered: &[(usize, crate::schema::Violation)],
+    parse_rejected: &[Rejection],
+    message_ids: &[Option<String>],
+) -> Vec<Rejection> {
+    dead_lettered
+        .iter()
+        .map(|(position, violation)| Rejection {
+            index: request_index(*position, parse_rejected),
+            message_id: message_ids.get(*position).cloned().flatten(),
+            reason: violation.summary(),
+            dead_lettered: true,
+            schema_version: violation.schema_version,
+            violations: violation.errors.clone(),
+        })
+        .collect()
+}
+
+/// The request position of the parsed event at `position`: the `position`-th index not taken
+/// by a parse rejection.
+fn request_index(position: usize, parse_rejected: &[Rejection]) -> usize {
+    let mut index = position;
+    for rejection in parse_rejected {
+        if rejection.index <= index {
+            index += 1;
+        } else {
+            break;
+        }
+    }
+    index
 }
 
 /// What reading a body needs: who sent it (if a header said so), how to parse it, within

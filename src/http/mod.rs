@@ -4,7 +4,7 @@
 //!   [`body`];
 //! - [`export`]: reading stored events back;
 //! - [`query`]: series, events, uniques, funnels; [`live`]: the live WebSocket;
-//! - [`admin`]: tenants and keys; [`schemas`]: tracking plans;
+//! - [`admin`]: tenants and keys; [`schemas`]: tracking plans; [`deadletter`]: dead letters;
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document;
 //! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json);
 //! - [`deadline`]: every request body arrives within `server.body_timeout` or is cut off;
@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod deadletter;
 pub mod deadline;
 pub mod errors;
 pub mod export;
@@ -232,6 +233,16 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .route(web::put().to(schemas::register))
                 .route(web::get().to(schemas::versions))
                 .route(web::delete().to(schemas::retire))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/deadletter")
+                .route(web::get().to(deadletter::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/v1/tenants/{id}/deadletter/replay")
+                .route(web::post().to(deadletter::replay))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(

@@ -325,6 +325,7 @@ fn parse(
                 index,
                 message_id,
                 reason,
+                ..Rejection::default()
             }),
         }
     }

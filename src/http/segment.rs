@@ -50,13 +50,22 @@ pub struct ParseLimits {
 }
 
 /// One event that was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Rejection {
     /// Position in the batch (or NDJSON line among the non-empty lines), from 0.
     pub index: usize,
     #[serde(rename = "messageId", skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
     pub reason: String,
+    /// The event was refused by the tenant's tracking plan and kept as a dead letter.
+    #[serde(rename = "deadLettered", skip_serializing_if = "std::ops::Not::not")]
+    pub dead_lettered: bool,
+    /// The schema version it was checked against (none for an unplanned name).
+    #[serde(rename = "schemaVersion", skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<u32>,
+    /// Each mismatch: its JSON path in the payload, the schema keyword's path, the message.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<crate::schema::ViolationError>,
 }
 
 #[derive(Debug, Default)]
@@ -548,6 +557,7 @@ impl ParsedRequest {
                 index,
                 message_id,
                 reason,
+                ..Rejection::default()
             }),
         }
     }

@@ -291,8 +291,18 @@ fn list(types: &BTreeSet<String>) -> String {
     types.iter().cloned().collect::<Vec<_>>().join(", ")
 }
 
-fn compare_types(old: &Map<String, Value>, new: &Map<String, Value>, path: &str, out: &mut Vec<Change>) {
-    let all = || ALL_TYPES.iter().map(|t| t.to_string()).collect::<BTreeSet<_>>();
+fn compare_types(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Change>,
+) {
+    let all = || {
+        ALL_TYPES
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<BTreeSet<_>>()
+    };
     let (before, after) = (types(old), types(new));
     if before.is_none() && after.is_none() {
         return;
@@ -338,7 +348,12 @@ fn allowed_values(map: &Map<String, Value>) -> Option<Vec<&Value>> {
     }
 }
 
-fn compare_enums(old: &Map<String, Value>, new: &Map<String, Value>, path: &str, out: &mut Vec<Change>) {
+fn compare_enums(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Change>,
+) {
     match (allowed_values(old), allowed_values(new)) {
         (None, None) => {}
         (None, Some(values)) => out.push(narrowed(
@@ -494,7 +509,12 @@ const BOUNDS: &[(&str, bool)] = &[
     ("maxProperties", false),
 ];
 
-fn compare_bounds(old: &Map<String, Value>, new: &Map<String, Value>, path: &str, out: &mut Vec<Change>) {
+fn compare_bounds(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+    path: &str,
+    out: &mut Vec<Change>,
+) {
     for (keyword, larger_narrows) in BOUNDS {
         let before = old.get(*keyword).and_then(Value::as_f64);
         let after = new.get(*keyword).and_then(Value::as_f64);
@@ -578,10 +598,7 @@ mod tests {
     #[test]
     fn each_widening_breaks_forward() {
         let mut new = plan();
-        new["properties"]
-            .as_object_mut()
-            .unwrap()
-            .remove("seats");
+        new["properties"].as_object_mut().unwrap().remove("seats");
         new["properties"]["plan"]["enum"] = json!(["free", "pro", "team", "enterprise"]);
         new["required"] = json!([]);
         let found = kinds(plan(), new.clone(), Compatibility::Forward);

@@ -200,12 +200,24 @@ impl SchemaRegistry {
                     Ok(event) => {
                         plan.events.insert(name, Arc::new(event));
                     }
-                    Err(error) => tracing::error!(%tenant, event = %name, %error, "stored schema does not compile"),
+                    Err(error) => {
+                        tracing::error!(%tenant, event = %name, %error, "stored schema does not compile")
+                    }
                 }
             }
             registry.plans.insert(tenant, Arc::new(plan));
         }
         Ok(registry)
+    }
+
+    /// An empty registry over `storage` with small limits, for tests of other modules.
+    #[cfg(test)]
+    pub(crate) fn for_tests(storage: Storage) -> Arc<SchemaRegistry> {
+        let limits = RegistryLimits {
+            max_schema_bytes: 1 << 16,
+            max_versions_per_tenant: 10,
+        };
+        Arc::new(SchemaRegistry::load(storage, limits).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// The tenant's plan (empty when it has none).
@@ -301,7 +313,8 @@ impl SchemaRegistry {
     ) -> Result<SchemaVersion, RegistryError> {
         let _guard = self.lock();
         let plan = self.plan(tenant);
-        let not_found = || RegistryError::NotFound(format!("event {event:?} has no schema version {number}"));
+        let not_found =
+            || RegistryError::NotFound(format!("event {event:?} has no schema version {number}"));
         let current = plan.events.get(event).ok_or_else(not_found)?;
         let mut versions = current.versions.clone();
         let target = versions
@@ -349,7 +362,7 @@ impl SchemaRegistry {
 }
 
 /// A mismatch between an event and the plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Violation {
     /// The series name the plan is keyed by.
     pub event: String,
@@ -361,7 +374,7 @@ pub struct Violation {
 }
 
 /// One mismatch: where in the payload, which keyword of the schema, and what.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViolationError {
     /// JSON path in the payload (`$` is `properties`, or `traits`).
     pub path: String,
@@ -523,42 +536,85 @@ mod tests {
 
     #[test]
     fn versions_number_up_refuse_breaking_changes_and_survive_a_restart() {
-        let (dir, registry) = registry();
+        let (_dir, registry) = registry();
         let tenant = TenantId(7);
         let v1 = json!({"type": "object", "properties": {"total": {"type": "number"}}});
-        let first = registry.register(tenant, "Order Completed", registration(v1)).unwrap();
-        assert_eq!((first.version, first.compatibility), (1, Compatibility::Backward));
+        let first = registry
+            .register(tenant, "Order Completed", registration(v1))
+            .unwrap();
+        assert_eq!(
+            (first.version, first.compatibility),
+            (1, Compatibility::Backward)
+        );
         let narrower = json!({"type": "object", "properties": {"total": {"type": "integer"}}, "required": ["total"]});
         match registry.register(tenant, "Order Completed", registration(narrower.clone())) {
-            Err(RegistryError::Incompatible { current, changes, .. }) => {
+            Err(RegistryError::Incompatible {
+                current, changes, ..
+            }) => {
                 assert_eq!(current, 1);
-                let kinds: Vec<_> = changes.iter().map(|c| (c.path.as_str(), c.change)).collect();
-                assert_eq!(kinds, vec![("$.total", "type_narrowed"), ("$.total", "required_added")]);
+                let kinds: Vec<_> = changes
+                    .iter()
+                    .map(|c| (c.path.as_str(), c.change))
+                    .collect();
+                assert_eq!(
+                    kinds,
+                    vec![("$.total", "type_narrowed"), ("$.total", "required_added")]
+                );
             }
             other => panic!("{other:?}"),
         }
         let mut anything = registration(narrower);
         anything.compatibility = Some(Compatibility::None);
         anything.enforcement = Some(Enforcement::Reject);
-        assert_eq!(registry.register(tenant, "Order Completed", anything).unwrap().version, 2);
+        assert_eq!(
+            registry
+                .register(tenant, "Order Completed", anything)
+                .unwrap()
+                .version,
+            2
+        );
         let plan = registry.plan(tenant);
         assert_eq!(plan.in_force("Order Completed").unwrap().version, 2);
-        let verdict = check(&plan, "Order Completed", &track(r#"{"total": 1.5}"#), Enforcement::Off, Unplanned::Accept, 10);
-        let Verdict::Reject(violation) = verdict else { panic!("{verdict:?}") };
+        let verdict = check(
+            &plan,
+            "Order Completed",
+            &track(r#"{"total": 1.5}"#),
+            Enforcement::Off,
+            Unplanned::Accept,
+            10,
+        );
+        let Verdict::Reject(violation) = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(violation.schema_version, Some(2));
         assert_eq!(violation.errors[0].path, "$.total");
         assert_eq!(violation.errors[0].schema_path, "/properties/total/type");
         // Retiring version 2 puts version 1 back in force; a restart sees the same plan.
         registry.retire(tenant, "Order Completed", 2).unwrap();
-        assert_eq!(registry.plan(tenant).in_force("Order Completed").unwrap().version, 1);
+        assert_eq!(
+            registry
+                .plan(tenant)
+                .in_force("Order Completed")
+                .unwrap()
+                .version,
+            1
+        );
         let storage = registry.storage.clone();
         drop(registry);
-        let again = SchemaRegistry::load(storage, RegistryLimits { max_schema_bytes: 1 << 16, max_versions_per_tenant: 5 }).unwrap();
+        let again = SchemaRegistry::load(
+            storage,
+            RegistryLimits {
+                max_schema_bytes: 1 << 16,
+                max_versions_per_tenant: 5,
+            },
+        )
+        .unwrap();
         let plan = again.plan(tenant);
         assert_eq!(plan.in_force("Order Completed").unwrap().version, 1);
         assert_eq!(plan.events["Order Completed"].versions.len(), 2);
-        assert!(plan.events["Order Completed"].versions[1].retired_at.is_some());
-        drop(dir);
+        assert!(plan.events["Order Completed"].versions[1]
+            .retired_at
+            .is_some());
     }
 
     #[test]
@@ -566,22 +622,82 @@ mod tests {
         let (_dir, registry) = registry();
         let tenant = TenantId(8);
         let schema = json!({"type": "object", "properties": {"plan": {"enum": ["free", "pro"]}}, "required": ["plan"]});
-        registry.register(tenant, "Signed Up", registration(schema)).unwrap();
+        registry
+            .register(tenant, "Signed Up", registration(schema))
+            .unwrap();
         let plan = registry.plan(tenant);
         let mut event = track(r#"{"plan": "gold"}"#);
         event.name = Some("Signed Up".into());
-        assert_eq!(check(&plan, "Signed Up", &event, Enforcement::Off, Unplanned::Accept, 10), Verdict::Pass);
-        assert!(matches!(check(&plan, "Signed Up", &event, Enforcement::Warn, Unplanned::Accept, 10), Verdict::Warn(_)));
-        assert!(matches!(check(&plan, "Signed Up", &event, Enforcement::Reject, Unplanned::Accept, 10), Verdict::Reject(_)));
+        assert_eq!(
+            check(
+                &plan,
+                "Signed Up",
+                &event,
+                Enforcement::Off,
+                Unplanned::Accept,
+                10
+            ),
+            Verdict::Pass
+        );
+        assert!(matches!(
+            check(
+                &plan,
+                "Signed Up",
+                &event,
+                Enforcement::Warn,
+                Unplanned::Accept,
+                10
+            ),
+            Verdict::Warn(_)
+        ));
+        assert!(matches!(
+            check(
+                &plan,
+                "Signed Up",
+                &event,
+                Enforcement::Reject,
+                Unplanned::Accept,
+                10
+            ),
+            Verdict::Reject(_)
+        ));
         let good = track(r#"{"plan": "pro"}"#);
-        assert_eq!(check(&plan, "Signed Up", &good, Enforcement::Reject, Unplanned::Accept, 10), Verdict::Pass);
+        assert_eq!(
+            check(
+                &plan,
+                "Signed Up",
+                &good,
+                Enforcement::Reject,
+                Unplanned::Accept,
+                10
+            ),
+            Verdict::Pass
+        );
         // No properties at all: checked as an empty object (the required member is missing).
         let mut bare = good.clone();
         bare.properties = None;
-        assert!(matches!(check(&plan, "Signed Up", &bare, Enforcement::Reject, Unplanned::Accept, 10), Verdict::Reject(_)));
-        for (setting, expected) in [(Unplanned::Accept, "pass"), (Unplanned::Warn, "warn"), (Unplanned::Reject, "reject")] {
+        assert!(matches!(
+            check(
+                &plan,
+                "Signed Up",
+                &bare,
+                Enforcement::Reject,
+                Unplanned::Accept,
+                10
+            ),
+            Verdict::Reject(_)
+        ));
+        for (setting, expected) in [
+            (Unplanned::Accept, "pass"),
+            (Unplanned::Warn, "warn"),
+            (Unplanned::Reject, "reject"),
+        ] {
             let verdict = check(&plan, "Other", &good, Enforcement::Reject, setting, 10);
-            let got = match verdict { Verdict::Pass => "pass", Verdict::Warn(_) => "warn", Verdict::Reject(_) => "reject" };
+            let got = match verdict {
+                Verdict::Pass => "pass",
+                Verdict::Warn(_) => "warn",
+                Verdict::Reject(_) => "reject",
+            };
             assert_eq!(got, expected);
         }
     }
@@ -590,14 +706,26 @@ mod tests {
     fn invalid_schemas_and_limits_are_named() {
         let (_dir, registry) = registry();
         let bad = registry.register(TenantId(1), "e", registration(json!({"type": 12})));
-        assert!(matches!(&bad, Err(RegistryError::Invalid(m)) if m.contains("not a valid JSON Schema")), "{bad:?}");
-        let remote = registry.register(TenantId(1), "e", registration(json!({"$ref": "https://example.com/s.json"})));
+        assert!(
+            matches!(&bad, Err(RegistryError::Invalid(m)) if m.contains("not a valid JSON Schema")),
+            "{bad:?}"
+        );
+        let remote = registry.register(
+            TenantId(1),
+            "e",
+            registration(json!({"$ref": "https://example.com/s.json"})),
+        );
         assert!(matches!(remote, Err(RegistryError::Invalid(_))));
         for n in 0..5 {
-            registry.register(TenantId(1), &format!("e{n}"), registration(json!(true))).unwrap();
+            registry
+                .register(TenantId(1), &format!("e{n}"), registration(json!(true)))
+                .unwrap();
         }
         let full = registry.register(TenantId(1), "e9", registration(json!(true)));
-        assert!(matches!(&full, Err(RegistryError::Invalid(m)) if m.contains("max_schema_versions")), "{full:?}");
+        assert!(
+            matches!(&full, Err(RegistryError::Invalid(m)) if m.contains("max_schema_versions")),
+            "{full:?}"
+        );
     }
 
     #[test]

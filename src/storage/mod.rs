@@ -14,6 +14,7 @@
 //!   every key kind is listed in [`meta::kind`].
 //! - `rollup_counts`, `rollup_users`: per-bucket counts and distinct-user sketches; see
 //!   [`rollups`], the only module that persists rollup types.
+//! - `deadletters`: events refused by a tracking plan ([`deadletters`]).
 //!
 //! The main database runs with manual journal persistence: the log writer decides when to flush
 //! and fsync (group commit), and metadata writes persist themselves. Nothing writes the dedup
@@ -24,6 +25,7 @@
 
 pub mod codec;
 pub mod cold;
+pub mod deadletters;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod dedup_ingest;
@@ -126,6 +128,9 @@ pub struct Storage {
     pub(in crate::storage) meta: Keyspace,
     pub(in crate::storage) rollup_counts: Keyspace,
     pub(in crate::storage) rollup_users: Keyspace,
+    pub(in crate::storage) deadletters: Keyspace,
+    /// Bytes of each tenant's dead letters, once measured.
+    deadletter_sizes: deadletters::DeadLetterSizes,
     /// Tenants' dedup windows, read by the dedup expiry compaction filter.
     pub dedup_windows: dedup::DedupWindows,
     /// Per-tenant lock that fences rollup flushes and deletions (see [`rollups::flush`]).
@@ -227,6 +232,9 @@ impl Storage {
                     .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
             })
             .map_err(open_error)?;
+        let deadletters = db
+            .keyspace("deadletters", memtable(SMALL_MEMTABLE_BYTES))
+            .map_err(open_error)?;
         Ok(Storage {
             db,
             _dedup_db: dedup_db,
@@ -235,6 +243,8 @@ impl Storage {
             meta,
             rollup_counts,
             rollup_users,
+            deadletters,
+            deadletter_sizes: Default::default(),
             dedup_windows,
             rollup_locks: Arc::default(),
             identities: Arc::default(),
@@ -280,13 +290,14 @@ impl Storage {
     }
 
     /// Every keyspace, in a fixed order, with its memtable size.
-    pub(crate) fn keyspaces(&self) -> [(&Keyspace, u64); 5] {
+    pub(crate) fn keyspaces(&self) -> [(&Keyspace, u64); 6] {
         [
             (self.log.keyspace(), LOG_MEMTABLE_BYTES),
             (&self.dedup, DEDUP_MEMTABLE_BYTES),
             (&self.rollup_users, ROLLUP_MEMTABLE_BYTES),
             (&self.rollup_counts, SMALL_MEMTABLE_BYTES),
             (&self.meta, SMALL_MEMTABLE_BYTES),
+            (&self.deadletters, SMALL_MEMTABLE_BYTES),
         ]
     }
 
@@ -349,6 +360,7 @@ pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageE
     rollups::delete_all(storage, tenant)?;
     identity::delete_all(storage, tenant)?;
     schemas::delete_all(storage, tenant)?;
+    deadletters::delete_all(storage, tenant)?;
     storage.persist(true)?;
     storage.log().delete_tenant(tenant)
 }

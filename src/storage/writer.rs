@@ -30,7 +30,7 @@ use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
 use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
 use crate::storage::upkeep::Upkeep;
-use crate::storage::{dedup, Storage, StorageError};
+use crate::storage::{deadletters, dedup, Storage, StorageError};
 use crate::telemetry;
 
 /// Called once with the outcome of an append, after the write is durable (or has failed).
@@ -55,6 +55,16 @@ pub struct PreparedBatch {
     encoded: EntryBytes,
     /// `None` for an event whose messageId the server generated (never a duplicate).
     dedup_keys: Vec<Option<dedup::DedupKey>>,
+    /// Events refused by the tenant's plan, stored with the group unless they are duplicates.
+    dead_letters: Vec<PreparedDeadLetter>,
+}
+
+/// A dead letter made ready by its sender.
+pub struct PreparedDeadLetter {
+    /// The event's dedup key (`None`: the client sent no messageId).
+    pub dedup_key: Option<dedup::DedupKey>,
+    pub key: deadletters::LetterKey,
+    pub value: Vec<u8>,
 }
 
 impl PreparedBatch {
@@ -68,7 +78,15 @@ impl PreparedBatch {
         Ok(PreparedBatch {
             encoded,
             dedup_keys,
+            dead_letters: Vec::new(),
         })
+    }
+
+    /// Adds the request's dead letters: the writer stores those that are not duplicates of
+    /// logged events, in the same group commit as the entry.
+    pub fn with_dead_letters(mut self, letters: Vec<PreparedDeadLetter>) -> PreparedBatch {
+        self.dead_letters = letters;
+        self
     }
 }
 
@@ -92,6 +110,11 @@ pub struct AppendOutcome {
     pub first_seq: Option<u64>,
     /// Positions in the request of the events dropped as duplicates, ascending.
     pub duplicate_positions: Vec<usize>,
+    /// Dead letters stored.
+    pub dead_lettered: usize,
+    /// Positions among the request's dead letters of those that were duplicates of logged
+    /// events (not stored), ascending.
+    pub dead_letter_duplicates: Vec<usize>,
 }
 
 impl AppendOutcome {
@@ -482,6 +505,29 @@ impl Writer {
                 inserted.push(*key);
             }
         }
+        // Dead letters are checked against the log's keys too: a retry of a logged event is a
+        // duplicate, whatever the plan says of it now.
+        let mut dead_letter_duplicates = Vec::new();
+        for (position, letter) in prepared.dead_letters.iter().enumerate() {
+            let duplicate = match &letter.dedup_key {
+                Some(key) => {
+                    !in_request.insert(*key)
+                        || (self.dedup).seen_within(
+                            &self.storage,
+                            tenant,
+                            key,
+                            now,
+                            dedup_window,
+                        )?
+                }
+                None => false,
+            };
+            if duplicate {
+                dead_letter_duplicates.push(position);
+            } else {
+                deadletters::stage(&self.storage, tenant, &letter.key, &letter.value)?;
+            }
+        }
         let duplicates = duplicate_positions.len();
         let accepted = prepared.dedup_keys.len() - duplicates;
         let mut outcome = AppendOutcome {
@@ -490,6 +536,8 @@ impl Writer {
             duplicates,
             first_seq: None,
             duplicate_positions,
+            dead_lettered: prepared.dead_letters.len() - dead_letter_duplicates.len(),
+            dead_letter_duplicates,
         };
         if accepted == 0 {
             return Ok(outcome);
@@ -713,6 +761,8 @@ pub(crate) mod tests {
             duplicates: 2,
             first_seq: Some(10),
             duplicate_positions: vec![1, 4],
+            dead_lettered: 0,
+            dead_letter_duplicates: Vec::new(),
         };
         assert_eq!(outcome.new_events(), vec![true, false, true, true, false]);
     }
