@@ -93,6 +93,7 @@ fn benches(c: &mut Criterion) {
             &context,
         ),
         shared: Default::default(),
+        extras: Vec::new(),
     };
     group.bench_function("encode log entry", |b| {
         b.iter(|| codec::encode_compressed(&log_batch).unwrap())

@@ -116,6 +116,7 @@ fn populate_log(storage: &Storage, tenant: TenantId, end: i64) {
             },
             events,
             shared: Default::default(),
+            extras: Vec::new(),
         };
         let value = codec::encode_compressed(&batch).unwrap();
         storage

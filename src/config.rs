@@ -65,6 +65,7 @@ pub struct Config {
     pub reads: ReadsConfig,
     pub tenant_defaults: TenantDefaults,
     pub processing: ProcessingConfig,
+    pub enrich: EnrichConfig,
     pub benchmark: BenchmarkConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -281,6 +282,18 @@ pub struct TenantDefaults {
     #[serde(with = "humantime_serde")]
     pub deadletter_retention: Duration,
     pub deadletter_max_bytes: ByteSize,
+}
+
+/// What enrichment derives besides the stored event's own fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Browser, OS and device type from `context.userAgent`.
+    pub user_agent: bool,
+    /// Referrer host and UTM parameters from `context.page` and `context.campaign`.
+    pub campaign: bool,
+    /// A MaxMind-format city database; empty: no GeoIP.
+    pub geoip_database: String,
 }
 
 /// Tracking plans and dead letters.

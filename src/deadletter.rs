@@ -387,12 +387,20 @@ pub async fn replay(
             endpoint: first.endpoint.clone(),
             client_ip: first.client_ip.clone(),
         };
+        // Only the anonymised address was kept: GeoIP places it at its network's location.
+        let peer = first.client_ip.as_deref().and_then(|ip| ip.parse().ok());
         let Some(admission) = deps.pipelines.pipeline(id).admit() else {
             failure = Some("the tenant's ingestion pipeline is full".to_string());
             break;
         };
         match admission
-            .ingest(events, first.shared.clone(), source, first.received_at)
+            .ingest(
+                events,
+                first.shared.clone(),
+                source,
+                peer,
+                first.received_at,
+            )
             .await
         {
             Ok(outcome) => {

@@ -142,8 +142,8 @@ impl BatchShared {
 
 /// The events of one request, as one event-log value.
 ///
-/// `shared` is stored after the other fields as an optional trailer (see
-/// `storage::event_log::encode_entry`), so entries written before it existed still decode.
+/// `shared` and `extras` are stored after the other fields as optional trailers (see
+/// `storage::event_log::encode_entry`), so entries written before them still decode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogBatch {
     /// Lineage: which request these events came in with (UUIDv7, time-ordered).
@@ -153,6 +153,36 @@ pub struct LogBatch {
     pub events: Vec<StoredEvent>,
     #[serde(skip)]
     pub shared: BatchShared,
+    /// One per event, or none at all (every event of weight 1 with nothing derived).
+    #[serde(skip)]
+    pub extras: Vec<EventExtras>,
+}
+
+/// What the server derived for one event beyond [`StoredEvent`]'s fields. Field order is the
+/// bincode layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventExtras {
+    /// Events this one stands for (1 unless sampled).
+    pub weight: u32,
+    /// Derived fields (user agent, place, campaign) as a JSON object's text, shown under
+    /// `statsremote` in the export; `None`: nothing derived.
+    pub derived: Option<String>,
+}
+
+impl Default for EventExtras {
+    fn default() -> EventExtras {
+        EventExtras {
+            weight: 1,
+            derived: None,
+        }
+    }
+}
+
+impl LogBatch {
+    /// The extras of the event at `index`.
+    pub fn extras_of(&self, index: usize) -> Option<&EventExtras> {
+        self.extras.get(index)
+    }
 }
 
 /// A [`StoredEvent`] decoded with its text borrowed from the decoded log entry, for scans that

@@ -44,6 +44,29 @@ pub enum ServerError {
     Descriptors(#[from] crate::descriptors::TooFewDescriptors),
     #[error("{ADMIN_TOKEN_ENV} must be at least {min} characters", min = crate::config::MIN_TOKEN_LEN)]
     ShortAdminToken,
+    #[error("enrich.geoip_database: {0}")]
+    GeoDatabase(String),
+}
+
+/// What enrichment derives, from `[enrich]`; the user-agent patterns compile in the background.
+fn derivers(config: &crate::config::EnrichConfig) -> Result<crate::enrich::Derivers, ServerError> {
+    let geo = match config.geoip_database.trim() {
+        "" => None,
+        path => Some(
+            crate::enrich::geo::GeoDatabase::open(std::path::Path::new(path))
+                .map_err(ServerError::GeoDatabase)?,
+        ),
+    };
+    if config.user_agent {
+        std::thread::Builder::new()
+            .name("agent-patterns".into())
+            .spawn(crate::enrich::agent::warm_up)?;
+    }
+    Ok(crate::enrich::Derivers {
+        user_agent: config.user_agent,
+        campaign: config.campaign,
+        geo,
+    })
 }
 
 /// The admin token digest in force: from the environment or the config, else the stored one,
@@ -152,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         config.tenant_defaults.clone(),
         admin,
     )?);
+    let derivers = Arc::new(derivers(&config.enrich)?);
     let schemas = Arc::new(SchemaRegistry::load(
         storage.clone(),
         RegistryLimits {
@@ -181,6 +205,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             directory: Arc::clone(&directory),
             schemas: Arc::clone(&schemas),
             processing: config.processing.clone(),
+            derivers,
             query_cache: Arc::clone(&query_cache),
             actors: config.actors.clone(),
             rollups: config.rollups.clone(),

@@ -42,6 +42,7 @@ fn large_segment() -> (Vec<ColdRow>, Bytes) {
                 batch_id: u128::from(seq),
                 endpoint: "/v1/batch".into(),
                 client_ip: None,
+                extras: None,
                 event: StoredEvent {
                     kind: EventKind::Track,
                     message_id: format!("m{seq}"),

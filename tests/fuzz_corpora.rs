@@ -110,6 +110,7 @@ fn write_seeds() {
         },
         events: vec![event("m1", None), event("m2", Some(r#"{"locale":"en"}"#))],
         shared: BatchShared::default(),
+        extras: Vec::new(),
     };
     use statsremote::storage::codec;
     write("log_codec", "entry-v1", &codec::encode(&batch).unwrap());

@@ -272,6 +272,26 @@ impl UserSet {
     }
 }
 
+/// A JSON Schema that every generated event's `properties` matches, close to a real tracking
+/// plan's: each property typed, the enums and bounds the generator keeps to, the usual ones
+/// required.
+pub(crate) fn properties_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "pattern": "^/"},
+            "referrer": {"type": "string", "maxLength": 2048},
+            "title": {"type": "string", "maxLength": 512},
+            "plan": {"type": "string", "enum": PLANS},
+            "price": {"type": "number", "minimum": 0},
+            "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+            "items": {"type": "integer", "minimum": 0, "maximum": 100},
+            "experiment": {"type": "string"}
+        },
+        "required": ["path", "plan", "price", "currency"]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -297,24 +317,4 @@ mod tests {
             generator.event_bytes
         );
     }
-}
-
-/// A JSON Schema that every generated event's `properties` matches, close to a real tracking
-/// plan's: each property typed, the enums and bounds the generator keeps to, the usual ones
-/// required.
-pub(crate) fn properties_schema() -> serde_json::Value {
-    serde_json::json!({
-        "type": "object",
-        "properties": {
-            "path": {"type": "string", "pattern": "^/"},
-            "referrer": {"type": "string", "maxLength": 2048},
-            "title": {"type": "string", "maxLength": 512},
-            "plan": {"type": "string", "enum": PLANS},
-            "price": {"type": "number", "minimum": 0},
-            "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
-            "items": {"type": "integer", "minimum": 0, "maximum": 100},
-            "experiment": {"type": "string"}
-        },
-        "required": ["path", "plan", "price", "currency"]
-    })
 }

@@ -17,7 +17,9 @@ use crate::actors::rollup::RollupMessage;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
 use crate::deadletter::{DeadLetter, ReasonKind};
 use crate::enrich::{enrich_all, enrich_shared, EnrichContext};
-use crate::event::{flags, BatchShared, BatchSource, EventKind, IncomingEvent, LogBatch, Micros};
+use crate::event::{
+    flags, BatchShared, BatchSource, EventExtras, EventKind, IncomingEvent, LogBatch, Micros,
+};
 use crate::ids::TenantId;
 use crate::rollup::{series_name, RollupBatch, RollupItems};
 use crate::schema::{self, TenantPlan, Unplanned, Verdict, Violation};
@@ -32,6 +34,8 @@ pub struct IngestBatch {
     /// Batch-level `context` and `integrations`, stored once with the batch.
     pub shared: BatchShared,
     pub source: BatchSource,
+    /// The client's address as received: GeoIP's fallback for `context.ip`. Never stored.
+    pub peer: Option<std::net::IpAddr>,
     pub received_at: Micros,
     /// The tenant's in-flight place, released when the log writer answers (or the batch is
     /// dropped).
@@ -162,6 +166,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             events,
             shared,
             source,
+            peer,
             received_at,
             permit,
             reply,
@@ -176,6 +181,16 @@ impl StreamHandler<IngestBatch> for IngestActor {
             &tenant.settings,
             self.deps.processing.max_violations_per_event,
         );
+        // Derived from the contexts as sent, before enrichment anonymises their addresses.
+        let derivers = &self.deps.derivers;
+        let batch_facts = derivers.batch_facts(&shared);
+        let derived: Vec<Option<String>> = if derivers.is_off() {
+            Vec::new()
+        } else {
+            (checked.kept.iter())
+                .map(|event| derivers.derive(event, &batch_facts, peer))
+                .collect()
+        };
         let (shared, batch_library) = enrich_shared(shared);
         let context = EnrichContext {
             received_at,
@@ -204,6 +219,14 @@ impl StreamHandler<IngestBatch> for IngestActor {
             source,
             events: enrich_all(kept, &context),
             shared,
+            extras: if derived.iter().any(Option::is_some) {
+                derived
+                    .into_iter()
+                    .map(|derived| EventExtras { weight: 1, derived })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         for (at, flag, _) in &warned {
             if let Some(event) = batch.events.get_mut(*at) {

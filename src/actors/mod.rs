@@ -72,6 +72,8 @@ pub struct PipelineDeps {
     /// The tenants' tracking plans.
     pub schemas: Arc<crate::schema::SchemaRegistry>,
     pub processing: crate::config::ProcessingConfig,
+    /// What enrichment derives from contexts and addresses.
+    pub derivers: Arc<crate::enrich::Derivers>,
     pub query_cache: Arc<QueryCache>,
     pub actors: ActorsConfig,
     pub rollups: RollupsConfig,
@@ -227,11 +229,13 @@ pub struct Admission {
 
 impl Admission {
     /// Sends a request's events through the tenant's pipeline; resolves once they are durable.
+    /// `peer` is the client's address as received (for GeoIP; never stored).
     pub async fn ingest(
         self,
         events: Vec<IncomingEvent>,
         shared: BatchShared,
         source: BatchSource,
+        peer: Option<std::net::IpAddr>,
         received_at: Micros,
     ) -> Result<IngestOutcome, PipelineError> {
         let (reply, answer) = oneshot::channel();
@@ -239,6 +243,7 @@ impl Admission {
             events,
             shared,
             source,
+            peer,
             received_at,
             permit: self.permit,
             reply,

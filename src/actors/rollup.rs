@@ -757,6 +757,7 @@ mod tests {
                 directory: Arc::new(directory),
                 schemas: crate::schema::SchemaRegistry::for_tests(schema_storage),
                 processing: config.processing.clone(),
+                derivers: Arc::new(crate::enrich::Derivers::off()),
                 query_cache: Arc::new(crate::query::QueryCache::new(8, 8)),
                 actors: config.actors.clone(),
                 rollups,

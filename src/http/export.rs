@@ -295,6 +295,7 @@ fn write_batch(
         };
         let line = ExportLine {
             seq: first_seq + offset as u64,
+            offset,
             batch,
             event,
             person: identity.person(event.user_hash),
@@ -314,6 +315,8 @@ fn merge_base(text: &Option<String>) -> Option<MergeBase<'_>> {
 /// One exported event: Segment's field names, plus what StatsRemote added under `statsremote`.
 struct ExportLine<'a> {
     seq: u64,
+    /// The event's position in its batch.
+    offset: usize,
     batch: &'a LogBatch,
     event: &'a StoredEvent,
     /// The person the event's id belongs to (hash, name), when it is not the id itself.
@@ -393,6 +396,12 @@ impl Serialize for ExportLine<'_> {
                 library_version: e.library_version.as_deref(),
                 generated_message_id: e.flags & flags::GENERATED_ID != 0,
                 clamped_future_timestamp: e.flags & flags::CLAMPED_FUTURE != 0,
+                derived: self
+                    .batch
+                    .extras_of(self.offset)
+                    .and_then(|extras| extras.derived.as_deref())
+                    .and_then(|text| serde_json::from_str(text).ok())
+                    .unwrap_or_default(),
                 schema_warning: if e.flags & flags::SCHEMA_MISMATCH != 0 {
                     Some("schema_mismatch")
                 } else if e.flags & flags::UNPLANNED != 0 {
@@ -428,4 +437,7 @@ struct Enrichment<'a> {
     /// Stored under `warn` although it did not pass the tenant's plan: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     schema_warning: Option<&'static str>,
+    /// What enrichment derived (user agent, place, campaign), member by member.
+    #[serde(flatten)]
+    derived: std::collections::BTreeMap<&'a str, &'a serde_json::value::RawValue>,
 }

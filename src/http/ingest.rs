@@ -231,15 +231,16 @@ pub async fn store(
         });
     }
 
+    let peer = client_ip(req, state.config.server.trust_forwarded_for);
     let source = BatchSource {
         endpoint: endpoint.to_string(),
-        client_ip: client_ip(req, state.config.server.trust_forwarded_for).map(anonymize_ip),
+        client_ip: peer.map(anonymize_ip),
     };
     // The ids of the events, for the replies of those the plan refuses.
     let message_ids: Vec<Option<String>> =
         parsed.events.iter().map(|e| e.message_id.clone()).collect();
     let outcome = admission
-        .ingest(parsed.events, parsed.shared, source, received_at)
+        .ingest(parsed.events, parsed.shared, source, peer, received_at)
         .await
         .map_err(|error| {
             telemetry::ingest_refused(&tenant_label, event_count, "unavailable");

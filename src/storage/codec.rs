@@ -353,6 +353,7 @@ mod tests {
                 source: BatchSource { endpoint: "/v1/batch".into(), client_ip: Some("10.0.0.0".into()) },
                 events,
                 shared: Default::default(),
+                extras: Vec::new(),
             };
             let bytes = encode(&batch).unwrap();
             prop_assert_eq!(bytes[0], FORMAT_V1);
@@ -443,6 +444,7 @@ mod tests {
             },
             events: vec![every_field, few_fields],
             shared: Default::default(),
+            extras: Vec::new(),
         };
         for bytes in [encode(&batch).unwrap(), encode_compressed(&batch).unwrap()] {
             let plain = plain(&bytes).unwrap();

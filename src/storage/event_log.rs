@@ -27,14 +27,14 @@
 //! # Entries
 //!
 //! An entry is a [`LogBatch`] (bincode, compressed, see [`codec`]), followed by its
-//! [`BatchShared`] as a trailer when it has one (entries without one, older ones included,
-//! decode with an empty one). [`encode_entry`] and [`decode_batch`] are the only writers and
+//! [`BatchShared`] as a trailer when it has one, then its [`EventExtras`] (one per event) when
+//! it has any (entries without them, older ones included, decode with empty ones). [`encode_entry`] and [`decode_batch`] are the only writers and
 //! readers of that layout.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use crate::event::{last_seq_of, BatchShared, LogBatch, LogBatchView, Micros};
+use crate::event::{last_seq_of, BatchShared, EventExtras, LogBatch, LogBatchView, Micros};
 use crate::ids::TenantId;
 use crate::storage::{codec, StorageError};
 
@@ -139,21 +139,28 @@ pub trait EventLog: Send + Sync {
 
 /// Encodes a batch as a log entry (see [Entries](self#entries)).
 pub fn encode_entry(batch: &LogBatch) -> Result<EntryBytes, StorageError> {
-    let encoded = if batch.shared.is_empty() {
-        codec::encode_compressed_value(batch)
-    } else {
-        // bincode writes a tuple as its fields one after the other.
+    // bincode writes a tuple as its fields one after the other: each trailer follows the
+    // batch, and a later one needs the earlier ones (empty if need be).
+    let encoded = if !batch.extras.is_empty() {
+        codec::encode_compressed_value(&(batch, &batch.shared, &batch.extras))
+    } else if !batch.shared.is_empty() {
         codec::encode_compressed_value(&(batch, &batch.shared))
+    } else {
+        codec::encode_compressed_value(batch)
     };
     encoded.map(EntryBytes::from).map_err(log_codec_error)
 }
 
-/// Decodes a log entry, its trailer included.
+/// Decodes a log entry, its trailers included.
 pub fn decode_batch(value: &[u8]) -> Result<LogBatch, StorageError> {
     let plain = codec::plain(value).map_err(log_codec_error)?;
-    let (mut batch, shared): (LogBatch, BatchShared) =
-        plain.decode_with_trailer().map_err(log_codec_error)?;
+    let (mut batch, shared, extras): (LogBatch, BatchShared, Vec<EventExtras>) =
+        plain.decode_with_trailers().map_err(log_codec_error)?;
     batch.shared = shared;
+    // An entry's extras are one per event or none; anything else is not trusted.
+    if extras.len() == batch.events.len() {
+        batch.extras = extras;
+    }
     Ok(batch)
 }
 
@@ -315,6 +322,7 @@ pub(crate) mod tests {
             },
             events: ids.iter().map(|id| event(id)).collect(),
             shared: Default::default(),
+            extras: Vec::new(),
         }
     }
 
@@ -353,6 +361,32 @@ pub(crate) mod tests {
         // An entry written before the trailer existed (the plain batch) decodes with none.
         let old = codec::encode_compressed(&batch(&["c"])).unwrap();
         assert_eq!(decode_batch(&old).unwrap(), batch(&["c"]));
+    }
+
+    #[test]
+    fn per_event_extras_are_a_second_trailer_with_or_without_the_first() {
+        let mut with_extras = batch(&["a", "b"]);
+        with_extras.extras = vec![
+            EventExtras::default(),
+            EventExtras {
+                weight: 10,
+                derived: Some(r#"{"browser":"Chrome"}"#.into()),
+            },
+        ];
+        let encoded = encode_entry(&with_extras).unwrap();
+        assert_eq!(decode_batch(&encoded).unwrap(), with_extras);
+        with_extras.shared.context = Some("{}".into());
+        let encoded = encode_entry(&with_extras).unwrap();
+        assert_eq!(decode_batch(&encoded).unwrap(), with_extras);
+        // Views skip both trailers.
+        let plain = codec::plain(&encoded).unwrap();
+        let view: LogBatchView = plain.decode().unwrap();
+        assert_eq!(view.events.len(), 2);
+        // Extras that are not one per event are not trusted.
+        let mut odd = batch(&["c", "d"]);
+        odd.extras = vec![EventExtras::default()];
+        let encoded = codec::encode_compressed(&(&odd, &odd.shared, &odd.extras)).unwrap();
+        assert!(decode_batch(&encoded).unwrap().extras.is_empty());
     }
 
     #[test]

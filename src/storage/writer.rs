@@ -546,7 +546,11 @@ impl Writer {
             prepared.encoded
         } else {
             let mut batch = decode_batch(&prepared.encoded)?;
-            batch.events = only_kept(std::mem::take(&mut batch.events), &outcome.new_events());
+            let kept = outcome.new_events();
+            batch.events = only_kept(std::mem::take(&mut batch.events), &kept);
+            if !batch.extras.is_empty() {
+                batch.extras = only_kept(std::mem::take(&mut batch.extras), &kept);
+            }
             encode_entry(&batch)?
         };
         let first_seq = self.next_seq(tenant)?;

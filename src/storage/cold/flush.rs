@@ -208,7 +208,7 @@ pub(super) fn rows_of(batch: &LogBatch) -> impl Iterator<Item = ColdRow> + '_ {
         base(&batch.shared.context),
         base(&batch.shared.integrations),
     );
-    batch.events.iter().map(move |event| {
+    batch.events.iter().enumerate().map(move |(index, event)| {
         let mut event = event.clone();
         if let Some(base) = &context {
             event.context = Some(base.merge(event.context.as_deref()));
@@ -222,6 +222,7 @@ pub(super) fn rows_of(batch: &LogBatch) -> impl Iterator<Item = ColdRow> + '_ {
             endpoint: batch.source.endpoint.clone(),
             client_ip: batch.source.client_ip.clone(),
             event,
+            extras: batch.extras_of(index).cloned(),
         }
     })
 }

@@ -143,6 +143,7 @@ pub fn scan_cold(
             },
             events: vec![row.event],
             shared: Default::default(),
+            extras: row.extras.into_iter().collect(),
         };
         if visit(seq, &batch).is_break() {
             return Ok(ControlFlow::Break(()));

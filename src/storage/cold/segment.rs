@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    StringBuilder, TimestampMicrosecondBuilder, UInt64Builder, UInt8Builder,
+    StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder, UInt8Builder,
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray,
-    UInt64Array, UInt8Array,
+    UInt32Array, UInt64Array, UInt8Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow_select::filter::filter_record_batch;
@@ -28,7 +28,7 @@ use parquet::file::serialized_reader::{ReadOptionsBuilder, SerializedFileReader}
 use parquet::schema::types::ColumnPath;
 
 use super::ColdError;
-use crate::event::{EventKind, Micros, StoredEvent};
+use crate::event::{EventExtras, EventKind, Micros, StoredEvent};
 
 /// Most rows of one row group.
 pub const ROW_GROUP_ROWS: usize = 100_000;
@@ -42,7 +42,28 @@ pub struct ColdRow {
     pub client_ip: Option<String>,
     /// The event, its `context` and `integrations` merged with its batch's.
     pub event: StoredEvent,
+    /// Its weight and derived fields, when it has any.
+    pub extras: Option<EventExtras>,
 }
+
+/// The columns of the derived fields (`EventExtras::derived`), and their names there. Segments
+/// written before a column existed read as null in it.
+const DERIVED_COLUMNS: [(&str, &str); 14] = [
+    ("browser", "browser"),
+    ("browser_version", "browserVersion"),
+    ("os", "os"),
+    ("os_version", "osVersion"),
+    ("device_type", "deviceType"),
+    ("country", "country"),
+    ("region", "region"),
+    ("city", "city"),
+    ("referrer_host", "referrerHost"),
+    ("utm_source", "utmSource"),
+    ("utm_medium", "utmMedium"),
+    ("utm_campaign", "utmCampaign"),
+    ("utm_term", "utmTerm"),
+    ("utm_content", "utmContent"),
+];
 
 const UTC: &str = "UTC";
 
@@ -55,7 +76,7 @@ fn schema() -> SchemaRef {
             nullable,
         )
     };
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("seq", DataType::UInt64, false),
         text("message_id", false),
         text("type", false),
@@ -80,7 +101,10 @@ fn schema() -> SchemaRef {
         text("context", true),
         text("integrations", true),
         text("extra", true),
-    ]))
+    ];
+    fields.push(Field::new("weight", DataType::UInt32, false));
+    fields.extend(DERIVED_COLUMNS.iter().map(|(name, _)| text(name, true)));
+    Arc::new(Schema::new(fields))
 }
 
 /// Rows per record batch when a segment is read: a reader holds one decoded batch per open
@@ -121,8 +145,12 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Appends a record batch read from another segment.
+    /// Appends a record batch read from another segment (one written with fewer columns is
+    /// rewritten with today's).
     pub fn write_batch(&mut self, batch: &RecordBatch) -> Result<(), ColdError> {
+        if batch.schema().fields() != self.schema.fields() {
+            return self.write_rows(&rows_of(batch)?);
+        }
         self.writer.write(batch)?;
         self.rows += batch.num_rows() as u64;
         Ok(())
@@ -237,7 +265,7 @@ fn record_batch(schema: &SchemaRef, rows: &[ColdRow]) -> Result<RecordBatch, Col
                 .then(|| serde_json::to_string(&row.event.extra).unwrap_or_default())
         })
         .collect();
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         numbers(&|row| row.seq),
         texts(&|row| Some(&row.event.message_id)),
         texts(&|row| Some(row.event.kind.as_str())),
@@ -263,6 +291,27 @@ fn record_batch(schema: &SchemaRef, rows: &[ColdRow]) -> Result<RecordBatch, Col
         texts(&|row| row.event.integrations.as_deref()),
         Arc::new(StringArray::from(extras)),
     ];
+    let mut weights = UInt32Builder::new();
+    for row in rows {
+        weights.append_value(row.extras.as_ref().map_or(1, |e| e.weight));
+    }
+    columns.push(Arc::new(weights.finish()));
+    let derived: Vec<std::collections::BTreeMap<String, String>> = rows
+        .iter()
+        .map(|row| {
+            (row.extras.as_ref())
+                .and_then(|e| e.derived.as_deref())
+                .and_then(|text| serde_json::from_str(text).ok())
+                .unwrap_or_default()
+        })
+        .collect();
+    for (_, key) in DERIVED_COLUMNS {
+        let mut builder = StringBuilder::new();
+        for fields in &derived {
+            builder.append_option(fields.get(key));
+        }
+        columns.push(Arc::new(builder.finish()));
+    }
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
@@ -345,6 +394,19 @@ pub fn rows_of(batch: &RecordBatch) -> Result<Vec<ColdRow>, ColdError> {
             .downcast_ref::<UInt8Array>()
             .cloned()
             .ok_or_else(|| ColdError::Corrupt("column `flags` is not a byte".into()))?;
+        // Columns added after the first layout: absent from older segments.
+        let weights = batch
+            .column_by_name("weight")
+            .and_then(|array| array.as_any().downcast_ref::<UInt32Array>().cloned());
+        let derived: Vec<(&str, Option<StringArray>)> = DERIVED_COLUMNS
+            .iter()
+            .map(|(name, key)| {
+                let array = batch
+                    .column_by_name(name)
+                    .and_then(|array| array.as_any().downcast_ref::<StringArray>().cloned());
+                (*key, array)
+            })
+            .collect();
         let text =
             |array: &StringArray, i: usize| array.is_valid(i).then(|| array.value(i).to_string());
         let time =
@@ -360,7 +422,20 @@ pub fn rows_of(batch: &RecordBatch) -> Result<Vec<ColdRow>, ColdError> {
             let batch_id = uuid::Uuid::parse_str(batch_id.value(i))
                 .map_err(|e| ColdError::Corrupt(format!("column `batch_id`: {e}")))?
                 .as_u128();
+            let weight = weights.as_ref().map_or(1, |w| w.value(i));
+            let fields: serde_json::Map<String, serde_json::Value> = (derived.iter())
+                .filter_map(|(key, array)| {
+                    let value = text(array.as_ref()?, i)?;
+                    Some((key.to_string(), serde_json::Value::String(value)))
+                })
+                .collect();
+            let extras = (weight != 1 || !fields.is_empty()).then(|| EventExtras {
+                weight,
+                derived: (!fields.is_empty())
+                    .then(|| serde_json::Value::Object(fields).to_string()),
+            });
             rows.push(ColdRow {
+                extras,
                 seq: seq.value(i),
                 batch_id,
                 endpoint: endpoint.value(i).to_string(),

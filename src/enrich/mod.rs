@@ -13,6 +13,15 @@
 //! Per-request facts (endpoint, anonymised client IP, batch id) live on the
 //! [`crate::event::LogBatch`]. Everything here is pure and allocation-light: strings move from
 //! the incoming event, nothing is re-serialised.
+//!
+//! [`Derivers`] add what the event's context and address say, kept in the event's
+//! [`crate::event::EventExtras`]: browser, OS and device type from the user agent ([`agent`]),
+//! country, region and city from a GeoIP database ([`geo`], before the address is anonymised),
+//! and the referrer's host and the campaign ([`web`]).
+
+pub mod agent;
+pub mod geo;
+pub mod web;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -53,6 +62,85 @@ pub fn enrich_shared(shared: BatchShared) -> (BatchShared, LibraryInfo) {
         },
         library,
     )
+}
+
+/// What enrichment derives from contexts and addresses (`[enrich]`).
+pub struct Derivers {
+    pub user_agent: bool,
+    pub campaign: bool,
+    pub geo: Option<geo::GeoDatabase>,
+}
+
+/// The derived fields of one event, as the export shows them under `statsremote`.
+#[derive(serde::Serialize)]
+struct Derived<'a> {
+    #[serde(flatten)]
+    agent: Option<&'a agent::Agent>,
+    #[serde(flatten)]
+    place: &'a geo::Place,
+    #[serde(flatten)]
+    campaign: &'a web::Campaign,
+}
+
+impl Derivers {
+    /// Derives nothing.
+    pub fn off() -> Derivers {
+        Derivers {
+            user_agent: false,
+            campaign: false,
+            geo: None,
+        }
+    }
+
+    /// Nothing to derive: contexts are not read.
+    pub fn is_off(&self) -> bool {
+        !self.user_agent && !self.campaign && self.geo.is_none()
+    }
+
+    /// What the batch-level context says, for the events whose own context does not.
+    pub fn batch_facts(&self, shared: &BatchShared) -> web::WebFacts {
+        match (&shared.context, self.is_off()) {
+            (Some(context), false) => web::read(context),
+            _ => web::WebFacts::default(),
+        }
+    }
+
+    /// The derived fields of an event as a JSON object's text; `None` when there are none.
+    /// `peer` is the request's client address (not anonymised), the fallback for `context.ip`.
+    pub fn derive(
+        &self,
+        event: &IncomingEvent,
+        batch: &web::WebFacts,
+        peer: Option<IpAddr>,
+    ) -> Option<String> {
+        if self.is_off() {
+            return None;
+        }
+        let own = event.context.as_deref().map(web::read).unwrap_or_default();
+        let agent = self
+            .user_agent
+            .then(|| own.user_agent.as_deref().or(batch.user_agent.as_deref()))
+            .flatten()
+            .and_then(agent::parse);
+        let place = match (&self.geo, own.ip.or(batch.ip).or(peer)) {
+            (Some(database), Some(ip)) => database.place(ip),
+            _ => geo::Place::default(),
+        };
+        let campaign = if self.campaign {
+            own.campaign.or(&batch.campaign)
+        } else {
+            web::Campaign::default()
+        };
+        if agent.is_none() && place.is_empty() && campaign.is_empty() {
+            return None;
+        }
+        serde_json::to_string(&Derived {
+            agent: agent.as_deref(),
+            place: &place,
+            campaign: &campaign,
+        })
+        .ok()
+    }
 }
 
 /// Enriches every event of a request.
@@ -446,6 +534,7 @@ mod tests {
                 source: crate::event::BatchSource { endpoint: "/v1/batch".into(), client_ip: None },
                 events,
                 shared: Default::default(),
+                extras: Vec::new(),
             };
             let decoded: crate::event::LogBatch =
                 crate::storage::codec::decode(&crate::storage::codec::encode(&batch).unwrap()).unwrap();
