@@ -241,6 +241,16 @@ impl<'de> Deserialize<'de> for MaybeObject<'de> {
     }
 }
 
+/// `value` serialised as a JSON object, without its braces: members to splice into another
+/// object (empty for an empty object, or a value that is not an object).
+pub fn object_members<T: serde::Serialize>(value: &T) -> String {
+    let text = serde_json::to_string(value).unwrap_or_default();
+    match text.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
+        Some(members) => members.to_string(),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -182,15 +182,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             self.deps.processing.max_violations_per_event,
         );
         // Derived from the contexts as sent, before enrichment anonymises their addresses.
-        let derivers = &self.deps.derivers;
-        let batch_facts = derivers.batch_facts(&shared);
-        let derived: Vec<Option<String>> = if derivers.is_off() {
-            Vec::new()
-        } else {
-            (checked.kept.iter())
-                .map(|event| derivers.derive(event, &batch_facts, peer))
-                .collect()
-        };
+        let derived = (self.deps.derivers).derive_all(&checked.kept, &shared, peer);
         let (shared, batch_library) = enrich_shared(shared);
         let context = EnrichContext {
             received_at,
@@ -219,14 +211,10 @@ impl StreamHandler<IngestBatch> for IngestActor {
             source,
             events: enrich_all(kept, &context),
             shared,
-            extras: if derived.iter().any(Option::is_some) {
-                derived
-                    .into_iter()
-                    .map(|derived| EventExtras { weight: 1, derived })
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            extras: derived
+                .into_iter()
+                .map(|derived| EventExtras { weight: 1, derived })
+                .collect(),
         };
         for (at, flag, _) in &warned {
             if let Some(event) = batch.events.get_mut(*at) {

@@ -23,6 +23,9 @@ pub struct Agent {
     pub os_version: Option<String>,
     /// `desktop`, `mobile`, `tablet`, `bot` or `other`.
     pub device_type: &'static str,
+    /// The members above as JSON object members (no braces), made once per distinct agent.
+    #[serde(skip)]
+    pub members: String,
 }
 
 const PATTERNS: &str = include_str!("../../vendor/uap-core/regexes.json");
@@ -105,7 +108,7 @@ fn classify(extractor: &ua_parser::Extractor<'static>, user_agent: &str) -> Agen
         os_family.as_deref(),
         device_family.as_deref(),
     );
-    Agent {
+    let mut agent = Agent {
         browser_version: browser_family
             .as_ref()
             .and(browser.as_ref().and_then(|b| b.major.map(str::to_string))),
@@ -116,7 +119,10 @@ fn classify(extractor: &ua_parser::Extractor<'static>, user_agent: &str) -> Agen
         ),
         os: os_family,
         device_type,
-    }
+        members: String::new(),
+    };
+    agent.members = crate::json::object_members(&agent);
+    agent
 }
 
 /// The patterns name devices, not their kind: the kind follows from the device, the OS and a

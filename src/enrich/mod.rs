@@ -23,7 +23,9 @@ pub mod agent;
 pub mod geo;
 pub mod web;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -71,17 +73,6 @@ pub struct Derivers {
     pub geo: Option<geo::GeoDatabase>,
 }
 
-/// The derived fields of one event, as the export shows them under `statsremote`.
-#[derive(serde::Serialize)]
-struct Derived<'a> {
-    #[serde(flatten)]
-    agent: Option<&'a agent::Agent>,
-    #[serde(flatten)]
-    place: &'a geo::Place,
-    #[serde(flatten)]
-    campaign: &'a web::Campaign,
-}
-
 impl Derivers {
     /// Derives nothing.
     pub fn off() -> Derivers {
@@ -97,50 +88,80 @@ impl Derivers {
         !self.user_agent && !self.campaign && self.geo.is_none()
     }
 
-    /// What the batch-level context says, for the events whose own context does not.
-    pub fn batch_facts(&self, shared: &BatchShared) -> web::WebFacts {
-        match (&shared.context, self.is_off()) {
-            (Some(context), false) => web::read(context),
-            _ => web::WebFacts::default(),
-        }
-    }
-
-    /// The derived fields of an event as a JSON object's text; `None` when there are none.
-    /// `peer` is the request's client address (not anonymised), the fallback for `context.ip`.
-    pub fn derive(
+    /// The derived fields of each event as a JSON object's text (`None`: nothing derived), or
+    /// no list at all when nothing was derived for any. Each event's own context wins, member
+    /// by member, over the batch's `shared` one; `peer` is the request's client address (not
+    /// anonymised), the fallback for `context.ip`.
+    pub fn derive_all(
         &self,
-        event: &IncomingEvent,
-        batch: &web::WebFacts,
+        events: &[IncomingEvent],
+        shared: &BatchShared,
         peer: Option<IpAddr>,
-    ) -> Option<String> {
+    ) -> Vec<Option<String>> {
         if self.is_off() {
-            return None;
+            return Vec::new();
         }
-        let own = event.context.as_deref().map(web::read).unwrap_or_default();
-        let agent = self
-            .user_agent
-            .then(|| own.user_agent.as_deref().or(batch.user_agent.as_deref()))
-            .flatten()
-            .and_then(agent::parse);
-        let place = match (&self.geo, own.ip.or(batch.ip).or(peer)) {
-            (Some(database), Some(ip)) => database.place(ip),
-            _ => geo::Place::default(),
-        };
-        let campaign = if self.campaign {
-            own.campaign.or(&batch.campaign)
+        let batch = shared.context.as_deref().map(web::read).unwrap_or_default();
+        // The agents of this batch: most batches come from one or a few.
+        let mut agents: Vec<(String, Arc<agent::Agent>)> = Vec::new();
+        let derived: Vec<Option<String>> = events
+            .iter()
+            .map(|event| {
+                let own = event.context.as_deref().map(web::read).unwrap_or_default();
+                let text = own.user_agent.as_deref().or(batch.user_agent.as_deref());
+                let agent = match text.filter(|_| self.user_agent) {
+                    None => None,
+                    Some(text) => match agents.iter().find(|(seen, _)| seen == text) {
+                        Some((_, agent)) => Some(Arc::clone(agent)),
+                        None => {
+                            let parsed = agent::parse(text);
+                            if let (Some(parsed), true) = (&parsed, agents.len() < 8) {
+                                agents.push((text.to_string(), Arc::clone(parsed)));
+                            }
+                            parsed
+                        }
+                    },
+                };
+                let place = match (&self.geo, own.ip.or(batch.ip).or(peer)) {
+                    (Some(database), Some(ip)) => database.place(ip),
+                    _ => geo::Place::default(),
+                };
+                let campaign = if self.campaign {
+                    own.campaign.or(&batch.campaign)
+                } else {
+                    web::Campaign::default()
+                };
+                derived_json(agent.as_deref(), &place, &campaign)
+            })
+            .collect();
+        if derived.iter().any(Option::is_some) {
+            derived
         } else {
-            web::Campaign::default()
-        };
-        if agent.is_none() && place.is_empty() && campaign.is_empty() {
-            return None;
+            Vec::new()
         }
-        serde_json::to_string(&Derived {
-            agent: agent.as_deref(),
-            place: &place,
-            campaign: &campaign,
-        })
-        .ok()
     }
+}
+
+/// The derived fields as one JSON object's text, or `None` when there are none.
+fn derived_json(
+    agent: Option<&agent::Agent>,
+    place: &geo::Place,
+    campaign: &web::Campaign,
+) -> Option<String> {
+    let mut parts: Vec<Cow<'_, str>> = Vec::with_capacity(3);
+    if let Some(agent) = agent.filter(|a| !a.members.is_empty()) {
+        parts.push(Cow::Borrowed(agent.members.as_str()));
+    }
+    if !place.is_empty() {
+        parts.push(crate::json::object_members(place).into());
+    }
+    if !campaign.is_empty() {
+        parts.push(crate::json::object_members(campaign).into());
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!("{{{}}}", parts.join(",")))
 }
 
 /// Enriches every event of a request.

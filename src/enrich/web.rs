@@ -3,11 +3,11 @@
 //! (UTM parameters of `context.page.url` or `context.page.search`, and Segment's
 //! `context.campaign`). Read once per context, borrowing from its text.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 /// The members of a context read here, unparsed.
 #[derive(Deserialize, Default)]
@@ -70,15 +70,45 @@ impl Campaign {
 /// Longest value kept from a UTM parameter or a campaign member.
 const MAX_VALUE_BYTES: usize = 256;
 
-fn text(raw: Option<&RawValue>) -> Option<String> {
-    let value: String = serde_json::from_str(raw?.get()).ok()?;
+/// A JSON string's value, borrowed when it has no escapes.
+fn string(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let raw = raw?.get();
+    match serde_json::from_str::<&str>(raw) {
+        Ok(text) => Some(Cow::Borrowed(text)),
+        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+    }
+}
+
+/// A kept value: trimmed, not empty, at most [`MAX_VALUE_BYTES`] characters.
+fn kept(value: &str) -> Option<String> {
     let value = value.trim();
     (!value.is_empty()).then(|| value.chars().take(MAX_VALUE_BYTES).collect())
 }
 
-fn member(object: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
-    let value = object.get(key)?.as_str()?.trim();
-    (!value.is_empty()).then(|| value.chars().take(MAX_VALUE_BYTES).collect())
+/// `context.page`'s members read here.
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(borrow, default)]
+    referrer: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    url: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    search: Option<&'a RawValue>,
+}
+
+/// Segment's `context.campaign`.
+#[derive(Deserialize)]
+struct SentCampaign<'a> {
+    #[serde(borrow, default)]
+    source: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    medium: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    term: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
 }
 
 /// The facts of a context's JSON text (nothing if it is not an object).
@@ -87,16 +117,19 @@ pub fn read(context: &str) -> WebFacts {
         return WebFacts::default();
     };
     let mut campaign = Campaign::default();
-    if let Some(Value::Object(page)) = members
+    if let Some(page) = members
         .page
-        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .and_then(|raw| serde_json::from_str::<Page<'_>>(raw.get()).ok())
     {
-        campaign.referrer_host = member(&page, "referrer").and_then(|referrer| host(&referrer));
-        let query = member(&page, "url")
-            .and_then(|url| url::Url::parse(&url).ok())
-            .and_then(|url| url.query().map(str::to_string))
-            .or_else(|| member(&page, "search").map(|s| s.trim_start_matches('?').to_string()));
+        campaign.referrer_host = string(page.referrer).and_then(|referrer| host(&referrer));
+        // Most addresses carry no campaign: only those that mention one are parsed.
+        let query = [page.url, page.search]
+            .into_iter()
+            .filter_map(string)
+            .find(|text| text.contains("utm_"));
         if let Some(query) = query {
+            let query = query.split_once('?').map_or(&*query, |(_, q)| q);
+            let query = query.split('#').next().unwrap_or("");
             for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
                 let slot = match &*key {
                     "utm_source" => &mut campaign.utm_source,
@@ -106,41 +139,53 @@ pub fn read(context: &str) -> WebFacts {
                     "utm_content" => &mut campaign.utm_content,
                     _ => continue,
                 };
-                let value = value.trim();
-                if slot.is_none() && !value.is_empty() {
-                    *slot = Some(value.chars().take(MAX_VALUE_BYTES).collect());
+                if slot.is_none() {
+                    *slot = kept(&value);
                 }
             }
         }
     }
     // Segment's SDKs put the UTM parameters they saw in `context.campaign` (`name` is the
     // campaign): they fill what the page's address did not.
-    if let Some(Value::Object(sent)) = members
+    if let Some(sent) = members
         .campaign
-        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .and_then(|raw| serde_json::from_str::<SentCampaign<'_>>(raw.get()).ok())
     {
+        let member = |raw| string(raw).and_then(|v| kept(&v));
         let from_context = Campaign {
             referrer_host: None,
-            utm_source: member(&sent, "source"),
-            utm_medium: member(&sent, "medium"),
-            utm_campaign: member(&sent, "name"),
-            utm_term: member(&sent, "term"),
-            utm_content: member(&sent, "content"),
+            utm_source: member(sent.source),
+            utm_medium: member(sent.medium),
+            utm_campaign: member(sent.name),
+            utm_term: member(sent.term),
+            utm_content: member(sent.content),
         };
         campaign = campaign.or(&from_context);
     }
     WebFacts {
-        user_agent: text(members.user_agent),
-        ip: text(members.ip).and_then(|ip| ip.parse().ok()),
+        user_agent: string(members.user_agent).and_then(|ua| kept(&ua)),
+        ip: string(members.ip).and_then(|ip| ip.trim().parse().ok()),
         campaign,
     }
 }
 
-/// The host of a URL, lower-case, without a leading `www.`.
+/// The host of an absolute URL, lower-case, without a leading `www.`.
 fn host(url: &str) -> Option<String> {
-    let parsed = url::Url::parse(url).ok()?;
-    let host = parsed.host_str()?.to_ascii_lowercase();
-    Some(host.strip_prefix("www.").unwrap_or(&host).to_string())
+    let (_, rest) = url.trim().split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        host_port.split_inclusive(']').next()?
+    } else {
+        host_port.split(':').next()?
+    };
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_prefix("www.").unwrap_or(&host);
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':'));
+    valid.then(|| host.to_string())
 }
 
 #[cfg(test)]
@@ -173,5 +218,11 @@ mod tests {
         assert_eq!(facts.campaign.referrer_host, None);
         assert_eq!((facts.user_agent, facts.ip), (None, None));
         assert_eq!(read("[]"), WebFacts::default());
+        assert_eq!(
+            host("https://user@Sub.Example.com:8443/x"),
+            Some("sub.example.com".into())
+        );
+        assert_eq!(host("http://[2001:db8::1]/"), Some("[2001:db8::1]".into()));
+        assert_eq!(host("/relative"), None);
     }
 }
