@@ -18,6 +18,7 @@ use crate::blocking;
 use crate::event::{
     format_timestamp, now_micros, BatchShared, BatchSource, EventKind, IncomingEvent, Micros,
 };
+use crate::ids::TenantId;
 use crate::json::MergeBase;
 use crate::schema::{self, SchemaRegistry, Verdict, Violation};
 use crate::storage::deadletters::{self, LetterKey};
@@ -428,6 +429,19 @@ pub async fn replay(
         None => Ok(report),
         Some(reason) => Err(ReplayError::Busy { reason, report }),
     }
+}
+
+/// Erases a user's letters: those whose `userId`, `anonymousId` or `previousId` is `user`.
+/// Returns how many. Blocking.
+pub fn erase_user(storage: &Storage, tenant: TenantId, user: &str) -> Result<u64, StorageError> {
+    deadletters::remove_matching(storage, tenant, |value| {
+        DeadLetter::decode(value).is_some_and(|letter| {
+            let e = &letter.event;
+            [&e.user_id, &e.anonymous_id, &e.previous_id]
+                .iter()
+                .any(|id| id.as_deref() == Some(user))
+        })
+    })
 }
 
 /// A letter's key as the API shows it.

@@ -51,6 +51,9 @@ pub struct ErasureJob {
     /// Identity links that named the user, removed (see `crate::storage::identity::forget`).
     #[serde(default)]
     pub removed_identity_links: u64,
+    /// Dead letters of the user's events, removed.
+    #[serde(default)]
+    pub removed_dead_letters: u64,
     /// When the superseded copies (in `trash/`) will have been deleted.
     pub superseded_purged_by: Option<Micros>,
     pub error: Option<String>,

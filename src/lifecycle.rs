@@ -223,6 +223,7 @@ impl TenantLifecycle {
             rewritten_segments: 0,
             removed_segments: 0,
             removed_identity_links: 0,
+            removed_dead_letters: 0,
             superseded_purged_by: None,
             error: None,
         };
@@ -244,11 +245,12 @@ impl TenantLifecycle {
         let lifecycle = self.clone();
         actix_rt::spawn(async move {
             match lifecycle.run_erasure(&job).await {
-                Ok((report, links)) => {
+                Ok((report, links, letters)) => {
                     let now = crate::event::now_micros();
                     job.status = JobStatus::Done;
                     job.removed_events = report.removed_events;
                     job.removed_identity_links = links;
+                    job.removed_dead_letters = letters;
                     job.rewritten_segments = report.written_segments;
                     job.removed_segments = report.removed_segments - report.written_segments;
                     job.finished_at = Some(now);
@@ -273,11 +275,12 @@ impl TenantLifecycle {
         });
     }
 
-    /// Runs an erasure; returns what it removed from the cold tier, and how many identity links.
+    /// Runs an erasure; returns what it removed from the cold tier, and how many identity links
+    /// and dead letters.
     async fn run_erasure(
         &self,
         job: &ErasureJob,
-    ) -> Result<(MaintenanceReport, u64), LifecycleError> {
+    ) -> Result<(MaintenanceReport, u64, u64), LifecycleError> {
         self.settle_watermarks(job.tenant).await?;
         self.live_tenant(job.tenant)?;
         let pipeline = self.pipelines.pipeline(job.tenant);
@@ -308,8 +311,12 @@ impl TenantLifecycle {
             }
             None => 0,
         };
+        let letters = {
+            let (storage, tenant, user) = (self.storage.clone(), job.tenant, job.user_id.clone());
+            blocking::run(move || crate::deadletter::erase_user(&storage, tenant, &user)).await??
+        };
         self.query_cache.forget(job.tenant);
-        Ok((report, links))
+        Ok((report, links, letters))
     }
 
     /// An erasure job by id.

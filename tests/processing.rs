@@ -590,3 +590,51 @@ fn dead_letters_are_durable_when_acknowledged_and_expire() {
         .metrics()
         .contains("statsremote_dead_letters_expired_total"));
 }
+
+#[test]
+fn erasing_a_user_removes_their_dead_letters() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("erase-letters");
+    settings(&server, &tenant, json!({"unplanned_events": "reject"}));
+    let event = |id: &str, who: &str, field: &str| {
+        let mut e = json!({"type": "track", "messageId": id, "event": "Unplanned"});
+        e[field] = json!(who);
+        e
+    };
+    let reply = send(
+        &server,
+        &tenant,
+        vec![
+            event("g1", "gina", "userId"),
+            event("g2", "gina", "anonymousId"),
+            event("h1", "hal", "userId"),
+        ],
+    );
+    assert_eq!(reply["rejected"], 3, "{reply}");
+    let path = format!("/admin/v1/tenants/{}/users/gina", tenant.id);
+    let reply = server.admin("DELETE", &path, None);
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let job_path = format!(
+        "/admin/v1/deletions/{}",
+        reply.json()["id"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let state = server.admin("GET", &job_path, None).json();
+        if state["status"] != "running" {
+            break state;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["removed_dead_letters"], 2, "{done}");
+    let left = dead_letters(&server, &tenant, "");
+    let ids: Vec<&str> = left["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["h1"]);
+}

@@ -339,6 +339,7 @@ fn job_view(job: &ErasureJob) -> serde_json::Value {
         "removed_events": job.removed_events,
         "rewritten_segments": job.rewritten_segments,
         "removed_identity_links": job.removed_identity_links,
+        "removed_dead_letters": job.removed_dead_letters,
         "removed_segments": job.removed_segments,
         "superseded_purged_by": time(job.superseded_purged_by),
         "error": job.error,

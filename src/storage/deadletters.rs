@@ -270,6 +270,27 @@ pub fn enforce_limits(
     Ok(removed)
 }
 
+/// Removes the tenant's letters whose value `matches`, durably; returns how many. Blocking.
+pub fn remove_matching(
+    storage: &Storage,
+    tenant: TenantId,
+    mut matches: impl FnMut(&[u8]) -> bool,
+) -> Result<u64, StorageError> {
+    let mut doomed: Vec<LetterKey> = Vec::new();
+    for guard in storage.deadletters.prefix(tenant.0.to_be_bytes()) {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(StorageError::engine("scanning dead letters"))?;
+        if let (Ok(key), true) = (LetterKey::try_from(&key[..]), matches(&value)) {
+            doomed.push(key);
+        }
+    }
+    for chunk in doomed.chunks(4096) {
+        update(storage, tenant, &[], chunk)?;
+    }
+    Ok(doomed.len() as u64)
+}
+
 /// Removes every letter of the tenant. Blocking.
 pub fn delete_all(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     let removed = super::purge_prefix(storage, &storage.deadletters, tenant)?;
