@@ -638,3 +638,32 @@ fn erasing_a_user_removes_their_dead_letters() {
         .collect();
     assert_eq!(ids, ["h1"]);
 }
+
+/// Dedup comes before validation: a retry of a logged event is a duplicate, even when the plan
+/// would refuse it now; only a new event is checked.
+#[test]
+fn a_retry_of_a_logged_event_is_a_duplicate_whatever_the_plan_says_now() {
+    let server = TestServer::start();
+    let tenant = server.create_tenant("order");
+    let first = send(
+        &server,
+        &tenant,
+        vec![order("early", "u1", json!({"total": "12"}))],
+    );
+    assert_eq!(first["accepted"], 1, "{first}");
+    plan_orders(&server, &tenant);
+    settings(&server, &tenant, json!({"schema_enforcement": "reject"}));
+    let retry = send(
+        &server,
+        &tenant,
+        vec![
+            order("early", "u1", json!({"total": "12"})),
+            order("late", "u1", json!({"total": "12"})),
+        ],
+    );
+    assert_eq!(retry["duplicates"], 1, "{retry}");
+    assert_eq!(retry["rejected"], 1, "{retry}");
+    assert_eq!(retry["errors"][0]["messageId"], "late", "{retry}");
+    let letters = dead_letters(&server, &tenant, "");
+    assert_eq!(letters["items"].as_array().unwrap().len(), 1, "{letters}");
+}
