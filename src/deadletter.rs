@@ -74,7 +74,9 @@ pub struct DeadLetter {
     /// The series name the plan is keyed by.
     pub event_name: String,
     pub event: IncomingEvent,
-    #[serde(default)]
+    /// The request's batch-level objects: stored once per request in its batch record (see
+    /// `storage::deadletters::batch_key`), filled in by [`read_page`].
+    #[serde(skip)]
     pub shared: BatchShared,
     pub reason: Violation,
     /// When the reason was last decided (receipt, or the last replay that left it here).
@@ -220,7 +222,10 @@ mod tests {
             checked_at: 1_700_000_000_123_456,
             replays: 0,
         };
-        let again = DeadLetter::decode(&letter.encode()).unwrap();
+        // The batch-level objects are not part of the letter (its batch record holds them).
+        let mut again = DeadLetter::decode(&letter.encode()).unwrap();
+        assert_eq!(again.shared, BatchShared::default());
+        again.shared = letter.shared.clone();
         assert_eq!(again, letter);
         let body = letter.body();
         assert_eq!(body["type"], "track");
@@ -269,6 +274,47 @@ impl ReplayFilter {
         self.event.as_deref().is_none_or(|e| e == letter.event_name)
             && self.reason.is_none_or(|r| r == letter.reason_kind())
     }
+}
+
+/// Letters read back: each with its key, newest first, and where the next page starts.
+pub struct LetterPage {
+    pub letters: Vec<(LetterKey, DeadLetter)>,
+    pub next: Option<LetterKey>,
+}
+
+/// A page of the letters `filter` selects, decoded, each with its request's batch-level
+/// objects, examining at most `budget` letters. Blocking.
+pub fn read_page(
+    storage: &Storage,
+    tenant: TenantId,
+    filter: &ReplayFilter,
+    budget: usize,
+) -> Result<LetterPage, StorageError> {
+    let page = deadletters::page(storage, tenant, filter.page(budget), |value| {
+        filter.matches(value)
+    })?;
+    let mut shared: std::collections::HashMap<LetterKey, BatchShared> = Default::default();
+    let mut letters = Vec::with_capacity(page.letters.len());
+    for (key, value) in page.letters {
+        let Some(mut letter) = DeadLetter::decode(&value) else {
+            continue;
+        };
+        let batch = deadletters::batch_key(&key);
+        letter.shared = match shared.entry(batch) {
+            std::collections::hash_map::Entry::Occupied(known) => known.get().clone(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let record = deadletters::get(storage, &batch)?
+                    .and_then(|value| serde_json::from_slice::<BatchShared>(&value).ok())
+                    .unwrap_or_default();
+                slot.insert(record).clone()
+            }
+        };
+        letters.push((key, letter));
+    }
+    Ok(LetterPage {
+        letters,
+        next: page.next,
+    })
 }
 
 /// What a replay did.
@@ -320,22 +366,16 @@ pub async fn replay(
     filter: ReplayFilter,
 ) -> Result<ReplayReport, ReplayError> {
     let id = tenant.id;
-    let page = {
+    let LetterPage { letters, next } = {
         let (storage, filter) = (deps.storage.clone(), filter.clone());
-        blocking::run(move || {
-            deadletters::page(
-                &storage,
-                id,
-                filter.page(filter.limit.saturating_mul(10)),
-                |value| filter.matches(value),
-            )
-        })
-        .await
-        .map_err(|e| ReplayError::Task(e.to_string()))??
+        let budget = filter.limit.saturating_mul(10);
+        blocking::run(move || read_page(&storage, id, &filter, budget))
+            .await
+            .map_err(|e| ReplayError::Task(e.to_string()))??
     };
     let mut report = ReplayReport {
-        matched: page.letters.len(),
-        next: page.next.map(hex),
+        matched: letters.len(),
+        next: next.map(hex),
         ..ReplayReport::default()
     };
     let plan = deps.schemas.plan(id);
@@ -343,10 +383,7 @@ pub async fn replay(
     let mut refused: Vec<(LetterKey, Vec<u8>)> = Vec::new();
     // Letters that pass, grouped by the request they came in with, oldest request first.
     let mut passing: Vec<(LetterKey, DeadLetter)> = Vec::new();
-    for (key, value) in page.letters.into_iter().rev() {
-        let Some(mut letter) = DeadLetter::decode(&value) else {
-            continue;
-        };
+    for (key, mut letter) in letters.into_iter().rev() {
         let verdict = schema::check(
             &plan,
             &letter.event_name,

@@ -116,6 +116,8 @@ pub mod names {
     pub const DEAD_LETTER_REPLAYS: &str = "statsremote_dead_letter_replays_total";
     /// Dead letters deleted by retention or the size cap.
     pub const DEAD_LETTERS_EXPIRED: &str = "statsremote_dead_letters_expired_total";
+    /// Bytes a tenant's dead letters take (after the last retention pass).
+    pub const DEAD_LETTER_BYTES: &str = "statsremote_dead_letter_bytes";
     /// Identity calls applied by the rollup actors. Labels `tenant`, `kind` (`identify`,
     /// `alias`), `outcome` (`unchanged`, `joined`, `renamed`, `refused`, `full`); see
     /// `crate::identity`.
@@ -409,4 +411,9 @@ pub fn dead_letters_replayed(tenant: &str, outcome: &'static str, letters: u64) 
 /// Dead letters deleted by retention or the size cap.
 pub fn dead_letters_expired(tenant: &str, letters: u64) {
     counter!(names::DEAD_LETTERS_EXPIRED, "tenant" => tenant.to_string()).increment(letters);
+}
+
+/// Bytes a tenant's dead letters take.
+pub fn dead_letter_bytes(tenant: &str, bytes: u64) {
+    gauge!(names::DEAD_LETTER_BYTES, "tenant" => tenant.to_string()).set(bytes as f64);
 }

@@ -562,13 +562,38 @@ fn dead_letters_are_durable_when_acknowledged_and_expire() {
     let events: Vec<Value> = (0..20)
         .map(|n| json!({"type": "track", "messageId": format!("m{n}"), "userId": "u", "event": "Unplanned"}))
         .collect();
-    let reply = send(&server, &tenant, events);
+    // A large batch-level context: stored once for the request's letters, shown in each.
+    let big = "x".repeat(60_000);
+    let reply = server.post_json(
+        "/v1/batch",
+        Auth::Basic(&tenant.write_key),
+        &json!({"batch": events, "context": {"app": {"name": "shop"}, "padding": big}}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = reply.json();
     assert_eq!(reply["rejected"], 20);
     server.kill();
     drop(server);
     let server = TestServer::start_in(dir.path(), &env);
     let letters = dead_letters(&server, &tenant, "");
     assert_eq!(letters["items"].as_array().unwrap().len(), 20, "{letters}");
+    for letter in letters["items"].as_array().unwrap() {
+        assert_eq!(letter["body"]["context"]["app"]["name"], "shop");
+    }
+    // The context's 60 KB are stored once, not once per letter (1.2 MB).
+    let label = format!("statsremote_dead_letter_bytes{{tenant=\"{}\"}} ", tenant.id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let bytes = loop {
+        // The flusher runs once its tenant's pipeline does; a query starts it.
+        server.wait_rollups_caught_up(&tenant.read_key);
+        let metrics = server.metrics();
+        if let Some(value) = metrics.lines().find_map(|l| l.strip_prefix(&label)) {
+            break value.trim().parse::<f64>().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no {label}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!((60_000.0..200_000.0).contains(&bytes), "{bytes} bytes");
 
     // Retention: letters older than it go at the tenant's next flusher pass.
     settings(&server, &tenant, json!({"deadletter_retention": "1s"}));

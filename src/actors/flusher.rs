@@ -286,6 +286,8 @@ fn expire_dead_letters(
         tracing::info!(%tenant, letters = removed, "dead-letter retention removed letters");
         telemetry::dead_letters_expired(label, removed);
     }
+    let bytes = crate::storage::deadletters::bytes(&deps.storage, tenant)?;
+    telemetry::dead_letter_bytes(label, bytes);
     Ok(())
 }
 

@@ -197,7 +197,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             refused,
         } = checked;
         let batch_id = uuid::Uuid::now_v7();
-        let letters = dead_letters(
+        let (letters, letters_batch) = dead_letters(
             self.tenant,
             &refused,
             &shared,
@@ -222,7 +222,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             }
         }
         let prepared = match PreparedBatch::new(self.tenant, &batch) {
-            Ok(prepared) => prepared.with_dead_letters(letters),
+            Ok(prepared) => prepared.with_dead_letters(letters, letters_batch),
             Err(error) => {
                 let _ = reply.send(Err(error.into()));
                 return;
@@ -274,7 +274,8 @@ impl StreamHandler<IngestBatch> for IngestActor {
     }
 }
 
-/// The dead letters of a batch's refused events.
+/// The dead letters of a batch's refused events, and the record of the batch-level objects
+/// they share (stored once, not once per letter: a request's letters cost its bytes once).
 fn dead_letters(
     tenant: TenantId,
     refused: &[(usize, IncomingEvent, Violation)],
@@ -282,11 +283,25 @@ fn dead_letters(
     source: &BatchSource,
     received_at: Micros,
     batch_id: uuid::Uuid,
-) -> Vec<PreparedDeadLetter> {
-    refused
+) -> (
+    Vec<PreparedDeadLetter>,
+    Option<(deadletters::LetterKey, Vec<u8>)>,
+) {
+    let batch = (!refused.is_empty() && !shared.is_empty()).then(|| {
+        let key = deadletters::key(
+            tenant,
+            received_at,
+            batch_id.as_u128(),
+            deadletters::BATCH_POSITION,
+        );
+        (key, serde_json::to_vec(shared).unwrap_or_default())
+    });
+    let letters = refused
         .iter()
         .map(|(position, event, violation)| {
-            let position = u32::try_from(*position).unwrap_or(u32::MAX);
+            let position = u32::try_from(*position)
+                .unwrap_or(u32::MAX)
+                .min(deadletters::BATCH_POSITION - 1);
             let letter = DeadLetter {
                 received_at,
                 batch_id: batch_id.to_string(),
@@ -295,7 +310,7 @@ fn dead_letters(
                 client_ip: source.client_ip.clone(),
                 event_name: violation.event.clone(),
                 event: event.clone(),
-                shared: shared.clone(),
+                shared: BatchShared::default(),
                 reason: violation.clone(),
                 checked_at: received_at,
                 replays: 0,
@@ -306,7 +321,8 @@ fn dead_letters(
                 value: letter.encode(),
             }
         })
-        .collect()
+        .collect();
+    (letters, batch)
 }
 
 /// The writer's outcome (positions among the logged events and among the dead letters) by

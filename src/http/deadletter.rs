@@ -4,12 +4,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use crate::deadletter::{self, DeadLetter, ReasonKind, ReplayDeps, ReplayError, ReplayFilter};
+use crate::deadletter::{self, ReasonKind, ReplayDeps, ReplayError, ReplayFilter};
 use crate::event::Micros;
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
 use crate::http::{admin, auth, AppState};
-use crate::storage::deadletters;
 use crate::tenant::KeyKind;
 
 /// Most letters one page or one replay takes.
@@ -57,7 +56,9 @@ fn reason_param(reason: Option<&str>) -> Result<Option<ReasonKind>, ApiError> {
         .transpose()
 }
 
-fn cursor_param(before: Option<&str>) -> Result<Option<deadletters::LetterKey>, ApiError> {
+fn cursor_param(
+    before: Option<&str>,
+) -> Result<Option<crate::storage::deadletters::LetterKey>, ApiError> {
     before
         .map(|text| {
             deadletter::parse_hex(text).ok_or_else(|| {
@@ -101,12 +102,7 @@ pub async fn list(
     let storage = state.storage.clone();
     let id = tenant.id;
     let page = crate::blocking::run(move || {
-        deadletters::page(
-            &storage,
-            id,
-            filter.page(filter.limit * EXAMINED_PER_LETTER),
-            |value| filter.matches(value),
-        )
+        deadletter::read_page(&storage, id, &filter, filter.limit * EXAMINED_PER_LETTER)
     })
     .await
     .map_err(|e| ApiError::Internal(format!("dead-letter task failed: {e}")))?
@@ -114,9 +110,7 @@ pub async fn list(
     let items: Vec<serde_json::Value> = page
         .letters
         .iter()
-        .filter_map(|(key, value)| {
-            DeadLetter::decode(value).map(|letter| letter.view(&deadletter::hex(*key)))
-        })
+        .map(|(key, letter)| letter.view(&deadletter::hex(*key)))
         .collect();
     let mut body = serde_json::json!({ "items": items });
     if let Some(next) = page.next {

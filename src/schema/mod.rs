@@ -440,6 +440,19 @@ fn json_path(pointer: &str) -> String {
     path
 }
 
+/// Longest message kept per mismatch: the validator quotes the offending value, which may be
+/// as long as the event, and a reply or a letter must stay a small multiple of the request.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+fn clipped(message: String) -> String {
+    if message.chars().count() <= MAX_MESSAGE_CHARS {
+        return message;
+    }
+    let mut short: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
+    short.push('…');
+    short
+}
+
 /// Checks one event against the plan. `name` is its series name; `tenant_mode` the tenant's
 /// `schema_enforcement`, `unplanned` its `unplanned_events`.
 pub fn check(
@@ -487,7 +500,7 @@ pub fn check(
         .map(|error| ViolationError {
             path: json_path(error.instance_path().as_str()),
             schema_path: error.schema_path().as_str().to_string(),
-            message: error.to_string(),
+            message: clipped(error.to_string()),
         })
         .collect();
     let violation = Violation {

@@ -22,6 +22,30 @@ use crate::storage::{Storage, StorageError};
 /// A letter's key.
 pub type LetterKey = [u8; 36];
 
+/// The position of a request's batch record: the batch-level objects its letters share, stored
+/// once beside them (see `crate::deadletter`), not once per letter.
+pub const BATCH_POSITION: u32 = u32::MAX;
+
+/// The key of the batch record of the request `letter` came with.
+pub fn batch_key(letter: &LetterKey) -> LetterKey {
+    let mut key = *letter;
+    key[32..].copy_from_slice(&BATCH_POSITION.to_be_bytes());
+    key
+}
+
+/// Whether `key` is a batch record's, not a letter's.
+pub fn is_batch_record(key: &[u8]) -> bool {
+    key.get(32..36) == Some(&BATCH_POSITION.to_be_bytes()[..])
+}
+
+/// The value at `key`, if any. Blocking.
+pub fn get(storage: &Storage, key: &LetterKey) -> Result<Option<fjall::Slice>, StorageError> {
+    storage
+        .deadletters
+        .get(key)
+        .map_err(StorageError::engine("reading a dead letter"))
+}
+
 pub fn key(tenant: TenantId, received_at: Micros, batch_id: u128, position: u32) -> LetterKey {
     let mut key = [0u8; 36];
     key[..8].copy_from_slice(&tenant.0.to_be_bytes());
@@ -207,7 +231,7 @@ pub fn page(
         };
         examined += 1;
         last = Some(key);
-        if keep(&value) {
+        if !is_batch_record(&key) && keep(&value) {
             letters.push((key, value));
         }
     }
@@ -281,6 +305,9 @@ pub fn remove_matching(
         let (key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("scanning dead letters"))?;
+        if is_batch_record(&key) {
+            continue;
+        }
         if let (Ok(key), true) = (LetterKey::try_from(&key[..]), matches(&value)) {
             doomed.push(key);
         }

@@ -57,6 +57,8 @@ pub struct PreparedBatch {
     dedup_keys: Vec<Option<dedup::DedupKey>>,
     /// Events refused by the tenant's plan, stored with the group unless they are duplicates.
     dead_letters: Vec<PreparedDeadLetter>,
+    /// The record the letters share (their request's batch-level objects), stored with them.
+    dead_letter_batch: Option<(deadletters::LetterKey, Vec<u8>)>,
 }
 
 /// A dead letter made ready by its sender.
@@ -79,13 +81,20 @@ impl PreparedBatch {
             encoded,
             dedup_keys,
             dead_letters: Vec::new(),
+            dead_letter_batch: None,
         })
     }
 
     /// Adds the request's dead letters: the writer stores those that are not duplicates of
     /// logged events, in the same group commit as the entry.
-    pub fn with_dead_letters(mut self, letters: Vec<PreparedDeadLetter>) -> PreparedBatch {
+    /// `batch` is the record they share (stored if any of them is).
+    pub fn with_dead_letters(
+        mut self,
+        letters: Vec<PreparedDeadLetter>,
+        batch: Option<(deadletters::LetterKey, Vec<u8>)>,
+    ) -> PreparedBatch {
         self.dead_letters = letters;
+        self.dead_letter_batch = batch;
         self
     }
 }
@@ -526,6 +535,11 @@ impl Writer {
                 dead_letter_duplicates.push(position);
             } else {
                 deadletters::stage(&self.storage, tenant, &letter.key, &letter.value)?;
+            }
+        }
+        if dead_letter_duplicates.len() < prepared.dead_letters.len() {
+            if let Some((key, value)) = &prepared.dead_letter_batch {
+                deadletters::stage(&self.storage, tenant, key, value)?;
             }
         }
         let duplicates = duplicate_positions.len();
