@@ -206,7 +206,7 @@ fn benches(c: &mut Criterion) {
                 &Default::default(),
             )
             .unwrap();
-            assert!(reached[0] > 0);
+            assert!(reached.users[0] > 0);
         })
     });
     c.bench_function("rollup update of a 100-event batch", |b| {

@@ -183,6 +183,11 @@ impl LogBatch {
     pub fn extras_of(&self, index: usize) -> Option<&EventExtras> {
         self.extras.get(index)
     }
+
+    /// The weight of the event at `index`.
+    pub fn weight_of(&self, index: usize) -> u32 {
+        self.extras_of(index).map_or(1, |extras| extras.weight)
+    }
 }
 
 /// A [`StoredEvent`] decoded with its text borrowed from the decoded log entry, for scans that
@@ -242,6 +247,33 @@ pub struct LogBatchView<'a> {
     pub source: BatchSourceView<'a>,
     #[serde(borrow)]
     pub events: Vec<StoredEventView<'a>>,
+    /// Each event's weight (empty: all 1), from the entry's extras trailer when the scan read it.
+    #[serde(skip)]
+    pub weights: Vec<u32>,
+}
+
+impl LogBatchView<'_> {
+    /// The weight of the event at `index`.
+    pub fn weight_of(&self, index: usize) -> u32 {
+        self.weights.get(index).copied().unwrap_or(1)
+    }
+}
+
+/// A [`BatchShared`] with borrowed text: the first trailer, skipped on the way to the second.
+#[derive(Debug, Default, Deserialize)]
+pub struct BatchSharedView<'a> {
+    #[serde(borrow)]
+    pub context: Option<&'a str>,
+    #[serde(borrow)]
+    pub integrations: Option<&'a str>,
+}
+
+/// An [`EventExtras`] with borrowed text.
+#[derive(Debug, Deserialize)]
+pub struct EventExtrasView<'a> {
+    pub weight: u32,
+    #[serde(borrow)]
+    pub derived: Option<&'a str>,
 }
 
 /// Last sequence number of a log entry holding `events` events from `first_seq`. Entries always

@@ -47,6 +47,7 @@ pub mod priority;
 pub mod query;
 pub mod ratelimit;
 pub mod rollup;
+pub mod sampling;
 pub mod schema;
 pub mod server;
 pub mod sketch;

@@ -2,7 +2,8 @@
 //!
 //! For every event, three resolutions (minute, hour, day, UTC) and two series (the event's
 //! name, and the empty name [`ALL_EVENTS`] for all events) get `count += weight` and the user
-//! hash added to a HyperLogLog sketch. A [`Deltas`] collects those updates in memory; they are
+//! hash added to a HyperLogLog sketch; the user of a sampled event (weight > 1) goes instead to
+//! the series of its weight ([`crate::sampling::sampled_series`]), which counts kept events. A [`Deltas`] collects those updates in memory; they are
 //! merged into storage by the rollup actor's flush (counts add up, sketches merge). Everything
 //! here is pure and tested against brute force.
 //!
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{EventKind, Micros, StoredEvent, StoredEventView};
+use crate::event::{EventExtras, EventKind, LogBatchView, Micros, StoredEvent};
 use crate::identity::{Link, LinkKind};
 
 /// Distinct-user sketch.
@@ -140,12 +141,14 @@ impl RollupItems {
         out
     }
 
-    pub fn from_events(events: &[StoredEvent]) -> RollupItems {
+    /// Items of stored events, with their weights from `extras` (empty: all 1).
+    pub fn from_events(events: &[StoredEvent], extras: &[EventExtras]) -> RollupItems {
         let mut out = RollupItems::collect(
             events
                 .iter()
                 .map(|event| (rollup_name(event), event.timestamp, event.user_hash)),
         );
+        out.set_weights(extras.iter().map(|extras| extras.weight));
         out.links = (events.iter().enumerate())
             .filter_map(|(at, e)| {
                 link_of(
@@ -160,7 +163,8 @@ impl RollupItems {
         out
     }
 
-    pub fn from_views(events: &[StoredEventView<'_>]) -> RollupItems {
+    pub fn from_views(batch: &LogBatchView<'_>) -> RollupItems {
+        let events = &batch.events;
         let mut out = RollupItems::collect(events.iter().map(|event| {
             (
                 series_name(event.kind, event.name),
@@ -168,10 +172,18 @@ impl RollupItems {
                 event.user_hash,
             )
         }));
+        out.set_weights(batch.weights.iter().copied());
         out.links = (events.iter().enumerate())
             .filter_map(|(at, e)| link_of(at, e.kind, e.user_id, e.anonymous_id, e.previous_id))
             .collect();
         out
+    }
+
+    /// Gives the items their weights, in order (missing ones stay 1).
+    fn set_weights(&mut self, weights: impl Iterator<Item = u32>) {
+        for (item, weight) in self.items.iter_mut().zip(weights) {
+            item.weight = u64::from(weight.max(1));
+        }
     }
 
     /// The batch's identity calls, ordered by item.
@@ -624,6 +636,7 @@ impl Deltas {
             .iter()
             .map(|name| self.series.slot(name))
             .collect();
+        let mut shadow: FxHashMap<(&str, u32), usize> = FxHashMap::default();
         for item in batch.items() {
             let mut starts = [None; 3];
             for (index, resolution) in Resolution::ALL.iter().enumerate() {
@@ -635,22 +648,45 @@ impl Deltas {
                 }
             }
             let named = slots.get(item.name as usize).copied().unwrap_or(all);
+            let sampled = item.weight > 1;
             for slot in [named, all] {
-                let Some(series) = self.series.at_mut(slot) else {
-                    continue;
-                };
-                let mut user_added = false;
-                for (resolution, start) in Resolution::ALL.iter().zip(starts) {
-                    let Some(start) = start else {
-                        continue;
-                    };
-                    let bucket = series.entry((*resolution, start)).or_default();
-                    bucket.count += item.weight;
-                    if !user_added {
-                        bucket.users.insert(item.user_hash);
-                        user_added = true;
-                    }
+                self.add(
+                    slot,
+                    &starts,
+                    item.weight,
+                    (!sampled).then_some(item.user_hash),
+                );
+            }
+            if sampled {
+                // The kept users of sampled events go to their weight's series, apart (see
+                // `crate::sampling`), with the count of kept events.
+                let weight = u32::try_from(item.weight).unwrap_or(u32::MAX);
+                for name in [batch.name_of(item), ALL_EVENTS] {
+                    let slot = *shadow.entry((name, weight)).or_insert_with(|| {
+                        self.series
+                            .slot(&crate::sampling::sampled_series(name, weight))
+                    });
+                    self.add(slot, &starts, 1, Some(item.user_hash));
                 }
+            }
+        }
+    }
+
+    /// Adds `count` to the series at `slot` in each bucket of `starts`, and `user` to the
+    /// finest of them.
+    fn add(&mut self, slot: usize, starts: &[Option<Micros>; 3], count: u64, user: Option<u64>) {
+        let Some(series) = self.series.at_mut(slot) else {
+            return;
+        };
+        let mut user = user;
+        for (resolution, start) in Resolution::ALL.iter().zip(starts) {
+            let Some(start) = start else {
+                continue;
+            };
+            let bucket = series.entry((*resolution, *start)).or_default();
+            bucket.count += count;
+            if let Some(hash) = user.take() {
+                bucket.users.insert(hash);
             }
         }
     }
@@ -841,6 +877,26 @@ mod tests {
         hour: Duration::from_secs(u32::MAX as u64),
         day: None,
     };
+
+    /// A sampled event adds its weight to the counts, and its user only to its weight's series
+    /// (with a count of kept events), for the series and for all events.
+    #[test]
+    fn sampled_events_keep_their_users_apart_by_weight() {
+        let mut items = batch(&[("a", 0, 1), ("a", 0, 2), ("a", 0, 2)]);
+        items.set_weights([1, 10, 10].into_iter());
+        let mut deltas = Deltas::default();
+        deltas.apply(&items, &FOREVER, 0);
+        deltas.roll_up_users();
+        for resolution in Resolution::ALL {
+            for name in ["a", ALL_EVENTS] {
+                let plain = deltas.get(resolution, name, 0).unwrap();
+                assert_eq!((plain.count, users_of(plain)), (21, 1));
+                let sampled = crate::sampling::sampled_series(name, 10);
+                let sampled = deltas.get(resolution, &sampled, 0).unwrap();
+                assert_eq!((sampled.count, users_of(sampled)), (2, 1));
+            }
+        }
+    }
 
     #[test]
     fn buckets_floor_in_utc_also_before_1970() {

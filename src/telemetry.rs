@@ -116,6 +116,8 @@ pub mod names {
     pub const DEAD_LETTER_REPLAYS: &str = "statsremote_dead_letter_replays_total";
     /// Dead letters deleted by retention or the size cap.
     pub const DEAD_LETTERS_EXPIRED: &str = "statsremote_dead_letters_expired_total";
+    /// Events dropped by the tenant's sampling (label `tenant`).
+    pub const SAMPLED_OUT: &str = "statsremote_sampled_out_total";
     /// Bytes a tenant's dead letters take (after the last retention pass).
     pub const DEAD_LETTER_BYTES: &str = "statsremote_dead_letter_bytes";
     /// Identity calls applied by the rollup actors. Labels `tenant`, `kind` (`identify`,
@@ -411,6 +413,13 @@ pub fn dead_letters_replayed(tenant: &str, outcome: &'static str, letters: u64) 
 /// Dead letters deleted by retention or the size cap.
 pub fn dead_letters_expired(tenant: &str, letters: u64) {
     counter!(names::DEAD_LETTERS_EXPIRED, "tenant" => tenant.to_string()).increment(letters);
+}
+
+/// Events dropped by a tenant's sampling.
+pub fn sampled_out(tenant: &str, events: usize) {
+    if events > 0 {
+        counter!(names::SAMPLED_OUT, "tenant" => tenant.to_string()).increment(events as u64);
+    }
 }
 
 /// Bytes a tenant's dead letters take.

@@ -20,6 +20,7 @@ use bytesize::ByteSize;
 
 use crate::config::TenantDefaults;
 use crate::event::{now_micros, Micros};
+use crate::sampling::Sampling;
 use crate::schema::{Enforcement, Unplanned};
 use crate::storage::{codec, meta, Storage, StorageError};
 
@@ -93,6 +94,8 @@ pub struct TenantSettings {
     pub deadletter_retention: Duration,
     /// Most bytes the tenant's dead letters may take; the oldest go first beyond it.
     pub deadletter_max_bytes: ByteSize,
+    /// Sampling rates by event name (see [`crate::sampling`]); none by default.
+    pub sampling: Sampling,
 }
 
 impl TenantSettings {
@@ -107,6 +110,7 @@ impl TenantSettings {
             unplanned_events: defaults.unplanned_events,
             deadletter_retention: defaults.deadletter_retention,
             deadletter_max_bytes: defaults.deadletter_max_bytes,
+            sampling: Sampling::default(),
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct SettingsPatch {
     #[serde(default, with = "humantime_serde")]
     pub deadletter_retention: Option<Duration>,
     pub deadletter_max_bytes: Option<ByteSize>,
+    /// Replaces the whole sampling setting.
+    pub sampling: Option<Sampling>,
 }
 
 impl SettingsPatch {
@@ -177,6 +183,9 @@ impl SettingsPatch {
                 return Err("settings.deadletter_max_bytes must be at least 1 MiB".into());
             }
             next.deadletter_max_bytes = value;
+        }
+        if let Some(value) = &self.sampling {
+            next.sampling = value.clone();
         }
         Ok(next)
     }
@@ -554,6 +563,8 @@ struct LaterJsonSettings {
     deadletter_retention_micros: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deadletter_max_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sampling: Option<Sampling>,
 }
 
 fn meta_codec_error(source: codec::CodecError) -> StorageError {
@@ -599,6 +610,7 @@ fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord
             deadletter_max_bytes: json
                 .deadletter_max_bytes
                 .map_or(defaults.deadletter_max_bytes, ByteSize),
+            sampling: json.sampling.unwrap_or_default(),
         },
         write_key_digest: stored.write_key_digest,
         read_key_digest: stored.read_key_digest,
@@ -636,6 +648,8 @@ fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
             u64::try_from(record.settings.deadletter_retention.as_micros()).unwrap_or(u64::MAX),
         ),
         deadletter_max_bytes: Some(record.settings.deadletter_max_bytes.as_u64()),
+        sampling: (record.settings.sampling != Sampling::default())
+            .then(|| record.settings.sampling.clone()),
     };
     let json = JsonSettings(serde_json::to_string(&json).unwrap_or_default());
     // bincode writes a tuple as its fields one after the other: the trailers follow the record.

@@ -16,12 +16,13 @@ use crate::actors::child::{ChildActor, Mailbox};
 use crate::actors::rollup::RollupMessage;
 use crate::actors::{InflightPermit, PipelineDeps, PipelineError};
 use crate::deadletter::{DeadLetter, ReasonKind};
-use crate::enrich::{enrich_all, enrich_shared, EnrichContext};
+use crate::enrich::{enrich_all, enrich_shared, user_hash, EnrichContext};
 use crate::event::{
     flags, BatchShared, BatchSource, EventExtras, EventKind, IncomingEvent, LogBatch, Micros,
 };
 use crate::ids::TenantId;
 use crate::rollup::{series_name, RollupBatch, RollupItems};
+use crate::sampling;
 use crate::schema::{self, TenantPlan, Unplanned, Verdict, Violation};
 use crate::storage::writer::{AppendOutcome, AppendRequest, PreparedBatch, PreparedDeadLetter};
 use crate::storage::{deadletters, dedup, StorageError};
@@ -56,9 +57,12 @@ pub struct IngestOutcome {
     pub dead_lettered: Vec<(usize, Violation)>,
     /// Events stored although they did not pass the plan (`warn`).
     pub warned: usize,
+    /// Positions of the events dropped by the tenant's sampling (never stored, never rolled
+    /// up), ascending.
+    pub sampled_out: Vec<usize>,
 }
 
-/// A batch's events sorted by the tenant's plan.
+/// A batch's events sorted by the tenant's sampling and plan.
 struct Checked {
     kept: Vec<IncomingEvent>,
     /// Request position of each kept event; `None`: every event was kept, in order.
@@ -67,6 +71,10 @@ struct Checked {
     warned: Vec<(usize, u8, ReasonKind)>,
     /// Refused events: (request position, event, why).
     refused: Vec<(usize, IncomingEvent, Violation)>,
+    /// The weight of each kept event; empty: all 1.
+    weights: Vec<u32>,
+    /// Sampled-out events: (request position, messageId).
+    sampled_out: Vec<(usize, Option<String>)>,
 }
 
 impl Checked {
@@ -76,19 +84,26 @@ impl Checked {
             positions: None,
             warned: Vec::new(),
             refused: Vec::new(),
+            weights: Vec::new(),
+            sampled_out: Vec::new(),
         }
     }
 }
 
-/// Applies the tenant's tracking plan to a batch. Nothing is parsed when the tenant has no
-/// plan and accepts unplanned events (the default).
-fn apply_plan(
+/// Samples a batch by the tenant's rates, then applies its tracking plan to the events kept
+/// (sample, then validate: a sampled-out event is never checked nor dead-lettered). Nothing is
+/// looked at when the tenant samples nothing, has no plan and accepts unplanned events (the
+/// default).
+fn sample_and_check(
     events: Vec<IncomingEvent>,
     plan: &TenantPlan,
     settings: &TenantSettings,
+    user_hash_key: &[u8; 32],
     max_errors: usize,
 ) -> Checked {
-    if plan.is_empty() && settings.unplanned_events == Unplanned::Accept {
+    let sampling = &settings.sampling;
+    let sampled = !sampling.is_off();
+    if !sampled && plan.is_empty() && settings.unplanned_events == Unplanned::Accept {
         return Checked::all(events);
     }
     let mut checked = Checked {
@@ -96,12 +111,25 @@ fn apply_plan(
         positions: Some(Vec::with_capacity(events.len())),
         warned: Vec::new(),
         refused: Vec::new(),
+        weights: Vec::new(),
+        sampled_out: Vec::new(),
     };
     for (position, event) in events.into_iter().enumerate() {
         let name = series_name(
             event.kind.unwrap_or(EventKind::Track),
             event.name.as_deref(),
         );
+        let weight = if sampled { sampling.weight_of(name) } else { 1 };
+        if weight > 1 {
+            // The same identity the stored event's user hash is made of.
+            let identity = (event.user_id.as_deref())
+                .or(event.anonymous_id.as_deref())
+                .unwrap_or("");
+            if !sampling::keeps(user_hash(user_hash_key, identity), weight) {
+                checked.sampled_out.push((position, event.message_id));
+                continue;
+            }
+        }
         let verdict = schema::check(
             plan,
             name,
@@ -122,6 +150,9 @@ fn apply_plan(
                     checked.warned.push((checked.kept.len(), flag, reason));
                 }
                 checked.kept.push(event);
+                if sampled {
+                    checked.weights.push(weight);
+                }
                 if let Some(positions) = &mut checked.positions {
                     positions.push(position);
                 }
@@ -175,10 +206,11 @@ impl StreamHandler<IngestBatch> for IngestActor {
             let _ = reply.send(Err(StorageError::TenantDeleted(self.tenant).into()));
             return;
         };
-        let checked = apply_plan(
+        let checked = sample_and_check(
             events,
             &self.deps.schemas.plan(self.tenant),
             &tenant.settings,
+            &tenant.user_hash_key,
             self.deps.processing.max_violations_per_event,
         );
         // Derived from the contexts as sent, before enrichment anonymises their addresses.
@@ -195,6 +227,8 @@ impl StreamHandler<IngestBatch> for IngestActor {
             positions,
             warned,
             refused,
+            weights,
+            sampled_out,
         } = checked;
         let batch_id = uuid::Uuid::now_v7();
         let (letters, letters_batch) = dead_letters(
@@ -205,24 +239,28 @@ impl StreamHandler<IngestBatch> for IngestActor {
             received_at,
             batch_id,
         );
+        let kept_len = kept.len();
         let mut batch = LogBatch {
             batch_id: batch_id.as_u128(),
             received_at,
             source,
             events: enrich_all(kept, &context),
             shared,
-            extras: derived
-                .into_iter()
-                .map(|derived| EventExtras { weight: 1, derived })
-                .collect(),
+            extras: extras(kept_len, derived, &weights),
         };
         for (at, flag, _) in &warned {
             if let Some(event) = batch.events.get_mut(*at) {
                 event.flags |= flag;
             }
         }
+        let probes = (sampled_out.iter())
+            .map(|(_, id)| id.as_deref().map(|id| dedup::key(self.tenant, id)))
+            .collect();
+        let sampled_positions: Vec<usize> = sampled_out.iter().map(|(at, _)| *at).collect();
         let prepared = match PreparedBatch::new(self.tenant, &batch) {
-            Ok(prepared) => prepared.with_dead_letters(letters, letters_batch),
+            Ok(prepared) => prepared
+                .with_dead_letters(letters, letters_batch)
+                .with_probes(probes),
             Err(error) => {
                 let _ = reply.send(Err(error.into()));
                 return;
@@ -237,7 +275,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             .map(|(position, _, violation)| (position, violation))
             .collect();
         let warned = warned.len();
-        let mut items = RollupItems::from_events(&batch.events);
+        let mut items = RollupItems::from_events(&batch.events, &batch.extras);
         // The events are freed here, not on the writer thread.
         drop(batch);
         let rollup = self.rollup.clone();
@@ -265,7 +303,13 @@ impl StreamHandler<IngestBatch> for IngestActor {
                 // Free the place first: once the client has its answer, it may send again.
                 drop(permit);
                 let outcome = outcome.map(|done| {
-                    by_request_position(&done, positions.as_deref(), refused, warned, &tenant_label)
+                    let placed = Placed {
+                        positions: positions.as_deref(),
+                        refused,
+                        warned,
+                        sampled: sampled_positions,
+                    };
+                    by_request_position(&done, placed, &tenant_label)
                 });
                 let _ = reply.send(outcome.map_err(PipelineError::from));
             }),
@@ -325,15 +369,46 @@ fn dead_letters(
     (letters, batch)
 }
 
-/// The writer's outcome (positions among the logged events and among the dead letters) by
-/// positions in the request.
-fn by_request_position(
-    done: &AppendOutcome,
-    positions: Option<&[usize]>,
+/// Each of `events` events' extras: its derived fields (`derived` empty: none) and weight
+/// (`weights` empty: all 1). None at all
+/// when every event has weight 1 and nothing derived.
+fn extras(events: usize, derived: Vec<Option<String>>, weights: &[u32]) -> Vec<EventExtras> {
+    if weights.iter().all(|w| *w == 1) && derived.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    let mut derived = derived.into_iter();
+    (0..events.max(weights.len()))
+        .map(|at| EventExtras {
+            weight: weights.get(at).copied().unwrap_or(1),
+            derived: derived.next().flatten(),
+        })
+        .collect()
+}
+
+/// Where a batch's events were in the request, as the ingest actor sorted them.
+struct Placed<'a> {
+    /// Request position of each kept event (`None`: all kept, in order).
+    positions: Option<&'a [usize]>,
+    /// Refused events' request positions, with why.
     refused: Vec<(usize, Violation)>,
     warned: usize,
+    /// Sampled-out events' request positions, in the order of the writer's probes.
+    sampled: Vec<usize>,
+}
+
+/// The writer's outcome (positions among the logged events, among the dead letters and among
+/// the sampled-out events) by positions in the request.
+fn by_request_position(
+    done: &AppendOutcome,
+    placed: Placed<'_>,
     tenant_label: &str,
 ) -> IngestOutcome {
+    let Placed {
+        positions,
+        refused,
+        warned,
+        sampled,
+    } = placed;
     let in_request = |at: usize| positions.and_then(|p| p.get(at).copied()).unwrap_or(at);
     let mut duplicate_positions: Vec<usize> = (done.duplicate_positions.iter())
         .map(|&at| in_request(at))
@@ -352,6 +427,18 @@ fn by_request_position(
             dead_lettered.push((position, violation));
         }
     }
+    // A retry of a logged event is a duplicate even if the sampling now drops it (dedup comes
+    // before sampling).
+    for &at in &done.probe_duplicates {
+        if let Some(position) = sampled.get(at) {
+            duplicate_positions.push(*position);
+        }
+    }
+    let sampled_out: Vec<usize> = (sampled.into_iter().enumerate())
+        .filter(|(at, _)| done.probe_duplicates.binary_search(at).is_err())
+        .map(|(_, position)| position)
+        .collect();
+    telemetry::sampled_out(tenant_label, sampled_out.len());
     duplicate_positions.sort_unstable();
     IngestOutcome {
         accepted: done.accepted,
@@ -359,6 +446,7 @@ fn by_request_position(
         duplicate_positions,
         dead_lettered,
         warned,
+        sampled_out,
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::actors::child::ChildActor;
 use crate::event::{format_timestamp, now_micros, Micros};
 use crate::rollup::{ByName, RollupItem, RollupItems};
+use crate::sampling;
 
 const SECOND: Micros = 1_000_000;
 const MINUTE: Micros = 60 * SECOND;
@@ -83,14 +84,48 @@ pub struct LiveItems(pub Arc<RollupItems>);
 
 #[derive(Default)]
 struct Agg {
+    /// Weighted: each kept event adds its weight.
     count: u64,
+    /// Users of the unsampled events.
     users: LiveSketch,
+    /// Users of the sampled events, by weight (see `crate::sampling`).
+    sampled: Vec<(u32, LiveSketch)>,
 }
 
 impl Agg {
     fn add(&mut self, item: &RollupItem) {
         self.count += item.weight;
-        self.users.insert_hash(item.user_hash);
+        if item.weight <= 1 {
+            self.users.insert_hash(item.user_hash);
+            return;
+        }
+        let weight = u32::try_from(item.weight).unwrap_or(u32::MAX);
+        match self.sampled.iter_mut().find(|(w, _)| *w == weight) {
+            Some((_, users)) => users.insert_hash(item.user_hash),
+            None => {
+                let mut users = LiveSketch::new();
+                users.insert_hash(item.user_hash);
+                self.sampled.push((weight, users));
+            }
+        }
+    }
+
+    /// Distinct users, scaled where events were sampled.
+    fn uniques(&self) -> u64 {
+        if self.sampled.is_empty() {
+            return self.users.estimate() as u64;
+        }
+        let levels: Vec<(u32, &LiveSketch)> = self.sampled.iter().map(|(w, s)| (*w, s)).collect();
+        sampling::estimate_users(Some(&self.users), &levels).rounded()
+    }
+}
+
+impl sampling::UserSet for LiveSketch {
+    fn union_with(&mut self, other: &Self) {
+        self.merge(other);
+    }
+    fn estimate_size(&self) -> f64 {
+        self.estimate() as f64
     }
 }
 
@@ -105,7 +140,7 @@ impl Bucket {
     fn window(&self, start: Micros) -> Window {
         let stat = |agg: &Agg| Stat {
             count: agg.count,
-            uniques: agg.users.estimate() as u64,
+            uniques: agg.uniques(),
         };
         Window {
             start: format_timestamp(start),

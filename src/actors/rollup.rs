@@ -606,7 +606,7 @@ pub fn read_items(
         if first_seq > through {
             return std::ops::ControlFlow::Break(());
         }
-        out.push((first_seq, RollupItems::from_views(&batch.events)));
+        out.push((first_seq, RollupItems::from_views(batch)));
         if out.len() < max_batches {
             std::ops::ControlFlow::Continue(())
         } else {
@@ -626,7 +626,12 @@ fn read_cold_items(
     from_seq: u64,
     through: u64,
 ) -> Result<Vec<(u64, RollupItems)>, StorageError> {
-    let mut runs: Vec<(u64, Vec<crate::event::StoredEvent>)> = Vec::new();
+    type Run = (
+        u64,
+        Vec<crate::event::StoredEvent>,
+        Vec<crate::event::EventExtras>,
+    );
+    let mut runs: Vec<Run> = Vec::new();
     let mut expected = 0;
     let scanned = cold::scan_cold(
         storage,
@@ -636,9 +641,17 @@ fn read_cold_items(
         through,
         None,
         |seq, batch| {
+            // Cold batches hold one event each, with its extras if it has any.
+            let extras = (0..batch.events.len()).map(|at| crate::event::EventExtras {
+                weight: batch.weight_of(at),
+                derived: None,
+            });
             match runs.last_mut() {
-                Some((_, events)) if seq == expected => events.extend(batch.events.iter().cloned()),
-                _ => runs.push((seq, batch.events.clone())),
+                Some((_, events, weights)) if seq == expected => {
+                    events.extend(batch.events.iter().cloned());
+                    weights.extend(extras);
+                }
+                _ => runs.push((seq, batch.events.clone(), extras.collect())),
             }
             expected = seq + batch.events.len() as u64;
             std::ops::ControlFlow::Continue(())
@@ -648,10 +661,10 @@ fn read_cold_items(
         .map_err(|error| StorageError::NotDurable(format!("reading cold segments: {error}")))?;
     let mut out: Vec<(u64, RollupItems)> = runs
         .into_iter()
-        .map(|(first, events)| (first, RollupItems::from_events(&events)))
+        .map(|(first, events, extras)| (first, RollupItems::from_events(&events, &extras)))
         .collect();
     // An empty list at `through` moves the applied sequence to `through` (`last_seq_of`).
-    out.push((through, RollupItems::from_events(&[])));
+    out.push((through, RollupItems::from_events(&[], &[])));
     Ok(out)
 }
 
@@ -808,7 +821,7 @@ mod tests {
             for event in &mut batch.events {
                 event.timestamp = now;
             }
-            let items = RollupItems::from_events(&batch.events);
+            let items = RollupItems::from_events(&batch.events, &batch.extras);
             let (reply, answer) = tokio::sync::oneshot::channel();
             self.deps.writer.submit(AppendRequest {
                 tenant: self.tenant,

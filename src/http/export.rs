@@ -402,6 +402,7 @@ impl Serialize for ExportLine<'_> {
                     .and_then(|extras| extras.derived.as_deref())
                     .and_then(|text| serde_json::from_str(text).ok())
                     .unwrap_or_default(),
+                weight: self.batch.weight_of(self.offset),
                 schema_warning: if e.flags & flags::SCHEMA_MISMATCH != 0 {
                     Some("schema_mismatch")
                 } else if e.flags & flags::UNPLANNED != 0 {
@@ -434,10 +435,17 @@ struct Enrichment<'a> {
     library_version: Option<&'a str>,
     generated_message_id: bool,
     clamped_future_timestamp: bool,
+    /// Events this one stands for (1 unless it was kept by the tenant's sampling).
+    #[serde(skip_serializing_if = "is_one")]
+    weight: u32,
     /// Stored under `warn` although it did not pass the tenant's plan: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     schema_warning: Option<&'static str>,
     /// What enrichment derived (user agent, place, campaign), member by member.
     #[serde(flatten)]
     derived: std::collections::BTreeMap<&'a str, &'a serde_json::value::RawValue>,
+}
+
+fn is_one(weight: &u32) -> bool {
+    *weight == 1
 }

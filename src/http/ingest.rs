@@ -31,8 +31,15 @@ pub struct IngestReply {
     pub accepted: usize,
     pub duplicates: usize,
     pub rejected: usize,
+    /// Events dropped by the tenant's sampling; only when some were.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sampled_out: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<Rejection>,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 fn is_ndjson(req: &HttpRequest) -> bool {
@@ -137,12 +144,7 @@ pub async fn handle(
         started,
     )
     .await?;
-    Ok(reply(
-        stored.accepted,
-        stored.duplicates,
-        stored.rejected,
-        stored.rate,
-    ))
+    Ok(reply(stored))
 }
 
 /// What storing a parsed request did.
@@ -152,6 +154,8 @@ pub struct Stored {
     /// Positions (in the request) of the accepted events that were duplicates.
     pub duplicate_positions: Vec<usize>,
     pub rejected: Vec<Rejection>,
+    /// Positions (in the request) of the events the tenant's sampling dropped.
+    pub sampled_out: Vec<usize>,
     /// The tenant's rate limit and what is left of it, when the events were counted against it.
     pub rate: Option<(u32, u32)>,
 }
@@ -177,6 +181,7 @@ pub async fn store(
                 duplicates: 0,
                 duplicate_positions: Vec::new(),
                 rejected,
+                sampled_out: Vec::new(),
                 rate: None,
             });
         }
@@ -227,6 +232,7 @@ pub async fn store(
             duplicates: 0,
             duplicate_positions: Vec::new(),
             rejected,
+            sampled_out: Vec::new(),
             rate,
         });
     }
@@ -264,6 +270,7 @@ pub async fn store(
         duplicates: outcome.duplicates,
         duplicate_positions: outcome.duplicate_positions,
         rejected,
+        sampled_out: outcome.sampled_out,
         rate,
     })
 }
@@ -355,23 +362,19 @@ impl BodyWork {
     }
 }
 
-fn reply(
-    accepted: usize,
-    duplicates: usize,
-    errors: Vec<Rejection>,
-    rate: Option<(u32, u32)>,
-) -> HttpResponse {
+fn reply(stored: Stored) -> HttpResponse {
     let mut response = HttpResponse::Ok();
-    if let Some((limit, remaining)) = rate {
+    if let Some((limit, remaining)) = stored.rate {
         response.insert_header(("RateLimit-Limit", limit.to_string()));
         response.insert_header(("RateLimit-Remaining", remaining.to_string()));
     }
     response.json(IngestReply {
         success: true,
-        accepted,
-        duplicates,
-        rejected: errors.len(),
-        errors,
+        accepted: stored.accepted,
+        duplicates: stored.duplicates,
+        rejected: stored.rejected.len(),
+        sampled_out: stored.sampled_out.len(),
+        errors: stored.rejected,
     })
 }
 

@@ -129,8 +129,10 @@ fn reply(
             let mut results = serde_json::Map::new();
             for (position, uuid) in uuids.iter().enumerate() {
                 if let Some(uuid) = uuid {
-                    let details = if stored.duplicate_positions.contains(&position) {
+                    let details = if stored.duplicate_positions.binary_search(&position).is_ok() {
                         "duplicate"
+                    } else if stored.sampled_out.binary_search(&position).is_ok() {
+                        "sampled_out"
                     } else {
                         "stored"
                     };
@@ -436,6 +438,9 @@ fn parse_event(
         .ok_or_else(|| fail("missing `event` (the event's name)".into()))?;
     if name.len() > 200 {
         return Err(fail("`event` is longer than 200 bytes".into()));
+    }
+    if name.contains('\0') {
+        return Err(fail("`event` must not contain NUL characters".into()));
     }
     let distinct_id = field("distinct_id")
         .or_else(|| field("$distinct_id"))

@@ -250,16 +250,23 @@ pub async fn series(
         query::blocks::render_series(storage, &cache, &ask, now_micros())
     })
     .await?;
-    let RenderedSeries { parts, all_cached } = rendered;
-    let head = serde_json::json!({
+    let RenderedSeries {
+        parts,
+        all_cached,
+        sampled_rates,
+    } = rendered;
+    let mut head = serde_json::json!({
         "as_of": as_of,
         "event": event,
         "metric": if metric == Metric::Count { "count" } else { "uniques" },
         "interval": resolution.as_str(),
         "from": format_timestamp(from),
         "to": format_timestamp(to),
-    })
-    .to_string();
+    });
+    if !sampled_rates.is_empty() {
+        head["sampled_rates"] = sampled_rates.into();
+    }
+    let head = head.to_string();
     // The body is streamed from the blocks as they are (most of them shared with the cache),
     // not copied into one ~2 MB string first.
     let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * parts.len() + 2);
@@ -394,16 +401,16 @@ pub async fn uniques(
                 query::uniques(storage, tenant_id, name.as_deref(), from, to)
             })
             .await?;
-            Ok((
-                serde_json::json!({
-                    "event": event,
-                    "from": format_timestamp(from),
-                    "to": format_timestamp(to),
-                    "uniques": count,
-                })
-                .to_string(),
-                as_of,
-            ))
+            let mut body = serde_json::json!({
+                "event": event,
+                "from": format_timestamp(from),
+                "to": format_timestamp(to),
+                "uniques": count.rounded(),
+            });
+            if let Some(error) = count.relative_error {
+                body["relative_error"] = error.into();
+            }
+            Ok((body.to_string(), as_of))
         },
     )
     .await
@@ -500,11 +507,15 @@ pub async fn funnel(
         query::FunnelError::Storage(error) => blocking_error(error),
         query::FunnelError::Cold(error) => blocking_error(error),
     })?;
-    let steps: Vec<_> = request
-        .steps
-        .iter()
-        .zip(reached)
-        .map(|(event, users)| serde_json::json!({"event": event, "users": users}))
+    let errors = reached.relative_errors();
+    let steps: Vec<_> = (request.steps.iter().zip(&reached.users).enumerate())
+        .map(|(at, (event, users))| {
+            let mut step = serde_json::json!({"event": event, "users": users});
+            if let Some(error) = errors.as_ref().and_then(|errors| errors.get(at)) {
+                step["relative_error"] = (*error).into();
+            }
+            step
+        })
         .collect();
     telemetry::query_answered("funnel", started.elapsed(), false);
     Ok(HttpResponse::Ok().json(serde_json::json!({

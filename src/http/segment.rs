@@ -836,6 +836,10 @@ fn string_value(field: &str, raw: &RawValue) -> Result<Option<String>, String> {
             "field `{field}` is longer than {MAX_NAME_BYTES} bytes"
         ));
     }
+    // Series names starting with NUL are the server's own (crate::sampling::sampled_series).
+    if matches!(field, "event" | "name") && value.contains('\0') {
+        return Err(format!("field `{field}` must not contain NUL characters"));
+    }
     Ok(Some(value.into_owned()))
 }
 

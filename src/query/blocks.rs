@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::event::{format_timestamp, Micros};
 use crate::ids::TenantId;
-use crate::query::{series, Metric, QueryCache};
+use crate::query::{series, Metric, Point, QueryCache};
 use crate::rollup::Resolution;
 use crate::storage::{Storage, StorageError};
 
@@ -30,6 +30,8 @@ pub struct RenderedSeries {
     pub parts: Vec<Arc<str>>,
     /// Every block came from the cache.
     pub all_cached: bool,
+    /// The rates at which some of the series' events were sampled (in this range or not).
+    pub sampled_rates: Vec<f64>,
 }
 
 impl SeriesAsk {
@@ -100,7 +102,7 @@ pub fn render_series(
                 use std::fmt::Write;
                 let _ = write!(text, "{}", point.value);
             } else {
-                push_point(&mut text, point.ts, point.value);
+                push_point(&mut text, &point);
             }
         }
         let text: Arc<str> = Arc::from(text);
@@ -115,9 +117,15 @@ pub fn render_series(
         }
         *part = Some(text);
     }
+    let name = ask.event.as_deref().unwrap_or(crate::rollup::ALL_EVENTS);
+    let sampled_rates = (crate::storage::rollups::sampled_weights(storage, ask.tenant, name)?)
+        .into_iter()
+        .map(|weight| 1.0 / f64::from(weight))
+        .collect();
     Ok(RenderedSeries {
         parts: parts.into_iter().flatten().collect(),
         all_cached,
+        sampled_rates,
     })
 }
 
@@ -168,13 +176,18 @@ fn series_blocks(
 }
 
 /// Appends one point of a series answer as JSON.
-fn push_point(out: &mut String, ts: Micros, value: u64) {
+fn push_point(out: &mut String, point: &Point) {
     use std::fmt::Write;
     let _ = write!(
         out,
-        "{{\"ts\":\"{}\",\"value\":{value}}}",
-        format_timestamp(ts)
+        "{{\"ts\":\"{}\",\"value\":{}",
+        format_timestamp(point.ts),
+        point.value
     );
+    if let Some(error) = point.relative_error {
+        let _ = write!(out, ",\"relative_error\":{error:.4}");
+    }
+    out.push('}');
 }
 
 #[cfg(test)]

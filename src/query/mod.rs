@@ -8,7 +8,7 @@
 
 pub mod blocks;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,10 @@ use serde::Serialize;
 use crate::event::Micros;
 use crate::identity::IdentityMap;
 use crate::ids::TenantId;
-use crate::rollup::{cover, estimate, series_name, Deltas, Resolution, Retention, ALL_EVENTS};
+use crate::rollup::{
+    cover, estimate, series_name, Deltas, Resolution, Retention, Sketch, ALL_EVENTS,
+};
+use crate::sampling::{self, sampled_series, Estimate};
 use crate::storage::cold::ColdStore;
 use crate::storage::event_log::{first_seq_received_since, scan_views, RECEIVE_ORDER_SLACK};
 use crate::storage::rollups;
@@ -35,10 +38,13 @@ pub enum Metric {
 }
 
 /// One point of a series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Point {
     pub ts: Micros,
     pub value: u64,
+    /// The 95% bound of the value's error, relative to it, when sampled events contributed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relative_error: Option<f64>,
 }
 
 /// Every bucket of `[from, to)` at `resolution` (from/to already aligned), zeros included.
@@ -52,32 +58,209 @@ pub fn series(
     to: Micros,
 ) -> Result<Vec<Point>, StorageError> {
     let name = event.unwrap_or(ALL_EVENTS);
+    let span = SeriesSpan {
+        resolution,
+        from,
+        to,
+    };
+    let weights = rollups::sampled_weights(storage, tenant, name)?;
     // Stored buckets come back in time order: walk them alongside the full range.
-    let stored: Vec<(Micros, u64)> = match metric {
-        Metric::Count => rollups::read_counts(storage, tenant, resolution, name, from, to)?,
-        Metric::Uniques => rollups::read_sketches(storage, tenant, resolution, name, from, to)?
-            .into_iter()
-            .map(|(at, sketch)| (at, estimate(&sketch)))
-            .collect(),
+    let stored: Vec<(Micros, Estimate)> = if weights.is_empty() {
+        match metric {
+            Metric::Count => span.counts(storage, tenant, name)?,
+            Metric::Uniques => span.sketches(storage, tenant, name)?,
+        }
+        .into_iter()
+        .map(|(at, value)| (at, Estimate::exact(value)))
+        .collect()
+    } else {
+        span.sampled(storage, tenant, name, metric, &weights)?
     };
     let mut stored = stored.into_iter().peekable();
     let mut points = Vec::with_capacity(((to - from) / resolution.width()).max(0) as usize);
     let mut at = from;
     while at < to {
-        let mut value = 0;
-        while let Some((bucket, count)) = stored.peek() {
+        let mut point = Point {
+            ts: at,
+            value: 0,
+            relative_error: None,
+        };
+        while let Some((bucket, estimate)) = stored.peek() {
             if *bucket > at {
                 break;
             }
             if *bucket == at {
-                value = *count;
+                point.value = estimate.rounded();
+                point.relative_error = estimate.relative_error;
             }
             stored.next();
         }
-        points.push(Point { ts: at, value });
+        points.push(point);
         at += resolution.width();
     }
     Ok(points)
+}
+
+/// The buckets of a series answer.
+struct SeriesSpan {
+    resolution: Resolution,
+    from: Micros,
+    to: Micros,
+}
+
+impl SeriesSpan {
+    fn counts(
+        &self,
+        storage: &Storage,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<Vec<(Micros, f64)>, StorageError> {
+        let counts =
+            rollups::read_counts(storage, tenant, self.resolution, name, self.from, self.to)?;
+        Ok(counts.into_iter().map(|(at, n)| (at, n as f64)).collect())
+    }
+
+    fn sketches(
+        &self,
+        storage: &Storage,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<Vec<(Micros, f64)>, StorageError> {
+        let sketches =
+            rollups::read_sketches(storage, tenant, self.resolution, name, self.from, self.to)?;
+        Ok((sketches.into_iter())
+            .map(|(at, sketch)| (at, estimate(&sketch) as f64))
+            .collect())
+    }
+
+    /// Each bucket's estimate from the series and the series of its sampled users.
+    fn sampled(
+        &self,
+        storage: &Storage,
+        tenant: TenantId,
+        name: &str,
+        metric: Metric,
+        weights: &[u32],
+    ) -> Result<Vec<(Micros, Estimate)>, StorageError> {
+        let (resolution, from, to) = (self.resolution, self.from, self.to);
+        let read_users = |series: &str| -> Result<BTreeMap<Micros, Sketch>, StorageError> {
+            Ok(
+                rollups::read_sketches(storage, tenant, resolution, series, from, to)?
+                    .into_iter()
+                    .collect(),
+            )
+        };
+        let mut levels = Vec::with_capacity(weights.len());
+        for &weight in weights {
+            let series = sampled_series(name, weight);
+            let kept: BTreeMap<Micros, u64> =
+                (rollups::read_counts(storage, tenant, resolution, &series, from, to)?)
+                    .into_iter()
+                    .collect();
+            levels.push((weight, kept, read_users(&series)?));
+        }
+        let counts: BTreeMap<Micros, u64> =
+            (rollups::read_counts(storage, tenant, resolution, name, from, to)?)
+                .into_iter()
+                .collect();
+        let users = match metric {
+            Metric::Uniques => read_users(name)?,
+            Metric::Count => BTreeMap::new(),
+        };
+        let mut buckets: std::collections::BTreeSet<Micros> = counts.keys().copied().collect();
+        for (_, kept, _) in &levels {
+            buckets.extend(kept.keys().copied());
+        }
+        Ok(buckets
+            .into_iter()
+            .map(|at| {
+                let levels: Vec<Level<'_>> = levels
+                    .iter()
+                    .map(|(weight, kept, users)| Level {
+                        weight: *weight,
+                        kept_events: kept.get(&at).copied().unwrap_or(0),
+                        users: users.get(&at),
+                    })
+                    .collect();
+                let estimate = match metric {
+                    Metric::Count => count_estimate(counts.get(&at).copied().unwrap_or(0), &levels),
+                    Metric::Uniques => users_estimate(users.get(&at), &levels),
+                };
+                (at, estimate)
+            })
+            .collect())
+    }
+}
+
+/// The events of one weight in a bucket or range: how many were kept, and their users.
+struct Level<'a> {
+    weight: u32,
+    kept_events: u64,
+    users: Option<&'a Sketch>,
+}
+
+/// A weighted count (`count`, as stored: each kept event added its weight) with its error.
+fn count_estimate(count: u64, levels: &[Level<'_>]) -> Estimate {
+    let sampled: Vec<(u32, u64, f64)> = levels
+        .iter()
+        .filter(|level| level.kept_events > 0)
+        .map(|level| {
+            let users = level.users.map_or(0, estimate) as f64;
+            (level.weight, level.kept_events, users)
+        })
+        .collect();
+    let weighted: u64 = sampled
+        .iter()
+        .map(|(w, kept, _)| u64::from(*w) * kept)
+        .sum();
+    let mut estimate = sampling::estimate_count(count.saturating_sub(weighted), &sampled);
+    estimate.value = count as f64;
+    estimate
+}
+
+/// Distinct users from the unsampled events' users and each weight's kept users.
+fn users_estimate(unsampled: Option<&Sketch>, levels: &[Level<'_>]) -> Estimate {
+    let sampled: Vec<(u32, &Sketch)> = levels
+        .iter()
+        .filter_map(|level| Some((level.weight, level.users?)))
+        .collect();
+    sampling::estimate_users(unsampled, &sampled)
+}
+
+/// Count and distinct users of a series over whole buckets, with the series of its sampled
+/// users.
+fn total_estimates(
+    storage: &Storage,
+    tenant: TenantId,
+    name: &str,
+    parts: &[(Resolution, Micros)],
+) -> Result<(Estimate, Estimate), StorageError> {
+    let total = rollups::total_over(storage, tenant, name, parts)?;
+    let weights = rollups::sampled_weights(storage, tenant, name)?;
+    if weights.is_empty() {
+        return Ok((
+            Estimate::exact(total.count as f64),
+            Estimate::exact(estimate(&total.users) as f64),
+        ));
+    }
+    let mut sampled = Vec::with_capacity(weights.len());
+    for weight in weights {
+        let kept = rollups::total_over(storage, tenant, &sampled_series(name, weight), parts)?;
+        sampled.push((weight, kept));
+    }
+    let levels: Vec<Level<'_>> = sampled
+        .iter()
+        .map(|(weight, kept)| Level {
+            weight: *weight,
+            kept_events: kept.count,
+            users: (kept.count > 0).then_some(&kept.users),
+        })
+        .collect();
+    let unsampled = (total.count > 0).then_some(&total.users);
+    Ok((
+        count_estimate(total.count, &levels),
+        users_estimate(unsampled, &levels),
+    ))
 }
 
 /// Rounds `[from, to)` outward to the finest resolution still retained at `from`, so that it
@@ -106,11 +289,33 @@ pub fn align_range(
 }
 
 /// An event's totals over a range.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventTotal {
     pub event: String,
     pub count: u64,
     pub uniques: u64,
+    /// The 95% bounds of the errors, relative to the values, when sampled events contributed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relative_error: Option<RelativeError>,
+}
+
+/// The 95% bounds of a count's and a distinct-user count's errors, relative to them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RelativeError {
+    pub count: f64,
+    pub uniques: f64,
+}
+
+impl RelativeError {
+    fn of(count: &Estimate, uniques: &Estimate) -> Option<RelativeError> {
+        if count.relative_error.is_none() && uniques.relative_error.is_none() {
+            return None;
+        }
+        Some(RelativeError {
+            count: count.relative_error.unwrap_or(0.0),
+            uniques: uniques.relative_error.unwrap_or(0.0),
+        })
+    }
 }
 
 /// Every event with its count and distinct users over `[from, to)` (aligned), largest first.
@@ -127,14 +332,15 @@ pub fn event_totals(
         if name == ALL_EVENTS {
             continue;
         }
-        let total = rollups::total_over(storage, tenant, &name, &parts)?;
-        if total.count == 0 {
+        let (count, uniques) = total_estimates(storage, tenant, &name, &parts)?;
+        if count.rounded() == 0 {
             continue;
         }
         totals.push(EventTotal {
             event: name,
-            count: total.count,
-            uniques: estimate(&total.users),
+            count: count.rounded(),
+            uniques: uniques.rounded(),
+            relative_error: RelativeError::of(&count, &uniques),
         });
     }
     totals.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.event.cmp(&b.event)));
@@ -149,14 +355,9 @@ pub fn uniques(
     event: Option<&str>,
     from: Micros,
     to: Micros,
-) -> Result<u64, StorageError> {
-    let total = rollups::total_over(
-        storage,
-        tenant,
-        event.unwrap_or(ALL_EVENTS),
-        &cover(from, to),
-    )?;
-    Ok(estimate(&total.users))
+) -> Result<Estimate, StorageError> {
+    let name = event.unwrap_or(ALL_EVENTS);
+    Ok(total_estimates(storage, tenant, name, &cover(from, to))?.1)
 }
 
 /// Most matching events a funnel may gather (each costs 32 bytes while it is computed).
@@ -198,7 +399,7 @@ pub fn funnel(
     window: Micros,
     span: &FunnelSpan,
     identity: &IdentityMap,
-) -> Result<Vec<u64>, FunnelError> {
+) -> Result<FunnelCounts, FunnelError> {
     let FunnelSpan { from, to, .. } = *span;
     // Distinct step names, by first appearance, so repeated steps share one code.
     let step_of: HashMap<&str, u8> = {
@@ -210,10 +411,10 @@ pub fn funnel(
         map
     };
     let codes: Vec<u8> = steps.iter().map(|name| step_of[name.as_str()]).collect();
-    // Per user: (time, sequence, step code) of the matching events.
-    let mut per_user: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+    // Per user: (time, sequence, step code, weight) of the matching events.
+    let mut per_user: HashMap<u64, Vec<FunnelEvent>> = HashMap::new();
     let mut gathered = 0usize;
-    let mut gather = |seq: u64, timestamp: Micros, name: &str, user_hash: u64| {
+    let mut gather = |seq: u64, timestamp: Micros, name: &str, user_hash: u64, weight: u32| {
         if timestamp < from || timestamp >= to {
             return ControlFlow::Continue(());
         }
@@ -225,40 +426,38 @@ pub fn funnel(
             per_user
                 .entry(user_hash)
                 .or_default()
-                .push((timestamp, seq, *code));
+                .push((timestamp, seq, *code, weight));
         }
         ControlFlow::Continue(())
     };
-    let gather_cold =
-        |from_seq: u64,
-         through: u64,
-         gather: &mut dyn FnMut(u64, Micros, &str, u64) -> ControlFlow<()>| {
-            let Some(store) = cold else {
-                return Ok::<_, FunnelError>(());
-            };
-            // A break means too many events, which `gathered` tells.
-            let _ = crate::storage::cold::scan_cold(
-                storage,
-                store,
-                tenant,
-                from_seq,
-                through,
-                Some((from, to)),
-                |seq, batch| {
-                    let mut flow = ControlFlow::Continue(());
-                    for event in &batch.events {
-                        flow = gather(
-                            seq,
-                            event.timestamp,
-                            series_name(event.kind, event.name.as_deref()),
-                            event.user_hash,
-                        );
-                    }
-                    flow
-                },
-            )?;
-            Ok(())
+    let gather_cold = |from_seq: u64, through: u64, gather: &mut Gather<'_>| {
+        let Some(store) = cold else {
+            return Ok::<_, FunnelError>(());
         };
+        // A break means too many events, which `gathered` tells.
+        let _ = crate::storage::cold::scan_cold(
+            storage,
+            store,
+            tenant,
+            from_seq,
+            through,
+            Some((from, to)),
+            |seq, batch| {
+                let mut flow = ControlFlow::Continue(());
+                for (at, event) in batch.events.iter().enumerate() {
+                    flow = gather(
+                        seq,
+                        event.timestamp,
+                        series_name(event.kind, event.name.as_deref()),
+                        event.user_hash,
+                        batch.weight_of(at),
+                    );
+                }
+                flow
+            },
+        )?;
+        Ok(())
+    };
     // The cold tier up to its watermark, pruned by hour; then the hot log; then whatever a flush
     // committed meanwhile (it may have left the hot log before the scan reached it; events read
     // twice are dropped below).
@@ -280,7 +479,8 @@ pub fn funnel(
         for (offset, event) in batch.events.iter().enumerate() {
             let name = series_name(event.kind, event.name);
             let seq = first_seq + offset as u64;
-            if gather(seq, event.timestamp, name, event.user_hash).is_break() {
+            let weight = batch.weight_of(offset);
+            if gather(seq, event.timestamp, name, event.user_hash, weight).is_break() {
                 return ControlFlow::Break(());
             }
         }
@@ -296,7 +496,7 @@ pub fn funnel(
     // Each id's events count for its person, as the stored identity links resolve it now.
     if !identity.is_empty() {
         let resolver = identity.resolver();
-        let mut per_person: HashMap<u64, Vec<(Micros, u64, u8)>> = HashMap::new();
+        let mut per_person: HashMap<u64, Vec<FunnelEvent>> = HashMap::new();
         for (user, events) in per_user {
             per_person
                 .entry(resolver.resolve(user))
@@ -309,14 +509,69 @@ pub fn funnel(
         events.sort_unstable();
         events.dedup();
     }
-    let mut reached = vec![0u64; steps.len()];
+    let mut reached = FunnelCounts {
+        users: vec![0; steps.len()],
+        variance: vec![0.0; steps.len()],
+        sampled: false,
+    };
+    // A user who reached step k stands for as many users as the highest weight among their
+    // events of steps 1..=k: being kept at that weight's rate is what let the funnel see them
+    // there (the sample is nested, see `crate::sampling`).
+    let mut step_weight = vec![1u32; steps.len()];
     for events in per_user.values_mut() {
         let depth = deepest_step(events, &codes, window);
-        for count in reached.iter_mut().take(depth) {
-            *count += 1;
+        step_weight.fill(1);
+        for (_, _, code, weight) in events.iter() {
+            for (step, _) in codes.iter().enumerate().filter(|(_, c)| *c == code) {
+                step_weight[step] = step_weight[step].max(*weight);
+            }
+        }
+        let mut weight = 1u32;
+        for (step, own) in step_weight.iter().enumerate().take(depth) {
+            weight = weight.max(*own);
+            reached.users[step] += u64::from(weight);
+            if weight > 1 {
+                let weight = f64::from(weight);
+                reached.variance[step] += weight * (weight - 1.0);
+                reached.sampled = true;
+            }
         }
     }
     Ok(reached)
+}
+
+/// What a funnel does with each event it reads: sequence, time, series name, user hash,
+/// weight.
+type Gather<'a> = dyn FnMut(u64, Micros, &str, u64, u32) -> ControlFlow<()> + 'a;
+
+/// A funnel event of one user: time, sequence, step code, weight.
+type FunnelEvent = (Micros, u64, u8, u32);
+
+/// Users reaching each step of a funnel (weighted, when sampled events contributed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunnelCounts {
+    pub users: Vec<u64>,
+    /// Variance of each step's estimate (0 without sampling).
+    variance: Vec<f64>,
+    /// Whether any sampled event contributed.
+    pub sampled: bool,
+}
+
+impl FunnelCounts {
+    /// The 95% bound of each step's error, relative to it, if sampled events contributed.
+    pub fn relative_errors(&self) -> Option<Vec<f64>> {
+        self.sampled.then(|| {
+            (self.users.iter().zip(&self.variance))
+                .map(|(users, variance)| {
+                    if *users == 0 {
+                        0.0
+                    } else {
+                        sampling::Z95 * variance.sqrt() / *users as f64
+                    }
+                })
+                .collect()
+        })
+    }
 }
 
 /// How many steps, in order, one user completes, with every step within `window` of the first.
@@ -324,9 +579,9 @@ pub fn funnel(
 /// first-step time of a partial match that reached it. A later start leaves more of the window
 /// for the remaining steps, so it is all that needs keeping. Steps are advanced from the last to
 /// the first, so one event never completes two consecutive steps.
-fn deepest_step(events: &[(Micros, u64, u8)], codes: &[u8], window: Micros) -> usize {
+fn deepest_step(events: &[FunnelEvent], codes: &[u8], window: Micros) -> usize {
     let mut latest_start: Vec<Option<Micros>> = vec![None; codes.len()];
-    for (at, _, code) in events {
+    for (at, _, code, _) in events {
         for step in (1..codes.len()).rev() {
             if codes[step] != *code {
                 continue;
@@ -559,7 +814,7 @@ mod tests {
     fn funnel_steps_in_order_within_the_window() {
         // Steps a -> b -> c, window 10.
         let codes = [0u8, 1, 2];
-        let ev = |at: Micros, code: u8| (at, at as u64, code);
+        let ev = |at: Micros, code: u8| (at, at as u64, code, 1);
         assert_eq!(deepest_step(&[ev(0, 0), ev(5, 1), ev(9, 2)], &codes, 10), 3);
         // c before b does not count; the window is measured from the first step.
         assert_eq!(deepest_step(&[ev(0, 0), ev(3, 2), ev(5, 1)], &codes, 10), 2);

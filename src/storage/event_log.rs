@@ -34,7 +34,10 @@
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use crate::event::{last_seq_of, BatchShared, EventExtras, LogBatch, LogBatchView, Micros};
+use crate::event::{
+    last_seq_of, BatchShared, BatchSharedView, EventExtras, EventExtrasView, LogBatch,
+    LogBatchView, Micros,
+};
 use crate::ids::TenantId;
 use crate::storage::{codec, StorageError};
 
@@ -205,9 +208,19 @@ pub fn scan_views(
 ) -> Result<(), StorageError> {
     scan_entries(log, tenant, from_seq, |first_seq, value| {
         let plain = codec::plain(value).map_err(log_codec_error)?;
-        let batch: LogBatchView = plain.decode().map_err(log_codec_error)?;
+        let batch = decode_view(&plain)?;
         Ok((visit(first_seq, &batch), batch.events.len()))
     })
+}
+
+/// A log entry as a [`LogBatchView`], with its events' weights from the extras trailer.
+fn decode_view<'a>(plain: &'a codec::Plain<'_>) -> Result<LogBatchView<'a>, StorageError> {
+    let (mut batch, _shared, extras): (LogBatchView, BatchSharedView, Vec<EventExtrasView>) =
+        plain.decode_with_trailers().map_err(log_codec_error)?;
+    if extras.len() == batch.events.len() && extras.iter().any(|e| e.weight != 1) {
+        batch.weights = extras.iter().map(|e| e.weight).collect();
+    }
+    Ok(batch)
 }
 
 /// The loop of [`scan`] and [`scan_views`]: `each` decodes and visits one raw entry, and says
@@ -365,6 +378,7 @@ pub(crate) mod tests {
 
     #[test]
     fn per_event_extras_are_a_second_trailer_with_or_without_the_first() {
+        let old_entry = codec::encode_compressed(&batch(&["c"])).unwrap();
         let mut with_extras = batch(&["a", "b"]);
         with_extras.extras = vec![
             EventExtras::default(),
@@ -378,10 +392,14 @@ pub(crate) mod tests {
         with_extras.shared.context = Some("{}".into());
         let encoded = encode_entry(&with_extras).unwrap();
         assert_eq!(decode_batch(&encoded).unwrap(), with_extras);
-        // Views skip both trailers.
+        // Views skip both trailers, or read the weights from the second.
         let plain = codec::plain(&encoded).unwrap();
         let view: LogBatchView = plain.decode().unwrap();
         assert_eq!(view.events.len(), 2);
+        let view = decode_view(&plain).unwrap();
+        assert_eq!((view.weight_of(0), view.weight_of(1)), (1, 10));
+        let plain = codec::plain(&old_entry).unwrap();
+        assert_eq!(decode_view(&plain).unwrap().weights, Vec::<u32>::new());
         // Extras that are not one per event are not trusted.
         let mut odd = batch(&["c", "d"]);
         odd.extras = vec![EventExtras::default()];

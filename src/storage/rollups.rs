@@ -14,7 +14,8 @@
 //!   Both are stored compressed (codec format 4): a base of a few hundred users is a dense
 //!   sketch of mostly zero registers, and compressed it takes a small fraction of the memtable
 //!   and disk (docs/decisions/0016).
-//! - in `meta`: `n ‖ tenant ‖ name hash` → the name (to list events), and `w ‖ tenant` → the
+//! - in `meta`: `n ‖ tenant ‖ name hash` → the series name (to list events, and the series of
+//!   sampled users, see [`crate::sampling`]), and `w ‖ tenant` → the
 //!   watermark: the last log sequence whose events are in the stored rollups.
 //!
 //! [`flush`] merges a set of deltas into the stored buckets and moves the watermark **in the
@@ -29,6 +30,7 @@ use std::collections::HashSet;
 use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::rollup::{BucketAgg, Deltas, PendingUsers, Resolution, Retention, Sketch};
+use crate::sampling;
 use crate::storage::{codec, meta, Storage, StorageError};
 
 /// A tenant's rollup actor folds sketch deltas into their bases on every this many flushes.
@@ -384,8 +386,33 @@ pub fn total_over(
     Ok(total)
 }
 
-/// Every event name the tenant has rollups for.
+/// Every event name the tenant has rollups for (the all-events series included, the series
+/// of sampled users not: see [`sampled_weights`]).
 pub fn event_names(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, StorageError> {
+    let mut names = stored_series(storage, tenant)?;
+    names.retain(|name| !sampling::is_sampled_series(name));
+    Ok(names)
+}
+
+/// The weights whose sampled users `name` has a series of (see [`crate::sampling`]),
+/// ascending.
+pub fn sampled_weights(
+    storage: &Storage,
+    tenant: TenantId,
+    name: &str,
+) -> Result<Vec<u32>, StorageError> {
+    let mut weights: Vec<u32> = stored_series(storage, tenant)?
+        .iter()
+        .filter_map(|series| sampling::parse_sampled_series(series))
+        .filter(|(of, _)| *of == name)
+        .map(|(_, weight)| weight)
+        .collect();
+    weights.sort_unstable();
+    Ok(weights)
+}
+
+/// Every series the tenant has rollups for.
+fn stored_series(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, StorageError> {
     let mut names = Vec::new();
     for guard in storage
         .meta
@@ -432,7 +459,7 @@ pub fn expire(
     retention: &Retention,
     now: Micros,
 ) -> Result<u64, StorageError> {
-    let names = event_names(storage, tenant)?;
+    let names = stored_series(storage, tenant)?;
     let mut removed = 0u64;
     for resolution in Resolution::ALL {
         let Some(oldest) = retention.oldest(resolution, now) else {

@@ -59,6 +59,9 @@ pub struct PreparedBatch {
     dead_letters: Vec<PreparedDeadLetter>,
     /// The record the letters share (their request's batch-level objects), stored with them.
     dead_letter_batch: Option<(deadletters::LetterKey, Vec<u8>)>,
+    /// Keys only looked up, never stored: of events dropped before the log (sampled out), to
+    /// tell the retries of logged events among them.
+    probes: Vec<Option<dedup::DedupKey>>,
 }
 
 /// A dead letter made ready by its sender.
@@ -82,6 +85,7 @@ impl PreparedBatch {
             dedup_keys,
             dead_letters: Vec::new(),
             dead_letter_batch: None,
+            probes: Vec::new(),
         })
     }
 
@@ -95,6 +99,12 @@ impl PreparedBatch {
     ) -> PreparedBatch {
         self.dead_letters = letters;
         self.dead_letter_batch = batch;
+        self
+    }
+
+    /// Adds keys to look up only (see [`AppendOutcome::probe_duplicates`]).
+    pub fn with_probes(mut self, probes: Vec<Option<dedup::DedupKey>>) -> PreparedBatch {
+        self.probes = probes;
         self
     }
 }
@@ -124,6 +134,8 @@ pub struct AppendOutcome {
     /// Positions among the request's dead letters of those that were duplicates of logged
     /// events (not stored), ascending.
     pub dead_letter_duplicates: Vec<usize>,
+    /// Positions among the request's probes of those whose key a logged event has, ascending.
+    pub probe_duplicates: Vec<usize>,
 }
 
 impl AppendOutcome {
@@ -542,6 +554,17 @@ impl Writer {
                 deadletters::stage(&self.storage, tenant, key, value)?;
             }
         }
+        let mut probe_duplicates = Vec::new();
+        for (position, key) in prepared.probes.iter().enumerate() {
+            let Some(key) = key else {
+                continue;
+            };
+            if in_request.contains(key)
+                || (self.dedup).seen_within(&self.storage, tenant, key, now, dedup_window)?
+            {
+                probe_duplicates.push(position);
+            }
+        }
         let duplicates = duplicate_positions.len();
         let accepted = prepared.dedup_keys.len() - duplicates;
         let mut outcome = AppendOutcome {
@@ -552,6 +575,7 @@ impl Writer {
             duplicate_positions,
             dead_lettered: prepared.dead_letters.len() - dead_letter_duplicates.len(),
             dead_letter_duplicates,
+            probe_duplicates,
         };
         if accepted == 0 {
             return Ok(outcome);
@@ -781,6 +805,7 @@ pub(crate) mod tests {
             duplicate_positions: vec![1, 4],
             dead_lettered: 0,
             dead_letter_duplicates: Vec::new(),
+            probe_duplicates: Vec::new(),
         };
         assert_eq!(outcome.new_events(), vec![true, false, true, true, false]);
     }
