@@ -328,9 +328,16 @@ pub struct ReplayReport {
     pub duplicates: usize,
     /// Letters still refused by the plan: kept, with their new reason.
     pub still_refused: usize,
+    /// Letters that passed but whose events the tenant's sampling now drops: removed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sampled_out: usize,
     /// Where to continue (pass it as `before`), when more letters may match.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -444,6 +451,7 @@ pub async fn replay(
             Ok(outcome) => {
                 report.logged += outcome.accepted;
                 report.duplicates += outcome.duplicates;
+                report.sampled_out += outcome.sampled_out.len();
                 // Refused again by a plan changed meanwhile: a new letter holds it now.
                 report.still_refused += outcome.dead_lettered.len();
                 done.extend(passing[start..end].iter().map(|(key, _)| *key));

@@ -344,6 +344,32 @@ fn sampling_through_the_server() {
     assert_eq!(again["duplicates"], first_reply["accepted"], "{again}");
     assert_eq!(again["sampled_out"], first_reply["sampled_out"], "{again}");
 
+    // PostHog v1 answers sampled-out events `ok` (not to be resent) with why.
+    let batch: Vec<Value> = (0..40)
+        .map(|i| json!({"uuid": format!("ph-{i}"), "event": "view", "distinct_id": format!("ph-user-{i}"),
+                        "timestamp": rfc3339(t0 + 600)}))
+        .collect();
+    let reply = server.request(
+        "POST",
+        "/i/v1/analytics/events",
+        Auth::Bearer(&tenant.write_key),
+        &[("Content-Type", "application/json")],
+        Some(json!({ "batch": batch }).to_string().as_bytes()),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let results = reply.json()["results"].clone();
+    let details: Vec<&str> = (0..40)
+        .map(|i| results[format!("ph-{i}")]["details"].as_str().unwrap())
+        .collect();
+    let posthog_sampled = details.iter().filter(|d| **d == "sampled_out").count() as u64;
+    assert!(posthog_sampled >= 30, "{results}");
+    assert!(
+        details
+            .iter()
+            .all(|d| *d == "sampled_out" || *d == "stored"),
+        "{results}"
+    );
+
     let metrics = server.metrics();
     let line = metrics
         .lines()
@@ -352,6 +378,6 @@ fn sampling_through_the_server() {
     let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(
         counted as u64,
-        sampled_out + first_reply["sampled_out"].as_u64().unwrap()
+        sampled_out + first_reply["sampled_out"].as_u64().unwrap() + posthog_sampled
     );
 }
