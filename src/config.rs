@@ -50,6 +50,9 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    /// `[cluster]` settings that cannot work together.
+    #[error("invalid configuration: {0}")]
+    Cluster(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +69,7 @@ pub struct Config {
     pub tenant_defaults: TenantDefaults,
     pub processing: ProcessingConfig,
     pub enrich: EnrichConfig,
+    pub cluster: crate::cluster::ClusterConfig,
     pub benchmark: BenchmarkConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -418,6 +422,9 @@ impl Config {
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "\"\"", "must not be empty"));
+        }
+        if let Err(reason) = self.cluster.check() {
+            return Err(ConfigError::Cluster(reason));
         }
         if self.storage.queue_capacity == 0 {
             return Err(invalid("storage.queue_capacity", 0, "must be at least 1"));

@@ -31,6 +31,7 @@
 
 pub mod actors;
 pub mod blocking;
+pub mod cluster;
 pub mod config;
 pub mod deadletter;
 pub mod descriptors;

@@ -17,6 +17,7 @@ use serde_json::Value;
 pub mod envs;
 pub mod proxy;
 pub mod s3;
+pub mod services;
 
 /// File name of the server binary.
 pub const BINARY_NAME: &str = "statsremote";
@@ -307,6 +308,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A loopback port free at the time of the call (for a server a test starts).
+pub fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|source| Error::Io {
+            what: "finding a free port".into(),
+            source,
+        })
 }
 
 /// Sends a signal by name (e.g. "TERM") to a process, with kill(1).

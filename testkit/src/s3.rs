@@ -1,7 +1,6 @@
 //! An S3-compatible server for tests: moto's, from the project-local Python environment, on a
 //! free loopback port, killed when dropped.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,13 +19,7 @@ impl S3Server {
     /// Starts the server and waits until it answers.
     pub fn start() -> Result<S3Server, Error> {
         let bin = python_env()?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map_err(|source| Error::Io {
-                what: "finding a free port".into(),
-                source,
-            })?
-            .port();
+        let port = crate::free_port()?;
         let child = Command::new(bin.join("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())

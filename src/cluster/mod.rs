@@ -1,0 +1,95 @@
+//! Cluster mode: more than one node of the same binary on engines the operator already runs:
+//! NATS JetStream between ingest and process nodes, Redis for shared hot state and partition
+//! leases, object storage for segments and checkpoints (see `../shared/DESIGN.md`).
+//!
+//! Tenants are spread over a fixed number of partitions ([`partition_of`]); a process node owns
+//! a set of partitions at a time by fenced leases ([`lease`]).
+
+pub mod lease;
+pub mod stream;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::TenantId;
+
+/// `[cluster]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server(s), e.g. `nats://127.0.0.1:4222`; empty in single-node mode.
+    pub nats_url: String,
+    /// Redis, e.g. `redis://127.0.0.1:6379`; empty in single-node mode.
+    pub redis_url: String,
+    /// This node's name, unique in the cluster; empty: host name and process id.
+    pub node_id: String,
+    /// Tenant partitions. Fixed for the life of a cluster: a tenant's partition is a hash of
+    /// its id modulo this number.
+    pub partitions: u16,
+    /// A process node that stops renewing its leases loses them after this long; another node
+    /// takes its partitions over within this time plus one renewal interval.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
+    /// How often a process node renews its leases and rebalances.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew_every: Duration,
+    /// Prefix of every Redis key and NATS name the cluster uses, so that clusters can share
+    /// the engines.
+    pub prefix: String,
+}
+
+impl ClusterConfig {
+    /// Why the settings cannot work, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.partitions == 0 {
+            return Err("cluster.partitions must be at least 1".into());
+        }
+        if self.lease_renew_every.is_zero() || self.lease_renew_every * 2 > self.lease_timeout {
+            return Err(
+                "cluster.lease_renew_every must be positive and at most half of cluster.lease_timeout"
+                    .into(),
+            );
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['.', ' ', '*', '>']) {
+            return Err(
+                "cluster.prefix must be non-empty, without dots, spaces, `*` or `>`".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The partition of a tenant: stable across nodes, versions and restarts.
+pub fn partition_of(tenant: TenantId, partitions: u16) -> u16 {
+    let hash = xxhash_rust::xxh3::xxh3_64(&tenant.0.to_be_bytes());
+    u16::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_spread_over_partitions_and_stay_put() {
+        let mut counts = [0usize; 64];
+        for id in 0..64_000u64 {
+            let tenant = TenantId(id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let partition = partition_of(tenant, 64);
+            assert_eq!(partition, partition_of(tenant, 64));
+            counts[usize::from(partition)] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert_eq!(partition_of(TenantId(7), 1), 0);
+    }
+
+    #[test]
+    fn rendezvous_ranks_every_partition_once_and_differs_by_node() {
+        let a = lease::rank("node-a", 64);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..64).collect::<Vec<u16>>());
+        assert_ne!(a, lease::rank("node-b", 64));
+        assert_eq!(a, lease::rank("node-a", 64));
+    }
+}
