@@ -574,8 +574,12 @@ fn meta_codec_error(source: codec::CodecError) -> StorageError {
     }
 }
 
-/// A stored tenant record; settings it predates take their value from `defaults`.
-fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord, StorageError> {
+/// A stored tenant record; settings it predates take their value from `defaults`. Also the
+/// record's form in cluster mode's shared directory (`crate::cluster::directory`).
+pub fn decode_record(
+    value: &[u8],
+    defaults: &TenantDefaults,
+) -> Result<TenantRecord, StorageError> {
     let plain = codec::plain(value).map_err(meta_codec_error)?;
     let (stored, later, cold, json): (StoredTenant, LaterSettings, ColdSettings, JsonSettings) =
         plain
@@ -619,7 +623,7 @@ fn decode_record(value: &[u8], defaults: &TenantDefaults) -> Result<TenantRecord
 }
 
 /// A tenant record as stored (see [`StoredTenant`]).
-fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
+pub fn encode_record(record: &TenantRecord) -> Result<Vec<u8>, StorageError> {
     let stored = StoredTenant {
         id: record.id,
         name: record.name.clone(),

@@ -27,8 +27,24 @@ pub struct StreamError {
     detail: String,
 }
 
-fn failed(what: &'static str) -> impl Fn(String) -> StreamError {
+pub(crate) fn failed(what: &'static str) -> impl Fn(String) -> StreamError {
     move |detail| StreamError { what, detail }
+}
+
+/// A JetStream context on a new connection to `url`; `timeout` bounds connecting and every
+/// JetStream request.
+pub async fn connect_jetstream(
+    url: &str,
+    timeout: Duration,
+) -> Result<jetstream::Context, StreamError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(timeout)
+        .connect(url)
+        .await
+        .map_err(|e| failed("connecting")(e.to_string()))?;
+    let mut js = jetstream::new(client);
+    js.set_timeout(timeout);
+    Ok(js)
 }
 
 /// One message of a partition: its stream sequence and payload.
@@ -55,13 +71,17 @@ impl EventStream {
         replicas: usize,
         publish_timeout: Duration,
     ) -> Result<EventStream, StreamError> {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(publish_timeout)
-            .connect(url)
-            .await
-            .map_err(|e| failed("connecting")(e.to_string()))?;
-        let mut js = jetstream::new(client);
-        js.set_timeout(publish_timeout);
+        let js = connect_jetstream(url, publish_timeout).await?;
+        EventStream::open(js, prefix, replicas, publish_timeout).await
+    }
+
+    /// [`EventStream::connect`] over an existing connection.
+    pub async fn open(
+        js: jetstream::Context,
+        prefix: &str,
+        replicas: usize,
+        publish_timeout: Duration,
+    ) -> Result<EventStream, StreamError> {
         let name = format!("{}_EVENTS", prefix.to_ascii_uppercase());
         js.get_or_create_stream(stream::Config {
             name: name.clone(),
