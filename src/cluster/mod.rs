@@ -7,6 +7,7 @@
 
 pub mod directory;
 pub mod lease;
+pub mod ratelimit;
 pub mod stream;
 
 use std::time::Duration;
