@@ -541,14 +541,27 @@ impl PendingUsers {
     const MAX_HASHES: usize = 8192;
 
     pub fn insert(&mut self, hash: u64) {
+        self.insert_up_to(hash, Self::MAX_HASHES);
+    }
+
+    /// [`PendingUsers::insert`], switching to a sketch at `max_hashes` hashes.
+    fn insert_up_to(&mut self, hash: u64, max_hashes: usize) {
         match self {
             PendingUsers::Hashes(hashes) => {
                 hashes.push(hash);
-                if hashes.len() >= Self::MAX_HASHES {
+                if hashes.len() >= max_hashes {
                     self.make_sketch();
                 }
             }
             PendingUsers::Sketch(sketch) => sketch.insert_hash(hash),
+        }
+    }
+
+    /// The users as hashes, if they are still held as such (duplicates possible).
+    pub fn hashes(&self) -> Option<&[u64]> {
+        match self {
+            PendingUsers::Hashes(hashes) => Some(hashes),
+            PendingUsers::Sketch(_) => None,
         }
     }
 
@@ -564,6 +577,11 @@ impl PendingUsers {
 
     /// Adds every user of `other`.
     pub fn merge(&mut self, other: &PendingUsers) {
+        self.merge_up_to(other, Self::MAX_HASHES);
+    }
+
+    /// [`PendingUsers::merge`], switching to a sketch at `max_hashes` hashes.
+    fn merge_up_to(&mut self, other: &PendingUsers, max_hashes: usize) {
         match (&mut *self, other) {
             (PendingUsers::Sketch(sketch), PendingUsers::Sketch(theirs)) => sketch.merge(theirs),
             (PendingUsers::Hashes(_), PendingUsers::Sketch(theirs)) => {
@@ -574,7 +592,7 @@ impl PendingUsers {
             }
             (_, PendingUsers::Hashes(theirs)) => {
                 for hash in theirs {
-                    self.insert(*hash);
+                    self.insert_up_to(*hash, max_hashes);
                 }
             }
         }
@@ -615,14 +633,36 @@ type SeriesDeltas = FxHashMap<(Resolution, Micros), BucketDelta>;
 /// to the finest of them still within retention (the minute, normally): coarser buckets get the
 /// users of their finer ones when the deltas are flushed ([`Deltas::roll_up_users`]), one sketch
 /// merge per bucket instead of three sketch updates per event.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deltas {
     series: ByName<SeriesDeltas>,
     /// Updates skipped because the bucket is past its resolution's retention, by resolution.
     pub skipped: [u64; 3],
+    /// A bucket's pending users become a sketch past this many hashes.
+    max_hashes: usize,
+}
+
+impl Default for Deltas {
+    fn default() -> Deltas {
+        Deltas {
+            series: ByName::default(),
+            skipped: [0; 3],
+            max_hashes: PendingUsers::MAX_HASHES,
+        }
+    }
 }
 
 impl Deltas {
+    /// Deltas that keep every pending user as a hash, never as a sketch: for a store that adds
+    /// users itself (cluster mode's Redis HyperLogLogs), at 8 bytes per user and bucket until
+    /// the flush.
+    pub fn keeping_every_user() -> Deltas {
+        Deltas {
+            max_hashes: usize::MAX,
+            ..Deltas::default()
+        }
+    }
+
     /// Adds a batch's items to every resolution and to the all-events series.
     pub fn apply(&mut self, batch: &RollupItems, retention: &Retention, now: Micros) {
         if batch.is_empty() {
@@ -675,6 +715,7 @@ impl Deltas {
     /// Adds `count` to the series at `slot` in each bucket of `starts`, and `user` to the
     /// finest of them.
     fn add(&mut self, slot: usize, starts: &[Option<Micros>; 3], count: u64, user: Option<u64>) {
+        let max_hashes = self.max_hashes;
         let Some(series) = self.series.at_mut(slot) else {
             return;
         };
@@ -686,7 +727,7 @@ impl Deltas {
             let bucket = series.entry((*resolution, *start)).or_default();
             bucket.count += count;
             if let Some(hash) = user.take() {
-                bucket.users.insert(hash);
+                bucket.users.insert_up_to(hash, max_hashes);
             }
         }
     }
@@ -694,6 +735,7 @@ impl Deltas {
     /// Gives every hour and day bucket the users of its pending finer buckets, so each bucket's
     /// `users` holds all the users its events had. Call once, before flushing.
     pub fn roll_up_users(&mut self) {
+        let max_hashes = self.max_hashes;
         for series in self.series.values_mut() {
             for (finer, coarser) in [
                 (Resolution::Minute, Resolution::Hour),
@@ -705,13 +747,13 @@ impl Deltas {
                         additions
                             .entry(coarser.bucket(*start))
                             .or_default()
-                            .merge(&bucket.users);
+                            .merge_up_to(&bucket.users, max_hashes);
                     }
                 }
                 for (start, users) in additions {
                     // Absent when the coarser bucket is past its retention.
                     if let Some(bucket) = series.get_mut(&(coarser, start)) {
-                        bucket.users.merge(&users);
+                        bucket.users.merge_up_to(&users, max_hashes);
                     }
                 }
             }
@@ -751,7 +793,7 @@ impl Deltas {
             for (key, delta) in theirs {
                 let bucket = series.entry(key).or_default();
                 bucket.count += delta.count;
-                bucket.users.merge(&delta.users);
+                bucket.users.merge_up_to(&delta.users, self.max_hashes);
             }
         }
         for (mine, theirs) in self.skipped.iter_mut().zip(other.skipped) {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
+use statsremote::cluster::connect_redis;
 use statsremote::cluster::lease::{Lease, Leases, FENCE_CHECK};
 use testkit::services::Service;
 
@@ -28,8 +29,9 @@ fn now_ms() -> u64 {
 }
 
 async fn connect(redis: &Service) -> ConnectionManager {
-    let client = redis::Client::open(redis.url()).unwrap();
-    ConnectionManager::new(client).await.unwrap()
+    connect_redis(&redis.url(), Duration::from_secs(60))
+        .await
+        .unwrap()
 }
 
 async fn node(redis: &Service, name: &str) -> Leases {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use statsremote::cluster::connect_redis;
 use statsremote::cluster::ratelimit::SharedLimits;
 use statsremote::config::{Config, Overrides};
 use statsremote::ids::TenantId;
@@ -40,8 +40,9 @@ fn tenant(rate: u32, burst: u32) -> TenantRecord {
 }
 
 async fn node(redis: &Service) -> SharedLimits {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let manager = ConnectionManager::new(client).await.unwrap();
+    let manager = connect_redis(&redis.url(), Duration::from_secs(60))
+        .await
+        .unwrap();
     SharedLimits::new(manager, "test")
 }
 

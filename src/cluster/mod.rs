@@ -8,6 +8,7 @@
 pub mod directory;
 pub mod lease;
 pub mod ratelimit;
+pub mod rollups;
 pub mod stream;
 
 use std::time::Duration;
@@ -60,6 +61,19 @@ impl ClusterConfig {
         }
         Ok(())
     }
+}
+
+/// A Redis connection that reconnects by itself. `response_timeout` bounds every request: a
+/// partition owner's flushes need it above their largest flush (a flush is one script).
+pub async fn connect_redis(
+    url: &str,
+    response_timeout: Duration,
+) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(response_timeout));
+    redis::aio::ConnectionManager::new_with_config(client, config).await
 }
 
 /// The partition of a tenant: stable across nodes, versions and restarts.
