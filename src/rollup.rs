@@ -99,7 +99,7 @@ pub fn series_name(kind: EventKind, name: Option<&str>) -> &str {
 
 /// What rollups need of one event. Its series name is `name`, an index into the batch's
 /// [`RollupItems::names`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RollupItem {
     pub name: u32,
     pub timestamp: Micros,
@@ -183,6 +183,17 @@ impl RollupItems {
     fn set_weights(&mut self, weights: impl Iterator<Item = u32>) {
         for (item, weight) in self.items.iter_mut().zip(weights) {
             item.weight = u64::from(weight.max(1));
+        }
+    }
+
+    /// Items with their names and no identity calls: what the live counters need, as it
+    /// travels between nodes in cluster mode (`crate::cluster::live`).
+    pub fn from_parts(names: Vec<String>, items: Vec<RollupItem>) -> RollupItems {
+        // An item naming no name would be counted under the all-events series only.
+        RollupItems {
+            names,
+            items,
+            links: Vec::new(),
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod directory;
 pub mod lease;
+pub mod live;
 pub mod ratelimit;
 pub mod rollups;
 pub mod stream;
