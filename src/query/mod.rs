@@ -233,10 +233,10 @@ fn total_estimates(
     storage: &Storage,
     tenant: TenantId,
     name: &str,
+    weights: &[u32],
     parts: &[(Resolution, Micros)],
 ) -> Result<(Estimate, Estimate), StorageError> {
     let total = rollups::total_over(storage, tenant, name, parts)?;
-    let weights = rollups::sampled_weights(storage, tenant, name)?;
     if weights.is_empty() {
         return Ok((
             Estimate::exact(total.count as f64),
@@ -244,7 +244,7 @@ fn total_estimates(
         ));
     }
     let mut sampled = Vec::with_capacity(weights.len());
-    for weight in weights {
+    for &weight in weights {
         let kept = rollups::total_over(storage, tenant, &sampled_series(name, weight), parts)?;
         sampled.push((weight, kept));
     }
@@ -328,11 +328,14 @@ pub fn event_totals(
 ) -> Result<Vec<EventTotal>, StorageError> {
     let parts = cover(from, to);
     let mut totals = Vec::new();
+    // Read once: looking each name's weights up would scan every series name per name.
+    let weights = rollups::all_sampled_weights(storage, tenant)?;
     for name in rollups::event_names(storage, tenant)? {
         if name == ALL_EVENTS {
             continue;
         }
-        let (count, uniques) = total_estimates(storage, tenant, &name, &parts)?;
+        let weights = weights.get(&name).map_or(&[][..], Vec::as_slice);
+        let (count, uniques) = total_estimates(storage, tenant, &name, weights, &parts)?;
         if count.rounded() == 0 {
             continue;
         }
@@ -357,7 +360,8 @@ pub fn uniques(
     to: Micros,
 ) -> Result<Estimate, StorageError> {
     let name = event.unwrap_or(ALL_EVENTS);
-    Ok(total_estimates(storage, tenant, name, &cover(from, to))?.1)
+    let weights = rollups::sampled_weights(storage, tenant, name)?;
+    Ok(total_estimates(storage, tenant, name, &weights, &cover(from, to))?.1)
 }
 
 /// Most matching events a funnel may gather (each costs 32 bytes while it is computed).

@@ -25,6 +25,10 @@ pub(crate) mod kind {
     pub(crate) const ROLLUP_WATERMARK: u8 = b'w';
     /// `n ‖ tenant ‖ xxh3(name)` → an event name the tenant's rollups hold.
     pub(crate) const EVENT_NAME: u8 = b'n';
+    /// `q ‖ tenant ‖ xxh3(series)` → a series of sampled users the tenant's rollups hold
+    /// (`crate::sampling::sampled_series`), apart so that tenants without sampling find none
+    /// at the cost of one empty prefix scan.
+    pub(crate) const SAMPLED_SERIES: u8 = b'q';
     /// `s ‖ tenant ‖ flush first sequence ‖ hour` → a committed cold segment.
     pub(crate) const SEGMENT: u8 = b's';
     /// `c ‖ tenant` → the last log sequence moved to cold segments.

@@ -14,8 +14,8 @@
 //!   Both are stored compressed (codec format 4): a base of a few hundred users is a dense
 //!   sketch of mostly zero registers, and compressed it takes a small fraction of the memtable
 //!   and disk (docs/decisions/0016).
-//! - in `meta`: `n ‖ tenant ‖ name hash` → the series name (to list events, and the series of
-//!   sampled users, see [`crate::sampling`]), and `w ‖ tenant` → the
+//! - in `meta`: `n ‖ tenant ‖ name hash` → the series name (to list events), `q ‖ tenant ‖ name
+//!   hash` → a series of sampled users (see [`crate::sampling`]), and `w ‖ tenant` → the
 //!   watermark: the last log sequence whose events are in the stored rollups.
 //!
 //! [`flush`] merges a set of deltas into the stored buckets and moves the watermark **in the
@@ -238,11 +238,7 @@ pub fn flush(
     for name in names.into_iter().chain(admitted) {
         batch.insert(
             &storage.meta,
-            meta_key(
-                meta::kind::EVENT_NAME,
-                tenant,
-                &name_hash(name).to_be_bytes(),
-            ),
+            meta_key(series_kind(name), tenant, &name_hash(name).to_be_bytes()),
             name.as_bytes().to_vec(),
         );
     }
@@ -386,12 +382,19 @@ pub fn total_over(
     Ok(total)
 }
 
+/// The `meta` kind that lists a series.
+fn series_kind(name: &str) -> u8 {
+    if sampling::is_sampled_series(name) {
+        meta::kind::SAMPLED_SERIES
+    } else {
+        meta::kind::EVENT_NAME
+    }
+}
+
 /// Every event name the tenant has rollups for (the all-events series included, the series
 /// of sampled users not: see [`sampled_weights`]).
 pub fn event_names(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, StorageError> {
-    let mut names = stored_series(storage, tenant)?;
-    names.retain(|name| !sampling::is_sampled_series(name));
-    Ok(names)
+    listed(storage, tenant, meta::kind::EVENT_NAME)
 }
 
 /// The weights whose sampled users `name` has a series of (see [`crate::sampling`]),
@@ -401,23 +404,39 @@ pub fn sampled_weights(
     tenant: TenantId,
     name: &str,
 ) -> Result<Vec<u32>, StorageError> {
-    let mut weights: Vec<u32> = stored_series(storage, tenant)?
-        .iter()
-        .filter_map(|series| sampling::parse_sampled_series(series))
-        .filter(|(of, _)| *of == name)
-        .map(|(_, weight)| weight)
-        .collect();
-    weights.sort_unstable();
-    Ok(weights)
+    Ok(all_sampled_weights(storage, tenant)?
+        .remove(name)
+        .unwrap_or_default())
+}
+
+/// [`sampled_weights`] of every series name that has any, read in one scan.
+pub fn all_sampled_weights(
+    storage: &Storage,
+    tenant: TenantId,
+) -> Result<std::collections::HashMap<String, Vec<u32>>, StorageError> {
+    let mut out: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    for series in listed(storage, tenant, meta::kind::SAMPLED_SERIES)? {
+        if let Some((name, weight)) = sampling::parse_sampled_series(&series) {
+            out.entry(name.to_string()).or_default().push(weight);
+        }
+    }
+    for weights in out.values_mut() {
+        weights.sort_unstable();
+    }
+    Ok(out)
 }
 
 /// Every series the tenant has rollups for.
 fn stored_series(storage: &Storage, tenant: TenantId) -> Result<Vec<String>, StorageError> {
+    let mut names = listed(storage, tenant, meta::kind::EVENT_NAME)?;
+    names.extend(listed(storage, tenant, meta::kind::SAMPLED_SERIES)?);
+    Ok(names)
+}
+
+/// The series names listed under one `meta` kind, sorted.
+fn listed(storage: &Storage, tenant: TenantId, kind: u8) -> Result<Vec<String>, StorageError> {
     let mut names = Vec::new();
-    for guard in storage
-        .meta
-        .prefix(meta_key(meta::kind::EVENT_NAME, tenant, &[]))
-    {
+    for guard in storage.meta.prefix(meta_key(kind, tenant, &[])) {
         let (_key, value) = guard
             .into_inner()
             .map_err(StorageError::engine("reading event names"))?;
@@ -434,14 +453,13 @@ pub fn delete_all(storage: &Storage, tenant: TenantId) -> Result<(), StorageErro
     super::purge_prefix(storage, &storage.rollup_counts, tenant)?;
     super::purge_prefix(storage, &storage.rollup_users, tenant)?;
     let mut batch = storage.batch();
-    for guard in storage
-        .meta
-        .prefix(meta_key(meta::kind::EVENT_NAME, tenant, &[]))
-    {
-        let (key, _value) = guard
-            .into_inner()
-            .map_err(StorageError::engine("reading event names"))?;
-        batch.remove(&storage.meta, key);
+    for kind in [meta::kind::EVENT_NAME, meta::kind::SAMPLED_SERIES] {
+        for guard in storage.meta.prefix(meta_key(kind, tenant, &[])) {
+            let (key, _value) = guard
+                .into_inner()
+                .map_err(StorageError::engine("reading event names"))?;
+            batch.remove(&storage.meta, key);
+        }
     }
     batch.remove(
         &storage.meta,
