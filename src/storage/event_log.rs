@@ -43,8 +43,17 @@ use crate::storage::{codec, StorageError};
 
 /// An encoded entry: an immutable, reference-counted byte buffer. An implementation keeps the
 /// buffer its engine hands out (the embedded log's, without a copy); any other bytes convert in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct EntryBytes(Buffer);
+
+/// Entries are equal when their bytes are, whichever buffer holds them.
+impl PartialEq for EntryBytes {
+    fn eq(&self, other: &EntryBytes) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for EntryBytes {}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Buffer {

@@ -30,7 +30,7 @@ use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
 use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
 use crate::storage::upkeep::Upkeep;
-use crate::storage::{deadletters, dedup, Storage, StorageError};
+use crate::storage::{codec, deadletters, dedup, Storage, StorageError};
 use crate::telemetry;
 
 /// Called once with the outcome of an append, after the write is durable (or has failed).
@@ -51,6 +51,7 @@ pub struct AppendRequest {
 /// and commits (it decodes and re-encodes only a batch that had duplicates). The decoded events
 /// are freed by the sender: freeing them is per-event work, which the writer thread must not
 /// do (docs/decisions/0014).
+#[derive(Debug, PartialEq)]
 pub struct PreparedBatch {
     encoded: EntryBytes,
     /// `None` for an event whose messageId the server generated (never a duplicate).
@@ -65,6 +66,7 @@ pub struct PreparedBatch {
 }
 
 /// A dead letter made ready by its sender.
+#[derive(Debug, PartialEq)]
 pub struct PreparedDeadLetter {
     /// The event's dedup key (`None`: the client sent no messageId).
     pub dedup_key: Option<dedup::DedupKey>,
@@ -106,6 +108,103 @@ impl PreparedBatch {
     pub fn with_probes(mut self, probes: Vec<Option<dedup::DedupKey>>) -> PreparedBatch {
         self.probes = probes;
         self
+    }
+
+    /// The batch as bytes for another node's writer: what an ingest node publishes to the
+    /// event stream in cluster mode. Layout: [`WIRE_VERSION`], the tenant (8 bytes,
+    /// big-endian), the length of the rest's metadata (4 bytes), the metadata (dedup keys,
+    /// dead letters, probes; codec-encoded), then the log entry as it will be stored.
+    pub fn to_wire(&self, tenant: TenantId) -> Result<Vec<u8>, StorageError> {
+        let meta = WireMeta {
+            dedup_keys: self.dedup_keys.clone(),
+            dead_letters: (self.dead_letters.iter())
+                .map(|letter| (letter.dedup_key, letter.key.to_vec(), letter.value.clone()))
+                .collect(),
+            dead_letter_batch: (self.dead_letter_batch.as_ref())
+                .map(|(key, value)| (key.to_vec(), value.clone())),
+            probes: self.probes.clone(),
+        };
+        let meta = codec::encode(&meta).map_err(wire_error)?;
+        let meta_len = u32::try_from(meta.len())
+            .map_err(|_| wire_error(codec::CodecError::Invalid("metadata too large".into())))?;
+        let mut out = Vec::with_capacity(13 + meta.len() + self.encoded.len());
+        out.push(WIRE_VERSION);
+        out.extend_from_slice(&tenant.0.to_be_bytes());
+        out.extend_from_slice(&meta_len.to_be_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.encoded);
+        Ok(out)
+    }
+
+    /// A batch from [`PreparedBatch::to_wire`]'s bytes, with its tenant. The entry is not
+    /// copied. Bytes of another layout are an error, never a panic.
+    pub fn from_wire(bytes: bytes::Bytes) -> Result<(TenantId, PreparedBatch), StorageError> {
+        let invalid = |why: &str| wire_error(codec::CodecError::Invalid(why.into()));
+        if bytes.first() != Some(&WIRE_VERSION) {
+            return Err(invalid("unknown stream batch version"));
+        }
+        let header = |range: std::ops::Range<usize>| {
+            bytes
+                .get(range)
+                .ok_or_else(|| invalid("stream batch cut short"))
+        };
+        let tenant = TenantId(u64::from_be_bytes(
+            header(1..9)?
+                .try_into()
+                .map_err(|_| invalid("bad tenant"))?,
+        ));
+        let meta_len = u32::from_be_bytes(
+            header(9..13)?
+                .try_into()
+                .map_err(|_| invalid("bad length"))?,
+        ) as usize;
+        let meta_end = 13usize
+            .checked_add(meta_len)
+            .ok_or_else(|| invalid("bad length"))?;
+        let meta: WireMeta = codec::decode(header(13..meta_end)?).map_err(wire_error)?;
+        let letter_key = |key: Vec<u8>| -> Result<deadletters::LetterKey, StorageError> {
+            key.try_into().map_err(|_| invalid("bad dead-letter key"))
+        };
+        let dead_letters = (meta.dead_letters.into_iter())
+            .map(|(dedup_key, key, value)| {
+                Ok(PreparedDeadLetter {
+                    dedup_key,
+                    key: letter_key(key)?,
+                    value,
+                })
+            })
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        let dead_letter_batch = match meta.dead_letter_batch {
+            Some((key, value)) => Some((letter_key(key)?, value)),
+            None => None,
+        };
+        let prepared = PreparedBatch {
+            encoded: EntryBytes::from(bytes.slice(meta_end..)),
+            dedup_keys: meta.dedup_keys,
+            dead_letters,
+            dead_letter_batch,
+            probes: meta.probes,
+        };
+        Ok((tenant, prepared))
+    }
+}
+
+/// The layout version of [`PreparedBatch::to_wire`].
+pub const WIRE_VERSION: u8 = 1;
+
+/// A [`PreparedBatch`]'s parts besides its entry, on the wire.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireMeta {
+    dedup_keys: Vec<Option<dedup::DedupKey>>,
+    dead_letters: Vec<(Option<dedup::DedupKey>, Vec<u8>, Vec<u8>)>,
+    dead_letter_batch: Option<(Vec<u8>, Vec<u8>)>,
+    probes: Vec<Option<dedup::DedupKey>>,
+}
+
+fn wire_error(source: codec::CodecError) -> StorageError {
+    StorageError::Codec {
+        keyspace: "stream",
+        source,
     }
 }
 
@@ -656,6 +755,61 @@ pub(crate) mod tests {
             }),
         });
         answer.await.unwrap()
+    }
+
+    /// A prepared batch crosses the wire whole (entry, dedup keys, dead letters, probes), and
+    /// a writer given the decoded batch treats it as the original: a second copy is a duplicate.
+    #[actix_rt::test]
+    async fn prepared_batches_cross_the_wire_whole() {
+        let tenant = TenantId(0x42);
+        let letter = PreparedDeadLetter {
+            dedup_key: Some(dedup::key(tenant, "refused")),
+            key: deadletters::key(tenant, 5, 6, 1),
+            value: b"{\"letter\": 1}".to_vec(),
+        };
+        let batch_record = (
+            deadletters::key(tenant, 5, 6, deadletters::BATCH_POSITION),
+            b"{}".to_vec(),
+        );
+        let original = PreparedBatch::new(tenant, &batch(&["w1", "w2"]))
+            .unwrap()
+            .with_dead_letters(vec![letter], Some(batch_record))
+            .with_probes(vec![Some(dedup::key(tenant, "sampled")), None]);
+        let wire = original.to_wire(tenant).unwrap();
+        let (back_tenant, back) =
+            PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
+        assert_eq!(back_tenant, tenant);
+        assert_eq!(back, original);
+        // Cut or altered bytes are errors, never panics.
+        for end in 0..wire.len() {
+            let _ = PreparedBatch::from_wire(bytes::Bytes::copy_from_slice(&wire[..end]));
+        }
+        let mut other = wire.clone();
+        other[0] = 9;
+        assert!(PreparedBatch::from_wire(bytes::Bytes::from(other)).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let writer = LogWriter::start(storage.clone(), options()).unwrap();
+        let mut outcomes = Vec::new();
+        for _ in 0..2 {
+            let (_, prepared) = PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
+            let (reply, answer) = oneshot::channel();
+            writer.submit(AppendRequest {
+                tenant,
+                queued_at: Instant::now(),
+                dedup_window: Duration::from_secs(3600),
+                batch: prepared,
+                reply: Box::new(move |outcome| {
+                    let _ = reply.send(outcome);
+                }),
+            });
+            outcomes.push(answer.await.unwrap().unwrap());
+        }
+        assert_eq!((outcomes[0].accepted, outcomes[0].dead_lettered), (2, 1));
+        assert_eq!((outcomes[1].accepted, outcomes[1].duplicates), (0, 2));
+        assert_eq!(outcomes[1].dead_letter_duplicates, Vec::<usize>::new());
+        assert_eq!(read_batches(storage.log(), tenant, 1, 10).unwrap().len(), 1);
     }
 
     /// A panic in a thread that writes depend on is reported by name and stops the
