@@ -10,6 +10,7 @@ pub mod lease;
 pub mod live;
 pub mod ratelimit;
 pub mod rollups;
+pub mod runner;
 pub mod stream;
 
 use std::time::Duration;

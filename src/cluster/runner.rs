@@ -1,0 +1,212 @@
+//! The core of a process node's work on one partition: read the partition's stream messages in
+//! order and hand each one's prepared batch to the local log writer, which deduplicates,
+//! sequences and makes it durable exactly as on a single node.
+//!
+//! The result depends only on the messages and the state the runner starts from: replaying
+//! the same messages from the same state (a checkpoint) assigns the same sequence numbers and
+//! drops the same duplicates. That is what lets a partition's new owner rebuild its state from
+//! a checkpoint and the stream's tail.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::cluster::stream::{EventStream, StreamError};
+use crate::ids::TenantId;
+use crate::storage::writer::{AppendOutcome, AppendRequest, LogWriter, PreparedBatch};
+use crate::storage::StorageError;
+
+/// Why a partition could not be processed further.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A message names a tenant the directory does not know (yet): stop rather than guess
+    /// its dedup window; the message is processed once the directory has it.
+    #[error("stream message {seq} is for unknown tenant {tenant}")]
+    UnknownTenant { seq: u64, tenant: TenantId },
+    #[error("the log writer stopped")]
+    WriterGone,
+}
+
+/// What one stream message became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    /// Its stream sequence.
+    pub seq: u64,
+    pub tenant: TenantId,
+    pub outcome: AppendOutcome,
+}
+
+/// One partition's reader.
+pub struct PartitionRunner {
+    partition: u16,
+    /// The stream sequence to read next.
+    next_seq: u64,
+}
+
+impl PartitionRunner {
+    /// A runner that starts after `covered`, the last stream sequence already processed (0:
+    /// from the start).
+    pub fn new(partition: u16, covered: u64) -> PartitionRunner {
+        PartitionRunner {
+            partition,
+            next_seq: covered + 1,
+        }
+    }
+
+    /// The last stream sequence processed.
+    pub fn covered(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Processes up to `max` messages the stream holds now, in order, each durable before the
+    /// next is read; `dedup_window` gives each tenant's window (`None`: unknown tenant).
+    pub async fn run_once(
+        &mut self,
+        stream: &EventStream,
+        writer: &LogWriter,
+        max: usize,
+        dedup_window: impl Fn(TenantId) -> Option<Duration>,
+    ) -> Result<Vec<Processed>, RunError> {
+        let messages = stream.read(self.partition, self.next_seq, max).await?;
+        let mut done = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (tenant, batch) = PreparedBatch::from_wire(message.payload)?;
+            let window = dedup_window(tenant).ok_or(RunError::UnknownTenant {
+                seq: message.seq,
+                tenant,
+            })?;
+            let (reply, answer) = oneshot::channel();
+            writer.submit(AppendRequest {
+                tenant,
+                queued_at: std::time::Instant::now(),
+                dedup_window: window,
+                batch,
+                reply: Box::new(move |outcome| {
+                    let _ = reply.send(outcome);
+                }),
+            });
+            let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
+            self.next_seq = message.seq + 1;
+            done.push(Processed {
+                seq: message.seq,
+                tenant,
+                outcome,
+            });
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::storage::event_log::tests::{batch, read_batches};
+    use crate::storage::writer::WriterOptions;
+    use crate::storage::Storage;
+
+    const TENANT: TenantId = TenantId(0x77);
+
+    fn writer(dir: &std::path::Path) -> (Storage, LogWriter) {
+        let storage = Storage::open(dir, 1 << 20, Default::default()).unwrap();
+        let options = WriterOptions {
+            fsync: false,
+            queue_capacity: 16,
+            max_group_requests: 8,
+            dedup_filter_bytes: 1 << 20,
+            dedup_max_age: Duration::from_secs(1),
+        };
+        let writer = LogWriter::start(storage.clone(), options).unwrap();
+        (storage, writer)
+    }
+
+    /// Batches published to a partition become log entries once each, in stream order; a
+    /// second node replaying the same messages from the same (empty) state assigns the same
+    /// sequences and drops the same duplicates; a tenant the directory does not know stops
+    /// the run before anything of it is written.
+    #[actix_rt::test]
+    async fn stream_messages_become_the_same_log_on_every_replay() {
+        let nats = testkit::services::Service::nats().unwrap();
+        let stream = EventStream::connect(&nats.url(), "runner", 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        for (n, ids) in [&["a", "b"][..], &["c"], &["b", "d"], &["e"]]
+            .iter()
+            .enumerate()
+        {
+            let wire = PreparedBatch::new(TENANT, &batch(ids))
+                .unwrap()
+                .to_wire(TENANT)
+                .unwrap();
+            stream
+                .publish(3, &format!("batch-{n}"), bytes::Bytes::from(wire))
+                .await
+                .unwrap();
+        }
+        let window = |tenant: TenantId| (tenant == TENANT).then_some(Duration::from_secs(3600));
+        let mut logs = Vec::new();
+        for _node in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let (storage, writer) = writer(dir.path());
+            let mut runner = PartitionRunner::new(3, 0);
+            // Two steps, as a runner that reads a little at a time.
+            let mut processed = runner.run_once(&stream, &writer, 2, window).await.unwrap();
+            processed.extend(runner.run_once(&stream, &writer, 10, window).await.unwrap());
+            assert_eq!(processed.len(), 4);
+            assert_eq!(runner.covered(), processed[3].seq);
+            let accepted: Vec<usize> = processed.iter().map(|p| p.outcome.accepted).collect();
+            assert_eq!(accepted, vec![2, 1, 1, 1], "the second b is a duplicate");
+            let log: Vec<(u64, Vec<String>)> = read_batches(storage.log(), TENANT, 1, 100)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, batch)| {
+                    (
+                        seq,
+                        batch.events.iter().map(|e| e.message_id.clone()).collect(),
+                    )
+                })
+                .collect();
+            logs.push(log);
+            writer.shutdown();
+        }
+        assert_eq!(logs[0], logs[1]);
+        assert_eq!(
+            logs[0]
+                .iter()
+                .flat_map(|(_, ids)| ids.clone())
+                .collect::<Vec<_>>(),
+            vec!["a", "b", "c", "d", "e"]
+        );
+
+        // A message for a tenant nobody knows yet stops the run; nothing of it is written.
+        let stranger = TenantId(0x99);
+        let wire = PreparedBatch::new(stranger, &batch(&["x"]))
+            .unwrap()
+            .to_wire(stranger)
+            .unwrap();
+        stream
+            .publish(3, "stranger", bytes::Bytes::from(wire))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, writer) = writer(dir.path());
+        let mut runner = PartitionRunner::new(3, 0);
+        let stopped = runner.run_once(&stream, &writer, 10, window).await;
+        assert!(
+            matches!(stopped, Err(RunError::UnknownTenant { tenant, .. }) if tenant == stranger)
+        );
+        assert!(read_batches(storage.log(), stranger, 1, 10)
+            .unwrap()
+            .is_empty());
+        // What came before it was processed and is not read again.
+        assert_eq!(
+            read_batches(storage.log(), TENANT, 1, 100).unwrap().len(),
+            4
+        );
+        writer.shutdown();
+    }
+}
