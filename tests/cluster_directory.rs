@@ -4,6 +4,10 @@
 //! following across a NATS restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
@@ -15,13 +19,6 @@ use statsremote::tenant::{digest, TenantRecord, TenantSettings};
 use testkit::services::Service;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn defaults() -> TenantDefaults {
     Config::load_from(&Overrides::default(), &[])

@@ -3,6 +3,10 @@
 //! and fencing: a node whose lease was taken over cannot commit with its old token.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,13 +17,6 @@ use testkit::services::Service;
 
 const PARTITIONS: u16 = 16;
 const TIMEOUT: Duration = Duration::from_millis(1500);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()

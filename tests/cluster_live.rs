@@ -3,6 +3,10 @@
 //! back by themselves after a Redis restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::time::{Duration, Instant};
 
 use statsremote::cluster::{connect_redis, live};
@@ -12,13 +16,6 @@ use testkit::services::Service;
 use tokio::sync::mpsc::Receiver;
 
 const TENANT: TenantId = TenantId(0xfeed);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn items() -> RollupItems {
     RollupItems::collect([

@@ -4,6 +4,10 @@
 //! is down.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::time::{Duration, Instant};
 
 use statsremote::cluster::connect_redis;
@@ -13,13 +17,6 @@ use statsremote::ids::TenantId;
 use statsremote::ratelimit::Refused;
 use statsremote::tenant::{digest, TenantRecord, TenantSettings};
 use testkit::services::Service;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn tenant(rate: u32, burst: u32) -> TenantRecord {
     let defaults = Config::load_from(&Overrides::default(), &[])

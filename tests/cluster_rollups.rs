@@ -4,6 +4,10 @@
 //! users and on the union of a range.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,13 +24,6 @@ const TENANT: TenantId = TenantId(0xab);
 const MINUTE: i64 = 60_000_000;
 /// A whole UTC day, far enough from now that retention never matters here.
 const DAY: i64 = 1_767_225_600_000_000;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn connect(redis: &Service) -> ConnectionManager {
     connect_redis(&redis.url(), Duration::from_secs(60))

@@ -3,6 +3,10 @@
 //! checkpoint, refused while NATS is down, and kept across a NATS restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,13 +14,6 @@ use statsremote::cluster::stream::EventStream;
 use testkit::services::Service;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn payload(partition: u16, n: usize) -> Bytes {
     Bytes::from(format!("p{partition}-m{n}"))

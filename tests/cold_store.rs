@@ -4,6 +4,10 @@
 //! deletion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::runtime;
+
 use bytes::Bytes;
 use statsremote::config::S3Config;
 use statsremote::event::{EventKind, StoredEvent};
@@ -11,13 +15,6 @@ use statsremote::storage::cold::segment::{self, ColdRow};
 use statsremote::storage::cold::store::PART_BYTES;
 use statsremote::storage::cold::ColdStore;
 use testkit::s3::S3Server;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Rows whose properties do not compress, so that their segment is larger than one part.
 fn large_segment() -> (Vec<ColdRow>, Bytes) {

@@ -5,6 +5,7 @@
 //! Tenants are spread over a fixed number of partitions ([`partition_of`]); a process node owns
 //! a set of partitions at a time by fenced leases ([`lease`]).
 
+pub mod checkpoint;
 pub mod directory;
 pub mod lease;
 pub mod live;

@@ -327,3 +327,11 @@ pub fn process_stats(pid: u32) -> ProcessStats {
 pub fn reset_peak_rss(pid: u32) {
     testkit::reset_peak_rss(pid).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A single-threaded Tokio runtime, for tests that call the library's async parts directly.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,169 @@
+//! Partition checkpoints in object storage: what a partition's new owner starts from before it
+//! reads the stream's tail.
+//!
+//! A checkpoint is the state of a partition after its runner processed every stream message up
+//! to `covered` (see [`crate::cluster::runner`]); its body is the runner's business. It is
+//! stored at `checkpoints/partition=<p>/<covered>-<token>.ckpt` (both numbers zero-padded, so
+//! names sort by them), written once and never changed, with a header (format version, body
+//! length, BLAKE3 of the body) so that a damaged object is refused rather than trusted.
+//!
+//! Processing is deterministic, so any two checkpoints of the same `covered` describe the same
+//! state, whoever wrote them: one written late by a node that had lost its lease is as good as
+//! the new owner's, and the latest checkpoint is simply the one with the highest `covered`.
+//! Older ones are pruned, keeping the newest two, so a reader that listed just before a prune
+//! still finds what it chose, or the next one.
+
+use bytes::Bytes;
+
+use crate::storage::cold::{ColdError, ColdStore};
+
+const MAGIC: &[u8; 4] = b"SRCK";
+const VERSION: u8 = 1;
+const HEADER: usize = 4 + 1 + 8 + 32;
+
+/// A checkpoint as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub partition: u16,
+    /// The last stream sequence whose message the state includes.
+    pub covered: u64,
+    /// The lease token of the node that wrote it.
+    pub token: u64,
+    pub body: Bytes,
+}
+
+/// The checkpoints of a cluster, in its object store.
+#[derive(Clone)]
+pub struct Checkpoints {
+    store: ColdStore,
+}
+
+fn folder(partition: u16) -> String {
+    format!("checkpoints/partition={partition}/")
+}
+
+fn name(partition: u16, covered: u64, token: u64) -> String {
+    format!("{}{covered:020}-{token:020}.ckpt", folder(partition))
+}
+
+/// `(covered, token)` of a checkpoint's object name, if it is one.
+fn parse(location: &str) -> Option<(u64, u64)> {
+    let file = location.rsplit('/').next()?.strip_suffix(".ckpt")?;
+    let (covered, token) = file.split_once('-')?;
+    Some((covered.parse().ok()?, token.parse().ok()?))
+}
+
+impl Checkpoints {
+    pub fn new(store: ColdStore) -> Checkpoints {
+        Checkpoints { store }
+    }
+
+    /// Stores a checkpoint. Writing the same one twice (a retry) is harmless.
+    pub async fn write(
+        &self,
+        partition: u16,
+        covered: u64,
+        token: u64,
+        body: &[u8],
+    ) -> Result<(), ColdError> {
+        let mut object = Vec::with_capacity(HEADER + body.len());
+        object.extend_from_slice(MAGIC);
+        object.push(VERSION);
+        object.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        object.extend_from_slice(blake3::hash(body).as_bytes());
+        object.extend_from_slice(body);
+        let path = name(partition, covered, token);
+        self.store.put_new(&path, Bytes::from(object)).await?;
+        Ok(())
+    }
+
+    /// The checkpoint with the highest `covered` (the highest token among equals), if any.
+    pub async fn latest(&self, partition: u16) -> Result<Option<Checkpoint>, ColdError> {
+        let Some((covered, token)) = self.listed(partition).await?.last().copied() else {
+            return Ok(None);
+        };
+        let object = self.store.get(&name(partition, covered, token)).await?;
+        let body = check(&object)?;
+        Ok(Some(Checkpoint {
+            partition,
+            covered,
+            token,
+            body,
+        }))
+    }
+
+    /// Deletes all but the newest two checkpoints; returns how many it deleted.
+    pub async fn prune(&self, partition: u16) -> Result<usize, ColdError> {
+        let listed = self.listed(partition).await?;
+        let old = listed.len().saturating_sub(2);
+        for (covered, token) in &listed[..old] {
+            self.store
+                .delete(&name(partition, *covered, *token))
+                .await?;
+        }
+        Ok(old)
+    }
+
+    /// `(covered, token)` of the partition's checkpoints, ascending.
+    async fn listed(&self, partition: u16) -> Result<Vec<(u64, u64)>, ColdError> {
+        let mut found: Vec<(u64, u64)> = (self.store.list(&folder(partition)).await?)
+            .iter()
+            .filter_map(|meta| parse(meta.location.as_ref()))
+            .collect();
+        found.sort_unstable();
+        Ok(found)
+    }
+}
+
+/// The body of a stored checkpoint object, if its header vouches for it.
+fn check(object: &Bytes) -> Result<Bytes, ColdError> {
+    let corrupt = |why: &str| ColdError::Corrupt(format!("checkpoint: {why}"));
+    if object.len() < HEADER || &object[..4] != MAGIC {
+        return Err(corrupt("not a checkpoint"));
+    }
+    if object[4] != VERSION {
+        return Err(corrupt("unknown version"));
+    }
+    let mut length = [0u8; 8];
+    length.copy_from_slice(&object[5..13]);
+    let body = object.slice(HEADER..);
+    if u64::from_be_bytes(length) != body.len() as u64 {
+        return Err(corrupt("cut short"));
+    }
+    if blake3::hash(&body).as_bytes()[..] != object[13..HEADER] {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_sort_by_covered_then_token_and_parse_back() {
+        let a = name(3, 9, 2);
+        let b = name(3, 10, 1);
+        assert!(a < b);
+        assert_eq!(parse(&a), Some((9, 2)));
+        assert_eq!(parse("checkpoints/partition=3/x.ckpt"), None);
+    }
+
+    #[test]
+    fn damaged_objects_are_refused() {
+        let body = b"state";
+        let mut object = Vec::new();
+        object.extend_from_slice(MAGIC);
+        object.push(VERSION);
+        object.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        object.extend_from_slice(blake3::hash(body).as_bytes());
+        object.extend_from_slice(body);
+        assert_eq!(check(&Bytes::from(object.clone())).unwrap(), &body[..]);
+        let mut flipped = object.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(check(&Bytes::from(flipped)).is_err());
+        assert!(check(&Bytes::from(object[..object.len() - 1].to_vec())).is_err());
+        assert!(check(&Bytes::from_static(b"SRCK")).is_err());
+    }
+}
