@@ -16,13 +16,16 @@
 //! any node can count the union of a range's buckets with one `PFCOUNT` without fetching them;
 //! its standard error is 0.81% (the single node's 0.4%), at most 12 KiB per bucket.
 
+use std::collections::HashMap;
+
 use redis::aio::ConnectionManager;
 use redis::Script;
 
 use crate::cluster::lease::{Lease, FENCE_CHECK};
+use crate::cluster::runner::Processed;
 use crate::event::Micros;
 use crate::ids::TenantId;
-use crate::rollup::{Deltas, Resolution};
+use crate::rollup::{Deltas, Resolution, Retention};
 
 /// What a flush did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,5 +245,97 @@ impl SharedRollups {
             .await?;
         names.sort();
         Ok(names)
+    }
+}
+
+/// A partition owner's rollups not yet in Redis: per tenant, the deltas of the stream messages
+/// after the watermark the shared rollups had when the owner first saw the tenant. Messages at
+/// or below it are already counted (by this owner or a previous one) and are skipped, so an
+/// owner that replays the stream from an older checkpoint counts each message once.
+pub struct PartitionDeltas {
+    retention: Retention,
+    tenants: HashMap<TenantId, TenantDeltas>,
+}
+
+struct TenantDeltas {
+    /// The shared rollups' watermark, as last read or written by this owner.
+    stored: u64,
+    /// The last stream sequence in `deltas`.
+    through: u64,
+    deltas: Deltas,
+}
+
+impl PartitionDeltas {
+    pub fn new(retention: Retention) -> PartitionDeltas {
+        PartitionDeltas {
+            retention,
+            tenants: HashMap::new(),
+        }
+    }
+
+    /// Adds a processed message's items, unless the shared rollups already include it.
+    pub async fn add(
+        &mut self,
+        shared: &SharedRollups,
+        processed: &Processed,
+        now: Micros,
+    ) -> redis::RedisResult<()> {
+        let tenant = match self.tenants.entry(processed.tenant) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let stored = shared.watermark(processed.tenant).await?;
+                entry.insert(TenantDeltas {
+                    stored,
+                    through: stored,
+                    deltas: Deltas::keeping_every_user(),
+                })
+            }
+        };
+        if processed.seq <= tenant.stored {
+            return Ok(());
+        }
+        tenant.deltas.apply(&processed.items, &self.retention, now);
+        tenant.through = processed.seq;
+        Ok(())
+    }
+
+    /// Writes every tenant's pending deltas with `lease`, and returns what each flush did. Stops
+    /// at the first flush that is fenced or finds another watermark; the partition must then
+    /// be given up or restarted.
+    pub async fn flush(
+        &mut self,
+        shared: &SharedRollups,
+        lease: Lease,
+        fence_key: &str,
+    ) -> redis::RedisResult<Vec<(TenantId, FlushOutcome)>> {
+        let mut outcomes = Vec::new();
+        for (id, tenant) in &mut self.tenants {
+            if tenant.through <= tenant.stored {
+                continue;
+            }
+            tenant.deltas.roll_up_users();
+            let outcome = shared
+                .flush(
+                    *id,
+                    lease,
+                    fence_key,
+                    &tenant.deltas,
+                    tenant.stored,
+                    tenant.through,
+                )
+                .await?;
+            outcomes.push((*id, outcome));
+            match outcome {
+                FlushOutcome::Stored => {
+                    tenant.stored = tenant.through;
+                    tenant.deltas = Deltas::keeping_every_user();
+                }
+                // Not this node's to write any more (fenced), or written by another writer
+                // meanwhile (conflict): the caller gives the partition up, or restarts it from
+                // its checkpoint, which reads the watermark again.
+                FlushOutcome::Fenced | FlushOutcome::Conflict { .. } => break,
+            }
+        }
+        Ok(outcomes)
     }
 }

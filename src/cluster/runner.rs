@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 
 use crate::cluster::stream::{EventStream, StreamError};
 use crate::ids::TenantId;
+use crate::rollup::RollupItems;
+use crate::storage::event_log::decode_batch;
 use crate::storage::writer::{AppendOutcome, AppendRequest, LogWriter, PreparedBatch};
 use crate::storage::StorageError;
 
@@ -38,6 +40,8 @@ pub struct Processed {
     pub seq: u64,
     pub tenant: TenantId,
     pub outcome: AppendOutcome,
+    /// What rollups need of the events it added to the log (duplicates left out).
+    pub items: RollupItems,
 }
 
 /// One partition's reader.
@@ -75,6 +79,9 @@ impl PartitionRunner {
         let mut done = Vec::with_capacity(messages.len());
         for message in messages {
             let (tenant, batch) = PreparedBatch::from_wire(message.payload)?;
+            let entry = decode_batch(batch.entry())?;
+            let mut items = RollupItems::from_events(&entry.events, &entry.extras);
+            drop(entry);
             let window = dedup_window(tenant).ok_or(RunError::UnknownTenant {
                 seq: message.seq,
                 tenant,
@@ -90,11 +97,15 @@ impl PartitionRunner {
                 }),
             });
             let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
+            if outcome.duplicates > 0 {
+                items.retain_kept(&outcome.new_events());
+            }
             self.next_seq = message.seq + 1;
             done.push(Processed {
                 seq: message.seq,
                 tenant,
                 outcome,
+                items,
             });
         }
         Ok(done)
@@ -122,6 +133,134 @@ mod tests {
         };
         let writer = LogWriter::start(storage.clone(), options).unwrap();
         (storage, writer)
+    }
+
+    /// Exactly once across a failover: owner A processes the partition and flushes part of
+    /// its rollups, then stops renewing; B takes the lease over, replays the whole stream from
+    /// scratch and counts only what A had not flushed; A's late flush is fenced out. Every
+    /// messageId is counted once.
+    #[actix_rt::test]
+    async fn rollups_count_each_message_once_across_a_failover() {
+        use crate::cluster::lease::Leases;
+        use crate::cluster::rollups::{FlushOutcome, PartitionDeltas, SharedRollups};
+        use crate::rollup::{Resolution, Retention, ALL_EVENTS};
+
+        let nats = testkit::services::Service::nats().unwrap();
+        let redis = testkit::services::Service::redis().unwrap();
+        let stream = EventStream::connect(&nats.url(), "failover", 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (a, b) = (TenantId(0xa), TenantId(0xb));
+        let messages: [(TenantId, &[&str]); 6] = [
+            (a, &["a1", "a2"]),
+            (b, &["b1"]),
+            (a, &["a3"]),
+            (a, &["a1", "a4"]),
+            (b, &["b2", "b3"]),
+            (a, &["a5"]),
+        ];
+        for (n, (tenant, ids)) in messages.iter().enumerate() {
+            let wire = PreparedBatch::new(*tenant, &batch(ids))
+                .unwrap()
+                .to_wire(*tenant)
+                .unwrap();
+            stream
+                .publish(0, &format!("m{n}"), bytes::Bytes::from(wire))
+                .await
+                .unwrap();
+        }
+        let redis_url = redis.url();
+        let redis_conn = || crate::cluster::connect_redis(&redis_url, Duration::from_secs(30));
+        let shared = SharedRollups::new(redis_conn().await.unwrap(), "failover");
+        let timeout = Duration::from_millis(400);
+        let mut leases_a = Leases::new(redis_conn().await.unwrap(), "failover", "a", 1, timeout);
+        let mut leases_b = Leases::new(redis_conn().await.unwrap(), "failover", "b", 1, timeout);
+        let fence = leases_a.fence_key(0);
+        let lease_a = leases_a.acquire(0).await.unwrap().unwrap();
+        let retention = Retention {
+            minute: Duration::from_secs(u32::MAX.into()),
+            hour: Duration::from_secs(u32::MAX.into()),
+            day: None,
+        };
+        let window = |_: TenantId| Some(Duration::from_secs(3600));
+
+        // A: four messages processed and flushed, two more processed, not flushed.
+        let dir_a = tempfile::tempdir().unwrap();
+        let (_storage_a, writer_a) = writer(dir_a.path());
+        let mut runner_a = PartitionRunner::new(0, 0);
+        let mut deltas_a = PartitionDeltas::new(retention);
+        for processed in runner_a
+            .run_once(&stream, &writer_a, 4, window)
+            .await
+            .unwrap()
+        {
+            deltas_a.add(&shared, &processed, 1).await.unwrap();
+        }
+        let flushed = deltas_a.flush(&shared, lease_a, &fence).await.unwrap();
+        assert!(
+            flushed.iter().all(|(_, o)| *o == FlushOutcome::Stored),
+            "{flushed:?}"
+        );
+        for processed in runner_a
+            .run_once(&stream, &writer_a, 10, window)
+            .await
+            .unwrap()
+        {
+            deltas_a.add(&shared, &processed, 1).await.unwrap();
+        }
+
+        // A stops renewing; B takes the partition over once the lease has expired.
+        tokio::time::sleep(timeout * 2).await;
+        let lease_b = leases_b
+            .acquire(0)
+            .await
+            .unwrap()
+            .expect("the lease expired");
+        assert!(lease_b.token > lease_a.token);
+        let dir_b = tempfile::tempdir().unwrap();
+        let (_storage_b, writer_b) = writer(dir_b.path());
+        let mut runner_b = PartitionRunner::new(0, 0);
+        let mut deltas_b = PartitionDeltas::new(retention);
+        for processed in runner_b
+            .run_once(&stream, &writer_b, 10, window)
+            .await
+            .unwrap()
+        {
+            deltas_b.add(&shared, &processed, 1).await.unwrap();
+        }
+        let flushed = deltas_b.flush(&shared, lease_b, &fence).await.unwrap();
+        assert!(
+            flushed.iter().all(|(_, o)| *o == FlushOutcome::Stored),
+            "{flushed:?}"
+        );
+
+        // A wakes up and flushes what it held: fenced, nothing changes.
+        let late = deltas_a.flush(&shared, lease_a, &fence).await.unwrap();
+        assert!(
+            late.iter().any(|(_, o)| *o == FlushOutcome::Fenced),
+            "{late:?}"
+        );
+
+        let count = |tenant| {
+            let shared = &shared;
+            async move {
+                shared
+                    .counts(
+                        tenant,
+                        Resolution::Day,
+                        ALL_EVENTS,
+                        0,
+                        Resolution::Day.width(),
+                    )
+                    .await
+                    .unwrap()[0]
+                    .1
+            }
+        };
+        assert_eq!(count(a).await, 5, "a1..a5, a1 once");
+        assert_eq!(count(b).await, 3);
+        writer_a.shutdown();
+        writer_b.shutdown();
     }
 
     /// Batches published to a partition become log entries once each, in stream order; a

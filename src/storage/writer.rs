@@ -104,6 +104,11 @@ impl PreparedBatch {
         self
     }
 
+    /// The log entry as it will be stored (see `storage::event_log::decode_batch`).
+    pub fn entry(&self) -> &[u8] {
+        &self.encoded
+    }
+
     /// Adds keys to look up only (see [`AppendOutcome::probe_duplicates`]).
     pub fn with_probes(mut self, probes: Vec<Option<dedup::DedupKey>>) -> PreparedBatch {
         self.probes = probes;
