@@ -339,6 +339,36 @@ impl TenantDirectory {
         self.tenants.remove(&record.id);
     }
 
+    /// Shows a record written elsewhere (cluster mode's shared directory), replacing this
+    /// tenant's record if it has one; keys the new record no longer has stop working at once.
+    /// In memory only: the shared directory is where the record is kept.
+    pub fn mirror(&self, record: TenantRecord) {
+        let _guard = self.lock();
+        let replaced = self.tenants.get(&record.id).map(|r| Arc::clone(r.value()));
+        if let Some(old) = &replaced {
+            self.keys.remove(&old.write_key_digest);
+            self.keys.remove(&old.read_key_digest);
+        }
+        let keys_changed = replaced.is_some_and(|old| {
+            old.write_key_digest != record.write_key_digest
+                || old.read_key_digest != record.read_key_digest
+        });
+        self.index(Arc::new(record));
+        if keys_changed {
+            self.revoked();
+        }
+    }
+
+    /// Forgets a tenant deleted elsewhere (cluster mode's shared directory); its keys stop
+    /// working at once.
+    pub fn mirror_removed(&self, id: TenantId) {
+        let _guard = self.lock();
+        if let Some(record) = self.get(id) {
+            self.unindex(&record);
+            self.revoked();
+        }
+    }
+
     /// True when `token` is the admin token.
     pub fn is_admin(&self, token: &str) -> bool {
         digests_equal(&digest(token), &self.admin_digest)

@@ -11,11 +11,14 @@ use common::runtime;
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
-use statsremote::cluster::directory::{DirectoryChange, SharedDirectory};
+use statsremote::cluster::directory::{self, DirectoryChange, SharedDirectory};
 use statsremote::cluster::stream::connect_jetstream;
 use statsremote::config::{Config, Overrides, TenantDefaults};
 use statsremote::ids::TenantId;
-use statsremote::tenant::{digest, TenantRecord, TenantSettings};
+use statsremote::storage::Storage;
+use statsremote::tenant::{
+    digest, KeyCheck, KeyKind, TenantDirectory, TenantRecord, TenantSettings,
+};
 use testkit::services::Service;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -153,5 +156,42 @@ fn a_follower_keeps_following_across_a_nats_restart() {
             }
         };
         assert_eq!(*seen, y);
+    });
+}
+
+/// A node's in-memory directory follows the shared one: keys of a new tenant work, a rotated
+/// key stops working at once (and its long-lived uses are told), a deleted tenant's keys too.
+#[test]
+fn a_nodes_directory_mirrors_the_shared_one() {
+    let nats = Service::nats().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let storage = Storage::open(data.path(), 1 << 20, Default::default()).unwrap();
+    let local = TenantDirectory::load(storage, defaults(), digest("admin-token")).unwrap();
+    runtime().block_on(async {
+        let a = node(&nats).await;
+        let b = node(&nats).await;
+        let mut followed = Box::pin(b.follow());
+        let apply_next = |changes: DirectoryChange| directory::apply(&local, changes);
+        assert!(apply_next(next(&mut followed, TIMEOUT).await), "caught up at once");
+
+        let mut x = record(0x55, "x");
+        a.put(&x).await.unwrap();
+        apply_next(next(&mut followed, TIMEOUT).await);
+        assert!(matches!(local.check_key("sr_write_x"), KeyCheck::Valid(r, KeyKind::Write) if r.id == x.id));
+        let mut watch = local.watch_key("sr_read_x");
+
+        x.read_key_digest = digest("sr_read_rotated");
+        a.put(&x).await.unwrap();
+        apply_next(next(&mut followed, TIMEOUT).await);
+        assert!(matches!(local.check_key("sr_read_x"), KeyCheck::Unknown));
+        assert!(matches!(local.check_key("sr_read_rotated"), KeyCheck::Valid(..)));
+        tokio::time::timeout(TIMEOUT, watch.revoked(&local))
+            .await
+            .expect("the old key's watch is told");
+
+        a.remove(x.id).await.unwrap();
+        apply_next(next(&mut followed, TIMEOUT).await);
+        assert!(matches!(local.check_key("sr_write_x"), KeyCheck::Unknown));
+        assert!(local.get(x.id).is_none());
     });
 }

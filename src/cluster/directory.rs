@@ -19,7 +19,7 @@ use futures_util::{Stream, StreamExt};
 use crate::cluster::stream::{failed, StreamError};
 use crate::config::TenantDefaults;
 use crate::ids::TenantId;
-use crate::tenant::{decode_record, encode_record, TenantRecord};
+use crate::tenant::{decode_record, encode_record, TenantDirectory, TenantRecord};
 
 /// One change to the directory, as a follower sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,4 +208,16 @@ impl Follow<'_> {
             }
         }
     }
+}
+
+/// Applies a change to a node's in-memory directory (see [`TenantDirectory::mirror`]);
+/// returns whether the node's view is complete (every record that existed when the follow
+/// began has been applied).
+pub fn apply(directory: &TenantDirectory, change: DirectoryChange) -> bool {
+    match change {
+        DirectoryChange::Upsert(record) => directory.mirror(*record),
+        DirectoryChange::Removed(id) => directory.mirror_removed(id),
+        DirectoryChange::CaughtUp => return true,
+    }
+    false
 }
