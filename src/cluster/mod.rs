@@ -79,6 +79,51 @@ pub async fn connect_redis(
     redis::aio::ConnectionManager::new_with_config(client, config).await
 }
 
+/// Whether a dependency answers, for `/readyz`: `Err` says why not.
+pub type Readiness = Result<(), String>;
+
+/// How long a readiness check waits for an answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether Redis answers a `PING` in time.
+pub async fn redis_ready(redis: &redis::aio::ConnectionManager) -> Readiness {
+    let mut redis = redis.clone();
+    let command = redis::cmd("PING");
+    let ping = command.query_async::<String>(&mut redis);
+    match tokio::time::timeout(READY_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("redis: {error}")),
+        Err(_) => Err(format!("redis: no answer within {READY_TIMEOUT:?}")),
+    }
+}
+
+/// Whether NATS is connected and JetStream answers about `stream` in time.
+pub async fn nats_ready(js: &async_nats::jetstream::Context, stream: &str) -> Readiness {
+    if js.client().connection_state() != async_nats::connection::State::Connected {
+        return Err("nats: not connected".into());
+    }
+    match tokio::time::timeout(READY_TIMEOUT, js.get_stream(stream)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("nats: {error}")),
+        Err(_) => Err(format!("nats: no answer within {READY_TIMEOUT:?}")),
+    }
+}
+
+impl ClusterConfig {
+    /// This node's name: `node_id`, else the host name and process id.
+    pub fn node_name(&self) -> String {
+        if !self.node_id.trim().is_empty() {
+            return self.node_id.trim().to_string();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "node".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
 /// The partition of a tenant: stable across nodes, versions and restarts.
 pub fn partition_of(tenant: TenantId, partitions: u16) -> u16 {
     let hash = xxhash_rust::xxh3::xxh3_64(&tenant.0.to_be_bytes());
