@@ -202,6 +202,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         PipelineDeps {
             storage: storage.clone(),
             writer: Arc::clone(&writer),
+            append: Arc::clone(&writer) as Arc<dyn crate::storage::writer::Append>,
             directory: Arc::clone(&directory),
             schemas: Arc::clone(&schemas),
             processing: config.processing.clone(),

@@ -314,7 +314,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
                 let _ = reply.send(outcome.map_err(PipelineError::from));
             }),
         };
-        self.deps.writer.submit(request);
+        self.deps.append.submit(request);
     }
 }
 

@@ -68,6 +68,8 @@ impl From<StorageError> for PipelineError {
 pub struct PipelineDeps {
     pub storage: Storage,
     pub writer: Arc<LogWriter>,
+    /// Where the ingest actors' batches go: the writer, or a cluster's event stream.
+    pub append: Arc<dyn crate::storage::writer::Append>,
     pub directory: Arc<TenantDirectory>,
     /// The tenants' tracking plans.
     pub schemas: Arc<crate::schema::SchemaRegistry>,

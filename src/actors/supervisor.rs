@@ -215,9 +215,11 @@ mod tests {
         let mut rollups = config.rollups.clone();
         rollups.flush_interval = Duration::from_millis(20);
         let schema_storage = storage.clone();
+        let writer = Arc::new(writer);
         let deps = Arc::new(PipelineDeps {
             storage: storage.clone(),
-            writer: Arc::new(writer),
+            writer: Arc::clone(&writer),
+            append: writer,
             directory: Arc::new(directory),
             schemas: crate::schema::SchemaRegistry::for_tests(schema_storage),
             processing: config.processing.clone(),

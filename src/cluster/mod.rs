@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod directory;
 pub mod lease;
 pub mod live;
+pub mod publish;
 pub mod ratelimit;
 pub mod rollups;
 pub mod runner;

@@ -387,6 +387,9 @@ fn pipeline_error(error: PipelineError) -> ApiError {
         PipelineError::Storage(StorageError::WriterStopped) => {
             ApiError::unavailable("the server is shutting down")
         }
+        PipelineError::Storage(StorageError::Unavailable(why)) => {
+            ApiError::unavailable(format!("events were not stored: {why}"))
+        }
         PipelineError::Storage(other) => {
             tracing::error!(error = %other, "storage failure; request not acknowledged");
             ApiError::Internal(format!("storage failure, events were not stored: {other}"))

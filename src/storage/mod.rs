@@ -77,6 +77,9 @@ pub enum StorageError {
     WriterStopped,
     #[error("the log writer queue is full")]
     QueueFull,
+    /// Where the batch goes (a cluster's event stream) is unreachable for now: retry later.
+    #[error("the event stream is unavailable: {0}")]
+    Unavailable(String),
     #[error("tenant {0} has been deleted")]
     TenantDeleted(TenantId),
 }

@@ -46,6 +46,19 @@ pub struct AppendRequest {
     pub reply: AppendReply,
 }
 
+/// Where prepared batches go to become durable: the local [`LogWriter`], or, on a cluster's
+/// ingest nodes, the event stream (`crate::cluster::publish`). Either answers each request
+/// through its reply once the batch is durable or has failed.
+pub trait Append: Send + Sync {
+    fn submit(&self, request: AppendRequest);
+}
+
+impl Append for LogWriter {
+    fn submit(&self, request: AppendRequest) {
+        LogWriter::submit(self, request);
+    }
+}
+
 /// A log batch made ready by its sender, in parallel with other senders: encoded and compressed
 /// as the log entry, with each event's dedup key. The one writer thread then only deduplicates
 /// and commits (it decodes and re-encodes only a batch that had duplicates). The decoded events
@@ -107,6 +120,11 @@ impl PreparedBatch {
     /// The log entry as it will be stored (see `storage::event_log::decode_batch`).
     pub fn entry(&self) -> &[u8] {
         &self.encoded
+    }
+
+    /// How many events the entry holds.
+    pub fn events(&self) -> usize {
+        self.dedup_keys.len()
     }
 
     /// Adds keys to look up only (see [`AppendOutcome::probe_duplicates`]).
