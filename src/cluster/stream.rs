@@ -4,8 +4,8 @@
 //!
 //! An ingest node publishes each request's batch to its tenant's partition and answers the
 //! client only once JetStream has acknowledged the publish (the message is then stored on the
-//! stream's replicas); the publish carries the batch's id as `Nats-Msg-Id`, so a publish retried
-//! after a lost acknowledgement is stored once. A partition's owner reads its subject from the
+//! stream's replicas); the publish carries an id unique to the batch as `Nats-Msg-Id`, so a
+//! publish retried after a lost acknowledgement is stored once. A partition's owner reads its subject from the
 //! sequence after its last checkpoint ([`EventStream::read`]), so a new owner rebuilds its
 //! state from the checkpoint and the stream's tail; messages stay until a checkpoint covers
 //! them, and the owner then removes them ([`EventStream::trim`]).
