@@ -824,16 +824,10 @@ mod tests {
                 event.timestamp = now;
             }
             let items = RollupItems::from_events(&batch.events, &batch.extras);
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            self.deps.writer.submit(AppendRequest {
-                tenant: self.tenant,
-                queued_at: Instant::now(),
-                dedup_window: Duration::from_secs(3600),
-                batch: PreparedBatch::new(self.tenant, &batch).unwrap(),
-                reply: Box::new(move |outcome| {
-                    let _ = reply.send(outcome);
-                }),
-            });
+            let prepared = PreparedBatch::new(self.tenant, &batch).unwrap();
+            let (request, answer) =
+                AppendRequest::answered(self.tenant, Duration::from_secs(3600), prepared);
+            self.deps.writer.submit(request);
             let outcome: AppendOutcome = answer.await.unwrap().unwrap();
             RollupBatch {
                 tenant: self.tenant,

@@ -79,31 +79,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::time::{Duration, Instant};
 
-    use tokio::sync::oneshot;
-
     use super::*;
     use crate::ids::TenantId;
     use crate::storage::event_log::tests::batch;
-    use crate::storage::writer::PreparedBatch;
+    use crate::storage::writer::{AppendAnswer, PreparedBatch};
 
-    fn request(
-        tenant: TenantId,
-        ids: &[&str],
-    ) -> (
-        AppendRequest,
-        oneshot::Receiver<Result<AppendOutcome, StorageError>>,
-    ) {
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            tenant,
-            queued_at: Instant::now(),
-            dedup_window: Duration::from_secs(3600),
-            batch: PreparedBatch::new(tenant, &batch(ids)).unwrap(),
-            reply: Box::new(move |outcome| {
-                let _ = reply.send(outcome);
-            }),
-        };
-        (request, answer)
+    fn request(tenant: TenantId, ids: &[&str]) -> (AppendRequest, AppendAnswer) {
+        let batch = PreparedBatch::new(tenant, &batch(ids)).unwrap();
+        AppendRequest::answered(tenant, Duration::from_secs(3600), batch)
     }
 
     /// A batch is answered once JetStream has it, on its tenant's partition, whole; with NATS

@@ -9,8 +9,6 @@
 
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
 use crate::cluster::stream::{EventStream, StreamError};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
@@ -86,16 +84,8 @@ impl PartitionRunner {
                 seq: message.seq,
                 tenant,
             })?;
-            let (reply, answer) = oneshot::channel();
-            writer.submit(AppendRequest {
-                tenant,
-                queued_at: std::time::Instant::now(),
-                dedup_window: window,
-                batch,
-                reply: Box::new(move |outcome| {
-                    let _ = reply.send(outcome);
-                }),
-            });
+            let (request, answer) = AppendRequest::answered(tenant, window, batch);
+            writer.submit(request);
             let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
             if outcome.duplicates > 0 {
                 items.retain_kept(&outcome.new_events());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::event::{format_timestamp, Micros};
 use crate::ids::TenantId;
-use crate::query::{series, Metric, Point, QueryCache};
+use crate::query::{series_of, Metric, Point, QueryCache, SeriesSpan};
 use crate::rollup::Resolution;
 use crate::storage::{Storage, StorageError};
 
@@ -76,16 +76,17 @@ pub fn render_series(
         }
     }
     let all_cached = runs.is_empty();
+    let name = ask.event.as_deref().unwrap_or(crate::rollup::ALL_EVENTS);
+    let weights = crate::storage::rollups::sampled_weights(storage, ask.tenant, name)?;
     let mut computed = Vec::new();
-    for (run_from, run_to) in runs {
-        computed.extend(series(
-            storage,
-            ask.tenant,
-            ask.event.as_deref(),
-            ask.metric,
-            ask.resolution,
-            run_from,
-            run_to,
+    for (from, to) in runs {
+        let span = SeriesSpan {
+            resolution: ask.resolution,
+            from,
+            to,
+        };
+        computed.extend(series_of(
+            storage, ask.tenant, name, ask.metric, &span, &weights,
         )?);
     }
     let mut computed = computed.into_iter().peekable();
@@ -117,10 +118,9 @@ pub fn render_series(
         }
         *part = Some(text);
     }
-    let name = ask.event.as_deref().unwrap_or(crate::rollup::ALL_EVENTS);
-    let sampled_rates = (crate::storage::rollups::sampled_weights(storage, ask.tenant, name)?)
-        .into_iter()
-        .map(|weight| 1.0 / f64::from(weight))
+    let sampled_rates = weights
+        .iter()
+        .map(|weight| 1.0 / f64::from(*weight))
         .collect();
     Ok(RenderedSeries {
         parts: parts.into_iter().flatten().collect(),

@@ -64,6 +64,24 @@ pub fn series(
         to,
     };
     let weights = rollups::sampled_weights(storage, tenant, name)?;
+    series_of(storage, tenant, name, metric, &span, &weights)
+}
+
+/// [`series`] of the series `name`, whose sampled users are kept at `weights`
+/// ([`rollups::sampled_weights`], read once by a caller that asks for several spans).
+pub(crate) fn series_of(
+    storage: &Storage,
+    tenant: TenantId,
+    name: &str,
+    metric: Metric,
+    span: &SeriesSpan,
+    weights: &[u32],
+) -> Result<Vec<Point>, StorageError> {
+    let &SeriesSpan {
+        resolution,
+        from,
+        to,
+    } = span;
     // Stored buckets come back in time order: walk them alongside the full range.
     let stored: Vec<(Micros, Estimate)> = if weights.is_empty() {
         match metric {
@@ -74,7 +92,7 @@ pub fn series(
         .map(|(at, value)| (at, Estimate::exact(value)))
         .collect()
     } else {
-        span.sampled(storage, tenant, name, metric, &weights)?
+        span.sampled(storage, tenant, name, metric, weights)?
     };
     let mut stored = stored.into_iter().peekable();
     let mut points = Vec::with_capacity(((to - from) / resolution.width()).max(0) as usize);
@@ -101,11 +119,11 @@ pub fn series(
     Ok(points)
 }
 
-/// The buckets of a series answer.
-struct SeriesSpan {
-    resolution: Resolution,
-    from: Micros,
-    to: Micros,
+/// The buckets of a series answer: `[from, to)` at `resolution` (aligned).
+pub(crate) struct SeriesSpan {
+    pub resolution: Resolution,
+    pub from: Micros,
+    pub to: Micros,
 }
 
 impl SeriesSpan {

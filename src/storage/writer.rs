@@ -46,6 +46,31 @@ pub struct AppendRequest {
     pub reply: AppendReply,
 }
 
+/// What an [`AppendRequest`] made with [`AppendRequest::answered`] becomes.
+pub type AppendAnswer = oneshot::Receiver<Result<AppendOutcome, StorageError>>;
+
+impl AppendRequest {
+    /// A request queued now, whose outcome arrives on the returned receiver (for callers that
+    /// await it rather than act in the reply).
+    pub fn answered(
+        tenant: TenantId,
+        dedup_window: Duration,
+        batch: PreparedBatch,
+    ) -> (AppendRequest, AppendAnswer) {
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            tenant,
+            queued_at: Instant::now(),
+            dedup_window,
+            batch,
+            reply: Box::new(move |outcome| {
+                let _ = reply.send(outcome);
+            }),
+        };
+        (request, answer)
+    }
+}
+
 /// Where prepared batches go to become durable: the local [`LogWriter`], or, on a cluster's
 /// ingest nodes, the event stream (`crate::cluster::publish`). Either answers each request
 /// through its reply once the batch is durable or has failed.
@@ -634,15 +659,27 @@ impl Writer {
         }
         let now = now_micros();
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
+        let (storage, dedup) = (&self.storage, &mut self.dedup);
+        // Whether `key` is a retry: earlier in this request, or logged within the window.
+        // `claim`: the key's event is to be stored (or kept as a letter), so later ones in
+        // the request with the same key are its duplicates.
+        let mut is_duplicate = |key: &dedup::DedupKey, claim: bool| {
+            let earlier = if claim {
+                !in_request.insert(*key)
+            } else {
+                in_request.contains(key)
+            };
+            Ok::<bool, StorageError>(
+                earlier || dedup.seen_within(storage, tenant, key, now, dedup_window)?,
+            )
+        };
         let mut duplicate_positions = Vec::new();
         let mut inserted = Vec::with_capacity(prepared.dedup_keys.len());
         for (position, key) in prepared.dedup_keys.iter().enumerate() {
             let Some(key) = key else {
                 continue;
             };
-            let duplicate = !in_request.insert(*key)
-                || (self.dedup).seen_within(&self.storage, tenant, key, now, dedup_window)?;
-            if duplicate {
+            if is_duplicate(key, true)? {
                 duplicate_positions.push(position);
             } else {
                 inserted.push(*key);
@@ -653,38 +690,27 @@ impl Writer {
         let mut dead_letter_duplicates = Vec::new();
         for (position, letter) in prepared.dead_letters.iter().enumerate() {
             let duplicate = match &letter.dedup_key {
-                Some(key) => {
-                    !in_request.insert(*key)
-                        || (self.dedup).seen_within(
-                            &self.storage,
-                            tenant,
-                            key,
-                            now,
-                            dedup_window,
-                        )?
-                }
+                Some(key) => is_duplicate(key, true)?,
                 None => false,
             };
             if duplicate {
                 dead_letter_duplicates.push(position);
             } else {
-                deadletters::stage(&self.storage, tenant, &letter.key, &letter.value)?;
+                deadletters::stage(storage, tenant, &letter.key, &letter.value)?;
+            }
+        }
+        // Sampled-out events are looked up only: they are never stored.
+        let mut probe_duplicates = Vec::new();
+        for (position, key) in prepared.probes.iter().enumerate() {
+            if let Some(key) = key {
+                if is_duplicate(key, false)? {
+                    probe_duplicates.push(position);
+                }
             }
         }
         if dead_letter_duplicates.len() < prepared.dead_letters.len() {
             if let Some((key, value)) = &prepared.dead_letter_batch {
                 deadletters::stage(&self.storage, tenant, key, value)?;
-            }
-        }
-        let mut probe_duplicates = Vec::new();
-        for (position, key) in prepared.probes.iter().enumerate() {
-            let Some(key) = key else {
-                continue;
-            };
-            if in_request.contains(key)
-                || (self.dedup).seen_within(&self.storage, tenant, key, now, dedup_window)?
-            {
-                probe_duplicates.push(position);
             }
         }
         let duplicates = duplicate_positions.len();
@@ -767,16 +793,9 @@ pub(crate) mod tests {
         tenant: TenantId,
         ids: &[&str],
     ) -> Result<AppendOutcome, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        writer.submit(AppendRequest {
-            tenant,
-            queued_at: Instant::now(),
-            dedup_window: Duration::from_secs(3600),
-            batch: PreparedBatch::new(tenant, &batch(ids)).unwrap(),
-            reply: Box::new(move |outcome| {
-                let _ = reply.send(outcome);
-            }),
-        });
+        let batch = PreparedBatch::new(tenant, &batch(ids)).unwrap();
+        let (request, answer) = AppendRequest::answered(tenant, Duration::from_secs(3600), batch);
+        writer.submit(request);
         answer.await.unwrap()
     }
 
@@ -817,16 +836,9 @@ pub(crate) mod tests {
         let mut outcomes = Vec::new();
         for _ in 0..2 {
             let (_, prepared) = PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
-            let (reply, answer) = oneshot::channel();
-            writer.submit(AppendRequest {
-                tenant,
-                queued_at: Instant::now(),
-                dedup_window: Duration::from_secs(3600),
-                batch: prepared,
-                reply: Box::new(move |outcome| {
-                    let _ = reply.send(outcome);
-                }),
-            });
+            let (request, answer) =
+                AppendRequest::answered(tenant, Duration::from_secs(3600), prepared);
+            writer.submit(request);
             outcomes.push(answer.await.unwrap().unwrap());
         }
         assert_eq!((outcomes[0].accepted, outcomes[0].dead_lettered), (2, 1));
