@@ -8,7 +8,6 @@ mod common;
 use common::runtime;
 
 use statsremote::cluster::checkpoint::Checkpoints;
-use statsremote::config::S3Config;
 use statsremote::storage::cold::ColdStore;
 use testkit::s3::S3Server;
 
@@ -54,15 +53,5 @@ fn checkpoints_in_the_local_folder() {
 fn checkpoints_on_an_s3_compatible_server() {
     let server = S3Server::start().unwrap();
     server.create_bucket("checkpoints").unwrap();
-    let settings = S3Config {
-        bucket: "checkpoints".into(),
-        prefix: "cluster".into(),
-        endpoint: server.endpoint().into(),
-        region: "us-east-1".into(),
-        virtual_hosted_style: false,
-        allow_http: true,
-    };
-    std::env::set_var("AWS_ACCESS_KEY_ID", testkit::s3::ACCESS_KEY);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", testkit::s3::SECRET_KEY);
-    behaves(&ColdStore::s3(&settings).unwrap());
+    behaves(&common::s3_store(&server, "checkpoints", "cluster"));
 }

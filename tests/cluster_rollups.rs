@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use statsremote::cluster::connect_redis;
-use statsremote::cluster::lease::Leases;
+use statsremote::cluster::lease::{Lease, Leases};
 use statsremote::cluster::rollups::{FlushOutcome, SharedRollups};
 use statsremote::enrich::user_hash;
 use statsremote::ids::TenantId;
@@ -59,21 +59,25 @@ fn deltas(events: &[(&str, i64, u64)]) -> Deltas {
     deltas
 }
 
+/// Takes `partition` (of `partitions`) as the only node: its lease and the fence it guards.
+async fn own(redis: &Service, partitions: u16, partition: u16) -> (Lease, String) {
+    let mut leases = Leases::new(
+        connect(redis).await,
+        "test",
+        "owner",
+        partitions,
+        Duration::from_secs(5),
+    );
+    let mut held = BTreeMap::new();
+    leases.balance(&mut held, now_ms()).await.unwrap();
+    (held[&partition], leases.fence_key(partition))
+}
+
 #[test]
 fn flushes_are_atomic_fenced_and_read_the_same_from_any_node() {
     let redis = Service::redis().unwrap();
     runtime().block_on(async {
-        let mut leases = Leases::new(
-            connect(&redis).await,
-            "test",
-            "owner",
-            4,
-            Duration::from_secs(5),
-        );
-        let mut held = BTreeMap::new();
-        leases.balance(&mut held, now_ms()).await.unwrap();
-        let lease = held[&1];
-        let fence = leases.fence_key(1);
+        let (lease, fence) = own(&redis, 4, 1).await;
         let owner = SharedRollups::new(connect(&redis).await, "test");
         let reader = SharedRollups::new(connect(&redis).await, "test");
 
@@ -146,16 +150,7 @@ fn flushes_are_atomic_fenced_and_read_the_same_from_any_node() {
 fn distinct_users_are_within_the_stated_error() {
     let redis = Service::redis().unwrap();
     runtime().block_on(async {
-        let mut leases = Leases::new(
-            connect(&redis).await,
-            "test",
-            "owner",
-            1,
-            Duration::from_secs(5),
-        );
-        let mut held = BTreeMap::new();
-        leases.balance(&mut held, now_ms()).await.unwrap();
-        let (lease, fence) = (held[&0], leases.fence_key(0));
+        let (lease, fence) = own(&redis, 1, 0).await;
         let owner = SharedRollups::new(connect(&redis).await, "test");
         // 100,000 users in minute 0; then 24 hours with 5,000 users each, half of them new.
         let mut events: Vec<(&str, i64, u64)> = (0..100_000).map(|u| ("e", 0, u)).collect();

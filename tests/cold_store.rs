@@ -9,7 +9,6 @@ mod common;
 use common::runtime;
 
 use bytes::Bytes;
-use statsremote::config::S3Config;
 use statsremote::event::{EventKind, StoredEvent};
 use statsremote::storage::cold::segment::{self, ColdRow};
 use statsremote::storage::cold::store::PART_BYTES;
@@ -149,16 +148,6 @@ fn an_s3_compatible_server_conforms() {
     let server = S3Server::start().unwrap();
     server.create_bucket("conformance").unwrap();
     for prefix in ["", "deployments/one"] {
-        let settings = S3Config {
-            bucket: "conformance".into(),
-            prefix: prefix.into(),
-            endpoint: server.endpoint().into(),
-            region: "us-east-1".into(),
-            virtual_hosted_style: false,
-            allow_http: true,
-        };
-        std::env::set_var("AWS_ACCESS_KEY_ID", testkit::s3::ACCESS_KEY);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", testkit::s3::SECRET_KEY);
-        conformance(&ColdStore::s3(&settings).unwrap());
+        conformance(&common::s3_store(&server, "conformance", prefix));
     }
 }

@@ -480,23 +480,11 @@ fn admin_flush_compaction_erasure_and_retention_agree_with_duckdb() {
     // Per-user erasure: every event of u3 leaves both tiers; a hot event of u3 too.
     send(&server, &tenant, "hot", 20, now_secs() - 2 * HOUR);
     let u3_before = counted["users"]["u3"].as_u64().unwrap() + 2;
-    let path = format!("/admin/v1/tenants/{}/users/u3", tenant.id);
-    let reply = server.admin("DELETE", &path, None);
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let job = reply.json();
+    let job = server.request_erasure(&tenant.id, "u3");
     assert_eq!(job["status"], "running");
     // Events keep arriving; those after the request are not the job's (u3 has 2 of them).
     send(&server, &tenant, "after", 20, now_secs() - 2 * HOUR);
-    let job_path = format!("/admin/v1/deletions/{}", job["id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let state = server.admin("GET", &job_path, None).json();
-        if state["status"] != "running" {
-            break state;
-        }
-        assert!(Instant::now() < deadline, "erasure still running: {state}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let done = server.wait_erasure(&job);
     assert_eq!(done["status"], "done", "{done}");
     assert_eq!(done["removed_events"].as_u64(), Some(u3_before), "{done}");
     assert!(done["rewritten_segments"].as_u64().unwrap() >= 2, "{done}");
@@ -578,6 +566,7 @@ fn admin_flush_compaction_erasure_and_retention_agree_with_duckdb() {
     // Restart: the erasure job is still there, and nothing comes back.
     drop(server);
     let server = TestServer::start_in(dir.path(), &env);
+    let job_path = format!("/admin/v1/deletions/{}", job["id"].as_str().unwrap());
     assert_eq!(
         server.admin("GET", &job_path, None).json()["status"],
         "done"

@@ -404,22 +404,8 @@ fn erasing_a_user_removes_the_links_that_name_it() {
     );
     server.wait_rollups_caught_up(&tenant.read_key);
     assert_eq!(persons(&server, &tenant)["r1"], "erin");
-    let path = format!("/admin/v1/tenants/{}/users/erin", tenant.id);
-    let reply = server.admin("DELETE", &path, None);
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let job_path = format!(
-        "/admin/v1/deletions/{}",
-        reply.json()["id"].as_str().unwrap()
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let done = loop {
-        let state = server.admin("GET", &job_path, None).json();
-        if state["status"] != "running" {
-            break state;
-        }
-        assert!(std::time::Instant::now() < deadline, "{state}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let job = server.request_erasure(&tenant.id, "erin");
+    let done = server.wait_erasure(&job);
     assert_eq!(done["status"], "done", "{done}");
     // erin's own link, and anon-e's (whose parent erin was).
     assert_eq!(done["removed_identity_links"], 2, "{done}");

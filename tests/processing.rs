@@ -636,22 +636,8 @@ fn erasing_a_user_removes_their_dead_letters() {
         ],
     );
     assert_eq!(reply["rejected"], 3, "{reply}");
-    let path = format!("/admin/v1/tenants/{}/users/gina", tenant.id);
-    let reply = server.admin("DELETE", &path, None);
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let job_path = format!(
-        "/admin/v1/deletions/{}",
-        reply.json()["id"].as_str().unwrap()
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let done = loop {
-        let state = server.admin("GET", &job_path, None).json();
-        if state["status"] != "running" {
-            break state;
-        }
-        assert!(std::time::Instant::now() < deadline, "{state}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let job = server.request_erasure(&tenant.id, "gina");
+    let done = server.wait_erasure(&job);
     assert_eq!(done["status"], "done", "{done}");
     assert_eq!(done["removed_dead_letters"], 2, "{done}");
     let left = dead_letters(&server, &tenant, "");

@@ -258,6 +258,35 @@ impl TestServer {
         self.get("/metrics", Auth::None).body
     }
 
+    /// Asks for the erasure of a user's data (`DELETE /admin/v1/tenants/{id}/users/{user}`,
+    /// which must answer 202); returns the job as first answered.
+    pub fn request_erasure(&self, tenant_id: &str, user: &str) -> Value {
+        let path = format!("/admin/v1/tenants/{tenant_id}/users/{user}");
+        let reply = self.admin("DELETE", &path, None);
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        reply.json()
+    }
+
+    /// Waits (60 s at most) for an erasure job to end; returns its final record.
+    pub fn wait_erasure(&self, job: &Value) -> Value {
+        let path = format!(
+            "/admin/v1/deletions/{}",
+            job["id"].as_str().expect("job id")
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = self.admin("GET", &path, None).json();
+            if state["status"] != "running" {
+                return state;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "erasure still running: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The server's stderr, over all its starts on this data dir.
     pub fn server_log(&self) -> String {
         self.server.log()
@@ -334,4 +363,24 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A cold store in `bucket` under `prefix` on a test S3 server (moto: path style, plain HTTP,
+/// its fixed credentials).
+pub fn s3_store(
+    server: &testkit::s3::S3Server,
+    bucket: &str,
+    prefix: &str,
+) -> statsremote::storage::cold::ColdStore {
+    let settings = statsremote::config::S3Config {
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        endpoint: server.endpoint().into(),
+        region: "us-east-1".into(),
+        virtual_hosted_style: false,
+        allow_http: true,
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", testkit::s3::ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", testkit::s3::SECRET_KEY);
+    statsremote::storage::cold::ColdStore::s3(&settings).unwrap()
 }
