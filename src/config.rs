@@ -347,6 +347,7 @@ pub struct Overrides {
     pub config_file: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    pub role: Option<crate::cluster::Role>,
 }
 
 impl Config {
@@ -385,6 +386,9 @@ impl Config {
         }
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(role) = overrides.role {
+            figment = figment.merge(Serialized::default("cluster.role", role));
         }
         if let Some(dir) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("storage.data_dir", dir));

@@ -42,6 +42,10 @@ pub enum LifecycleError {
     /// not catch up in time); nothing was lost, and the request can be repeated.
     #[error("{0}")]
     Cold(String),
+    /// Cluster mode: the change is made on this node but the shared directory could not be
+    /// written, so other nodes do not see it yet; repeating the request writes it again.
+    #[error("the change is made on this node, but the shared directory (NATS) could not be written: {0}")]
+    Shared(String),
 }
 
 /// How long an admin flush or erasure waits for the rollups to cover the log.
@@ -61,6 +65,8 @@ pub struct TenantLifecycle {
     /// Longest a superseded cold object waits before deletion: the grace period, then up to
     /// one flusher pass.
     pub cold_purge_delay: std::time::Duration,
+    /// Cluster mode: the node whose shared directory every change is written to.
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
 }
 
 impl TenantLifecycle {
@@ -86,8 +92,24 @@ impl TenantLifecycle {
             }
         })
         .await??;
+        self.share(&created.0).await?;
         tracing::info!(tenant = %created.0.id, name = %created.0.name, "tenant created");
         Ok(created)
+    }
+
+    /// Cluster mode: writes a changed record to the shared directory, where every node sees it.
+    async fn share(&self, record: &Arc<TenantRecord>) -> Result<(), LifecycleError> {
+        let Some(node) = self.cluster.clone() else {
+            return Ok(());
+        };
+        let record = Arc::clone(record);
+        let runtime = node.runtime.clone();
+        runtime
+            .spawn(async move { node.directory.put(&record).await })
+            .await
+            .map_err(|e| LifecycleError::Shared(e.to_string()))?
+            .map_err(|e| LifecycleError::Shared(e.to_string()))?;
+        Ok(())
     }
 
     /// Renames a tenant and/or changes its settings.
@@ -99,6 +121,7 @@ impl TenantLifecycle {
     ) -> Result<Arc<TenantRecord>, LifecycleError> {
         let directory = Arc::clone(&self.directory);
         let record = blocking::run(move || directory.update(id, name.as_deref(), &patch)).await??;
+        self.share(&record).await?;
         tracing::info!(tenant = %id, "tenant updated");
         Ok(record)
     }
@@ -111,6 +134,7 @@ impl TenantLifecycle {
     ) -> Result<(Arc<TenantRecord>, IssuedKeys), LifecycleError> {
         let directory = Arc::clone(&self.directory);
         let rotated = blocking::run(move || directory.rotate(id, which)).await??;
+        self.share(&rotated.0).await?;
         tracing::info!(tenant = %id, ?which, "tenant keys rotated");
         Ok(rotated)
     }
@@ -120,6 +144,14 @@ impl TenantLifecycle {
     pub async fn delete(&self, id: TenantId) -> Result<u64, LifecycleError> {
         let directory = Arc::clone(&self.directory);
         blocking::run(move || directory.remove(id)).await??;
+        if let Some(node) = self.cluster.clone() {
+            let runtime = node.runtime.clone();
+            runtime
+                .spawn(async move { node.directory.remove(id).await })
+                .await
+                .map_err(|e| LifecycleError::Shared(e.to_string()))?
+                .map_err(|e| LifecycleError::Shared(e.to_string()))?;
+        }
         self.pipelines.stop(id);
         self.rate_limits.forget(id);
         self.query_cache.forget(id);

@@ -59,6 +59,10 @@ enum Command {
         /// Data directory (overrides storage.data_dir).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// `all` (the single node, default), `ingest` or `process` (cluster mode; overrides
+        /// cluster.role).
+        #[arg(long, value_name = "ROLE")]
+        role: Option<statsremote::cluster::Role>,
     },
 }
 
@@ -69,11 +73,13 @@ fn main() -> ExitCode {
         config,
         listen,
         data_dir,
+        role,
     } = cli.command;
     let overrides = Overrides {
         config_file: config,
         listen,
         data_dir,
+        role,
     };
     let config = match Config::load(&overrides) {
         Ok(config) => config,

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use actix_web::{web, HttpServer};
 
 use crate::actors::{PipelineDeps, Pipelines};
+use crate::cluster::node::ClusterNode;
+use crate::cluster::Role;
 use crate::config::{Config, Durability};
 use crate::http::{self, AppState};
 use crate::lifecycle::TenantLifecycle;
@@ -46,6 +48,8 @@ pub enum ServerError {
     ShortAdminToken,
     #[error("enrich.geoip_database: {0}")]
     GeoDatabase(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// What enrichment derives, from `[enrich]`; the user-agent patterns compile in the background.
@@ -155,7 +159,27 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         storage_files = descriptors.storage_files,
         "file descriptors shared out"
     );
-    let db_path = config.database_path();
+    let role = config.cluster.role;
+    let cluster = match role {
+        Role::All => None,
+        _ => Some(Arc::new(
+            ClusterNode::connect(&config.cluster, config.tenant_defaults.clone())
+                .await
+                .map_err(ServerError::Cluster)?,
+        )),
+    };
+    let db_path = match role {
+        // A process node's store is its copy of its partitions' state, rebuilt from the
+        // stream: it starts empty (see `crate::cluster::process`).
+        Role::Process => {
+            let path = config.storage.data_dir.join("partitions");
+            if path.exists() {
+                std::fs::remove_dir_all(&path)?;
+            }
+            path
+        }
+        Role::All | Role::Ingest => config.database_path(),
+    };
     let storage = Storage::open_with_files(
         &db_path,
         config.storage.cache_size.as_u64(),
@@ -184,10 +208,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             max_versions_per_tenant: config.processing.max_schema_versions,
         },
     )?);
+    if let Some(node) = &cluster {
+        let limits_node = Arc::clone(node);
+        node.mirror_directory(Arc::clone(&directory), move |tenant| {
+            limits_node.limits.forget(tenant);
+        })
+        .await;
+    }
     let writer = Arc::new(LogWriter::start(
         storage.clone(),
         WriterOptions {
-            fsync: config.storage.durability == Durability::Fsync,
+            // A process node's log is rebuilt from the stream after a crash, so it need not
+            // be fsync'd; the stream is what makes events durable in cluster mode.
+            fsync: config.storage.durability == Durability::Fsync && role != Role::Process,
             queue_capacity: config.storage.queue_capacity,
             max_group_requests: config.storage.max_group_requests,
             dedup_filter_bytes: config.storage.dedup_filter_memory.as_u64(),
@@ -202,7 +235,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         PipelineDeps {
             storage: storage.clone(),
             writer: Arc::clone(&writer),
-            append: Arc::clone(&writer) as Arc<dyn crate::storage::writer::Append>,
+            append: match (&cluster, role) {
+                (Some(node), Role::Ingest) => Arc::new(crate::cluster::publish::StreamAppend::new(
+                    Arc::clone(&node.stream),
+                    config.cluster.partitions,
+                    node.runtime.clone(),
+                )),
+                _ => Arc::clone(&writer) as Arc<dyn crate::storage::writer::Append>,
+            },
             directory: Arc::clone(&directory),
             schemas: Arc::clone(&schemas),
             processing: config.processing.clone(),
@@ -238,6 +278,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         query_cache: Arc::clone(&query_cache),
         cold: cold.clone(),
         cold_purge_delay: config.cold.grace_period + config.cold.flush_interval,
+        cluster: cluster.clone(),
     };
     lifecycle.resume_erasures()?;
     let state = web::Data::new(AppState {
@@ -255,7 +296,26 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         metrics,
         large_bodies: http::body::LargeBodies::new(config.large_body_permits()),
         read_slots: http::slots::ReadSlots::new(config.reads.clone()),
+        cluster: cluster.clone(),
     });
+    let (stop_processing, processing_stopped) = tokio::sync::watch::channel(false);
+    let processing = match (&cluster, role) {
+        (Some(node), Role::Ingest) => {
+            follow_live(node, &directory, &pipelines)?;
+            None
+        }
+        (Some(node), Role::Process) => {
+            let process = Arc::new(crate::cluster::process::ProcessNode {
+                node: Arc::clone(node),
+                storage: storage.clone(),
+                writer: Arc::clone(&writer),
+                directory: Arc::clone(&directory),
+                retention: config.rollups.retention(),
+            });
+            Some(tokio::spawn(process.run(processing_stopped)))
+        }
+        _ => None,
+    };
 
     let listen = config.server.listen;
     let app_state = state.clone();
@@ -306,6 +366,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         handle.stop(true).await;
     });
     running.await?;
+    if let Some(processing) = processing {
+        tracing::info!("HTTP stopped; releasing this process node's partitions");
+        let _ = stop_processing.send(true);
+        let _ = processing.await;
+    }
 
     tracing::info!("HTTP stopped; stopping tenant actors and flushing the log");
     let writer_for_stop = Arc::clone(&writer);
@@ -320,6 +385,33 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!("statsremote stopped cleanly");
     Ok(())
 }
+
+/// Cluster ingest node: feeds the live ticks the partitions' owners publish into this node's
+/// live hubs, so a WebSocket here sees the events processed on every node.
+fn follow_live(
+    node: &ClusterNode,
+    directory: &Arc<TenantDirectory>,
+    pipelines: &Arc<Pipelines>,
+) -> Result<(), ServerError> {
+    let mut ticks = crate::cluster::live::subscribe(
+        &node.config.redis_url,
+        &node.config.prefix,
+        LIVE_FAN_OUT_QUEUE,
+    )
+    .map_err(|e| ServerError::Cluster(format!("redis: {e}")))?;
+    let (directory, pipelines) = (Arc::clone(directory), Arc::clone(pipelines));
+    tokio::spawn(async move {
+        while let Some((tenant, items)) = ticks.recv().await {
+            if directory.get(tenant).is_some() {
+                pipelines.pipeline(tenant).feed_live(items);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Batches from the live fan-out waiting for this node's hubs (more are dropped).
+const LIVE_FAN_OUT_QUEUE: usize = 1024;
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -17,6 +17,21 @@ use crate::config::{LogConfig, LogFormat};
 /// Metric names, all in one place. Each doc names exactly the labels its metric carries; `tenant`
 /// is the tenant's id (16 hex digits).
 pub mod names {
+    /// Cluster mode: partitions this process node owns. No labels.
+    pub const CLUSTER_PARTITIONS_OWNED: &str = "statsremote_cluster_partitions_owned";
+    /// Cluster mode: partitions this process node took (`change="acquired"`) or stopped owning
+    /// (`change="lost"`, `"released"`). Label `change`.
+    pub const CLUSTER_LEASE_CHANGES: &str = "statsremote_cluster_lease_changes_total";
+    /// Cluster mode: stream messages of an owned partition not processed yet. Label
+    /// `partition`.
+    pub const CLUSTER_CONSUMER_LAG: &str = "statsremote_cluster_consumer_lag_messages";
+    /// Cluster mode: time from publishing a batch to JetStream's acknowledgement, on an ingest
+    /// node. No labels.
+    pub const CLUSTER_PUBLISH_LATENCY: &str = "statsremote_cluster_publish_seconds";
+    /// Cluster mode: publishes that failed or timed out (answered 503). No labels.
+    pub const CLUSTER_PUBLISH_FAILURES: &str = "statsremote_cluster_publish_failures_total";
+    /// Cluster mode: stream messages an owner applied to its log. Label `partition`.
+    pub const CLUSTER_MESSAGES_PROCESSED: &str = "statsremote_cluster_messages_processed_total";
     /// Requests answered. Labels `route` (the matched route pattern, or `unmatched`) and
     /// `status` (the HTTP status code).
     pub const HTTP_REQUESTS: &str = "statsremote_http_requests_total";
@@ -347,6 +362,39 @@ pub fn rollup_flushed(tenant: &str, buckets: usize, took: Duration, skipped: &[u
 /// Log entries a rollup actor read back from the log.
 pub fn rollup_log_reads(entries: usize) {
     counter!(names::ROLLUP_LOG_READS).increment(entries as u64);
+}
+
+/// Cluster mode: the partitions owned after a lease round, and how ownership changed in it.
+pub fn cluster_leases(owned: usize, acquired: usize, lost: usize, released: usize) {
+    gauge!(names::CLUSTER_PARTITIONS_OWNED).set(owned as f64);
+    for (change, n) in [
+        ("acquired", acquired),
+        ("lost", lost),
+        ("released", released),
+    ] {
+        if n > 0 {
+            counter!(names::CLUSTER_LEASE_CHANGES, "change" => change).increment(n as u64);
+        }
+    }
+}
+
+/// Cluster mode: messages of `partition` applied, and the messages it still has to read.
+pub fn cluster_partition_progress(partition: u16, processed: usize, lag: u64) {
+    let partition = partition.to_string();
+    if processed > 0 {
+        counter!(names::CLUSTER_MESSAGES_PROCESSED, "partition" => partition.clone())
+            .increment(processed as u64);
+    }
+    gauge!(names::CLUSTER_CONSUMER_LAG, "partition" => partition).set(lag as f64);
+}
+
+/// Cluster mode: one publish to the stream answered (or failed) after `took`.
+pub fn cluster_published(took: Duration, ok: bool) {
+    if ok {
+        histogram!(names::CLUSTER_PUBLISH_LATENCY).record(took.as_secs_f64());
+    } else {
+        counter!(names::CLUSTER_PUBLISH_FAILURES).increment(1);
+    }
 }
 
 /// Where a tenant's rollups stand.

@@ -174,6 +174,12 @@ impl TenantPipeline {
         self.ticks.subscribe()
     }
 
+    /// Feeds items processed elsewhere (cluster mode's live fan-out) to the tenant's live hub;
+    /// dropped when its queue is full, like any live item.
+    pub fn feed_live(&self, items: crate::rollup::RollupItems) {
+        let _ = (self.mailboxes.live).try_send(crate::actors::live::LiveItems(Arc::new(items)));
+    }
+
     /// The state of each of the tenant's child actors.
     pub fn children(&self) -> Vec<ChildState> {
         self.mailboxes.statuses.iter().map(|s| s.state()).collect()

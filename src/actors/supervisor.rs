@@ -40,6 +40,7 @@ impl Message for StopPipeline {
 #[derive(Clone)]
 pub struct Mailboxes {
     pub ingest: Mailbox<IngestBatch>,
+    pub live: Mailbox<LiveItems>,
     pub rollup: Mailbox<RollupMessage>,
     pub flusher: Mailbox<FlusherMessage>,
     /// Every child's status, in start order.
@@ -74,6 +75,7 @@ impl TenantSupervisor {
         });
         let rollup = children.register("rollup", capacity, {
             let deps = Arc::clone(&deps);
+            let live = live.clone();
             move || RollupActor::new(tenant, Arc::clone(&deps), live.clone())
         });
         let ingest = children.register("ingest", capacity, {
@@ -87,6 +89,7 @@ impl TenantSupervisor {
         });
         let mailboxes = Mailboxes {
             ingest,
+            live,
             rollup,
             flusher,
             statuses: children.statuses(),

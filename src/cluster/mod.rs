@@ -9,7 +9,10 @@ pub mod checkpoint;
 pub mod directory;
 pub mod lease;
 pub mod live;
+pub mod node;
+pub mod process;
 pub mod publish;
+pub mod query;
 pub mod ratelimit;
 pub mod rollups;
 pub mod runner;
@@ -25,6 +28,8 @@ use crate::ids::TenantId;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// What this node does: `all` (the single node), `ingest` or `process`.
+    pub role: Role,
     /// NATS server(s), e.g. `nats://127.0.0.1:4222`; empty in single-node mode.
     pub nats_url: String,
     /// Redis, e.g. `redis://127.0.0.1:6379`; empty in single-node mode.
@@ -44,11 +49,35 @@ pub struct ClusterConfig {
     /// Prefix of every Redis key and NATS name the cluster uses, so that clusters can share
     /// the engines.
     pub prefix: String,
+    /// Replicas of the event stream and the directory bucket: 1 on a single NATS server, 3 in
+    /// production (a publish is acknowledged once a majority stored it).
+    pub replicas: usize,
+    /// An ingest node answers 503 when JetStream has not acknowledged a publish within this.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// How often a partition's owner writes its rollups to Redis (also the most a query on
+    /// another node lags behind the owner, besides the stream).
+    #[serde(with = "humantime_serde")]
+    pub flush_every: Duration,
 }
 
 impl ClusterConfig {
     /// Why the settings cannot work, if they cannot.
     pub fn check(&self) -> Result<(), String> {
+        if self.role != Role::All
+            && (self.nats_url.trim().is_empty() || self.redis_url.trim().is_empty())
+        {
+            return Err(format!(
+                "cluster.role = {} needs cluster.nats_url and cluster.redis_url",
+                self.role
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err("cluster.replicas must be between 1 and 5".into());
+        }
+        if self.publish_timeout.is_zero() || self.flush_every.is_zero() {
+            return Err("cluster.publish_timeout and cluster.flush_every must be positive".into());
+        }
         if self.partitions == 0 {
             return Err("cluster.partitions must be at least 1".into());
         }
@@ -64,6 +93,43 @@ impl ClusterConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// What a node of the one binary does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The single node: ingestion, processing and queries over the embedded store.
+    #[default]
+    All,
+    /// Stateless HTTP: publishes batches to the event stream, answers queries from Redis.
+    Ingest,
+    /// Owns partitions: consumes the stream, deduplicates, sequences and rolls up.
+    Process,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::All => "all",
+            Role::Ingest => "ingest",
+            Role::Process => "process",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Role, String> {
+        match text {
+            "all" => Ok(Role::All),
+            "ingest" => Ok(Role::Ingest),
+            "process" => Ok(Role::Process),
+            other => Err(format!(
+                "role must be `all`, `ingest` or `process`, not {other:?}"
+            )),
+        }
     }
 }
 

@@ -53,9 +53,11 @@ impl Append for StreamAppend {
         let partition = partition_of(tenant, self.partitions);
         let stream = Arc::clone(&self.stream);
         self.runtime.spawn(async move {
+            let started = std::time::Instant::now();
             let published = stream
                 .publish(partition, &id, bytes::Bytes::from(wire))
                 .await;
+            crate::telemetry::cluster_published(started.elapsed(), published.is_ok());
             reply(
                 published
                     .map(|_| AppendOutcome {

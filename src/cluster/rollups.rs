@@ -6,7 +6,8 @@
 //! - `<prefix>:rollups:{<tenant>}:u:<resolution>:<start>:<xxh3 of name>`: Redis's own
 //!   HyperLogLog of the bucket's users (their 8-byte user hashes);
 //! - `<prefix>:rollups:{<tenant>}:n`: the set of series names;
-//! - `<prefix>:rollups:{<tenant>}:w`: the watermark, the last stream sequence the rollups include.
+//! - `<prefix>:rollups:{<tenant>}:w`: the watermark, the last sequence of the tenant's log the
+//!   rollups include.
 //!
 //! A flush writes a set of [`Deltas`] and moves the watermark in one Lua script, which first
 //! checks the partition's fence against the owner's lease token ([`FENCE_CHECK`]) and the
@@ -22,7 +23,6 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 
 use crate::cluster::lease::{Lease, FENCE_CHECK};
-use crate::cluster::runner::Processed;
 use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, Resolution, Retention};
@@ -181,7 +181,7 @@ impl SharedRollups {
         })
     }
 
-    /// The last stream sequence the stored rollups include (0: none).
+    /// The last log sequence the stored rollups include (0: none).
     pub async fn watermark(&self, tenant: TenantId) -> redis::RedisResult<u64> {
         let mut redis = self.redis.clone();
         let stored: Option<u64> = redis::cmd("GET")
@@ -236,6 +236,50 @@ impl SharedRollups {
         command.query_async(&mut redis).await
     }
 
+    /// Distinct users of `name` in each bucket from `from` (aligned) up to `to`, zeros included.
+    pub async fn bucket_uniques(
+        &self,
+        tenant: TenantId,
+        resolution: Resolution,
+        name: &str,
+        from: Micros,
+        to: Micros,
+    ) -> redis::RedisResult<Vec<(Micros, u64)>> {
+        let starts: Vec<Micros> = (0..)
+            .map(|i| from + i * resolution.width())
+            .take_while(|start| *start < to)
+            .collect();
+        let mut pipe = redis::pipe();
+        for start in &starts {
+            pipe.cmd("PFCOUNT")
+                .arg(self.users_key(tenant, resolution, name, *start));
+        }
+        let mut redis = self.redis.clone();
+        let counts: Vec<u64> = pipe.query_async(&mut redis).await?;
+        Ok(starts.into_iter().zip(counts).collect())
+    }
+
+    /// Every series' count summed over whole buckets (see [`crate::rollup::cover`]).
+    pub async fn totals(
+        &self,
+        tenant: TenantId,
+        parts: &[(Resolution, Micros)],
+    ) -> redis::RedisResult<HashMap<String, u64>> {
+        let mut pipe = redis::pipe();
+        for (resolution, start) in parts {
+            pipe.hgetall(self.counts_key(tenant, *resolution, *start));
+        }
+        let mut redis = self.redis.clone();
+        let buckets: Vec<HashMap<String, u64>> = pipe.query_async(&mut redis).await?;
+        let mut totals = HashMap::new();
+        for bucket in buckets {
+            for (name, count) in bucket {
+                *totals.entry(name).or_insert(0) += count;
+            }
+        }
+        Ok(totals)
+    }
+
     /// Every series name the tenant's rollups hold, sorted.
     pub async fn names(&self, tenant: TenantId) -> redis::RedisResult<Vec<String>> {
         let mut redis = self.redis.clone();
@@ -248,94 +292,78 @@ impl SharedRollups {
     }
 }
 
-/// A partition owner's rollups not yet in Redis: per tenant, the deltas of the stream messages
-/// after the watermark the shared rollups had when the owner first saw the tenant. Messages at
-/// or below it are already counted (by this owner or a previous one) and are skipped, so an
-/// owner that replays the stream from an older checkpoint counts each message once.
-pub struct PartitionDeltas {
+/// How many log batches one flush carries at most (one script call each).
+const BATCHES_PER_FLUSH: usize = 256;
+
+/// What [`roll_up_tenant`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolledUp {
+    /// The shared rollups include the local log through this sequence (maybe more).
+    Through(u64),
+    /// The lease no longer holds the partition's fence: nothing was written.
+    Fenced,
+}
+
+/// Brings the shared rollups of `tenant` up to its local log's head `head`: reads the log
+/// batches after the shared watermark and merges them in, a flush at a time, each moving the
+/// watermark atomically with the counts. The watermark is a log sequence, and every owner's
+/// local log holds the same sequences (the stream is applied deterministically), so whichever
+/// owner writes next continues exactly where the last write stopped: after a failover, and
+/// after a Redis restart that lost recent writes (the watermark read is then older, and the
+/// missing batches are written again). Reading the log blocks a pool thread.
+pub async fn roll_up_tenant(
+    shared: &SharedRollups,
+    storage: &crate::storage::Storage,
+    tenant: TenantId,
+    head: u64,
+    lease: Lease,
+    fence_key: &str,
     retention: Retention,
-    tenants: HashMap<TenantId, TenantDeltas>,
-}
-
-struct TenantDeltas {
-    /// The shared rollups' watermark, as last read or written by this owner.
-    stored: u64,
-    /// The last stream sequence in `deltas`.
-    through: u64,
-    deltas: Deltas,
-}
-
-impl PartitionDeltas {
-    pub fn new(retention: Retention) -> PartitionDeltas {
-        PartitionDeltas {
-            retention,
-            tenants: HashMap::new(),
+) -> Result<RolledUp, RollUpError> {
+    loop {
+        let stored = shared.watermark(tenant).await?;
+        if stored >= head {
+            return Ok(RolledUp::Through(stored));
         }
-    }
-
-    /// Adds a processed message's items, unless the shared rollups already include it.
-    pub async fn add(
-        &mut self,
-        shared: &SharedRollups,
-        processed: &Processed,
-        now: Micros,
-    ) -> redis::RedisResult<()> {
-        let tenant = match self.tenants.entry(processed.tenant) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                let stored = shared.watermark(processed.tenant).await?;
-                entry.insert(TenantDeltas {
-                    stored,
-                    through: stored,
-                    deltas: Deltas::keeping_every_user(),
-                })
-            }
+        let reader = storage.clone();
+        let batches = crate::blocking::run(move || {
+            crate::actors::rollup::read_items(&reader, tenant, stored + 1, head, BATCHES_PER_FLUSH)
+        })
+        .await
+        .map_err(|e| RollUpError::Log(e.to_string()))?
+        .map_err(|e| RollUpError::Log(e.to_string()))?;
+        let Some(through) = batches
+            .last()
+            .map(|(first, items)| crate::event::last_seq_of(*first, items.len()))
+        else {
+            // The entries after the watermark have left the hot log (the cold tier has them).
+            return Err(RollUpError::Log(format!(
+                "log entries {} to {head} of tenant {tenant} are not in the hot log",
+                stored + 1
+            )));
         };
-        if processed.seq <= tenant.stored {
-            return Ok(());
+        let mut deltas = Deltas::keeping_every_user();
+        let now = crate::event::now_micros();
+        for (_, items) in &batches {
+            deltas.apply(items, &retention, now);
         }
-        tenant.deltas.apply(&processed.items, &self.retention, now);
-        tenant.through = processed.seq;
-        Ok(())
+        deltas.roll_up_users();
+        match shared
+            .flush(tenant, lease, fence_key, &deltas, stored, through)
+            .await?
+        {
+            FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
+            // Stored, or another owner's write came in between: read the watermark again.
+            FlushOutcome::Stored | FlushOutcome::Conflict { .. } => {}
+        }
     }
+}
 
-    /// Writes every tenant's pending deltas with `lease`, and returns what each flush did. Stops
-    /// at the first flush that is fenced or finds another watermark; the partition must then
-    /// be given up or restarted.
-    pub async fn flush(
-        &mut self,
-        shared: &SharedRollups,
-        lease: Lease,
-        fence_key: &str,
-    ) -> redis::RedisResult<Vec<(TenantId, FlushOutcome)>> {
-        let mut outcomes = Vec::new();
-        for (id, tenant) in &mut self.tenants {
-            if tenant.through <= tenant.stored {
-                continue;
-            }
-            tenant.deltas.roll_up_users();
-            let outcome = shared
-                .flush(
-                    *id,
-                    lease,
-                    fence_key,
-                    &tenant.deltas,
-                    tenant.stored,
-                    tenant.through,
-                )
-                .await?;
-            outcomes.push((*id, outcome));
-            match outcome {
-                FlushOutcome::Stored => {
-                    tenant.stored = tenant.through;
-                    tenant.deltas = Deltas::keeping_every_user();
-                }
-                // Not this node's to write any more (fenced), or written by another writer
-                // meanwhile (conflict): the caller gives the partition up, or restarts it from
-                // its checkpoint, which reads the watermark again.
-                FlushOutcome::Fenced | FlushOutcome::Conflict { .. } => break,
-            }
-        }
-        Ok(outcomes)
-    }
+/// Why a roll-up could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum RollUpError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("reading the local log: {0}")]
+    Log(String),
 }

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::cluster::stream::{EventStream, StreamError};
+use crate::cluster::stream::{EventStream, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
 use crate::storage::event_log::decode_batch;
@@ -47,6 +47,8 @@ pub struct PartitionRunner {
     partition: u16,
     /// The stream sequence to read next.
     next_seq: u64,
+    /// The partition's last stream sequence, as last seen.
+    last_seen: u64,
 }
 
 impl PartitionRunner {
@@ -56,6 +58,7 @@ impl PartitionRunner {
         PartitionRunner {
             partition,
             next_seq: covered + 1,
+            last_seen: covered,
         }
     }
 
@@ -64,8 +67,15 @@ impl PartitionRunner {
         self.next_seq - 1
     }
 
+    /// Messages the stream held, when last read, that are not processed yet.
+    pub fn lag(&self) -> u64 {
+        self.last_seen.saturating_sub(self.covered())
+    }
+
     /// Processes up to `max` messages the stream holds now, in order, each durable before the
-    /// next is read; `dedup_window` gives each tenant's window (`None`: unknown tenant).
+    /// next is read; `dedup_window` gives each tenant's window (`None`: unknown tenant). A
+    /// message that cannot be processed ends the run: what was processed before it is
+    /// returned, and the error only when nothing was (the next run starts at that message).
     pub async fn run_once(
         &mut self,
         stream: &EventStream,
@@ -73,32 +83,47 @@ impl PartitionRunner {
         max: usize,
         dedup_window: impl Fn(TenantId) -> Option<Duration>,
     ) -> Result<Vec<Processed>, RunError> {
-        let messages = stream.read(self.partition, self.next_seq, max).await?;
+        let (messages, last) = stream.read_tail(self.partition, self.next_seq, max).await?;
+        self.last_seen = last;
         let mut done = Vec::with_capacity(messages.len());
         for message in messages {
-            let (tenant, batch) = PreparedBatch::from_wire(message.payload)?;
-            let entry = decode_batch(batch.entry())?;
-            let mut items = RollupItems::from_events(&entry.events, &entry.extras);
-            drop(entry);
-            let window = dedup_window(tenant).ok_or(RunError::UnknownTenant {
-                seq: message.seq,
-                tenant,
-            })?;
-            let (request, answer) = AppendRequest::answered(tenant, window, batch);
-            writer.submit(request);
-            let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
-            if outcome.duplicates > 0 {
-                items.retain_kept(&outcome.new_events());
+            match Self::process(message, writer, &dedup_window).await {
+                Ok(processed) => {
+                    self.next_seq = processed.seq + 1;
+                    done.push(processed);
+                }
+                Err(error) if done.is_empty() => return Err(error),
+                Err(_) => break,
             }
-            self.next_seq = message.seq + 1;
-            done.push(Processed {
-                seq: message.seq,
-                tenant,
-                outcome,
-                items,
-            });
         }
         Ok(done)
+    }
+
+    async fn process(
+        message: StreamMessage,
+        writer: &LogWriter,
+        dedup_window: &impl Fn(TenantId) -> Option<Duration>,
+    ) -> Result<Processed, RunError> {
+        let (tenant, batch) = PreparedBatch::from_wire(message.payload)?;
+        let window = dedup_window(tenant).ok_or(RunError::UnknownTenant {
+            seq: message.seq,
+            tenant,
+        })?;
+        let entry = decode_batch(batch.entry())?;
+        let mut items = RollupItems::from_events(&entry.events, &entry.extras);
+        drop(entry);
+        let (request, answer) = AppendRequest::answered(tenant, window, batch);
+        writer.submit(request);
+        let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
+        if outcome.duplicates > 0 {
+            items.retain_kept(&outcome.new_events());
+        }
+        Ok(Processed {
+            seq: message.seq,
+            tenant,
+            outcome,
+            items,
+        })
     }
 }
 
@@ -125,14 +150,14 @@ mod tests {
         (storage, writer)
     }
 
-    /// Exactly once across a failover: owner A processes the partition and flushes part of
-    /// its rollups, then stops renewing; B takes the lease over, replays the whole stream from
-    /// scratch and counts only what A had not flushed; A's late flush is fenced out. Every
-    /// messageId is counted once.
+    /// Exactly once across a failover: owner A processes the partition and rolls part of it
+    /// up, then stops renewing; B takes the lease over, replays the whole stream from scratch
+    /// into its own log and rolls up only what A had not; A's late roll-up is fenced out.
+    /// Every messageId is counted once.
     #[actix_rt::test]
     async fn rollups_count_each_message_once_across_a_failover() {
         use crate::cluster::lease::Leases;
-        use crate::cluster::rollups::{FlushOutcome, PartitionDeltas, SharedRollups};
+        use crate::cluster::rollups::{roll_up_tenant, RolledUp, SharedRollups};
         use crate::rollup::{Resolution, Retention, ALL_EVENTS};
 
         let nats = testkit::services::Service::nats().unwrap();
@@ -174,32 +199,45 @@ mod tests {
         };
         let window = |_: TenantId| Some(Duration::from_secs(3600));
 
-        // A: four messages processed and flushed, two more processed, not flushed.
+        // Rolls each tenant's local log up to its head, as an owner does.
+        let roll_up = |storage: &Storage, lease| {
+            let (shared, fence, storage) = (&shared, fence.clone(), storage.clone());
+            async move {
+                let mut outcomes = Vec::new();
+                for tenant in [a, b] {
+                    let head = storage.log().head(tenant).unwrap();
+                    outcomes.push(
+                        roll_up_tenant(shared, &storage, tenant, head, lease, &fence, retention)
+                            .await
+                            .unwrap(),
+                    );
+                }
+                outcomes
+            }
+        };
+
+        // A: four messages processed and rolled up, two more processed, not rolled up.
         let dir_a = tempfile::tempdir().unwrap();
-        let (_storage_a, writer_a) = writer(dir_a.path());
+        let (storage_a, writer_a) = writer(dir_a.path());
         let mut runner_a = PartitionRunner::new(0, 0);
-        let mut deltas_a = PartitionDeltas::new(retention);
-        for processed in runner_a
+        let first = runner_a
             .run_once(&stream, &writer_a, 4, window)
             .await
-            .unwrap()
-        {
-            deltas_a.add(&shared, &processed, 1).await.unwrap();
-        }
-        let flushed = deltas_a.flush(&shared, lease_a, &fence).await.unwrap();
+            .unwrap();
+        assert_eq!(first.len(), 4);
+        let rolled = roll_up(&storage_a, lease_a).await;
         assert!(
-            flushed.iter().all(|(_, o)| *o == FlushOutcome::Stored),
-            "{flushed:?}"
+            rolled.iter().all(|o| matches!(o, RolledUp::Through(_))),
+            "{rolled:?}"
         );
-        for processed in runner_a
+        let rest = runner_a
             .run_once(&stream, &writer_a, 10, window)
             .await
-            .unwrap()
-        {
-            deltas_a.add(&shared, &processed, 1).await.unwrap();
-        }
+            .unwrap();
+        assert_eq!(rest.len(), 2);
 
-        // A stops renewing; B takes the partition over once the lease has expired.
+        // A stops renewing; B takes the partition over once the lease has expired, replays
+        // the stream from the start and rolls up what A had not.
         tokio::time::sleep(timeout * 2).await;
         let lease_b = leases_b
             .acquire(0)
@@ -208,27 +246,50 @@ mod tests {
             .expect("the lease expired");
         assert!(lease_b.token > lease_a.token);
         let dir_b = tempfile::tempdir().unwrap();
-        let (_storage_b, writer_b) = writer(dir_b.path());
+        let (storage_b, writer_b) = writer(dir_b.path());
         let mut runner_b = PartitionRunner::new(0, 0);
-        let mut deltas_b = PartitionDeltas::new(retention);
-        for processed in runner_b
+        let replayed = runner_b
             .run_once(&stream, &writer_b, 10, window)
             .await
-            .unwrap()
-        {
-            deltas_b.add(&shared, &processed, 1).await.unwrap();
-        }
-        let flushed = deltas_b.flush(&shared, lease_b, &fence).await.unwrap();
+            .unwrap();
+        assert_eq!(replayed.len(), 6);
+        let rolled = roll_up(&storage_b, lease_b).await;
         assert!(
-            flushed.iter().all(|(_, o)| *o == FlushOutcome::Stored),
-            "{flushed:?}"
+            rolled.iter().all(|o| matches!(o, RolledUp::Through(_))),
+            "{rolled:?}"
         );
 
-        // A wakes up and flushes what it held: fenced, nothing changes.
-        let late = deltas_a.flush(&shared, lease_a, &fence).await.unwrap();
+        // A wakes up and reads one more message: its roll-up of it is fenced out; B's counts it.
+        let wire = PreparedBatch::new(a, &batch(&["a6"]))
+            .unwrap()
+            .to_wire(a)
+            .unwrap();
+        stream
+            .publish(0, "m6", bytes::Bytes::from(wire))
+            .await
+            .unwrap();
+        assert_eq!(
+            runner_a
+                .run_once(&stream, &writer_a, 10, window)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let late = roll_up(&storage_a, lease_a).await;
+        assert_eq!(late[0], RolledUp::Fenced, "{late:?}");
+        assert_eq!(
+            runner_b
+                .run_once(&stream, &writer_b, 10, window)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let rolled = roll_up(&storage_b, lease_b).await;
         assert!(
-            late.iter().any(|(_, o)| *o == FlushOutcome::Fenced),
-            "{late:?}"
+            rolled.iter().all(|o| matches!(o, RolledUp::Through(_))),
+            "{rolled:?}"
         );
 
         let count = |tenant| {
@@ -247,7 +308,7 @@ mod tests {
                     .1
             }
         };
-        assert_eq!(count(a).await, 5, "a1..a5, a1 once");
+        assert_eq!(count(a).await, 6, "a1..a6, a1 once");
         assert_eq!(count(b).await, 3);
         writer_a.shutdown();
         writer_b.shutdown();
@@ -324,6 +385,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (storage, writer) = writer(dir.path());
         let mut runner = PartitionRunner::new(3, 0);
+        let before = runner.run_once(&stream, &writer, 10, window).await.unwrap();
+        assert_eq!(before.len(), 4, "what comes before it is processed");
         let stopped = runner.run_once(&stream, &writer, 10, window).await;
         assert!(
             matches!(stopped, Err(RunError::UnknownTenant { tenant, .. }) if tenant == stranger)

@@ -100,6 +100,16 @@ impl EventStream {
         })
     }
 
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The JetStream context the stream is used through.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     async fn stream(&self) -> Result<stream::Stream, StreamError> {
         self.js
             .get_stream(&self.name)
@@ -149,6 +159,16 @@ impl EventStream {
         from_seq: u64,
         max: usize,
     ) -> Result<Vec<StreamMessage>, StreamError> {
+        Ok(self.read_tail(partition, from_seq, max).await?.0)
+    }
+
+    /// [`EventStream::read`], and the sequence of the partition's last message (0: none).
+    pub async fn read_tail(
+        &self,
+        partition: u16,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<(Vec<StreamMessage>, u64), StreamError> {
         let stream = self.stream().await?;
         let last = stream
             .get_last_raw_message_by_subject(&self.subject(partition))
@@ -156,10 +176,10 @@ impl EventStream {
         let last = match last {
             Ok(message) => message.sequence,
             // No message on the subject: nothing to read.
-            Err(_) => return Ok(Vec::new()),
+            Err(_) => return Ok((Vec::new(), 0)),
         };
         if from_seq > last || max == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), last));
         }
         let consumer = stream
             .create_consumer(OrderedConfig {
@@ -197,7 +217,7 @@ impl EventStream {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, last))
     }
 
     /// Removes `partition`'s messages below stream sequence `below` (those a checkpoint covers).

@@ -83,6 +83,7 @@ fn lifecycle_error(error: LifecycleError) -> ApiError {
             ApiError::Internal(format!("storage failure: {error}"))
         }
         LifecycleError::Cold(detail) => ApiError::unavailable(detail),
+        error @ LifecycleError::Shared(_) => ApiError::unavailable(error.to_string()),
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -54,6 +54,9 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// This node's role does not serve the route (cluster mode).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The text is logged with an error id; the client sees only the id.
     #[error("{0}")]
     Internal(String),
@@ -90,6 +93,7 @@ impl ApiError {
             ),
             ApiError::RateLimited { .. } => ("rate-limited", "Rate limit exceeded"),
             ApiError::Unavailable { .. } => ("unavailable", "Temporarily unavailable"),
+            ApiError::NotImplemented(_) => ("not-implemented", "Not served by this node"),
             ApiError::Internal(_) => ("internal", "Internal error"),
         }
     }
@@ -124,6 +128,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

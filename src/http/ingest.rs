@@ -201,7 +201,11 @@ pub async fn store(
             "the tenant's ingestion pipeline is full",
         ));
     };
-    let admitted = match state.rate_limits.check(tenant, event_count) {
+    let checked = match &state.cluster {
+        Some(node) => node.limits.check(tenant, event_count).await,
+        None => state.rate_limits.check(tenant, event_count),
+    };
+    let admitted = match checked {
         Ok(admitted) => admitted,
         Err(Refused::Later { retry_after, limit }) => {
             telemetry::ingest_refused(&tenant_label, event_count, "rate_limited");

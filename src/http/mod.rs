@@ -71,6 +71,46 @@ pub struct AppState {
     pub large_bodies: body::LargeBodies,
     /// Per-tenant caps on exports, funnels and live connections.
     pub read_slots: slots::ReadSlots,
+    /// Cluster mode: this node's handles on the engines (`None` on a single node).
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
+}
+
+/// Routes a process node serves: it has no API of its own besides operations.
+const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
+
+/// Routes a cluster ingest node does not serve (yet): they read or change stored events or
+/// tracking plans, which cluster mode does not share between nodes.
+const NOT_ON_INGEST_NODES: [&str; 12] = [
+    "/v1/events/export",
+    "/v1/query/funnel",
+    "/v1/deadletter",
+    "/v1/schemas",
+    "/admin/v1/flush",
+    "/admin/v1/deletions/{id}",
+    "/admin/v1/tenants/{id}/rollups/rebuild",
+    "/admin/v1/tenants/{id}/users/{user_id}",
+    "/admin/v1/tenants/{id}/segments",
+    "/admin/v1/tenants/{id}/schemas",
+    "/admin/v1/tenants/{id}/schemas/{event}",
+    "/admin/v1/tenants/{id}/deadletter/replay",
+];
+
+/// Why a node of `role` does not serve `route`, if it does not.
+fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<ApiError> {
+    use crate::cluster::Role;
+    let route = route?;
+    match role? {
+        Role::All => None,
+        Role::Process if !PROCESS_ROUTES.contains(&route) => Some(ApiError::NotImplemented(
+            format!("{route} is served by the cluster's ingest nodes; a process node serves only operations"),
+        )),
+        Role::Ingest if NOT_ON_INGEST_NODES.contains(&route) => {
+            Some(ApiError::NotImplemented(format!(
+                "{route} is not available in cluster mode yet: it reads stored events or tracking plans, which the cluster does not share between nodes"
+            )))
+        }
+        Role::Process | Role::Ingest => None,
+    }
 }
 
 /// Segment routes: path and how its body is read. The one-letter paths are those Segment's
@@ -292,14 +332,23 @@ pub fn app(
         ])
         .max_age(86_400);
     let body_timeout = state.config.server.body_timeout;
+    let role = state.cluster.as_ref().map(|node| node.role);
     actix_web::App::new()
         .app_data(state)
         .wrap_fn(move |mut req, srv| {
             deadline::limit_body(&mut req, body_timeout);
             let route = req.match_pattern();
-            let response = srv.call(req);
+            let call = match unserved(role, route.as_deref()) {
+                None => Ok(srv.call(req)),
+                Some(error) => {
+                    Err(req.into_response(actix_web::ResponseError::error_response(&error)))
+                }
+            };
             async move {
-                let response = response.await?;
+                let response = match call {
+                    Ok(call) => call.await?.map_into_left_body(),
+                    Err(refused) => refused.map_into_right_body(),
+                };
                 let route = route.unwrap_or_else(|| "unmatched".to_string());
                 telemetry::http_request(route, response.status().as_u16());
                 Ok(response)

@@ -28,7 +28,18 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let failed_threads = state.storage.health.failed();
     let threads_ok = failed_threads.is_empty();
     let disk_low = state.disk.too_low();
-    let ready = storage_ok && writer_ok && actors_ok && threads_ok && disk_low.is_none();
+    let engines = match &state.cluster {
+        Some(node) => {
+            let node = std::sync::Arc::clone(node);
+            let runtime = node.runtime.clone();
+            (runtime.spawn(async move { node.readiness().await }).await)
+                .unwrap_or_else(|e| vec![("cluster", Err(e.to_string()))])
+        }
+        None => Vec::new(),
+    };
+    let engines_ok = engines.iter().all(|(_, ready)| ready.is_ok());
+    let ready =
+        storage_ok && writer_ok && actors_ok && threads_ok && disk_low.is_none() && engines_ok;
     let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not ready" },
         "checks": {
@@ -42,6 +53,15 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     });
     if let Some(reason) = disk_low {
         body["disk"] = reason.into();
+    }
+    if let Some(node) = &state.cluster {
+        body["role"] = node.role.to_string().into();
+        for (engine, readiness) in engines {
+            body["checks"][engine] = readiness.is_ok().into();
+            if let Err(reason) = readiness {
+                body["errors"][engine] = reason.into();
+            }
+        }
     }
     if ready {
         HttpResponse::Ok().json(body)

@@ -123,6 +123,40 @@ async fn run<T: Send + 'static>(
     .map_err(blocking_error)
 }
 
+/// Cluster mode: runs a query on the shared rollups in Redis (on the runtime its connection
+/// lives on) and returns its result with the watermark read before it.
+async fn shared<T, F, Fut>(
+    node: &Arc<crate::cluster::node::ClusterNode>,
+    tenant: crate::tenant::TenantId,
+    work: F,
+) -> Result<(T, u64), ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<crate::cluster::node::ClusterNode>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = redis::RedisResult<T>> + Send + 'static,
+{
+    let node = Arc::clone(node);
+    let runtime = node.runtime.clone();
+    let answer = runtime
+        .spawn(async move {
+            let watermark = node.rollups.watermark(tenant).await?;
+            Ok::<_, redis::RedisError>((work(node).await?, watermark))
+        })
+        .await
+        .map_err(blocking_error)?;
+    answer.map_err(|error| {
+        ApiError::unavailable(format!(
+            "the shared rollups (Redis) cannot be read: {error}"
+        ))
+    })
+}
+
+/// A cluster answer: `object` with `as_of` (the shared rollups' watermark).
+fn shared_reply(mut object: serde_json::Value, watermark: u64) -> HttpResponse {
+    object["as_of"] = serde_json::json!({ "rolled_up_through_seq": watermark });
+    json_reply(&object.to_string())
+}
+
 fn json_reply(body: &str) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
@@ -236,6 +270,41 @@ pub async fn series(
     };
     let event = params.event.filter(|e| !e.is_empty());
     let started = Instant::now();
+    if let Some(node) = &state.cluster {
+        let name = event.clone();
+        let (points, watermark) = shared(node, tenant.id, move |node| async move {
+            let name = name.as_deref();
+            crate::cluster::query::series(
+                &node.rollups,
+                tenant.id,
+                name,
+                metric,
+                resolution,
+                from,
+                to,
+            )
+            .await
+        })
+        .await?;
+        let mut body = serde_json::json!({
+            "event": event,
+            "metric": if metric == Metric::Count { "count" } else { "uniques" },
+            "interval": resolution.as_str(),
+            "from": format_timestamp(from),
+            "to": format_timestamp(to),
+        });
+        if values_only {
+            body["values"] = points.iter().map(|p| p.value).collect::<Vec<_>>().into();
+        } else {
+            body["points"] = points
+                .iter()
+                .map(|p| serde_json::json!({ "ts": format_timestamp(p.ts), "value": p.value }))
+                .collect::<Vec<_>>()
+                .into();
+        }
+        telemetry::query_answered("series", started.elapsed(), false);
+        return Ok(shared_reply(body, watermark));
+    }
     let ask = SeriesAsk {
         tenant: tenant.id,
         event: event.clone(),
@@ -338,6 +407,18 @@ pub async fn events(
         )));
     }
     let (from, to) = aligned_range(&state, &params)?;
+    if let Some(node) = &state.cluster {
+        let (events, watermark) = shared(node, tenant.id, move |node| async move {
+            crate::cluster::query::event_totals(&node.rollups, tenant.id, from, to, limit).await
+        })
+        .await?;
+        let body = serde_json::json!({
+            "from": format_timestamp(from),
+            "to": format_timestamp(to),
+            "events": events,
+        });
+        return Ok(shared_reply(body, watermark));
+    }
     let closed = to <= Resolution::Minute.bucket(now_micros());
     let key = format!("events\u{1}{from}\u{1}{to}\u{1}{limit}");
     let tenant_id = tenant.id;
@@ -382,6 +463,21 @@ pub async fn uniques(
     }
     let (from, to) = aligned_range(&state, &params)?;
     let event = params.event.filter(|e| !e.is_empty());
+    if let Some(node) = &state.cluster {
+        let name = event.clone();
+        let (count, watermark) = shared(node, tenant.id, move |node| async move {
+            crate::cluster::query::uniques(&node.rollups, tenant.id, name.as_deref(), from, to)
+                .await
+        })
+        .await?;
+        let body = serde_json::json!({
+            "event": event,
+            "from": format_timestamp(from),
+            "to": format_timestamp(to),
+            "uniques": count,
+        });
+        return Ok(shared_reply(body, watermark));
+    }
     let closed = to <= Resolution::Minute.bucket(now_micros());
     let key = format!(
         "uniques\u{1}{}\u{1}{from}\u{1}{to}",

@@ -1,0 +1,122 @@
+//! A cluster node's handles on the engines, made once at start and shared by the HTTP handlers
+//! and the background tasks of either role.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::cluster::directory::{self, SharedDirectory};
+use crate::cluster::ratelimit::SharedLimits;
+use crate::cluster::rollups::SharedRollups;
+use crate::cluster::stream::{connect_jetstream, EventStream};
+use crate::cluster::{connect_redis, nats_ready, redis_ready, ClusterConfig, Readiness, Role};
+use crate::config::TenantDefaults;
+use crate::tenant::TenantDirectory;
+
+/// Bounds each request of the query, limit and live connection to Redis: a query on a node
+/// whose Redis is gone fails fast instead of holding its request.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a starting node waits for the shared directory before serving anyway (it keeps
+/// following it; tenants appear as they arrive).
+const DIRECTORY_WAIT: Duration = Duration::from_secs(10);
+
+/// One node's connections and shared-state handles.
+pub struct ClusterNode {
+    pub config: ClusterConfig,
+    pub role: Role,
+    /// This node's name among the process nodes.
+    pub name: String,
+    /// For queries, limits and live publishes (short timeouts).
+    pub redis: ConnectionManager,
+    pub stream: Arc<EventStream>,
+    pub directory: SharedDirectory,
+    pub rollups: SharedRollups,
+    pub limits: SharedLimits,
+    /// The runtime the connections live on; work that uses them is spawned there.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl ClusterNode {
+    /// Connects to NATS and Redis and makes sure the stream and the directory bucket exist.
+    /// Must run on the runtime that lives as long as the node.
+    pub async fn connect(
+        config: &ClusterConfig,
+        defaults: TenantDefaults,
+    ) -> Result<ClusterNode, String> {
+        let js = connect_jetstream(&config.nats_url, config.publish_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream = EventStream::open(
+            js.clone(),
+            &config.prefix,
+            config.replicas,
+            config.publish_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let directory = SharedDirectory::open(&js, &config.prefix, config.replicas, defaults)
+            .await
+            .map_err(|e| e.to_string())?;
+        let redis = connect_redis(&config.redis_url, REDIS_TIMEOUT)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        Ok(ClusterNode {
+            config: config.clone(),
+            role: config.role,
+            name: config.node_name(),
+            rollups: SharedRollups::new(redis.clone(), &config.prefix),
+            limits: SharedLimits::new(redis.clone(), &config.prefix),
+            redis,
+            stream: Arc::new(stream),
+            directory,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Whether each engine answers, for `/readyz`.
+    pub async fn readiness(&self) -> Vec<(&'static str, Readiness)> {
+        let nats = nats_ready(self.stream.context(), self.stream.name()).await;
+        let redis = redis_ready(&self.redis).await;
+        vec![("nats", nats), ("redis", redis)]
+    }
+
+    /// Applies the shared directory to `local`, and keeps applying its changes for as long as
+    /// the node runs; resolves once every record that existed at start is applied (or after
+    /// [`DIRECTORY_WAIT`], with a warning). `changed` is called with each tenant changed.
+    pub async fn mirror_directory(
+        self: &Arc<Self>,
+        local: Arc<TenantDirectory>,
+        changed: impl Fn(crate::ids::TenantId) + Send + 'static,
+    ) {
+        let (caught_up, done) = tokio::sync::oneshot::channel();
+        let node = Arc::clone(self);
+        self.runtime.spawn(async move {
+            use futures_util::StreamExt;
+            let mut caught_up = Some(caught_up);
+            let changes = node.directory.follow();
+            futures_util::pin_mut!(changes);
+            while let Some(change) = changes.next().await {
+                let tenant = match &change {
+                    directory::DirectoryChange::Upsert(record) => Some(record.id),
+                    directory::DirectoryChange::Removed(id) => Some(*id),
+                    directory::DirectoryChange::CaughtUp => None,
+                };
+                if directory::apply(&local, change) {
+                    if let Some(caught_up) = caught_up.take() {
+                        let _ = caught_up.send(());
+                    }
+                }
+                if let Some(tenant) = tenant {
+                    changed(tenant);
+                }
+            }
+        });
+        if tokio::time::timeout(DIRECTORY_WAIT, done).await.is_err() {
+            tracing::warn!(
+                "the shared tenant directory did not arrive within {DIRECTORY_WAIT:?}; serving while it does"
+            );
+        }
+    }
+}

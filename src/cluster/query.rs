@@ -1,0 +1,77 @@
+//! The query API's rollup answers on a cluster's ingest node, from the shared rollups in Redis:
+//! series, top events and distinct users, the same numbers on every node. Funnels and exports
+//! read stored events, which cluster mode keeps on the partitions' owners and in the cold tier.
+
+use crate::cluster::rollups::SharedRollups;
+use crate::event::Micros;
+use crate::ids::TenantId;
+use crate::query::{EventTotal, Metric, Point};
+use crate::rollup::{cover, Resolution, ALL_EVENTS};
+
+/// Every bucket of `[from, to)` (aligned) at `resolution`, zeros included.
+pub async fn series(
+    shared: &SharedRollups,
+    tenant: TenantId,
+    event: Option<&str>,
+    metric: Metric,
+    resolution: Resolution,
+    from: Micros,
+    to: Micros,
+) -> redis::RedisResult<Vec<Point>> {
+    let name = event.unwrap_or(ALL_EVENTS);
+    let values = match metric {
+        Metric::Count => shared.counts(tenant, resolution, name, from, to).await?,
+        Metric::Uniques => (shared.bucket_uniques(tenant, resolution, name, from, to)).await?,
+    };
+    Ok(values
+        .into_iter()
+        .map(|(ts, value)| Point {
+            ts,
+            value,
+            relative_error: None,
+        })
+        .collect())
+}
+
+/// Every event with its count and distinct users over `[from, to)` (aligned), largest first.
+pub async fn event_totals(
+    shared: &SharedRollups,
+    tenant: TenantId,
+    from: Micros,
+    to: Micros,
+    limit: usize,
+) -> redis::RedisResult<Vec<EventTotal>> {
+    let parts = cover(from, to);
+    let mut totals: Vec<(String, u64)> = shared
+        .totals(tenant, &parts)
+        .await?
+        .into_iter()
+        .filter(|(name, count)| name != ALL_EVENTS && *count > 0)
+        .collect();
+    totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    totals.truncate(limit);
+    let mut out = Vec::with_capacity(totals.len());
+    for (event, count) in totals {
+        let uniques = shared.uniques(tenant, &event, &parts).await?;
+        out.push(EventTotal {
+            event,
+            count,
+            uniques,
+            relative_error: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Distinct users over `[from, to)` (aligned).
+pub async fn uniques(
+    shared: &SharedRollups,
+    tenant: TenantId,
+    event: Option<&str>,
+    from: Micros,
+    to: Micros,
+) -> redis::RedisResult<u64> {
+    shared
+        .uniques(tenant, event.unwrap_or(ALL_EVENTS), &cover(from, to))
+        .await
+}

@@ -1,0 +1,430 @@
+//! Cluster mode end to end: private `nats-server -js` and `redis-server` instances on free ports,
+//! then ingest and process nodes (the real binary with `--role`), the API through either
+//! ingest node, and faults under load. Every fault test names the events acknowledged and the
+//! events rolled up, which must be equal, each messageId counted once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{Auth, Tenant, TestServer};
+use serde_json::{json, Value};
+use testkit::services::Service;
+
+/// Few partitions, short leases: failovers within seconds.
+const PARTITIONS: u16 = 8;
+const LEASE_TIMEOUT: &str = "3s";
+const LEASE_RENEW: &str = "500ms";
+/// How long a test waits for the rollups to match what was acknowledged.
+const SETTLE: Duration = Duration::from_secs(60);
+/// The range every event of these tests falls in (see `common::track`).
+const RANGE: &str = "from=2026-01-02T00:00:00Z&to=2026-01-03T00:00:00Z";
+
+struct Cluster {
+    nats: Service,
+    redis: Service,
+    prefix: String,
+    ingest: Vec<TestServer>,
+    process: Vec<TestServer>,
+}
+
+impl Cluster {
+    fn start(ingest: usize, process: usize) -> Cluster {
+        let mut cluster = Cluster {
+            nats: Service::nats().unwrap(),
+            redis: Service::redis().unwrap(),
+            prefix: format!("t{}", std::process::id()),
+            ingest: Vec::new(),
+            process: Vec::new(),
+        };
+        for n in 0..process {
+            let node = cluster.node("process", &format!("process-{n}"));
+            cluster.process.push(node);
+        }
+        for n in 0..ingest {
+            let node = cluster.node("ingest", &format!("ingest-{n}"));
+            cluster.ingest.push(node);
+        }
+        cluster
+    }
+
+    fn node(&self, role: &str, name: &str) -> TestServer {
+        let (nats, redis) = (self.nats.url(), self.redis.url());
+        let env = [
+            ("STATSREMOTE__CLUSTER__ROLE", role),
+            ("STATSREMOTE__CLUSTER__NODE_ID", name),
+            ("STATSREMOTE__CLUSTER__NATS_URL", nats.as_str()),
+            ("STATSREMOTE__CLUSTER__REDIS_URL", redis.as_str()),
+            ("STATSREMOTE__CLUSTER__PREFIX", self.prefix.as_str()),
+            ("STATSREMOTE__CLUSTER__PARTITIONS", "8"),
+            ("STATSREMOTE__CLUSTER__LEASE_TIMEOUT", LEASE_TIMEOUT),
+            ("STATSREMOTE__CLUSTER__LEASE_RENEW_EVERY", LEASE_RENEW),
+            ("STATSREMOTE__CLUSTER__PUBLISH_TIMEOUT", "2s"),
+        ];
+        TestServer::start_with_env(&env)
+    }
+
+    /// The process node (index) that holds `tenant`'s partition now.
+    fn owner_of(&self, tenant: &Tenant) -> Option<usize> {
+        let id: statsremote::ids::TenantId = tenant.id.parse().unwrap();
+        let partition = statsremote::cluster::partition_of(id, PARTITIONS);
+        let client = redis::Client::open(self.redis.url()).unwrap();
+        let mut connection = client.get_connection().unwrap();
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(format!("{}:lease:{partition}", self.prefix))
+            .query(&mut connection)
+            .unwrap();
+        let holder = holder?;
+        let node = holder.rsplit_once(':')?.0.to_string();
+        node.strip_prefix("process-")?.parse().ok()
+    }
+}
+
+/// The tenant's event counts over [`RANGE`], as `node` answers them.
+fn counts(node: &TestServer, tenant: &Tenant) -> Option<Value> {
+    let reply = node.get(
+        &format!("/v1/query/events?{RANGE}"),
+        Auth::Bearer(&tenant.read_key),
+    );
+    (reply.status == 200).then(|| reply.json())
+}
+
+fn total(answer: &Value) -> u64 {
+    answer["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// Waits until `node` counts `expected` events for the tenant; returns the last answer.
+fn wait_total(node: &TestServer, tenant: &Tenant, expected: u64) -> Value {
+    let started = Instant::now();
+    let mut last = Value::Null;
+    while started.elapsed() < SETTLE {
+        if let Some(answer) = counts(node, tenant) {
+            if total(&answer) == expected {
+                return answer;
+            }
+            last = answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{} did not count {expected} events in {SETTLE:?}: {last}",
+        node.base
+    );
+}
+
+fn event(id: &str, n: u64) -> Value {
+    let name = if n.is_multiple_of(3) {
+        "Signed Up"
+    } else {
+        "Viewed"
+    };
+    common::track(id, &format!("user-{}", n % 40), name)
+}
+
+/// Sends batches of new events through the ingest nodes in turn until stopped. A batch that
+/// fails (node gone, 503) is sent again, to the next node, until one acknowledges it; the
+/// messageIds acknowledged are kept.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    refusals: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(bases: Vec<String>, tenant: &Tenant, tag: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let (key, tag) = (tenant.write_key.clone(), tag.to_string());
+        let thread = {
+            let (stop, acked, refusals) = (stop.clone(), acked.clone(), refusals.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                let mut node = 0;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let ids: Vec<String> = (0..10).map(|i| format!("{tag}-{n}-{i}")).collect();
+                    let events: Vec<Value> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| event(id, n + i as u64))
+                        .collect();
+                    let body = json!({ "batch": events }).to_string();
+                    loop {
+                        node = (node + 1) % bases.len();
+                        let sent = agent
+                            .post(&format!("{}/v1/batch", bases[node]))
+                            .set("Authorization", &format!("Bearer {key}"))
+                            .set("Content-Type", "application/json")
+                            .send_string(&body);
+                        match sent {
+                            Ok(_) => break,
+                            Err(ureq::Error::Status(status, response)) => {
+                                let retry = response.header("Retry-After").map(str::to_string);
+                                refusals.lock().unwrap().push(format!("{status} {retry:?}"));
+                            }
+                            Err(error) => refusals.lock().unwrap().push(error.to_string()),
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    acked.lock().unwrap().extend(ids);
+                    n += 10;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        Load {
+            stop,
+            acked,
+            refusals,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops and returns the messageIds acknowledged and the refusals seen.
+    fn finish(mut self) -> (BTreeSet<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        let refusals = std::mem::take(&mut *self.refusals.lock().unwrap());
+        (acked, refusals)
+    }
+}
+
+/// Waits until the load has had `more` batches acknowledged.
+fn wait_for_acks(load: &Load, more: usize) {
+    let target = load.acked() + more * 10;
+    let started = Instant::now();
+    while load.acked() < target {
+        assert!(
+            started.elapsed() < SETTLE,
+            "the load stalled at {}",
+            load.acked()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Expected counts of the acknowledged ids, by event name (see [`event`]).
+fn expected_by_name(acked: &BTreeSet<String>) -> (u64, u64) {
+    let (mut signed_up, mut viewed) = (0, 0);
+    for id in acked {
+        let mut parts = id.rsplitn(3, '-');
+        let i: u64 = parts.next().unwrap().parse().unwrap();
+        let n: u64 = parts.next().unwrap().parse().unwrap();
+        if (n + i).is_multiple_of(3) {
+            signed_up += 1;
+        } else {
+            viewed += 1;
+        }
+    }
+    (signed_up, viewed)
+}
+
+fn count_of(answer: &Value, name: &str) -> u64 {
+    answer["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == name)
+        .map_or(0, |e| e["count"].as_u64().unwrap())
+}
+
+/// Every acknowledged event counted once, per name, on every ingest node.
+fn assert_exact(cluster: &Cluster, tenant: &Tenant, acked: &BTreeSet<String>, what: &str) {
+    let (signed_up, viewed) = expected_by_name(acked);
+    for node in &cluster.ingest {
+        let answer = wait_total(node, tenant, acked.len() as u64);
+        assert_eq!(
+            count_of(&answer, "Signed Up"),
+            signed_up,
+            "{what}: {answer}"
+        );
+        assert_eq!(count_of(&answer, "Viewed"), viewed, "{what}: {answer}");
+    }
+    println!(
+        "{what}: acknowledged {} events, rolled up {} (Signed Up {signed_up}, Viewed {viewed}) on each of {} ingest nodes",
+        acked.len(),
+        acked.len(),
+        cluster.ingest.len()
+    );
+}
+
+#[test]
+fn any_ingest_node_serves_the_api_with_the_same_numbers() {
+    let cluster = Cluster::start(2, 2);
+    let (a, b) = (&cluster.ingest[0], &cluster.ingest[1]);
+
+    // Readiness names the role and each engine.
+    let ready = a.get("/readyz", Auth::None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let ready = ready.json();
+    assert_eq!(ready["role"], "ingest");
+    assert_eq!(ready["checks"]["nats"], true, "{ready}");
+    assert_eq!(ready["checks"]["redis"], true, "{ready}");
+    let process_ready = cluster.process[0].get("/readyz", Auth::None).json();
+    assert_eq!(process_ready["role"], "process", "{process_ready}");
+
+    // A tenant created on one node works on the other within a second.
+    let tenant = a.create_tenant("cluster");
+    let created = Instant::now();
+    let path = format!("/admin/v1/tenants/{}", tenant.id);
+    while b.admin("GET", &path, None).status != 200 {
+        assert!(created.elapsed() < Duration::from_secs(5), "not shared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "tenant seen on the other node after {:?}",
+        created.elapsed()
+    );
+
+    // Events through both nodes, a retry of the same batch through the other: counted once.
+    let first: Vec<Value> = (0..30).map(|n| event(&format!("a-{n}-0"), n)).collect();
+    let second: Vec<Value> = (30..50).map(|n| event(&format!("b-{n}-0"), n)).collect();
+    for (node, events) in [(a, &first), (b, &second), (b, &first)] {
+        let reply = node.post_json(
+            "/v1/batch",
+            Auth::Basic(&tenant.write_key),
+            &json!({ "batch": events }),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let on_a = wait_total(a, &tenant, 50);
+    let on_b = wait_total(b, &tenant, 50);
+    assert_eq!(on_a["events"], on_b["events"]);
+    let signed_up = (0..50u64).filter(|n| n.is_multiple_of(3)).count() as u64;
+    assert_eq!(count_of(&on_a, "Signed Up"), signed_up, "{on_a}");
+    let uniques = |node: &TestServer| {
+        let reply = node.get(
+            &format!("/v1/query/uniques?{RANGE}"),
+            Auth::Bearer(&tenant.read_key),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.json()["uniques"].as_u64().unwrap()
+    };
+    assert_eq!(uniques(a), 40);
+    assert_eq!(uniques(b), 40);
+    let series = b.get(
+        &format!("/v1/query/series?event=Viewed&interval=day&{RANGE}"),
+        Auth::Bearer(&tenant.read_key),
+    );
+    assert_eq!(series.status, 200, "{}", series.body);
+    assert_eq!(series.json()["points"][0]["value"], 50 - signed_up);
+
+    // What a cluster does not serve yet, and what a process node never serves, is said.
+    let funnel = a.post_json(
+        "/v1/query/funnel",
+        Auth::Bearer(&tenant.read_key),
+        &json!({"steps": ["Viewed"], "window": "1h", "from": "2026-01-02T00:00:00Z", "to": "2026-01-03T00:00:00Z"}),
+    );
+    assert!(funnel.problem(501).contains("cluster"), "{}", funnel.body);
+    let on_process = cluster.process[0].post_json(
+        "/v1/batch",
+        Auth::Basic(&tenant.write_key),
+        &json!({ "batch": first }),
+    );
+    assert!(on_process.problem(501).contains("ingest nodes"));
+
+    // A key rotated on one node stops working on the other.
+    let rotated = a.admin(
+        "POST",
+        &format!("/admin/v1/tenants/{}/rotate-keys", tenant.id),
+        Some(&json!({ "which": "write" })),
+    );
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    let rotated_at = Instant::now();
+    loop {
+        let reply = b.post_json(
+            "/v1/batch",
+            Auth::Basic(&tenant.write_key),
+            &json!({ "batch": [event("late", 1)] }),
+        );
+        if reply.status == 401 {
+            break;
+        }
+        assert!(
+            rotated_at.elapsed() < Duration::from_secs(5),
+            "old key still works"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_process_node_killed_under_load_loses_and_doubles_nothing() {
+    let cluster = Cluster::start(2, 2);
+    let tenants: Vec<Tenant> = (0..4)
+        .map(|n| cluster.ingest[0].create_tenant(&format!("kill-{n}")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // The tenant whose partition the first process node owns.
+    let started = Instant::now();
+    let victim = loop {
+        if let Some(tenant) = tenants.iter().find(|t| cluster.owner_of(t) == Some(0)) {
+            break tenant;
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "process-0 owns none of the tenants"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
+    let load = Load::start(bases, victim, "kill");
+    wait_for_acks(&load, 30);
+    cluster.process[0].kill();
+    let killed = Instant::now();
+    wait_for_acks(&load, 30);
+    let (acked, refusals) = load.finish();
+    assert!(refusals.is_empty(), "ingest is not affected: {refusals:?}");
+    assert_exact(&cluster, victim, &acked, "process node SIGKILL");
+    println!(
+        "taken over and caught up {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(cluster.owner_of(victim), Some(1));
+}
+
+#[test]
+fn an_ingest_node_killed_clients_retry_on_the_other() {
+    let cluster = Cluster::start(2, 1);
+    let tenant = cluster.ingest[0].create_tenant("ingest-kill");
+    std::thread::sleep(Duration::from_millis(500));
+    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
+    let load = Load::start(bases, &tenant, "ingest");
+    wait_for_acks(&load, 30);
+    cluster.ingest[0].kill();
+    wait_for_acks(&load, 30);
+    let (acked, refusals) = load.finish();
+    println!(
+        "refused or failed while the node was gone: {}",
+        refusals.len()
+    );
+    let survivor = &cluster.ingest[1];
+    let (signed_up, viewed) = expected_by_name(&acked);
+    let answer = wait_total(survivor, &tenant, acked.len() as u64);
+    assert_eq!(count_of(&answer, "Signed Up"), signed_up);
+    assert_eq!(count_of(&answer, "Viewed"), viewed);
+    println!(
+        "ingest node SIGKILL: acknowledged {} events, rolled up {}",
+        acked.len(),
+        total(&answer)
+    );
+}
