@@ -308,6 +308,11 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     }
     let on_a = wait_total(a, &tenant, 50);
     let on_b = wait_total(b, &tenant, 50);
+    println!(
+        "50 events sent through two nodes, counted {} and {}",
+        total(&on_a),
+        total(&on_b)
+    );
     assert_eq!(on_a["events"], on_b["events"]);
     let signed_up = (0..50u64).filter(|n| n.is_multiple_of(3)).count() as u64;
     assert_eq!(count_of(&on_a, "Signed Up"), signed_up, "{on_a}");
@@ -327,6 +332,32 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     );
     assert_eq!(series.status, 200, "{}", series.body);
     assert_eq!(series.json()["points"][0]["value"], 50 - signed_up);
+
+    // A live socket on one ingest node sees events sent through the other.
+    let mut socket = common::connect(b, &format!("?key={}", tenant.read_key), None).unwrap();
+    common::next_tick(&mut socket);
+    let now = format!("{:?}", Instant::now());
+    let live_events: Vec<Value> = (0..3)
+        .map(|n| json!({"type": "track", "event": "Live", "userId": format!("l{n}"), "messageId": format!("live-{n}-{now}")}))
+        .collect();
+    let reply = a.post_json(
+        "/v1/batch",
+        Auth::Basic(&tenant.write_key),
+        &json!({ "batch": live_events }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let sent = Instant::now();
+    loop {
+        let tick = common::next_tick(&mut socket);
+        if tick["minute"]["events"]["Live"]["count"] == 3 {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "no live tick: {tick}"
+        );
+    }
+    println!("live tick on the other node after {:?}", sent.elapsed());
 
     // What a cluster does not serve yet, and what a process node never serves, is said.
     let funnel = a.post_json(
@@ -427,4 +458,125 @@ fn an_ingest_node_killed_clients_retry_on_the_other() {
         acked.len(),
         total(&answer)
     );
+}
+
+#[test]
+fn nats_restarted_under_load_refuses_with_retry_after_and_loses_nothing() {
+    let mut cluster = Cluster::start(2, 1);
+    let tenant = cluster.ingest[0].create_tenant("nats-restart");
+    std::thread::sleep(Duration::from_millis(500));
+    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
+    let load = Load::start(bases, &tenant, "nats");
+    wait_for_acks(&load, 30);
+    cluster.nats.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.nats.restart().unwrap();
+    wait_for_acks(&load, 30);
+    let (acked, refusals) = load.finish();
+    assert!(
+        refusals.iter().any(|r| r == "503 Some(\"1\")"),
+        "503 with Retry-After while NATS was down: {refusals:?}"
+    );
+    println!("refused while NATS was down: {}", refusals.len());
+    assert_exact(&cluster, &tenant, &acked, "NATS restart");
+}
+
+#[test]
+fn redis_restarted_or_emptied_the_owners_write_the_rollups_again() {
+    let mut cluster = Cluster::start(2, 2);
+    let tenant = cluster.ingest[0].create_tenant("redis-restart");
+    std::thread::sleep(Duration::from_millis(500));
+    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
+    let load = Load::start(bases, &tenant, "redis");
+    wait_for_acks(&load, 30);
+    cluster.redis.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    // Queries fail clearly while Redis is gone.
+    let down = cluster.ingest[0].get(
+        &format!("/v1/query/events?{RANGE}"),
+        Auth::Bearer(&tenant.read_key),
+    );
+    assert!(down.problem(503).contains("Redis"), "{}", down.body);
+    cluster.redis.restart().unwrap();
+    wait_for_acks(&load, 30);
+    let (acked, _) = load.finish();
+    assert_exact(&cluster, &tenant, &acked, "Redis restart");
+
+    // Everything Redis held is lost: the owners write it again from their logs.
+    let client = redis::Client::open(cluster.redis.url()).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    let () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
+    let emptied = Instant::now();
+    assert_exact(&cluster, &tenant, &acked, "Redis emptied");
+    println!(
+        "rollups written again {:?} after Redis was emptied",
+        emptied.elapsed()
+    );
+}
+
+#[test]
+fn a_paused_owner_is_fenced_out_and_new_process_nodes_take_a_fair_share() {
+    let mut cluster = Cluster::start(1, 2);
+    let tenants: Vec<Tenant> = (0..4)
+        .map(|n| cluster.ingest[0].create_tenant(&format!("pause-{n}")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let victim = loop {
+        if let Some(tenant) = tenants.iter().find(|t| cluster.owner_of(t) == Some(0)) {
+            break tenant;
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "process-0 owns none of the tenants"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let bases = vec![cluster.ingest[0].base.clone()];
+    let load = Load::start(bases, victim, "pause");
+    wait_for_acks(&load, 20);
+    common::send_signal(cluster.process[0].pid(), "STOP");
+    // The other node takes the partition once the lease has expired.
+    let paused = Instant::now();
+    while cluster.owner_of(victim) != Some(1) {
+        assert!(paused.elapsed() < SETTLE, "not taken over");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("taken over {:?} after the pause", paused.elapsed());
+    wait_for_acks(&load, 20);
+    common::send_signal(cluster.process[0].pid(), "CONT");
+    wait_for_acks(&load, 20);
+    let (acked, _) = load.finish();
+    assert_exact(&cluster, victim, &acked, "paused owner");
+    let metrics = cluster.process[0].metrics();
+    assert!(
+        metrics.contains("statsremote_cluster_lease_changes_total{change=\"lost\"}"),
+        "{metrics}"
+    );
+
+    // A third process node: each settles at its fair share of the 8 partitions (3, 3, 2).
+    let third = cluster.node("process", "process-2");
+    cluster.process.push(third);
+    let owned = |node: &TestServer| {
+        node.metrics()
+            .lines()
+            .find_map(|line| line.strip_prefix("statsremote_cluster_partitions_owned "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let joined = Instant::now();
+    loop {
+        let mut shares: Vec<u64> = cluster.process.iter().map(owned).collect();
+        shares.sort_unstable();
+        if shares == [2, 3, 3] {
+            println!(
+                "fair shares {shares:?} {:?} after the third node joined",
+                joined.elapsed()
+            );
+            break;
+        }
+        assert!(joined.elapsed() < SETTLE, "shares {shares:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_exact(&cluster, victim, &acked, "after rebalancing");
 }

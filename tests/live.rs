@@ -4,50 +4,12 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::{connect, next_tick};
 use common::{Auth, Tenant, TestServer};
 use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
-
-fn connect(
-    server: &TestServer,
-    query: &str,
-    header_key: Option<&str>,
-) -> Result<WebSocket<TcpStream>, String> {
-    let addr = server.base.trim_start_matches("http://").to_string();
-    let stream = TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{addr}/v1/live{query}"
-    ))
-    .unwrap();
-    if let Some(key) = header_key {
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {key}").parse().unwrap());
-    }
-    match tungstenite::client::client(request, stream) {
-        Ok((socket, _response)) => Ok(socket),
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-            Err(format!("{}", response.status().as_u16()))
-        }
-        Err(other) => Err(other.to_string()),
-    }
-}
-
-fn next_tick(socket: &mut WebSocket<TcpStream>) -> Value {
-    loop {
-        match socket.read().expect("read a tick") {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected message {other:?}"),
-        }
-    }
-}
+use tungstenite::Message;
 
 fn send_now(server: &TestServer, tenant: &Tenant, events: &[(&str, &str)]) {
     let batch: Vec<Value> = events

@@ -384,3 +384,45 @@ pub fn s3_store(
     std::env::set_var("AWS_SECRET_ACCESS_KEY", testkit::s3::SECRET_KEY);
     statsremote::storage::cold::ColdStore::s3(&settings).unwrap()
 }
+
+/// A WebSocket on `/v1/live{query}`, or the handshake's HTTP status (or error) as text.
+pub fn connect(
+    server: &TestServer,
+    query: &str,
+    header_key: Option<&str>,
+) -> Result<tungstenite::WebSocket<std::net::TcpStream>, String> {
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{addr}/v1/live{query}"
+    ))
+    .unwrap();
+    if let Some(key) = header_key {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    match tungstenite::client::client(request, stream) {
+        Ok((socket, _response)) => Ok(socket),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(format!("{}", response.status().as_u16()))
+        }
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+/// The next tick (JSON text message) on a live socket.
+pub fn next_tick(socket: &mut tungstenite::WebSocket<std::net::TcpStream>) -> Value {
+    loop {
+        match socket.read().expect("read a tick") {
+            tungstenite::Message::Text(text) => {
+                return serde_json::from_str(text.as_str()).unwrap()
+            }
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
