@@ -7,6 +7,7 @@
 //! prints one table, with each mode's throughput as a ratio of the ceiling measured in the same
 //! run, and `--json FILE` writes the same figures.
 
+mod cluster;
 mod cold;
 mod dates;
 mod generate;
@@ -74,6 +75,9 @@ enum Scenario {
     /// A good tenant's ack latency at `--rate` (default 20k events/s), without and with other
     /// connections sending the worst shapes (no key, a valid key, stalled uploads).
     Hostile,
+    /// A cluster on this machine (private NATS and Redis, `--process-nodes` process nodes), one
+    /// then two ingest nodes: throughput, ack latency and CPU per event by role.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +160,9 @@ struct Args {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Process nodes in the cluster scenario.
+    #[arg(long, default_value_t = 1)]
+    process_nodes: usize,
 }
 
 /// What one mode measured.
@@ -357,7 +364,7 @@ fn run_mode(
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|index| {
             let (base, tenants, generator, args, budget, stop) = (
-                target.base.clone(),
+                target.bases[index % target.bases.len()].clone(),
                 Arc::clone(&tenants),
                 Arc::clone(generator),
                 Arc::clone(args),
@@ -393,7 +400,12 @@ fn run_mode(
         let mut counted = 0u64;
         let mut users = 0u64;
         for tenant in tenants.iter() {
-            target.wait_caught_up(tenant, &from, &to)?;
+            if target.cluster {
+                // Only the acknowledged events of this tenant can be counted: spread evenly.
+                target.wait_counted(tenant, &from, &to, total.acked / tenants.len() as u64)?;
+            } else {
+                target.wait_caught_up(tenant, &from, &to)?;
+            }
             let events = target.query(
                 tenant,
                 &format!("/v1/query/events?from={from}&to={to}&limit=10000"),
@@ -627,6 +639,9 @@ fn main() -> Result<()> {
     }
     if args.scenario == Scenario::Hostile {
         return hostile::run(&args, &generator);
+    }
+    if args.scenario == Scenario::Cluster {
+        return cluster::run(&args, &generator);
     }
     println!(
         "loadtest: {} events per mode, batches of {} (~{} bytes/event), {} connections, {} tenant(s), {} users, compression {:?}",

@@ -16,7 +16,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A server we talk to.
 pub(crate) struct Target {
+    /// Where admin and query requests go.
     pub(crate) base: String,
+    /// Where the load goes, spread over the connections (several: a cluster's ingest nodes).
+    pub(crate) bases: Vec<String>,
+    /// A cluster's ingest nodes: the rollups are the shared ones, whose answers say how far
+    /// they are rolled up but not how much the stream still holds.
+    pub(crate) cluster: bool,
     pub(crate) admin_token: String,
     agent: ureq::Agent,
     /// `None` for a server given by `--url`.
@@ -59,6 +65,8 @@ impl Target {
             })?;
         Ok(Target {
             base: server.base().to_string(),
+            bases: vec![server.base().to_string()],
+            cluster: false,
             admin_token: server.admin_token().to_string(),
             agent: agent(),
             server: Some(server),
@@ -66,11 +74,29 @@ impl Target {
     }
 
     /// An already running server.
+    /// An already running server, or several (`url` a comma-separated list: a cluster's ingest
+    /// nodes, which the load is spread over).
     pub(crate) fn existing(url: &str, admin_token: &str) -> Target {
+        let bases: Vec<String> = url
+            .split(',')
+            .map(|base| base.trim().trim_end_matches('/').to_string())
+            .filter(|base| !base.is_empty())
+            .collect();
+        let base = bases.first().cloned().unwrap_or_default();
+        let agent = agent();
+        // A cluster's ingest node says so in its readiness answer.
+        let cluster = agent
+            .get(&format!("{base}/readyz"))
+            .call()
+            .ok()
+            .and_then(|reply| reply.into_json::<Value>().ok())
+            .is_some_and(|ready| ready["role"] == "ingest");
         Target {
-            base: url.trim_end_matches('/').to_string(),
+            base,
+            cluster,
+            bases,
             admin_token: admin_token.to_string(),
-            agent: agent(),
+            agent,
             server: None,
         }
     }
@@ -138,6 +164,39 @@ impl Target {
     }
 
     /// Waits until the tenant's rollups include every durable event.
+    /// Cluster mode: waits until the shared rollups count `acked` events over the range, or
+    /// stop changing for 10 s; returns the last count.
+    pub(crate) fn wait_counted(
+        &self,
+        tenant: &Tenant,
+        from: &str,
+        to: &str,
+        acked: u64,
+    ) -> Result<u64> {
+        let started = std::time::Instant::now();
+        let (mut last, mut changed) = (u64::MAX, std::time::Instant::now());
+        loop {
+            let events = self.query(
+                tenant,
+                &format!("/v1/query/events?from={from}&to={to}&limit=10000"),
+            )?;
+            let counted: u64 = events["events"]
+                .as_array()
+                .map(|list| list.iter().filter_map(|e| e["count"].as_u64()).sum())
+                .unwrap_or(0);
+            if counted != last {
+                (last, changed) = (counted, std::time::Instant::now());
+            }
+            if counted >= acked
+                || changed.elapsed() > Duration::from_secs(10)
+                || started.elapsed() > Duration::from_secs(300)
+            {
+                return Ok(counted);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub(crate) fn wait_caught_up(&self, tenant: &Tenant, from: &str, to: &str) -> Result<()> {
         let timeout = Duration::from_secs(120);
         testkit::wait_rollups_caught_up(

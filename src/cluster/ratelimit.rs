@@ -66,6 +66,10 @@ pub struct SharedLimits {
     prefix: String,
     take: Script,
     local: DashMap<TenantId, Mutex<Local>>,
+    /// One take from the shared bucket at a time per tenant: requests that miss tokens at once
+    /// wait for it rather than each take a chunk, which would hoard the tenant's burst on
+    /// one node and refuse on the others.
+    fetching: DashMap<TenantId, std::sync::Arc<tokio::sync::Mutex<()>>>,
     fallback: RateLimits,
     redis_calls: AtomicU64,
     fallbacks: AtomicU64,
@@ -80,6 +84,7 @@ impl SharedLimits {
             prefix: prefix.to_string(),
             take: Script::new(TAKE),
             local: DashMap::new(),
+            fetching: DashMap::new(),
             fallback: RateLimits::default(),
             redis_calls: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -117,6 +122,16 @@ impl SharedLimits {
             limit: rate,
             remaining: u32::try_from(left).unwrap_or(u32::MAX),
         };
+        if let Ok(left) = self.take_local(tenant.id, wanted) {
+            return Ok(admitted(left));
+        }
+        let now = Instant::now();
+        if self.redis_down(now) {
+            return self.fall_back(tenant, events);
+        }
+        let gate = std::sync::Arc::clone(&self.fetching.entry(tenant.id).or_default());
+        let _fetching = gate.lock().await;
+        // The take of the request before this one may have brought enough.
         let missing = match self.take_local(tenant.id, wanted) {
             Ok(left) => return Ok(admitted(left)),
             Err(missing) => missing,
@@ -227,6 +242,7 @@ impl SharedLimits {
     /// Forgets a tenant (deleted).
     pub fn forget(&self, tenant: TenantId) {
         self.local.remove(&tenant);
+        self.fetching.remove(&tenant);
         self.fallback.forget(tenant);
     }
 }

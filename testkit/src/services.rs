@@ -147,6 +147,11 @@ impl Service {
         self.port
     }
 
+    /// The running instance's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
