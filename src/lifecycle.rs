@@ -42,9 +42,9 @@ pub enum LifecycleError {
     /// not catch up in time); nothing was lost, and the request can be repeated.
     #[error("{0}")]
     Cold(String),
-    /// Cluster mode: the change is made on this node but the shared directory could not be
-    /// written, so other nodes do not see it yet; repeating the request writes it again.
-    #[error("the change is made on this node, but the shared directory (NATS) could not be written: {0}")]
+    /// Cluster mode: the shared directory could not be written, so other nodes do not see the
+    /// change yet; repeating the request writes it again.
+    #[error("the shared tenant directory (NATS) could not be written; repeat the request: {0}")]
     Shared(String),
 }
 
@@ -143,14 +143,25 @@ impl TenantLifecycle {
     /// entries purged.
     pub async fn delete(&self, id: TenantId) -> Result<u64, LifecycleError> {
         let directory = Arc::clone(&self.directory);
-        blocking::run(move || directory.remove(id)).await??;
         if let Some(node) = self.cluster.clone() {
+            // Shared first: if it fails, the tenant is still here and the request can be
+            // repeated.
+            if self.directory.get(id).is_none() {
+                return Err(DirectoryError::NotFound(id).into());
+            }
             let runtime = node.runtime.clone();
             runtime
                 .spawn(async move { node.directory.remove(id).await })
                 .await
                 .map_err(|e| LifecycleError::Shared(e.to_string()))?
                 .map_err(|e| LifecycleError::Shared(e.to_string()))?;
+        }
+        match blocking::run(move || directory.remove(id)).await? {
+            // The shared directory's change came back to this node first.
+            Err(DirectoryError::NotFound(_)) if self.cluster.is_some() => {}
+            removed => {
+                removed?;
+            }
         }
         self.pipelines.stop(id);
         self.rate_limits.forget(id);

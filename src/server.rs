@@ -312,7 +312,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
             });
-            Some(tokio::spawn(process.run(processing_stopped)))
+            // The partitions' work (decoding, rolling up) on a thread of its own, so that it
+            // never delays the HTTP and engine connections' tasks of this runtime.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let thread = std::thread::Builder::new()
+                .name("partitions".into())
+                .spawn(move || runtime.block_on(process.run(processing_stopped)))?;
+            Some(thread)
         }
         _ => None,
     };
@@ -366,10 +374,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         handle.stop(true).await;
     });
     running.await?;
-    if let Some(processing) = processing {
+    if let Some(thread) = processing {
         tracing::info!("HTTP stopped; releasing this process node's partitions");
         let _ = stop_processing.send(true);
-        let _ = processing.await;
+        let _ = crate::blocking::run(move || thread.join()).await;
     }
 
     tracing::info!("HTTP stopped; stopping tenant actors and flushing the log");

@@ -264,6 +264,8 @@ pub struct TenantDirectory {
     /// Bumped whenever a key stops working (rotation, tenant deletion), so that long-lived
     /// uses of a key (live WebSockets, exports) check theirs again ([`KeyWatch`]).
     revocations: tokio::sync::watch::Sender<u64>,
+    /// Tenants deleted (here or, in cluster mode, elsewhere): their ids are never reused.
+    removed: dashmap::DashSet<TenantId>,
 }
 
 /// Tells a long-lived use of a key (a live WebSocket, an export) when that key stops working.
@@ -311,12 +313,14 @@ impl TenantDirectory {
             admin_digest,
             write_lock: std::sync::Mutex::new(()),
             revocations: tokio::sync::watch::Sender::new(0),
+            removed: dashmap::DashSet::new(),
         };
         for record in records {
             directory.index(Arc::new(record));
         }
         for tenant in meta::tombstoned_tenants(&directory.storage)? {
             directory.storage.dedup_windows.deleted(tenant);
+            directory.removed.insert(tenant);
         }
         Ok(directory)
     }
@@ -363,10 +367,16 @@ impl TenantDirectory {
     /// working at once.
     pub fn mirror_removed(&self, id: TenantId) {
         let _guard = self.lock();
+        self.removed.insert(id);
         if let Some(record) = self.get(id) {
             self.unindex(&record);
             self.revoked();
         }
+    }
+
+    /// Whether the tenant was deleted (its data is to be dropped, not stored).
+    pub fn was_removed(&self, id: TenantId) -> bool {
+        self.removed.contains(&id)
     }
 
     /// True when `token` is the admin token.
@@ -524,6 +534,7 @@ impl TenantDirectory {
         let _guard = self.lock();
         let current = self.get(id).ok_or(DirectoryError::NotFound(id))?;
         meta::delete_tenant(&self.storage, current.id)?;
+        self.removed.insert(current.id);
         self.unindex(&current);
         self.revoked();
         Ok(current)

@@ -283,6 +283,7 @@ impl StreamHandler<IngestBatch> for IngestActor {
             tenant: self.tenant,
             queued_at: std::time::Instant::now(),
             dedup_window: tenant.settings.dedup_window,
+            clock: None,
             batch: prepared,
             reply: Box::new(move |outcome| {
                 // The new events are durable: roll them up. If the rollup actor's queue is full,

@@ -59,6 +59,16 @@ end
 return 0
 ";
 
+/// How one [`Leases::balance`] round changed this node's partitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Round {
+    pub acquired: Vec<u16>,
+    /// Held before, not renewed: expired (and maybe taken by another node).
+    pub lost: Vec<u16>,
+    /// Given up: above this node's fair share.
+    pub released: Vec<u16>,
+}
+
 /// A partition's lease held by this node: the token fences its writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Lease {
@@ -192,17 +202,19 @@ impl Leases {
 
     /// One round of ownership: renews the held leases (dropping lost ones), releases those
     /// above this node's fair share and acquires free ones up to it; `held` is left holding
-    /// the leases this node owns.
+    /// the leases this node owns. Returns how ownership changed.
     pub async fn balance(
         &mut self,
         held: &mut BTreeMap<u16, Lease>,
         now_ms: u64,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<Round> {
+        let mut round = Round::default();
         let live = self.heartbeat(now_ms).await?;
         let share = self.share(&live);
         for lease in held.values().copied().collect::<Vec<_>>() {
             if !self.renew(lease).await? {
                 held.remove(&lease.partition);
+                round.lost.push(lease.partition);
             }
         }
         let ranked = rank(&self.node, self.partitions);
@@ -213,6 +225,7 @@ impl Leases {
             };
             if let Some(lease) = held.remove(&lowest) {
                 self.release(lease).await?;
+                round.released.push(lowest);
             }
         }
         for partition in ranked {
@@ -224,9 +237,10 @@ impl Leases {
             }
             if let Some(lease) = self.acquire(partition).await? {
                 held.insert(partition, lease);
+                round.acquired.push(partition);
             }
         }
-        Ok(())
+        Ok(round)
     }
 }
 

@@ -9,6 +9,7 @@
 //! stream position is the same: if it owns the partition again, it continues from there.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::cluster::lease::{Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, RolledUp, SharedRollups};
-use crate::cluster::runner::{PartitionRunner, RunError};
+use crate::cluster::runner::PartitionRunner;
 use crate::cluster::{connect_redis, partition_of};
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
@@ -48,20 +49,24 @@ pub struct ProcessNode {
     pub retention: Retention,
 }
 
-/// A partition being worked on.
+/// A partition being worked on, or being stopped.
 struct Task {
     lease: Lease,
     stop: watch::Sender<bool>,
-    handle: JoinHandle<u64>,
+    handle: JoinHandle<()>,
 }
 
 fn now_ms() -> u64 {
     u64::try_from(crate::event::now_micros() / 1000).unwrap_or(0)
 }
 
+/// How long a stopping node waits for its partitions' last roll-ups.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
 impl ProcessNode {
     /// Holds and works on partitions until `stop` turns true; then finishes each partition's
-    /// roll-up and releases its lease, so other nodes take over at once.
+    /// roll-up (for at most [`STOP_DEADLINE`]) and releases its lease, so other nodes take
+    /// over at once.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let config = &self.node.config;
         let redis = loop {
@@ -69,70 +74,68 @@ impl ProcessNode {
                 Ok(redis) => break redis,
                 Err(error) => {
                     tracing::warn!(%error, "process node cannot reach Redis; retrying");
-                    tokio::time::sleep(RETRY).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY) => {}
+                        _ = stop.changed() => return,
+                    }
                 }
             }
         };
+        // A name of its own for every start: a restarted node must not get the tokens its
+        // predecessor (perhaps still running somewhere) holds.
+        let lease_name = format!("{}#{:08x}", self.node.name, rand::random::<u32>());
         let mut leases = Leases::new(
             redis.clone(),
             &config.prefix,
-            &self.node.name,
+            &lease_name,
             config.partitions,
             config.lease_timeout,
         );
-        let shared = Arc::new(SharedRollups::new(redis, &config.prefix));
+        let shared = Arc::new(SharedRollups::new(redis, &config.prefix).expiring(self.retention));
         let mut held: BTreeMap<u16, Lease> = BTreeMap::new();
         let mut tasks: HashMap<u16, Task> = HashMap::new();
+        // Tasks told to stop that have not finished: their partition is not started again
+        // until they have, so two tasks never apply one partition to the local log.
+        let mut stopping: Vec<(u16, Task)> = Vec::new();
         // Where this node's local state of each partition it has worked on stands.
-        let mut covered: HashMap<u16, u64> = HashMap::new();
+        let mut covered: HashMap<u16, Arc<AtomicU64>> = HashMap::new();
         let mut rounds = tokio::time::interval(config.lease_renew_every);
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = rounds.tick() => {}
-                _ = stop.changed() => break,
+                _ = stop.changed() => {}
             }
             if *stop.borrow() {
                 break;
             }
-            let before: Vec<u16> = held.keys().copied().collect();
-            if let Err(error) = leases.balance(&mut held, now_ms()).await {
-                // Leases not renewed expire; their partitions' writes are then fenced out.
-                tracing::warn!(%error, "lease round failed");
-            }
-            let (mut lost, mut released) = (0, 0);
-            for partition in tasks.keys().copied().collect::<Vec<_>>() {
-                let still = tasks.get(&partition).is_some_and(|t| {
-                    held.get(&partition) == Some(&t.lease) && !t.handle.is_finished()
-                });
-                if still {
-                    continue;
+            let round = match leases.balance(&mut held, now_ms()).await {
+                Ok(round) => round,
+                Err(error) => {
+                    // Leases not renewed expire; their partitions' writes are then fenced out.
+                    tracing::warn!(%error, "lease round failed");
+                    Default::default()
                 }
-                if let Some(task) = tasks.remove(&partition) {
-                    if held.contains_key(&partition) {
-                        // Ended by itself (fenced out, then re-acquired): start again below.
-                    } else if before.contains(&partition) {
-                        lost += 1;
-                    }
+            };
+            for (partition, task) in std::mem::take(&mut tasks) {
+                let keep = held.get(&partition) == Some(&task.lease) && !task.handle.is_finished();
+                if keep {
+                    tasks.insert(partition, task);
+                } else {
                     let _ = task.stop.send(true);
-                    if let Ok(at) = task.handle.await {
-                        covered.insert(partition, at);
-                    }
+                    stopping.push((partition, task));
                 }
             }
-            let mut acquired = 0;
+            stopping.retain(|(_, task)| !task.handle.is_finished());
             for (partition, lease) in &held {
-                if tasks.contains_key(partition) {
+                if tasks.contains_key(partition) || stopping.iter().any(|(p, _)| p == partition) {
                     continue;
                 }
-                if !before.contains(partition) {
-                    acquired += 1;
-                }
-                let at = covered.get(partition).copied().unwrap_or(0);
+                let at = Arc::clone(covered.entry(*partition).or_default());
                 tracing::info!(
                     partition,
                     token = lease.token,
-                    from = at + 1,
+                    from = at.load(Ordering::Acquire) + 1,
                     "working on partition"
                 );
                 let (stop_task, stopped) = watch::channel(false);
@@ -152,13 +155,24 @@ impl ProcessNode {
                     },
                 );
             }
-            released += before.iter().filter(|p| !held.contains_key(p)).count();
-            released = released.saturating_sub(lost);
-            crate::telemetry::cluster_leases(held.len(), acquired, lost, released);
+            crate::telemetry::cluster_leases(
+                held.len(),
+                round.acquired.len(),
+                round.lost.len(),
+                round.released.len(),
+            );
         }
-        for (_, task) in tasks.drain() {
+        let all: Vec<Task> = (tasks.into_values())
+            .chain(stopping.into_iter().map(|(_, task)| task))
+            .collect();
+        for task in &all {
             let _ = task.stop.send(true);
-            let _ = task.handle.await;
+        }
+        let finished = futures_util::future::join_all(all.into_iter().map(|task| task.handle));
+        if tokio::time::timeout(STOP_DEADLINE, finished).await.is_err() {
+            tracing::warn!(
+                "partitions did not finish their roll-ups in time; their next owners will"
+            );
         }
         for lease in held.into_values() {
             let _ = leases.release(lease).await;
@@ -168,18 +182,18 @@ impl ProcessNode {
     }
 
     /// Works on one partition from stream position `covered` until told to stop or fenced
-    /// out; returns the position reached.
+    /// out, keeping `covered` at the position its local state has reached.
     async fn work(
         self: Arc<Self>,
         shared: Arc<SharedRollups>,
         lease: Lease,
         fence_key: String,
-        covered: u64,
+        covered: Arc<AtomicU64>,
         mut stop: watch::Receiver<bool>,
-    ) -> u64 {
+    ) {
         let partition = lease.partition;
         let partitions = self.node.config.partitions;
-        let mut runner = PartitionRunner::new(partition, covered);
+        let mut runner = PartitionRunner::new(partition, covered.load(Ordering::Acquire));
         // Tenants whose local log may be ahead of the shared rollups: at first, every tenant
         // of the partition this node has a log for (a previous task may have stopped before
         // its last roll-up).
@@ -215,17 +229,19 @@ impl ProcessNode {
                 last_roll_up = Instant::now();
                 if self.roll_up(&shared, lease, &fence_key, &mut pending).await {
                     tracing::info!(partition, "fenced out of the partition");
-                    return runner.covered();
+                    return;
                 }
             }
             if stopping {
-                return runner.covered();
+                return;
             }
             let directory = &self.directory;
-            let window = |tenant| directory.get(tenant).map(|r| r.settings.dedup_window);
             let read = runner
-                .run_once(&self.node.stream, &self.writer, READ_BATCH, window)
+                .run_once(&self.node.stream, &self.writer, READ_BATCH, |tenant| {
+                    directory.was_removed(tenant)
+                })
                 .await;
+            covered.store(runner.covered(), Ordering::Release);
             let pause = match read {
                 Ok(done) => {
                     crate::telemetry::cluster_partition_progress(
@@ -244,10 +260,6 @@ impl ProcessNode {
                             .await;
                     }
                     done.is_empty().then_some(IDLE_POLL)
-                }
-                Err(RunError::UnknownTenant { tenant, seq }) => {
-                    tracing::debug!(partition, %tenant, seq, "waiting for the directory to know a tenant");
-                    Some(RETRY)
                 }
                 Err(error) => {
                     tracing::warn!(partition, %error, "cannot apply the partition's stream; retrying");
@@ -307,11 +319,14 @@ impl ProcessNode {
     ) {
         let through = match live_through.get(&processed.tenant) {
             Some(through) => *through,
-            None => {
-                let stored = shared.watermark(processed.tenant).await.unwrap_or(0);
-                live_through.insert(processed.tenant, stored);
-                stored
-            }
+            None => match shared.watermark(processed.tenant).await {
+                Ok(stored) => {
+                    live_through.insert(processed.tenant, stored);
+                    stored
+                }
+                // Unknown: maybe an earlier owner published it; live ticks are best effort.
+                Err(_) => return,
+            },
         };
         let last = last_seq_of(first, processed.outcome.accepted);
         if last <= through || processed.items.is_empty() {

@@ -40,10 +40,11 @@ impl Append for StreamAppend {
             tenant,
             batch,
             reply,
+            dedup_window,
             ..
         } = request;
         let events = batch.events();
-        let wire = match batch.to_wire(tenant) {
+        let wire = match batch.to_wire(tenant, dedup_window) {
             Ok(wire) => wire,
             Err(error) => return reply(Err(error)),
         };
@@ -105,7 +106,7 @@ mod tests {
         let append = StreamAppend::new(Arc::clone(&stream), 8, tokio::runtime::Handle::current());
         let tenant = TenantId(0x1234);
         let (sent, answer) = request(tenant, &["m1", "m2", "m3"]);
-        let expected = sent.batch.to_wire(tenant).unwrap();
+        let expected = sent.batch.to_wire(tenant, sent.dedup_window).unwrap();
         append.submit(sent);
         let outcome = answer.await.unwrap().unwrap();
         assert_eq!((outcome.accepted, outcome.first_seq), (3, None));

@@ -40,7 +40,8 @@ pub enum FlushOutcome {
 }
 
 /// `KEYS`: fence, watermark, names. `ARGV`: token, expected watermark, new watermark, then
-/// operations: `c key field n` (count), `u key k hash₁..hashₖ` (users), `n name`.
+/// operations: `c key field n` (count), `u key k hash₁..hashₖ` (users), `x key ms` (expire at),
+/// `n name`.
 const FLUSH: &str = r"
 local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
 if stored ~= tonumber(ARGV[2]) then return {2, stored} end
@@ -50,6 +51,9 @@ while at <= #ARGV do
   if op == 'c' then
     redis.call('HINCRBY', ARGV[at + 1], ARGV[at + 2], ARGV[at + 3])
     at = at + 4
+  elseif op == 'x' then
+    redis.call('PEXPIREAT', ARGV[at + 1], ARGV[at + 2])
+    at = at + 3
   elseif op == 'u' then
     local k = tonumber(ARGV[at + 2])
     local first = at + 3
@@ -72,6 +76,8 @@ pub struct SharedRollups {
     redis: ConnectionManager,
     prefix: String,
     flush: Script,
+    /// How long a flush's buckets are kept (an owner's); `None`: as long as Redis keeps them.
+    retention: Option<Retention>,
 }
 
 impl SharedRollups {
@@ -82,7 +88,33 @@ impl SharedRollups {
             redis,
             prefix: prefix.to_string(),
             flush,
+            retention: None,
         }
+    }
+
+    /// The same handle, whose flushes make each bucket expire once `retention` has passed
+    /// after its end (days kept forever unless `retention.day` says otherwise), so Redis holds
+    /// what queries can still ask for and no more.
+    pub fn expiring(mut self, retention: Retention) -> SharedRollups {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// When a bucket's keys expire (Unix milliseconds), if they do.
+    fn expiry(&self, resolution: Resolution, start: Micros) -> Option<i64> {
+        let retention = self.retention.as_ref()?;
+        let keep = match resolution {
+            Resolution::Minute => retention.minute,
+            Resolution::Hour => retention.hour,
+            Resolution::Day => retention.day?,
+        };
+        let keep = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+        Some(
+            start
+                .saturating_add(resolution.width())
+                .saturating_add(keep)
+                / 1000,
+        )
     }
 
     fn base(&self, tenant: TenantId) -> String {
@@ -136,13 +168,15 @@ impl SharedRollups {
             .arg(expected)
             .arg(through);
         let mut names = std::collections::BTreeSet::new();
+        let mut expiring = std::collections::BTreeMap::new();
         for (resolution, name, start, delta) in deltas.buckets() {
+            let expiry = self.expiry(resolution, start);
             if delta.count > 0 {
-                invocation
-                    .arg("c")
-                    .arg(self.counts_key(tenant, resolution, start))
-                    .arg(name)
-                    .arg(delta.count);
+                let key = self.counts_key(tenant, resolution, start);
+                invocation.arg("c").arg(&key).arg(name).arg(delta.count);
+                if let Some(at) = expiry {
+                    expiring.insert(key, at);
+                }
             }
             let hashes = delta.users.hashes().ok_or_else(|| {
                 redis::RedisError::from((
@@ -151,15 +185,19 @@ impl SharedRollups {
                 ))
             })?;
             if !hashes.is_empty() {
-                invocation
-                    .arg("u")
-                    .arg(self.users_key(tenant, resolution, name, start))
-                    .arg(hashes.len());
+                let key = self.users_key(tenant, resolution, name, start);
+                invocation.arg("u").arg(&key).arg(hashes.len());
                 for hash in hashes {
                     invocation.arg(&hash.to_le_bytes()[..]);
                 }
+                if let Some(at) = expiry {
+                    expiring.insert(key, at);
+                }
             }
             names.insert(name);
+        }
+        for (key, at) in expiring {
+            invocation.arg("x").arg(key).arg(at);
         }
         for name in names {
             invocation.arg("n").arg(name);

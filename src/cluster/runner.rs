@@ -7,13 +7,11 @@
 //! drops the same duplicates. That is what lets a partition's new owner rebuild its state from
 //! a checkpoint and the stream's tail.
 
-use std::time::Duration;
-
 use crate::cluster::stream::{EventStream, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
 use crate::storage::event_log::decode_batch;
-use crate::storage::writer::{AppendOutcome, AppendRequest, LogWriter, PreparedBatch};
+use crate::storage::writer::{AppendOutcome, AppendRequest, LogWriter, PreparedBatch, WireBatch};
 use crate::storage::StorageError;
 
 /// Why a partition could not be processed further.
@@ -23,10 +21,6 @@ pub enum RunError {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    /// A message names a tenant the directory does not know (yet): stop rather than guess
-    /// its dedup window; the message is processed once the directory has it.
-    #[error("stream message {seq} is for unknown tenant {tenant}")]
-    UnknownTenant { seq: u64, tenant: TenantId },
     #[error("the log writer stopped")]
     WriterGone,
 }
@@ -73,24 +67,27 @@ impl PartitionRunner {
     }
 
     /// Processes up to `max` messages the stream holds now, in order, each durable before the
-    /// next is read; `dedup_window` gives each tenant's window (`None`: unknown tenant). A
-    /// message that cannot be processed ends the run: what was processed before it is
-    /// returned, and the error only when nothing was (the next run starts at that message).
+    /// next is read. Each batch is applied with the dedup window it was sent with, as of its
+    /// receive time, so the outcome does not depend on when or where it is applied; messages
+    /// of tenants `deleted` says are gone are skipped. A message that cannot be processed
+    /// ends the run: what was processed before it is returned, and the error only when
+    /// nothing was (the next run starts at that message).
     pub async fn run_once(
         &mut self,
         stream: &EventStream,
         writer: &LogWriter,
         max: usize,
-        dedup_window: impl Fn(TenantId) -> Option<Duration>,
+        deleted: impl Fn(TenantId) -> bool,
     ) -> Result<Vec<Processed>, RunError> {
         let (messages, last) = stream.read_tail(self.partition, self.next_seq, max).await?;
         self.last_seen = last;
         let mut done = Vec::with_capacity(messages.len());
         for message in messages {
-            match Self::process(message, writer, &dedup_window).await {
+            let seq = message.seq;
+            match Self::process(message, writer, &deleted).await {
                 Ok(processed) => {
-                    self.next_seq = processed.seq + 1;
-                    done.push(processed);
+                    self.next_seq = seq + 1;
+                    done.extend(processed);
                 }
                 Err(error) if done.is_empty() => return Err(error),
                 Err(_) => break,
@@ -102,28 +99,32 @@ impl PartitionRunner {
     async fn process(
         message: StreamMessage,
         writer: &LogWriter,
-        dedup_window: &impl Fn(TenantId) -> Option<Duration>,
-    ) -> Result<Processed, RunError> {
-        let (tenant, batch) = PreparedBatch::from_wire(message.payload)?;
-        let window = dedup_window(tenant).ok_or(RunError::UnknownTenant {
-            seq: message.seq,
+        deleted: &impl Fn(TenantId) -> bool,
+    ) -> Result<Option<Processed>, RunError> {
+        let WireBatch {
             tenant,
-        })?;
+            dedup_window,
+            batch,
+        } = PreparedBatch::from_wire(message.payload)?;
+        if deleted(tenant) {
+            return Ok(None);
+        }
         let entry = decode_batch(batch.entry())?;
         let mut items = RollupItems::from_events(&entry.events, &entry.extras);
+        let received_at = entry.received_at;
         drop(entry);
-        let (request, answer) = AppendRequest::answered(tenant, window, batch);
-        writer.submit(request);
+        let (request, answer) = AppendRequest::answered(tenant, dedup_window, batch);
+        writer.submit(request.at(received_at));
         let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
         if outcome.duplicates > 0 {
             items.retain_kept(&outcome.new_events());
         }
-        Ok(Processed {
+        Ok(Some(Processed {
             seq: message.seq,
             tenant,
             outcome,
             items,
-        })
+        }))
     }
 }
 
@@ -134,6 +135,7 @@ mod tests {
     use crate::storage::event_log::tests::{batch, read_batches};
     use crate::storage::writer::WriterOptions;
     use crate::storage::Storage;
+    use std::time::Duration;
 
     const TENANT: TenantId = TenantId(0x77);
 
@@ -177,7 +179,7 @@ mod tests {
         for (n, (tenant, ids)) in messages.iter().enumerate() {
             let wire = PreparedBatch::new(*tenant, &batch(ids))
                 .unwrap()
-                .to_wire(*tenant)
+                .to_wire(*tenant, Duration::from_secs(3600))
                 .unwrap();
             stream
                 .publish(0, &format!("m{n}"), bytes::Bytes::from(wire))
@@ -197,7 +199,7 @@ mod tests {
             hour: Duration::from_secs(u32::MAX.into()),
             day: None,
         };
-        let window = |_: TenantId| Some(Duration::from_secs(3600));
+        let window = |_: TenantId| false;
 
         // Rolls each tenant's local log up to its head, as an owner does.
         let roll_up = |storage: &Storage, lease| {
@@ -262,7 +264,7 @@ mod tests {
         // A wakes up and reads one more message: its roll-up of it is fenced out; B's counts it.
         let wire = PreparedBatch::new(a, &batch(&["a6"]))
             .unwrap()
-            .to_wire(a)
+            .to_wire(a, Duration::from_secs(3600))
             .unwrap();
         stream
             .publish(0, "m6", bytes::Bytes::from(wire))
@@ -316,8 +318,7 @@ mod tests {
 
     /// Batches published to a partition become log entries once each, in stream order; a
     /// second node replaying the same messages from the same (empty) state assigns the same
-    /// sequences and drops the same duplicates; a tenant the directory does not know stops
-    /// the run before anything of it is written.
+    /// sequences and drops the same duplicates; a deleted tenant's messages are skipped.
     #[actix_rt::test]
     async fn stream_messages_become_the_same_log_on_every_replay() {
         let nats = testkit::services::Service::nats().unwrap();
@@ -330,14 +331,14 @@ mod tests {
         {
             let wire = PreparedBatch::new(TENANT, &batch(ids))
                 .unwrap()
-                .to_wire(TENANT)
+                .to_wire(TENANT, Duration::from_secs(3600))
                 .unwrap();
             stream
                 .publish(3, &format!("batch-{n}"), bytes::Bytes::from(wire))
                 .await
                 .unwrap();
         }
-        let window = |tenant: TenantId| (tenant == TENANT).then_some(Duration::from_secs(3600));
+        let window = |_: TenantId| false;
         let mut logs = Vec::new();
         for _node in 0..2 {
             let dir = tempfile::tempdir().unwrap();
@@ -372,32 +373,31 @@ mod tests {
             vec!["a", "b", "c", "d", "e"]
         );
 
-        // A message for a tenant nobody knows yet stops the run; nothing of it is written.
-        let stranger = TenantId(0x99);
-        let wire = PreparedBatch::new(stranger, &batch(&["x"]))
-            .unwrap()
-            .to_wire(stranger)
-            .unwrap();
-        stream
-            .publish(3, "stranger", bytes::Bytes::from(wire))
-            .await
-            .unwrap();
+        // A message of a deleted tenant is skipped: nothing of it is written, the run goes on.
+        let gone = TenantId(0x99);
+        for (tenant, id) in [(gone, "x"), (TENANT, "f")] {
+            let wire = PreparedBatch::new(tenant, &batch(&[id]))
+                .unwrap()
+                .to_wire(tenant, Duration::from_secs(3600))
+                .unwrap();
+            stream
+                .publish(3, id, bytes::Bytes::from(wire))
+                .await
+                .unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let (storage, writer) = writer(dir.path());
         let mut runner = PartitionRunner::new(3, 0);
-        let before = runner.run_once(&stream, &writer, 10, window).await.unwrap();
-        assert_eq!(before.len(), 4, "what comes before it is processed");
-        let stopped = runner.run_once(&stream, &writer, 10, window).await;
-        assert!(
-            matches!(stopped, Err(RunError::UnknownTenant { tenant, .. }) if tenant == stranger)
-        );
-        assert!(read_batches(storage.log(), stranger, 1, 10)
-            .unwrap()
-            .is_empty());
-        // What came before it was processed and is not read again.
+        let processed = runner
+            .run_once(&stream, &writer, 10, |tenant| tenant == gone)
+            .await
+            .unwrap();
+        assert_eq!(processed.len(), 5);
+        assert_eq!(runner.covered(), 6, "the skipped message is covered too");
+        assert!(read_batches(storage.log(), gone, 1, 10).unwrap().is_empty());
         assert_eq!(
             read_batches(storage.log(), TENANT, 1, 100).unwrap().len(),
-            4
+            5
         );
         writer.shutdown();
     }

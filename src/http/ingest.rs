@@ -202,7 +202,16 @@ pub async fn store(
         ));
     };
     let checked = match &state.cluster {
-        Some(node) => node.limits.check(tenant, event_count).await,
+        // On the runtime the Redis connection lives on: a reconnection started from an HTTP
+        // worker would run on that worker's thread.
+        Some(node) => {
+            let limits = Arc::clone(node);
+            let record =
+                (state.directory.get(tenant.id)).unwrap_or_else(|| Arc::new(tenant.clone()));
+            let check = async move { limits.limits.check(&record, event_count).await };
+            (node.runtime.spawn(check).await)
+                .map_err(|e| ApiError::Internal(format!("rate limit check failed: {e}")))?
+        }
         None => state.rate_limits.check(tenant, event_count),
     };
     let admitted = match checked {

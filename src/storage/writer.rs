@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::event::{last_seq_of, now_micros, LogBatch};
+use crate::event::{last_seq_of, now_micros, LogBatch, Micros};
 use crate::ids::TenantId;
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
@@ -42,6 +42,9 @@ pub struct AppendRequest {
     /// When the request was queued (for the queue-wait metric).
     pub queued_at: Instant,
     pub dedup_window: Duration,
+    /// What counts as now for the dedup window: `None`, the writer's clock; a process node
+    /// gives the batch's receive time, so that every replay of the stream decides the same.
+    pub clock: Option<Micros>,
     pub batch: PreparedBatch,
     pub reply: AppendReply,
 }
@@ -62,12 +65,19 @@ impl AppendRequest {
             tenant,
             queued_at: Instant::now(),
             dedup_window,
+            clock: None,
             batch,
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
             }),
         };
         (request, answer)
+    }
+
+    /// The same request, deciding the dedup window as of `at` (see [`AppendRequest::clock`]).
+    pub fn at(mut self, at: Micros) -> AppendRequest {
+        self.clock = Some(at);
+        self
     }
 }
 
@@ -161,9 +171,15 @@ impl PreparedBatch {
     /// The batch as bytes for another node's writer: what an ingest node publishes to the
     /// event stream in cluster mode. Layout: [`WIRE_VERSION`], the tenant (8 bytes,
     /// big-endian), the length of the rest's metadata (4 bytes), the metadata (dedup keys,
-    /// dead letters, probes; codec-encoded), then the log entry as it will be stored.
-    pub fn to_wire(&self, tenant: TenantId) -> Result<Vec<u8>, StorageError> {
+    /// dead letters, probes, the tenant's dedup window; codec-encoded), then the log entry as
+    /// it will be stored.
+    pub fn to_wire(
+        &self,
+        tenant: TenantId,
+        dedup_window: Duration,
+    ) -> Result<Vec<u8>, StorageError> {
         let meta = WireMeta {
+            dedup_window_micros: u64::try_from(dedup_window.as_micros()).unwrap_or(u64::MAX),
             dedup_keys: self.dedup_keys.clone(),
             dead_letters: (self.dead_letters.iter())
                 .map(|letter| (letter.dedup_key, letter.key.to_vec(), letter.value.clone()))
@@ -184,9 +200,9 @@ impl PreparedBatch {
         Ok(out)
     }
 
-    /// A batch from [`PreparedBatch::to_wire`]'s bytes, with its tenant. The entry is not
-    /// copied. Bytes of another layout are an error, never a panic.
-    pub fn from_wire(bytes: bytes::Bytes) -> Result<(TenantId, PreparedBatch), StorageError> {
+    /// A batch from [`PreparedBatch::to_wire`]'s bytes, with its tenant and dedup window. The
+    /// entry is not copied. Bytes of another layout are an error, never a panic.
+    pub fn from_wire(bytes: bytes::Bytes) -> Result<WireBatch, StorageError> {
         let invalid = |why: &str| wire_error(codec::CodecError::Invalid(why.into()));
         if bytes.first() != Some(&WIRE_VERSION) {
             return Err(invalid("unknown stream batch version"));
@@ -233,16 +249,31 @@ impl PreparedBatch {
             dead_letter_batch,
             probes: meta.probes,
         };
-        Ok((tenant, prepared))
+        Ok(WireBatch {
+            tenant,
+            dedup_window: Duration::from_micros(meta.dedup_window_micros),
+            batch: prepared,
+        })
     }
 }
 
+/// A batch as another node sent it ([`PreparedBatch::from_wire`]).
+#[derive(Debug)]
+pub struct WireBatch {
+    pub tenant: TenantId,
+    /// The tenant's dedup window when the batch was sent: every node applies the batch with
+    /// it, whatever the directory says later.
+    pub dedup_window: Duration,
+    pub batch: PreparedBatch,
+}
+
 /// The layout version of [`PreparedBatch::to_wire`].
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// A [`PreparedBatch`]'s parts besides its entry, on the wire.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct WireMeta {
+    dedup_window_micros: u64,
     dedup_keys: Vec<Option<dedup::DedupKey>>,
     dead_letters: Vec<(Option<dedup::DedupKey>, Vec<u8>, Vec<u8>)>,
     dead_letter_batch: Option<(Vec<u8>, Vec<u8>)>,
@@ -545,8 +576,12 @@ impl Writer {
                 match command {
                     Command::Append(request) => {
                         let reply = request.reply;
-                        let outcome =
-                            self.append(request.tenant, request.dedup_window, request.batch);
+                        let outcome = self.append(
+                            request.tenant,
+                            request.dedup_window,
+                            request.clock,
+                            request.batch,
+                        );
                         replies.push((reply, outcome));
                     }
                     Command::Seal { tenant, reply } => {
@@ -570,7 +605,12 @@ impl Writer {
         while let Ok(command) = commands.try_recv() {
             if let Command::Append(request) = command {
                 let reply = request.reply;
-                let outcome = self.append(request.tenant, request.dedup_window, request.batch);
+                let outcome = self.append(
+                    request.tenant,
+                    request.dedup_window,
+                    request.clock,
+                    request.batch,
+                );
                 replies.push((reply, outcome));
             }
         }
@@ -646,6 +686,7 @@ impl Writer {
         &mut self,
         tenant: TenantId,
         dedup_window: Duration,
+        clock: Option<Micros>,
         prepared: PreparedBatch,
     ) -> Result<AppendOutcome, StorageError> {
         if self.failure.is_none() && !self.healthy.load(Ordering::Acquire) {
@@ -657,7 +698,7 @@ impl Writer {
         if self.sealed.contains(&tenant) {
             return Err(StorageError::TenantDeleted(tenant));
         }
-        let now = now_micros();
+        let now = clock.unwrap_or_else(now_micros);
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
         let (storage, dedup) = (&self.storage, &mut self.dedup);
         // Whether `key` is a retry: earlier in this request, or logged within the window.
@@ -817,11 +858,11 @@ pub(crate) mod tests {
             .unwrap()
             .with_dead_letters(vec![letter], Some(batch_record))
             .with_probes(vec![Some(dedup::key(tenant, "sampled")), None]);
-        let wire = original.to_wire(tenant).unwrap();
-        let (back_tenant, back) =
-            PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
-        assert_eq!(back_tenant, tenant);
-        assert_eq!(back, original);
+        let wire = original.to_wire(tenant, Duration::from_secs(60)).unwrap();
+        let back = PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
+        assert_eq!(back.tenant, tenant);
+        assert_eq!(back.dedup_window, Duration::from_secs(60));
+        assert_eq!(back.batch, original);
         // Cut or altered bytes are errors, never panics.
         for end in 0..wire.len() {
             let _ = PreparedBatch::from_wire(bytes::Bytes::copy_from_slice(&wire[..end]));
@@ -835,7 +876,9 @@ pub(crate) mod tests {
         let writer = LogWriter::start(storage.clone(), options()).unwrap();
         let mut outcomes = Vec::new();
         for _ in 0..2 {
-            let (_, prepared) = PreparedBatch::from_wire(bytes::Bytes::from(wire.clone())).unwrap();
+            let prepared = PreparedBatch::from_wire(bytes::Bytes::from(wire.clone()))
+                .unwrap()
+                .batch;
             let (request, answer) =
                 AppendRequest::answered(tenant, Duration::from_secs(3600), prepared);
             writer.submit(request);
@@ -910,6 +953,7 @@ pub(crate) mod tests {
             tenant,
             queued_at: Instant::now(),
             dedup_window: Duration::from_secs(3600),
+            clock: None,
             batch: PreparedBatch::new(tenant, &batch(&["late"])).unwrap(),
             reply: Box::new(move |outcome| {
                 let _ = reply.send(outcome);
