@@ -29,6 +29,21 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn node(
     binary: &std::path::Path,
     role: &str,
@@ -115,6 +130,7 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
             .zip(before)
             .map(|(role, before)| (role.name, cpu_seconds(&role.pids) - before))
             .collect();
+        let stream_bytes = dir_bytes(&nats.dir());
         println!(
             "\n{ingest_nodes} ingest node(s), {} process node(s):",
             process.len()
@@ -128,7 +144,13 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        println!(
+            "JetStream storage: {:.0} bytes per event ({} MiB)",
+            stream_bytes as f64 / run.acked.max(1) as f64,
+            stream_bytes / 1_048_576
+        );
         rows.push(serde_json::json!({
+            "jetstream_bytes_per_event": stream_bytes as f64 / run.acked.max(1) as f64,
             "ingest_nodes": ingest_nodes,
             "process_nodes": process.len(),
             "run": run,

@@ -355,6 +355,9 @@ fn run_mode(
             register_plan(target, tenant, args.event_names)?;
         }
     }
+    for tenant in tenants.iter() {
+        target.wait_known(tenant)?;
+    }
     let from = now_rfc3339(-3600 * (i64::from(args.late_hours) + 2));
     let budget = Arc::new(AtomicU64::new(args.events));
     let stop = Arc::new(AtomicBool::new(false));

@@ -142,6 +142,32 @@ impl Target {
         Ok(reply.into_json()?)
     }
 
+    /// Waits until every node the load goes to knows the tenant (a cluster's nodes learn of a
+    /// new tenant from the shared directory, within milliseconds).
+    pub(crate) fn wait_known(&self, tenant: &Tenant) -> Result<()> {
+        let started = std::time::Instant::now();
+        for base in &self.bases {
+            loop {
+                let reply = self
+                    .agent
+                    .get(&format!("{base}/admin/v1/tenants/{}", tenant.id))
+                    .set("Authorization", &format!("Bearer {}", self.admin_token))
+                    .call();
+                if reply.is_ok() {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(anyhow!(
+                        "{base} does not know tenant {} after 30 s",
+                        tenant.id
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
     /// An admin request (no body); JSON reply, or null for an empty one.
     pub(crate) fn admin(&self, method: &str, path: &str) -> Result<Value> {
         let reply = self

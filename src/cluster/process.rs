@@ -30,8 +30,9 @@ use crate::tenant::TenantDirectory;
 
 /// Stream messages applied per read.
 const READ_BATCH: usize = 256;
-/// Pause between reads of a partition that had nothing new.
-const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How long a read waits for a message when the partition has none (then the task checks
+/// whether to roll up or stop).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Pause after a failed read or roll-up before trying again.
 const RETRY: Duration = Duration::from_millis(500);
 /// How often an owner checks every tenant it has a log for against the shared rollups, so
@@ -237,9 +238,13 @@ impl ProcessNode {
             }
             let directory = &self.directory;
             let read = runner
-                .run_once(&self.node.stream, &self.writer, READ_BATCH, |tenant| {
-                    directory.was_removed(tenant)
-                })
+                .run(
+                    &self.node.stream,
+                    &self.writer,
+                    READ_BATCH,
+                    IDLE_WAIT,
+                    |tenant| directory.was_removed(tenant),
+                )
                 .await;
             covered.store(runner.covered(), Ordering::Release);
             let pause = match read {
@@ -259,7 +264,7 @@ impl ProcessNode {
                         self.publish_live(&shared, &mut live_through, processed, first)
                             .await;
                     }
-                    done.is_empty().then_some(IDLE_POLL)
+                    None
                 }
                 Err(error) => {
                     tracing::warn!(partition, %error, "cannot apply the partition's stream; retrying");

@@ -7,7 +7,9 @@
 //! drops the same duplicates. That is what lets a partition's new owner rebuild its state from
 //! a checkpoint and the stream's tail.
 
-use crate::cluster::stream::{EventStream, StreamError, StreamMessage};
+use std::time::Duration;
+
+use crate::cluster::stream::{EventStream, PartitionReader, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
 use crate::storage::event_log::decode_batch;
@@ -41,8 +43,10 @@ pub struct PartitionRunner {
     partition: u16,
     /// The stream sequence to read next.
     next_seq: u64,
-    /// The partition's last stream sequence, as last seen.
-    last_seen: u64,
+    /// Messages after the last one read, as the stream last said.
+    pending: u64,
+    /// The open reader, from `next_seq` (dropped after an error).
+    reader: Option<PartitionReader>,
 }
 
 impl PartitionRunner {
@@ -52,7 +56,8 @@ impl PartitionRunner {
         PartitionRunner {
             partition,
             next_seq: covered + 1,
-            last_seen: covered,
+            pending: 0,
+            reader: None,
         }
     }
 
@@ -63,7 +68,7 @@ impl PartitionRunner {
 
     /// Messages the stream held, when last read, that are not processed yet.
     pub fn lag(&self) -> u64 {
-        self.last_seen.saturating_sub(self.covered())
+        self.pending
     }
 
     /// Processes up to `max` messages the stream holds now, in order, each durable before the
@@ -79,9 +84,29 @@ impl PartitionRunner {
         max: usize,
         deleted: impl Fn(TenantId) -> bool,
     ) -> Result<Vec<Processed>, RunError> {
-        let (messages, last) = stream.read_tail(self.partition, self.next_seq, max).await?;
-        self.last_seen = last;
+        self.run(stream, writer, max, Duration::ZERO, deleted).await
+    }
+
+    /// [`PartitionRunner::run_once`], waiting up to `wait` for a first message when the
+    /// partition has none: what a partition's owner calls in a loop.
+    pub async fn run(
+        &mut self,
+        stream: &EventStream,
+        writer: &LogWriter,
+        max: usize,
+        wait: Duration,
+        deleted: impl Fn(TenantId) -> bool,
+    ) -> Result<Vec<Processed>, RunError> {
+        let mut reader = match self.reader.take() {
+            Some(reader) => reader,
+            None => stream.reader(self.partition, self.next_seq).await?,
+        };
+        // A fresh reader's first messages take a round trip: give them one.
+        let wait = wait.max(Duration::from_millis(50));
+        let messages = reader.next_batch(max, wait).await?;
+        self.pending = reader.pending();
         let mut done = Vec::with_capacity(messages.len());
+        let mut failed = None;
         for message in messages {
             let seq = message.seq;
             match Self::process(message, writer, &deleted).await {
@@ -89,11 +114,21 @@ impl PartitionRunner {
                     self.next_seq = seq + 1;
                     done.extend(processed);
                 }
-                Err(error) if done.is_empty() => return Err(error),
-                Err(_) => break,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
             }
         }
-        Ok(done)
+        match failed {
+            // The reader is past the failed message: the next run opens a new one there.
+            Some(error) if done.is_empty() => Err(error),
+            Some(_) => Ok(done),
+            None => {
+                self.reader = Some(reader);
+                Ok(done)
+            }
+        }
     }
 
     async fn process(

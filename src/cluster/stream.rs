@@ -159,28 +159,27 @@ impl EventStream {
         from_seq: u64,
         max: usize,
     ) -> Result<Vec<StreamMessage>, StreamError> {
-        Ok(self.read_tail(partition, from_seq, max).await?.0)
-    }
-
-    /// [`EventStream::read`], and the sequence of the partition's last message (0: none).
-    pub async fn read_tail(
-        &self,
-        partition: u16,
-        from_seq: u64,
-        max: usize,
-    ) -> Result<(Vec<StreamMessage>, u64), StreamError> {
         let stream = self.stream().await?;
         let last = stream
             .get_last_raw_message_by_subject(&self.subject(partition))
             .await;
-        let last = match last {
-            Ok(message) => message.sequence,
-            // No message on the subject: nothing to read.
-            Err(_) => return Ok((Vec::new(), 0)),
-        };
-        if from_seq > last || max == 0 {
-            return Ok((Vec::new(), last));
+        match last {
+            Ok(last) if from_seq <= last.sequence && max > 0 => {}
+            // No message on the subject, or none from `from_seq` on.
+            _ => return Ok(Vec::new()),
         }
+        let mut reader = self.reader(partition, from_seq).await?;
+        reader.next_batch(max, self.publish_timeout).await
+    }
+
+    /// A reader of `partition` from stream sequence `from_seq` on, which keeps its consumer
+    /// open and receives new messages as they are stored (see [`PartitionReader`]).
+    pub async fn reader(
+        &self,
+        partition: u16,
+        from_seq: u64,
+    ) -> Result<PartitionReader, StreamError> {
+        let stream = self.stream().await?;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 filter_subject: self.subject(partition),
@@ -191,33 +190,14 @@ impl EventStream {
             })
             .await
             .map_err(|e| failed("creating a reader")(e.to_string()))?;
-        let mut messages = consumer
+        let messages = consumer
             .messages()
             .await
             .map_err(|e| failed("reading")(e.to_string()))?;
-        let mut out = Vec::new();
-        while out.len() < max {
-            let next = tokio::time::timeout(self.publish_timeout, messages.next())
-                .await
-                .map_err(|_| failed("reading")("no message in time".into()))?;
-            let Some(message) = next else {
-                break;
-            };
-            let message = message.map_err(|e| failed("reading")(e.to_string()))?;
-            let info = message
-                .info()
-                .map_err(|e| failed("reading a message's sequence")(e.to_string()))?;
-            let seq = info.stream_sequence;
-            let pending = info.pending;
-            out.push(StreamMessage {
-                seq,
-                payload: message.payload.clone(),
-            });
-            if seq >= last || pending == 0 {
-                break;
-            }
-        }
-        Ok((out, last))
+        Ok(PartitionReader {
+            messages,
+            pending: 0,
+        })
     }
 
     /// Removes `partition`'s messages below stream sequence `below` (those a checkpoint covers).
@@ -230,5 +210,60 @@ impl EventStream {
             .await
             .map_err(|e| failed("trimming")(e.to_string()))?;
         Ok(purged.purged)
+    }
+}
+
+/// How long a reader waits for a message the server said is pending.
+const PENDING_WAIT: Duration = Duration::from_secs(1);
+
+/// An open, ordered reader of one partition: messages arrive as JetStream stores them, so an
+/// idle partition costs nothing but the consumer's heartbeats (no polling). After an error
+/// the reader is dropped and a new one opened where processing stopped.
+pub struct PartitionReader {
+    messages: async_nats::jetstream::consumer::pull::Ordered,
+    /// Messages of the partition after the last one read, as the server last said.
+    pending: u64,
+}
+
+impl PartitionReader {
+    /// Up to `max` messages: waits at most `wait` for the first, then takes those already
+    /// there. Empty when nothing came within `wait`.
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<StreamMessage>, StreamError> {
+        let mut out = Vec::new();
+        let Ok(first) = tokio::time::timeout(wait, self.messages.next()).await else {
+            return Ok(out);
+        };
+        let mut next = first;
+        loop {
+            let Some(message) = next else {
+                return Err(failed("reading")("the reader ended".into()));
+            };
+            let message = message.map_err(|e| failed("reading")(e.to_string()))?;
+            let info = message
+                .info()
+                .map_err(|e| failed("reading a message's sequence")(e.to_string()))?;
+            self.pending = info.pending;
+            out.push(StreamMessage {
+                seq: info.stream_sequence,
+                payload: message.payload.clone(),
+            });
+            if out.len() >= max || self.pending == 0 {
+                return Ok(out);
+            }
+            // More are stored: they are on their way.
+            match tokio::time::timeout(wait.max(PENDING_WAIT), self.messages.next()).await {
+                Ok(item) => next = item,
+                Err(_) => return Ok(out),
+            }
+        }
+    }
+
+    /// Messages of the partition not read yet, as of the last one read.
+    pub fn pending(&self) -> u64 {
+        self.pending
     }
 }
