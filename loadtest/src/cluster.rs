@@ -8,13 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use testkit::services::Service;
-use testkit::Launch;
 
 use crate::generate::Generator;
-use crate::server::{default_binary, Target};
+use crate::server::{default_binary, launch, Target, ADMIN_TOKEN};
 use crate::{print_table, run_mode, Args, Mode, Plans};
-
-const ADMIN_TOKEN: &str = "loadtest-admin-token";
 
 /// One role's processes.
 struct Role {
@@ -51,16 +48,7 @@ fn node(
     nats: &str,
     redis: &str,
 ) -> Result<testkit::Server> {
-    Launch::new(binary, ADMIN_TOKEN)
-        .env("RUST_LOG", "warn")
-        .env(
-            "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_EVENTS_PER_SECOND",
-            "100000000",
-        )
-        .env(
-            "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_BURST",
-            "100000000",
-        )
+    launch(binary)
         .env("STATSREMOTE__CLUSTER__ROLE", role)
         .env("STATSREMOTE__CLUSTER__NODE_ID", name)
         .env("STATSREMOTE__CLUSTER__NATS_URL", nats)

@@ -35,6 +35,23 @@ pub(crate) fn default_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/statsremote"))
 }
 
+/// The admin token of the servers the load generator starts.
+pub(crate) const ADMIN_TOKEN: &str = "loadtest-admin-token";
+
+/// How the load generator starts a server: quiet, with rate limits out of the way.
+pub(crate) fn launch(binary: &Path) -> Launch {
+    Launch::new(binary, ADMIN_TOKEN)
+        .env("RUST_LOG", "warn")
+        .env(
+            "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_EVENTS_PER_SECOND",
+            "100000000",
+        )
+        .env(
+            "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_BURST",
+            "100000000",
+        )
+}
+
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
@@ -44,16 +61,7 @@ fn agent() -> ureq::Agent {
 impl Target {
     /// Starts `binary` on 127.0.0.1:0 with a fresh data dir and the given settings.
     pub(crate) fn start(binary: &Path, settings: &[(&str, &str)]) -> Result<Target> {
-        let server = Launch::new(binary, "loadtest-admin-token")
-            .env("RUST_LOG", "warn")
-            .env(
-                "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_EVENTS_PER_SECOND",
-                "100000000",
-            )
-            .env(
-                "STATSREMOTE__TENANT_DEFAULTS__RATE_LIMIT_BURST",
-                "100000000",
-            )
+        let server = launch(binary)
             .envs(settings.iter().copied())
             .start()
             .map_err(|error| match error {

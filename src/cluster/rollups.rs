@@ -238,10 +238,7 @@ impl SharedRollups {
         from: Micros,
         to: Micros,
     ) -> redis::RedisResult<Vec<(Micros, u64)>> {
-        let starts: Vec<Micros> = (0..)
-            .map(|i| from + i * resolution.width())
-            .take_while(|start| *start < to)
-            .collect();
+        let starts = bucket_starts(resolution, from, to);
         let mut pipe = redis::pipe();
         for start in &starts {
             pipe.hget(self.counts_key(tenant, resolution, *start), name);
@@ -283,10 +280,7 @@ impl SharedRollups {
         from: Micros,
         to: Micros,
     ) -> redis::RedisResult<Vec<(Micros, u64)>> {
-        let starts: Vec<Micros> = (0..)
-            .map(|i| from + i * resolution.width())
-            .take_while(|start| *start < to)
-            .collect();
+        let starts = bucket_starts(resolution, from, to);
         let mut pipe = redis::pipe();
         for start in &starts {
             pipe.cmd("PFCOUNT")
@@ -328,6 +322,14 @@ impl SharedRollups {
         names.sort();
         Ok(names)
     }
+}
+
+/// The start of each bucket at `resolution` from `from` (aligned) up to `to`.
+fn bucket_starts(resolution: Resolution, from: Micros, to: Micros) -> Vec<Micros> {
+    (0..)
+        .map(|i| from + i * resolution.width())
+        .take_while(|start| *start < to)
+        .collect()
 }
 
 /// How many log batches one flush carries at most (one script call each).
