@@ -311,6 +311,17 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 writer: Arc::clone(&writer),
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
+                checkpoints: match config.cold.store {
+                    crate::config::ColdStoreKind::S3 => Some(
+                        crate::cluster::checkpoint::Checkpoints::new(state.cold.clone()),
+                    ),
+                    crate::config::ColdStoreKind::Local => {
+                        tracing::warn!(
+                            "cold.store is local: process nodes write no checkpoints, and the event stream keeps every message"
+                        );
+                        None
+                    }
+                },
             });
             // The partitions' work (decoding, rolling up) on a thread of its own, so that it
             // never delays the HTTP and engine connections' tasks of this runtime.

@@ -30,6 +30,15 @@ pub mod names {
     pub const CLUSTER_PUBLISH_LATENCY: &str = "statsremote_cluster_publish_seconds";
     /// Cluster mode: publishes that failed or timed out (answered 503). No labels.
     pub const CLUSTER_PUBLISH_FAILURES: &str = "statsremote_cluster_publish_failures_total";
+    /// Cluster mode: time since an owned partition's last checkpoint (or since its owner
+    /// started on it). Label `partition`.
+    pub const CLUSTER_CHECKPOINT_AGE: &str = "statsremote_cluster_checkpoint_age_seconds";
+    /// Cluster mode: checkpoints written. No labels.
+    pub const CLUSTER_CHECKPOINTS: &str = "statsremote_cluster_checkpoints_total";
+    /// Cluster mode: bytes of the checkpoints written. No labels.
+    pub const CLUSTER_CHECKPOINT_BYTES: &str = "statsremote_cluster_checkpoint_bytes_total";
+    /// Cluster mode: stream messages removed below checkpoints. No labels.
+    pub const CLUSTER_STREAM_TRIMMED: &str = "statsremote_cluster_stream_trimmed_total";
     /// Cluster mode: stream messages an owner applied to its log. Label `partition`.
     pub const CLUSTER_MESSAGES_PROCESSED: &str = "statsremote_cluster_messages_processed_total";
     /// Requests answered. Labels `route` (the matched route pattern, or `unmatched`) and
@@ -386,6 +395,23 @@ pub fn cluster_partition_progress(partition: u16, processed: usize, lag: u64) {
             .increment(processed as u64);
     }
     gauge!(names::CLUSTER_CONSUMER_LAG, "partition" => partition).set(lag as f64);
+}
+
+/// Cluster mode: how long ago the partition's last checkpoint was written.
+pub fn cluster_checkpoint_age(partition: u16, age: Duration) {
+    gauge!(names::CLUSTER_CHECKPOINT_AGE, "partition" => partition.to_string())
+        .set(age.as_secs_f64());
+}
+
+/// Cluster mode: a checkpoint of `bytes` written.
+pub fn cluster_checkpoint_written(bytes: usize) {
+    counter!(names::CLUSTER_CHECKPOINTS).increment(1);
+    counter!(names::CLUSTER_CHECKPOINT_BYTES).increment(bytes as u64);
+}
+
+/// Cluster mode: `messages` removed from the stream below a checkpoint.
+pub fn cluster_stream_trimmed(messages: u64) {
+    counter!(names::CLUSTER_STREAM_TRIMMED).increment(messages);
 }
 
 /// Cluster mode: one publish to the stream answered (or failed) after `took`.

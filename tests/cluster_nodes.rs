@@ -29,16 +29,23 @@ struct Cluster {
     nats: Service,
     redis: Service,
     prefix: String,
+    /// Settings every node gets besides the cluster's.
+    env: Vec<(String, String)>,
     ingest: Vec<TestServer>,
     process: Vec<TestServer>,
 }
 
 impl Cluster {
     fn start(ingest: usize, process: usize) -> Cluster {
+        Cluster::start_with(ingest, process, Vec::new())
+    }
+
+    fn start_with(ingest: usize, process: usize, env: Vec<(String, String)>) -> Cluster {
         let mut cluster = Cluster {
             nats: Service::nats().unwrap(),
             redis: Service::redis().unwrap(),
             prefix: format!("t{}", std::process::id()),
+            env,
             ingest: Vec::new(),
             process: Vec::new(),
         };
@@ -55,7 +62,7 @@ impl Cluster {
 
     fn node(&self, role: &str, name: &str) -> TestServer {
         let (nats, redis) = (self.nats.url(), self.redis.url());
-        let env = [
+        let mut env = vec![
             ("STATSREMOTE__CLUSTER__ROLE", role),
             ("STATSREMOTE__CLUSTER__NODE_ID", name),
             ("STATSREMOTE__CLUSTER__NATS_URL", nats.as_str()),
@@ -66,6 +73,7 @@ impl Cluster {
             ("STATSREMOTE__CLUSTER__LEASE_RENEW_EVERY", LEASE_RENEW),
             ("STATSREMOTE__CLUSTER__PUBLISH_TIMEOUT", "2s"),
         ];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         TestServer::start_with_env(&env)
     }
 
@@ -606,4 +614,70 @@ fn a_paused_owner_is_fenced_out_and_new_process_nodes_take_a_fair_share() {
         joined.elapsed()
     );
     assert_exact(&cluster, victim, &acked, "after rebalancing");
+}
+
+/// A counter of a node's `/metrics`, 0 when absent.
+fn counter(node: &TestServer, name: &str) -> u64 {
+    node.metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .map_or(0, |n| n as u64)
+}
+
+#[test]
+fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
+    let _serial = serial();
+    let s3 = testkit::s3::S3Server::start().unwrap();
+    s3.create_bucket("cluster").unwrap();
+    let mut env = s3.server_env("cluster", "c");
+    env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
+    let cluster = Cluster::start_with(1, 2, env);
+    cluster.settled();
+    let victim = &cluster.tenant_owned_by(0, "ckpt");
+    let bases = vec![cluster.ingest[0].base.clone()];
+    let load = Load::start(bases, victim, "ckpt");
+    // Checkpoints written, and the stream below the one before the latest dropped.
+    let started = Instant::now();
+    while counter(
+        &cluster.process[0],
+        "statsremote_cluster_stream_trimmed_total",
+    ) == 0
+    {
+        assert!(started.elapsed() < SETTLE, "the stream was never trimmed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let checkpoints = counter(&cluster.process[0], "statsremote_cluster_checkpoints_total");
+    println!(
+        "{checkpoints} checkpoints and a trim after {:?}",
+        started.elapsed()
+    );
+    wait_for_acks(&load, 10);
+    cluster.process[0].kill();
+    wait_for_acks(&load, 30);
+    let (acked, _) = load.finish();
+
+    // A retry of the first batch, acknowledged long before the checkpoint the new owner
+    // started from: its ids are known there, so it counts nothing.
+    let first: Vec<Value> = (0..10u64)
+        .map(|i| event(&format!("ckpt-0-{i}"), i))
+        .collect();
+    assert!(acked.contains("ckpt-0-0"));
+    let retry = cluster.ingest[0].post_json(
+        "/v1/batch",
+        Auth::Basic(&victim.write_key),
+        &json!({ "batch": first }),
+    );
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_exact(
+        &cluster,
+        victim,
+        &acked,
+        "owner SIGKILL after a checkpoint and a trim",
+    );
+    let log = cluster.process[1].server_log();
+    assert!(
+        log.contains("partition state taken from its checkpoint"),
+        "the new owner did not start from the checkpoint"
+    );
 }

@@ -13,9 +13,17 @@
 //! Older ones are pruned, keeping the newest two, so a reader that listed just before a prune
 //! still finds what it chose, or the next one.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
+use crate::event::{flags, Micros};
+use crate::ids::TenantId;
 use crate::storage::cold::{ColdError, ColdStore};
+use crate::storage::dedup::{self, DedupKey};
+use crate::storage::event_log::{first_seq_received_since, scan_views};
+use crate::storage::writer::KeysSeenAt;
+use crate::storage::{codec, Storage, StorageError};
 
 const MAGIC: &[u8; 4] = b"SRCK";
 const VERSION: u8 = 1;
@@ -92,6 +100,12 @@ impl Checkpoints {
         }))
     }
 
+    /// `covered` of the partition's second newest checkpoint, if it has two.
+    pub async fn previous(&self, partition: u16) -> Result<Option<u64>, ColdError> {
+        let listed = self.listed(partition).await?;
+        Ok(listed.len().checked_sub(2).map(|i| listed[i].0))
+    }
+
     /// Deletes all but the newest two checkpoints; returns how many it deleted.
     pub async fn prune(&self, partition: u16) -> Result<usize, ColdError> {
         let listed = self.listed(partition).await?;
@@ -112,6 +126,97 @@ impl Checkpoints {
             .collect();
         found.sort_unstable();
         Ok(found)
+    }
+}
+
+/// What a partition's state at a stream position holds, for a new owner: per tenant, where
+/// its log continues and the dedup keys it has seen within its window. The log entries
+/// themselves are not in it: a checkpoint is only written once the shared rollups include
+/// them, and the cold tier keeps the events.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub tenants: Vec<TenantSnapshot>,
+}
+
+/// One tenant of a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TenantSnapshot {
+    pub tenant: TenantId,
+    /// The last log sequence.
+    pub head: u64,
+    /// Dedup keys by the receive time of their batch, oldest first.
+    pub keys: Vec<KeysSeenAt>,
+}
+
+/// A tenant to read into a [`Snapshot`].
+pub struct TenantInput {
+    pub tenant: TenantId,
+    /// The id its log has in the local store.
+    pub local: TenantId,
+    pub window: Duration,
+    /// Its log's last sequence (the writer's, which an import sets).
+    pub head: u64,
+    /// Keys it was imported with (not in its local log).
+    pub carried: Vec<KeysSeenAt>,
+}
+
+impl Snapshot {
+    /// Reads the state of `tenants` from the local log: for each, the keys of its entries
+    /// received within its window before `now`, after those it `carries` over from the state
+    /// it was imported with. Blocking.
+    pub fn read(
+        storage: &Storage,
+        tenants: &[TenantInput],
+        now: Micros,
+    ) -> Result<Snapshot, StorageError> {
+        let mut out = Vec::with_capacity(tenants.len());
+        for input in tenants {
+            let TenantInput {
+                tenant,
+                local,
+                window,
+                head,
+                carried,
+            } = input;
+            let window = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+            let since = now.saturating_sub(window);
+            let from = first_seq_received_since(storage.log(), *local, since, Duration::ZERO)?;
+            let mut keys: Vec<KeysSeenAt> = (carried.iter())
+                .filter(|(at, _)| *at >= since)
+                .cloned()
+                .collect();
+            scan_views(storage.log(), *local, from.max(1), |_, batch| {
+                let seen: Vec<DedupKey> = (batch.events.iter())
+                    .filter(|event| event.flags & flags::GENERATED_ID == 0)
+                    .map(|event| dedup::key(*tenant, event.message_id))
+                    .collect();
+                match keys.last_mut() {
+                    Some((at, same)) if *at == batch.received_at => same.extend(seen),
+                    _ => keys.push((batch.received_at, seen)),
+                }
+                std::ops::ControlFlow::Continue(())
+            })?;
+            out.push(TenantSnapshot {
+                tenant: *tenant,
+                head: *head,
+                keys,
+            });
+        }
+        Ok(Snapshot { tenants: out })
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        codec::encode_compressed(self).map_err(|source| StorageError::Codec {
+            keyspace: "checkpoint",
+            source,
+        })
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Snapshot, StorageError> {
+        codec::decode(body).map_err(|source| StorageError::Codec {
+            keyspace: "checkpoint",
+            source,
+        })
     }
 }
 

@@ -59,6 +59,10 @@ pub struct ClusterConfig {
     /// another node lags behind the owner, besides the stream).
     #[serde(with = "humantime_serde")]
     pub flush_every: Duration,
+    /// How often a partition's owner writes its state as a checkpoint to the object store
+    /// (then the stream drops what the checkpoint before covers).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
 }
 
 impl ClusterConfig {
@@ -75,8 +79,13 @@ impl ClusterConfig {
         if !(1..=5).contains(&self.replicas) {
             return Err("cluster.replicas must be between 1 and 5".into());
         }
-        if self.publish_timeout.is_zero() || self.flush_every.is_zero() {
-            return Err("cluster.publish_timeout and cluster.flush_every must be positive".into());
+        if self.publish_timeout.is_zero()
+            || self.flush_every.is_zero()
+            || self.checkpoint_every.is_zero()
+        {
+            return Err(
+                "cluster.publish_timeout, flush_every and checkpoint_every must be positive".into(),
+            );
         }
         if self.partitions == 0 {
             return Err("cluster.partitions must be at least 1".into());

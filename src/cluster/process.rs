@@ -10,20 +10,22 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster::checkpoint::{Checkpoints, Snapshot, TenantInput};
+use crate::cluster::connect_redis;
 use crate::cluster::lease::{Lease, Leases};
 use crate::cluster::node::ClusterNode;
-use crate::cluster::rollups::{roll_up_tenant, RolledUp, SharedRollups};
+use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
 use crate::cluster::runner::PartitionRunner;
-use crate::cluster::{connect_redis, partition_of};
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::rollup::Retention;
+use crate::storage::writer::KeysSeenAt;
 use crate::storage::writer::LogWriter;
 use crate::storage::Storage;
 use crate::tenant::TenantDirectory;
@@ -35,6 +37,9 @@ const READ_BATCH: usize = 256;
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Pause after a failed read or roll-up before trying again.
 const RETRY: Duration = Duration::from_millis(500);
+/// The dedup window a checkpoint keeps the keys of for a tenant the directory no longer has.
+const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
+
 /// How often an owner checks every tenant it has a log for against the shared rollups, so
 /// what a Redis restart lost is written again without waiting for the tenant's next events.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -48,6 +53,49 @@ pub struct ProcessNode {
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
     pub retention: Retention,
+    /// Where partitions' checkpoints are kept: the cold tier's store, which the process nodes
+    /// share (`None` with a local cold store: no checkpoints, and the stream keeps every
+    /// message).
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// This node's copy of one partition's state, kept while the node runs, also after it lost
+/// the partition: any owner's state at a stream position is the same, so it can continue
+/// from there if it owns the partition again and no checkpoint is further on.
+#[derive(Default)]
+struct PartitionCopy {
+    /// The last stream sequence applied to the local store.
+    covered: AtomicU64,
+    /// How many times the copy was replaced by a checkpoint's state. Each time, the tenants'
+    /// logs move to new local ids ([`PartitionCopy::local`]), so the new state never meets
+    /// the old one's log entries or dedup keys in the local store.
+    generation: AtomicU64,
+    /// Tenants with a log in the copy: their last log sequence, and the dedup keys they were
+    /// imported with (which their local logs do not hold).
+    tenants: Mutex<HashMap<TenantId, TenantCopy>>,
+}
+
+#[derive(Clone, Default)]
+struct TenantCopy {
+    head: u64,
+    carried: Vec<KeysSeenAt>,
+}
+
+impl PartitionCopy {
+    /// The id `tenant`'s log has in the local store.
+    fn local(&self, tenant: TenantId) -> TenantId {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == 0 {
+            return tenant;
+        }
+        let mut key = tenant.0.to_be_bytes().to_vec();
+        key.extend_from_slice(&generation.to_be_bytes());
+        TenantId(xxhash_rust::xxh3::xxh3_64(&key).max(1))
+    }
+
+    fn tenants(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantCopy>> {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A partition being worked on, or being stopped.
@@ -98,8 +146,8 @@ impl ProcessNode {
         // Tasks told to stop that have not finished: their partition is not started again
         // until they have, so two tasks never apply one partition to the local log.
         let mut stopping: Vec<(u16, Task)> = Vec::new();
-        // Where this node's local state of each partition it has worked on stands.
-        let mut covered: HashMap<u16, Arc<AtomicU64>> = HashMap::new();
+        // This node's copy of each partition it has worked on.
+        let mut copies: HashMap<u16, Arc<PartitionCopy>> = HashMap::new();
         let mut rounds = tokio::time::interval(config.lease_renew_every);
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -132,11 +180,11 @@ impl ProcessNode {
                 if tasks.contains_key(partition) || stopping.iter().any(|(p, _)| p == partition) {
                     continue;
                 }
-                let at = Arc::clone(covered.entry(*partition).or_default());
+                let copy = Arc::clone(copies.entry(*partition).or_default());
                 tracing::info!(
                     partition,
                     token = lease.token,
-                    from = at.load(Ordering::Acquire) + 1,
+                    from = copy.covered.load(Ordering::Acquire) + 1,
                     "working on partition"
                 );
                 let (stop_task, stopped) = watch::channel(false);
@@ -144,7 +192,7 @@ impl ProcessNode {
                     Arc::clone(&shared),
                     *lease,
                     leases.fence_key(*partition),
-                    at,
+                    copy,
                     stopped,
                 ));
                 tasks.insert(
@@ -182,57 +230,69 @@ impl ProcessNode {
         tracing::info!("process node released its partitions");
     }
 
-    /// Works on one partition from stream position `covered` until told to stop or fenced
-    /// out, keeping `covered` at the position its local state has reached.
+    /// Works on one partition, from this node's copy of it or from its latest checkpoint,
+    /// whichever is further on, until told to stop or fenced out.
     async fn work(
         self: Arc<Self>,
         shared: Arc<SharedRollups>,
         lease: Lease,
         fence_key: String,
-        covered: Arc<AtomicU64>,
+        copy: Arc<PartitionCopy>,
         mut stop: watch::Receiver<bool>,
     ) {
         let partition = lease.partition;
-        let partitions = self.node.config.partitions;
-        let mut runner = PartitionRunner::new(partition, covered.load(Ordering::Acquire));
-        // Tenants whose local log may be ahead of the shared rollups: at first, every tenant
-        // of the partition this node has a log for (a previous task may have stopped before
-        // its last roll-up).
-        let mut pending: HashMap<TenantId, u64> = HashMap::new();
-        let storage = self.storage.clone();
-        let local = crate::blocking::run(move || storage.log().tenants())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        for tenant in local {
-            if partition_of(tenant, partitions) == partition {
-                if let Some(head) = self.writer.heads().get(tenant) {
-                    pending.insert(tenant, head);
-                }
-            }
+        if let Err(error) = self.catch_up_with_checkpoint(partition, &copy).await {
+            // Whether the stream still holds what this copy lacks is unknown: wait.
+            tracing::warn!(partition, %error, "cannot read the partition's checkpoint; retrying");
+            tokio::time::sleep(RETRY).await;
+            return;
         }
+        let mut runner = PartitionRunner::new(partition, copy.covered.load(Ordering::Acquire));
+        // Tenants whose local log may be ahead of the shared rollups: at first, all of them
+        // (a previous task may have stopped before its last roll-up).
+        let mut pending: HashMap<TenantId, u64> = (copy.tenants().iter())
+            .map(|(tenant, t)| (*tenant, t.head))
+            .collect();
         // Per tenant, the log sequence through which live ticks were published (those at or
         // below the shared watermark at first sight were published by an earlier owner).
         let mut live_through: HashMap<TenantId, u64> = HashMap::new();
-        // Every tenant of the partition with a local log, and its head.
-        let mut known = pending.clone();
         let mut last_roll_up = Instant::now();
         let mut last_recheck = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut checkpointed = runner.covered();
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
-                pending.extend(known.iter().map(|(tenant, head)| (*tenant, *head)));
+                pending.extend(copy.tenants().iter().map(|(tenant, t)| (*tenant, t.head)));
             }
             let stopping = *stop.borrow();
             let due = stopping || last_roll_up.elapsed() >= self.node.config.flush_every;
             if due && !pending.is_empty() {
                 last_roll_up = Instant::now();
-                if self.roll_up(&shared, lease, &fence_key, &mut pending).await {
+                if self
+                    .roll_up(&shared, lease, &fence_key, &copy, &mut pending)
+                    .await
+                {
                     tracing::info!(partition, "fenced out of the partition");
                     return;
                 }
             }
+            // A checkpoint only of a state the shared rollups include in full, and only of a
+            // new one.
+            if pending.is_empty()
+                && last_checkpoint.elapsed() >= self.node.config.checkpoint_every
+                && runner.covered() > checkpointed
+                && !stopping
+            {
+                last_checkpoint = Instant::now();
+                match self.checkpoint(lease, &copy, runner.covered()).await {
+                    Ok(()) => checkpointed = runner.covered(),
+                    Err(error) => {
+                        tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
+                    }
+                }
+            }
+            crate::telemetry::cluster_checkpoint_age(partition, last_checkpoint.elapsed());
             if stopping {
                 return;
             }
@@ -244,9 +304,10 @@ impl ProcessNode {
                     READ_BATCH,
                     IDLE_WAIT,
                     |tenant| directory.was_removed(tenant),
+                    |tenant| copy.local(tenant),
                 )
                 .await;
-            covered.store(runner.covered(), Ordering::Release);
+            copy.covered.store(runner.covered(), Ordering::Release);
             let pause = match read {
                 Ok(done) => {
                     crate::telemetry::cluster_partition_progress(
@@ -260,7 +321,7 @@ impl ProcessNode {
                         };
                         let last = last_seq_of(first, processed.outcome.accepted);
                         pending.insert(processed.tenant, last);
-                        known.insert(processed.tenant, last);
+                        copy.tenants().entry(processed.tenant).or_default().head = last;
                         self.publish_live(&shared, &mut live_through, processed, first)
                             .await;
                     }
@@ -280,26 +341,116 @@ impl ProcessNode {
         }
     }
 
+    /// Replaces this node's copy of the partition by its latest checkpoint's state when that
+    /// is further on (the stream below a checkpoint may be gone).
+    async fn catch_up_with_checkpoint(
+        &self,
+        partition: u16,
+        copy: &PartitionCopy,
+    ) -> Result<(), String> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let latest = (checkpoints.latest(partition).await).map_err(|e| e.to_string())?;
+        let Some(checkpoint) = latest else {
+            return Ok(());
+        };
+        if checkpoint.covered <= copy.covered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let snapshot = Snapshot::decode(&checkpoint.body).map_err(|e| e.to_string())?;
+        copy.generation.fetch_add(1, Ordering::AcqRel);
+        copy.tenants().clear();
+        for tenant in snapshot.tenants {
+            let local = copy.local(tenant.tenant);
+            (self
+                .writer
+                .import(local, tenant.head, tenant.keys.clone())
+                .await)
+                .map_err(|e| e.to_string())?;
+            copy.tenants().insert(
+                tenant.tenant,
+                TenantCopy {
+                    head: tenant.head,
+                    carried: tenant.keys,
+                },
+            );
+        }
+        copy.covered.store(checkpoint.covered, Ordering::Release);
+        tracing::info!(
+            partition,
+            covered = checkpoint.covered,
+            "partition state taken from its checkpoint"
+        );
+        Ok(())
+    }
+
+    /// Writes the partition's state at `covered` as a checkpoint, then lets the stream drop
+    /// what the checkpoint before it covers. Only below the one before: an owner that lost
+    /// the partition and writes late can then never remove what the new owner still reads
+    /// (it started from the latest checkpoint, or from further on).
+    async fn checkpoint(
+        &self,
+        lease: Lease,
+        copy: &PartitionCopy,
+        covered: u64,
+    ) -> Result<(), String> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let partition = lease.partition;
+        let inputs: Vec<TenantInput> = copy
+            .tenants()
+            .iter()
+            .map(|(tenant, t)| TenantInput {
+                tenant: *tenant,
+                local: copy.local(*tenant),
+                window: (self.directory.get(*tenant))
+                    .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window),
+                head: t.head,
+                carried: t.carried.clone(),
+            })
+            .collect();
+        let storage = self.storage.clone();
+        let now = crate::event::now_micros();
+        let snapshot = crate::blocking::run(move || Snapshot::read(&storage, &inputs, now))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let body = snapshot.encode().map_err(|e| e.to_string())?;
+        (checkpoints
+            .write(partition, covered, lease.token, &body)
+            .await)
+            .map_err(|e| e.to_string())?;
+        crate::telemetry::cluster_checkpoint_written(body.len());
+        let _ = checkpoints.prune(partition).await;
+        if let Some(previous) =
+            (checkpoints.previous(partition).await).map_err(|e| e.to_string())?
+        {
+            let trimmed = (self.node.stream.trim(partition, previous + 1).await)
+                .map_err(|e| e.to_string())?;
+            crate::telemetry::cluster_stream_trimmed(trimmed);
+        }
+        Ok(())
+    }
+
     /// Rolls each pending tenant up to its local head; true when fenced out.
     async fn roll_up(
         &self,
         shared: &SharedRollups,
         lease: Lease,
         fence_key: &str,
+        copy: &PartitionCopy,
         pending: &mut HashMap<TenantId, u64>,
     ) -> bool {
         for (tenant, head) in pending.clone() {
-            match roll_up_tenant(
-                shared,
-                &self.storage,
+            let log = LocalLog {
+                storage: &self.storage,
                 tenant,
+                local: copy.local(tenant),
                 head,
-                lease,
-                fence_key,
-                self.retention,
-            )
-            .await
-            {
+            };
+            match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
                 Ok(RolledUp::Through(_)) => {
                     if pending.get(&tenant) == Some(&head) {
                         pending.remove(&tenant);

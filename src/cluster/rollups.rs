@@ -353,13 +353,17 @@ pub enum RolledUp {
 /// missing batches are written again). Reading the log blocks a pool thread.
 pub async fn roll_up_tenant(
     shared: &SharedRollups,
-    storage: &crate::storage::Storage,
-    tenant: TenantId,
-    head: u64,
+    log: LocalLog<'_>,
     lease: Lease,
     fence_key: &str,
     retention: Retention,
 ) -> Result<RolledUp, RollUpError> {
+    let LocalLog {
+        storage,
+        tenant,
+        local,
+        head,
+    } = log;
     loop {
         let stored = shared.watermark(tenant).await?;
         if stored >= head {
@@ -367,7 +371,7 @@ pub async fn roll_up_tenant(
         }
         let reader = storage.clone();
         let batches = crate::blocking::run(move || {
-            crate::actors::rollup::read_items(&reader, tenant, stored + 1, head, BATCHES_PER_FLUSH)
+            crate::actors::rollup::read_items(&reader, local, stored + 1, head, BATCHES_PER_FLUSH)
         })
         .await
         .map_err(|e| RollUpError::Log(e.to_string()))?
@@ -397,6 +401,16 @@ pub async fn roll_up_tenant(
             FlushOutcome::Stored | FlushOutcome::Conflict { .. } => {}
         }
     }
+}
+
+/// A tenant's log in a partition owner's local store.
+pub struct LocalLog<'a> {
+    pub storage: &'a crate::storage::Storage,
+    pub tenant: TenantId,
+    /// The id the tenant's log has in `storage`.
+    pub local: TenantId,
+    /// Its last sequence.
+    pub head: u64,
 }
 
 /// Why a roll-up could not be written.

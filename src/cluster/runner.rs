@@ -33,6 +33,8 @@ pub struct Processed {
     /// Its stream sequence.
     pub seq: u64,
     pub tenant: TenantId,
+    /// The id the tenant's log has in the local store.
+    pub local: TenantId,
     pub outcome: AppendOutcome,
     /// What rollups need of the events it added to the log (duplicates left out).
     pub items: RollupItems,
@@ -84,11 +86,15 @@ impl PartitionRunner {
         max: usize,
         deleted: impl Fn(TenantId) -> bool,
     ) -> Result<Vec<Processed>, RunError> {
-        self.run(stream, writer, max, Duration::ZERO, deleted).await
+        self.run(stream, writer, max, Duration::ZERO, deleted, |tenant| {
+            tenant
+        })
+        .await
     }
 
     /// [`PartitionRunner::run_once`], waiting up to `wait` for a first message when the
-    /// partition has none: what a partition's owner calls in a loop.
+    /// partition has none, with each tenant's log under the local id `local` gives: what a
+    /// partition's owner calls in a loop.
     pub async fn run(
         &mut self,
         stream: &EventStream,
@@ -96,6 +102,7 @@ impl PartitionRunner {
         max: usize,
         wait: Duration,
         deleted: impl Fn(TenantId) -> bool,
+        local: impl Fn(TenantId) -> TenantId,
     ) -> Result<Vec<Processed>, RunError> {
         let mut reader = match self.reader.take() {
             Some(reader) => reader,
@@ -109,7 +116,7 @@ impl PartitionRunner {
         let mut failed = None;
         for message in messages {
             let seq = message.seq;
-            match Self::process(message, writer, &deleted).await {
+            match Self::process(message, writer, &deleted, &local).await {
                 Ok(processed) => {
                     self.next_seq = seq + 1;
                     done.extend(processed);
@@ -135,6 +142,7 @@ impl PartitionRunner {
         message: StreamMessage,
         writer: &LogWriter,
         deleted: &impl Fn(TenantId) -> bool,
+        local: &impl Fn(TenantId) -> TenantId,
     ) -> Result<Option<Processed>, RunError> {
         let WireBatch {
             tenant,
@@ -148,7 +156,8 @@ impl PartitionRunner {
         let mut items = RollupItems::from_events(&entry.events, &entry.extras);
         let received_at = entry.received_at;
         drop(entry);
-        let (request, answer) = AppendRequest::answered(tenant, dedup_window, batch);
+        let local = local(tenant);
+        let (request, answer) = AppendRequest::answered(local, dedup_window, batch);
         writer.submit(request.at(received_at));
         let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
         if outcome.duplicates > 0 {
@@ -157,6 +166,7 @@ impl PartitionRunner {
         Ok(Some(Processed {
             seq: message.seq,
             tenant,
+            local,
             outcome,
             items,
         }))
@@ -194,7 +204,7 @@ mod tests {
     #[actix_rt::test]
     async fn rollups_count_each_message_once_across_a_failover() {
         use crate::cluster::lease::Leases;
-        use crate::cluster::rollups::{roll_up_tenant, RolledUp, SharedRollups};
+        use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
         use crate::rollup::{Resolution, Retention, ALL_EVENTS};
 
         let nats = testkit::services::Service::nats().unwrap();
@@ -244,9 +254,20 @@ mod tests {
                 for tenant in [a, b] {
                     let head = storage.log().head(tenant).unwrap();
                     outcomes.push(
-                        roll_up_tenant(shared, &storage, tenant, head, lease, &fence, retention)
-                            .await
-                            .unwrap(),
+                        roll_up_tenant(
+                            shared,
+                            LocalLog {
+                                storage: &storage,
+                                tenant,
+                                local: tenant,
+                                head,
+                            },
+                            lease,
+                            &fence,
+                            retention,
+                        )
+                        .await
+                        .unwrap(),
                     );
                 }
                 outcomes

@@ -346,8 +346,19 @@ impl LogHeads {
     }
 }
 
+/// Dedup keys first seen at one time (the receive time of the batch whose events they are).
+pub type KeysSeenAt = (Micros, Vec<dedup::DedupKey>);
+
 enum Command {
     Append(Box<AppendRequest>),
+    /// Takes over a tenant's state from elsewhere (a cluster partition's checkpoint): its log
+    /// continues after `head`, and `keys` count as seen.
+    Import {
+        tenant: TenantId,
+        head: u64,
+        keys: Vec<KeysSeenAt>,
+        reply: oneshot::Sender<()>,
+    },
     Seal {
         tenant: TenantId,
         reply: oneshot::Sender<()>,
@@ -446,6 +457,32 @@ impl LogWriter {
     /// Refuses every later append for the tenant, after the appends queued before this call
     /// have been written. Once it returns, nothing more is written for the tenant, so its data
     /// can be purged off this thread ([`crate::storage::purge_tenant`]).
+    /// Takes over a tenant's state from a cluster partition's checkpoint: its log continues
+    /// after `head`, and `keys` count as seen at their times. The tenant must have nothing in
+    /// this writer's log (cluster mode imports under a new local id).
+    pub async fn import(
+        &self,
+        tenant: TenantId,
+        head: u64,
+        keys: Vec<KeysSeenAt>,
+    ) -> Result<(), StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let queue = self.queue.clone();
+        let command = Command::Import {
+            tenant,
+            head,
+            keys,
+            reply,
+        };
+        let sent = crate::blocking::run(move || queue.send(command).is_ok())
+            .await
+            .unwrap_or(false);
+        if !sent {
+            return Err(StorageError::WriterStopped);
+        }
+        answer.await.map_err(|_| StorageError::WriterStopped)
+    }
+
     pub async fn seal_tenant(&self, tenant: TenantId) -> Result<(), StorageError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.clone();
@@ -584,6 +621,16 @@ impl Writer {
                         );
                         replies.push((reply, outcome));
                     }
+                    Command::Import {
+                        tenant,
+                        head,
+                        keys,
+                        reply,
+                    } => {
+                        self.finish_group(&mut replies);
+                        self.import(tenant, head, keys);
+                        let _ = reply.send(());
+                    }
                     Command::Seal { tenant, reply } => {
                         self.finish_group(&mut replies);
                         self.sealed.insert(tenant);
@@ -660,6 +707,20 @@ impl Writer {
                 self.group_heads.clear();
             }
         }
+    }
+
+    /// Continues `tenant`'s log after `head`, with `keys` counted as seen (see
+    /// [`Command::Import`]). The tenant must have nothing in this writer's log.
+    fn import(&mut self, tenant: TenantId, head: u64, keys: Vec<KeysSeenAt>) {
+        self.next_seq.insert(tenant, head + 1);
+        for (first_seen, keys) in keys {
+            self.dedup.record(&keys, first_seen, self.groups_sent + 1);
+            let value = dedup::value(tenant, first_seen);
+            self.group_keys.extend(keys.iter().map(|key| (*key, value)));
+        }
+        self.group_heads.push((tenant, head));
+        self.heads.advance(tenant, head);
+        self.send_keys();
     }
 
     /// Hands the durable group's dedup keys to the ingest thread (waiting if it is far behind)
