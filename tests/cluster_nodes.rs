@@ -681,3 +681,56 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
         "the new owner did not start from the checkpoint"
     );
 }
+
+#[test]
+fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost() {
+    let _serial = serial();
+    let s3 = testkit::s3::S3Server::start().unwrap();
+    s3.create_bucket("cluster").unwrap();
+    let mut env = s3.server_env("cluster", "c");
+    env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
+    let cluster = Cluster::start_with(1, 2, env);
+    cluster.settled();
+    let victim = &cluster.tenant_owned_by(0, "s3");
+    let owner = &cluster.process[0];
+    let checkpoints = || counter(owner, "statsremote_cluster_checkpoints_total");
+    let load = Load::start(vec![cluster.ingest[0].base.clone()], victim, "s3");
+    let started = Instant::now();
+    while checkpoints() == 0 {
+        assert!(started.elapsed() < SETTLE, "no checkpoint");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The store stops answering: ingestion and rollups go on, checkpoints wait.
+    s3.pause().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = checkpoints();
+    wait_for_acks(&load, 30);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        checkpoints(),
+        before,
+        "a checkpoint was written while the store was down"
+    );
+    s3.resume().unwrap();
+    let resumed = Instant::now();
+    while checkpoints() <= before {
+        assert!(resumed.elapsed() < SETTLE, "checkpoints did not resume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "checkpoints resumed {:?} after the store came back",
+        resumed.elapsed()
+    );
+    wait_for_acks(&load, 10);
+    // The owner dies too: the next one starts from what the checkpoints and the stream hold.
+    owner.kill();
+    wait_for_acks(&load, 20);
+    let (acked, _) = load.finish();
+    assert_exact(
+        &cluster,
+        victim,
+        &acked,
+        "object store down, then the owner killed",
+    );
+}

@@ -22,6 +22,7 @@ use crate::cluster::lease::{Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
 use crate::cluster::runner::PartitionRunner;
+use crate::cluster::stream::EventStream;
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::rollup::Retention;
@@ -57,6 +58,31 @@ pub struct ProcessNode {
     /// share (`None` with a local cold store: no checkpoints, and the stream keeps every
     /// message).
     pub checkpoints: Option<Checkpoints>,
+}
+
+/// Writes a partition's checkpoint, then lets the stream drop what the checkpoint before it
+/// covers. Only below the one before: an owner that lost the partition and writes late can
+/// then never remove what the new owner still reads (it started from the latest checkpoint,
+/// or from further on).
+async fn upload(
+    checkpoints: &Checkpoints,
+    stream: &EventStream,
+    lease: Lease,
+    covered: u64,
+    body: &[u8],
+) -> Result<(), String> {
+    let partition = lease.partition;
+    (checkpoints
+        .write(partition, covered, lease.token, body)
+        .await)
+        .map_err(|e| e.to_string())?;
+    crate::telemetry::cluster_checkpoint_written(body.len());
+    let _ = checkpoints.prune(partition).await;
+    if let Some(previous) = (checkpoints.previous(partition).await).map_err(|e| e.to_string())? {
+        let trimmed = (stream.trim(partition, previous + 1).await).map_err(|e| e.to_string())?;
+        crate::telemetry::cluster_stream_trimmed(trimmed);
+    }
+    Ok(())
 }
 
 /// This node's copy of one partition's state, kept while the node runs, also after it lost
@@ -258,8 +284,11 @@ impl ProcessNode {
         let mut live_through: HashMap<TenantId, u64> = HashMap::new();
         let mut last_roll_up = Instant::now();
         let mut last_recheck = Instant::now();
+        // When the last checkpoint was written, and when one was last started.
         let mut last_checkpoint = Instant::now();
+        let mut last_tried = Instant::now();
         let mut checkpointed = runner.covered();
+        let mut upload: Option<JoinHandle<Result<u64, String>>> = None;
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -277,16 +306,29 @@ impl ProcessNode {
                     return;
                 }
             }
-            // A checkpoint only of a state the shared rollups include in full, and only of a
-            // new one.
+            if upload.as_ref().is_some_and(JoinHandle::is_finished) {
+                match upload.take().map(futures_util::FutureExt::now_or_never) {
+                    Some(Some(Ok(Ok(covered)))) => {
+                        checkpointed = covered;
+                        last_checkpoint = Instant::now();
+                    }
+                    Some(Some(Ok(Err(error)))) => {
+                        tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
+                    }
+                    _ => {}
+                }
+            }
+            // A checkpoint only of a state the shared rollups include in full, only of a new
+            // one, and one at a time.
             if pending.is_empty()
-                && last_checkpoint.elapsed() >= self.node.config.checkpoint_every
+                && upload.is_none()
+                && last_tried.elapsed() >= self.node.config.checkpoint_every
                 && runner.covered() > checkpointed
                 && !stopping
             {
-                last_checkpoint = Instant::now();
+                last_tried = Instant::now();
                 match self.checkpoint(lease, &copy, runner.covered()).await {
-                    Ok(()) => checkpointed = runner.covered(),
+                    Ok(task) => upload = task,
                     Err(error) => {
                         tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
                     }
@@ -385,20 +427,18 @@ impl ProcessNode {
         Ok(())
     }
 
-    /// Writes the partition's state at `covered` as a checkpoint, then lets the stream drop
-    /// what the checkpoint before it covers. Only below the one before: an owner that lost
-    /// the partition and writes late can then never remove what the new owner still reads
-    /// (it started from the latest checkpoint, or from further on).
+    /// Reads the partition's state at `covered` for a checkpoint and starts writing it in the
+    /// background (the partition goes on meanwhile, also while the object store is slow or
+    /// down); `None` without a checkpoint store.
     async fn checkpoint(
         &self,
         lease: Lease,
         copy: &PartitionCopy,
         covered: u64,
-    ) -> Result<(), String> {
-        let Some(checkpoints) = &self.checkpoints else {
-            return Ok(());
+    ) -> Result<Option<JoinHandle<Result<u64, String>>>, String> {
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            return Ok(None);
         };
-        let partition = lease.partition;
         let inputs: Vec<TenantInput> = copy
             .tenants()
             .iter()
@@ -418,20 +458,11 @@ impl ProcessNode {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let body = snapshot.encode().map_err(|e| e.to_string())?;
-        (checkpoints
-            .write(partition, covered, lease.token, &body)
-            .await)
-            .map_err(|e| e.to_string())?;
-        crate::telemetry::cluster_checkpoint_written(body.len());
-        let _ = checkpoints.prune(partition).await;
-        if let Some(previous) =
-            (checkpoints.previous(partition).await).map_err(|e| e.to_string())?
-        {
-            let trimmed = (self.node.stream.trim(partition, previous + 1).await)
-                .map_err(|e| e.to_string())?;
-            crate::telemetry::cluster_stream_trimmed(trimmed);
-        }
-        Ok(())
+        let stream = Arc::clone(&self.node.stream);
+        Ok(Some(tokio::spawn(async move {
+            upload(&checkpoints, &stream, lease, covered, &body).await?;
+            Ok(covered)
+        })))
     }
 
     /// Rolls each pending tenant up to its local head; true when fenced out.

@@ -74,6 +74,16 @@ impl S3Server {
         .collect()
     }
 
+    /// SIGSTOP: the server keeps its objects but answers nothing until [`S3Server::resume`].
+    pub fn pause(&self) -> Result<(), Error> {
+        crate::send_signal(self.child.id(), "STOP")
+    }
+
+    /// SIGCONT after [`S3Server::pause`].
+    pub fn resume(&self) -> Result<(), Error> {
+        crate::send_signal(self.child.id(), "CONT")
+    }
+
     /// Stops the server (an outage); [`S3Server::start`] a new one for a fresh, empty store.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -83,6 +93,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
+        let _ = self.resume();
         self.kill();
     }
 }
