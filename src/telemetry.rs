@@ -37,6 +37,9 @@ pub mod names {
     pub const CLUSTER_CHECKPOINTS: &str = "statsremote_cluster_checkpoints_total";
     /// Cluster mode: bytes of the checkpoints written. No labels.
     pub const CLUSTER_CHECKPOINT_BYTES: &str = "statsremote_cluster_checkpoint_bytes_total";
+    /// Cluster mode: log sequences the shared rollups lost that no owner could write again
+    /// (older than the owner's checkpoint). No labels.
+    pub const CLUSTER_ROLLUP_GAPS: &str = "statsremote_cluster_rollup_gap_sequences_total";
     /// Cluster mode: stream messages removed below checkpoints. No labels.
     pub const CLUSTER_STREAM_TRIMMED: &str = "statsremote_cluster_stream_trimmed_total";
     /// Cluster mode: stream messages an owner applied to its log. Label `partition`.
@@ -407,6 +410,11 @@ pub fn cluster_checkpoint_age(partition: u16, age: Duration) {
 pub fn cluster_checkpoint_written(bytes: usize) {
     counter!(names::CLUSTER_CHECKPOINTS).increment(1);
     counter!(names::CLUSTER_CHECKPOINT_BYTES).increment(bytes as u64);
+}
+
+/// Cluster mode: `sequences` lost from the shared rollups for good.
+pub fn cluster_rollup_gap(sequences: u64) {
+    counter!(names::CLUSTER_ROLLUP_GAPS).increment(sequences);
 }
 
 /// Cluster mode: `messages` removed from the stream below a checkpoint.

@@ -706,7 +706,17 @@ fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost()
     std::thread::sleep(Duration::from_millis(500));
     let before = checkpoints();
     wait_for_acks(&load, 30);
-    std::thread::sleep(Duration::from_secs(3));
+    // The partition goes on: the rollups count what is acknowledged meanwhile.
+    let during = load.acked() as u64;
+    let waited = Instant::now();
+    while counts(&cluster.ingest[0], victim).map_or(0, |answer| total(&answer)) < during {
+        assert!(
+            waited.elapsed() < SETTLE,
+            "the partition stalled with the store"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         checkpoints(),
         before,

@@ -85,25 +85,33 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// The checkpoint with the highest `covered` (the highest token among equals), if any.
+    /// The checkpoint with the highest `covered` (the highest token among equals), if any; a
+    /// damaged one is skipped for the one before it (the stream is never trimmed below an
+    /// owner's own checkpoints, so the one before is still good to start from).
     pub async fn latest(&self, partition: u16) -> Result<Option<Checkpoint>, ColdError> {
-        let Some((covered, token)) = self.listed(partition).await?.last().copied() else {
-            return Ok(None);
-        };
-        let object = self.store.get(&name(partition, covered, token)).await?;
-        let body = check(&object)?;
-        Ok(Some(Checkpoint {
-            partition,
-            covered,
-            token,
-            body,
-        }))
-    }
-
-    /// `covered` of the partition's second newest checkpoint, if it has two.
-    pub async fn previous(&self, partition: u16) -> Result<Option<u64>, ColdError> {
         let listed = self.listed(partition).await?;
-        Ok(listed.len().checked_sub(2).map(|i| listed[i].0))
+        let mut damaged = None;
+        for (covered, token) in listed.iter().rev().copied() {
+            let object = self.store.get(&name(partition, covered, token)).await?;
+            match check(&object) {
+                Ok(body) => {
+                    return Ok(Some(Checkpoint {
+                        partition,
+                        covered,
+                        token,
+                        body,
+                    }))
+                }
+                Err(error) => {
+                    tracing::error!(partition, covered, %error, "skipping a damaged checkpoint");
+                    damaged = Some(error);
+                }
+            }
+        }
+        match damaged {
+            Some(error) => Err(error),
+            None => Ok(None),
+        }
     }
 
     /// Deletes all but the newest two checkpoints; returns how many it deleted.
@@ -129,6 +137,9 @@ impl Checkpoints {
     }
 }
 
+/// How much longer than a tenant's window a checkpoint keeps dedup keys.
+const KEEP_MORE: Duration = Duration::from_secs(3600);
+
 /// What a partition's state at a stream position holds, for a new owner: per tenant, where
 /// its log continues and the dedup keys it has seen within its window. The log entries
 /// themselves are not in it: a checkpoint is only written once the shared rollups include
@@ -153,6 +164,7 @@ pub struct TenantInput {
     pub tenant: TenantId,
     /// The id its log has in the local store.
     pub local: TenantId,
+    /// The longest dedup window its batches were applied with, or its current one.
     pub window: Duration,
     /// Its log's last sequence (the writer's, which an import sets).
     pub head: u64,
@@ -178,7 +190,9 @@ impl Snapshot {
                 head,
                 carried,
             } = input;
-            let window = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+            // The messages after the checkpoint were received before `now` (by as much as
+            // the owner is behind), and their windows end earlier: keep an hour more.
+            let window = i64::try_from((*window + KEEP_MORE).as_micros()).unwrap_or(i64::MAX);
             let since = now.saturating_sub(window);
             let from = first_seq_received_since(storage.log(), *local, since, Duration::ZERO)?;
             let mut keys: Vec<KeysSeenAt> = (carried.iter())

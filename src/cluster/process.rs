@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -60,15 +61,17 @@ pub struct ProcessNode {
     pub checkpoints: Option<Checkpoints>,
 }
 
-/// Writes a partition's checkpoint, then lets the stream drop what the checkpoint before it
-/// covers. Only below the one before: an owner that lost the partition and writes late can
-/// then never remove what the new owner still reads (it started from the latest checkpoint,
-/// or from further on).
+/// Writes a partition's checkpoint, then lets the stream drop what `trim_below` (this owner's
+/// own previous checkpoint, if any) covers. Never below this owner's own checkpoints: a node
+/// that starts on the partition later starts from the latest checkpoint, which is at least
+/// this owner's previous one, so no trim removes what an owner reads, also when an owner that
+/// lost the partition finishes an upload late.
 async fn upload(
     checkpoints: &Checkpoints,
     stream: &EventStream,
     lease: Lease,
     covered: u64,
+    trim_below: Option<u64>,
     body: &[u8],
 ) -> Result<(), String> {
     let partition = lease.partition;
@@ -78,11 +81,20 @@ async fn upload(
         .map_err(|e| e.to_string())?;
     crate::telemetry::cluster_checkpoint_written(body.len());
     let _ = checkpoints.prune(partition).await;
-    if let Some(previous) = (checkpoints.previous(partition).await).map_err(|e| e.to_string())? {
+    if let Some(previous) = trim_below {
         let trimmed = (stream.trim(partition, previous + 1).await).map_err(|e| e.to_string())?;
         crate::telemetry::cluster_stream_trimmed(trimmed);
     }
     Ok(())
+}
+
+/// A background task aborted when dropped (a partition's upload, when its task ends).
+struct Background<T>(JoinHandle<T>);
+
+impl<T> Drop for Background<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// This node's copy of one partition's state, kept while the node runs, also after it lost
@@ -104,6 +116,8 @@ struct PartitionCopy {
 #[derive(Clone, Default)]
 struct TenantCopy {
     head: u64,
+    /// The longest dedup window its batches were applied with.
+    window: Duration,
     carried: Vec<KeysSeenAt>,
 }
 
@@ -288,7 +302,9 @@ impl ProcessNode {
         let mut last_checkpoint = Instant::now();
         let mut last_tried = Instant::now();
         let mut checkpointed = runner.covered();
-        let mut upload: Option<JoinHandle<Result<u64, String>>> = None;
+        // This task's last checkpoint stored: the stream may drop what it covers.
+        let mut own_previous: Option<u64> = None;
+        let mut upload: Option<Background<Result<u64, String>>> = None;
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -306,10 +322,12 @@ impl ProcessNode {
                     return;
                 }
             }
-            if upload.as_ref().is_some_and(JoinHandle::is_finished) {
-                match upload.take().map(futures_util::FutureExt::now_or_never) {
+            if upload.as_ref().is_some_and(|task| task.0.is_finished()) {
+                let finished = upload.take().map(|mut task| (&mut task.0).now_or_never());
+                match finished {
                     Some(Some(Ok(Ok(covered)))) => {
                         checkpointed = covered;
+                        own_previous = Some(covered);
                         last_checkpoint = Instant::now();
                     }
                     Some(Some(Ok(Err(error)))) => {
@@ -327,8 +345,8 @@ impl ProcessNode {
                 && !stopping
             {
                 last_tried = Instant::now();
-                match self.checkpoint(lease, &copy, runner.covered()).await {
-                    Ok(task) => upload = task,
+                match (self.checkpoint(lease, &copy, runner.covered(), own_previous)).await {
+                    Ok(task) => upload = task.map(Background),
                     Err(error) => {
                         tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
                     }
@@ -363,7 +381,17 @@ impl ProcessNode {
                         };
                         let last = last_seq_of(first, processed.outcome.accepted);
                         pending.insert(processed.tenant, last);
-                        copy.tenants().entry(processed.tenant).or_default().head = last;
+                        {
+                            let mut tenants = copy.tenants();
+                            let tenant = tenants.entry(processed.tenant).or_insert_with(|| {
+                                // Compaction expires a local id's dedup keys with this window.
+                                (self.storage.dedup_windows)
+                                    .set(processed.local, processed.dedup_window);
+                                TenantCopy::default()
+                            });
+                            tenant.head = last;
+                            tenant.window = tenant.window.max(processed.dedup_window);
+                        }
                         self.publish_live(&shared, &mut live_through, processed, first)
                             .await;
                     }
@@ -405,6 +433,9 @@ impl ProcessNode {
         copy.tenants().clear();
         for tenant in snapshot.tenants {
             let local = copy.local(tenant.tenant);
+            let window = (self.directory.get(tenant.tenant))
+                .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window);
+            (self.storage.dedup_windows).set(local, window);
             (self
                 .writer
                 .import(local, tenant.head, tenant.keys.clone())
@@ -414,6 +445,7 @@ impl ProcessNode {
                 tenant.tenant,
                 TenantCopy {
                     head: tenant.head,
+                    window,
                     carried: tenant.keys,
                 },
             );
@@ -435,6 +467,7 @@ impl ProcessNode {
         lease: Lease,
         copy: &PartitionCopy,
         covered: u64,
+        trim_below: Option<u64>,
     ) -> Result<Option<JoinHandle<Result<u64, String>>>, String> {
         let Some(checkpoints) = self.checkpoints.clone() else {
             return Ok(None);
@@ -446,7 +479,8 @@ impl ProcessNode {
                 tenant: *tenant,
                 local: copy.local(*tenant),
                 window: (self.directory.get(*tenant))
-                    .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window),
+                    .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window)
+                    .max(t.window),
                 head: t.head,
                 carried: t.carried.clone(),
             })
@@ -460,7 +494,7 @@ impl ProcessNode {
         let body = snapshot.encode().map_err(|e| e.to_string())?;
         let stream = Arc::clone(&self.node.stream);
         Ok(Some(tokio::spawn(async move {
-            upload(&checkpoints, &stream, lease, covered, &body).await?;
+            upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
             Ok(covered)
         })))
     }

@@ -376,15 +376,30 @@ pub async fn roll_up_tenant(
         .await
         .map_err(|e| RollUpError::Log(e.to_string()))?
         .map_err(|e| RollUpError::Log(e.to_string()))?;
+        // The first sequence this log holds after the watermark.
+        let first = batches.first().map_or(head + 1, |(first, _)| *first);
+        if first > stored + 1 {
+            // Redis lost counts this log no longer holds (it started from a checkpoint after
+            // them): nothing can write them again. Said loudly, then passed over, so the
+            // partition goes on.
+            tracing::error!(
+                %tenant,
+                from = stored + 1,
+                to = first - 1,
+                "shared rollups lost log sequences older than this owner's checkpoint; they stay uncounted"
+            );
+            crate::telemetry::cluster_rollup_gap(first - 1 - stored);
+            let empty = Deltas::keeping_every_user();
+            match (shared.flush(tenant, lease, fence_key, &empty, stored, first - 1)).await? {
+                FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
+                FlushOutcome::Stored | FlushOutcome::Conflict { .. } => continue,
+            }
+        }
         let Some(through) = batches
             .last()
             .map(|(first, items)| crate::event::last_seq_of(*first, items.len()))
         else {
-            // The entries after the watermark have left the hot log (the cold tier has them).
-            return Err(RollUpError::Log(format!(
-                "log entries {} to {head} of tenant {tenant} are not in the hot log",
-                stored + 1
-            )));
+            return Ok(RolledUp::Through(stored));
         };
         let mut deltas = Deltas::keeping_every_user();
         let now = crate::event::now_micros();

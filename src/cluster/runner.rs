@@ -35,6 +35,8 @@ pub struct Processed {
     pub tenant: TenantId,
     /// The id the tenant's log has in the local store.
     pub local: TenantId,
+    /// The tenant's dedup window the batch was applied with.
+    pub dedup_window: Duration,
     pub outcome: AppendOutcome,
     /// What rollups need of the events it added to the log (duplicates left out).
     pub items: RollupItems,
@@ -167,6 +169,7 @@ impl PartitionRunner {
             seq: message.seq,
             tenant,
             local,
+            dedup_window,
             outcome,
             items,
         }))

@@ -69,7 +69,9 @@ pub fn event_key(tenant: TenantId, event: &StoredEvent) -> Option<DedupKey> {
 /// for it (docs/decisions/0010 has the size measured with many tenants).
 pub struct DedupIndex {
     /// Keys not in the tables yet, with their first-seen time and the number of their group.
-    recent: FxHashMap<DedupKey, (Micros, u64)>,
+    /// Key → (first seen, group, tenant): the tenant too, because a cluster's process node
+    /// keeps one tenant's log under more than one local id over time (same keys, other ids).
+    recent: FxHashMap<DedupKey, (Micros, u64, TenantId)>,
     /// The last group whose keys the tables hold, published by the ingest thread.
     ingested: Arc<AtomicU64>,
     /// The value of `ingested` when `recent` was last purged.
@@ -104,9 +106,9 @@ impl DedupIndex {
         window: Duration,
     ) -> Result<bool, StorageError> {
         let first_seen = match self.recent.get(key) {
-            Some((first_seen, _)) => Some(*first_seen),
-            None if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
-            None => tables_get(storage, tenant, key)?,
+            Some((first_seen, _, owner)) if *owner == tenant => Some(*first_seen),
+            _ if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
+            _ => tables_get(storage, tenant, key)?,
         };
         let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
         Ok(first_seen.is_some_and(|first_seen| now.saturating_sub(first_seen) < window_micros))
@@ -114,9 +116,9 @@ impl DedupIndex {
 
     /// Records keys just committed with their log entry, first seen at `now`, that the ingest
     /// thread will receive in group `group`.
-    pub fn record(&mut self, keys: &[DedupKey], now: Micros, group: u64) {
+    pub fn record(&mut self, tenant: TenantId, keys: &[DedupKey], now: Micros, group: u64) {
         for key in keys {
-            self.recent.insert(*key, (now, group));
+            self.recent.insert(*key, (now, group, tenant));
         }
     }
 
@@ -134,7 +136,7 @@ impl DedupIndex {
         }
         self.forgotten = ingested;
         // A key recorded again since (after its window) has the newer group, and stays.
-        self.recent.retain(|_, (_, group)| *group > ingested);
+        self.recent.retain(|_, (_, group, _)| *group > ingested);
     }
 }
 
@@ -320,7 +322,7 @@ pub(crate) mod tests {
         let now = 1_000_000_000;
         let later = now + 2 * 3_600_000_000;
         let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
-        index.record(&[a, b], now, 1);
+        index.record(TenantId(1), &[a, b], now, 1);
         assert!(index
             .seen_within(&storage, TEST_TENANT, &a, now + 1, hour)
             .unwrap());
@@ -332,7 +334,7 @@ pub(crate) mod tests {
             .unwrap());
 
         // `b` is seen again after its window (group 2) before group 1 reaches the tables.
-        index.record(&[b], later, 2);
+        index.record(TenantId(1), &[b], later, 2);
         into_tables(&storage, &[a, b], now);
         index.forget_ingested();
         assert_eq!(

@@ -454,9 +454,6 @@ impl LogWriter {
         }
     }
 
-    /// Refuses every later append for the tenant, after the appends queued before this call
-    /// have been written. Once it returns, nothing more is written for the tenant, so its data
-    /// can be purged off this thread ([`crate::storage::purge_tenant`]).
     /// Takes over a tenant's state from a cluster partition's checkpoint: its log continues
     /// after `head`, and `keys` count as seen at their times. The tenant must have nothing in
     /// this writer's log (cluster mode imports under a new local id).
@@ -483,6 +480,9 @@ impl LogWriter {
         answer.await.map_err(|_| StorageError::WriterStopped)
     }
 
+    /// Refuses every later append for the tenant, after the appends queued before this call
+    /// have been written. Once it returns, nothing more is written for the tenant, so its data
+    /// can be purged off this thread ([`crate::storage::purge_tenant`]).
     pub async fn seal_tenant(&self, tenant: TenantId) -> Result<(), StorageError> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.clone();
@@ -714,7 +714,8 @@ impl Writer {
     fn import(&mut self, tenant: TenantId, head: u64, keys: Vec<KeysSeenAt>) {
         self.next_seq.insert(tenant, head + 1);
         for (first_seen, keys) in keys {
-            self.dedup.record(&keys, first_seen, self.groups_sent + 1);
+            self.dedup
+                .record(tenant, &keys, first_seen, self.groups_sent + 1);
             let value = dedup::value(tenant, first_seen);
             self.group_keys.extend(keys.iter().map(|key| (*key, value)));
         }
@@ -844,7 +845,8 @@ impl Writer {
         let first_seq = self.next_seq(tenant)?;
         // The entry is the only write: its events' dedup keys go to the ingest thread later.
         self.log.append(tenant, first_seq, value)?;
-        self.dedup.record(&inserted, now, self.groups_sent + 1);
+        self.dedup
+            .record(tenant, &inserted, now, self.groups_sent + 1);
         let value = dedup::value(tenant, now);
         self.group_keys
             .extend(inserted.iter().map(|key| (*key, value)));
