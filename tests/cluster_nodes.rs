@@ -744,3 +744,125 @@ fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost()
         "object store down, then the owner killed",
     );
 }
+
+/// The same events through a single node and through a cluster: the query API answers with
+/// the same counts, and distinct users within the two sketches' errors.
+#[test]
+fn the_cluster_answers_queries_as_the_single_node_does() {
+    use time::format_description::well_known::Rfc3339;
+    let _serial = serial();
+    let single = TestServer::start();
+    let cluster = Cluster::start(1, 1);
+    let on_single = single.create_tenant("same");
+    let on_cluster = cluster.ingest[0].create_tenant("same");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let hour = now - now.rem_euclid(3600);
+    let at = |secs: i64| {
+        time::OffsetDateTime::from_unix_timestamp(secs)
+            .unwrap()
+            .format(&Rfc3339)
+            .unwrap()
+    };
+    // 3 names, 30 users, over the last two hours; one event in twenty reuses the messageId of
+    // the one before it (a retry).
+    let events: Vec<Value> = (0..600i64)
+        .map(|n| {
+            let name = ["Viewed", "Clicked", "Bought"][(n % 7 % 3) as usize];
+            json!({
+                "type": "track",
+                "messageId": format!("same-{}", n - n / 10 % 2 * (n % 10 == 0) as i64),
+                "userId": format!("u{}", n * 7 % 30),
+                "event": name,
+                "timestamp": at(hour - 3600 + n * 11 % 7000),
+            })
+        })
+        .collect();
+    for (node, tenant) in [(&single, &on_single), (&cluster.ingest[0], &on_cluster)] {
+        for chunk in events.chunks(100) {
+            let reply = node.post_json(
+                "/v1/batch",
+                Auth::Basic(&tenant.write_key),
+                &json!({ "batch": chunk }),
+            );
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+    }
+    let (from, to) = (at(hour - 7200), at(hour + 3600));
+    let range = format!("from={from}&to={to}");
+    single.wait_rollups_caught_up(&on_single.read_key);
+    let ask = |node: &TestServer, tenant: &Tenant, path: &str| {
+        let reply = node.get(path, Auth::Bearer(&tenant.read_key));
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        reply.json()
+    };
+    let expected = ask(&single, &on_single, &format!("/v1/query/events?{range}"));
+    let stored: u64 = (expected["events"].as_array().unwrap().iter())
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    wait_total_in(&cluster.ingest[0], &on_cluster, &range, stored);
+    let got = ask(
+        &cluster.ingest[0],
+        &on_cluster,
+        &format!("/v1/query/events?{range}"),
+    );
+    let by_name = |answer: &Value| -> Vec<(String, u64, u64)> {
+        let mut rows: Vec<(String, u64, u64)> = (answer["events"].as_array().unwrap().iter())
+            .map(|e| {
+                let name = e["event"].as_str().unwrap().to_string();
+                (
+                    name,
+                    e["count"].as_u64().unwrap(),
+                    e["uniques"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let (expected_rows, got_rows) = (by_name(&expected), by_name(&got));
+    assert_eq!(expected_rows.len(), 3, "{expected}");
+    for ((name, count, users), (got_name, got_count, got_users)) in
+        expected_rows.iter().zip(&got_rows)
+    {
+        assert_eq!((name, count), (got_name, got_count));
+        assert!(
+            users.abs_diff(*got_users) <= 1,
+            "{name}: {users} against {got_users}"
+        );
+    }
+    for interval in ["minute", "hour", "day"] {
+        for event in ["Viewed", "Bought"] {
+            let path = format!("/v1/query/series?event={event}&interval={interval}&{range}");
+            let expected = ask(&single, &on_single, &path);
+            let got = ask(&cluster.ingest[0], &on_cluster, &path);
+            assert_eq!(expected["points"], got["points"], "{path}");
+        }
+    }
+    let path = format!("/v1/query/uniques?event=Clicked&{range}");
+    let (expected, got) = (
+        ask(&single, &on_single, &path)["uniques"].as_u64().unwrap(),
+        ask(&cluster.ingest[0], &on_cluster, &path)["uniques"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert!(expected.abs_diff(got) <= 1, "{expected} against {got}");
+    println!(
+        "single node and cluster agree: {stored} events stored of 600 sent, {expected_rows:?}"
+    );
+}
+
+/// Waits until `node` counts `expected` events for the tenant over `range`.
+fn wait_total_in(node: &TestServer, tenant: &Tenant, range: &str, expected: u64) {
+    let started = Instant::now();
+    loop {
+        let reply = node.get(
+            &format!("/v1/query/events?{range}"),
+            Auth::Bearer(&tenant.read_key),
+        );
+        if reply.status == 200 && total(&reply.json()) == expected {
+            return;
+        }
+        assert!(started.elapsed() < SETTLE, "not counted: {}", reply.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -46,7 +46,10 @@ pub async fn event_totals(
         .totals(tenant, &parts)
         .await?
         .into_iter()
-        .filter(|(name, count)| name != ALL_EVENTS && *count > 0)
+        // Not the series of sampled events' users (they carry no counts of their own).
+        .filter(|(name, count)| {
+            name != ALL_EVENTS && !crate::sampling::is_sampled_series(name) && *count > 0
+        })
         .collect();
     totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     totals.truncate(limit);
