@@ -40,6 +40,10 @@ pub mod names {
     /// Cluster mode: log sequences the shared rollups lost that no owner could write again
     /// (older than the owner's checkpoint). No labels.
     pub const CLUSTER_ROLLUP_GAPS: &str = "statsremote_cluster_rollup_gap_sequences_total";
+    /// Cluster mode: log entries a process node deleted from its local store once a
+    /// checkpoint and the tenant's window no longer needed them. No labels.
+    pub const CLUSTER_LOCAL_ENTRIES_DELETED: &str =
+        "statsremote_cluster_local_entries_deleted_total";
     /// Cluster mode: stream messages removed below checkpoints. No labels.
     pub const CLUSTER_STREAM_TRIMMED: &str = "statsremote_cluster_stream_trimmed_total";
     /// Cluster mode: stream messages an owner applied to its log. Label `partition`.
@@ -415,6 +419,11 @@ pub fn cluster_checkpoint_written(bytes: usize) {
 /// Cluster mode: `sequences` lost from the shared rollups for good.
 pub fn cluster_rollup_gap(sequences: u64) {
     counter!(names::CLUSTER_ROLLUP_GAPS).increment(sequences);
+}
+
+/// Cluster mode: `entries` deleted from a process node's local log.
+pub fn cluster_local_entries_deleted(entries: u64) {
+    counter!(names::CLUSTER_LOCAL_ENTRIES_DELETED).increment(entries);
 }
 
 /// Cluster mode: `messages` removed from the stream below a checkpoint.

@@ -88,6 +88,44 @@ async fn upload(
     Ok(())
 }
 
+/// A checkpoint stored: its stream position, and the local id and head of each tenant.
+struct Checkpointed {
+    covered: u64,
+    heads: Vec<(TenantId, u64)>,
+}
+
+/// Deletes from the local log what neither the rollups nor a checkpoint can need any more:
+/// entries at or below the stored checkpoint's heads (the shared rollups include them) that
+/// were received longer than their tenant's window (and an hour) ago (the next checkpoint's
+/// dedup keys come from entries within it). Blocking.
+fn prune_local_log(
+    storage: &Storage,
+    heads: &[(TenantId, u64, Duration)],
+    now: crate::event::Micros,
+) -> Result<u64, crate::storage::StorageError> {
+    let mut deleted = 0;
+    for (local, head, window) in heads {
+        let keep = i64::try_from((*window + KEEP_LOCAL_MORE).as_micros()).unwrap_or(i64::MAX);
+        let recent = crate::storage::event_log::first_seq_received_since(
+            storage.log(),
+            *local,
+            now.saturating_sub(keep),
+            Duration::ZERO,
+        )?;
+        let below = recent.min(head + 1);
+        // Only at an entry boundary: the entry holding `below` starts there or earlier.
+        let boundary = match storage.log().entry_holding(*local, below)? {
+            Some((first, _)) => first,
+            None => below,
+        };
+        deleted += storage.log().delete_below(*local, boundary)?;
+    }
+    Ok(deleted)
+}
+
+/// How much longer than a tenant's window a process node keeps its local log entries.
+const KEEP_LOCAL_MORE: Duration = Duration::from_secs(3600);
+
 /// A background task aborted when dropped (a partition's upload, when its task ends).
 struct Background<T>(JoinHandle<T>);
 
@@ -304,7 +342,7 @@ impl ProcessNode {
         let mut checkpointed = runner.covered();
         // This task's last checkpoint stored: the stream may drop what it covers.
         let mut own_previous: Option<u64> = None;
-        let mut upload: Option<Background<Result<u64, String>>> = None;
+        let mut upload: Option<Background<Result<Checkpointed, String>>> = None;
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -325,10 +363,11 @@ impl ProcessNode {
             if upload.as_ref().is_some_and(|task| task.0.is_finished()) {
                 let finished = upload.take().map(|mut task| (&mut task.0).now_or_never());
                 match finished {
-                    Some(Some(Ok(Ok(covered)))) => {
-                        checkpointed = covered;
-                        own_previous = Some(covered);
+                    Some(Some(Ok(Ok(stored)))) => {
+                        checkpointed = stored.covered;
+                        own_previous = Some(stored.covered);
                         last_checkpoint = Instant::now();
+                        self.prune_local(&copy, stored.heads);
                     }
                     Some(Some(Ok(Err(error)))) => {
                         tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
@@ -429,8 +468,20 @@ impl ProcessNode {
             return Ok(());
         }
         let snapshot = Snapshot::decode(&checkpoint.body).map_err(|e| e.to_string())?;
+        // The older copy's logs are unreachable from now on: they go.
+        let replaced: Vec<TenantId> = (copy.tenants().keys())
+            .map(|tenant| copy.local(*tenant))
+            .collect();
         copy.generation.fetch_add(1, Ordering::AcqRel);
         copy.tenants().clear();
+        let storage = self.storage.clone();
+        crate::blocking::detach(move || {
+            for local in replaced {
+                if let Err(error) = storage.log().delete_tenant(local) {
+                    tracing::warn!(%error, "deleting a replaced copy's log failed");
+                }
+            }
+        });
         for tenant in snapshot.tenants {
             let local = copy.local(tenant.tenant);
             let window = (self.directory.get(tenant.tenant))
@@ -468,7 +519,7 @@ impl ProcessNode {
         copy: &PartitionCopy,
         covered: u64,
         trim_below: Option<u64>,
-    ) -> Result<Option<JoinHandle<Result<u64, String>>>, String> {
+    ) -> Result<Option<JoinHandle<Result<Checkpointed, String>>>, String> {
         let Some(checkpoints) = self.checkpoints.clone() else {
             return Ok(None);
         };
@@ -492,11 +543,33 @@ impl ProcessNode {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let body = snapshot.encode().map_err(|e| e.to_string())?;
+        let heads = (snapshot.tenants.iter())
+            .map(|t| (copy.local(t.tenant), t.head))
+            .collect();
         let stream = Arc::clone(&self.node.stream);
         Ok(Some(tokio::spawn(async move {
             upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
-            Ok(covered)
+            Ok(Checkpointed { covered, heads })
         })))
+    }
+
+    /// Starts [`prune_local_log`] after a checkpoint was stored with these `heads`.
+    fn prune_local(&self, copy: &PartitionCopy, heads: Vec<(TenantId, u64)>) {
+        let windows: HashMap<TenantId, Duration> = (copy.tenants().iter())
+            .map(|(tenant, t)| (copy.local(*tenant), t.window))
+            .collect();
+        let heads: Vec<(TenantId, u64, Duration)> = (heads.into_iter())
+            .map(|(local, head)| {
+                let window = windows.get(&local).copied().unwrap_or(DEFAULT_DEDUP_WINDOW);
+                (local, head, window.max(Duration::from_secs(1)))
+            })
+            .collect();
+        let storage = self.storage.clone();
+        let now = crate::event::now_micros();
+        crate::blocking::detach(move || match prune_local_log(&storage, &heads, now) {
+            Ok(deleted) => crate::telemetry::cluster_local_entries_deleted(deleted),
+            Err(error) => tracing::warn!(%error, "pruning the local log failed"),
+        });
     }
 
     /// Rolls each pending tenant up to its local head; true when fenced out.
@@ -562,5 +635,63 @@ impl ProcessNode {
                 tracing::debug!(%tenant, %error, "live fan-out publish failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::storage::event_log::tests::{batch, read_batches};
+    use crate::storage::writer::{AppendRequest, PreparedBatch, WriterOptions};
+
+    /// Entries at or below the checkpoint's head and older than the window go; the rest stay.
+    #[actix_rt::test]
+    async fn the_local_log_keeps_what_a_checkpoint_or_the_window_may_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let options = WriterOptions {
+            fsync: false,
+            queue_capacity: 16,
+            max_group_requests: 8,
+            dedup_filter_bytes: 1 << 20,
+            dedup_max_age: Duration::from_secs(1),
+        };
+        let writer = LogWriter::start(storage.clone(), options).unwrap();
+        let (old, recent) = (TenantId(1), TenantId(2));
+        for (tenant, ids) in [(old, ["a", "b"]), (old, ["c", "d"]), (old, ["e", "f"])] {
+            let prepared = PreparedBatch::new(tenant, &batch(&ids)).unwrap();
+            let (request, answer) =
+                AppendRequest::answered(tenant, Duration::from_secs(60), prepared);
+            writer.submit(request);
+            answer.await.unwrap().unwrap();
+        }
+        let mut fresh = batch(&["x"]);
+        fresh.received_at = crate::event::now_micros();
+        let prepared = PreparedBatch::new(recent, &fresh).unwrap();
+        let (request, answer) = AppendRequest::answered(recent, Duration::from_secs(60), prepared);
+        writer.submit(request);
+        answer.await.unwrap().unwrap();
+        writer.shutdown();
+        let window = Duration::from_secs(60);
+        // Checkpointed through the second entry of `old` (sequence 4); `recent` entirely.
+        let deleted = prune_local_log(
+            &storage,
+            &[(old, 4, window), (recent, 1, window)],
+            crate::event::now_micros(),
+        )
+        .unwrap();
+        assert_eq!(deleted, 2);
+        let left: Vec<u64> = read_batches(storage.log(), old, 1, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(left, vec![5], "the entry after the checkpoint stays");
+        assert_eq!(
+            read_batches(storage.log(), recent, 1, 10).unwrap().len(),
+            1,
+            "an entry within the window stays"
+        );
     }
 }
