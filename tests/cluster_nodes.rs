@@ -111,6 +111,16 @@ impl Cluster {
         }
     }
 
+    /// A new tenant, and load for it through every ingest node, with 30 batches acknowledged.
+    fn under_load(&self, tag: &str) -> (Tenant, Load) {
+        let tenant = self.ingest[0].create_tenant(tag);
+        std::thread::sleep(Duration::from_millis(500));
+        let bases: Vec<String> = self.ingest.iter().map(|n| n.base.clone()).collect();
+        let load = Load::start(bases, &tenant, tag);
+        wait_for_acks(&load, 30);
+        (tenant, load)
+    }
+
     /// A new tenant whose partition `process` node owns (after [`Cluster::settled`]).
     fn tenant_owned_by(&self, process: usize, name: &str) -> Tenant {
         for n in 0..64 {
@@ -496,11 +506,7 @@ fn a_process_node_killed_under_load_loses_and_doubles_nothing() {
 fn an_ingest_node_killed_clients_retry_on_the_other() {
     let _serial = serial();
     let cluster = Cluster::start(2, 1);
-    let tenant = cluster.ingest[0].create_tenant("ingest-kill");
-    std::thread::sleep(Duration::from_millis(500));
-    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
-    let load = Load::start(bases, &tenant, "ingest");
-    wait_for_acks(&load, 30);
+    let (tenant, load) = cluster.under_load("ingest");
     cluster.ingest[0].kill();
     wait_for_acks(&load, 30);
     let (acked, refusals) = load.finish();
@@ -524,11 +530,7 @@ fn an_ingest_node_killed_clients_retry_on_the_other() {
 fn nats_restarted_under_load_refuses_with_retry_after_and_loses_nothing() {
     let _serial = serial();
     let mut cluster = Cluster::start(2, 1);
-    let tenant = cluster.ingest[0].create_tenant("nats-restart");
-    std::thread::sleep(Duration::from_millis(500));
-    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
-    let load = Load::start(bases, &tenant, "nats");
-    wait_for_acks(&load, 30);
+    let (tenant, load) = cluster.under_load("nats");
     cluster.nats.kill();
     std::thread::sleep(Duration::from_secs(2));
     cluster.nats.restart().unwrap();
@@ -546,11 +548,7 @@ fn nats_restarted_under_load_refuses_with_retry_after_and_loses_nothing() {
 fn redis_restarted_or_emptied_the_owners_write_the_rollups_again() {
     let _serial = serial();
     let mut cluster = Cluster::start(2, 2);
-    let tenant = cluster.ingest[0].create_tenant("redis-restart");
-    std::thread::sleep(Duration::from_millis(500));
-    let bases: Vec<String> = cluster.ingest.iter().map(|n| n.base.clone()).collect();
-    let load = Load::start(bases, &tenant, "redis");
-    wait_for_acks(&load, 30);
+    let (tenant, load) = cluster.under_load("redis");
     cluster.redis.kill();
     std::thread::sleep(Duration::from_secs(1));
     // Queries fail clearly while Redis is gone.

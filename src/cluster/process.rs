@@ -643,21 +643,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::storage::event_log::tests::{batch, read_batches};
-    use crate::storage::writer::{AppendRequest, PreparedBatch, WriterOptions};
+    use crate::storage::writer::{AppendRequest, PreparedBatch};
 
     /// Entries at or below the checkpoint's head and older than the window go; the rest stay.
     #[actix_rt::test]
     async fn the_local_log_keeps_what_a_checkpoint_or_the_window_may_need() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
-        let options = WriterOptions {
-            fsync: false,
-            queue_capacity: 16,
-            max_group_requests: 8,
-            dedup_filter_bytes: 1 << 20,
-            dedup_max_age: Duration::from_secs(1),
-        };
-        let writer = LogWriter::start(storage.clone(), options).unwrap();
+        let (storage, writer) = crate::cluster::runner::tests::writer(dir.path());
         let (old, recent) = (TenantId(1), TenantId(2));
         for (tenant, ids) in [(old, ["a", "b"]), (old, ["c", "d"]), (old, ["e", "f"])] {
             let prepared = PreparedBatch::new(tenant, &batch(&ids)).unwrap();

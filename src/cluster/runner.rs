@@ -177,7 +177,7 @@ impl PartitionRunner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::storage::event_log::tests::{batch, read_batches};
@@ -187,7 +187,8 @@ mod tests {
 
     const TENANT: TenantId = TenantId(0x77);
 
-    fn writer(dir: &std::path::Path) -> (Storage, LogWriter) {
+    /// A log writer without fsync on a new store in `dir`.
+    pub(crate) fn writer(dir: &std::path::Path) -> (Storage, LogWriter) {
         let storage = Storage::open(dir, 1 << 20, Default::default()).unwrap();
         let options = WriterOptions {
             fsync: false,
