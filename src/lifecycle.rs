@@ -102,12 +102,11 @@ impl TenantLifecycle {
         let Some(node) = self.cluster.clone() else {
             return Ok(());
         };
-        let record = Arc::clone(record);
-        let runtime = node.runtime.clone();
-        runtime
-            .spawn(async move { node.directory.put(&record).await })
-            .await
-            .map_err(|e| LifecycleError::Shared(e.to_string()))?
+        let (record, engines) = (Arc::clone(record), Arc::clone(&node));
+        (node
+            .on_engines(async move { engines.directory.put(&record).await })
+            .await)
+            .map_err(LifecycleError::Shared)?
             .map_err(|e| LifecycleError::Shared(e.to_string()))?;
         Ok(())
     }
@@ -149,11 +148,11 @@ impl TenantLifecycle {
             if self.directory.get(id).is_none() {
                 return Err(DirectoryError::NotFound(id).into());
             }
-            let runtime = node.runtime.clone();
-            runtime
-                .spawn(async move { node.directory.remove(id).await })
-                .await
-                .map_err(|e| LifecycleError::Shared(e.to_string()))?
+            let engines = Arc::clone(&node);
+            (node
+                .on_engines(async move { engines.directory.remove(id).await })
+                .await)
+                .map_err(LifecycleError::Shared)?
                 .map_err(|e| LifecycleError::Shared(e.to_string()))?;
         }
         match blocking::run(move || directory.remove(id)).await? {

@@ -311,6 +311,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 writer: Arc::clone(&writer),
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
+                default_dedup_window: config.tenant_defaults.dedup_window,
                 checkpoints: match config.cold.store {
                     crate::config::ColdStoreKind::S3 => Some(
                         crate::cluster::checkpoint::Checkpoints::new(state.cold.clone()),

@@ -93,6 +93,18 @@ impl Cluster {
         node.strip_prefix("process-")?.parse().ok()
     }
 
+    /// One ingest and two process nodes sharing an S3-compatible store (moto), checkpointing
+    /// every second, settled; the store is gone when the first is dropped.
+    fn with_checkpoints() -> (testkit::s3::S3Server, Cluster) {
+        let s3 = testkit::s3::S3Server::start().unwrap();
+        s3.create_bucket("cluster").unwrap();
+        let mut env = s3.server_env("cluster", "c");
+        env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
+        let cluster = Cluster::start_with(1, 2, env);
+        cluster.settled();
+        (s3, cluster)
+    }
+
     /// Waits until the process nodes hold fair shares of the partitions.
     fn settled(&self) {
         let nodes = self.process.len() as u64;
@@ -626,12 +638,7 @@ fn counter(node: &TestServer, name: &str) -> u64 {
 #[test]
 fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
     let _serial = serial();
-    let s3 = testkit::s3::S3Server::start().unwrap();
-    s3.create_bucket("cluster").unwrap();
-    let mut env = s3.server_env("cluster", "c");
-    env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
-    let cluster = Cluster::start_with(1, 2, env);
-    cluster.settled();
+    let (_s3, cluster) = Cluster::with_checkpoints();
     let victim = &cluster.tenant_owned_by(0, "ckpt");
     let bases = vec![cluster.ingest[0].base.clone()];
     let load = Load::start(bases, victim, "ckpt");
@@ -683,12 +690,7 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
 #[test]
 fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost() {
     let _serial = serial();
-    let s3 = testkit::s3::S3Server::start().unwrap();
-    s3.create_bucket("cluster").unwrap();
-    let mut env = s3.server_env("cluster", "c");
-    env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
-    let cluster = Cluster::start_with(1, 2, env);
-    cluster.settled();
+    let (s3, cluster) = Cluster::with_checkpoints();
     let victim = &cluster.tenant_owned_by(0, "s3");
     let owner = &cluster.process[0];
     let checkpoints = || counter(owner, "statsremote_cluster_checkpoints_total");

@@ -140,6 +140,14 @@ impl Checkpoints {
 /// How much longer than a tenant's window a checkpoint keeps dedup keys.
 const KEEP_MORE: Duration = Duration::from_secs(3600);
 
+/// The receive time from which a checkpoint keeps a tenant's dedup keys, at `now`. The
+/// messages after the checkpoint were received before `now` (by as much as the owner is
+/// behind), and their windows end earlier: an hour more than the window is kept.
+pub fn keys_kept_since(window: Duration, now: Micros) -> Micros {
+    let kept = i64::try_from((window + KEEP_MORE).as_micros()).unwrap_or(i64::MAX);
+    now.saturating_sub(kept)
+}
+
 /// What a partition's state at a stream position holds, for a new owner: per tenant, where
 /// its log continues and the dedup keys it has seen within its window. The log entries
 /// themselves are not in it: a checkpoint is only written once the shared rollups include
@@ -190,10 +198,7 @@ impl Snapshot {
                 head,
                 carried,
             } = input;
-            // The messages after the checkpoint were received before `now` (by as much as
-            // the owner is behind), and their windows end earlier: keep an hour more.
-            let window = i64::try_from((*window + KEEP_MORE).as_micros()).unwrap_or(i64::MAX);
-            let since = now.saturating_sub(window);
+            let since = keys_kept_since(*window, now);
             let from = first_seq_received_since(storage.log(), *local, since, Duration::ZERO)?;
             let mut keys: Vec<KeysSeenAt> = (carried.iter())
                 .filter(|(at, _)| *at >= since)

@@ -75,6 +75,16 @@ impl ClusterNode {
         })
     }
 
+    /// Runs `work` on the runtime the engines' connections live on, and waits for it: a Redis
+    /// or NATS reconnection it starts then runs there, not on the caller's thread (an HTTP
+    /// worker's, which stops with the server).
+    pub async fn on_engines<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        (self.runtime.spawn(work).await).map_err(|e| format!("engine task failed: {e}"))
+    }
+
     /// Whether each engine answers, for `/readyz`.
     pub async fn readiness(&self) -> Vec<(&'static str, Readiness)> {
         let nats = nats_ready(self.stream.context(), self.stream.name()).await;

@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::checkpoint::{Checkpoints, Snapshot, TenantInput};
+use crate::cluster::checkpoint::{keys_kept_since, Checkpoints, Snapshot, TenantInput};
 use crate::cluster::connect_redis;
 use crate::cluster::lease::{Lease, Leases};
 use crate::cluster::node::ClusterNode;
@@ -39,9 +39,6 @@ const READ_BATCH: usize = 256;
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Pause after a failed read or roll-up before trying again.
 const RETRY: Duration = Duration::from_millis(500);
-/// The dedup window a checkpoint keeps the keys of for a tenant the directory no longer has.
-const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
-
 /// How often an owner checks every tenant it has a log for against the shared rollups, so
 /// what a Redis restart lost is written again without waiting for the tenant's next events.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -55,6 +52,8 @@ pub struct ProcessNode {
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
     pub retention: Retention,
+    /// The dedup window of a tenant the directory no longer has (`tenant_defaults`).
+    pub default_dedup_window: Duration,
     /// Where partitions' checkpoints are kept: the cold tier's store, which the process nodes
     /// share (`None` with a local cold store: no checkpoints, and the stream keeps every
     /// message).
@@ -105,11 +104,11 @@ fn prune_local_log(
 ) -> Result<u64, crate::storage::StorageError> {
     let mut deleted = 0;
     for (local, head, window) in heads {
-        let keep = i64::try_from((*window + KEEP_LOCAL_MORE).as_micros()).unwrap_or(i64::MAX);
+        // What the next checkpoint reads its dedup keys from stays.
         let recent = crate::storage::event_log::first_seq_received_since(
             storage.log(),
             *local,
-            now.saturating_sub(keep),
+            keys_kept_since(*window, now),
             Duration::ZERO,
         )?;
         let below = recent.min(head + 1);
@@ -122,9 +121,6 @@ fn prune_local_log(
     }
     Ok(deleted)
 }
-
-/// How much longer than a tenant's window a process node keeps its local log entries.
-const KEEP_LOCAL_MORE: Duration = Duration::from_secs(3600);
 
 /// A background task aborted when dropped (a partition's upload, when its task ends).
 struct Background<T>(JoinHandle<T>);
@@ -485,7 +481,7 @@ impl ProcessNode {
         for tenant in snapshot.tenants {
             let local = copy.local(tenant.tenant);
             let window = (self.directory.get(tenant.tenant))
-                .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window);
+                .map_or(self.default_dedup_window, |r| r.settings.dedup_window);
             (self.storage.dedup_windows).set(local, window);
             (self
                 .writer
@@ -530,7 +526,7 @@ impl ProcessNode {
                 tenant: *tenant,
                 local: copy.local(*tenant),
                 window: (self.directory.get(*tenant))
-                    .map_or(DEFAULT_DEDUP_WINDOW, |r| r.settings.dedup_window)
+                    .map_or(self.default_dedup_window, |r| r.settings.dedup_window)
                     .max(t.window),
                 head: t.head,
                 carried: t.carried.clone(),
@@ -560,7 +556,10 @@ impl ProcessNode {
             .collect();
         let heads: Vec<(TenantId, u64, Duration)> = (heads.into_iter())
             .map(|(local, head)| {
-                let window = windows.get(&local).copied().unwrap_or(DEFAULT_DEDUP_WINDOW);
+                let window = windows
+                    .get(&local)
+                    .copied()
+                    .unwrap_or(self.default_dedup_window);
                 (local, head, window.max(Duration::from_secs(1)))
             })
             .collect();

@@ -209,8 +209,7 @@ pub async fn store(
             let record =
                 (state.directory.get(tenant.id)).unwrap_or_else(|| Arc::new(tenant.clone()));
             let check = async move { limits.limits.check(&record, event_count).await };
-            (node.runtime.spawn(check).await)
-                .map_err(|e| ApiError::Internal(format!("rate limit check failed: {e}")))?
+            (node.on_engines(check).await).map_err(ApiError::Internal)?
         }
         None => state.rate_limits.check(tenant, event_count),
     };

@@ -30,10 +30,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let disk_low = state.disk.too_low();
     let engines = match &state.cluster {
         Some(node) => {
-            let node = std::sync::Arc::clone(node);
-            let runtime = node.runtime.clone();
-            (runtime.spawn(async move { node.readiness().await }).await)
-                .unwrap_or_else(|e| vec![("cluster", Err(e.to_string()))])
+            let engines = std::sync::Arc::clone(node);
+            (node
+                .on_engines(async move { engines.readiness().await })
+                .await)
+                .unwrap_or_else(|e| vec![("cluster", Err(e))])
         }
         None => Vec::new(),
     };

@@ -135,12 +135,11 @@ where
     F: FnOnce(Arc<crate::cluster::node::ClusterNode>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = redis::RedisResult<T>> + Send + 'static,
 {
-    let node = Arc::clone(node);
-    let runtime = node.runtime.clone();
-    let answer = runtime
-        .spawn(async move {
-            let watermark = node.rollups.watermark(tenant).await?;
-            Ok::<_, redis::RedisError>((work(node).await?, watermark))
+    let engines = Arc::clone(node);
+    let answer = node
+        .on_engines(async move {
+            let watermark = engines.rollups.watermark(tenant).await?;
+            Ok::<_, redis::RedisError>((work(engines).await?, watermark))
         })
         .await
         .map_err(blocking_error)?;
