@@ -305,6 +305,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             None
         }
         (Some(node), Role::Process) => {
+            let shared_store = match config.cold.store {
+                crate::config::ColdStoreKind::S3 => Some(state.cold.clone()),
+                crate::config::ColdStoreKind::Local => {
+                    tracing::warn!(
+                        "cold.store is local: process nodes write no checkpoints and no cold segments, and the event stream keeps every message"
+                    );
+                    None
+                }
+            };
             let process = Arc::new(crate::cluster::process::ProcessNode {
                 node: Arc::clone(node),
                 storage: storage.clone(),
@@ -312,17 +321,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
                 default_dedup_window: config.tenant_defaults.dedup_window,
-                checkpoints: match config.cold.store {
-                    crate::config::ColdStoreKind::S3 => Some(
-                        crate::cluster::checkpoint::Checkpoints::new(state.cold.clone()),
-                    ),
-                    crate::config::ColdStoreKind::Local => {
-                        tracing::warn!(
-                            "cold.store is local: process nodes write no checkpoints, and the event stream keeps every message"
-                        );
-                        None
-                    }
-                },
+                checkpoints: shared_store
+                    .clone()
+                    .map(crate::cluster::checkpoint::Checkpoints::new),
+                cold: shared_store.map(|store| crate::cluster::cold::ColdFlush {
+                    store,
+                    max_events: config.cold.max_flush_events,
+                    grace: config.cold.grace_period,
+                }),
             });
             // The partitions' work (decoding, rolling up) on a thread of its own, so that it
             // never delays the HTTP and engine connections' tasks of this runtime.

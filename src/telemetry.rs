@@ -40,6 +40,12 @@ pub mod names {
     /// Cluster mode: log sequences the shared rollups lost that no owner could write again
     /// (older than the owner's checkpoint). No labels.
     pub const CLUSTER_ROLLUP_GAPS: &str = "statsremote_cluster_rollup_gap_sequences_total";
+    /// Cluster mode: cold segments process nodes committed, and the events in them. No labels.
+    pub const CLUSTER_COLD_SEGMENTS: &str = "statsremote_cluster_cold_segments_total";
+    pub const CLUSTER_COLD_EVENTS: &str = "statsremote_cluster_cold_events_total";
+    /// Cluster mode: log sequences a cold flush found missing from the owner's local log (the
+    /// cold tier skips them). No labels.
+    pub const CLUSTER_COLD_MISSING: &str = "statsremote_cluster_cold_missing_sequences_total";
     /// Cluster mode: log entries a process node deleted from its local store once a
     /// checkpoint and the tenant's window no longer needed them. No labels.
     pub const CLUSTER_LOCAL_ENTRIES_DELETED: &str =
@@ -419,6 +425,17 @@ pub fn cluster_checkpoint_written(bytes: usize) {
 /// Cluster mode: `sequences` lost from the shared rollups for good.
 pub fn cluster_rollup_gap(sequences: u64) {
     counter!(names::CLUSTER_ROLLUP_GAPS).increment(sequences);
+}
+
+/// Cluster mode: a flush committed `segments` holding `events`.
+pub fn cluster_cold_flushed(segments: u64, events: u64) {
+    counter!(names::CLUSTER_COLD_SEGMENTS).increment(segments);
+    counter!(names::CLUSTER_COLD_EVENTS).increment(events);
+}
+
+/// Cluster mode: `sequences` a cold flush found missing from the local log.
+pub fn cluster_cold_missing(sequences: u64) {
+    counter!(names::CLUSTER_COLD_MISSING).increment(sequences);
 }
 
 /// Cluster mode: `entries` deleted from a process node's local log.

@@ -1,7 +1,7 @@
-//! Cluster mode end to end: private `nats-server -js` and `redis-server` instances on free ports,
-//! then ingest and process nodes (the real binary with `--role`), the API through either
-//! ingest node, and faults under load. Every fault test names the events acknowledged and the
-//! events rolled up, which must be equal, each messageId counted once.
+//! Cluster mode end to end: private `nats-server -js`, `redis-server` and S3-compatible (moto)
+//! instances on free ports, then ingest and process nodes (the real binary with `--role`), the
+//! API through either ingest node, and faults under load. Every fault test names the events
+//! acknowledged, exported and rolled up, which must be equal, each messageId once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -28,6 +28,8 @@ const RANGE: &str = "from=2026-01-02T00:00:00Z&to=2026-01-03T00:00:00Z";
 struct Cluster {
     nats: Service,
     redis: Service,
+    /// The cold tier and checkpoints, checkpointed every second.
+    s3: testkit::s3::S3Server,
     prefix: String,
     /// Settings every node gets besides the cluster's.
     env: Vec<(String, String)>,
@@ -40,10 +42,16 @@ impl Cluster {
         Cluster::start_with(ingest, process, Vec::new())
     }
 
-    fn start_with(ingest: usize, process: usize, env: Vec<(String, String)>) -> Cluster {
+    fn start_with(ingest: usize, process: usize, extra: Vec<(String, String)>) -> Cluster {
+        let s3 = testkit::s3::S3Server::start().unwrap();
+        s3.create_bucket("cluster").unwrap();
+        let mut env = s3.server_env("cluster", "c");
+        env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
+        env.extend(extra);
         let mut cluster = Cluster {
             nats: Service::nats().unwrap(),
             redis: Service::redis().unwrap(),
+            s3,
             prefix: format!("t{}", std::process::id()),
             env,
             ingest: Vec::new(),
@@ -91,18 +99,6 @@ impl Cluster {
         let holder = holder?;
         let node = holder.split('#').next()?.to_string();
         node.strip_prefix("process-")?.parse().ok()
-    }
-
-    /// One ingest and two process nodes sharing an S3-compatible store (moto), checkpointing
-    /// every second, settled; the store is gone when the first is dropped.
-    fn with_checkpoints() -> (testkit::s3::S3Server, Cluster) {
-        let s3 = testkit::s3::S3Server::start().unwrap();
-        s3.create_bucket("cluster").unwrap();
-        let mut env = s3.server_env("cluster", "c");
-        env.push(("STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(), "1s".into()));
-        let cluster = Cluster::start_with(1, 2, env);
-        cluster.settled();
-        (s3, cluster)
     }
 
     /// Waits until the process nodes hold fair shares of the partitions.
@@ -332,7 +328,51 @@ fn count_of(answer: &Value, name: &str) -> u64 {
         .map_or(0, |e| e["count"].as_u64().unwrap())
 }
 
-/// Every acknowledged event counted once, per name, on every ingest node.
+/// The messageIds of the tenant's export over [`RANGE`] through `node`; fails on a duplicate.
+fn exported(node: &TestServer, tenant: &Tenant) -> Option<BTreeSet<String>> {
+    let reply = node.get(
+        &format!("/v1/events/export?{RANGE}"),
+        Auth::Bearer(&tenant.read_key),
+    );
+    if reply.status != 200 {
+        return None;
+    }
+    let mut ids = BTreeSet::new();
+    for line in reply.body.lines() {
+        let event: Value = serde_json::from_str(line).unwrap();
+        let id = event["messageId"].as_str().unwrap().to_string();
+        assert!(ids.insert(id.clone()), "{id} exported twice");
+    }
+    Some(ids)
+}
+
+/// Waits until the export through `node` holds exactly the acknowledged events (the cold tier
+/// has what the partition's owner flushed before its last checkpoint).
+fn wait_exported(node: &TestServer, tenant: &Tenant, acked: &BTreeSet<String>) {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < SETTLE {
+        if let Some(ids) = exported(node, tenant) {
+            let unknown: Vec<&String> = ids.difference(acked).take(5).collect();
+            assert!(
+                unknown.is_empty(),
+                "exported, never acknowledged: {unknown:?}"
+            );
+            if ids.len() == acked.len() {
+                return;
+            }
+            last = Some(ids.len());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!(
+        "{} exported {last:?} of {} acknowledged events",
+        node.base,
+        acked.len()
+    );
+}
+
+/// Every acknowledged event counted and exported once, per name, on every ingest node.
 fn assert_exact(cluster: &Cluster, tenant: &Tenant, acked: &BTreeSet<String>, what: &str) {
     let (signed_up, viewed) = expected_by_name(acked);
     for node in &cluster.ingest {
@@ -348,8 +388,12 @@ fn assert_exact(cluster: &Cluster, tenant: &Tenant, acked: &BTreeSet<String>, wh
     std::thread::sleep(Duration::from_secs(6));
     let again = counts(&cluster.ingest[0], tenant).expect("counts");
     assert_eq!(total(&again), acked.len() as u64, "{what}, later: {again}");
+    for node in &cluster.ingest {
+        wait_exported(node, tenant, acked);
+    }
     println!(
-        "{what}: acknowledged {} events, rolled up {} (Signed Up {signed_up}, Viewed {viewed}) on each of {} ingest nodes",
+        "{what}: acknowledged {} events, exported {} and rolled up {} (Signed Up {signed_up}, Viewed {viewed}) on each of {} ingest nodes",
+        acked.len(),
         acked.len(),
         acked.len(),
         cluster.ingest.len()
@@ -404,6 +448,17 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
         total(&on_b)
     );
     assert_eq!(on_a["events"], on_b["events"]);
+    // Both nodes export the 50 once the owner has flushed them to the shared cold tier.
+    let sent: BTreeSet<String> = (first.iter().chain(&second))
+        .map(|e| e["messageId"].as_str().unwrap().to_string())
+        .collect();
+    let flushed = Instant::now();
+    wait_exported(a, &tenant, &sent);
+    wait_exported(b, &tenant, &sent);
+    println!(
+        "50 events exported through each node {:?} after they were counted",
+        flushed.elapsed()
+    );
     let signed_up = (0..50u64).filter(|n| n.is_multiple_of(3)).count() as u64;
     assert_eq!(count_of(&on_a, "Signed Up"), signed_up, "{on_a}");
     let uniques = |node: &TestServer| {
@@ -531,8 +586,10 @@ fn an_ingest_node_killed_clients_retry_on_the_other() {
     let answer = wait_total(survivor, &tenant, acked.len() as u64);
     assert_eq!(count_of(&answer, "Signed Up"), signed_up);
     assert_eq!(count_of(&answer, "Viewed"), viewed);
+    wait_exported(survivor, &tenant, &acked);
     println!(
-        "ingest node SIGKILL: acknowledged {} events, rolled up {}",
+        "ingest node SIGKILL: acknowledged {} events, exported {} and rolled up {}",
+        acked.len(),
         acked.len(),
         total(&answer)
     );
@@ -638,7 +695,8 @@ fn counter(node: &TestServer, name: &str) -> u64 {
 #[test]
 fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
     let _serial = serial();
-    let (_s3, cluster) = Cluster::with_checkpoints();
+    let cluster = Cluster::start(1, 2);
+    cluster.settled();
     let victim = &cluster.tenant_owned_by(0, "ckpt");
     let bases = vec![cluster.ingest[0].base.clone()];
     let load = Load::start(bases, victim, "ckpt");
@@ -690,7 +748,8 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
 #[test]
 fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost() {
     let _serial = serial();
-    let (s3, cluster) = Cluster::with_checkpoints();
+    let cluster = Cluster::start(1, 2);
+    cluster.settled();
     let victim = &cluster.tenant_owned_by(0, "s3");
     let owner = &cluster.process[0];
     let checkpoints = || counter(owner, "statsremote_cluster_checkpoints_total");
@@ -702,7 +761,7 @@ fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost()
     }
 
     // The store stops answering: ingestion and rollups go on, checkpoints wait.
-    s3.pause().unwrap();
+    cluster.s3.pause().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let before = checkpoints();
     wait_for_acks(&load, 30);
@@ -722,7 +781,7 @@ fn object_storage_unavailable_for_a_while_checkpoints_wait_and_nothing_is_lost()
         before,
         "a checkpoint was written while the store was down"
     );
-    s3.resume().unwrap();
+    cluster.s3.resume().unwrap();
     let resumed = Instant::now();
     while checkpoints() <= before {
         assert!(resumed.elapsed() < SETTLE, "checkpoints did not resume");

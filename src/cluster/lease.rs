@@ -76,6 +76,29 @@ pub struct Lease {
     pub token: u64,
 }
 
+/// A partition's fence, checked before a write that no Redis script can fence (a commit to the
+/// object store): a check, not a guarantee, so such writes have their own conflict detection.
+#[derive(Clone)]
+pub struct Fence {
+    redis: ConnectionManager,
+    key: String,
+}
+
+impl Fence {
+    pub fn new(redis: ConnectionManager, key: String) -> Fence {
+        Fence { redis, key }
+    }
+
+    /// Whether `lease` still holds the fence: no other node acquired the partition since.
+    pub async fn holds(&self, lease: Lease) -> redis::RedisResult<bool> {
+        let current: Option<u64> = redis::cmd("GET")
+            .arg(&self.key)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(current == Some(lease.token))
+    }
+}
+
 /// The leases of one node, over one Redis.
 pub struct Leases {
     redis: ConnectionManager,

@@ -6,6 +6,7 @@
 //! a set of partitions at a time by fenced leases ([`lease`]).
 
 pub mod checkpoint;
+pub mod cold;
 pub mod directory;
 pub mod lease;
 pub mod live;

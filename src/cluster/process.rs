@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::checkpoint::{keys_kept_since, Checkpoints, Snapshot, TenantInput};
+use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests};
 use crate::cluster::connect_redis;
-use crate::cluster::lease::{Lease, Leases};
+use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
 use crate::cluster::runner::PartitionRunner;
@@ -58,6 +59,9 @@ pub struct ProcessNode {
     /// share (`None` with a local cold store: no checkpoints, and the stream keeps every
     /// message).
     pub checkpoints: Option<Checkpoints>,
+    /// How partitions' cold segments are written: to the same shared store, before each
+    /// checkpoint (`None` when there are no checkpoints).
+    pub cold: Option<ColdFlush>,
 }
 
 /// Writes a partition's checkpoint, then lets the stream drop what `trim_below` (this owner's
@@ -214,7 +218,8 @@ impl ProcessNode {
             config.partitions,
             config.lease_timeout,
         );
-        let shared = Arc::new(SharedRollups::new(redis, &config.prefix).expiring(self.retention));
+        let shared =
+            Arc::new(SharedRollups::new(redis.clone(), &config.prefix).expiring(self.retention));
         let mut held: BTreeMap<u16, Lease> = BTreeMap::new();
         let mut tasks: HashMap<u16, Task> = HashMap::new();
         // Tasks told to stop that have not finished: their partition is not started again
@@ -262,9 +267,11 @@ impl ProcessNode {
                     "working on partition"
                 );
                 let (stop_task, stopped) = watch::channel(false);
+                let fence = Fence::new(redis.clone(), leases.fence_key(*partition));
                 let handle = tokio::spawn(Arc::clone(&self).work(
                     Arc::clone(&shared),
                     *lease,
+                    fence,
                     leases.fence_key(*partition),
                     copy,
                     stopped,
@@ -310,6 +317,7 @@ impl ProcessNode {
         self: Arc<Self>,
         shared: Arc<SharedRollups>,
         lease: Lease,
+        fence: Fence,
         fence_key: String,
         copy: Arc<PartitionCopy>,
         mut stop: watch::Receiver<bool>,
@@ -339,6 +347,8 @@ impl ProcessNode {
         // This task's last checkpoint stored: the stream may drop what it covers.
         let mut own_previous: Option<u64> = None;
         let mut upload: Option<Background<Result<Checkpointed, String>>> = None;
+        // The cold tier's manifests as this task last committed them.
+        let manifests = Manifests::default();
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -380,7 +390,14 @@ impl ProcessNode {
                 && !stopping
             {
                 last_tried = Instant::now();
-                match (self.checkpoint(lease, &copy, runner.covered(), own_previous)).await {
+                let checkpoint = self.checkpoint(
+                    (lease, &fence),
+                    &copy,
+                    &manifests,
+                    runner.covered(),
+                    own_previous,
+                );
+                match checkpoint.await {
                     Ok(task) => upload = task.map(Background),
                     Err(error) => {
                         tracing::warn!(partition, %error, "checkpoint failed; the stream keeps the messages");
@@ -506,13 +523,15 @@ impl ProcessNode {
         Ok(())
     }
 
-    /// Reads the partition's state at `covered` for a checkpoint and starts writing it in the
-    /// background (the partition goes on meanwhile, also while the object store is slow or
+    /// Reads the partition's state at `covered` for a checkpoint and starts, in the background,
+    /// flushing its tenants' logs to the cold tier through their heads in that state, then
+    /// writing it (the partition goes on meanwhile, also while the object store is slow or
     /// down); `None` without a checkpoint store.
     async fn checkpoint(
         &self,
-        lease: Lease,
+        (lease, fence): (Lease, &Fence),
         copy: &PartitionCopy,
+        manifests: &Manifests,
         covered: u64,
         trim_below: Option<u64>,
     ) -> Result<Option<JoinHandle<Result<Checkpointed, String>>>, String> {
@@ -542,8 +561,22 @@ impl ProcessNode {
         let heads = (snapshot.tenants.iter())
             .map(|t| (copy.local(t.tenant), t.head))
             .collect();
+        // A deleted tenant's log is not flushed: its cold tier goes with it.
+        let targets: Vec<FlushTarget> = (snapshot.tenants.iter())
+            .filter(|t| !self.directory.was_removed(t.tenant))
+            .map(|t| FlushTarget {
+                tenant: t.tenant,
+                local: copy.local(t.tenant),
+                head: t.head,
+            })
+            .collect();
         let stream = Arc::clone(&self.node.stream);
+        let (cold, storage) = (self.cold.clone(), self.storage.clone());
+        let (manifests, fence) = (Arc::clone(manifests), fence.clone());
         Ok(Some(tokio::spawn(async move {
+            if let Some(cold) = cold {
+                (cold.flush_partition(&storage, targets, &manifests, lease, &fence)).await?;
+            }
             upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
             Ok(Checkpointed { covered, heads })
         })))

@@ -25,7 +25,7 @@ use crate::http::slots::ReadKind;
 use crate::http::{auth, AppState};
 use crate::identity::{IdentityMap, Resolver};
 use crate::json::MergeBase;
-use crate::storage::cold::{scan_tiers_from, ColdError};
+use crate::storage::cold::{scan_published, scan_tiers_from, ColdError};
 use crate::storage::event_log::first_seq_received_since;
 use crate::storage::Storage;
 use crate::tenant::{KeyKind, KeyWatch, TenantDirectory, TenantId};
@@ -76,8 +76,18 @@ pub async fn export(
         to,
         event: query.event,
     };
+    // A cluster's ingest node has no log: it reads what the process nodes flushed, through
+    // the published manifests, which only a shared store has.
+    let published_only = state.cluster.is_some();
+    if published_only && state.config.cold.store == crate::config::ColdStoreKind::Local {
+        return Err(ApiError::NotImplemented(
+            "exports in cluster mode read the cold tier the nodes share: set cold.store = \"s3\""
+                .into(),
+        ));
+    }
     let slot = state.read_slots.take(tenant.id, ReadKind::Export)?;
     let reader = ExportReader {
+        published_only,
         storage: state.storage.clone(),
         cold: state.cold.clone(),
         tenant: tenant.id,
@@ -149,6 +159,8 @@ fn export_cut_off() -> std::io::Error {
 /// key is revoked; it sets `finished` only once it has read to the end and handed over the
 /// last chunk.
 struct ExportReader {
+    /// Read only the cold tier's published manifest and segments (a cluster's ingest node).
+    published_only: bool,
     storage: Storage,
     cold: crate::storage::cold::ColdStore,
     tenant: TenantId,
@@ -174,43 +186,42 @@ impl ExportReader {
         };
         let mut chunk = Vec::with_capacity(CHUNK_BYTES);
         let mut stopped = false;
-        // The hot log from the first entry that can hold an event of the range; the cold tier
-        // pruned by the segments' hours.
-        let scanned = first_seq_received_since(
-            self.storage.log(),
-            self.tenant,
-            filter.from,
-            self.future_tolerance,
-        )
-        .map_err(ColdError::from)
-        .and_then(|hot_from| {
-            scan_tiers_from(
-                &self.storage,
-                Some(&self.cold),
+        let visit = |first_seq: u64, batch: &LogBatch| {
+            if !self.key_watch.in_force(&self.directory) {
+                stopped = true;
+                return ControlFlow::Break(());
+            }
+            // Locked per entry, not for the export: the rollup actor adds links.
+            write_batch(&mut chunk, first_seq, batch, filter, &identity.resolver());
+            if chunk.len() < CHUNK_BYTES {
+                return ControlFlow::Continue(());
+            }
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+            if self.send(sender, Ok(Bytes::from(full))) {
+                ControlFlow::Continue(())
+            } else {
+                stopped = true;
+                ControlFlow::Break(())
+            }
+        };
+        let hours = Some((filter.from, filter.to));
+        let scanned = if self.published_only {
+            scan_published(&self.cold, self.tenant, hours, visit).map(|_| ())
+        } else {
+            // The hot log from the first entry that can hold an event of the range; the cold
+            // tier pruned by the segments' hours.
+            first_seq_received_since(
+                self.storage.log(),
                 self.tenant,
-                1,
-                hot_from,
-                Some((filter.from, filter.to)),
-                |first_seq, batch| {
-                    if !self.key_watch.in_force(&self.directory) {
-                        stopped = true;
-                        return ControlFlow::Break(());
-                    }
-                    // Locked per entry, not for the export: the rollup actor adds links.
-                    write_batch(&mut chunk, first_seq, batch, filter, &identity.resolver());
-                    if chunk.len() < CHUNK_BYTES {
-                        return ControlFlow::Continue(());
-                    }
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-                    if self.send(sender, Ok(Bytes::from(full))) {
-                        ControlFlow::Continue(())
-                    } else {
-                        stopped = true;
-                        ControlFlow::Break(())
-                    }
-                },
+                filter.from,
+                self.future_tolerance,
             )
-        });
+            .map_err(ColdError::from)
+            .and_then(|hot_from| {
+                let (storage, cold) = (&self.storage, Some(&self.cold));
+                scan_tiers_from(storage, cold, self.tenant, 1, hot_from, hours, visit)
+            })
+        };
         match scanned {
             Err(error) => {
                 tracing::error!(tenant = %self.tenant, %error, "export failed while reading the log");

@@ -72,16 +72,75 @@ pub fn flush_due(
 ) -> Result<Option<FlushReport>, ColdError> {
     let cold = cold_watermark(storage, tenant)?;
     let limit = rollups::watermark(storage, tenant)?.min(dedup_ingest::watermark(storage, tenant)?);
+    let is_due = |batch: &LogBatch, last: u64| {
+        (batch.received_at < due.received_before || last <= due.through_seq) && last <= limit
+    };
+    let Some(written) = write_segments(storage, store, tenant, tenant, cold, max_events, is_due)?
+    else {
+        return Ok(None);
+    };
+    if fail == Some(FailPoint::AfterWrite) {
+        return Err(ColdError::Injected(FailPoint::AfterWrite));
+    }
+    let change = Change {
+        kind: ChangeKind::Flush,
+        added: written.segments,
+        removed: Vec::new(),
+        watermark: Some(written.through),
+    };
+    if manifest::commit(storage, store, tenant, &change)?.is_none() {
+        // The tenant was deleted: what was written goes (its purge may have listed the
+        // objects before they existed).
+        for segment in &change.added {
+            block_on(store.delete(&segment.path))?;
+        }
+        return Ok(None);
+    }
+    if fail == Some(FailPoint::AfterCommit) {
+        return Err(ColdError::Injected(FailPoint::AfterCommit));
+    }
+    storage.log().delete_below(tenant, written.through + 1)?;
+    Ok(Some(FlushReport {
+        through: written.through,
+        events: written.events,
+        segments: change.added,
+    }))
+}
+
+/// Segments written for a range of a log, not committed yet.
+#[derive(Debug)]
+pub struct Written {
+    pub segments: Vec<Segment>,
+    /// The first and last sequence they hold.
+    pub first: u64,
+    pub through: u64,
+    pub events: u64,
+}
+
+/// Writes the log entries of `log_tenant` after sequence `after` as segments of `tenant` (the
+/// same id, except on a process node, whose local ids differ from the tenants'), one per hour
+/// of event time: the entries in order while `take(entry, its last sequence)` holds, at most
+/// `max_events` events (at least one entry). The segments record `after + 1` as their flush's
+/// first sequence. `None` when no entry is taken. Blocking.
+pub fn write_segments(
+    storage: &Storage,
+    store: &ColdStore,
+    log_tenant: TenantId,
+    tenant: TenantId,
+    after: u64,
+    max_events: usize,
+    mut take: impl FnMut(&LogBatch, u64) -> bool,
+) -> Result<Option<Written>, ColdError> {
     let mut hours: BTreeMap<Micros, HourSegment> = BTreeMap::new();
-    let (mut through, mut events) = (cold, 0usize);
+    let (mut first, mut through, mut events) = (None, after, 0usize);
     let mut failed = None;
-    crate::storage::event_log::scan(storage.log(), tenant, cold + 1, |first_seq, batch| {
+    crate::storage::event_log::scan(storage.log(), log_tenant, after + 1, |first_seq, batch| {
         let last = last_seq_of(first_seq, batch.events.len());
         let too_many = events > 0 && events + batch.events.len() > max_events;
-        let is_due = batch.received_at < due.received_before || last <= due.through_seq;
-        if !is_due || last > limit || too_many {
+        if too_many || !take(batch, last) {
             return ControlFlow::Break(());
         }
+        first.get_or_insert(first_seq);
         for (seq, row) in (first_seq..).zip(rows_of(batch)) {
             let hour = row.event.timestamp.div_euclid(HOUR) * HOUR;
             let segment = match hours.entry(hour) {
@@ -106,17 +165,17 @@ pub fn flush_due(
     if let Some(error) = failed {
         return Err(error);
     }
-    if events == 0 {
+    let Some(first) = first else {
         return Ok(None);
-    }
-    let mut added = Vec::with_capacity(hours.len());
+    };
+    let mut segments = Vec::with_capacity(hours.len());
     for (hour, segment) in hours {
         let (first, last) = (segment.first, segment.last);
         let (rows, bytes) = segment.finish()?;
         let path = segment_path(tenant, hour, first, last, None);
-        added.push(Segment {
+        segments.push(Segment {
             path: path.clone(),
-            flush_first: cold + 1,
+            flush_first: after + 1,
             flush_last: through,
             hour,
             first_seq: first,
@@ -126,31 +185,11 @@ pub fn flush_due(
         });
         block_on(store.put(&path, bytes))?;
     }
-    if fail == Some(FailPoint::AfterWrite) {
-        return Err(ColdError::Injected(FailPoint::AfterWrite));
-    }
-    let change = Change {
-        kind: ChangeKind::Flush,
-        added,
-        removed: Vec::new(),
-        watermark: Some(through),
-    };
-    if manifest::commit(storage, store, tenant, &change)?.is_none() {
-        // The tenant was deleted: what was written goes (its purge may have listed the
-        // objects before they existed).
-        for segment in &change.added {
-            block_on(store.delete(&segment.path))?;
-        }
-        return Ok(None);
-    }
-    if fail == Some(FailPoint::AfterCommit) {
-        return Err(ColdError::Injected(FailPoint::AfterCommit));
-    }
-    storage.log().delete_below(tenant, through + 1)?;
-    Ok(Some(FlushReport {
+    Ok(Some(Written {
+        segments,
+        first,
         through,
         events: events as u64,
-        segments: change.added,
     }))
 }
 

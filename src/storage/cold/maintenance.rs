@@ -43,16 +43,29 @@ pub fn recover(
         .into_iter()
         .map(|segment| segment.path)
         .collect();
+    trash_uncommitted(store, tenant, &committed)?;
+    purge_trash(store, tenant, grace)?;
+    Ok(())
+}
+
+/// Moves every object under the tenant's `events/` that is not in `committed` to `trash/`;
+/// returns how many. Blocking.
+pub fn trash_uncommitted(
+    store: &ColdStore,
+    tenant: TenantId,
+    committed: &HashSet<String>,
+) -> Result<usize, ColdError> {
     let now = now_micros();
+    let mut moved = 0;
     for object in block_on(store.list(&format!("events/tenant={tenant}/")))? {
         let path = object.location.to_string();
         if !committed.contains(&path) {
             tracing::warn!(%tenant, path, "moving an object the manifest does not name out of events/");
             block_on(store.rename(&path, &trash_path(tenant, now, &path)))?;
+            moved += 1;
         }
     }
-    purge_trash(store, tenant, grace)?;
-    Ok(())
+    Ok(moved)
 }
 
 /// `trash/tenant=<id>/<moved at, µs>/<path>`.

@@ -6,8 +6,10 @@
 //! It is then published as `manifest/tenant=<id>/<u64::MAX - number, 20 digits>.json`, created
 //! only if absent, so a listing sorts newest first; each object holds the whole list of current
 //! segments, so the newest one alone tells a reader without the local database what `events/`
-//! holds. The local manifest is authoritative: a failed publication is logged, and the next
-//! change publishes the whole state again.
+//! holds. On a single node the local manifest is authoritative: a failed publication is logged,
+//! and the next change publishes the whole state again. A cluster's process nodes keep no
+//! manifest of their own: there the published one is authoritative, and a change commits by
+//! creating its object ([`publish_next`]), which only one of two writers of a number can do.
 
 use serde::{Deserialize, Serialize};
 
@@ -166,6 +168,20 @@ fn publish(
             return;
         }
     };
+    let (path, body) = published_object(tenant, number, watermark, change, &current);
+    if let Err(error) = block_on(store.put_new(&path, body)) {
+        tracing::warn!(%tenant, %error, "publishing the cold manifest failed");
+    }
+}
+
+/// The object that publishes change `number` and the state after it.
+fn published_object(
+    tenant: TenantId,
+    number: u64,
+    watermark: u64,
+    change: &Change,
+    current: &[Segment],
+) -> (String, bytes::Bytes) {
     let state = serde_json::json!({
         "tenant": tenant.to_string(),
         "number": number,
@@ -179,10 +195,82 @@ fn publish(
         "segments": current,
     });
     let path = format!("{}{:020}.json", prefix(tenant), u64::MAX - number);
-    let body = bytes::Bytes::from(state.to_string());
-    if let Err(error) = block_on(store.put_new(&path, body)) {
-        tracing::warn!(%tenant, %error, "publishing the cold manifest failed");
+    (path, bytes::Bytes::from(state.to_string()))
+}
+
+/// A tenant's state as its newest published manifest has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Published {
+    /// The change's number (0: nothing published yet).
+    pub number: u64,
+    pub cold_watermark: u64,
+    pub segments: Vec<Segment>,
+}
+
+/// The tenant's newest published manifest (the empty state when there is none). Blocking.
+pub fn newest_published(store: &ColdStore, tenant: TenantId) -> Result<Published, ColdError> {
+    // Names sort newest first, and pruning never removes the newest.
+    let newest = block_on(store.list(&prefix(tenant)))?
+        .into_iter()
+        .map(|object| object.location.to_string())
+        .filter(|path| path.ends_with(".json"))
+        .min();
+    let Some(path) = newest else {
+        return Ok(Published::default());
+    };
+    let body = block_on(store.get(&path))?;
+    serde_json::from_slice(&body)
+        .map_err(|error| ColdError::Corrupt(format!("published manifest {path}: {error}")))
+}
+
+/// Commits a change where the published manifest is the only one (a cluster's process nodes):
+/// creates the object of the number after `previous`'s only if no other writer did. Returns
+/// the state after the change, or `None` when another writer published that number first
+/// (nothing is committed; the caller reads the newest state again). Blocking.
+pub fn publish_next(
+    store: &ColdStore,
+    tenant: TenantId,
+    previous: &Published,
+    change: &Change,
+) -> Result<Option<Published>, ColdError> {
+    let removed: std::collections::HashSet<(u64, Micros)> = (change.removed.iter())
+        .map(|segment| (segment.flush_first, segment.hour))
+        .collect();
+    let mut current: Vec<Segment> = (previous.segments.iter())
+        .filter(|segment| !removed.contains(&(segment.flush_first, segment.hour)))
+        .cloned()
+        .collect();
+    current.extend(change.added.iter().cloned());
+    current.sort_by_key(|segment| (segment.flush_first, segment.hour));
+    let number = previous.number + 1;
+    let watermark = change.watermark.unwrap_or(previous.cold_watermark);
+    let (path, body) = published_object(tenant, number, watermark, change, &current);
+    if !block_on(store.put_new(&path, body))? {
+        return Ok(None);
     }
+    Ok(Some(Published {
+        number,
+        cold_watermark: watermark,
+        segments: current,
+    }))
+}
+
+/// Deletes the objects of `written` that the tenant's newest published manifest does not name
+/// (those of a [`publish_next`] that did not commit). Blocking.
+pub fn discard_unpublished(
+    store: &ColdStore,
+    tenant: TenantId,
+    written: &[Segment],
+) -> Result<(), ColdError> {
+    let newest = newest_published(store, tenant)?;
+    let named: std::collections::HashSet<&str> =
+        (newest.segments.iter()).map(|s| s.path.as_str()).collect();
+    for segment in written {
+        if !named.contains(segment.path.as_str()) {
+            block_on(store.delete(&segment.path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the tenant's published manifest lives.

@@ -31,13 +31,16 @@ use crate::event::{format_timestamp, Micros};
 use crate::ids::TenantId;
 use crate::storage::StorageError;
 
-pub use self::flush::{flush_due, flush_once, Due, FlushReport};
+pub use self::flush::{flush_due, flush_once, write_segments, Due, FlushReport, Written};
 pub use self::maintenance::{
     compact, enforce_retention, erase_user, oldest_hot_received_at, purge_tenant, purge_trash,
-    recover, CompactionPolicy, MaintenanceReport,
+    recover, trash_uncommitted, CompactionPolicy, MaintenanceReport,
 };
-pub use self::manifest::{cold_watermark, segments, Segment};
-pub use self::read::{scan_cold, scan_tiers, scan_tiers_from};
+pub use self::manifest::{
+    cold_watermark, discard_unpublished, newest_published, publish_next, segments, Published,
+    Segment,
+};
+pub use self::read::{scan_cold, scan_published, scan_tiers, scan_tiers_from};
 pub use self::store::ColdStore;
 
 #[derive(Debug, thiserror::Error)]

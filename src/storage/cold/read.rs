@@ -93,9 +93,37 @@ pub fn scan_cold(
     from_seq: u64,
     through: u64,
     hours: Option<(Micros, Micros)>,
+    visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, ColdError> {
+    let committed = segments(storage, tenant)?;
+    scan_segments(store, tenant, committed, from_seq, through, hours, visit)
+}
+
+/// Visits every event of the tenant's newest published manifest (the cold tier as a reader
+/// without the local database sees it: a cluster's ingest nodes), in sequence order, as
+/// one-event batches, skipping segments whose hour is outside `hours`. Blocking.
+pub fn scan_published(
+    store: &ColdStore,
+    tenant: TenantId,
+    hours: Option<(Micros, Micros)>,
+    visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>, ColdError> {
+    let published = super::manifest::newest_published(store, tenant)?;
+    let through = published.cold_watermark;
+    scan_segments(store, tenant, published.segments, 1, through, hours, visit)
+}
+
+/// The events of `segments` with sequences in `from_seq..=through`: see [`scan_cold`].
+fn scan_segments(
+    store: &ColdStore,
+    tenant: TenantId,
+    segments: Vec<Segment>,
+    from_seq: u64,
+    through: u64,
+    hours: Option<(Micros, Micros)>,
     mut visit: impl FnMut(u64, &LogBatch) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>, ColdError> {
-    let mut pending: Vec<Segment> = segments(storage, tenant)?
+    let mut pending: Vec<Segment> = segments
         .into_iter()
         .filter(|segment| {
             segment.last_seq >= from_seq

@@ -1,0 +1,375 @@
+//! Cold segments of the partitions a process node owns, in the object store the nodes share.
+//!
+//! Before a partition's checkpoint is written, its owner flushes each tenant's local log up to
+//! the checkpoint's head ([`ColdFlush::flush_partition`]), so every checkpoint's state is cold
+//! up to its heads: a new owner, whose local log starts at the checkpoint (it carries no
+//! events), misses nothing, and the stream may drop what a checkpoint covers. Sequences are the
+//! same whoever applies the stream, so a new owner continues each tenant's cold tier where the
+//! last commit ended. Paths and published manifests are the single node's, under the tenants'
+//! own ids (a process node's local ids differ), so warehouses and exports read them alike.
+//!
+//! Process nodes keep no manifest of their own: the newest published one is authoritative. A
+//! flush writes its segments, checks the partition's fence, then creates the next manifest
+//! object only if no other writer has ([`publish_next`]): of an owner that lost the partition
+//! and the one that took it over, only one commits a number. The other deletes the segments it
+//! wrote that the winner's manifest does not name. Before an owner's first flush of a tenant,
+//! what a crashed flush left under `events/` moves to the trash, so `events/` holds exactly the
+//! committed segments.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::cluster::lease::{Fence, Lease};
+use crate::ids::TenantId;
+use crate::storage::cold::manifest::{Change, ChangeKind};
+use crate::storage::cold::{
+    discard_unpublished, newest_published, publish_next, purge_trash, trash_uncommitted,
+    write_segments, ColdError, ColdStore, Published, Written,
+};
+use crate::storage::Storage;
+
+/// What a process node flushes with.
+#[derive(Clone)]
+pub struct ColdFlush {
+    pub store: ColdStore,
+    /// Most events of one flush (`cold.max_flush_events`); a longer range commits in steps.
+    pub max_events: usize,
+    /// How long trashed objects wait before they are deleted (`cold.grace_period`).
+    pub grace: Duration,
+}
+
+/// A tenant of a partition to flush: its id, its local log's id, and the head to flush to.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushTarget {
+    pub tenant: TenantId,
+    pub local: TenantId,
+    pub head: u64,
+}
+
+/// The newest manifest of each tenant this owner flushed, as of its last commit. One per
+/// partition task: a new task (a new lease) reads the manifests again and recovers first.
+pub type Manifests = Arc<Mutex<HashMap<TenantId, Published>>>;
+
+/// What a partition's flush moved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub events: u64,
+    pub segments: u64,
+    /// Sequences the local log lacked between a tenant's cold watermark and its next entry.
+    pub missing: u64,
+}
+
+fn failed(error: impl std::fmt::Display) -> String {
+    error.to_string()
+}
+
+impl ColdFlush {
+    /// Flushes each target's local log, from its tenant's cold watermark through its head, in
+    /// commits of at most `max_events` events. Stops at the first failure (the next attempt
+    /// continues from the last commit).
+    pub async fn flush_partition(
+        &self,
+        storage: &Storage,
+        targets: Vec<FlushTarget>,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<Flushed, String> {
+        let mut flushed = Flushed::default();
+        for target in targets {
+            loop {
+                let manifest = self.manifest(target.tenant, manifests).await?;
+                if manifest.cold_watermark >= target.head {
+                    break;
+                }
+                let after = manifest.cold_watermark;
+                let written = {
+                    let (this, storage) = (self.clone(), storage.clone());
+                    crate::blocking::run(move || this.write(&storage, target, after))
+                        .await
+                        .map_err(failed)?
+                        .map_err(failed)?
+                };
+                let Some(written) = written else {
+                    // Nothing through the head: the log lacks the whole range.
+                    flushed.missing += target.head - after;
+                    missing(target.tenant, after, target.head - after);
+                    break;
+                };
+                if written.first > after + 1 {
+                    flushed.missing += written.first - after - 1;
+                    missing(target.tenant, after, written.first - after - 1);
+                }
+                let (events, segments) = (written.events, written.segments.len() as u64);
+                self.commit(target.tenant, manifest, written, manifests, lease, fence)
+                    .await?;
+                flushed.events += events;
+                flushed.segments += segments;
+            }
+        }
+        Ok(flushed)
+    }
+
+    /// The tenant's newest manifest; read (after moving what a crashed flush left to the
+    /// trash) the first time this task needs it.
+    async fn manifest(&self, tenant: TenantId, manifests: &Manifests) -> Result<Published, String> {
+        if let Some(known) = lock(manifests).get(&tenant) {
+            return Ok(known.clone());
+        }
+        let this = self.clone();
+        let published = crate::blocking::run(move || {
+            let published = newest_published(&this.store, tenant)?;
+            let committed: HashSet<String> = (published.segments.iter())
+                .map(|s| s.path.clone())
+                .collect();
+            trash_uncommitted(&this.store, tenant, &committed)?;
+            purge_trash(&this.store, tenant, this.grace)?;
+            Ok::<_, ColdError>(published)
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        lock(manifests).insert(tenant, published.clone());
+        Ok(published)
+    }
+
+    /// Writes the segments of the target's next range after `after`. Blocking.
+    fn write(
+        &self,
+        storage: &Storage,
+        target: FlushTarget,
+        after: u64,
+    ) -> Result<Option<Written>, ColdError> {
+        write_segments(
+            storage,
+            &self.store,
+            target.local,
+            target.tenant,
+            after,
+            self.max_events,
+            |_, last| last <= target.head,
+        )
+    }
+
+    /// Commits written segments after `manifest`, unless the lease lost the partition or
+    /// another writer committed first; then they are deleted, except those the newest
+    /// manifest names (the same range and hour hold the same events, whoever wrote them).
+    async fn commit(
+        &self,
+        tenant: TenantId,
+        manifest: Published,
+        written: Written,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<(), String> {
+        let change = Change {
+            kind: ChangeKind::Flush,
+            added: written.segments,
+            removed: Vec::new(),
+            watermark: Some(written.through),
+        };
+        let owner = fence.holds(lease).await.map_err(failed)?;
+        let this = self.clone();
+        let (committed, change) = crate::blocking::run(move || {
+            let committed = if owner {
+                publish_next(&this.store, tenant, &manifest, &change)?
+            } else {
+                None
+            };
+            if committed.is_none() {
+                discard_unpublished(&this.store, tenant, &change.added)?;
+            }
+            Ok::<_, ColdError>((committed, change))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        let mut known = lock(manifests);
+        match committed {
+            Some(published) => {
+                known.insert(tenant, published);
+                crate::telemetry::cluster_cold_flushed(
+                    change.added.len() as u64,
+                    change.added.iter().map(|s| s.rows).sum(),
+                );
+                Ok(())
+            }
+            None => {
+                known.remove(&tenant);
+                Err(format!(
+                    "tenant {tenant}: another owner committed to the cold tier first, or this one lost the partition"
+                ))
+            }
+        }
+    }
+}
+
+fn lock(manifests: &Manifests) -> std::sync::MutexGuard<'_, HashMap<TenantId, Published>> {
+    manifests.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn missing(tenant: TenantId, after: u64, count: u64) {
+    tracing::error!(
+        %tenant,
+        after,
+        count,
+        "the local log lacks events after the cold watermark; the cold tier skips them"
+    );
+    crate::telemetry::cluster_cold_missing(count);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::cluster::lease::Leases;
+    use crate::storage::cold::scan_published;
+    use crate::storage::event_log::tests::batch;
+    use crate::storage::writer::{AppendRequest, LogWriter, PreparedBatch};
+    use std::ops::ControlFlow;
+
+    async fn append(writer: &LogWriter, local: TenantId, ids: &[&str]) {
+        let prepared = PreparedBatch::new(local, &batch(ids)).unwrap();
+        let (request, answer) = AppendRequest::answered(local, Duration::from_secs(60), prepared);
+        writer.submit(request);
+        answer.await.unwrap().unwrap();
+    }
+
+    /// The sequences of the tenant's published cold tier, in order.
+    async fn published_seqs(store: &ColdStore, tenant: TenantId) -> Vec<u64> {
+        let store = store.clone();
+        crate::blocking::run(move || {
+            let mut seqs = Vec::new();
+            let scanned = scan_published(&store, tenant, None, |seq, _| {
+                seqs.push(seq);
+                ControlFlow::Continue(())
+            });
+            assert!(scanned.unwrap().is_continue());
+            seqs
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn newest(store: &ColdStore, tenant: TenantId) -> Published {
+        let store = store.clone();
+        crate::blocking::run(move || newest_published(&store, tenant).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn objects_under_events(store: &ColdStore, tenant: TenantId) -> HashSet<String> {
+        (store
+            .list(&format!("events/tenant={tenant}/"))
+            .await
+            .unwrap())
+        .into_iter()
+        .map(|object| object.location.to_string())
+        .collect()
+    }
+
+    /// Owner A flushes; B takes the partition over with its own copy of the log (local id),
+    /// trashes what a crashed flush left and continues where A's commit ended; A, fenced out,
+    /// commits nothing and leaves no object behind. `events/` holds exactly the committed
+    /// segments, and the published tier each sequence once.
+    #[actix_rt::test]
+    async fn owners_continue_the_cold_tier_and_a_fenced_owner_commits_nothing() {
+        let redis = testkit::services::Service::redis().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, writer) = crate::cluster::runner::tests::writer(&dir.path().join("db"));
+        let store = ColdStore::local(&dir.path().join("cold")).unwrap();
+        let cold = ColdFlush {
+            store: store.clone(),
+            max_events: 3,
+            grace: Duration::from_secs(3600),
+        };
+        let tenant = TenantId(0x5e);
+        let (local_a, local_b) = (TenantId(0xa1), TenantId(0xb1));
+        let entries: [&[&str]; 4] = [&["e1", "e2"], &["e3"], &["e4", "e5"], &["e6"]];
+        // Both copies apply the same stream: the same sequences.
+        for ids in entries {
+            append(&writer, local_a, ids).await;
+            append(&writer, local_b, ids).await;
+        }
+        let url = redis.url();
+        let connect = || crate::cluster::connect_redis(&url, Duration::from_secs(5));
+        let timeout = Duration::from_millis(300);
+        let mut leases_a = Leases::new(connect().await.unwrap(), "cold", "a", 1, timeout);
+        let mut leases_b = Leases::new(connect().await.unwrap(), "cold", "b", 1, timeout);
+        let fence = Fence::new(connect().await.unwrap(), leases_a.fence_key(0));
+        let lease_a = leases_a.acquire(0).await.unwrap().unwrap();
+        let target = |local, head| FlushTarget {
+            tenant,
+            local,
+            head,
+        };
+
+        // A flushes through sequence 3, in steps of at most 3 events.
+        let manifests_a = Manifests::default();
+        let flushed = (cold.flush_partition(
+            &storage,
+            vec![target(local_a, 3)],
+            &manifests_a,
+            lease_a,
+            &fence,
+        ))
+        .await
+        .unwrap();
+        assert_eq!((flushed.events, flushed.missing), (3, 0));
+        assert_eq!(published_seqs(&store, tenant).await, vec![1, 2, 3]);
+
+        // A crashed flush left an object; B takes over after A's lease expired.
+        let orphan = "events/tenant=000000000000005e/date=2026-01-01/hour=00/4-9.parquet";
+        store
+            .put(orphan, bytes::Bytes::from_static(b"partial"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let lease_b = leases_b.acquire(0).await.unwrap().unwrap();
+        let manifests_b = Manifests::default();
+        let flushed = (cold.flush_partition(
+            &storage,
+            vec![target(local_b, 5)],
+            &manifests_b,
+            lease_b,
+            &fence,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(flushed.events, 2, "B continues after A's commit");
+        assert!(!objects_under_events(&store, tenant).await.contains(orphan));
+
+        // A, fenced out, tries to flush further: refused, and its segments are gone.
+        let refused = (cold.flush_partition(
+            &storage,
+            vec![target(local_a, 6)],
+            &manifests_a,
+            lease_a,
+            &fence,
+        ))
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        let published = newest(&store, tenant).await;
+        assert_eq!(published.cold_watermark, 5);
+        let named: HashSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(objects_under_events(&store, tenant).await, named);
+
+        // B goes on through the head.
+        (cold.flush_partition(
+            &storage,
+            vec![target(local_b, 6)],
+            &manifests_b,
+            lease_b,
+            &fence,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            published_seqs(&store, tenant).await,
+            (1..=6).collect::<Vec<_>>()
+        );
+        writer.shutdown();
+    }
+}
