@@ -370,6 +370,25 @@ mod tests {
             published_seqs(&store, tenant).await,
             (1..=6).collect::<Vec<_>>()
         );
+
+        // A stale commit that landed after a recovery had trashed its segment: the next
+        // owner's recovery moves it back.
+        let published = newest(&store, tenant).await;
+        let path = published.segments[0].path.clone();
+        let trashed = format!("trash/tenant={tenant}/1/{path}");
+        store.rename(&path, &trashed).await.unwrap();
+        let manifests_c = Manifests::default();
+        (cold.flush_partition(
+            &storage,
+            vec![target(local_b, 6)],
+            &manifests_c,
+            lease_b,
+            &fence,
+        ))
+        .await
+        .unwrap();
+        let named: HashSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(objects_under_events(&store, tenant).await, named);
         writer.shutdown();
     }
 }

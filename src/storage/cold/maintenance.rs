@@ -57,15 +57,47 @@ pub fn trash_uncommitted(
 ) -> Result<usize, ColdError> {
     let now = now_micros();
     let mut moved = 0;
+    let mut present = HashSet::new();
     for object in block_on(store.list(&format!("events/tenant={tenant}/")))? {
         let path = object.location.to_string();
-        if !committed.contains(&path) {
+        if committed.contains(&path) {
+            present.insert(path);
+        } else {
             tracing::warn!(%tenant, path, "moving an object the manifest does not name out of events/");
             block_on(store.rename(&path, &trash_path(tenant, now, &path)))?;
             moved += 1;
         }
     }
+    let missing: Vec<&String> = committed.difference(&present).collect();
+    if !missing.is_empty() {
+        restore_from_trash(store, tenant, &missing)?;
+    }
     Ok(moved)
+}
+
+/// Moves committed objects that are in the trash back to `events/` (a commit that landed
+/// after a recovery had moved its objects there). Blocking.
+fn restore_from_trash(
+    store: &ColdStore,
+    tenant: TenantId,
+    missing: &[&String],
+) -> Result<(), ColdError> {
+    let trashed: Vec<String> = block_on(store.list(&format!("trash/tenant={tenant}/")))?
+        .into_iter()
+        .map(|object| object.location.to_string())
+        .collect();
+    for path in missing {
+        let suffix = format!("/{path}");
+        let copy = trashed.iter().filter(|t| t.ends_with(&suffix)).max();
+        match copy {
+            Some(copy) => {
+                tracing::warn!(%tenant, path, "moving a committed object back from the trash");
+                block_on(store.rename(copy, path))?;
+            }
+            None => tracing::error!(%tenant, path, "a committed segment is missing"),
+        }
+    }
+    Ok(())
 }
 
 /// `trash/tenant=<id>/<moved at, µs>/<path>`.
