@@ -196,9 +196,12 @@ fn benches(c: &mut Criterion) {
             late_arrival: Duration::from_secs(7 * 86_400),
         };
         b.iter(|| {
+            let stored = query::Stored::Tiers {
+                storage: &storage,
+                cold: None,
+            };
             let reached = query::funnel(
-                &storage,
-                None,
+                stored,
                 log_tenant,
                 &steps,
                 600_000_000,

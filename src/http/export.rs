@@ -56,6 +56,22 @@ pub fn time_param(name: &str, value: Option<&str>) -> Result<Option<Micros>, Api
     }
 }
 
+/// Whether this node reads stored events only through the cold tier's published manifests: a
+/// cluster's ingest node has no log, and reads what the process nodes flushed to the store
+/// they share (501 without one).
+pub fn reads_published_only(state: &AppState) -> Result<bool, ApiError> {
+    if state.cluster.is_none() {
+        return Ok(false);
+    }
+    if state.config.cold.store == crate::config::ColdStoreKind::Local {
+        return Err(ApiError::NotImplemented(
+            "in cluster mode, stored events are read from the cold tier the nodes share: set cold.store = \"s3\""
+                .into(),
+        ));
+    }
+    Ok(true)
+}
+
 pub async fn export(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -76,15 +92,7 @@ pub async fn export(
         to,
         event: query.event,
     };
-    // A cluster's ingest node has no log: it reads what the process nodes flushed, through
-    // the published manifests, which only a shared store has.
-    let published_only = state.cluster.is_some();
-    if published_only && state.config.cold.store == crate::config::ColdStoreKind::Local {
-        return Err(ApiError::NotImplemented(
-            "exports in cluster mode read the cold tier the nodes share: set cold.store = \"s3\""
-                .into(),
-        ));
-    }
+    let published_only = reads_published_only(&state)?;
     let slot = state.read_slots.take(tenant.id, ReadKind::Export)?;
     let reader = ExportReader {
         published_only,

@@ -80,8 +80,7 @@ const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.
 
 /// Routes a cluster ingest node does not serve (yet): they read or change stored events or
 /// tracking plans, which cluster mode does not share between nodes.
-const NOT_ON_INGEST_NODES: [&str; 11] = [
-    "/v1/query/funnel",
+const NOT_ON_INGEST_NODES: [&str; 10] = [
     "/v1/deadletter",
     "/v1/schemas",
     "/admin/v1/flush",

@@ -573,10 +573,17 @@ pub async fn funnel(
     let heads = state.writer.heads().clone();
     let future_tolerance = state.config.limits.future_tolerance;
     let late_arrival = state.config.reads.funnel_late_arrival;
+    let published_only = crate::http::export::reads_published_only(&state)?;
     let slot = state.read_slots.take(tenant_id, ReadKind::Funnel)?;
     let (reached, as_of) = crate::blocking::run(move || {
         let _slot = slot;
-        let as_of = as_of(&storage, &heads, tenant_id)?;
+        let as_of = if published_only {
+            // At least this far: a flush may commit while the funnel reads.
+            let cold = crate::storage::cold::newest_published(&cold, tenant_id)?;
+            serde_json::json!({ "cold_through_seq": cold.cold_watermark })
+        } else {
+            serde_json::to_value(as_of(&storage, &heads, tenant_id)?).unwrap_or_default()
+        };
         let identity = crate::storage::identity::map(&storage, tenant_id, &hash_key)?;
         let span = query::FunnelSpan {
             from,
@@ -584,15 +591,15 @@ pub async fn funnel(
             future_tolerance,
             late_arrival,
         };
-        let reached = query::funnel(
-            &storage,
-            Some(&cold),
-            tenant_id,
-            &steps,
-            window_micros,
-            &span,
-            &identity,
-        )?;
+        let stored = if published_only {
+            query::Stored::Published(&cold)
+        } else {
+            query::Stored::Tiers {
+                storage: &storage,
+                cold: Some(&cold),
+            }
+        };
+        let reached = query::funnel(stored, tenant_id, &steps, window_micros, &span, &identity)?;
         Ok::<_, query::FunnelError>((reached, as_of))
     })
     .await

@@ -382,6 +382,18 @@ pub fn uniques(
     Ok(total_estimates(storage, tenant, name, &weights, &cover(from, to))?.1)
 }
 
+/// Where a funnel reads the stored events.
+#[derive(Clone, Copy)]
+pub enum Stored<'a> {
+    /// The node's own log and cold tier.
+    Tiers {
+        storage: &'a Storage,
+        cold: Option<&'a ColdStore>,
+    },
+    /// Only the cold tier, as its newest published manifest has it (a cluster's ingest node).
+    Published(&'a ColdStore),
+}
+
 /// Most matching events a funnel may gather (each costs 32 bytes while it is computed).
 pub const MAX_FUNNEL_EVENTS: usize = 10_000_000;
 
@@ -414,8 +426,7 @@ pub struct FunnelSpan {
 /// the first log entry that can hold one ([`first_seq_received_since`]) to the last one received
 /// within `late_arrival` (plus [`RECEIVE_ORDER_SLACK`]) of `to`.
 pub fn funnel(
-    storage: &Storage,
-    cold: Option<&ColdStore>,
+    stored: Stored<'_>,
     tenant: TenantId,
     steps: &[String],
     window: Micros,
@@ -452,65 +463,66 @@ pub fn funnel(
         }
         ControlFlow::Continue(())
     };
-    let gather_cold = |from_seq: u64, through: u64, gather: &mut Gather<'_>| {
-        let Some(store) = cold else {
-            return Ok::<_, FunnelError>(());
-        };
-        // A break means too many events, which `gathered` tells.
-        let _ = crate::storage::cold::scan_cold(
-            storage,
-            store,
-            tenant,
-            from_seq,
-            through,
-            Some((from, to)),
-            |seq, batch| {
-                let mut flow = ControlFlow::Continue(());
-                for (at, event) in batch.events.iter().enumerate() {
-                    flow = gather(
-                        seq,
-                        event.timestamp,
-                        series_name(event.kind, event.name.as_deref()),
-                        event.user_hash,
-                        batch.weight_of(at),
-                    );
-                }
-                flow
-            },
-        )?;
-        Ok(())
-    };
-    // The cold tier up to its watermark, pruned by hour; then the hot log; then whatever a flush
-    // committed meanwhile (it may have left the hot log before the scan reached it; events read
-    // twice are dropped below).
-    let cold_before = crate::storage::cold::cold_watermark(storage, tenant)?;
-    if cold_before > 0 {
-        gather_cold(1, cold_before, &mut gather)?;
-    }
-    let start = first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?
-        .max(cold_before + 1);
-    let late_arrival = Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
-    // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
-    let last_received = to
-        .saturating_add(late_arrival)
-        .saturating_add(RECEIVE_ORDER_SLACK);
-    scan_views(storage.log(), tenant, start, |first_seq, batch| {
-        if batch.received_at > last_received {
-            return ControlFlow::Break(());
+    // A break while reading the cold tier means too many events, which `gathered` tells.
+    match stored {
+        Stored::Published(store) => {
+            let hours = Some((from, to));
+            let _ = crate::storage::cold::scan_published(store, tenant, hours, |seq, batch| {
+                gather_cold(&mut gather, seq, batch)
+            })?;
         }
-        for (offset, event) in batch.events.iter().enumerate() {
-            let name = series_name(event.kind, event.name);
-            let seq = first_seq + offset as u64;
-            let weight = batch.weight_of(offset);
-            if gather(seq, event.timestamp, name, event.user_hash, weight).is_break() {
-                return ControlFlow::Break(());
+        Stored::Tiers { storage, cold } => {
+            let read_cold = |from_seq: u64, through: u64, gather: &mut Gather<'_>| {
+                let Some(store) = cold else {
+                    return Ok::<_, FunnelError>(());
+                };
+                let hours = Some((from, to));
+                let _ = crate::storage::cold::scan_cold(
+                    storage,
+                    store,
+                    tenant,
+                    from_seq,
+                    through,
+                    hours,
+                    |seq, batch| gather_cold(gather, seq, batch),
+                )?;
+                Ok(())
+            };
+            // The cold tier up to its watermark, pruned by hour; then the hot log; then
+            // whatever a flush committed meanwhile (it may have left the hot log before the
+            // scan reached it; events read twice are dropped below).
+            let cold_before = crate::storage::cold::cold_watermark(storage, tenant)?;
+            if cold_before > 0 {
+                read_cold(1, cold_before, &mut gather)?;
+            }
+            let start =
+                first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?
+                    .max(cold_before + 1);
+            let late_arrival =
+                Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
+            // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
+            let last_received = to
+                .saturating_add(late_arrival)
+                .saturating_add(RECEIVE_ORDER_SLACK);
+            scan_views(storage.log(), tenant, start, |first_seq, batch| {
+                if batch.received_at > last_received {
+                    return ControlFlow::Break(());
+                }
+                for (offset, event) in batch.events.iter().enumerate() {
+                    let name = series_name(event.kind, event.name);
+                    let seq = first_seq + offset as u64;
+                    let weight = batch.weight_of(offset);
+                    if gather(seq, event.timestamp, name, event.user_hash, weight).is_break() {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            })?;
+            let cold_after = crate::storage::cold::cold_watermark(storage, tenant)?;
+            if cold_after > cold_before {
+                read_cold(cold_before + 1, cold_after, &mut gather)?;
             }
         }
-        ControlFlow::Continue(())
-    })?;
-    let cold_after = crate::storage::cold::cold_watermark(storage, tenant)?;
-    if cold_after > cold_before {
-        gather_cold(cold_before + 1, cold_after, &mut gather)?;
     }
     if gathered > MAX_FUNNEL_EVENTS {
         return Err(FunnelError::TooManyEvents);
@@ -565,6 +577,25 @@ pub fn funnel(
 /// What a funnel does with each event it reads: sequence, time, series name, user hash,
 /// weight.
 type Gather<'a> = dyn FnMut(u64, Micros, &str, u64, u32) -> ControlFlow<()> + 'a;
+
+/// Gathers a cold event (a one-event batch, its objects merged).
+fn gather_cold(
+    gather: &mut Gather<'_>,
+    seq: u64,
+    batch: &crate::event::LogBatch,
+) -> ControlFlow<()> {
+    let mut flow = ControlFlow::Continue(());
+    for (at, event) in batch.events.iter().enumerate() {
+        flow = gather(
+            seq,
+            event.timestamp,
+            series_name(event.kind, event.name.as_deref()),
+            event.user_hash,
+            batch.weight_of(at),
+        );
+    }
+    flow
+}
 
 /// A funnel event of one user: time, sequence, step code, weight.
 type FunnelEvent = (Micros, u64, u8, u32);
