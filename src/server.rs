@@ -326,8 +326,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                     .map(crate::cluster::checkpoint::Checkpoints::new),
                 cold: shared_store.map(|store| crate::cluster::cold::ColdFlush {
                     store,
-                    max_events: config.cold.max_flush_events,
-                    grace: config.cold.grace_period,
+                    settings: config.cold.clone(),
+                    // An hour's events mostly reach the cold tier by the checkpoints right
+                    // after it; later ones are merged again once enough gather.
+                    settle: node.config.checkpoint_every * 2,
                 }),
             });
             // The partitions' work (decoding, rolling up) on a thread of its own, so that it

@@ -141,6 +141,34 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The tenant's segments in the shared store, checking that `events/` holds exactly those
+    /// its newest published manifest names.
+    fn cold_segments(&self, tenant: &Tenant) -> usize {
+        let store = common::s3_store(&self.s3, "cluster", "c");
+        let id: statsremote::ids::TenantId = tenant.id.parse().unwrap();
+        let published = statsremote::storage::cold::newest_published(&store, id).unwrap();
+        let named: BTreeSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
+        let listed: BTreeSet<String> = common::runtime()
+            .block_on(store.list(&format!("events/tenant={id}/")))
+            .unwrap()
+            .into_iter()
+            .map(|object| object.location.to_string())
+            .collect();
+        assert_eq!(listed, named, "events/ against the manifest");
+        named.len()
+    }
+}
+
+/// The sum of a counter's series whose labels contain `label`.
+fn labelled_sum(node: &TestServer, name: &str, label: &str) -> u64 {
+    (node.metrics().lines())
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|n| n as u64)
+        .sum()
+}
+
 /// The partitions a process node says it owns.
 fn owned(node: &TestServer) -> u64 {
     node.metrics()
@@ -715,6 +743,22 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
         "{checkpoints} checkpoints and a trim after {:?}",
         started.elapsed()
     );
+    // The owner merges the hour's small segments (one per checkpoint) as they gather.
+    let compacted = || {
+        labelled_sum(
+            &cluster.process[0],
+            "statsremote_cold_maintenance_segments_written_total",
+            "task=\"compaction\"",
+        )
+    };
+    while compacted() == 0 {
+        assert!(started.elapsed() < SETTLE, "no compaction");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "small segments compacted {:?} after the load started",
+        started.elapsed()
+    );
     wait_for_acks(&load, 10);
     cluster.process[0].kill();
     wait_for_acks(&load, 30);
@@ -743,6 +787,10 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
         log.contains("partition state taken from its checkpoint"),
         "the new owner did not start from the checkpoint"
     );
+    // Two owners flushed the hour, a segment per checkpoint, and compacted it: `events/`
+    // holds exactly the segments the newest manifest names.
+    let segments = cluster.cold_segments(victim);
+    println!("{segments} segments at the end");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use crate::actors::child::ChildActor;
 use crate::actors::PipelineDeps;
 use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
-use crate::storage::cold::{self, ColdError, CompactionPolicy, Due, MaintenanceReport};
+use crate::storage::cold::{self, ColdError, CompactionPolicy, Due, Ledger, MaintenanceReport};
 use crate::telemetry;
 
 /// What the flusher is asked to do besides its periodic pass.
@@ -99,7 +99,7 @@ impl SegmentFlusher {
                         deps.cold_settings.grace_period,
                     )?;
                 }
-                cold::erase_user(&deps.storage, &deps.cold, tenant, &user)
+                cold::erase_user(&mut Ledger::Local(&deps.storage), &deps.cold, tenant, &user)
             });
             ctx.spawn(
                 wrap_future(task).map(move |joined, flusher: &mut Self, ctx| {
@@ -211,8 +211,12 @@ fn pass(
     let now = now_micros();
     let raw_retention = (deps.directory.get(tenant)).map(|record| record.settings.raw_retention);
     if let Some(keep) = raw_retention.filter(|keep| !keep.is_zero()) {
-        let removed =
-            cold::enforce_retention(storage, store, tenant, now.saturating_sub(micros(keep)))?;
+        let removed = cold::enforce_retention(
+            &mut Ledger::Local(storage),
+            store,
+            tenant,
+            now.saturating_sub(micros(keep)),
+        )?;
         if removed.removed_segments > 0 {
             tracing::info!(
                 %tenant,
@@ -237,7 +241,7 @@ fn pass(
             .saturating_sub(micros(deps.hot_retention))
             .saturating_sub(micros(settings.flush_interval)),
     };
-    let compacted = cold::compact(storage, store, tenant, policy)?;
+    let compacted = cold::compact(&mut Ledger::Local(storage), store, tenant, policy)?;
     if compacted.written_segments > 0 {
         tracing::info!(
             %tenant,

@@ -18,26 +18,39 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cluster::lease::{Fence, Lease};
+use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
-    discard_unpublished, newest_published, publish_next, purge_trash, trash_uncommitted,
-    write_segments, ColdError, ColdStore, Published, Written,
+    compact, discard_unpublished, enforce_retention, newest_published, publish_next, purge_trash,
+    trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy, Ledger, Published,
+    Written,
 };
 use crate::storage::Storage;
 
-/// What a process node flushes with.
+/// What a process node flushes and maintains with.
 #[derive(Clone)]
 pub struct ColdFlush {
     pub store: ColdStore,
-    /// Most events of one flush (`cold.max_flush_events`); a longer range commits in steps.
-    pub max_events: usize,
-    /// How long trashed objects wait before they are deleted (`cold.grace_period`).
-    pub grace: Duration,
+    /// `max_flush_events` (a longer range commits in steps), `grace_period` (how long trashed
+    /// objects wait) and the compaction settings.
+    pub settings: crate::config::ColdConfig,
+    /// Hours that ended longer ago than this are compacted (later ones still get flushes).
+    pub settle: Duration,
 }
+
+/// A tenant of a partition to maintain, and its raw-data retention (zero: forever).
+#[derive(Debug, Clone, Copy)]
+pub struct Upkeep {
+    pub tenant: TenantId,
+    pub raw_retention: Duration,
+}
+
+/// How often a tenant's trash is emptied of what waited out the grace period.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// A tenant of a partition to flush: its id, its local log's id, and the head to flush to.
 #[derive(Debug, Clone, Copy)]
@@ -47,9 +60,15 @@ pub struct FlushTarget {
     pub head: u64,
 }
 
-/// The newest manifest of each tenant this owner flushed, as of its last commit. One per
-/// partition task: a new task (a new lease) reads the manifests again and recovers first.
-pub type Manifests = Arc<Mutex<HashMap<TenantId, Published>>>;
+/// The newest manifest of each tenant this owner flushed, as of its last commit, and when its
+/// trash was last emptied. One per partition task: a new task (a new lease) reads the
+/// manifests again and recovers first.
+pub type Manifests = Arc<Mutex<HashMap<TenantId, Known>>>;
+
+pub struct Known {
+    published: Published,
+    purged_at: Instant,
+}
 
 /// What a partition's flush moved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +134,7 @@ impl ColdFlush {
     /// trash) the first time this task needs it.
     async fn manifest(&self, tenant: TenantId, manifests: &Manifests) -> Result<Published, String> {
         if let Some(known) = lock(manifests).get(&tenant) {
-            return Ok(known.clone());
+            return Ok(known.published.clone());
         }
         let this = self.clone();
         let published = crate::blocking::run(move || {
@@ -124,14 +143,122 @@ impl ColdFlush {
                 .map(|s| s.path.clone())
                 .collect();
             trash_uncommitted(&this.store, tenant, &committed)?;
-            purge_trash(&this.store, tenant, this.grace)?;
+            purge_trash(&this.store, tenant, this.settings.grace_period)?;
             Ok::<_, ColdError>(published)
         })
         .await
         .map_err(failed)?
         .map_err(failed)?;
-        lock(manifests).insert(tenant, published.clone());
+        let known = Known {
+            published: published.clone(),
+            purged_at: Instant::now(),
+        };
+        lock(manifests).insert(tenant, known);
         Ok(published)
+    }
+
+    /// Applies each tenant's raw-data retention, compacts small segments of settled hours and
+    /// empties the trash every [`PURGE_EVERY`], as a single node's flusher does, committing to
+    /// the published manifests (after a fence check, like a flush).
+    pub async fn maintain_partition(
+        &self,
+        tenants: Vec<Upkeep>,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<(), String> {
+        if !fence.holds(lease).await.map_err(failed)? {
+            return Err("lost the partition".into());
+        }
+        for upkeep in tenants {
+            let tenant = upkeep.tenant;
+            let published = self.manifest(tenant, manifests).await?;
+            let purge = lock(manifests)
+                .get(&tenant)
+                .is_none_or(|known| known.purged_at.elapsed() >= PURGE_EVERY);
+            let this = self.clone();
+            let maintained = crate::blocking::run(move || {
+                let mut published = published;
+                this.maintain(&mut published, upkeep, purge)
+                    .map(|()| published)
+            })
+            .await
+            .map_err(failed)?;
+            let mut known = lock(manifests);
+            match maintained {
+                Ok(published) => {
+                    let purged_at = match known.get(&tenant) {
+                        Some(known) if !purge => known.purged_at,
+                        _ => Instant::now(),
+                    };
+                    known.insert(
+                        tenant,
+                        Known {
+                            published,
+                            purged_at,
+                        },
+                    );
+                }
+                Err(error) => {
+                    // Read again (and recovered) next time.
+                    known.remove(&tenant);
+                    return Err(error.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One tenant's maintenance on `published`, which moves on with each commit. Blocking.
+    fn maintain(
+        &self,
+        published: &mut Published,
+        upkeep: Upkeep,
+        purge: bool,
+    ) -> Result<(), ColdError> {
+        let (tenant, label) = (upkeep.tenant, upkeep.tenant.to_string());
+        let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
+        let now = now_micros();
+        if !upkeep.raw_retention.is_zero() {
+            let keep_after = now.saturating_sub(micros(upkeep.raw_retention));
+            let mut ledger = Ledger::Published(published);
+            let removed = enforce_retention(&mut ledger, &self.store, tenant, keep_after)?;
+            if removed.removed_segments > 0 {
+                crate::telemetry::cold_maintained(
+                    &label,
+                    "retention",
+                    removed.removed_segments,
+                    0,
+                    removed.removed_events,
+                );
+            }
+        }
+        let settings = &self.settings;
+        let policy = CompactionPolicy {
+            small_rows: settings.compact_below_rows,
+            max_rows: settings.compact_max_rows,
+            min_segments: settings.compact_min_segments,
+            settled_before: now.saturating_sub(micros(self.settle)),
+        };
+        let compacted = compact(
+            &mut Ledger::Published(published),
+            &self.store,
+            tenant,
+            policy,
+        )?;
+        if compacted.written_segments > 0 {
+            crate::telemetry::cold_maintained(
+                &label,
+                "compaction",
+                compacted.removed_segments,
+                compacted.written_segments,
+                0,
+            );
+        }
+        if purge {
+            purge_trash(&self.store, tenant, settings.grace_period)?;
+        }
+        Ok(())
     }
 
     /// Writes the segments of the target's next range after `after`. Blocking.
@@ -147,7 +274,7 @@ impl ColdFlush {
             target.local,
             target.tenant,
             after,
-            self.max_events,
+            self.settings.max_flush_events,
             |_, last| last <= target.head,
         )
     }
@@ -189,7 +316,9 @@ impl ColdFlush {
         let mut known = lock(manifests);
         match committed {
             Some(published) => {
-                known.insert(tenant, published);
+                if let Some(known) = known.get_mut(&tenant) {
+                    known.published = published;
+                }
                 crate::telemetry::cluster_cold_flushed(
                     change.added.len() as u64,
                     change.added.iter().map(|s| s.rows).sum(),
@@ -206,7 +335,7 @@ impl ColdFlush {
     }
 }
 
-fn lock(manifests: &Manifests) -> std::sync::MutexGuard<'_, HashMap<TenantId, Published>> {
+fn lock(manifests: &Manifests) -> std::sync::MutexGuard<'_, HashMap<TenantId, Known>> {
     manifests.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -282,8 +411,12 @@ mod tests {
         let store = ColdStore::local(&dir.path().join("cold")).unwrap();
         let cold = ColdFlush {
             store: store.clone(),
-            max_events: 3,
-            grace: Duration::from_secs(3600),
+            settings: crate::config::ColdConfig {
+                max_flush_events: 3,
+                compact_min_segments: 2,
+                ..crate::config::Config::from_toml("").unwrap().cold
+            },
+            settle: Duration::ZERO,
         };
         let tenant = TenantId(0x5e);
         let (local_a, local_b) = (TenantId(0xa1), TenantId(0xb1));
@@ -389,6 +522,36 @@ mod tests {
         .unwrap();
         let named: HashSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
         assert_eq!(objects_under_events(&store, tenant).await, named);
+
+        // Maintenance merges the settled hour's small segments into one; the tier reads the same.
+        let keep = |raw_retention| {
+            vec![Upkeep {
+                tenant,
+                raw_retention,
+            }]
+        };
+        let maintained =
+            cold.maintain_partition(keep(Duration::ZERO), &manifests_c, lease_b, &fence);
+        maintained.await.unwrap();
+        let published = newest(&store, tenant).await;
+        assert_eq!(published.segments.len(), 1, "{published:?}");
+        assert_eq!(
+            published_seqs(&store, tenant).await,
+            (1..=6).collect::<Vec<_>>()
+        );
+        let named: HashSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(objects_under_events(&store, tenant).await, named);
+        // A fenced-out owner maintains nothing.
+        let stale =
+            cold.maintain_partition(keep(Duration::from_secs(1)), &manifests_a, lease_a, &fence);
+        assert!(stale.await.is_err());
+        assert_eq!(newest(&store, tenant).await, published);
+        // Raw-data retention removes the expired hour (its events are from 1970).
+        let expired =
+            cold.maintain_partition(keep(Duration::from_secs(1)), &manifests_c, lease_b, &fence);
+        expired.await.unwrap();
+        assert!(newest(&store, tenant).await.segments.is_empty());
+        assert!(objects_under_events(&store, tenant).await.is_empty());
         writer.shutdown();
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::checkpoint::{keys_kept_since, Checkpoints, Snapshot, TenantInput};
-use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests};
+use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests, Upkeep};
 use crate::cluster::connect_redis;
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
@@ -570,14 +570,29 @@ impl ProcessNode {
                 head: t.head,
             })
             .collect();
+        let upkeep: Vec<Upkeep> = (targets.iter())
+            .filter_map(|target| {
+                let record = self.directory.get(target.tenant)?;
+                Some(Upkeep {
+                    tenant: target.tenant,
+                    raw_retention: record.settings.raw_retention,
+                })
+            })
+            .collect();
         let stream = Arc::clone(&self.node.stream);
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
         let (manifests, fence) = (Arc::clone(manifests), fence.clone());
         Ok(Some(tokio::spawn(async move {
-            if let Some(cold) = cold {
+            if let Some(cold) = &cold {
                 (cold.flush_partition(&storage, targets, &manifests, lease, &fence)).await?;
             }
             upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
+            if let Some(cold) = &cold {
+                let maintained = cold.maintain_partition(upkeep, &manifests, lease, &fence);
+                if let Err(error) = maintained.await {
+                    tracing::warn!(partition = lease.partition, %error, "cold-tier maintenance failed; retrying at the next checkpoint");
+                }
+            }
             Ok(Checkpointed { covered, heads })
         })))
     }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use arrow_array::{Array, UInt64Array};
 
-use super::manifest::{self, cold_watermark, segments, Change, ChangeKind, Segment};
+use super::manifest::{self, cold_watermark, segments, Change, ChangeKind, Published, Segment};
 use super::segment::{self, SegmentWriter};
 use super::{block_on, segment_path, ColdError, ColdStore};
 use crate::event::{now_micros, Micros};
@@ -152,33 +152,36 @@ pub struct MaintenanceReport {
 
 /// Raw-data retention: removes every segment whose hour ended before `keep_after`. Blocking.
 pub fn enforce_retention(
-    storage: &Storage,
+    ledger: &mut Ledger<'_>,
     store: &ColdStore,
     tenant: TenantId,
     keep_after: Micros,
 ) -> Result<MaintenanceReport, ColdError> {
-    let expired: Vec<Segment> = segments(storage, tenant)?
+    let expired: Vec<Segment> = ledger
+        .segments(tenant)?
         .into_iter()
         .filter(|segment| segment.hour_end() <= keep_after)
         .collect();
     if expired.is_empty() {
         return Ok(MaintenanceReport::default());
     }
-    let change = Change {
-        kind: ChangeKind::Retention,
-        added: Vec::new(),
-        removed: expired,
-        watermark: None,
-    };
-    if manifest::commit(storage, store, tenant, &change)?.is_none() {
-        return Ok(MaintenanceReport::default());
-    }
-    retire(store, tenant, &change.removed)?;
-    Ok(MaintenanceReport {
-        removed_segments: change.removed.len() as u64,
+    let report = MaintenanceReport {
+        removed_segments: expired.len() as u64,
         written_segments: 0,
-        removed_events: change.removed.iter().map(|s| s.rows).sum(),
-    })
+        removed_events: expired.iter().map(|s| s.rows).sum(),
+    };
+    if swap(
+        ledger,
+        store,
+        tenant,
+        ChangeKind::Retention,
+        Vec::new(),
+        expired,
+    )? {
+        Ok(report)
+    } else {
+        Ok(MaintenanceReport::default())
+    }
 }
 
 /// Which segments a compaction merges.
@@ -199,13 +202,13 @@ pub struct CompactionPolicy {
 /// Merges runs of small segments of the same hour (adjacent in sequence order) into one
 /// segment each. Blocking; holds one record batch and the merged object at a time.
 pub fn compact(
-    storage: &Storage,
+    ledger: &mut Ledger<'_>,
     store: &ColdStore,
     tenant: TenantId,
     policy: CompactionPolicy,
 ) -> Result<MaintenanceReport, ColdError> {
     let mut hours: BTreeMap<Micros, Vec<Segment>> = BTreeMap::new();
-    for segment in segments(storage, tenant)? {
+    for segment in ledger.segments(tenant)? {
         if segment.hour_end() <= policy.settled_before {
             hours.entry(segment.hour).or_default().push(segment);
         }
@@ -233,21 +236,23 @@ pub fn compact(
             .iter()
             .filter(|run| run.len() >= policy.min_segments.max(2))
         {
-            merge(storage, store, tenant, run)?;
-            report.removed_segments += run.len() as u64;
-            report.written_segments += 1;
+            if merge(ledger, store, tenant, run)? {
+                report.removed_segments += run.len() as u64;
+                report.written_segments += 1;
+            }
         }
     }
     Ok(report)
 }
 
-/// Writes one segment holding the rows of `run` (same hour, in sequence order) and swaps it in.
+/// Writes one segment holding the rows of `run` (same hour, in sequence order) and swaps it in;
+/// false for a deleted tenant.
 fn merge(
-    storage: &Storage,
+    ledger: &mut Ledger<'_>,
     store: &ColdStore,
     tenant: TenantId,
     run: &[Segment],
-) -> Result<(), ColdError> {
+) -> Result<bool, ColdError> {
     let (first, last) = (&run[0], &run[run.len() - 1]);
     let mut writer = SegmentWriter::new()?;
     for segment in run {
@@ -274,7 +279,7 @@ fn merge(
     };
     block_on(store.put(&path, bytes))?;
     swap(
-        storage,
+        ledger,
         store,
         tenant,
         ChangeKind::Compaction,
@@ -283,43 +288,100 @@ fn merge(
     )
 }
 
-/// Commits `added` in place of `removed` and retires the removed objects, unless the tenant was
-/// deleted meanwhile (its purge removes everything else).
+/// The manifest a change commits to.
+pub enum Ledger<'a> {
+    /// The node's own, in `meta` (published after each change).
+    Local(&'a Storage),
+    /// The newest published one, where a cluster's process nodes keep it: each change creates
+    /// the next object only if no other writer did (see [`manifest::publish_next`]), and moves
+    /// this state on.
+    Published(&'a mut Published),
+}
+
+impl Ledger<'_> {
+    fn segments(&self, tenant: TenantId) -> Result<Vec<Segment>, ColdError> {
+        match self {
+            Ledger::Local(storage) => Ok(segments(storage, tenant)?),
+            Ledger::Published(published) => Ok(published.segments.clone()),
+        }
+    }
+
+    /// The number the next change will have.
+    fn next_number(&self, tenant: TenantId) -> Result<u64, ColdError> {
+        match self {
+            Ledger::Local(storage) => Ok(manifest::next_number(storage, tenant)?),
+            Ledger::Published(published) => Ok(published.number + 1),
+        }
+    }
+
+    /// Commits a change: true when committed, false for a deleted tenant (nothing is). A
+    /// published ledger that another writer moved on is an error ([`ColdError::Conflict`]).
+    fn commit(
+        &mut self,
+        store: &ColdStore,
+        tenant: TenantId,
+        change: &Change,
+    ) -> Result<bool, ColdError> {
+        match self {
+            Ledger::Local(storage) => {
+                Ok(manifest::commit(storage, store, tenant, change)?.is_some())
+            }
+            Ledger::Published(published) => {
+                match manifest::publish_next(store, tenant, published, change)? {
+                    Some(next) => {
+                        **published = next;
+                        Ok(true)
+                    }
+                    None => {
+                        manifest::discard_unpublished(store, tenant, &change.added)?;
+                        Err(ColdError::Conflict(format!(
+                            "another writer published change {} of tenant {tenant} first",
+                            published.number + 1
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Commits `added` in place of `removed` and retires the removed objects; false, with the added
+/// objects deleted, when the tenant was deleted meanwhile (its purge removes everything else).
 fn swap(
-    storage: &Storage,
+    ledger: &mut Ledger<'_>,
     store: &ColdStore,
     tenant: TenantId,
     kind: ChangeKind,
     added: Vec<Segment>,
     removed: Vec<Segment>,
-) -> Result<(), ColdError> {
+) -> Result<bool, ColdError> {
     let change = Change {
         kind,
         added,
         removed,
         watermark: None,
     };
-    if manifest::commit(storage, store, tenant, &change)?.is_none() {
-        // The tenant was deleted: what was written goes.
+    if !ledger.commit(store, tenant, &change)? {
         for segment in &change.added {
             block_on(store.delete(&segment.path))?;
         }
-        return Ok(());
+        return Ok(false);
     }
-    retire(store, tenant, &change.removed)
+    retire(store, tenant, &change.removed)?;
+    Ok(true)
 }
 
 /// Removes every cold event whose `userId` or `anonymousId` is `user`: each segment whose bloom
 /// filters may hold the user is read, and rewritten without those rows if it held any (removed
 /// if nothing is left). Blocking.
 pub fn erase_user(
-    storage: &Storage,
+    ledger: &mut Ledger<'_>,
     store: &ColdStore,
     tenant: TenantId,
     user: &str,
 ) -> Result<MaintenanceReport, ColdError> {
     let mut report = MaintenanceReport::default();
-    for old in segments(storage, tenant)? {
+    for old in ledger.segments(tenant)? {
         let bytes = block_on(store.get(&old.path))?;
         if !segment::may_hold_user(bytes.clone(), user)? {
             continue;
@@ -348,7 +410,7 @@ pub fn erase_user(
             let rows = writer.rows();
             let bytes = writer.finish()?;
             // Tagged with the change's number: the range may equal the replaced object's.
-            let tag = manifest::next_number(storage, tenant)?;
+            let tag = ledger.next_number(tenant)?;
             let path = segment_path(tenant, old.hour, first, last, Some(tag));
             added.push(Segment {
                 path: path.clone(),
@@ -360,17 +422,13 @@ pub fn erase_user(
             });
             block_on(store.put(&path, bytes))?;
         }
-        report.written_segments += added.len() as u64;
+        let written = added.len() as u64;
+        if !swap(ledger, store, tenant, ChangeKind::Erasure, added, vec![old])? {
+            break;
+        }
+        report.written_segments += written;
         report.removed_segments += 1;
         report.removed_events += removed;
-        swap(
-            storage,
-            store,
-            tenant,
-            ChangeKind::Erasure,
-            added,
-            vec![old],
-        )?;
     }
     Ok(report)
 }

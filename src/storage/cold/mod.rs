@@ -34,7 +34,7 @@ use crate::storage::StorageError;
 pub use self::flush::{flush_due, flush_once, write_segments, Due, FlushReport, Written};
 pub use self::maintenance::{
     compact, enforce_retention, erase_user, oldest_hot_received_at, purge_tenant, purge_trash,
-    recover, trash_uncommitted, CompactionPolicy, MaintenanceReport,
+    recover, trash_uncommitted, CompactionPolicy, Ledger, MaintenanceReport,
 };
 pub use self::manifest::{
     cold_watermark, discard_unpublished, newest_published, publish_next, segments, Published,
@@ -58,6 +58,9 @@ pub enum ColdError {
     Storage(#[from] StorageError),
     #[error("corrupt cold data: {0}")]
     Corrupt(String),
+    /// Another writer committed to a published manifest first (a cluster's former owner).
+    #[error("conflicting cold commit: {0}")]
+    Conflict(String),
     /// A failure injected by a test at a step of the commit protocol.
     #[error("injected failure {0:?}")]
     Injected(FailPoint),

@@ -258,7 +258,7 @@ fn compaction_merges_small_segments_per_hour_and_reads_stay_in_sequence_order() 
         ids(&before).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
         (1..=10).collect::<Vec<_>>()
     );
-    let report = compact(&storage, &store, T, COMPACT_ALL).unwrap();
+    let report = compact(&mut Ledger::Local(&storage), &store, T, COMPACT_ALL).unwrap();
     assert_eq!((report.removed_segments, report.written_segments), (5, 2));
     let paths = committed(&storage);
     assert_eq!(
@@ -277,7 +277,7 @@ fn compaction_merges_small_segments_per_hour_and_reads_stay_in_sequence_order() 
     assert_eq!(everything(&storage, &store), before);
     // Nothing left to merge; an hour still receiving flushes is not touched.
     assert_eq!(
-        compact(&storage, &store, T, COMPACT_ALL).unwrap(),
+        compact(&mut Ledger::Local(&storage), &store, T, COMPACT_ALL).unwrap(),
         MaintenanceReport::default()
     );
     let published = objects(&store, "manifest/");
@@ -294,14 +294,14 @@ fn compaction_leaves_unsettled_hours_and_respects_the_size_limits() {
         settled_before: 11 * HOUR,
         ..COMPACT_ALL
     };
-    compact(&storage, &store, T, policy).unwrap();
+    compact(&mut Ledger::Local(&storage), &store, T, policy).unwrap();
     assert_eq!(committed(&storage).len(), 3, "hour 11 is not settled");
     let (_dir, storage, store) = setup_small_segments();
     let policy = CompactionPolicy {
         max_rows: 3,
         ..COMPACT_ALL
     };
-    compact(&storage, &store, T, policy).unwrap();
+    compact(&mut Ledger::Local(&storage), &store, T, policy).unwrap();
     // Hour 10: 2 + 1 rows merge, the next 2 would exceed 3; hour 11: 3 + 2 would too.
     assert_eq!(committed(&storage).len(), 4);
 }
@@ -362,7 +362,7 @@ fn a_crash_inside_a_compaction_loses_and_duplicates_nothing() {
 #[test]
 fn retention_removes_whole_expired_segments() {
     let (_dir, storage, store) = setup_small_segments();
-    let report = enforce_retention(&storage, &store, T, 11 * HOUR).unwrap();
+    let report = enforce_retention(&mut Ledger::Local(&storage), &store, T, 11 * HOUR).unwrap();
     assert_eq!((report.removed_segments, report.removed_events), (3, 5));
     let left = ids(&everything(&storage, &store));
     assert_eq!(
@@ -381,9 +381,9 @@ fn retention_removes_whole_expired_segments() {
 #[test]
 fn erasure_rewrites_only_the_segments_holding_the_user() {
     let (_dir, storage, store) = setup_small_segments();
-    compact(&storage, &store, T, COMPACT_ALL).unwrap();
+    compact(&mut Ledger::Local(&storage), &store, T, COMPACT_ALL).unwrap();
     let before = everything(&storage, &store);
-    let report = erase_user(&storage, &store, T, "erase-me").unwrap();
+    let report = erase_user(&mut Ledger::Local(&storage), &store, T, "erase-me").unwrap();
     // Event 8 ("h") was the user's, in hour 11's segment only.
     assert_eq!(report.removed_events, 1);
     assert_eq!((report.removed_segments, report.written_segments), (1, 1));
@@ -395,12 +395,12 @@ fn erasure_rewrites_only_the_segments_holding_the_user() {
     assert!(paths[1].contains("hour=11/4-10-r"), "{paths:?}");
     assert_eq!(objects(&store, "events/"), paths);
     assert_eq!(
-        erase_user(&storage, &store, T, "erase-me").unwrap(),
+        erase_user(&mut Ledger::Local(&storage), &store, T, "erase-me").unwrap(),
         MaintenanceReport::default(),
         "nothing left"
     );
     // Erasing every user of a segment removes it.
-    let report = erase_user(&storage, &store, T, "u1").unwrap();
+    let report = erase_user(&mut Ledger::Local(&storage), &store, T, "u1").unwrap();
     assert_eq!(report.removed_events, 6);
     let left = ids(&everything(&storage, &store));
     assert_eq!(
@@ -437,7 +437,7 @@ fn a_read_that_began_before_a_compaction_finds_the_retired_segments() {
     scan_tiers(&storage, Some(&store), T, 1, None, |seq, batch| {
         if !compacted {
             // The reader holds the manifest it started with; the objects move to the trash.
-            compact(&storage, &store, T, COMPACT_ALL).unwrap();
+            compact(&mut Ledger::Local(&storage), &store, T, COMPACT_ALL).unwrap();
             compacted = true;
         }
         seen.push((seq, batch.events[0].message_id.clone()));
