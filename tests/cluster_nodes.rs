@@ -156,6 +156,19 @@ impl Cluster {
             .map(|object| object.location.to_string())
             .collect();
         assert_eq!(listed, named, "events/ against the manifest");
+        // The admin API lists them on an ingest node.
+        let reply = self.ingest[0].admin(
+            "GET",
+            &format!("/admin/v1/tenants/{}/segments", tenant.id),
+            None,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let answer = reply.json();
+        let served: BTreeSet<String> = (answer["segments"].as_array().unwrap().iter())
+            .map(|s| s["path"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(served, named);
+        assert_eq!(answer["cold_watermark"], published.cold_watermark);
         named.len()
     }
 }

@@ -215,15 +215,26 @@ pub async fn segments(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let id = existing_tenant(&state, &path)?.id;
-    let storage = state.storage.clone();
+    let published_only = crate::http::export::reads_published_only(&state)?;
+    let (storage, cold) = (state.storage.clone(), state.cold.clone());
     let (segments, watermark) = crate::blocking::run(move || {
+        if published_only {
+            let published = crate::storage::cold::newest_published(&cold, id)?;
+            return Ok((published.segments, published.cold_watermark));
+        }
         let segments = crate::storage::cold::segments(&storage, id)?;
         let watermark = crate::storage::cold::cold_watermark(&storage, id)?;
-        Ok::<_, crate::storage::StorageError>((segments, watermark))
+        Ok::<_, crate::storage::cold::ColdError>((segments, watermark))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("reading segments failed: {e}")))?
-    .map_err(|e| ApiError::Internal(format!("reading segments failed: {e}")))?;
+    .map_err(|error| match error {
+        crate::storage::cold::ColdError::Storage(e) => {
+            ApiError::Internal(format!("reading segments failed: {e}"))
+        }
+        // The shared store, unreachable.
+        e => ApiError::unavailable(format!("reading segments failed: {e}")),
+    })?;
     let listed: Vec<serde_json::Value> = segments
         .iter()
         .map(|segment| {

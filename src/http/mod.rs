@@ -80,14 +80,13 @@ const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.
 
 /// Routes a cluster ingest node does not serve (yet): they read or change stored events or
 /// tracking plans, which cluster mode does not share between nodes.
-const NOT_ON_INGEST_NODES: [&str; 10] = [
+const NOT_ON_INGEST_NODES: [&str; 9] = [
     "/v1/deadletter",
     "/v1/schemas",
     "/admin/v1/flush",
     "/admin/v1/deletions/{id}",
     "/admin/v1/tenants/{id}/rollups/rebuild",
     "/admin/v1/tenants/{id}/users/{user_id}",
-    "/admin/v1/tenants/{id}/segments",
     "/admin/v1/tenants/{id}/schemas",
     "/admin/v1/tenants/{id}/schemas/{event}",
     "/admin/v1/tenants/{id}/deadletter/replay",
