@@ -140,22 +140,32 @@ pub fn estimate_users<S: UserSet>(unsampled: Option<&S>, sampled: &[(u32, &S)]) 
     let mut levels: Vec<(u32, &S)> = sampled.to_vec();
     levels.sort_by_key(|(weight, _)| *weight);
     let mut union: Option<S> = unsampled.cloned();
-    let mut seen = union.as_ref().map_or(0.0, S::estimate_size);
-    let mut value = seen;
-    let mut variance = 0.0;
+    let base = union.as_ref().map_or(0.0, S::estimate_size);
+    let mut unions = Vec::with_capacity(levels.len());
     for (weight, users) in levels {
         match &mut union {
             Some(union) => union.union_with(users),
             None => union = Some(users.clone()),
         }
-        let now = union.as_ref().map_or(0.0, S::estimate_size);
+        unions.push((weight, union.as_ref().map_or(0.0, S::estimate_size)));
+    }
+    estimate_users_of_unions(base, &unions)
+}
+
+/// [`estimate_users`] from the sizes of the unions: `base` users of the unsampled events,
+/// then, by ascending weight, each weight with the size of the union of `base` and the users
+/// kept at that weight or a lower one (a store that counts unions itself, as Redis's
+/// `PFCOUNT` of several keys does).
+pub fn estimate_users_of_unions(base: f64, unions: &[(u32, f64)]) -> Estimate {
+    let (mut seen, mut value, mut variance) = (base, base, 0.0);
+    for (weight, now) in unions {
         let added = (now - seen).max(0.0);
-        let weight = f64::from(weight);
+        let weight = f64::from(*weight);
         value += added * weight;
         variance += added * weight * (weight - 1.0);
-        seen = now;
+        seen = *now;
     }
-    with_error(value, variance, !sampled.is_empty())
+    with_error(value, variance, !unions.is_empty())
 }
 
 /// A weighted count: `unsampled` events of weight 1 plus, per weight, the kept events and

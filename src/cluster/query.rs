@@ -1,5 +1,6 @@
 //! The query API's rollup answers on a cluster's ingest node, from the shared rollups in Redis:
-//! series, top events and distinct users, the same numbers on every node. Funnels and exports
+//! series, top events and distinct users, the same numbers on every node. Distinct users of
+//! sampled events are scaled as the single node's are (counts are stored weighted). Funnels and exports
 //! read stored events, which cluster mode keeps on the partitions' owners and in the cold tier.
 
 use crate::cluster::rollups::SharedRollups;
@@ -21,7 +22,10 @@ pub async fn series(
     let name = event.unwrap_or(ALL_EVENTS);
     let values = match metric {
         Metric::Count => shared.counts(tenant, resolution, name, from, to).await?,
-        Metric::Uniques => (shared.bucket_uniques(tenant, resolution, name, from, to)).await?,
+        Metric::Uniques => {
+            let weights = shared.sampled_weights(tenant, name).await?;
+            (shared.bucket_estimates(tenant, resolution, name, &weights, from, to)).await?
+        }
     };
     Ok(values
         .into_iter()
@@ -54,8 +58,10 @@ pub async fn event_totals(
     totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     totals.truncate(limit);
     let mut out = Vec::with_capacity(totals.len());
+    let mut sampled = shared.all_sampled_weights(tenant).await?;
     for (event, count) in totals {
-        let uniques = shared.uniques(tenant, &event, &parts).await?;
+        let weights = sampled.remove(&event).unwrap_or_default();
+        let uniques = (shared.estimated_uniques(tenant, &event, &weights, &parts)).await?;
         out.push(EventTotal {
             event,
             count,
@@ -74,7 +80,7 @@ pub async fn uniques(
     from: Micros,
     to: Micros,
 ) -> redis::RedisResult<u64> {
-    shared
-        .uniques(tenant, event.unwrap_or(ALL_EVENTS), &cover(from, to))
-        .await
+    let name = event.unwrap_or(ALL_EVENTS);
+    let weights = shared.sampled_weights(tenant, name).await?;
+    (shared.estimated_uniques(tenant, name, &weights, &cover(from, to))).await
 }

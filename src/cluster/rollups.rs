@@ -271,6 +271,112 @@ impl SharedRollups {
         command.query_async(&mut redis).await
     }
 
+    /// The weights whose sampled users `name` has a series of, ascending (see
+    /// [`crate::sampling`]).
+    pub async fn sampled_weights(
+        &self,
+        tenant: TenantId,
+        name: &str,
+    ) -> redis::RedisResult<Vec<u32>> {
+        Ok((self.all_sampled_weights(tenant).await?)
+            .remove(name)
+            .unwrap_or_default())
+    }
+
+    /// [`SharedRollups::sampled_weights`] of every series name that has any.
+    pub async fn all_sampled_weights(
+        &self,
+        tenant: TenantId,
+    ) -> redis::RedisResult<HashMap<String, Vec<u32>>> {
+        let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+        for series in self.names(tenant).await? {
+            if let Some((name, weight)) = crate::sampling::parse_sampled_series(&series) {
+                out.entry(name.to_string()).or_default().push(weight);
+            }
+        }
+        for weights in out.values_mut() {
+            weights.sort_unstable();
+        }
+        Ok(out)
+    }
+
+    /// Distinct users of `name` over whole buckets, scaled for the users of its sampled events
+    /// kept at `weights` (ascending): Horvitz–Thompson over the nested samples, each union
+    /// counted by one `PFCOUNT` (see [`crate::sampling::estimate_users_of_unions`]).
+    pub async fn estimated_uniques(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        weights: &[u32],
+        parts: &[(Resolution, Micros)],
+    ) -> redis::RedisResult<u64> {
+        let buckets: Vec<(Resolution, Micros)> = parts.to_vec();
+        Ok(self.estimates(tenant, name, weights, &[buckets]).await?[0])
+    }
+
+    /// [`SharedRollups::estimated_uniques`] of each group of buckets, in one pipeline.
+    async fn estimates(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        weights: &[u32],
+        groups: &[Vec<(Resolution, Micros)>],
+    ) -> redis::RedisResult<Vec<u64>> {
+        let mut pipe = redis::pipe();
+        let mut levels: Vec<String> = vec![name.to_string()];
+        levels.extend(
+            weights
+                .iter()
+                .map(|w| crate::sampling::sampled_series(name, *w)),
+        );
+        for group in groups {
+            // The unsampled users, then each union with one more weight.
+            for upto in 1..=levels.len() {
+                let command = pipe.cmd("PFCOUNT");
+                for series in &levels[..upto] {
+                    for (resolution, start) in group {
+                        command.arg(self.users_key(tenant, *resolution, series, *start));
+                    }
+                }
+            }
+        }
+        let mut redis = self.redis.clone();
+        let sizes: Vec<u64> = if groups.iter().all(Vec::is_empty) {
+            vec![0; groups.len() * levels.len()]
+        } else {
+            pipe.query_async(&mut redis).await?
+        };
+        Ok(sizes
+            .chunks(levels.len())
+            .map(|sizes| {
+                let unions: Vec<(u32, f64)> = (weights.iter().copied())
+                    .zip(sizes[1..].iter().map(|n| *n as f64))
+                    .collect();
+                crate::sampling::estimate_users_of_unions(sizes[0] as f64, &unions).rounded()
+            })
+            .collect())
+    }
+
+    /// Distinct users of `name` in each bucket from `from` (aligned) up to `to`, zeros
+    /// included, scaled for its sampled users as [`SharedRollups::estimated_uniques`] is.
+    pub async fn bucket_estimates(
+        &self,
+        tenant: TenantId,
+        resolution: Resolution,
+        name: &str,
+        weights: &[u32],
+        from: Micros,
+        to: Micros,
+    ) -> redis::RedisResult<Vec<(Micros, u64)>> {
+        let starts = bucket_starts(resolution, from, to);
+        let groups: Vec<Vec<(Resolution, Micros)>> = starts
+            .iter()
+            .map(|start| vec![(resolution, *start)])
+            .collect();
+        let values = self.estimates(tenant, name, weights, &groups).await?;
+        Ok(starts.into_iter().zip(values).collect())
+    }
+
     /// Distinct users of `name` in each bucket from `from` (aligned) up to `to`, zeros included.
     pub async fn bucket_uniques(
         &self,
