@@ -321,9 +321,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
                 default_dedup_window: config.tenant_defaults.dedup_window,
-                checkpoints: shared_store
-                    .clone()
-                    .map(crate::cluster::checkpoint::Checkpoints::new),
+                // A client of their own: checkpoints are written from the partitions'
+                // runtime, segments through the cold tier's, and a pooled connection must not
+                // wait on a runtime that is not running.
+                checkpoints: match &shared_store {
+                    Some(_) => Some(crate::cluster::checkpoint::Checkpoints::new(
+                        crate::storage::cold::ColdStore::s3(&config.cold.s3)?,
+                    )),
+                    None => None,
+                },
                 cold: shared_store.map(|store| crate::cluster::cold::ColdFlush {
                     store,
                     settings: config.cold.clone(),

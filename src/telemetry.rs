@@ -46,6 +46,9 @@ pub mod names {
     /// Cluster mode: log sequences a cold flush found missing from the owner's local log (the
     /// cold tier skips them). No labels.
     pub const CLUSTER_COLD_MISSING: &str = "statsremote_cluster_cold_missing_sequences_total";
+    /// Cluster mode: log sequences the shared rollups lost that an owner rolled up again from
+    /// the cold tier (its log started from a checkpoint after them). No labels.
+    pub const CLUSTER_ROLLUP_FROM_COLD: &str = "statsremote_cluster_rollup_cold_sequences_total";
     /// Cluster mode: log entries a process node deleted from its local store once a
     /// checkpoint and the tenant's window no longer needed them. No labels.
     pub const CLUSTER_LOCAL_ENTRIES_DELETED: &str =
@@ -436,6 +439,11 @@ pub fn cluster_cold_flushed(segments: u64, events: u64) {
 /// Cluster mode: `sequences` a cold flush found missing from the local log.
 pub fn cluster_cold_missing(sequences: u64) {
     counter!(names::CLUSTER_COLD_MISSING).increment(sequences);
+}
+
+/// Cluster mode: `sequences` rolled up again from the cold tier.
+pub fn cluster_rollup_from_cold(sequences: u64) {
+    counter!(names::CLUSTER_ROLLUP_FROM_COLD).increment(sequences);
 }
 
 /// Cluster mode: `entries` deleted from a process node's local log.

@@ -147,15 +147,27 @@ impl Cluster {
     fn cold_segments(&self, tenant: &Tenant) -> usize {
         let store = common::s3_store(&self.s3, "cluster", "c");
         let id: statsremote::ids::TenantId = tenant.id.parse().unwrap();
-        let published = statsremote::storage::cold::newest_published(&store, id).unwrap();
-        let named: BTreeSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
-        let listed: BTreeSet<String> = common::runtime()
-            .block_on(store.list(&format!("events/tenant={id}/")))
-            .unwrap()
-            .into_iter()
-            .map(|object| object.location.to_string())
-            .collect();
-        assert_eq!(listed, named, "events/ against the manifest");
+        // A maintenance pass may be between its commit and moving what it replaced.
+        let started = Instant::now();
+        let published = loop {
+            let published = statsremote::storage::cold::newest_published(&store, id).unwrap();
+            let named: BTreeSet<String> =
+                published.segments.iter().map(|s| s.path.clone()).collect();
+            let listed: BTreeSet<String> = common::runtime()
+                .block_on(store.list(&format!("events/tenant={id}/")))
+                .unwrap()
+                .into_iter()
+                .map(|object| object.location.to_string())
+                .collect();
+            if listed == named {
+                break published;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "events/ {listed:?} against the manifest's {named:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
         // The admin API lists them on an ingest node.
         let reply = self.ingest[0].admin(
             "GET",
@@ -167,6 +179,7 @@ impl Cluster {
         let served: BTreeSet<String> = (answer["segments"].as_array().unwrap().iter())
             .map(|s| s["path"].as_str().unwrap().to_string())
             .collect();
+        let named: BTreeSet<String> = published.segments.iter().map(|s| s.path.clone()).collect();
         assert_eq!(served, named);
         assert_eq!(answer["cold_watermark"], published.cold_watermark);
         named.len()
@@ -682,6 +695,27 @@ fn redis_restarted_or_emptied_the_owners_write_the_rollups_again() {
     println!(
         "rollups written again {:?} after Redis was emptied",
         emptied.elapsed()
+    );
+
+    // The owner dies: the other node starts from a checkpoint, so its log lacks the events
+    // before it. Redis is emptied again: those come back from the cold tier.
+    let owner = cluster.owner_of(&tenant).unwrap();
+    cluster.process[owner].kill();
+    let survivor = &cluster.process[1 - owner];
+    let killed = Instant::now();
+    while cluster.owner_of(&tenant) != Some(1 - owner) {
+        assert!(killed.elapsed() < SETTLE, "not taken over");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_exact(&cluster, &tenant, &acked, "owner killed");
+    let () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
+    assert_exact(&cluster, &tenant, &acked, "Redis emptied after a failover");
+    let from_cold = counter(survivor, "statsremote_cluster_rollup_cold_sequences_total");
+    println!("{from_cold} sequences rolled up again from the cold tier");
+    assert!(from_cold > 0, "the new owner's log held everything");
+    assert_eq!(
+        counter(survivor, "statsremote_cluster_rollup_gap_sequences_total"),
+        0
     );
 }
 

@@ -616,9 +616,8 @@ pub fn read_items(
     Ok(out)
 }
 
-/// The rollup items of the cold events with sequences in `from_seq..=through`: one item list
-/// per run of consecutive sequences, then an empty list that ends at `through`, so that the
-/// range counts as applied even where retention or an erasure left no event. Blocking.
+/// The rollup items of the cold events with sequences in `from_seq..=through`: see
+/// [`cold_items`]. Blocking.
 fn read_cold_items(
     storage: &Storage,
     store: &cold::ColdStore,
@@ -626,6 +625,22 @@ fn read_cold_items(
     from_seq: u64,
     through: u64,
 ) -> Result<Vec<(u64, RollupItems)>, StorageError> {
+    cold_items(through, |visit| {
+        cold::scan_cold(storage, store, tenant, from_seq, through, None, visit).map(|_| ())
+    })
+    .map_err(|error| StorageError::NotDurable(format!("reading cold segments: {error}")))
+}
+
+/// The rollup items of the cold events `scan` visits (in sequence order, through `through`):
+/// one item list per run of consecutive sequences, then an empty list that ends at `through`,
+/// so that the range counts as applied even where retention or an erasure left no event.
+/// Blocking.
+pub fn cold_items(
+    through: u64,
+    scan: impl FnOnce(
+        &mut dyn FnMut(u64, &crate::event::LogBatch) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), cold::ColdError>,
+) -> Result<Vec<(u64, RollupItems)>, cold::ColdError> {
     type Run = (
         u64,
         Vec<crate::event::StoredEvent>,
@@ -633,32 +648,22 @@ fn read_cold_items(
     );
     let mut runs: Vec<Run> = Vec::new();
     let mut expected = 0;
-    let scanned = cold::scan_cold(
-        storage,
-        store,
-        tenant,
-        from_seq,
-        through,
-        None,
-        |seq, batch| {
-            // Cold batches hold one event each, with its extras if it has any.
-            let extras = (0..batch.events.len()).map(|at| crate::event::EventExtras {
-                weight: batch.weight_of(at),
-                derived: None,
-            });
-            match runs.last_mut() {
-                Some((_, events, weights)) if seq == expected => {
-                    events.extend(batch.events.iter().cloned());
-                    weights.extend(extras);
-                }
-                _ => runs.push((seq, batch.events.clone(), extras.collect())),
+    scan(&mut |seq, batch| {
+        // Cold batches hold one event each, with its extras if it has any.
+        let extras = (0..batch.events.len()).map(|at| crate::event::EventExtras {
+            weight: batch.weight_of(at),
+            derived: None,
+        });
+        match runs.last_mut() {
+            Some((_, events, weights)) if seq == expected => {
+                events.extend(batch.events.iter().cloned());
+                weights.extend(extras);
             }
-            expected = seq + batch.events.len() as u64;
-            std::ops::ControlFlow::Continue(())
-        },
-    );
-    let _visited_all = scanned
-        .map_err(|error| StorageError::NotDurable(format!("reading cold segments: {error}")))?;
+            _ => runs.push((seq, batch.events.clone(), extras.collect())),
+        }
+        expected = seq + batch.events.len() as u64;
+        std::ops::ControlFlow::Continue(())
+    })?;
     let mut out: Vec<(u64, RollupItems)> = runs
         .into_iter()
         .map(|(first, events, extras)| (first, RollupItems::from_events(&events, &extras)))

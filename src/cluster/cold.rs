@@ -25,9 +25,9 @@ use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
-    compact, discard_unpublished, enforce_retention, newest_published, publish_next, purge_trash,
-    trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy, Ledger, Published,
-    Written,
+    compact, discard_unpublished, enforce_retention, newest_published, publish_next,
+    purge_trash_keeping, trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy,
+    Ledger, Published, Written,
 };
 use crate::storage::Storage;
 
@@ -85,8 +85,8 @@ fn failed(error: impl std::fmt::Display) -> String {
 
 impl ColdFlush {
     /// Flushes each target's local log, from its tenant's cold watermark through its head, in
-    /// commits of at most `max_events` events. Stops at the first failure (the next attempt
-    /// continues from the last commit).
+    /// commits of at most `max_flush_events` events. Stops at the first failure (the next
+    /// attempt continues from the last commit, after a recovery of the tenant's objects).
     pub async fn flush_partition(
         &self,
         storage: &Storage,
@@ -97,58 +97,77 @@ impl ColdFlush {
     ) -> Result<Flushed, String> {
         let mut flushed = Flushed::default();
         for target in targets {
-            loop {
-                let manifest = self.manifest(target.tenant, manifests).await?;
-                if manifest.cold_watermark >= target.head {
-                    break;
+            let done = self
+                .flush_tenant(storage, target, manifests, lease, fence)
+                .await;
+            match done {
+                Ok(done) => {
+                    flushed.events += done.events;
+                    flushed.segments += done.segments;
+                    flushed.missing += done.missing;
                 }
-                let after = manifest.cold_watermark;
-                let written = {
-                    let (this, storage) = (self.clone(), storage.clone());
-                    crate::blocking::run(move || this.write(&storage, target, after))
-                        .await
-                        .map_err(failed)?
-                        .map_err(failed)?
-                };
-                let Some(written) = written else {
-                    // Nothing through the head: the log lacks the whole range.
-                    flushed.missing += target.head - after;
-                    missing(target.tenant, after, target.head - after);
-                    break;
-                };
-                if written.first > after + 1 {
-                    flushed.missing += written.first - after - 1;
-                    missing(target.tenant, after, written.first - after - 1);
+                Err(error) => {
+                    // What a failed step wrote is moved out of `events/` by the recovery
+                    // the next read of the manifest starts with.
+                    lock(manifests).remove(&target.tenant);
+                    return Err(error);
                 }
-                let (events, segments) = (written.events, written.segments.len() as u64);
-                self.commit(target.tenant, manifest, written, manifests, lease, fence)
-                    .await?;
-                flushed.events += events;
-                flushed.segments += segments;
             }
         }
         Ok(flushed)
     }
 
-    /// The tenant's newest manifest; read (after moving what a crashed flush left to the
-    /// trash) the first time this task needs it.
+    async fn flush_tenant(
+        &self,
+        storage: &Storage,
+        target: FlushTarget,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<Flushed, String> {
+        let mut flushed = Flushed::default();
+        loop {
+            let manifest = self.manifest(target.tenant, manifests).await?;
+            if manifest.cold_watermark >= target.head {
+                return Ok(flushed);
+            }
+            let after = manifest.cold_watermark;
+            let written = {
+                let (this, storage) = (self.clone(), storage.clone());
+                crate::blocking::run(move || this.write(&storage, target, after, lease))
+                    .await
+                    .map_err(failed)?
+                    .map_err(failed)?
+            };
+            let Some(written) = written else {
+                // Nothing through the head: the log lacks the whole range.
+                flushed.missing += target.head - after;
+                missing(target.tenant, after, target.head - after);
+                return Ok(flushed);
+            };
+            if written.first > after + 1 {
+                flushed.missing += written.first - after - 1;
+                missing(target.tenant, after, written.first - after - 1);
+            }
+            let (events, segments) = (written.events, written.segments.len() as u64);
+            self.commit(target.tenant, manifest, written, manifests, lease, fence)
+                .await?;
+            flushed.events += events;
+            flushed.segments += segments;
+        }
+    }
+
+    /// The tenant's manifest as this task last committed it; read again, with a recovery
+    /// ([`ColdFlush::recover`]), the first time the task needs it and after a failure.
     async fn manifest(&self, tenant: TenantId, manifests: &Manifests) -> Result<Published, String> {
         if let Some(known) = lock(manifests).get(&tenant) {
             return Ok(known.published.clone());
         }
         let this = self.clone();
-        let published = crate::blocking::run(move || {
-            let published = newest_published(&this.store, tenant)?;
-            let committed: HashSet<String> = (published.segments.iter())
-                .map(|s| s.path.clone())
-                .collect();
-            trash_uncommitted(&this.store, tenant, &committed)?;
-            purge_trash(&this.store, tenant, this.settings.grace_period)?;
-            Ok::<_, ColdError>(published)
-        })
-        .await
-        .map_err(failed)?
-        .map_err(failed)?;
+        let published = crate::blocking::run(move || this.recover(tenant))
+            .await
+            .map_err(failed)?
+            .map_err(failed)?;
         let known = Known {
             published: published.clone(),
             purged_at: Instant::now(),
@@ -157,9 +176,23 @@ impl ColdFlush {
         Ok(published)
     }
 
-    /// Applies each tenant's raw-data retention, compacts small segments of settled hours and
-    /// empties the trash every [`PURGE_EVERY`], as a single node's flusher does, committing to
-    /// the published manifests (after a fence check, like a flush).
+    /// Reads the tenant's newest manifest, moves the objects under `events/` that it does not
+    /// name to the trash (and those it names back from there), and deletes what waited in the
+    /// trash longer than the grace period, except what the manifest names. Blocking.
+    fn recover(&self, tenant: TenantId) -> Result<Published, ColdError> {
+        let published = newest_published(&self.store, tenant)?;
+        let committed: HashSet<String> = (published.segments.iter())
+            .map(|s| s.path.clone())
+            .collect();
+        trash_uncommitted(&self.store, tenant, &committed)?;
+        purge_trash_keeping(&self.store, tenant, self.settings.grace_period, &committed)?;
+        Ok(published)
+    }
+
+    /// Applies each tenant's raw-data retention and compacts small segments of settled hours,
+    /// as a single node's flusher does, committing to the published manifests (after a fence
+    /// check, like a flush); every [`PURGE_EVERY`], recovers the tenant's objects first (what
+    /// a failed or late writer left, and the trash).
     pub async fn maintain_partition(
         &self,
         tenants: Vec<Upkeep>,
@@ -172,35 +205,25 @@ impl ColdFlush {
         }
         for upkeep in tenants {
             let tenant = upkeep.tenant;
-            let published = self.manifest(tenant, manifests).await?;
-            let purge = lock(manifests)
+            let due = lock(manifests)
                 .get(&tenant)
-                .is_none_or(|known| known.purged_at.elapsed() >= PURGE_EVERY);
+                .is_some_and(|known| known.purged_at.elapsed() >= PURGE_EVERY);
+            if due {
+                lock(manifests).remove(&tenant);
+            }
+            let published = self.manifest(tenant, manifests).await?;
             let this = self.clone();
             let maintained = crate::blocking::run(move || {
                 let mut published = published;
-                this.maintain(&mut published, upkeep, purge)
-                    .map(|()| published)
+                (this.maintain(&mut published, upkeep, lease.token)).map(|()| published)
             })
             .await
             .map_err(failed)?;
             let mut known = lock(manifests);
-            match maintained {
-                Ok(published) => {
-                    let purged_at = match known.get(&tenant) {
-                        Some(known) if !purge => known.purged_at,
-                        _ => Instant::now(),
-                    };
-                    known.insert(
-                        tenant,
-                        Known {
-                            published,
-                            purged_at,
-                        },
-                    );
-                }
-                Err(error) => {
-                    // Read again (and recovered) next time.
+            match (maintained, known.get_mut(&tenant)) {
+                (Ok(published), Some(known)) => known.published = published,
+                (Ok(_), None) => {}
+                (Err(error), _) => {
                     known.remove(&tenant);
                     return Err(error.to_string());
                 }
@@ -209,19 +232,23 @@ impl ColdFlush {
         Ok(())
     }
 
-    /// One tenant's maintenance on `published`, which moves on with each commit. Blocking.
+    /// One tenant's maintenance on `published`, which moves on with each commit, its objects
+    /// tagged with `writer`. Blocking.
     fn maintain(
         &self,
         published: &mut Published,
         upkeep: Upkeep,
-        purge: bool,
+        writer: u64,
     ) -> Result<(), ColdError> {
         let (tenant, label) = (upkeep.tenant, upkeep.tenant.to_string());
         let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
         let now = now_micros();
         if !upkeep.raw_retention.is_zero() {
             let keep_after = now.saturating_sub(micros(upkeep.raw_retention));
-            let mut ledger = Ledger::Published(published);
+            let mut ledger = Ledger::Published {
+                state: published,
+                writer,
+            };
             let removed = enforce_retention(&mut ledger, &self.store, tenant, keep_after)?;
             if removed.removed_segments > 0 {
                 crate::telemetry::cold_maintained(
@@ -240,12 +267,11 @@ impl ColdFlush {
             min_segments: settings.compact_min_segments,
             settled_before: now.saturating_sub(micros(self.settle)),
         };
-        let compacted = compact(
-            &mut Ledger::Published(published),
-            &self.store,
-            tenant,
-            policy,
-        )?;
+        let mut ledger = Ledger::Published {
+            state: published,
+            writer,
+        };
+        let compacted = compact(&mut ledger, &self.store, tenant, policy)?;
         if compacted.written_segments > 0 {
             crate::telemetry::cold_maintained(
                 &label,
@@ -255,24 +281,23 @@ impl ColdFlush {
                 0,
             );
         }
-        if purge {
-            purge_trash(&self.store, tenant, settings.grace_period)?;
-        }
         Ok(())
     }
 
-    /// Writes the segments of the target's next range after `after`. Blocking.
+    /// Writes the segments of the target's next range after `after`, their names tagged with
+    /// the lease's token, so no other owner writes the same names. Blocking.
     fn write(
         &self,
         storage: &Storage,
         target: FlushTarget,
         after: u64,
+        lease: Lease,
     ) -> Result<Option<Written>, ColdError> {
+        let tag = format!("w{}", lease.token);
         write_segments(
             storage,
             &self.store,
-            target.local,
-            target.tenant,
+            (target.local, target.tenant, Some(&tag)),
             after,
             self.settings.max_flush_events,
             |_, last| last <= target.head,
@@ -280,8 +305,7 @@ impl ColdFlush {
     }
 
     /// Commits written segments after `manifest`, unless the lease lost the partition or
-    /// another writer committed first; then they are deleted, except those the newest
-    /// manifest names (the same range and hour hold the same events, whoever wrote them).
+    /// another writer committed first; then they are deleted (their names are this owner's).
     async fn commit(
         &self,
         tenant: TenantId,
@@ -313,25 +337,19 @@ impl ColdFlush {
         .await
         .map_err(failed)?
         .map_err(failed)?;
-        let mut known = lock(manifests);
-        match committed {
-            Some(published) => {
-                if let Some(known) = known.get_mut(&tenant) {
-                    known.published = published;
-                }
-                crate::telemetry::cluster_cold_flushed(
-                    change.added.len() as u64,
-                    change.added.iter().map(|s| s.rows).sum(),
-                );
-                Ok(())
-            }
-            None => {
-                known.remove(&tenant);
-                Err(format!(
-                    "tenant {tenant}: another owner committed to the cold tier first, or this one lost the partition"
-                ))
-            }
+        let Some(published) = committed else {
+            return Err(format!(
+                "tenant {tenant}: another owner committed to the cold tier first, or this one lost the partition"
+            ));
+        };
+        if let Some(known) = lock(manifests).get_mut(&tenant) {
+            known.published = published;
         }
+        crate::telemetry::cluster_cold_flushed(
+            change.added.len() as u64,
+            change.added.iter().map(|s| s.rows).sum(),
+        );
+        Ok(())
     }
 }
 
@@ -452,6 +470,13 @@ mod tests {
         .unwrap();
         assert_eq!((flushed.events, flushed.missing), (3, 0));
         assert_eq!(published_seqs(&store, tenant).await, vec![1, 2, 3]);
+        // Its objects carry its lease's token: no other owner writes the same names.
+        let tag = format!("-w{}.parquet", lease_a.token);
+        let published = newest(&store, tenant).await;
+        assert!(
+            published.segments.iter().all(|s| s.path.ends_with(&tag)),
+            "{published:?}"
+        );
 
         // A crashed flush left an object; B takes over after A's lease expired.
         let orphan = "events/tenant=000000000000005e/date=2026-01-01/hour=00/4-9.parquet";

@@ -634,6 +634,7 @@ impl ProcessNode {
                 tenant,
                 local: copy.local(tenant),
                 head,
+                cold: self.cold.as_ref().map(|cold| &cold.store),
             };
             match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
                 Ok(RolledUp::Through(_)) => {

@@ -26,6 +26,7 @@ use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, Resolution, Retention};
+use crate::storage::cold::ColdStore;
 
 /// What a flush did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,6 +470,7 @@ pub async fn roll_up_tenant(
         tenant,
         local,
         head,
+        cold,
     } = log;
     loop {
         let stored = shared.watermark(tenant).await?;
@@ -486,8 +488,30 @@ pub async fn roll_up_tenant(
         let first = batches.first().map_or(head + 1, |(first, _)| *first);
         if first > stored + 1 {
             // Redis lost counts this log no longer holds (it started from a checkpoint after
-            // them): nothing can write them again. Said loudly, then passed over, so the
-            // partition goes on.
+            // them): they are in the cold tier, flushed before that checkpoint was written.
+            if let Some(store) = cold {
+                let (from, to) = (stored + 1, (first - 1).min(stored + COLD_SEQS_PER_FLUSH));
+                let read = cold_range(store.clone(), tenant, from, to).await?;
+                if let Some((through, items)) = read {
+                    let mut deltas = Deltas::keeping_every_user();
+                    let now = crate::event::now_micros();
+                    for (_, items) in &items {
+                        deltas.apply(items, &retention, now);
+                    }
+                    deltas.roll_up_users();
+                    let flushed = shared.flush(tenant, lease, fence_key, &deltas, stored, through);
+                    match flushed.await? {
+                        FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
+                        FlushOutcome::Stored => {
+                            crate::telemetry::cluster_rollup_from_cold(through - stored);
+                            continue;
+                        }
+                        FlushOutcome::Conflict { .. } => continue,
+                    }
+                }
+            }
+            // Not in the cold tier either: nothing can write them again. Said loudly, then
+            // passed over, so the partition goes on.
             tracing::error!(
                 %tenant,
                 from = stored + 1,
@@ -524,6 +548,39 @@ pub async fn roll_up_tenant(
     }
 }
 
+/// Sequences of the cold tier rolled up per flush when Redis lost what the local log no
+/// longer holds.
+const COLD_SEQS_PER_FLUSH: u64 = 100_000;
+
+/// The rollup items of the tenant's published cold tier from `from` through `to` (or through
+/// its cold watermark, if lower), and the sequence they end at; `None` when the cold tier does
+/// not reach `from`.
+async fn cold_range(
+    store: ColdStore,
+    tenant: TenantId,
+    from: u64,
+    to: u64,
+) -> Result<Option<(u64, Vec<(u64, crate::rollup::RollupItems)>)>, RollUpError> {
+    let read = crate::blocking::run(move || {
+        let published = crate::storage::cold::newest_published(&store, tenant)?;
+        let through = to.min(published.cold_watermark);
+        if through < from {
+            return Ok(None);
+        }
+        let items = crate::actors::rollup::cold_items(through, |visit| {
+            let segments = published.segments;
+            crate::storage::cold::scan_segments(
+                &store, tenant, segments, from, through, None, visit,
+            )
+            .map(|_| ())
+        })?;
+        Ok::<_, crate::storage::cold::ColdError>(Some((through, items)))
+    });
+    read.await
+        .map_err(|e| RollUpError::Log(e.to_string()))?
+        .map_err(|e| RollUpError::Log(e.to_string()))
+}
+
 /// A tenant's log in a partition owner's local store.
 pub struct LocalLog<'a> {
     pub storage: &'a crate::storage::Storage,
@@ -532,6 +589,8 @@ pub struct LocalLog<'a> {
     pub local: TenantId,
     /// Its last sequence.
     pub head: u64,
+    /// The shared cold tier, which holds what a checkpoint's import left out of the log.
+    pub cold: Option<&'a ColdStore>,
 }
 
 /// Why a roll-up could not be written.

@@ -265,6 +265,7 @@ pub(crate) mod tests {
                                 tenant,
                                 local: tenant,
                                 head,
+                                cold: None,
                             },
                             lease,
                             &fence,

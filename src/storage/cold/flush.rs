@@ -75,7 +75,14 @@ pub fn flush_due(
     let is_due = |batch: &LogBatch, last: u64| {
         (batch.received_at < due.received_before || last <= due.through_seq) && last <= limit
     };
-    let Some(written) = write_segments(storage, store, tenant, tenant, cold, max_events, is_due)?
+    let Some(written) = write_segments(
+        storage,
+        store,
+        (tenant, tenant, None),
+        cold,
+        max_events,
+        is_due,
+    )?
     else {
         return Ok(None);
     };
@@ -119,14 +126,14 @@ pub struct Written {
 
 /// Writes the log entries of `log_tenant` after sequence `after` as segments of `tenant` (the
 /// same id, except on a process node, whose local ids differ from the tenants'), one per hour
-/// of event time: the entries in order while `take(entry, its last sequence)` holds, at most
-/// `max_events` events (at least one entry). The segments record `after + 1` as their flush's
-/// first sequence. `None` when no entry is taken. Blocking.
+/// of event time, their names tagged with `tag` if any (see `segment_path`): the entries in
+/// order while `take(entry, its last sequence)` holds, at most `max_events` events (at least
+/// one entry). The segments record `after + 1` as their flush's first sequence. `None` when no
+/// entry is taken. Blocking.
 pub fn write_segments(
     storage: &Storage,
     store: &ColdStore,
-    log_tenant: TenantId,
-    tenant: TenantId,
+    (log_tenant, tenant, tag): (TenantId, TenantId, Option<&str>),
     after: u64,
     max_events: usize,
     mut take: impl FnMut(&LogBatch, u64) -> bool,
@@ -172,7 +179,7 @@ pub fn write_segments(
     for (hour, segment) in hours {
         let (first, last) = (segment.first, segment.last);
         let (rows, bytes) = segment.finish()?;
-        let path = segment_path(tenant, hour, first, last, None);
+        let path = segment_path(tenant, hour, first, last, tag);
         segments.push(Segment {
             path: path.clone(),
             flush_first: after + 1,

@@ -121,15 +121,30 @@ pub fn purge_trash(
     tenant: TenantId,
     grace: std::time::Duration,
 ) -> Result<usize, ColdError> {
+    purge_trash_keeping(store, tenant, grace, &HashSet::new())
+}
+
+/// [`purge_trash`], keeping the trashed copies of the objects in `committed` (a commit that
+/// landed after they were moved there: a recovery moves them back).
+pub fn purge_trash_keeping(
+    store: &ColdStore,
+    tenant: TenantId,
+    grace: std::time::Duration,
+    committed: &HashSet<String>,
+) -> Result<usize, ColdError> {
     let now = now_micros();
     let grace = micros(grace);
     let mut removed = 0;
     for object in block_on(store.list(&format!("trash/tenant={tenant}/")))? {
         let path = object.location.to_string();
-        let moved_at = path
-            .split('/')
-            .nth(2)
-            .and_then(|at| at.parse::<Micros>().ok());
+        let mut parts = path.splitn(4, '/');
+        let moved_at = parts.nth(2).and_then(|at| at.parse::<Micros>().ok());
+        if parts
+            .next()
+            .is_some_and(|original| committed.contains(original))
+        {
+            continue;
+        }
         if moved_at.is_some_and(|at| at.saturating_add(grace) <= now) {
             block_on(store.delete(&path))?;
             removed += 1;
@@ -262,7 +277,14 @@ fn merge(
     }
     let rows = writer.rows();
     let bytes = writer.finish()?;
-    let path = segment_path(tenant, first.hour, first.first_seq, last.last_seq, None);
+    let tag = ledger.tag(None);
+    let path = segment_path(
+        tenant,
+        first.hour,
+        first.first_seq,
+        last.last_seq,
+        tag.as_deref(),
+    );
     let merged = Segment {
         path: path.clone(),
         flush_first: first.flush_first,
@@ -294,15 +316,19 @@ pub enum Ledger<'a> {
     Local(&'a Storage),
     /// The newest published one, where a cluster's process nodes keep it: each change creates
     /// the next object only if no other writer did (see [`manifest::publish_next`]), and moves
-    /// this state on.
-    Published(&'a mut Published),
+    /// `state` on. `writer` (the owner's lease token) tags the names of the objects it writes,
+    /// so two owners never write one name, and one that lost a commit deletes only its own.
+    Published {
+        state: &'a mut Published,
+        writer: u64,
+    },
 }
 
 impl Ledger<'_> {
     fn segments(&self, tenant: TenantId) -> Result<Vec<Segment>, ColdError> {
         match self {
             Ledger::Local(storage) => Ok(segments(storage, tenant)?),
-            Ledger::Published(published) => Ok(published.segments.clone()),
+            Ledger::Published { state, .. } => Ok(state.segments.clone()),
         }
     }
 
@@ -310,7 +336,17 @@ impl Ledger<'_> {
     fn next_number(&self, tenant: TenantId) -> Result<u64, ColdError> {
         match self {
             Ledger::Local(storage) => Ok(manifest::next_number(storage, tenant)?),
-            Ledger::Published(published) => Ok(published.number + 1),
+            Ledger::Published { state, .. } => Ok(state.number + 1),
+        }
+    }
+
+    /// The tag of an object this ledger's writer writes, for a rewrite by change `rewrite` or
+    /// a new range.
+    fn tag(&self, rewrite: Option<u64>) -> Option<String> {
+        match (self, rewrite) {
+            (Ledger::Local(_), rewrite) => rewrite.map(|n| format!("r{n}")),
+            (Ledger::Published { writer, .. }, None) => Some(format!("w{writer}")),
+            (Ledger::Published { writer, .. }, Some(n)) => Some(format!("r{n}-w{writer}")),
         }
     }
 
@@ -326,17 +362,17 @@ impl Ledger<'_> {
             Ledger::Local(storage) => {
                 Ok(manifest::commit(storage, store, tenant, change)?.is_some())
             }
-            Ledger::Published(published) => {
-                match manifest::publish_next(store, tenant, published, change)? {
+            Ledger::Published { state, .. } => {
+                match manifest::publish_next(store, tenant, state, change)? {
                     Some(next) => {
-                        **published = next;
+                        **state = next;
                         Ok(true)
                     }
                     None => {
                         manifest::discard_unpublished(store, tenant, &change.added)?;
                         Err(ColdError::Conflict(format!(
                             "another writer published change {} of tenant {tenant} first",
-                            published.number + 1
+                            state.number + 1
                         )))
                     }
                 }
@@ -410,8 +446,8 @@ pub fn erase_user(
             let rows = writer.rows();
             let bytes = writer.finish()?;
             // Tagged with the change's number: the range may equal the replaced object's.
-            let tag = ledger.next_number(tenant)?;
-            let path = segment_path(tenant, old.hour, first, last, Some(tag));
+            let tag = ledger.tag(Some(ledger.next_number(tenant)?));
+            let path = segment_path(tenant, old.hour, first, last, tag.as_deref());
             added.push(Segment {
                 path: path.clone(),
                 first_seq: first,

@@ -34,13 +34,13 @@ use crate::storage::StorageError;
 pub use self::flush::{flush_due, flush_once, write_segments, Due, FlushReport, Written};
 pub use self::maintenance::{
     compact, enforce_retention, erase_user, oldest_hot_received_at, purge_tenant, purge_trash,
-    recover, trash_uncommitted, CompactionPolicy, Ledger, MaintenanceReport,
+    purge_trash_keeping, recover, trash_uncommitted, CompactionPolicy, Ledger, MaintenanceReport,
 };
 pub use self::manifest::{
     cold_watermark, discard_unpublished, newest_published, publish_next, segments, Published,
     Segment,
 };
-pub use self::read::{scan_cold, scan_published, scan_tiers, scan_tiers_from};
+pub use self::read::{scan_cold, scan_published, scan_segments, scan_tiers, scan_tiers_from};
 pub use self::store::ColdStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,21 +95,22 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 const HOUR: Micros = 3_600_000_000;
 
-/// The path of a segment: `…/<first>-<last>.parquet`, or `…/<first>-<last>-r<n>.parquet` for a
-/// rewrite by change `n`, whose range may equal that of the object it replaces.
+/// The path of a segment: `…/<first>-<last>.parquet`, or `…/<first>-<last>-<tag>.parquet` with
+/// a tag: `r<n>` for a rewrite by change `n`, whose range may equal that of the object it
+/// replaces, and `w<token>` for a cluster owner's objects (see [`Ledger::Published`]).
 fn segment_path(
     tenant: TenantId,
     hour: Micros,
     first: u64,
     last: u64,
-    rewrite: Option<u64>,
+    tag: Option<&str>,
 ) -> String {
     let at = format_timestamp(hour);
     let (date, hour) = (
         at.get(..10).unwrap_or("0000-00-00"),
         at.get(11..13).unwrap_or("00"),
     );
-    let tag = rewrite.map_or(String::new(), |n| format!("-r{n}"));
+    let tag = tag.map_or(String::new(), |tag| format!("-{tag}"));
     format!("events/tenant={tenant}/date={date}/hour={hour}/{first}-{last}{tag}.parquet")
 }
 

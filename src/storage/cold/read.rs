@@ -114,7 +114,7 @@ pub fn scan_published(
 }
 
 /// The events of `segments` with sequences in `from_seq..=through`: see [`scan_cold`].
-fn scan_segments(
+pub fn scan_segments(
     store: &ColdStore,
     tenant: TenantId,
     segments: Vec<Segment>,
