@@ -46,9 +46,9 @@ pub mod names {
     /// Cluster mode: log sequences a cold flush found missing from the owner's local log (the
     /// cold tier skips them). No labels.
     pub const CLUSTER_COLD_MISSING: &str = "statsremote_cluster_cold_missing_sequences_total";
-    /// Cluster mode: log sequences the shared rollups lost that an owner rolled up again from
-    /// the cold tier (its log started from a checkpoint after them). No labels.
-    pub const CLUSTER_ROLLUP_FROM_COLD: &str = "statsremote_cluster_rollup_cold_sequences_total";
+    /// Cluster mode: events the shared rollups lost that an owner rolled up again from the
+    /// cold tier (its log started from a checkpoint after them). No labels.
+    pub const CLUSTER_ROLLUP_FROM_COLD: &str = "statsremote_cluster_rollup_cold_events_total";
     /// Cluster mode: log entries a process node deleted from its local store once a
     /// checkpoint and the tenant's window no longer needed them. No labels.
     pub const CLUSTER_LOCAL_ENTRIES_DELETED: &str =
@@ -441,9 +441,9 @@ pub fn cluster_cold_missing(sequences: u64) {
     counter!(names::CLUSTER_COLD_MISSING).increment(sequences);
 }
 
-/// Cluster mode: `sequences` rolled up again from the cold tier.
-pub fn cluster_rollup_from_cold(sequences: u64) {
-    counter!(names::CLUSTER_ROLLUP_FROM_COLD).increment(sequences);
+/// Cluster mode: `events` rolled up again from the cold tier.
+pub fn cluster_rollup_from_cold(events: u64) {
+    counter!(names::CLUSTER_ROLLUP_FROM_COLD).increment(events);
 }
 
 /// Cluster mode: `entries` deleted from a process node's local log.

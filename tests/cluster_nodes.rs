@@ -710,8 +710,8 @@ fn redis_restarted_or_emptied_the_owners_write_the_rollups_again() {
     assert_exact(&cluster, &tenant, &acked, "owner killed");
     let () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
     assert_exact(&cluster, &tenant, &acked, "Redis emptied after a failover");
-    let from_cold = counter(survivor, "statsremote_cluster_rollup_cold_sequences_total");
-    println!("{from_cold} sequences rolled up again from the cold tier");
+    let from_cold = counter(survivor, "statsremote_cluster_rollup_cold_events_total");
+    println!("{from_cold} events rolled up again from the cold tier");
     assert!(from_cold > 0, "the new owner's log held everything");
     assert_eq!(
         counter(survivor, "statsremote_cluster_rollup_gap_sequences_total"),

@@ -25,9 +25,9 @@ use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
-    compact, discard_unpublished, enforce_retention, newest_published, publish_next,
-    purge_trash_keeping, trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy,
-    Ledger, Published, Written,
+    compact, discard_unpublished, enforce_retention, newest_published, publish_next, purge_trash,
+    trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy, Ledger, Published,
+    Written,
 };
 use crate::storage::Storage;
 
@@ -127,7 +127,9 @@ impl ColdFlush {
     ) -> Result<Flushed, String> {
         let mut flushed = Flushed::default();
         loop {
-            let manifest = self.manifest(target.tenant, manifests).await?;
+            let manifest = self
+                .manifest(target.tenant, manifests, lease, fence)
+                .await?;
             if manifest.cold_watermark >= target.head {
                 return Ok(flushed);
             }
@@ -159,9 +161,20 @@ impl ColdFlush {
 
     /// The tenant's manifest as this task last committed it; read again, with a recovery
     /// ([`ColdFlush::recover`]), the first time the task needs it and after a failure.
-    async fn manifest(&self, tenant: TenantId, manifests: &Manifests) -> Result<Published, String> {
+    async fn manifest(
+        &self,
+        tenant: TenantId,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<Published, String> {
         if let Some(known) = lock(manifests).get(&tenant) {
             return Ok(known.published.clone());
+        }
+        // A recovery moves what the manifest does not name: never by an owner that lost the
+        // partition, whose manifest may be older than the new owner's objects.
+        if !fence.holds(lease).await.map_err(failed)? {
+            return Err("lost the partition".into());
         }
         let this = self.clone();
         let published = crate::blocking::run(move || this.recover(tenant))
@@ -178,14 +191,16 @@ impl ColdFlush {
 
     /// Reads the tenant's newest manifest, moves the objects under `events/` that it does not
     /// name to the trash (and those it names back from there), and deletes what waited in the
-    /// trash longer than the grace period, except what the manifest names. Blocking.
+    /// trash longer than the grace period. A committed object trashed by mistake (a commit
+    /// that landed just after another recovery read the manifest) is back before then: the
+    /// owner recovers every [`PURGE_EVERY`], well within `cold.grace_period`. Blocking.
     fn recover(&self, tenant: TenantId) -> Result<Published, ColdError> {
         let published = newest_published(&self.store, tenant)?;
         let committed: HashSet<String> = (published.segments.iter())
             .map(|s| s.path.clone())
             .collect();
         trash_uncommitted(&self.store, tenant, &committed)?;
-        purge_trash_keeping(&self.store, tenant, self.settings.grace_period, &committed)?;
+        purge_trash(&self.store, tenant, self.settings.grace_period)?;
         Ok(published)
     }
 
@@ -211,7 +226,7 @@ impl ColdFlush {
             if due {
                 lock(manifests).remove(&tenant);
             }
-            let published = self.manifest(tenant, manifests).await?;
+            let published = self.manifest(tenant, manifests, lease, fence).await?;
             let this = self.clone();
             let maintained = crate::blocking::run(move || {
                 let mut published = published;

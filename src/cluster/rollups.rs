@@ -330,7 +330,8 @@ impl SharedRollups {
                 .iter()
                 .map(|w| crate::sampling::sampled_series(name, *w)),
         );
-        for group in groups {
+        // An empty group (no bucket) has no users: it asks Redis nothing.
+        for group in groups.iter().filter(|group| !group.is_empty()) {
             // The unsampled users, then each union with one more weight.
             for upto in 1..=levels.len() {
                 let command = pipe.cmd("PFCOUNT");
@@ -343,13 +344,19 @@ impl SharedRollups {
         }
         let mut redis = self.redis.clone();
         let sizes: Vec<u64> = if groups.iter().all(Vec::is_empty) {
-            vec![0; groups.len() * levels.len()]
+            Vec::new()
         } else {
             pipe.query_async(&mut redis).await?
         };
-        Ok(sizes
-            .chunks(levels.len())
-            .map(|sizes| {
+        let mut asked = sizes.chunks(levels.len());
+        Ok((groups.iter())
+            .map(|group| {
+                if group.is_empty() {
+                    return 0;
+                }
+                let Some(sizes) = asked.next() else {
+                    return 0;
+                };
                 let unions: Vec<(u32, f64)> = (weights.iter().copied())
                     .zip(sizes[1..].iter().map(|n| *n as f64))
                     .collect();
@@ -491,19 +498,25 @@ pub async fn roll_up_tenant(
             // them): they are in the cold tier, flushed before that checkpoint was written.
             if let Some(store) = cold {
                 let (from, to) = (stored + 1, (first - 1).min(stored + COLD_SEQS_PER_FLUSH));
-                let read = cold_range(store.clone(), tenant, from, to).await?;
-                if let Some((through, items)) = read {
+                if let Some(read) = cold_range(store.clone(), tenant, from, to).await? {
                     let mut deltas = Deltas::keeping_every_user();
                     let now = crate::event::now_micros();
-                    for (_, items) in &items {
+                    for (_, items) in &read.items {
                         deltas.apply(items, &retention, now);
                     }
                     deltas.roll_up_users();
+                    let through = read.through;
                     let flushed = shared.flush(tenant, lease, fence_key, &deltas, stored, through);
                     match flushed.await? {
                         FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
                         FlushOutcome::Stored => {
-                            crate::telemetry::cluster_rollup_from_cold(through - stored);
+                            crate::telemetry::cluster_rollup_from_cold(read.events);
+                            // Sequences retention or an erasure removed from the cold tier.
+                            let absent = (through - stored).saturating_sub(read.events);
+                            if absent > 0 {
+                                tracing::warn!(%tenant, from, through, absent, "shared rollups lost sequences the cold tier no longer holds; they stay uncounted");
+                                crate::telemetry::cluster_rollup_gap(absent);
+                            }
                             continue;
                         }
                         FlushOutcome::Conflict { .. } => continue,
@@ -552,33 +565,60 @@ pub async fn roll_up_tenant(
 /// longer holds.
 const COLD_SEQS_PER_FLUSH: u64 = 100_000;
 
+/// What [`cold_range`] read.
+struct ColdRange {
+    /// The sequence the items end at.
+    through: u64,
+    items: Vec<(u64, crate::rollup::RollupItems)>,
+    /// Events read (fewer than the sequences when retention or an erasure removed some).
+    events: u64,
+}
+
 /// The rollup items of the tenant's published cold tier from `from` through `to` (or through
-/// its cold watermark, if lower), and the sequence they end at; `None` when the cold tier does
-/// not reach `from`.
+/// its cold watermark, if lower); `None` when the cold tier does not reach `from` or cannot be
+/// read for good (a damaged segment: said, and passed over like a gap). An unreachable store
+/// is an error, tried again.
 async fn cold_range(
     store: ColdStore,
     tenant: TenantId,
     from: u64,
     to: u64,
-) -> Result<Option<(u64, Vec<(u64, crate::rollup::RollupItems)>)>, RollUpError> {
+) -> Result<Option<ColdRange>, RollUpError> {
+    use crate::storage::cold::ColdError;
     let read = crate::blocking::run(move || {
         let published = crate::storage::cold::newest_published(&store, tenant)?;
         let through = to.min(published.cold_watermark);
         if through < from {
             return Ok(None);
         }
+        let mut events = 0;
         let items = crate::actors::rollup::cold_items(through, |visit| {
             let segments = published.segments;
+            let counted = |seq: u64, batch: &crate::event::LogBatch| {
+                events += batch.events.len() as u64;
+                visit(seq, batch)
+            };
             crate::storage::cold::scan_segments(
-                &store, tenant, segments, from, through, None, visit,
+                &store, tenant, segments, from, through, None, counted,
             )
             .map(|_| ())
         })?;
-        Ok::<_, crate::storage::cold::ColdError>(Some((through, items)))
+        Ok::<_, ColdError>(Some(ColdRange {
+            through,
+            items,
+            events,
+        }))
     });
-    read.await
-        .map_err(|e| RollUpError::Log(e.to_string()))?
-        .map_err(|e| RollUpError::Log(e.to_string()))
+    match read.await.map_err(|e| RollUpError::Log(e.to_string()))? {
+        Ok(range) => Ok(range),
+        Err(error @ (ColdError::Store(_) | ColdError::Io(_))) => {
+            Err(RollUpError::Log(error.to_string()))
+        }
+        Err(error) => {
+            tracing::error!(%tenant, from, to, %error, "the cold tier cannot be rolled up again");
+            Ok(None)
+        }
+    }
 }
 
 /// A tenant's log in a partition owner's local store.

@@ -121,30 +121,15 @@ pub fn purge_trash(
     tenant: TenantId,
     grace: std::time::Duration,
 ) -> Result<usize, ColdError> {
-    purge_trash_keeping(store, tenant, grace, &HashSet::new())
-}
-
-/// [`purge_trash`], keeping the trashed copies of the objects in `committed` (a commit that
-/// landed after they were moved there: a recovery moves them back).
-pub fn purge_trash_keeping(
-    store: &ColdStore,
-    tenant: TenantId,
-    grace: std::time::Duration,
-    committed: &HashSet<String>,
-) -> Result<usize, ColdError> {
     let now = now_micros();
     let grace = micros(grace);
     let mut removed = 0;
     for object in block_on(store.list(&format!("trash/tenant={tenant}/")))? {
         let path = object.location.to_string();
-        let mut parts = path.splitn(4, '/');
-        let moved_at = parts.nth(2).and_then(|at| at.parse::<Micros>().ok());
-        if parts
-            .next()
-            .is_some_and(|original| committed.contains(original))
-        {
-            continue;
-        }
+        let moved_at = path
+            .split('/')
+            .nth(2)
+            .and_then(|at| at.parse::<Micros>().ok());
         if moved_at.is_some_and(|at| at.saturating_add(grace) <= now) {
             block_on(store.delete(&path))?;
             removed += 1;
