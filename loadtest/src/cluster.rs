@@ -45,16 +45,36 @@ fn node(
     binary: &std::path::Path,
     role: &str,
     name: &str,
-    nats: &str,
-    redis: &str,
+    (nats, redis): (&str, &str),
+    env: &[(String, String)],
 ) -> Result<testkit::Server> {
     launch(binary)
         .env("STATSREMOTE__CLUSTER__ROLE", role)
         .env("STATSREMOTE__CLUSTER__NODE_ID", name)
         .env("STATSREMOTE__CLUSTER__NATS_URL", nats)
         .env("STATSREMOTE__CLUSTER__REDIS_URL", redis)
+        .envs(env.iter().cloned())
         .start()
         .map_err(|error| anyhow!("starting a {role} node: {error}"))
+}
+
+/// A counter summed over the nodes' `/metrics` (0 when absent).
+fn counter_sum(nodes: &[testkit::Server], name: &str) -> f64 {
+    (nodes.iter())
+        .filter_map(|node| ureq::get(&format!("{}/metrics", node.base())).call().ok())
+        .filter_map(|reply| reply.into_string().ok())
+        .flat_map(|text| {
+            (text.lines())
+                .filter_map(|line| {
+                    line.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Runs durable ingestion against 1 and 2 ingest nodes (and `--process-nodes` process nodes).
@@ -65,14 +85,28 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
         let nats = Service::nats().map_err(|e| anyhow!("{e}"))?;
         let redis = Service::redis().map_err(|e| anyhow!("{e}"))?;
         let (nats_url, redis_url) = (nats.url(), redis.url());
+        let s3 = match &args.cluster_checkpoint_every {
+            Some(every) => {
+                let s3 = testkit::s3::S3Server::start().map_err(|e| anyhow!("{e}"))?;
+                s3.create_bucket("loadtest").map_err(|e| anyhow!("{e}"))?;
+                let mut env = s3.server_env("loadtest", "cluster");
+                env.push((
+                    "STATSREMOTE__CLUSTER__CHECKPOINT_EVERY".into(),
+                    every.clone(),
+                ));
+                Some((s3, env))
+            }
+            None => None,
+        };
+        let env = s3.as_ref().map_or(&[][..], |(_, env)| env.as_slice());
         let process: Vec<testkit::Server> = (0..args.process_nodes.max(1))
             .map(|n| {
                 node(
                     &binary,
                     "process",
                     &format!("process-{n}"),
-                    &nats_url,
-                    &redis_url,
+                    (&nats_url, &redis_url),
+                    env,
                 )
             })
             .collect::<Result<_>>()?;
@@ -82,8 +116,8 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
                     &binary,
                     "ingest",
                     &format!("ingest-{n}"),
-                    &nats_url,
-                    &redis_url,
+                    (&nats_url, &redis_url),
+                    env,
                 )
             })
             .collect::<Result<_>>()?;
@@ -92,7 +126,7 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
         if !target.cluster {
             return Err(anyhow!("the ingest nodes do not answer as a cluster's"));
         }
-        let roles = [
+        let mut roles = vec![
             Role {
                 name: "ingest",
                 pids: ingest.iter().filter_map(testkit::Server::pid).collect(),
@@ -110,6 +144,13 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
                 pids: redis.pid().into_iter().collect(),
             },
         ];
+        if let Some((s3, _)) = &s3 {
+            // moto, a Python mock: its cost says nothing about S3's.
+            roles.push(Role {
+                name: "s3 (moto)",
+                pids: vec![s3.pid()],
+            });
+        }
         let before: Vec<f64> = roles.iter().map(|r| cpu_seconds(&r.pids)).collect();
         let (run, _) = run_mode(Mode::Durable, Plans::None, &target, args, generator)?;
         // After verification: the process nodes' CPU includes catching up with the stream.
@@ -137,6 +178,14 @@ pub(crate) fn run(args: &Arc<Args>, generator: &Arc<Generator>) -> Result<()> {
             stream_bytes as f64 / run.acked.max(1) as f64,
             stream_bytes / 1_048_576
         );
+        if s3.is_some() {
+            println!(
+                "Cold tier: {:.0} events in {:.0} segments, {:.0} checkpoints (by the end of the run)",
+                counter_sum(&process, "statsremote_cluster_cold_events_total"),
+                counter_sum(&process, "statsremote_cluster_cold_segments_total"),
+                counter_sum(&process, "statsremote_cluster_checkpoints_total"),
+            );
+        }
         rows.push(serde_json::json!({
             "jetstream_bytes_per_event": stream_bytes as f64 / run.acked.max(1) as f64,
             "ingest_nodes": ingest_nodes,

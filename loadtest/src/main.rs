@@ -163,6 +163,10 @@ struct Args {
     /// Process nodes in the cluster scenario.
     #[arg(long, default_value_t = 1)]
     process_nodes: usize,
+    /// Cluster scenario: a shared S3-compatible store (moto) for checkpoints and cold segments,
+    /// checkpointing this often (e.g. `5s`); without it, a local cold store (neither).
+    #[arg(long)]
+    cluster_checkpoint_every: Option<String>,
 }
 
 /// What one mode measured.

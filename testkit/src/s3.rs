@@ -74,6 +74,11 @@ impl S3Server {
         .collect()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGSTOP: the server keeps its objects but answers nothing until [`S3Server::resume`].
     pub fn pause(&self) -> Result<(), Error> {
         crate::send_signal(self.child.id(), "STOP")
