@@ -1127,4 +1127,18 @@ fn sampled_users_are_scaled_in_the_cluster_as_on_the_single_node() {
     );
     let day = series["points"][0]["value"].as_u64().unwrap();
     assert!(day.abs_diff(got) <= got / 100 + 1, "{day} against {got}");
+    // The answers say how far off they may be, as the single node's do.
+    let error = |node: &TestServer, tenant: &Tenant| {
+        ask(node, tenant, &path)["relative_error"].as_f64().unwrap()
+    };
+    let (single_error, cluster_error) = (
+        error(&single, &on_single),
+        error(&cluster.ingest[0], &on_cluster),
+    );
+    println!("relative errors (95%): single node {single_error:.3}, cluster {cluster_error:.3}");
+    assert!((0.01..0.2).contains(&cluster_error), "{cluster_error}");
+    assert!(
+        series["points"][0]["relative_error"].as_f64().is_some(),
+        "{series}"
+    );
 }

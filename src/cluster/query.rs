@@ -8,6 +8,7 @@ use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::query::{EventTotal, Metric, Point};
 use crate::rollup::{cover, Resolution, ALL_EVENTS};
+use crate::sampling::Estimate;
 
 /// Every bucket of `[from, to)` (aligned) at `resolution`, zeros included.
 pub async fn series(
@@ -20,8 +21,11 @@ pub async fn series(
     to: Micros,
 ) -> redis::RedisResult<Vec<Point>> {
     let name = event.unwrap_or(ALL_EVENTS);
-    let values = match metric {
-        Metric::Count => shared.counts(tenant, resolution, name, from, to).await?,
+    let values: Vec<(Micros, Estimate)> = match metric {
+        Metric::Count => (shared.counts(tenant, resolution, name, from, to).await?)
+            .into_iter()
+            .map(|(ts, count)| (ts, Estimate::exact(count as f64)))
+            .collect(),
         Metric::Uniques => {
             let weights = shared.sampled_weights(tenant, name).await?;
             (shared.bucket_estimates(tenant, resolution, name, &weights, from, to)).await?
@@ -29,10 +33,10 @@ pub async fn series(
     };
     Ok(values
         .into_iter()
-        .map(|(ts, value)| Point {
+        .map(|(ts, estimate)| Point {
             ts,
-            value,
-            relative_error: None,
+            value: estimate.rounded(),
+            relative_error: estimate.relative_error,
         })
         .collect())
 }
@@ -61,7 +65,9 @@ pub async fn event_totals(
     let mut sampled = shared.all_sampled_weights(tenant).await?;
     for (event, count) in totals {
         let weights = sampled.remove(&event).unwrap_or_default();
-        let uniques = (shared.estimated_uniques(tenant, &event, &weights, &parts)).await?;
+        let uniques = (shared.estimated_uniques(tenant, &event, &weights, &parts))
+            .await?
+            .rounded();
         out.push(EventTotal {
             event,
             count,
@@ -79,7 +85,7 @@ pub async fn uniques(
     event: Option<&str>,
     from: Micros,
     to: Micros,
-) -> redis::RedisResult<u64> {
+) -> redis::RedisResult<Estimate> {
     let name = event.unwrap_or(ALL_EVENTS);
     let weights = shared.sampled_weights(tenant, name).await?;
     (shared.estimated_uniques(tenant, name, &weights, &cover(from, to))).await

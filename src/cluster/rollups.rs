@@ -26,6 +26,7 @@ use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::event::Micros;
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, Resolution, Retention};
+use crate::sampling::Estimate;
 use crate::storage::cold::ColdStore;
 
 /// What a flush did.
@@ -310,7 +311,7 @@ impl SharedRollups {
         name: &str,
         weights: &[u32],
         parts: &[(Resolution, Micros)],
-    ) -> redis::RedisResult<u64> {
+    ) -> redis::RedisResult<Estimate> {
         let buckets: Vec<(Resolution, Micros)> = parts.to_vec();
         Ok(self.estimates(tenant, name, weights, &[buckets]).await?[0])
     }
@@ -322,7 +323,7 @@ impl SharedRollups {
         name: &str,
         weights: &[u32],
         groups: &[Vec<(Resolution, Micros)>],
-    ) -> redis::RedisResult<Vec<u64>> {
+    ) -> redis::RedisResult<Vec<Estimate>> {
         let mut pipe = redis::pipe();
         let mut levels: Vec<String> = vec![name.to_string()];
         levels.extend(
@@ -351,16 +352,17 @@ impl SharedRollups {
         let mut asked = sizes.chunks(levels.len());
         Ok((groups.iter())
             .map(|group| {
-                if group.is_empty() {
-                    return 0;
-                }
-                let Some(sizes) = asked.next() else {
-                    return 0;
+                let sizes = match group.is_empty() {
+                    true => None,
+                    false => asked.next(),
+                };
+                let Some(sizes) = sizes else {
+                    return Estimate::exact(0.0);
                 };
                 let unions: Vec<(u32, f64)> = (weights.iter().copied())
                     .zip(sizes[1..].iter().map(|n| *n as f64))
                     .collect();
-                crate::sampling::estimate_users_of_unions(sizes[0] as f64, &unions).rounded()
+                crate::sampling::estimate_users_of_unions(sizes[0] as f64, &unions)
             })
             .collect())
     }
@@ -375,7 +377,7 @@ impl SharedRollups {
         weights: &[u32],
         from: Micros,
         to: Micros,
-    ) -> redis::RedisResult<Vec<(Micros, u64)>> {
+    ) -> redis::RedisResult<Vec<(Micros, Estimate)>> {
         let starts = bucket_starts(resolution, from, to);
         let groups: Vec<Vec<(Resolution, Micros)>> = starts
             .iter()

@@ -297,7 +297,14 @@ pub async fn series(
         } else {
             body["points"] = points
                 .iter()
-                .map(|p| serde_json::json!({ "ts": format_timestamp(p.ts), "value": p.value }))
+                .map(|p| {
+                    let mut point =
+                        serde_json::json!({ "ts": format_timestamp(p.ts), "value": p.value });
+                    if let Some(error) = p.relative_error {
+                        point["relative_error"] = error.into();
+                    }
+                    point
+                })
                 .collect::<Vec<_>>()
                 .into();
         }
@@ -469,12 +476,15 @@ pub async fn uniques(
                 .await
         })
         .await?;
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "event": event,
             "from": format_timestamp(from),
             "to": format_timestamp(to),
-            "uniques": count,
+            "uniques": count.rounded(),
         });
+        if let Some(error) = count.relative_error {
+            body["relative_error"] = error.into();
+        }
         return Ok(shared_reply(body, watermark));
     }
     let closed = to <= Resolution::Minute.bucket(now_micros());
