@@ -637,8 +637,10 @@ impl ProcessNode {
                 cold: self.cold.as_ref().map(|cold| &cold.store),
             };
             match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
-                Ok(RolledUp::Through(_)) => {
-                    if pending.get(&tenant) == Some(&head) {
+                // Short of the head (a range rolled up again from the cold tier, one chunk per
+                // round so the partition goes on meanwhile): still pending.
+                Ok(RolledUp::Through(through)) => {
+                    if through >= head && pending.get(&tenant) == Some(&head) {
                         pending.remove(&tenant);
                     }
                 }

@@ -454,7 +454,8 @@ const BATCHES_PER_FLUSH: usize = 256;
 /// What [`roll_up_tenant`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RolledUp {
-    /// The shared rollups include the local log through this sequence (maybe more).
+    /// The shared rollups include the local log through this sequence (maybe more): the
+    /// head, or less after a chunk rolled up again from the cold tier (call again).
     Through(u64),
     /// The lease no longer holds the partition's fence: nothing was written.
     Fenced,
@@ -513,13 +514,14 @@ pub async fn roll_up_tenant(
                         FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
                         FlushOutcome::Stored => {
                             crate::telemetry::cluster_rollup_from_cold(read.events);
+                            // One chunk per call: the partition's stream goes on in between.
                             // Sequences retention or an erasure removed from the cold tier.
                             let absent = (through - stored).saturating_sub(read.events);
                             if absent > 0 {
                                 tracing::warn!(%tenant, from, through, absent, "shared rollups lost sequences the cold tier no longer holds; they stay uncounted");
                                 crate::telemetry::cluster_rollup_gap(absent);
                             }
-                            continue;
+                            return Ok(RolledUp::Through(through));
                         }
                         FlushOutcome::Conflict { .. } => continue,
                     }
