@@ -20,13 +20,15 @@ use bytes::Bytes;
 use crate::event::{flags, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::{ColdError, ColdStore};
-use crate::storage::dedup::{self, DedupKey};
-use crate::storage::event_log::{first_seq_received_since, scan_views};
+use crate::storage::dedup;
+use crate::storage::event_log::first_seq_received_since;
 use crate::storage::writer::KeysSeenAt;
 use crate::storage::{codec, Storage, StorageError};
 
 const MAGIC: &[u8; 4] = b"SRCK";
-const VERSION: u8 = 1;
+/// 2: a tenant's dedup keys are read from the cold tier ([`cold_keys`]); 1: they were in the
+/// checkpoint (still read).
+const VERSION: u8 = 2;
 const HEADER: usize = 4 + 1 + 8 + 32;
 
 /// A checkpoint as read back.
@@ -37,6 +39,8 @@ pub struct Checkpoint {
     pub covered: u64,
     /// The lease token of the node that wrote it.
     pub token: u64,
+    /// The body's format (see [`Snapshot::decode`]).
+    pub version: u8,
     pub body: Bytes,
 }
 
@@ -94,11 +98,12 @@ impl Checkpoints {
         for (covered, token) in listed.iter().rev().copied() {
             let object = self.store.get(&name(partition, covered, token)).await?;
             match check(&object) {
-                Ok(body) => {
+                Ok((version, body)) => {
                     return Ok(Some(Checkpoint {
                         partition,
                         covered,
                         token,
+                        version,
                         body,
                     }))
                 }
@@ -149,9 +154,10 @@ pub fn keys_kept_since(window: Duration, now: Micros) -> Micros {
 }
 
 /// What a partition's state at a stream position holds, for a new owner: per tenant, where
-/// its log continues and the dedup keys it has seen within its window. The log entries
-/// themselves are not in it: a checkpoint is only written once the shared rollups include
-/// them, and the cold tier keeps the events.
+/// its log continues and from which sequence on the events within its dedup window lie. The
+/// events themselves, and so their dedup keys, are not in it: a checkpoint is only written once
+/// the shared rollups include them and the cold tier holds them ([`cold_keys`] reads the keys
+/// back), so its size does not grow with the window.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub tenants: Vec<TenantSnapshot>,
@@ -163,8 +169,24 @@ pub struct TenantSnapshot {
     pub tenant: TenantId,
     /// The last log sequence.
     pub head: u64,
-    /// Dedup keys by the receive time of their batch, oldest first.
+    /// No event received within the window (and an hour) has a lower sequence.
+    pub window_from: u64,
+    /// Dedup keys by the receive time of their batch, oldest first: only in checkpoints of
+    /// version 1, which carried them.
     pub keys: Vec<KeysSeenAt>,
+}
+
+/// A version 1 checkpoint.
+#[derive(serde::Deserialize)]
+struct SnapshotV1 {
+    tenants: Vec<TenantSnapshotV1>,
+}
+
+#[derive(serde::Deserialize)]
+struct TenantSnapshotV1 {
+    tenant: TenantId,
+    head: u64,
+    keys: Vec<KeysSeenAt>,
 }
 
 /// A tenant to read into a [`Snapshot`].
@@ -176,14 +198,15 @@ pub struct TenantInput {
     pub window: Duration,
     /// Its log's last sequence (the writer's, which an import sets).
     pub head: u64,
-    /// Keys it was imported with (not in its local log).
-    pub carried: Vec<KeysSeenAt>,
+    /// When its state was imported from a checkpoint, and that checkpoint's `window_from`:
+    /// its local log lacks the entries before the import, so until the window has passed the
+    /// import, the window starts no later than that.
+    pub imported: Option<(Micros, u64)>,
 }
 
 impl Snapshot {
-    /// Reads the state of `tenants` from the local log: for each, the keys of its entries
-    /// received within its window before `now`, after those it `carries` over from the state
-    /// it was imported with. Blocking.
+    /// Reads the state of `tenants` from the local log at `now`: for each, its head and where
+    /// its window starts. Blocking.
     pub fn read(
         storage: &Storage,
         tenants: &[TenantInput],
@@ -191,34 +214,17 @@ impl Snapshot {
     ) -> Result<Snapshot, StorageError> {
         let mut out = Vec::with_capacity(tenants.len());
         for input in tenants {
-            let TenantInput {
-                tenant,
-                local,
-                window,
-                head,
-                carried,
-            } = input;
-            let since = keys_kept_since(*window, now);
-            let from = first_seq_received_since(storage.log(), *local, since, Duration::ZERO)?;
-            let mut keys: Vec<KeysSeenAt> = (carried.iter())
-                .filter(|(at, _)| *at >= since)
-                .cloned()
-                .collect();
-            scan_views(storage.log(), *local, from.max(1), |_, batch| {
-                let seen: Vec<DedupKey> = (batch.events.iter())
-                    .filter(|event| event.flags & flags::GENERATED_ID == 0)
-                    .map(|event| dedup::key(*tenant, event.message_id))
-                    .collect();
-                match keys.last_mut() {
-                    Some((at, same)) if *at == batch.received_at => same.extend(seen),
-                    _ => keys.push((batch.received_at, seen)),
-                }
-                std::ops::ControlFlow::Continue(())
-            })?;
+            let since = keys_kept_since(input.window, now);
+            let from = first_seq_received_since(storage.log(), input.local, since, Duration::ZERO)?;
+            let window_from = match input.imported {
+                Some((at, imported_from)) if at >= since => from.min(imported_from),
+                _ => from,
+            };
             out.push(TenantSnapshot {
-                tenant: *tenant,
-                head: *head,
-                keys,
+                tenant: input.tenant,
+                head: input.head,
+                window_from,
+                keys: Vec::new(),
             });
         }
         Ok(Snapshot { tenants: out })
@@ -231,21 +237,69 @@ impl Snapshot {
         })
     }
 
-    pub fn decode(body: &[u8]) -> Result<Snapshot, StorageError> {
-        codec::decode(body).map_err(|source| StorageError::Codec {
+    /// The snapshot of a checkpoint's body, written with format `version`.
+    pub fn decode(version: u8, body: &[u8]) -> Result<Snapshot, StorageError> {
+        let failed = |source| StorageError::Codec {
             keyspace: "checkpoint",
             source,
-        })
+        };
+        if version == 1 {
+            let old: SnapshotV1 = codec::decode(body).map_err(failed)?;
+            let tenants = (old.tenants.into_iter())
+                .map(|t| TenantSnapshot {
+                    tenant: t.tenant,
+                    head: t.head,
+                    window_from: t.head + 1,
+                    keys: t.keys,
+                })
+                .collect();
+            return Ok(Snapshot { tenants });
+        }
+        codec::decode(body).map_err(failed)
     }
 }
 
-/// The body of a stored checkpoint object, if its header vouches for it.
-fn check(object: &Bytes) -> Result<Bytes, ColdError> {
+/// The dedup keys of `tenant`'s events in the published cold tier with sequences in
+/// `from..=through` received at `since` or later, by receive time (events with ids the server
+/// generated have none). Blocking.
+pub fn cold_keys(
+    store: &ColdStore,
+    tenant: TenantId,
+    (from, through): (u64, u64),
+    since: Micros,
+) -> Result<Vec<KeysSeenAt>, ColdError> {
+    let mut keys: Vec<KeysSeenAt> = Vec::new();
+    if from > through {
+        return Ok(keys);
+    }
+    let published = crate::storage::cold::newest_published(store, tenant)?;
+    let visit = |_, batch: &crate::event::LogBatch| {
+        if batch.received_at >= since {
+            let seen = (batch.events.iter())
+                .filter(|event| event.flags & flags::GENERATED_ID == 0)
+                .map(|event| dedup::key(tenant, &event.message_id));
+            match keys.last_mut() {
+                Some((at, same)) if *at == batch.received_at => same.extend(seen),
+                _ => keys.push((batch.received_at, seen.collect())),
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    };
+    let segments = published.segments;
+    let _read_all =
+        crate::storage::cold::scan_segments(store, tenant, segments, from, through, None, visit)?;
+    keys.sort_by_key(|(at, _)| *at);
+    Ok(keys)
+}
+
+/// The format version and body of a stored checkpoint object, if its header vouches for it.
+fn check(object: &Bytes) -> Result<(u8, Bytes), ColdError> {
     let corrupt = |why: &str| ColdError::Corrupt(format!("checkpoint: {why}"));
     if object.len() < HEADER || &object[..4] != MAGIC {
         return Err(corrupt("not a checkpoint"));
     }
-    if object[4] != VERSION {
+    let version = object[4];
+    if !(1..=VERSION).contains(&version) {
         return Err(corrupt("unknown version"));
     }
     let mut length = [0u8; 8];
@@ -257,7 +311,7 @@ fn check(object: &Bytes) -> Result<Bytes, ColdError> {
     if blake3::hash(&body).as_bytes()[..] != object[13..HEADER] {
         return Err(corrupt("checksum mismatch"));
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 #[cfg(test)]
@@ -283,7 +337,7 @@ mod tests {
         object.extend_from_slice(&(body.len() as u64).to_be_bytes());
         object.extend_from_slice(blake3::hash(body).as_bytes());
         object.extend_from_slice(body);
-        assert_eq!(check(&Bytes::from(object.clone())).unwrap(), &body[..]);
+        assert_eq!(check(&Bytes::from(object.clone())).unwrap().1, &body[..]);
         let mut flipped = object.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(check(&Bytes::from(flipped)).is_err());

@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster::checkpoint::{keys_kept_since, Checkpoints, Snapshot, TenantInput};
+use crate::cluster::checkpoint::{cold_keys, keys_kept_since, Checkpoints, Snapshot, TenantInput};
 use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests, Upkeep};
 use crate::cluster::connect_redis;
 use crate::cluster::lease::{Fence, Lease, Leases};
@@ -28,7 +28,6 @@ use crate::cluster::stream::EventStream;
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::rollup::Retention;
-use crate::storage::writer::KeysSeenAt;
 use crate::storage::writer::LogWriter;
 use crate::storage::Storage;
 use crate::tenant::TenantDirectory;
@@ -99,8 +98,8 @@ struct Checkpointed {
 
 /// Deletes from the local log what neither the rollups nor a checkpoint can need any more:
 /// entries at or below the stored checkpoint's heads (the shared rollups include them) that
-/// were received longer than their tenant's window (and an hour) ago (the next checkpoint's
-/// dedup keys come from entries within it). Blocking.
+/// were received longer than their tenant's window (and an hour) ago (the next checkpoint
+/// finds where the window starts among the entries within it). Blocking.
 fn prune_local_log(
     storage: &Storage,
     heads: &[(TenantId, u64, Duration)],
@@ -108,7 +107,7 @@ fn prune_local_log(
 ) -> Result<u64, crate::storage::StorageError> {
     let mut deleted = 0;
     for (local, head, window) in heads {
-        // What the next checkpoint reads its dedup keys from stays.
+        // What the next checkpoint finds its window's start in stays.
         let recent = crate::storage::event_log::first_seq_received_since(
             storage.log(),
             *local,
@@ -146,8 +145,7 @@ struct PartitionCopy {
     /// logs move to new local ids ([`PartitionCopy::local`]), so the new state never meets
     /// the old one's log entries or dedup keys in the local store.
     generation: AtomicU64,
-    /// Tenants with a log in the copy: their last log sequence, and the dedup keys they were
-    /// imported with (which their local logs do not hold).
+    /// Tenants with a log in the copy: their last log sequence, and when they were imported.
     tenants: Mutex<HashMap<TenantId, TenantCopy>>,
 }
 
@@ -156,7 +154,9 @@ struct TenantCopy {
     head: u64,
     /// The longest dedup window its batches were applied with.
     window: Duration,
-    carried: Vec<KeysSeenAt>,
+    /// When it was imported from a checkpoint, and where that checkpoint said its window
+    /// started (see [`TenantInput::imported`]).
+    imported: Option<(crate::event::Micros, u64)>,
 }
 
 impl PartitionCopy {
@@ -480,7 +480,8 @@ impl ProcessNode {
         if checkpoint.covered <= copy.covered.load(Ordering::Acquire) {
             return Ok(());
         }
-        let snapshot = Snapshot::decode(&checkpoint.body).map_err(|e| e.to_string())?;
+        let snapshot =
+            Snapshot::decode(checkpoint.version, &checkpoint.body).map_err(|e| e.to_string())?;
         // The older copy's logs are unreachable from now on: they go.
         let replaced: Vec<TenantId> = (copy.tenants().keys())
             .map(|tenant| copy.local(*tenant))
@@ -495,22 +496,33 @@ impl ProcessNode {
                 }
             }
         });
+        let now = crate::event::now_micros();
         for tenant in snapshot.tenants {
             let local = copy.local(tenant.tenant);
             let window = (self.directory.get(tenant.tenant))
                 .map_or(self.default_dedup_window, |r| r.settings.dedup_window);
             (self.storage.dedup_windows).set(local, window);
-            (self
-                .writer
-                .import(local, tenant.head, tenant.keys.clone())
-                .await)
-                .map_err(|e| e.to_string())?;
+            // The keys of the events within the window, from the cold tier, which holds
+            // everything through the checkpoint's heads (older checkpoints carried them).
+            let mut keys = tenant.keys;
+            if let Some(cold) = &self.cold {
+                let (store, id) = (cold.store.clone(), tenant.tenant);
+                let range = (tenant.window_from, tenant.head);
+                let since = keys_kept_since(window, now);
+                let read = crate::blocking::run(move || cold_keys(&store, id, range, since));
+                keys.extend(
+                    (read.await)
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            (self.writer.import(local, tenant.head, keys).await).map_err(|e| e.to_string())?;
             copy.tenants().insert(
                 tenant.tenant,
                 TenantCopy {
                     head: tenant.head,
                     window,
-                    carried: tenant.keys,
+                    imported: Some((now, tenant.window_from)),
                 },
             );
         }
@@ -548,7 +560,7 @@ impl ProcessNode {
                     .map_or(self.default_dedup_window, |r| r.settings.dedup_window)
                     .max(t.window),
                 head: t.head,
-                carried: t.carried.clone(),
+                imported: t.imported,
             })
             .collect();
         let storage = self.storage.clone();
