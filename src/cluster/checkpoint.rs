@@ -328,6 +328,48 @@ mod tests {
         assert_eq!(parse("checkpoints/partition=3/x.ckpt"), None);
     }
 
+    /// Version 1 bodies (keys inside) still read; version 2 ones round-trip.
+    #[test]
+    fn both_body_formats_read() {
+        #[derive(serde::Serialize)]
+        struct OldTenant {
+            tenant: TenantId,
+            head: u64,
+            keys: Vec<KeysSeenAt>,
+        }
+        #[derive(serde::Serialize)]
+        struct Old {
+            tenants: Vec<OldTenant>,
+        }
+        let keys = vec![(5, vec![dedup::key(TenantId(7), "m1")])];
+        let old = Old {
+            tenants: vec![OldTenant {
+                tenant: TenantId(7),
+                head: 40,
+                keys: keys.clone(),
+            }],
+        };
+        let body = codec::encode_compressed(&old).unwrap();
+        let read = Snapshot::decode(1, &body).unwrap();
+        assert_eq!(read.tenants[0].keys, keys);
+        assert_eq!(
+            (read.tenants[0].head, read.tenants[0].window_from),
+            (40, 41)
+        );
+        let new = Snapshot {
+            tenants: vec![TenantSnapshot {
+                tenant: TenantId(7),
+                head: 40,
+                window_from: 12,
+                keys: Vec::new(),
+            }],
+        };
+        assert_eq!(
+            Snapshot::decode(VERSION, &new.encode().unwrap()).unwrap(),
+            new
+        );
+    }
+
     #[test]
     fn damaged_objects_are_refused() {
         let body = b"state";
