@@ -1145,4 +1145,28 @@ fn sampled_users_are_scaled_in_the_cluster_as_on_the_single_node() {
         series["points"][0]["relative_error"].as_f64().is_some(),
         "{series}"
     );
+    // The top events too, for the count and the distinct users.
+    let top = |node: &TestServer, tenant: &Tenant| {
+        let answer = ask(node, tenant, &format!("/v1/query/events?{RANGE}"));
+        let viewed = (answer["events"].as_array().unwrap().iter())
+            .find(|e| e["event"] == "Viewed")
+            .cloned()
+            .unwrap();
+        let error = &viewed["relative_error"];
+        (
+            error["count"].as_f64().unwrap(),
+            error["uniques"].as_f64().unwrap(),
+        )
+    };
+    let (single_top, cluster_top) = (
+        top(&single, &on_single),
+        top(&cluster.ingest[0], &on_cluster),
+    );
+    println!("top events' relative errors (count, uniques): single node {single_top:.3?}, cluster {cluster_top:.3?}");
+    for (single, cluster) in [(single_top.0, cluster_top.0), (single_top.1, cluster_top.1)] {
+        assert!(
+            cluster > single / 2.0 && cluster < single * 2.0,
+            "{cluster} against {single}"
+        );
+    }
 }

@@ -41,7 +41,8 @@ pub async fn series(
         .collect())
 }
 
-/// Every event with its count and distinct users over `[from, to)` (aligned), largest first.
+/// Every event with its count and distinct users over `[from, to)` (aligned), largest first,
+/// with the 95% bounds of their errors when sampled events contributed.
 pub async fn event_totals(
     shared: &SharedRollups,
     tenant: TenantId,
@@ -50,14 +51,13 @@ pub async fn event_totals(
     limit: usize,
 ) -> redis::RedisResult<Vec<EventTotal>> {
     let parts = cover(from, to);
-    let mut totals: Vec<(String, u64)> = shared
-        .totals(tenant, &parts)
-        .await?
-        .into_iter()
-        // Not the series of sampled events' users (they carry no counts of their own).
+    let all = shared.totals(tenant, &parts).await?;
+    let mut totals: Vec<(String, u64)> = (all.iter())
+        // Not the series of sampled events' users (they are not events).
         .filter(|(name, count)| {
-            name != ALL_EVENTS && !crate::sampling::is_sampled_series(name) && *count > 0
+            *name != ALL_EVENTS && !crate::sampling::is_sampled_series(name) && **count > 0
         })
+        .map(|(name, count)| (name.clone(), *count))
         .collect();
     totals.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     totals.truncate(limit);
@@ -65,14 +65,26 @@ pub async fn event_totals(
     let mut sampled = shared.all_sampled_weights(tenant).await?;
     for (event, count) in totals {
         let weights = sampled.remove(&event).unwrap_or_default();
-        let uniques = (shared.estimated_uniques(tenant, &event, &weights, &parts))
-            .await?
-            .rounded();
+        let uniques = (shared.estimated_uniques(tenant, &event, &weights, &parts)).await?;
+        // Each weight's kept events (its series counts them once each, while the event's
+        // count has them at their weight) and their users, as the single node estimates.
+        let mut levels = Vec::with_capacity(weights.len());
+        for weight in &weights {
+            let series = crate::sampling::sampled_series(&event, *weight);
+            let kept = all.get(&series).copied().unwrap_or(0);
+            if kept > 0 {
+                let users = shared.uniques(tenant, &series, &parts).await?;
+                levels.push((*weight, kept, users as f64));
+            }
+        }
+        let weighted: u64 = levels.iter().map(|(w, kept, _)| u64::from(*w) * kept).sum();
+        let mut counted = crate::sampling::estimate_count(count.saturating_sub(weighted), &levels);
+        counted.value = count as f64;
         out.push(EventTotal {
             event,
             count,
-            uniques,
-            relative_error: None,
+            uniques: uniques.rounded(),
+            relative_error: crate::query::RelativeError::of(&counted, &uniques),
         });
     }
     Ok(out)

@@ -325,7 +325,7 @@ pub struct RelativeError {
 }
 
 impl RelativeError {
-    fn of(count: &Estimate, uniques: &Estimate) -> Option<RelativeError> {
+    pub(crate) fn of(count: &Estimate, uniques: &Estimate) -> Option<RelativeError> {
         if count.relative_error.is_none() && uniques.relative_error.is_none() {
             return None;
         }
