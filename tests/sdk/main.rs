@@ -250,7 +250,13 @@ fn check_posthog_js(
     assert_eq!(events.len(), 6, "{kinds:?}");
     let captured = &events[&ids["capture"]];
     assert_eq!(captured["event"], "signed_up");
-    assert_eq!(captured["userId"], ids["anonymous"].as_str());
+    // The resend of the same uuid comes after `identify`, with the identified id; posthog-js
+    // may send its batches side by side, so either copy can be the one stored (once).
+    let user = captured["userId"].as_str().unwrap_or_default();
+    assert!(
+        user == ids["anonymous"] || user == format!("{run}-user"),
+        "{user}"
+    );
     assert_eq!(captured["properties"]["plan"], "pro");
     assert_eq!(captured["originalTimestamp"], SENT_AT);
     assert_eq!(captured["statsremote"]["libraryName"], "web");
