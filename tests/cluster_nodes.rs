@@ -949,11 +949,6 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
     let (from, to) = (at(hour - 7200), at(hour + 3600));
     let range = format!("from={from}&to={to}");
     single.wait_rollups_caught_up(&on_single.read_key);
-    let ask = |node: &TestServer, tenant: &Tenant, path: &str| {
-        let reply = node.get(path, Auth::Bearer(&tenant.read_key));
-        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
-        reply.json()
-    };
     let expected = ask(&single, &on_single, &format!("/v1/query/events?{range}"));
     let stored: u64 = (expected["events"].as_array().unwrap().iter())
         .map(|e| e["count"].as_u64().unwrap())
@@ -1054,6 +1049,13 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
     );
 }
 
+/// A query's answer (read key), which must be 200.
+fn ask(node: &TestServer, tenant: &Tenant, path: &str) -> Value {
+    let reply = node.get(path, Auth::Bearer(&tenant.read_key));
+    assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    reply.json()
+}
+
 /// Waits until `node` counts `expected` events for the tenant over `range`.
 fn wait_total_in(node: &TestServer, tenant: &Tenant, range: &str, expected: u64) {
     let started = Instant::now();
@@ -1098,11 +1100,6 @@ fn sampled_users_are_scaled_in_the_cluster_as_on_the_single_node() {
         }
     }
     single.wait_rollups_caught_up(&on_single.read_key);
-    let ask = |node: &TestServer, tenant: &Tenant, path: &str| {
-        let reply = node.get(path, Auth::Bearer(&tenant.read_key));
-        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
-        reply.json()
-    };
     // An unsampled event sent last: once it is counted, everything before it is.
     let done = json!({ "batch": [common::track("s-done", "user-0", "Done")] });
     let reply = cluster.ingest[0].post_json("/v1/batch", Auth::Basic(&on_cluster.write_key), &done);

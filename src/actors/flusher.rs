@@ -209,54 +209,14 @@ fn pass(
     }
     let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
     let now = now_micros();
-    let raw_retention = (deps.directory.get(tenant)).map(|record| record.settings.raw_retention);
-    if let Some(keep) = raw_retention.filter(|keep| !keep.is_zero()) {
-        let removed = cold::enforce_retention(
-            &mut Ledger::Local(storage),
-            store,
-            tenant,
-            now.saturating_sub(micros(keep)),
-        )?;
-        if removed.removed_segments > 0 {
-            tracing::info!(
-                %tenant,
-                segments = removed.removed_segments,
-                events = removed.removed_events,
-                "raw-data retention removed expired segments"
-            );
-            telemetry::cold_maintained(
-                &label,
-                "retention",
-                removed.removed_segments,
-                0,
-                removed.removed_events,
-            );
-        }
-    }
-    let policy = CompactionPolicy {
-        small_rows: settings.compact_below_rows,
-        max_rows: settings.compact_max_rows,
-        min_segments: settings.compact_min_segments,
-        settled_before: now
-            .saturating_sub(micros(deps.hot_retention))
-            .saturating_sub(micros(settings.flush_interval)),
-    };
-    let compacted = cold::compact(&mut Ledger::Local(storage), store, tenant, policy)?;
-    if compacted.written_segments > 0 {
-        tracing::info!(
-            %tenant,
-            merged = compacted.removed_segments,
-            into = compacted.written_segments,
-            "compacted small cold segments"
-        );
-        telemetry::cold_maintained(
-            &label,
-            "compaction",
-            compacted.removed_segments,
-            compacted.written_segments,
-            0,
-        );
-    }
+    let raw_retention =
+        (deps.directory.get(tenant)).map_or(Duration::ZERO, |record| record.settings.raw_retention);
+    let settled_before = now
+        .saturating_sub(micros(deps.hot_retention))
+        .saturating_sub(micros(settings.flush_interval));
+    let policy = CompactionPolicy::new(settings, settled_before);
+    let mut ledger = Ledger::Local(storage);
+    cold::retain_and_compact(&mut ledger, store, tenant, raw_retention, policy, now)?;
     cold::purge_trash(store, tenant, settings.grace_period)?;
     let segments = cold::segments(storage, tenant)?;
     telemetry::cold_segments(

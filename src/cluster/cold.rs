@@ -25,7 +25,7 @@ use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
-    compact, discard_unpublished, enforce_retention, newest_published, publish_next, purge_trash,
+    discard_unpublished, newest_published, publish_next, purge_trash, retain_and_compact,
     trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy, Ledger, Published,
     Written,
 };
@@ -255,48 +255,15 @@ impl ColdFlush {
         upkeep: Upkeep,
         writer: u64,
     ) -> Result<(), ColdError> {
-        let (tenant, label) = (upkeep.tenant, upkeep.tenant.to_string());
-        let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
         let now = now_micros();
-        if !upkeep.raw_retention.is_zero() {
-            let keep_after = now.saturating_sub(micros(upkeep.raw_retention));
-            let mut ledger = Ledger::Published {
-                state: published,
-                writer,
-            };
-            let removed = enforce_retention(&mut ledger, &self.store, tenant, keep_after)?;
-            if removed.removed_segments > 0 {
-                crate::telemetry::cold_maintained(
-                    &label,
-                    "retention",
-                    removed.removed_segments,
-                    0,
-                    removed.removed_events,
-                );
-            }
-        }
-        let settings = &self.settings;
-        let policy = CompactionPolicy {
-            small_rows: settings.compact_below_rows,
-            max_rows: settings.compact_max_rows,
-            min_segments: settings.compact_min_segments,
-            settled_before: now.saturating_sub(micros(self.settle)),
-        };
+        let settle = Micros::try_from(self.settle.as_micros()).unwrap_or(Micros::MAX);
+        let policy = CompactionPolicy::new(&self.settings, now.saturating_sub(settle));
         let mut ledger = Ledger::Published {
             state: published,
             writer,
         };
-        let compacted = compact(&mut ledger, &self.store, tenant, policy)?;
-        if compacted.written_segments > 0 {
-            crate::telemetry::cold_maintained(
-                &label,
-                "compaction",
-                compacted.removed_segments,
-                compacted.written_segments,
-                0,
-            );
-        }
-        Ok(())
+        let (tenant, keep) = (upkeep.tenant, upkeep.raw_retention);
+        retain_and_compact(&mut ledger, &self.store, tenant, keep, policy, now)
     }
 
     /// Writes the segments of the target's next range after `after`, their names tagged with

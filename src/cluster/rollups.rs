@@ -502,12 +502,7 @@ pub async fn roll_up_tenant(
             if let Some(store) = cold {
                 let (from, to) = (stored + 1, (first - 1).min(stored + COLD_SEQS_PER_FLUSH));
                 if let Some(read) = cold_range(store.clone(), tenant, from, to).await? {
-                    let mut deltas = Deltas::keeping_every_user();
-                    let now = crate::event::now_micros();
-                    for (_, items) in &read.items {
-                        deltas.apply(items, &retention, now);
-                    }
-                    deltas.roll_up_users();
+                    let deltas = shared_deltas(&read.items, &retention);
                     let through = read.through;
                     let flushed = shared.flush(tenant, lease, fence_key, &deltas, stored, through);
                     match flushed.await? {
@@ -548,12 +543,7 @@ pub async fn roll_up_tenant(
         else {
             return Ok(RolledUp::Through(stored));
         };
-        let mut deltas = Deltas::keeping_every_user();
-        let now = crate::event::now_micros();
-        for (_, items) in &batches {
-            deltas.apply(items, &retention, now);
-        }
-        deltas.roll_up_users();
+        let deltas = shared_deltas(&batches, &retention);
         match shared
             .flush(tenant, lease, fence_key, &deltas, stored, through)
             .await?
@@ -563,6 +553,17 @@ pub async fn roll_up_tenant(
             FlushOutcome::Stored | FlushOutcome::Conflict { .. } => {}
         }
     }
+}
+
+/// The deltas of log entries' rollup items, as [`SharedRollups::flush`] takes them.
+fn shared_deltas(entries: &[(u64, crate::rollup::RollupItems)], retention: &Retention) -> Deltas {
+    let mut deltas = Deltas::keeping_every_user();
+    let now = crate::event::now_micros();
+    for (_, items) in entries {
+        deltas.apply(items, retention, now);
+    }
+    deltas.roll_up_users();
+    deltas
 }
 
 /// Sequences of the cold tier rolled up per flush when Redis lost what the local log no

@@ -199,6 +199,69 @@ pub struct CompactionPolicy {
     pub settled_before: Micros,
 }
 
+impl CompactionPolicy {
+    /// The `cold.compact_*` settings, for hours that ended before `settled_before`.
+    pub fn new(settings: &crate::config::ColdConfig, settled_before: Micros) -> CompactionPolicy {
+        CompactionPolicy {
+            small_rows: settings.compact_below_rows,
+            max_rows: settings.compact_max_rows,
+            min_segments: settings.compact_min_segments,
+            settled_before,
+        }
+    }
+}
+
+/// The maintenance that follows a tenant's flushes (its flusher's, or a cluster owner's):
+/// raw-data retention of what was received `raw_retention` before `now` (zero keeps
+/// everything), then compaction by `policy`; what each removed or wrote is logged and counted.
+/// Blocking.
+pub fn retain_and_compact(
+    ledger: &mut Ledger<'_>,
+    store: &ColdStore,
+    tenant: TenantId,
+    raw_retention: std::time::Duration,
+    policy: CompactionPolicy,
+    now: Micros,
+) -> Result<(), ColdError> {
+    let label = tenant.to_string();
+    if !raw_retention.is_zero() {
+        let keep_after = now.saturating_sub(micros(raw_retention));
+        let removed = enforce_retention(ledger, store, tenant, keep_after)?;
+        if removed.removed_segments > 0 {
+            tracing::info!(
+                %tenant,
+                segments = removed.removed_segments,
+                events = removed.removed_events,
+                "raw-data retention removed expired segments"
+            );
+            crate::telemetry::cold_maintained(
+                &label,
+                "retention",
+                removed.removed_segments,
+                0,
+                removed.removed_events,
+            );
+        }
+    }
+    let compacted = compact(ledger, store, tenant, policy)?;
+    if compacted.written_segments > 0 {
+        tracing::info!(
+            %tenant,
+            merged = compacted.removed_segments,
+            into = compacted.written_segments,
+            "compacted small cold segments"
+        );
+        crate::telemetry::cold_maintained(
+            &label,
+            "compaction",
+            compacted.removed_segments,
+            compacted.written_segments,
+            0,
+        );
+    }
+    Ok(())
+}
+
 /// Merges runs of small segments of the same hour (adjacent in sequence order) into one
 /// segment each. Blocking; holds one record batch and the merged object at a time.
 pub fn compact(

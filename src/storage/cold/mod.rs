@@ -34,7 +34,7 @@ use crate::storage::StorageError;
 pub use self::flush::{flush_due, flush_once, write_segments, Due, FlushReport, Written};
 pub use self::maintenance::{
     compact, enforce_retention, erase_user, oldest_hot_received_at, purge_tenant, purge_trash,
-    recover, trash_uncommitted, CompactionPolicy, Ledger, MaintenanceReport,
+    recover, retain_and_compact, trash_uncommitted, CompactionPolicy, Ledger, MaintenanceReport,
 };
 pub use self::manifest::{
     cold_watermark, discard_unpublished, newest_published, publish_next, segments, Published,
