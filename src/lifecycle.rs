@@ -154,6 +154,17 @@ impl TenantLifecycle {
                 .await)
                 .map_err(LifecycleError::Shared)?
                 .map_err(|e| LifecycleError::Shared(e.to_string()))?;
+            // The tenant's id is never used again, so a plan left behind is only clutter.
+            let engines = Arc::clone(&node);
+            let forgotten = node
+                .on_engines(async move { engines.plans.forget(id).await })
+                .await;
+            if let Err(error) = forgotten
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                tracing::warn!(tenant = %id, %error, "the deleted tenant's shared tracking plan stays");
+            }
         }
         match blocking::run(move || directory.remove(id)).await? {
             // The shared directory's change came back to this node first.

@@ -200,20 +200,25 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         admin,
     )?);
     let derivers = Arc::new(derivers(&config.enrich)?);
-    let schemas = Arc::new(SchemaRegistry::load(
-        storage.clone(),
-        RegistryLimits {
-            max_schema_bytes: usize::try_from(config.processing.max_schema_bytes.as_u64())
-                .unwrap_or(usize::MAX),
-            max_versions_per_tenant: config.processing.max_schema_versions,
-        },
-    )?);
+    let schema_limits = RegistryLimits {
+        max_schema_bytes: usize::try_from(config.processing.max_schema_bytes.as_u64())
+            .unwrap_or(usize::MAX),
+        max_versions_per_tenant: config.processing.max_schema_versions,
+    };
+    let schemas = Arc::new(match role {
+        Role::All => SchemaRegistry::load(storage.clone(), schema_limits)?,
+        // The shared plans are the record (`crate::cluster::plans`).
+        Role::Ingest | Role::Process => SchemaRegistry::empty(storage.clone(), schema_limits),
+    });
     if let Some(node) = &cluster {
         let limits_node = Arc::clone(node);
         node.mirror_directory(Arc::clone(&directory), move |tenant| {
             limits_node.limits.forget(tenant);
         })
         .await;
+        if role == Role::Ingest {
+            node.mirror_plans(Arc::clone(&schemas)).await;
+        }
     }
     let writer = Arc::new(LogWriter::start(
         storage.clone(),

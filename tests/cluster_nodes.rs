@@ -560,6 +560,79 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     }
     println!("live tick on the other node after {:?}", sent.elapsed());
 
+    // A tracking plan registered through one ingest node is enforced by the other, and the
+    // nodes number versions from the shared plan, whichever node registers.
+    let schema_path = format!("/admin/v1/tenants/{}/schemas/Checked", tenant.id);
+    let strict =
+        json!({"type": "object", "required": ["plan"], "properties": {"plan": {"type": "string"}}});
+    let registered = a.admin(
+        "PUT",
+        &schema_path,
+        Some(&json!({"schema": strict, "enforcement": "reject"})),
+    );
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    assert_eq!(registered.json()["version"], 1);
+    let checked = |node: &TestServer, id: &str, properties: Value| {
+        let batch = json!({"batch": [{"type": "track", "event": "Checked", "userId": "u", "messageId": id, "properties": properties}]});
+        let reply = node.post_json("/v1/batch", Auth::Basic(&tenant.write_key), &batch);
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.json()
+    };
+    let registered_at = Instant::now();
+    loop {
+        let reply = checked(b, &format!("unchecked-{:?}", Instant::now()), json!({}));
+        if reply["rejected"] == 1 {
+            break;
+        }
+        assert!(
+            registered_at.elapsed() < Duration::from_secs(5),
+            "the plan registered on a is not enforced on b: {reply}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "schema registered on one node enforced on the other after {:?}",
+        registered_at.elapsed()
+    );
+    assert_eq!(
+        checked(b, "checked-ok", json!({"plan": "pro"}))["rejected"],
+        0
+    );
+    let loosened = json!({"type": "object", "properties": {"plan": {"type": "string"}}});
+    let second = b.admin("PUT", &schema_path, Some(&json!({"schema": loosened})));
+    assert_eq!(second.status, 201, "{}", second.body);
+    assert_eq!(
+        second.json()["version"],
+        2,
+        "numbered after the version registered on a"
+    );
+    let incompatible = a.admin(
+        "PUT",
+        &schema_path,
+        Some(&json!({"schema": {"type": "object", "properties": {"plan": {"type": "integer"}}}})),
+    );
+    assert_eq!(incompatible.status, 409, "{}", incompatible.body);
+    let retired = a.admin("DELETE", &format!("{schema_path}?version=2"), None);
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    let retired_at = Instant::now();
+    loop {
+        let plan = b.get("/v1/schemas", Auth::Bearer(&tenant.read_key));
+        assert_eq!(plan.status, 200, "{}", plan.body);
+        let plan = plan.json();
+        if plan["events"][0]["in_force"] == 1 {
+            assert_eq!(
+                plan["events"][0]["versions"].as_array().map(Vec::len),
+                Some(2)
+            );
+            break;
+        }
+        assert!(
+            retired_at.elapsed() < Duration::from_secs(5),
+            "retired on a, still in force on b: {plan}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // What a cluster does not serve yet, and what a process node never serves, is said.
     let dead_letters = a.get("/v1/deadletter", Auth::Bearer(&tenant.read_key));
     assert!(

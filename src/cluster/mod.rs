@@ -5,12 +5,14 @@
 //! Tenants are spread over a fixed number of partitions ([`partition_of`]); a process node owns
 //! a set of partitions at a time by fenced leases ([`lease`]).
 
+pub mod bucket;
 pub mod checkpoint;
 pub mod cold;
 pub mod directory;
 pub mod lease;
 pub mod live;
 pub mod node;
+pub mod plans;
 pub mod process;
 pub mod publish;
 pub mod query;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 
 use crate::cluster::directory::{self, SharedDirectory};
+use crate::cluster::plans::SharedPlans;
 use crate::cluster::ratelimit::SharedLimits;
 use crate::cluster::rollups::SharedRollups;
 use crate::cluster::stream::{connect_jetstream, EventStream};
@@ -32,6 +33,7 @@ pub struct ClusterNode {
     pub redis: ConnectionManager,
     pub stream: Arc<EventStream>,
     pub directory: SharedDirectory,
+    pub plans: SharedPlans,
     pub rollups: SharedRollups,
     pub limits: SharedLimits,
     /// The runtime the connections live on; work that uses them is spawned there.
@@ -59,6 +61,9 @@ impl ClusterNode {
         let directory = SharedDirectory::open(&js, &config.prefix, config.replicas, defaults)
             .await
             .map_err(|e| e.to_string())?;
+        let plans = SharedPlans::open(&js, &config.prefix, config.replicas)
+            .await
+            .map_err(|e| e.to_string())?;
         let redis = connect_redis(&config.redis_url, REDIS_TIMEOUT)
             .await
             .map_err(|e| format!("redis: {e}"))?;
@@ -71,6 +76,7 @@ impl ClusterNode {
             redis,
             stream: Arc::new(stream),
             directory,
+            plans,
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -126,6 +132,21 @@ impl ClusterNode {
         if tokio::time::timeout(DIRECTORY_WAIT, done).await.is_err() {
             tracing::warn!(
                 "the shared tenant directory did not arrive within {DIRECTORY_WAIT:?}; serving while it does"
+            );
+        }
+    }
+
+    /// Applies the shared tracking plans to `registry`, and keeps applying their changes for
+    /// as long as the node runs; resolves once every plan that existed at start is applied (or
+    /// after [`DIRECTORY_WAIT`], with a warning).
+    pub async fn mirror_plans(self: &Arc<Self>, registry: Arc<crate::schema::SchemaRegistry>) {
+        let (caught_up, done) = tokio::sync::oneshot::channel();
+        let node = Arc::clone(self);
+        self.runtime
+            .spawn(async move { node.plans.mirror(&registry, caught_up).await });
+        if tokio::time::timeout(DIRECTORY_WAIT, done).await.is_err() {
+            tracing::warn!(
+                "the shared tracking plans did not arrive within {DIRECTORY_WAIT:?}; serving while they do"
             );
         }
     }

@@ -79,16 +79,13 @@ pub struct AppState {
 const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
 
 /// Routes a cluster ingest node does not serve (yet): they read or change stored events or
-/// tracking plans, which cluster mode does not share between nodes.
-const NOT_ON_INGEST_NODES: [&str; 9] = [
+/// dead letters, which cluster mode does not share between nodes.
+const NOT_ON_INGEST_NODES: [&str; 6] = [
     "/v1/deadletter",
-    "/v1/schemas",
     "/admin/v1/flush",
     "/admin/v1/deletions/{id}",
     "/admin/v1/tenants/{id}/rollups/rebuild",
     "/admin/v1/tenants/{id}/users/{user_id}",
-    "/admin/v1/tenants/{id}/schemas",
-    "/admin/v1/tenants/{id}/schemas/{event}",
     "/admin/v1/tenants/{id}/deadletter/replay",
 ];
 
@@ -103,7 +100,7 @@ fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<A
         )),
         Role::Ingest if NOT_ON_INGEST_NODES.contains(&route) => {
             Some(ApiError::NotImplemented(format!(
-                "{route} is not available in cluster mode yet: it reads stored events or tracking plans, which the cluster does not share between nodes"
+                "{route} is not available in cluster mode yet: it reads or changes stored events or dead letters, which the cluster does not share between nodes"
             )))
         }
         Role::Process | Role::Ingest => None,

@@ -6,7 +6,10 @@ use serde::Deserialize;
 
 use crate::http::errors::ApiError;
 use crate::http::{admin, auth, AppState};
-use crate::schema::{Registration, RegistryError, TenantPlan};
+use std::sync::Arc;
+
+use crate::ids::TenantId;
+use crate::schema::{prepare_retire, Registration, RegistryError, SchemaVersion, TenantPlan};
 use crate::tenant::{KeyKind, TenantRecord};
 
 fn registry_error(error: RegistryError) -> ApiError {
@@ -24,6 +27,7 @@ fn registry_error(error: RegistryError) -> ApiError {
             }
         }
         RegistryError::Storage(error) => ApiError::Internal(format!("storage failure: {error}")),
+        RegistryError::Unavailable(detail) => ApiError::unavailable(detail),
     }
 }
 
@@ -48,6 +52,46 @@ fn plan_json(tenant: &TenantRecord, plan: &TenantPlan) -> serde_json::Value {
     })
 }
 
+/// A change to one event's versions.
+enum PlanChange {
+    Register(Registration),
+    Retire(u32),
+}
+
+/// Makes `change` to `event`'s versions: in the node's registry, or in cluster mode in the
+/// shared plans (`crate::cluster::plans`), made from the versions they hold.
+async fn change_plan(
+    state: &AppState,
+    id: TenantId,
+    event: String,
+    change: PlanChange,
+) -> Result<SchemaVersion, ApiError> {
+    let registry = Arc::clone(&state.schemas);
+    match state.cluster.clone() {
+        None => crate::blocking::run(move || match change {
+            PlanChange::Register(registration) => registry.register(id, &event, registration),
+            PlanChange::Retire(number) => registry.retire(id, &event, number),
+        })
+        .await
+        .map_err(|e| e.to_string()),
+        Some(node) => {
+            let engines = Arc::clone(&node);
+            let shared = async move {
+                let prepare = |current: &[SchemaVersion]| match &change {
+                    PlanChange::Register(registration) => {
+                        registry.prepare_register(id, &event, current, registration.clone())
+                    }
+                    PlanChange::Retire(number) => prepare_retire(&event, current, *number),
+                };
+                engines.plans.change(&registry, id, &event, prepare).await
+            };
+            node.on_engines(shared).await
+        }
+    }
+    .map_err(|e| ApiError::Internal(format!("schema task failed: {e}")))?
+    .map_err(registry_error)
+}
+
 /// `PUT /admin/v1/tenants/{id}/schemas/{event}`: registers a new version.
 pub async fn register(
     req: HttpRequest,
@@ -58,11 +102,7 @@ pub async fn register(
     auth::require_admin(&req, &state.directory)?;
     let (tenant, event) = path.into_inner();
     let id = admin::existing_tenant(&state, &tenant)?.id;
-    let registry = state.schemas.clone();
-    let version = crate::blocking::run(move || registry.register(id, &event, body.into_inner()))
-        .await
-        .map_err(|e| ApiError::Internal(format!("schema task failed: {e}")))?
-        .map_err(registry_error)?;
+    let version = change_plan(&state, id, event, PlanChange::Register(body.into_inner())).await?;
     Ok(HttpResponse::Created().json(version))
 }
 
@@ -120,11 +160,7 @@ pub async fn retire(
                 ApiError::NotFound(format!("event {event:?} has no schema version in force"))
             })?,
     };
-    let registry = state.schemas.clone();
-    let retired = crate::blocking::run(move || registry.retire(id, &event, number))
-        .await
-        .map_err(|e| ApiError::Internal(format!("schema task failed: {e}")))?
-        .map_err(registry_error)?;
+    let retired = change_plan(&state, id, event, PlanChange::Retire(number)).await?;
     Ok(HttpResponse::Ok().json(retired))
 }
 

@@ -119,6 +119,37 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Cluster mode: the shared plans could not be read or written.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A change to one event's versions: the version added or retired, and all of them after it.
+pub struct EventChange {
+    pub changed: SchemaVersion,
+    pub versions: Vec<SchemaVersion>,
+}
+
+/// The change retiring version `number` of `event`, whose versions are `current`.
+pub fn prepare_retire(
+    event: &str,
+    current: &[SchemaVersion],
+    number: u32,
+) -> Result<EventChange, RegistryError> {
+    let mut versions = current.to_vec();
+    let target = versions
+        .iter_mut()
+        .find(|v| v.version == number)
+        .ok_or_else(|| {
+            RegistryError::NotFound(format!("event {event:?} has no schema version {number}"))
+        })?;
+    if target.retired_at.is_none() {
+        target.retired_at = Some(format_timestamp(now_micros()));
+    }
+    Ok(EventChange {
+        changed: target.clone(),
+        versions,
+    })
 }
 
 /// Bounds on what a tenant may register.
@@ -185,12 +216,7 @@ impl SchemaRegistry {
                 }
             }
         }
-        let registry = SchemaRegistry {
-            storage,
-            limits,
-            plans: DashMap::new(),
-            write_lock: std::sync::Mutex::new(()),
-        };
+        let registry = SchemaRegistry::empty(storage, limits);
         for (tenant, events) in by_tenant {
             let mut plan = TenantPlan::default();
             for (name, mut versions) in events {
@@ -208,6 +234,17 @@ impl SchemaRegistry {
             registry.plans.insert(tenant, Arc::new(plan));
         }
         Ok(registry)
+    }
+
+    /// A registry with no plans; in cluster mode the shared plans fill it
+    /// ([`SchemaRegistry::mirror`]).
+    pub fn empty(storage: Storage, limits: RegistryLimits) -> SchemaRegistry {
+        SchemaRegistry {
+            storage,
+            limits,
+            plans: DashMap::new(),
+            write_lock: std::sync::Mutex::new(()),
+        }
     }
 
     /// An empty registry over `storage` with small limits, for tests of other modules.
@@ -243,6 +280,38 @@ impl SchemaRegistry {
         event: &str,
         registration: Registration,
     ) -> Result<SchemaVersion, RegistryError> {
+        let _guard = self.lock();
+        let plan = self.plan(tenant);
+        let current = plan.events.get(event).map_or(&[][..], |p| &p.versions[..]);
+        let change = self.prepare_register(tenant, event, current, registration)?;
+        self.write(tenant, &plan, event, change)
+    }
+
+    /// Retires one version: it stays listed, and the newest version not retired is in force
+    /// (none: the event is unplanned). Blocking.
+    pub fn retire(
+        &self,
+        tenant: TenantId,
+        event: &str,
+        number: u32,
+    ) -> Result<SchemaVersion, RegistryError> {
+        let _guard = self.lock();
+        let plan = self.plan(tenant);
+        let current = plan.events.get(event).map_or(&[][..], |p| &p.versions[..]);
+        let change = prepare_retire(event, current, number)?;
+        self.write(tenant, &plan, event, change)
+    }
+
+    /// The change registering `registration` makes to `event`, whose versions are `current`,
+    /// if it is allowed (see [`SchemaRegistry::register`]). Changes nothing: cluster mode
+    /// commits it to the shared plans, then [`SchemaRegistry::mirror`]s it.
+    pub fn prepare_register(
+        &self,
+        tenant: TenantId,
+        event: &str,
+        current: &[SchemaVersion],
+        registration: Registration,
+    ) -> Result<EventChange, RegistryError> {
         if event.is_empty() || event.len() > 200 {
             return Err(RegistryError::Invalid(
                 "the event name must be 1 to 200 bytes".into(),
@@ -261,16 +330,15 @@ impl SchemaRegistry {
             ));
         }
         compile(&registration.schema).map_err(RegistryError::Invalid)?;
-        let _guard = self.lock();
         let plan = self.plan(tenant);
-        if plan.versions >= self.limits.max_versions_per_tenant {
+        let known_here = plan.events.get(event).map_or(0, |p| p.versions.len());
+        let versions = plan.versions - known_here + current.len();
+        if versions >= self.limits.max_versions_per_tenant {
             return Err(RegistryError::Invalid(format!(
-                "the tenant has {} schema versions, the limit (processing.max_schema_versions)",
-                plan.versions
+                "the tenant has {versions} schema versions, the limit (processing.max_schema_versions)"
             )));
         }
-        let current = plan.events.get(event);
-        let live = current.and_then(|p| p.newest_live());
+        let live = current.iter().rev().find(|v| v.retired_at.is_none());
         let mode = registration
             .compatibility
             .or(live.map(|v| v.compatibility))
@@ -285,74 +353,74 @@ impl SchemaRegistry {
                 });
             }
         }
-        let number = current
-            .and_then(|p| p.versions.last())
-            .map_or(1, |v| v.version + 1);
         let version = SchemaVersion {
             event: event.to_string(),
-            version: number,
+            version: current.last().map_or(1, |v| v.version + 1),
             schema: registration.schema,
             compatibility: mode,
             enforcement: registration.enforcement,
             created_at: format_timestamp(now_micros()),
             retired_at: None,
         };
-        let mut versions = current.map(|p| p.versions.clone()).unwrap_or_default();
+        let mut versions = current.to_vec();
         versions.push(version.clone());
-        self.write(tenant, &plan, event, &version, versions)?;
-        Ok(version)
+        Ok(EventChange {
+            changed: version,
+            versions,
+        })
     }
 
-    /// Retires one version: it stays listed, and the newest version not retired is in force
-    /// (none: the event is unplanned). Blocking.
-    pub fn retire(
-        &self,
-        tenant: TenantId,
-        event: &str,
-        number: u32,
-    ) -> Result<SchemaVersion, RegistryError> {
-        let _guard = self.lock();
-        let plan = self.plan(tenant);
-        let not_found =
-            || RegistryError::NotFound(format!("event {event:?} has no schema version {number}"));
-        let current = plan.events.get(event).ok_or_else(not_found)?;
-        let mut versions = current.versions.clone();
-        let target = versions
-            .iter_mut()
-            .find(|v| v.version == number)
-            .ok_or_else(not_found)?;
-        if target.retired_at.is_none() {
-            target.retired_at = Some(format_timestamp(now_micros()));
-        }
-        let retired = target.clone();
-        self.write(tenant, &plan, event, &retired, versions)?;
-        Ok(retired)
-    }
-
-    /// Persists `changed` and publishes the plan with `event`'s versions replaced.
+    /// Persists the change and publishes the plan with `event`'s versions replaced.
     fn write(
         &self,
         tenant: TenantId,
         plan: &TenantPlan,
         event: &str,
-        changed: &SchemaVersion,
-        versions: Vec<SchemaVersion>,
-    ) -> Result<(), RegistryError> {
-        let record = serde_json::to_vec(changed)
+        change: EventChange,
+    ) -> Result<SchemaVersion, RegistryError> {
+        let EventChange { changed, versions } = change;
+        let record = serde_json::to_vec(&changed)
             .map_err(|e| RegistryError::Invalid(format!("cannot encode the version: {e}")))?;
         let event_plan = event_plan(versions).map_err(RegistryError::Invalid)?;
         schemas::put(&self.storage, tenant, event, changed.version, &record)?;
+        self.publish(tenant, plan, event, Some(event_plan));
+        Ok(changed)
+    }
+
+    /// Replaces `tenant`'s plan with `event`'s versions changed (`None`: the event has none).
+    fn publish(&self, tenant: TenantId, plan: &TenantPlan, event: &str, new: Option<EventPlan>) {
         let mut next = TenantPlan {
             events: plan.events.clone(),
             versions: plan.versions,
         };
-        let before = next
-            .events
-            .insert(event.to_string(), Arc::new(event_plan))
-            .map_or(0, |p| p.versions.len());
-        next.versions = next.versions - before + next.events[event].versions.len();
+        let before = match new {
+            Some(new) => {
+                let count = new.versions.len();
+                let before = next.events.insert(event.to_string(), Arc::new(new));
+                next.versions += count;
+                before
+            }
+            None => next.events.remove(event),
+        };
+        next.versions -= before.map_or(0, |p| p.versions.len());
         self.plans.insert(tenant, Arc::new(next));
-        Ok(())
+    }
+
+    /// Cluster mode: takes `event`'s versions as the shared plans hold them (empty: the event
+    /// has none), in memory only; the shared plans are the record.
+    pub fn mirror(&self, tenant: TenantId, event: &str, versions: Vec<SchemaVersion>) {
+        let _guard = self.lock();
+        let plan = self.plan(tenant);
+        if versions.is_empty() {
+            self.publish(tenant, &plan, event, None);
+            return;
+        }
+        match event_plan(versions) {
+            Ok(new) => self.publish(tenant, &plan, event, Some(new)),
+            Err(error) => {
+                tracing::error!(%tenant, %event, %error, "shared schema does not compile; kept the previous one")
+            }
+        }
     }
 
     /// Forgets a deleted tenant's plan (its stored versions go with the tenant's data).
