@@ -8,13 +8,15 @@
 //! letter replayed twice is counted once) and, enriched with the original receipt time, the
 //! same corrected timestamp. Storage is `storage::deadletters`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::actors::Pipelines;
 use crate::blocking;
+use crate::cluster::node::ClusterNode;
 use crate::event::{
     format_timestamp, now_micros, BatchShared, BatchSource, EventKind, IncomingEvent, Micros,
 };
@@ -282,6 +284,122 @@ pub struct LetterPage {
     pub next: Option<LetterKey>,
 }
 
+/// Where a tenant's letters are: the node's store, or in cluster mode the shared one
+/// (`crate::cluster::deadletters`).
+#[derive(Clone)]
+pub enum LetterStore {
+    Local(Storage),
+    Shared(Arc<ClusterNode>),
+}
+
+impl LetterStore {
+    /// The store of a node: shared on a cluster's nodes.
+    pub fn of(storage: &Storage, cluster: Option<&Arc<ClusterNode>>) -> LetterStore {
+        match cluster {
+            Some(node) => LetterStore::Shared(Arc::clone(node)),
+            None => LetterStore::Local(storage.clone()),
+        }
+    }
+
+    /// Deletes the tenant's letters past its limits in the shared store (they expire without
+    /// new letters coming); on a node's own store its flusher does.
+    pub async fn expire(&self, tenant: &TenantRecord) -> Result<(), ReplayError> {
+        let LetterStore::Shared(node) = self else {
+            return Ok(());
+        };
+        let (engines, id) = (Arc::clone(node), tenant.id);
+        let limits = crate::cluster::deadletters::Limits::of(&tenant.settings);
+        let trim = async move { engines.dead_letters.trim(id, limits).await };
+        let removed = (node.on_engines(trim).await).map_err(ReplayError::Task)??;
+        if removed > 0 {
+            telemetry::dead_letters_expired(&id.to_string(), removed);
+        }
+        Ok(())
+    }
+
+    /// A page of the letters `filter` selects, decoded, each with its request's batch-level
+    /// objects, examining at most `budget` letters.
+    pub async fn page(
+        &self,
+        tenant: TenantId,
+        filter: &ReplayFilter,
+        budget: usize,
+    ) -> Result<LetterPage, ReplayError> {
+        match self {
+            LetterStore::Local(storage) => {
+                let (storage, filter) = (storage.clone(), filter.clone());
+                blocking::run(move || read_page(&storage, tenant, &filter, budget))
+                    .await
+                    .map_err(|e| ReplayError::Task(e.to_string()))?
+                    .map_err(ReplayError::from)
+            }
+            LetterStore::Shared(node) => {
+                let (engines, filter) = (Arc::clone(node), filter.clone());
+                let page = async move {
+                    let letters = &engines.dead_letters;
+                    let range = (filter.from, filter.to);
+                    let raw = letters
+                        .page(
+                            tenant,
+                            range,
+                            filter.before.as_ref(),
+                            (filter.limit, budget),
+                            |v| filter.matches(v),
+                        )
+                        .await?;
+                    let mut batches: Vec<LetterKey> = raw
+                        .letters
+                        .iter()
+                        .map(|(key, _)| deadletters::batch_key(key))
+                        .collect();
+                    batches.sort_unstable();
+                    batches.dedup();
+                    let records = letters.get(tenant, &batches).await?;
+                    let records: HashMap<LetterKey, Vec<u8>> = (batches.into_iter())
+                        .zip(records)
+                        .filter_map(|(key, value)| Some((key, value?)))
+                        .collect();
+                    Ok::<_, StorageError>(decode_page(raw.letters, raw.next, |key| {
+                        records.get(key).cloned()
+                    }))
+                };
+                (node.on_engines(page).await)
+                    .map_err(ReplayError::Task)?
+                    .map_err(ReplayError::from)
+            }
+        }
+    }
+
+    /// Replaces the values of letters still there and removes others, durably.
+    pub async fn update(
+        &self,
+        tenant: TenantId,
+        replaced: Vec<(LetterKey, Vec<u8>)>,
+        removed: Vec<LetterKey>,
+    ) -> Result<(), ReplayError> {
+        match self {
+            LetterStore::Local(storage) => {
+                let storage = storage.clone();
+                blocking::run(move || deadletters::update(&storage, tenant, &replaced, &removed))
+                    .await
+                    .map_err(|e| ReplayError::Task(e.to_string()))?
+                    .map_err(ReplayError::from)
+            }
+            LetterStore::Shared(node) => {
+                let engines = Arc::clone(node);
+                let update = async move {
+                    (engines.dead_letters)
+                        .update(tenant, &replaced, &removed)
+                        .await
+                };
+                (node.on_engines(update).await)
+                    .map_err(ReplayError::Task)?
+                    .map_err(ReplayError::from)
+            }
+        }
+    }
+}
+
 /// A page of the letters `filter` selects, decoded, each with its request's batch-level
 /// objects, examining at most `budget` letters. Blocking.
 pub fn read_page(
@@ -293,28 +411,56 @@ pub fn read_page(
     let page = deadletters::page(storage, tenant, filter.page(budget), |value| {
         filter.matches(value)
     })?;
-    let mut shared: std::collections::HashMap<LetterKey, BatchShared> = Default::default();
-    let mut letters = Vec::with_capacity(page.letters.len());
-    for (key, value) in page.letters {
+    let mut failure = None;
+    let letters = page
+        .letters
+        .into_iter()
+        .map(|(key, value)| (key, value.to_vec()));
+    let decoded = decode_page(
+        letters.collect(),
+        page.next,
+        |batch| match deadletters::get(storage, batch) {
+            Ok(value) => value.map(|v| v.to_vec()),
+            Err(error) => {
+                failure = Some(error);
+                None
+            }
+        },
+    );
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(decoded),
+    }
+}
+
+/// Letters decoded, each with its request's batch-level objects (`batch_record` gives the
+/// stored record of a batch key; each is asked for once).
+fn decode_page(
+    letters: Vec<(LetterKey, Vec<u8>)>,
+    next: Option<LetterKey>,
+    mut batch_record: impl FnMut(&LetterKey) -> Option<Vec<u8>>,
+) -> LetterPage {
+    let mut shared: HashMap<LetterKey, BatchShared> = HashMap::new();
+    let mut decoded = Vec::with_capacity(letters.len());
+    for (key, value) in letters {
         let Some(mut letter) = DeadLetter::decode(&value) else {
             continue;
         };
         let batch = deadletters::batch_key(&key);
-        letter.shared = match shared.entry(batch) {
-            std::collections::hash_map::Entry::Occupied(known) => known.get().clone(),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                let record = deadletters::get(storage, &batch)?
+        letter.shared = shared
+            .entry(batch)
+            .or_insert_with(|| {
+                batch_record(&batch)
                     .and_then(|value| serde_json::from_slice::<BatchShared>(&value).ok())
-                    .unwrap_or_default();
-                slot.insert(record).clone()
-            }
-        };
-        letters.push((key, letter));
+                    .unwrap_or_default()
+            })
+            .clone();
+        decoded.push((key, letter));
     }
-    Ok(LetterPage {
-        letters,
-        next: page.next,
-    })
+    LetterPage {
+        letters: decoded,
+        next,
+    }
 }
 
 /// What a replay did.
@@ -356,7 +502,7 @@ pub enum ReplayError {
 
 /// What a replay needs of the server.
 pub struct ReplayDeps<'a> {
-    pub storage: &'a Storage,
+    pub letters: &'a LetterStore,
     pub schemas: &'a SchemaRegistry,
     pub pipelines: &'a Pipelines,
     pub max_errors: usize,
@@ -373,13 +519,9 @@ pub async fn replay(
     filter: ReplayFilter,
 ) -> Result<ReplayReport, ReplayError> {
     let id = tenant.id;
-    let LetterPage { letters, next } = {
-        let (storage, filter) = (deps.storage.clone(), filter.clone());
-        let budget = filter.limit.saturating_mul(10);
-        blocking::run(move || read_page(&storage, id, &filter, budget))
-            .await
-            .map_err(|e| ReplayError::Task(e.to_string()))??
-    };
+    let budget = filter.limit.saturating_mul(10);
+    deps.letters.expire(tenant).await?;
+    let LetterPage { letters, next } = deps.letters.page(id, &filter, budget).await?;
     let mut report = ReplayReport {
         matched: letters.len(),
         next: next.map(hex),
@@ -466,10 +608,7 @@ pub async fn replay(
     telemetry::dead_letters_replayed(&tenant_label, "logged", report.logged as u64);
     telemetry::dead_letters_replayed(&tenant_label, "duplicate", report.duplicates as u64);
     telemetry::dead_letters_replayed(&tenant_label, "still_refused", report.still_refused as u64);
-    let storage = deps.storage.clone();
-    blocking::run(move || deadletters::update(&storage, id, &refused, &done))
-        .await
-        .map_err(|e| ReplayError::Task(e.to_string()))??;
+    deps.letters.update(id, refused, done).await?;
     match failure {
         None => Ok(report),
         Some(reason) => Err(ReplayError::Busy { reason, report }),

@@ -154,16 +154,18 @@ impl TenantLifecycle {
                 .await)
                 .map_err(LifecycleError::Shared)?
                 .map_err(|e| LifecycleError::Shared(e.to_string()))?;
-            // The tenant's id is never used again, so a plan left behind is only clutter.
+            // The tenant's id is never used again, so what is left behind is only clutter.
             let engines = Arc::clone(&node);
             let forgotten = node
-                .on_engines(async move { engines.plans.forget(id).await })
+                .on_engines(async move {
+                    let plans = engines.plans.forget(id).await.map_err(|e| e.to_string());
+                    let letters =
+                        (engines.dead_letters.delete_all(id).await).map_err(|e| e.to_string());
+                    plans.and(letters)
+                })
                 .await;
-            if let Err(error) = forgotten
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-            {
-                tracing::warn!(tenant = %id, %error, "the deleted tenant's shared tracking plan stays");
+            if let Err(error) = forgotten.and_then(|r| r) {
+                tracing::warn!(tenant = %id, %error, "the deleted tenant's shared plan or dead letters stay");
             }
         }
         match blocking::run(move || directory.remove(id)).await? {

@@ -230,6 +230,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             max_group_requests: config.storage.max_group_requests,
             dedup_filter_bytes: config.storage.dedup_filter_memory.as_u64(),
             dedup_max_age: config.storage.dedup_max_age,
+            // A process node's letters go to the shared store (`crate::cluster::deadletters`).
+            store_dead_letters: role != Role::Process,
         },
     )?);
     let query_cache = Arc::new(QueryCache::new(

@@ -249,6 +249,30 @@ fn wait_total(node: &TestServer, tenant: &Tenant, expected: u64) -> Value {
     );
 }
 
+/// The messageIds of the tenant's dead letters listed through `node`, `limit` per page, each
+/// listed once.
+fn listed_letters(node: &TestServer, tenant: &Tenant, limit: usize) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    let mut before = String::new();
+    loop {
+        let reply = node.get(
+            &format!("/v1/deadletter?limit={limit}{before}"),
+            Auth::Bearer(&tenant.read_key),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let page = reply.json();
+        for item in page["items"].as_array().unwrap() {
+            let id = item["message_id"].as_str().unwrap().to_string();
+            assert_eq!(item["reason"]["kind"], "schema_mismatch", "{item}");
+            assert!(ids.insert(id.clone()), "{id} listed twice");
+        }
+        match page["next"].as_str() {
+            Some(next) => before = format!("&before={next}"),
+            None => return ids,
+        }
+    }
+}
+
 fn event(id: &str, n: u64) -> Value {
     let name = if n.is_multiple_of(3) {
         "Signed Up"
@@ -524,8 +548,9 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
         assert_eq!(reply.status, 200, "{}", reply.body);
         reply.json()["uniques"].as_u64().unwrap()
     };
-    // Redis's HyperLogLog: 40 users may share a register (0.81% standard error).
-    assert!((39..=40).contains(&uniques(a)), "{}", uniques(a));
+    // Redis's HyperLogLog: of 40 users, two share one of its 16,384 registers about one run
+    // in twenty (each tenant hashes users with its own key), more rarely two pairs.
+    assert!((37..=40).contains(&uniques(a)), "{}", uniques(a));
     assert_eq!(uniques(a), uniques(b));
     let series = b.get(
         &format!("/v1/query/series?event=Viewed&interval=day&{RANGE}"),
@@ -573,23 +598,27 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     assert_eq!(registered.status, 201, "{}", registered.body);
     assert_eq!(registered.json()["version"], 1);
     let checked = |node: &TestServer, id: &str, properties: Value| {
-        let batch = json!({"batch": [{"type": "track", "event": "Checked", "userId": "u", "messageId": id, "properties": properties}]});
+        let batch = json!({"batch": [{"type": "track", "event": "Checked", "timestamp": "2026-01-02T05:00:00Z", "userId": "u", "messageId": id, "properties": properties}]});
         let reply = node.post_json("/v1/batch", Auth::Basic(&tenant.write_key), &batch);
         assert_eq!(reply.status, 200, "{}", reply.body);
         reply.json()
     };
     let registered_at = Instant::now();
-    loop {
-        let reply = checked(b, &format!("unchecked-{:?}", Instant::now()), json!({}));
+    // Events named Checked that were logged, and the one refused while the plan arrived.
+    let mut logged_checked = 0;
+    let refused_first = loop {
+        let id = format!("unchecked-{:?}", Instant::now());
+        let reply = checked(b, &id, json!({}));
         if reply["rejected"] == 1 {
-            break;
+            break id;
         }
+        logged_checked += 1;
         assert!(
             registered_at.elapsed() < Duration::from_secs(5),
             "the plan registered on a is not enforced on b: {reply}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     println!(
         "schema registered on one node enforced on the other after {:?}",
         registered_at.elapsed()
@@ -598,6 +627,7 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
         checked(b, "checked-ok", json!({"plan": "pro"}))["rejected"],
         0
     );
+    logged_checked += 1;
     let loosened = json!({"type": "object", "properties": {"plan": {"type": "string"}}});
     let second = b.admin("PUT", &schema_path, Some(&json!({"schema": loosened})));
     assert_eq!(second.status, 201, "{}", second.body);
@@ -633,13 +663,73 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // What a cluster does not serve yet, and what a process node never serves, is said.
-    let dead_letters = a.get("/v1/deadletter", Auth::Bearer(&tenant.read_key));
-    assert!(
-        dead_letters.problem(501).contains("cluster"),
-        "{}",
-        dead_letters.body
+    // Refused events are dead letters any ingest node lists, a retry of a logged event
+    // excepted; a replay through either node logs them once.
+    let refused = json!({"batch": [
+        {"type": "track", "event": "Checked", "timestamp": "2026-01-02T05:00:00Z", "userId": "u", "messageId": "dl-1", "properties": {}},
+        {"type": "track", "event": "Checked", "timestamp": "2026-01-02T05:00:00Z", "userId": "u", "messageId": "dl-2", "properties": {"plan": 5}},
+        {"type": "track", "event": "Checked", "timestamp": "2026-01-02T05:00:00Z", "userId": "u", "messageId": "checked-ok", "properties": {}},
+    ]});
+    let reply = a.post_json("/v1/batch", Auth::Basic(&tenant.write_key), &refused);
+    assert_eq!(reply.json()["rejected"], 3, "{}", reply.body);
+    let letters: BTreeSet<String> = [refused_first.as_str(), "dl-1", "dl-2"]
+        .map(String::from)
+        .into();
+    let listed_at = Instant::now();
+    loop {
+        let listed = listed_letters(b, &tenant, 2);
+        if listed == letters {
+            break;
+        }
+        assert!(
+            listed_at.elapsed() < SETTLE,
+            "dead letters listed: {listed:?}, expected {letters:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "3 dead letters listed on the other node after {:?}",
+        listed_at.elapsed()
     );
+    let retired = a.admin("DELETE", &format!("{schema_path}?version=1"), None);
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    let retired_at = Instant::now();
+    while b.get("/v1/schemas", Auth::Bearer(&tenant.read_key)).json()["events"][0]["in_force"]
+        != Value::Null
+    {
+        assert!(retired_at.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let replay_path = format!("/admin/v1/tenants/{}/deadletter/replay", tenant.id);
+    let replayed = b.admin("POST", &replay_path, None);
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    assert_eq!(
+        (
+            replayed.json()["matched"].as_u64(),
+            replayed.json()["logged"].as_u64()
+        ),
+        (Some(3), Some(3)),
+        "{}",
+        replayed.body
+    );
+    assert_eq!(listed_letters(a, &tenant, 100), BTreeSet::new());
+    let again = a.admin("POST", &replay_path, None);
+    assert_eq!(again.json()["matched"], 0, "{}", again.body);
+    let expected = logged_checked + 3;
+    let replayed_at = Instant::now();
+    loop {
+        let count = counts(a, &tenant).map_or(0, |answer| count_of(&answer, "Checked"));
+        if count == expected {
+            break;
+        }
+        assert!(
+            replayed_at.elapsed() < SETTLE,
+            "Checked counted {count} times, expected {expected}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // What a process node never serves is said.
     let on_process = cluster.process[0].post_json(
         "/v1/batch",
         Auth::Basic(&tenant.write_key),
@@ -851,6 +941,20 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
     let cluster = Cluster::start(1, 2);
     cluster.settled();
     let victim = &cluster.tenant_owned_by(0, "ckpt");
+    // Dead letters from before the checkpoints, which the stream then no longer holds.
+    let refused_schema = json!({"schema": false, "enforcement": "reject"});
+    let path = format!("/admin/v1/tenants/{}/schemas/Refused", victim.id);
+    let registered = cluster.ingest[0].admin("PUT", &path, Some(&refused_schema));
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    let refused: Vec<Value> = (0..5)
+        .map(|n| common::track(&format!("refused-{n}"), "u", "Refused"))
+        .collect();
+    let reply = cluster.ingest[0].post_json(
+        "/v1/batch",
+        Auth::Basic(&victim.write_key),
+        &json!({ "batch": refused }),
+    );
+    assert_eq!(reply.json()["rejected"], 5, "{}", reply.body);
     let bases = vec![cluster.ingest[0].base.clone()];
     let load = Load::start(bases, victim, "ckpt");
     // Checkpoints written, and the stream below the one before the latest dropped.
@@ -916,6 +1020,10 @@ fn a_new_owner_starts_from_the_checkpoint_once_the_stream_is_trimmed() {
     // holds exactly the segments the newest manifest names.
     let segments = cluster.cold_segments(victim);
     println!("{segments} segments at the end");
+    // The letters outlived their owner and the stream's trim, each listed once.
+    let letters = listed_letters(&cluster.ingest[0], victim, 2);
+    let expected: BTreeSet<String> = (0..5).map(|n| format!("refused-{n}")).collect();
+    assert_eq!(letters, expected);
 }
 
 #[test]

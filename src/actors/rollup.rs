@@ -760,6 +760,7 @@ mod tests {
                 max_group_requests: 8,
                 dedup_filter_bytes: 0,
                 dedup_max_age: crate::storage::dedup_ingest::MAX_PENDING_AGE,
+                store_dead_letters: true,
             };
             let writer = LogWriter::start(storage.clone(), options).unwrap();
             let directory =

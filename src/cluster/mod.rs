@@ -8,6 +8,7 @@
 pub mod bucket;
 pub mod checkpoint;
 pub mod cold;
+pub mod deadletters;
 pub mod directory;
 pub mod lease;
 pub mod live;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use crate::cluster::deadletters::SharedDeadLetters;
 use crate::cluster::directory::{self, SharedDirectory};
 use crate::cluster::plans::SharedPlans;
 use crate::cluster::ratelimit::SharedLimits;
@@ -34,6 +35,8 @@ pub struct ClusterNode {
     pub stream: Arc<EventStream>,
     pub directory: SharedDirectory,
     pub plans: SharedPlans,
+    /// Dead letters, for listing and replays (owners write them on their own connection).
+    pub dead_letters: SharedDeadLetters,
     pub rollups: SharedRollups,
     pub limits: SharedLimits,
     /// The runtime the connections live on; work that uses them is spawned there.
@@ -73,6 +76,7 @@ impl ClusterNode {
             name: config.node_name(),
             rollups: SharedRollups::new(redis.clone(), &config.prefix),
             limits: SharedLimits::new(redis.clone(), &config.prefix),
+            dead_letters: SharedDeadLetters::new(redis.clone(), &config.prefix),
             redis,
             stream: Arc::new(stream),
             directory,

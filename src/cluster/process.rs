@@ -8,7 +8,7 @@
 //! stream) while it runs, also after losing the partition, because any owner's state at a
 //! stream position is the same: if it owns the partition again, it continues from there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::cluster::checkpoint::{cold_keys, keys_kept_since, Checkpoints, Snapshot, TenantInput};
 use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests, Upkeep};
 use crate::cluster::connect_redis;
+use crate::cluster::deadletters::{self, SharedDeadLetters, Stored};
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
@@ -28,6 +29,7 @@ use crate::cluster::stream::EventStream;
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::rollup::Retention;
+use crate::storage::deadletters::LetterKey;
 use crate::storage::writer::LogWriter;
 use crate::storage::Storage;
 use crate::tenant::TenantDirectory;
@@ -176,6 +178,16 @@ impl PartitionCopy {
     }
 }
 
+/// What an owner writes to Redis.
+struct Shared {
+    rollups: SharedRollups,
+    letters: SharedDeadLetters,
+}
+
+/// Dead letters applied to the local log, not yet in the shared store: per stream message,
+/// its sequence, tenant and letters.
+type UnsentLetters = VecDeque<(u64, TenantId, Vec<(LetterKey, Vec<u8>)>)>;
+
 /// A partition being worked on, or being stopped.
 struct Task {
     lease: Lease,
@@ -218,8 +230,10 @@ impl ProcessNode {
             config.partitions,
             config.lease_timeout,
         );
-        let shared =
-            Arc::new(SharedRollups::new(redis.clone(), &config.prefix).expiring(self.retention));
+        let shared = Arc::new(Shared {
+            rollups: SharedRollups::new(redis.clone(), &config.prefix).expiring(self.retention),
+            letters: SharedDeadLetters::new(redis.clone(), &config.prefix),
+        });
         let mut held: BTreeMap<u16, Lease> = BTreeMap::new();
         let mut tasks: HashMap<u16, Task> = HashMap::new();
         // Tasks told to stop that have not finished: their partition is not started again
@@ -315,7 +329,7 @@ impl ProcessNode {
     /// whichever is further on, until told to stop or fenced out.
     async fn work(
         self: Arc<Self>,
-        shared: Arc<SharedRollups>,
+        shared: Arc<Shared>,
         lease: Lease,
         fence: Fence,
         fence_key: String,
@@ -349,6 +363,7 @@ impl ProcessNode {
         let mut upload: Option<Background<Result<Checkpointed, String>>> = None;
         // The cold tier's manifests as this task last committed them.
         let manifests = Manifests::default();
+        let mut unsent = UnsentLetters::new();
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -359,7 +374,7 @@ impl ProcessNode {
             if due && !pending.is_empty() {
                 last_roll_up = Instant::now();
                 if self
-                    .roll_up(&shared, lease, &fence_key, &copy, &mut pending)
+                    .roll_up(&shared.rollups, lease, &fence_key, &copy, &mut pending)
                     .await
                 {
                     tracing::info!(partition, "fenced out of the partition");
@@ -381,9 +396,18 @@ impl ProcessNode {
                     _ => {}
                 }
             }
-            // A checkpoint only of a state the shared rollups include in full, only of a new
-            // one, and one at a time.
+            if !unsent.is_empty()
+                && self
+                    .store_letters(&shared.letters, (lease, &fence_key), &mut unsent)
+                    .await
+            {
+                tracing::info!(partition, "fenced out of the partition");
+                return;
+            }
+            // A checkpoint only of a state the shared rollups and dead letters include in
+            // full, only of a new one, and one at a time.
             if pending.is_empty()
+                && unsent.is_empty()
                 && upload.is_none()
                 && last_tried.elapsed() >= self.node.config.checkpoint_every
                 && runner.covered() > checkpointed
@@ -421,13 +445,17 @@ impl ProcessNode {
                 .await;
             copy.covered.store(runner.covered(), Ordering::Release);
             let pause = match read {
-                Ok(done) => {
+                Ok(mut done) => {
                     crate::telemetry::cluster_partition_progress(
                         partition,
                         done.len(),
                         runner.lag(),
                     );
-                    for processed in &done {
+                    for processed in &mut done {
+                        if !processed.letters.is_empty() {
+                            let letters = std::mem::take(&mut processed.letters);
+                            unsent.push_back((processed.seq, processed.tenant, letters));
+                        }
                         let Some(first) = processed.outcome.first_seq else {
                             continue;
                         };
@@ -444,7 +472,7 @@ impl ProcessNode {
                             tenant.head = last;
                             tenant.window = tenant.window.max(processed.dedup_window);
                         }
-                        self.publish_live(&shared, &mut live_through, processed, first)
+                        self.publish_live(&shared.rollups, &mut live_through, processed, first)
                             .await;
                     }
                     None
@@ -661,6 +689,36 @@ impl ProcessNode {
                     tracing::warn!(%tenant, %error, "rolling up into Redis failed; retrying");
                 }
             }
+        }
+        false
+    }
+
+    /// Writes the dead letters of applied messages to the shared store, oldest first, until one
+    /// fails (it stays, to be written next round); true when fenced out.
+    async fn store_letters(
+        &self,
+        letters: &SharedDeadLetters,
+        (lease, fence_key): (Lease, &str),
+        unsent: &mut UnsentLetters,
+    ) -> bool {
+        while let Some((seq, tenant, batch)) = unsent.front() {
+            // A deleted tenant's letters go with it.
+            if let Some(record) = self.directory.get(*tenant) {
+                let limits = deadletters::Limits::of(&record.settings);
+                let partition = lease.partition;
+                let stored = letters
+                    .store((lease, fence_key), partition, *seq, *tenant, batch, limits)
+                    .await;
+                match stored {
+                    Ok(Stored::Written | Stored::Already) => {}
+                    Ok(Stored::Fenced) => return true,
+                    Err(error) => {
+                        tracing::warn!(%tenant, %error, "storing dead letters failed; retrying");
+                        return false;
+                    }
+                }
+            }
+            unsent.pop_front();
         }
         false
     }

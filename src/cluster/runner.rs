@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::cluster::stream::{EventStream, PartitionReader, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
+use crate::storage::deadletters::LetterKey;
 use crate::storage::event_log::decode_batch;
 use crate::storage::writer::{AppendOutcome, AppendRequest, LogWriter, PreparedBatch, WireBatch};
 use crate::storage::StorageError;
@@ -40,6 +41,9 @@ pub struct Processed {
     pub outcome: AppendOutcome,
     /// What rollups need of the events it added to the log (duplicates left out).
     pub items: RollupItems,
+    /// The dead letters it kept (retries of logged events left out), then their batch record:
+    /// for the shared store (`crate::cluster::deadletters`).
+    pub letters: Vec<(LetterKey, Vec<u8>)>,
 }
 
 /// One partition's reader.
@@ -159,11 +163,19 @@ impl PartitionRunner {
         let received_at = entry.received_at;
         drop(entry);
         let local = local(tenant);
+        let mut letters = batch.dead_letter_records();
         let (request, answer) = AppendRequest::answered(local, dedup_window, batch);
         writer.submit(request.at(received_at));
         let outcome = answer.await.map_err(|_| RunError::WriterGone)??;
         if outcome.duplicates > 0 {
             items.retain_kept(&outcome.new_events());
+        }
+        if outcome.dead_lettered == 0 {
+            letters.clear();
+        } else {
+            for position in outcome.dead_letter_duplicates.iter().rev() {
+                letters.remove(*position);
+            }
         }
         Ok(Some(Processed {
             seq: message.seq,
@@ -172,6 +184,7 @@ impl PartitionRunner {
             dedup_window,
             outcome,
             items,
+            letters,
         }))
     }
 }
@@ -196,6 +209,7 @@ pub(crate) mod tests {
             max_group_requests: 8,
             dedup_filter_bytes: 1 << 20,
             dedup_max_age: Duration::from_secs(1),
+            store_dead_letters: false,
         };
         let writer = LogWriter::start(storage.clone(), options).unwrap();
         (storage, writer)

@@ -4,7 +4,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use crate::deadletter::{self, ReasonKind, ReplayDeps, ReplayError, ReplayFilter};
+use crate::deadletter::{self, LetterStore, ReasonKind, ReplayDeps, ReplayError, ReplayFilter};
 use crate::event::Micros;
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
@@ -90,6 +90,16 @@ fn range(from: Option<&str>, to: Option<&str>) -> Result<(Micros, Micros), ApiEr
     Ok((from, to))
 }
 
+/// A failure to read or change letters: 503 when the shared store is unreachable.
+fn replay_error(error: ReplayError) -> ApiError {
+    match error {
+        ReplayError::Storage(crate::storage::StorageError::Unavailable(detail)) => {
+            ApiError::unavailable(detail)
+        }
+        other => ApiError::Internal(format!("dead letters: {other}")),
+    }
+}
+
 /// `GET /v1/deadletter` (read key): the tenant's dead letters, newest first, a page at a time.
 pub async fn list(
     req: HttpRequest,
@@ -99,14 +109,12 @@ pub async fn list(
     let key = auth::header_credential(&req)?;
     let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
     let filter = query.into_inner().filter(DEFAULT_LIMIT)?;
-    let storage = state.storage.clone();
-    let id = tenant.id;
-    let page = crate::blocking::run(move || {
-        deadletter::read_page(&storage, id, &filter, filter.limit * EXAMINED_PER_LETTER)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("dead-letter task failed: {e}")))?
-    .map_err(|e| ApiError::Internal(format!("reading dead letters failed: {e}")))?;
+    let store = LetterStore::of(&state.storage, state.cluster.as_ref());
+    store.expire(&tenant).await.map_err(replay_error)?;
+    let page = store
+        .page(tenant.id, &filter, filter.limit * EXAMINED_PER_LETTER)
+        .await
+        .map_err(replay_error)?;
     let items: Vec<serde_json::Value> = page
         .letters
         .iter()
@@ -137,8 +145,9 @@ pub async fn replay(
             .map_err(|e| ApiError::bad_request(format!("invalid replay filter: {e}")))?
     };
     let filter = query.filter(MAX_LIMIT)?;
+    let letters = LetterStore::of(&state.storage, state.cluster.as_ref());
     let deps = ReplayDeps {
-        storage: &state.storage,
+        letters: &letters,
         schemas: &state.schemas,
         pipelines: &state.pipelines,
         max_errors: state.config.processing.max_violations_per_event,
@@ -150,6 +159,6 @@ pub async fn replay(
             "the replay stopped early: {reason}; done so far: {} logged, {} duplicates, {} still refused; retry to continue",
             report.logged, report.duplicates, report.still_refused
         ))),
-        Err(other) => Err(ApiError::Internal(other.to_string())),
+        Err(other) => Err(replay_error(other)),
     }
 }

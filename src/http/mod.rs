@@ -78,15 +78,13 @@ pub struct AppState {
 /// Routes a process node serves: it has no API of its own besides operations.
 const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
 
-/// Routes a cluster ingest node does not serve (yet): they read or change stored events or
-/// dead letters, which cluster mode does not share between nodes.
-const NOT_ON_INGEST_NODES: [&str; 6] = [
-    "/v1/deadletter",
+/// Routes a cluster ingest node does not serve (yet): they change stored events, which only a
+/// partition's owner may do.
+const NOT_ON_INGEST_NODES: [&str; 4] = [
     "/admin/v1/flush",
     "/admin/v1/deletions/{id}",
     "/admin/v1/tenants/{id}/rollups/rebuild",
     "/admin/v1/tenants/{id}/users/{user_id}",
-    "/admin/v1/tenants/{id}/deadletter/replay",
 ];
 
 /// Why a node of `role` does not serve `route`, if it does not.
@@ -100,7 +98,7 @@ fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<A
         )),
         Role::Ingest if NOT_ON_INGEST_NODES.contains(&route) => {
             Some(ApiError::NotImplemented(format!(
-                "{route} is not available in cluster mode yet: it reads or changes stored events or dead letters, which the cluster does not share between nodes"
+                "{route} is not available in cluster mode yet: it changes stored events, which only the owner of the tenant's partition may do"
             )))
         }
         Role::Process | Role::Ingest => None,

@@ -139,6 +139,14 @@ impl PreparedBatch {
         })
     }
 
+    /// The request's dead letters (key and value), then their batch record, if any.
+    pub fn dead_letter_records(&self) -> Vec<(deadletters::LetterKey, Vec<u8>)> {
+        (self.dead_letters.iter())
+            .map(|letter| (letter.key, letter.value.clone()))
+            .chain(self.dead_letter_batch.clone())
+            .collect()
+    }
+
     /// Adds the request's dead letters: the writer stores those that are not duplicates of
     /// logged events, in the same group commit as the entry.
     /// `batch` is the record they share (stored if any of them is).
@@ -389,6 +397,9 @@ pub struct WriterOptions {
     /// Longest a new dedup key waits before it is written to the dedup tables (see
     /// [`dedup_ingest::MAX_PENDING_AGE`]); the cold tier flushes only what they cover.
     pub dedup_max_age: Duration,
+    /// Whether letters are stored, or only checked for duplicates (a cluster's process node
+    /// keeps them in the shared store instead: `crate::cluster::deadletters`).
+    pub store_dead_letters: bool,
 }
 
 impl LogWriter {
@@ -761,6 +772,7 @@ impl Writer {
             return Err(StorageError::TenantDeleted(tenant));
         }
         let now = clock.unwrap_or_else(now_micros);
+        let store_letters = self.options.store_dead_letters;
         let mut in_request: rustc_hash::FxHashSet<dedup::DedupKey> = Default::default();
         let (storage, dedup) = (&self.storage, &mut self.dedup);
         // Whether `key` is a retry: earlier in this request, or logged within the window.
@@ -798,7 +810,7 @@ impl Writer {
             };
             if duplicate {
                 dead_letter_duplicates.push(position);
-            } else {
+            } else if store_letters {
                 deadletters::stage(storage, tenant, &letter.key, &letter.value)?;
             }
         }
@@ -811,7 +823,7 @@ impl Writer {
                 }
             }
         }
-        if dead_letter_duplicates.len() < prepared.dead_letters.len() {
+        if dead_letter_duplicates.len() < prepared.dead_letters.len() && store_letters {
             if let Some((key, value)) = &prepared.dead_letter_batch {
                 deadletters::stage(&self.storage, tenant, key, value)?;
             }
@@ -889,6 +901,7 @@ pub(crate) mod tests {
             max_group_requests: 8,
             dedup_filter_bytes: 16 << 20,
             dedup_max_age: dedup_ingest::MAX_PENDING_AGE,
+            store_dead_letters: true,
         }
     }
 
