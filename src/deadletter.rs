@@ -618,13 +618,17 @@ pub async fn replay(
 /// Erases a user's letters: those whose `userId`, `anonymousId` or `previousId` is `user`.
 /// Returns how many. Blocking.
 pub fn erase_user(storage: &Storage, tenant: TenantId, user: &str) -> Result<u64, StorageError> {
-    deadletters::remove_matching(storage, tenant, |value| {
-        DeadLetter::decode(value).is_some_and(|letter| {
-            let e = &letter.event;
-            [&e.user_id, &e.anonymous_id, &e.previous_id]
-                .iter()
-                .any(|id| id.as_deref() == Some(user))
-        })
+    deadletters::remove_matching(storage, tenant, |value| names_user(value, user))
+}
+
+/// Whether a stored letter's event names `user` as its `userId`, `anonymousId` or
+/// `previousId` (what an erasure removes).
+pub fn names_user(value: &[u8], user: &str) -> bool {
+    DeadLetter::decode(value).is_some_and(|letter| {
+        let e = &letter.event;
+        [&e.user_id, &e.anonymous_id, &e.previous_id]
+            .iter()
+            .any(|id| id.as_deref() == Some(user))
     })
 }
 

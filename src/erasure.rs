@@ -59,6 +59,57 @@ pub struct ErasureJob {
     pub error: Option<String>,
 }
 
+impl Requester {
+    /// For a record made without the request (the cluster's owner, when the record the ingest
+    /// node wrote is missing).
+    pub fn unknown() -> Requester {
+        Requester {
+            client_ip: None,
+            user_agent: None,
+            token_fingerprint: String::new(),
+        }
+    }
+}
+
+impl ErasureJob {
+    /// A job just requested, running, erasing nothing yet.
+    pub fn new(
+        id: uuid::Uuid,
+        tenant: TenantId,
+        user_id: String,
+        requested_by: Requester,
+    ) -> ErasureJob {
+        ErasureJob {
+            id,
+            tenant,
+            user_id,
+            status: JobStatus::Running,
+            requested_at: crate::event::now_micros(),
+            through_seq: 0,
+            requested_by,
+            finished_at: None,
+            removed_events: 0,
+            rewritten_segments: 0,
+            removed_segments: 0,
+            removed_identity_links: 0,
+            removed_dead_letters: 0,
+            superseded_purged_by: None,
+            error: None,
+        }
+    }
+
+    /// Logs the request, for the server's own audit trail.
+    pub fn log_requested(&self) {
+        tracing::info!(
+            job = %self.id,
+            tenant = %self.tenant,
+            client_ip = self.requested_by.client_ip.as_deref().unwrap_or("-"),
+            token = self.requested_by.token_fingerprint,
+            "per-user erasure requested"
+        );
+    }
+}
+
 fn codec_error(error: serde_json::Error) -> StorageError {
     StorageError::NotDurable(format!("erasure job record: {error}"))
 }

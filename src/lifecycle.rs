@@ -263,35 +263,63 @@ impl TenantLifecycle {
         requested_by: Requester,
     ) -> Result<ErasureJob, LifecycleError> {
         self.live_tenant(id)?;
+        if let Some(node) = self.cluster.clone() {
+            return self.request_erasure(&node, id, user_id, requested_by).await;
+        }
         let storage = self.storage.clone();
         let through_seq = blocking::run(move || storage.log().head(id)).await??;
         let job = ErasureJob {
-            id: uuid::Uuid::new_v4(),
-            tenant: id,
-            user_id,
-            status: JobStatus::Running,
-            requested_at: crate::event::now_micros(),
             through_seq,
-            requested_by,
-            finished_at: None,
-            removed_events: 0,
-            rewritten_segments: 0,
-            removed_segments: 0,
-            removed_identity_links: 0,
-            removed_dead_letters: 0,
-            superseded_purged_by: None,
-            error: None,
+            ..ErasureJob::new(uuid::Uuid::new_v4(), id, user_id, requested_by)
         };
         let (storage, record) = (self.storage.clone(), job.clone());
         blocking::run(move || erasure::save(&storage, &record)).await??;
-        tracing::info!(
-            job = %job.id,
-            tenant = %id,
-            client_ip = job.requested_by.client_ip.as_deref().unwrap_or("-"),
-            token = job.requested_by.token_fingerprint,
-            "per-user erasure requested"
-        );
+        job.log_requested();
         self.spawn_erasure(job.clone());
+        Ok(job)
+    }
+
+    /// Cluster mode: records the job in the shared store and sends the request to the owner of
+    /// the tenant's partition, in order with the tenant's events (see
+    /// `crate::cluster::erasure`).
+    async fn request_erasure(
+        &self,
+        node: &Arc<crate::cluster::node::ClusterNode>,
+        id: TenantId,
+        user_id: String,
+        requested_by: Requester,
+    ) -> Result<ErasureJob, LifecycleError> {
+        use crate::cluster::erasure::{save_job, EraseRequest};
+        let mut job = ErasureJob::new(uuid::Uuid::new_v4(), id, user_id, requested_by);
+        let cold_error = |e: crate::storage::cold::ColdError| LifecycleError::Cold(e.to_string());
+        save_job(&self.cold, &job).await.map_err(cold_error)?;
+        let request = EraseRequest {
+            tenant: id,
+            job: job.id,
+            user: job.user_id.clone(),
+        };
+        let partition = crate::cluster::partition_of(id, node.config.partitions);
+        let engines = Arc::clone(node);
+        let published = node
+            .on_engines(async move {
+                let payload = request.encode().into();
+                (engines.stream)
+                    .publish(partition, &request.job.to_string(), payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .and_then(|published| published);
+        if let Err(error) = published {
+            job.status = JobStatus::Failed;
+            job.finished_at = Some(crate::event::now_micros());
+            job.error = Some(format!(
+                "the request did not reach the event stream: {error}"
+            ));
+            save_job(&self.cold, &job).await.map_err(cold_error)?;
+            return Err(LifecycleError::Shared(error));
+        }
+        job.log_requested();
         Ok(job)
     }
 
@@ -376,6 +404,10 @@ impl TenantLifecycle {
 
     /// An erasure job by id.
     pub async fn erasure(&self, id: uuid::Uuid) -> Result<Option<ErasureJob>, LifecycleError> {
+        if self.cluster.is_some() {
+            return (crate::cluster::erasure::load_job(&self.cold, id).await)
+                .map_err(|e| LifecycleError::Cold(e.to_string()));
+        }
         let storage = self.storage.clone();
         Ok(blocking::run(move || erasure::load(&storage, id)).await??)
     }

@@ -1348,3 +1348,83 @@ fn sampled_users_are_scaled_in_the_cluster_as_on_the_single_node() {
         );
     }
 }
+
+#[test]
+fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
+    let _serial = serial();
+    let cluster = Cluster::start(2, 2);
+    cluster.settled();
+    let victim = &cluster.tenant_owned_by(0, "erase");
+    let (a, b) = (&cluster.ingest[0], &cluster.ingest[1]);
+    // A dead letter of the user erased, one of another user.
+    let path = format!("/admin/v1/tenants/{}/schemas/Refused", victim.id);
+    let registered = a.admin(
+        "PUT",
+        &path,
+        Some(&json!({"schema": false, "enforcement": "reject"})),
+    );
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    let refused = json!({"batch": [
+        common::track("refused-7", "user-7", "Refused"),
+        common::track("refused-8", "user-8", "Refused"),
+    ]});
+    let reply = a.post_json("/v1/batch", Auth::Basic(&victim.write_key), &refused);
+    assert_eq!(reply.json()["rejected"], 2, "{}", reply.body);
+    // 200 events of 40 users, 5 each.
+    let events: Vec<Value> = (0..200u64)
+        .map(|n| event(&format!("erase-{n}"), n))
+        .collect();
+    for chunk in events.chunks(50) {
+        let reply = a.post_json(
+            "/v1/batch",
+            Auth::Basic(&victim.write_key),
+            &json!({ "batch": chunk }),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let all: BTreeSet<String> = (0..200).map(|n| format!("erase-{n}")).collect();
+    wait_exported(a, victim, &all);
+
+    // Asked through one node; the owner dies at once, so whether it or the next owner does
+    // the work, the outcome must be the same.
+    let asked = b.admin(
+        "DELETE",
+        &format!("/admin/v1/tenants/{}/users/user-7", victim.id),
+        None,
+    );
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let location = (asked.headers.iter())
+        .find(|(name, _)| name.eq_ignore_ascii_case("location"))
+        .map(|(_, value)| value.clone())
+        .unwrap();
+    assert_eq!(asked.json()["status"], "running");
+    cluster.process[0].kill();
+    let killed = Instant::now();
+    let job = loop {
+        let job = a.admin("GET", &location, None);
+        assert_eq!(job.status, 200, "{}", job.body);
+        let job = job.json();
+        if job["status"] == "done" {
+            break job;
+        }
+        assert_eq!(job["status"], "running", "{job}");
+        assert!(killed.elapsed() < SETTLE, "erasure not done: {job}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "erasure done {:?} after the owner was killed: {job}",
+        killed.elapsed()
+    );
+    assert_eq!(job["removed_events"], 5, "{job}");
+    assert_eq!(job["removed_dead_letters"], 1, "{job}");
+    let kept: BTreeSet<String> = (0..200u64)
+        .filter(|n| n % 40 != 7)
+        .map(|n| format!("erase-{n}"))
+        .collect();
+    wait_exported(a, victim, &kept);
+    wait_exported(b, victim, &kept);
+    let letters = listed_letters(b, victim, 10);
+    assert_eq!(letters, BTreeSet::from(["refused-8".to_string()]));
+    let unknown = "/admin/v1/deletions/00000000-0000-4000-8000-000000000000";
+    a.admin("GET", unknown, None).problem(404);
+}

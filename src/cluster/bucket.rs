@@ -19,10 +19,10 @@ use crate::cluster::stream::{failed, StreamError};
 /// One change to a bucket, as a follower sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BucketChange {
-    /// A key written.
-    Put(String, Bytes),
-    /// A key deleted (it stays as a delete marker).
-    Deleted(String),
+    /// A key written: key, value, revision.
+    Put(String, Bytes, u64),
+    /// A key deleted (it stays as a delete marker): key, revision.
+    Deleted(String, u64),
     /// Every value that existed when the follow began has been delivered.
     CaughtUp,
 }
@@ -198,9 +198,11 @@ impl Follow<'_> {
                     self.next_revision = entry.revision + 1;
                     let last_of_history = entry.delta == 0;
                     self.queued.push_back(match entry.operation {
-                        kv::Operation::Put => BucketChange::Put(entry.key, entry.value),
+                        kv::Operation::Put => {
+                            BucketChange::Put(entry.key, entry.value, entry.revision)
+                        }
                         kv::Operation::Delete | kv::Operation::Purge => {
-                            BucketChange::Deleted(entry.key)
+                            BucketChange::Deleted(entry.key, entry.revision)
                         }
                     });
                     if last_of_history && !self.caught_up {

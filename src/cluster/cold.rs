@@ -25,9 +25,9 @@ use crate::event::{now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
-    discard_unpublished, newest_published, publish_next, purge_trash, retain_and_compact,
-    trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy, Ledger, Published,
-    Written,
+    discard_unpublished, erase_user, newest_published, publish_next, purge_trash,
+    retain_and_compact, trash_uncommitted, write_segments, ColdError, ColdStore, CompactionPolicy,
+    Ledger, MaintenanceReport, Published, Written,
 };
 use crate::storage::Storage;
 
@@ -50,7 +50,7 @@ pub struct Upkeep {
 }
 
 /// How often a tenant's trash is emptied of what waited out the grace period.
-const PURGE_EVERY: Duration = Duration::from_secs(600);
+pub const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// A tenant of a partition to flush: its id, its local log's id, and the head to flush to.
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +245,47 @@ impl ColdFlush {
             }
         }
         Ok(())
+    }
+
+    /// Rewrites the tenant's committed segments without `user`'s events (as a single node's
+    /// erasure does), committing to the published manifest after a fence check, like a flush.
+    pub async fn erase_user(
+        &self,
+        tenant: TenantId,
+        user: String,
+        manifests: &Manifests,
+        lease: Lease,
+        fence: &Fence,
+    ) -> Result<MaintenanceReport, String> {
+        if !fence.holds(lease).await.map_err(failed)? {
+            return Err("lost the partition".into());
+        }
+        let published = self.manifest(tenant, manifests, lease, fence).await?;
+        let this = self.clone();
+        let erased = crate::blocking::run(move || {
+            let mut published = published;
+            let mut ledger = Ledger::Published {
+                state: &mut published,
+                writer: lease.token,
+            };
+            let report = erase_user(&mut ledger, &this.store, tenant, &user);
+            report.map(|report| (report, published))
+        })
+        .await
+        .map_err(failed)?;
+        let mut known = lock(manifests);
+        match erased {
+            Ok((report, published)) => {
+                if let Some(known) = known.get_mut(&tenant) {
+                    known.published = published;
+                }
+                Ok(report)
+            }
+            Err(error) => {
+                known.remove(&tenant);
+                Err(error.to_string())
+            }
+        }
     }
 
     /// One tenant's maintenance on `published`, which moves on with each commit, its objects

@@ -1,10 +1,12 @@
 //! The shared dead letters: every tenant's letters in Redis, where any ingest node lists and
 //! replays them.
 //!
-//! The single node's layout, moved to Redis: per tenant a sorted set of letter keys (hex) by
-//! receipt time, `…:i`, a hash from key to value, `…:v`, and the bytes they take, `…:b`. Keys
-//! are [`crate::storage::deadletters::key`]s, so equal times sort by batch and position as in
-//! the single node's keyspace, and batch records sit beside their letters.
+//! The single node's layout, moved to Redis: per tenant a sorted set of letter keys, `…:i`, a
+//! hash from key to value, `…:v`, and the bytes they take, `…:b`. Keys are
+//! [`crate::storage::deadletters::key`]s in hex (tenant, receipt time, batch, position, all
+//! big-endian), all with score 0, so the set's lexical order is the single node's key order:
+//! time ranges, cursors and trims are lexical ranges, and batch records sit beside their
+//! letters.
 //!
 //! A partition's owner writes the letters its log writer kept (retries of logged events are
 //! not letters), per stream message, in one script that checks the partition's fence and a
@@ -23,11 +25,11 @@ use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::deadletter::hex;
 use crate::event::Micros;
 use crate::ids::TenantId;
-use crate::storage::deadletters::{key_time, LetterKey};
+use crate::storage::deadletters::{key, LetterKey};
 use crate::storage::StorageError;
 
-/// `trim(index, values, size, oldest, max_bytes)` deletes the tenant's entries received before
-/// `oldest`, then the oldest while they take more than `max_bytes`, at most about 1,000 of each
+/// `trim(index, values, size, oldest, max_bytes)` deletes the tenant's entries below the
+/// lexical bound `oldest` (received before a time), then the oldest while they take more than `max_bytes`, at most about 1,000 of each
 /// per call (a later call takes the rest); returns how many it deleted. An entry takes its key
 /// (36 bytes) and its value, as in the single node's count.
 const TRIM: &str = r"
@@ -42,7 +44,7 @@ local function trim(index, values, size, oldest, max_bytes)
     redis.call('ZREM', index, member)
     removed = removed + 1
   end
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. oldest, 'LIMIT', 0, 1000)) do
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', index, '-', oldest, 'LIMIT', 0, 1000)) do
     drop(member)
   end
   local rounds = 0
@@ -60,20 +62,20 @@ end
 ";
 
 /// `KEYS`: fence, the partition's watermark, the tenant's index, values and size. `ARGV`:
-/// token, the message's stream sequence, oldest receipt time kept, most bytes, then a
-/// (member, score, value) triple per letter. Returns 0 when fenced out, 1 when the watermark
+/// token, the message's stream sequence, the lexical bound below which entries expire, most
+/// bytes, then a (member, value) pair per letter. Returns 0 when fenced out, 1 when the watermark
 /// was already at or past the message, 2 when written.
 const STORE: &str = r"
 local seq = tonumber(ARGV[2])
 if tonumber(redis.call('GET', KEYS[2]) or '0') >= seq then return 1 end
-for at = 5, #ARGV, 3 do
-  local member, value = ARGV[at], ARGV[at + 2]
+for at = 5, #ARGV, 2 do
+  local member, value = ARGV[at], ARGV[at + 1]
   local old = redis.call('HGET', KEYS[4], member)
   if old then
     redis.call('DECRBY', KEYS[5], 36 + string.len(old))
   end
   redis.call('HSET', KEYS[4], member, value)
-  redis.call('ZADD', KEYS[3], ARGV[at + 1], member)
+  redis.call('ZADD', KEYS[3], 0, member)
   redis.call('INCRBY', KEYS[5], 36 + string.len(value))
 end
 redis.call('SET', KEYS[2], seq)
@@ -188,6 +190,14 @@ impl SharedDeadLetters {
         ]
     }
 
+    /// The lexical bound of the tenant's entries received at `at`: those received before it
+    /// are below `(<bound>`, those at or after it at or above `[<bound>`.
+    fn time_bound(tenant: TenantId, at: Micros) -> String {
+        let mut bound = hex(key(tenant, at, 0, 0));
+        bound.truncate(32);
+        bound
+    }
+
     fn watermark_key(&self, partition: u16) -> String {
         format!("{}:dl:w:{partition}", self.prefix)
     }
@@ -214,10 +224,10 @@ impl SharedDeadLetters {
             .key(size)
             .arg(lease.token)
             .arg(seq)
-            .arg(limits.oldest)
+            .arg(format!("({}", Self::time_bound(tenant, limits.oldest)))
             .arg(limits.max_bytes);
         for (key, value) in letters {
-            invocation.arg(hex(*key)).arg(key_time(key)).arg(&value[..]);
+            invocation.arg(hex(*key)).arg(&value[..]);
         }
         let reply: i64 = invocation
             .invoke_async(&mut self.redis.clone())
@@ -238,7 +248,7 @@ impl SharedDeadLetters {
             .key(index)
             .key(values)
             .key(size)
-            .arg(limits.oldest)
+            .arg(format!("({}", Self::time_bound(tenant, limits.oldest)))
             .arg(limits.max_bytes)
             .invoke_async(&mut self.redis.clone())
             .await
@@ -247,9 +257,10 @@ impl SharedDeadLetters {
     }
 
     /// The tenant's entries (letters and batch records) received in `[from, to)` and below
-    /// `before`, newest first, that `keep` accepts (batch records are never kept), examining
-    /// at most `budget` and returning at most `limit`; `next` says where to continue when the
-    /// page stopped before the range's end. The single node's paging, over the sorted set.
+    /// `before` (a cursor of another tenant is ignored), newest first, that `keep` accepts
+    /// (batch records are never kept), examining at most `budget` and returning at most
+    /// `limit`; `next` says where to continue when the page stopped before the range's end.
+    /// The single node's paging, over the set's lexical order.
     pub async fn page(
         &self,
         tenant: TenantId,
@@ -259,43 +270,38 @@ impl SharedDeadLetters {
         mut keep: impl FnMut(&[u8]) -> bool,
     ) -> Result<RawPage, StorageError> {
         let [index, values, _] = self.keys(tenant);
-        let before_member = before.map(|key| hex(*key));
-        let max = match before {
-            Some(key) if key_time(key) < to => key_time(key).to_string(),
-            _ if to == Micros::MAX => "+inf".to_string(),
-            _ => format!("({to}"),
+        let high = Self::time_bound(tenant, to);
+        let mut max = match before.map(|key| hex(*key)) {
+            Some(cursor) if cursor.starts_with(&tenant.to_string()) && cursor < high => cursor,
+            _ => high,
         };
+        let min = format!("[{}", Self::time_bound(tenant, from));
         let mut redis = self.redis.clone();
         let mut letters = Vec::new();
-        let (mut examined, mut offset) = (0usize, 0usize);
+        let mut examined = 0usize;
         let mut last: Option<LetterKey> = None;
         loop {
-            let members: Vec<String> = redis::cmd("ZREVRANGEBYSCORE")
+            let members: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
                 .arg(&index)
-                .arg(&max)
-                .arg(from)
+                .arg(format!("({max}"))
+                .arg(&min)
                 .arg("LIMIT")
-                .arg(offset)
+                .arg(0)
                 .arg(PAGE_CHUNK)
                 .query_async(&mut redis)
                 .await
                 .map_err(unavailable)?;
-            let got = members.len();
-            offset += got;
-            // Entries at the cursor's time that are not below it were on earlier pages.
-            let members: Vec<String> = (members.iter())
-                .filter(|m| before_member.as_ref().is_none_or(|b| *m < b))
-                .cloned()
-                .collect();
-            let fetched: Vec<Option<Vec<u8>>> = if members.is_empty() {
-                Vec::new()
-            } else {
-                redis::cmd("HMGET")
-                    .arg(&values)
-                    .arg(&members)
-                    .query_async(&mut redis)
-                    .await
-                    .map_err(unavailable)?
+            let fetched: Vec<Option<Vec<u8>>> = match members.last() {
+                None => Vec::new(),
+                Some(lowest) => {
+                    max.clone_from(lowest);
+                    redis::cmd("HMGET")
+                        .arg(&values)
+                        .arg(&members)
+                        .query_async(&mut redis)
+                        .await
+                        .map_err(unavailable)?
+                }
             };
             for (member, value) in members.iter().zip(fetched) {
                 if letters.len() >= limit || examined >= budget {
@@ -313,7 +319,7 @@ impl SharedDeadLetters {
                     letters.push((key, value));
                 }
             }
-            if got < PAGE_CHUNK {
+            if members.len() < PAGE_CHUNK {
                 return Ok(RawPage {
                     letters,
                     next: None,
@@ -362,6 +368,40 @@ impl SharedDeadLetters {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Removes the letters whose event names `user` (see [`crate::deadletter::names_user`]);
+    /// returns how many.
+    pub async fn erase_user(&self, tenant: TenantId, user: &str) -> Result<u64, StorageError> {
+        let [_, values, _] = self.keys(tenant);
+        let mut redis = self.redis.clone();
+        let mut doomed: Vec<LetterKey> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
+                .arg(&values)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(PAGE_CHUNK)
+                .query_async(&mut redis)
+                .await
+                .map_err(unavailable)?;
+            for (member, value) in found {
+                if let Some(key) = parse_member(&member) {
+                    if crate::deadletter::names_user(&value, user) {
+                        doomed.push(key);
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        for chunk in doomed.chunks(PAGE_CHUNK) {
+            self.update(tenant, &[], chunk).await?;
+        }
+        Ok(doomed.len() as u64)
     }
 
     /// Deletes every letter of a deleted tenant.
@@ -536,8 +576,65 @@ mod tests {
         assert_eq!(left.letters.len(), 1);
         assert_eq!(left.letters[0].0, third[0].0);
         assert!(letters.bytes(TENANT).await.unwrap() <= 36 + 7);
+        let user_letter = crate::deadletter::DeadLetter {
+            received_at: 3_500,
+            batch_id: "b".into(),
+            position: 0,
+            endpoint: "/v1/batch".into(),
+            client_ip: None,
+            event_name: "x".into(),
+            event: crate::event::IncomingEvent {
+                user_id: Some("gone".into()),
+                ..Default::default()
+            },
+            shared: Default::default(),
+            reason: crate::schema::Violation {
+                event: "x".into(),
+                schema_version: None,
+                errors: Vec::new(),
+            },
+            checked_at: 3_500,
+            replays: 0,
+        }
+        .encode();
+        assert!(crate::deadletter::names_user(&user_letter, "gone"));
+        let named: &'static [_] = Box::leak(Box::new([(key(TENANT, 3_500, 4, 0), user_letter)]));
+        assert_eq!(store(lease_b, 4, named).await, Stored::Written);
+        assert_eq!(letters.erase_user(TENANT, "gone").await.unwrap(), 1);
+        assert_eq!(letters.erase_user(TENANT, "gone").await.unwrap(), 0);
+        assert_eq!(page(None, 10).await.letters.len(), 1);
         letters.delete_all(TENANT).await.unwrap();
         assert_eq!(page(None, 10).await.letters.len(), 0);
         assert_eq!(letters.bytes(TENANT).await.unwrap(), 0);
+
+        // One request's 600 letters share a receipt time: pages of 100 still take each once,
+        // and a cursor of another tenant is ignored, not scanned past.
+        let many: Vec<(LetterKey, Vec<u8>)> = (0..600).map(|n| entry(5_000, 5, n, "{}")).collect();
+        let many: &'static [_] = Box::leak(many.into_boxed_slice());
+        assert_eq!(store(lease_b, 5, many).await, Stored::Written);
+        let (mut seen, mut before) = (Vec::new(), None);
+        loop {
+            let next = page(before, 1000).await;
+            seen.extend(next.letters.iter().map(|(key, _)| *key));
+            match next.next {
+                Some(cursor) => before = Some(cursor),
+                None => break,
+            }
+        }
+        let mut expected: Vec<LetterKey> = many.iter().map(|(key, _)| *key).collect();
+        expected.reverse();
+        assert_eq!(seen, expected);
+        let foreign = key(TenantId(0x01), 9_999, 0, 0);
+        let all = letters
+            .page(
+                TENANT,
+                (0, Micros::MAX),
+                Some(&foreign),
+                (1000, 1000),
+                keep_all,
+            )
+            .await
+            .unwrap();
+        assert_eq!(all.letters.len(), 600);
     }
 }

@@ -87,8 +87,8 @@ impl SharedDirectory {
         };
         match change {
             BucketChange::CaughtUp => Ok(DirectoryChange::CaughtUp),
-            BucketChange::Deleted(key) => Ok(DirectoryChange::Removed(id(&key)?)),
-            BucketChange::Put(key, value) => {
+            BucketChange::Deleted(key, _) => Ok(DirectoryChange::Removed(id(&key)?)),
+            BucketChange::Put(key, value, _) => {
                 id(&key)?;
                 decode_record(&value, &self.defaults)
                     .map(|record| DirectoryChange::Upsert(Box::new(record)))

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cold;
 pub mod deadletters;
 pub mod directory;
+pub mod erasure;
 pub mod lease;
 pub mod live;
 pub mod node;

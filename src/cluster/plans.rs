@@ -9,6 +9,8 @@
 //! node follows the bucket into its in-memory registry ([`SchemaRegistry::mirror`]), so an
 //! ingest node checks events against a version registered on any node within milliseconds.
 
+use std::collections::HashMap;
+
 use async_nats::jetstream;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -26,6 +28,11 @@ const TRIES: usize = 5;
 /// A node's handle on the shared plans.
 pub struct SharedPlans {
     bucket: Bucket,
+    /// Per key, the revision this node's registry holds. A node mirrors its own write and
+    /// then gets it (and perhaps later ones) from its watch too, in either order: an older
+    /// revision than the one held is never applied. Held while mirroring, so a check and its
+    /// mirror are one step.
+    applied: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 fn key(tenant: TenantId, event: &str) -> String {
@@ -51,7 +58,10 @@ impl SharedPlans {
         replicas: usize,
     ) -> Result<SharedPlans, StreamError> {
         let bucket = Bucket::open(js, prefix, "SCHEMAS", replicas, "tracking plans").await?;
-        Ok(SharedPlans { bucket })
+        Ok(SharedPlans {
+            bucket,
+            applied: Default::default(),
+        })
     }
 
     /// Applies `change` (made from the event's shared versions) and commits it, then mirrors it
@@ -74,8 +84,8 @@ impl SharedPlans {
             let value = serde_json::to_vec(&versions)
                 .map_err(|e| RegistryError::Invalid(format!("cannot encode the versions: {e}")))?;
             match self.bucket.put_if(&key, Bytes::from(value), revision).await {
-                Ok(_) => {
-                    registry.mirror(tenant, event, versions);
+                Ok(written) => {
+                    self.mirror_revision(registry, &key, written, (tenant, event), versions);
                     return Ok(changed);
                 }
                 Err(WriteError::Changed) => continue,
@@ -106,25 +116,47 @@ impl SharedPlans {
         let changes = self.bucket.follow();
         futures_util::pin_mut!(changes);
         while let Some(change) = changes.next().await {
-            let (key, versions) = match change {
+            let (key, versions, revision) = match change {
                 BucketChange::CaughtUp => {
                     if let Some(caught_up) = caught_up.take() {
                         let _ = caught_up.send(());
                     }
                     continue;
                 }
-                BucketChange::Deleted(key) => (key, Ok(Vec::new())),
-                BucketChange::Put(key, value) => {
+                BucketChange::Deleted(key, revision) => (key, Ok(Vec::new()), revision),
+                BucketChange::Put(key, value, revision) => {
                     let versions = decode(&value);
-                    (key, versions)
+                    (key, versions, revision)
                 }
             };
             match (parse_key(&key), versions) {
-                (Some((tenant, event)), Ok(versions)) => registry.mirror(tenant, &event, versions),
+                (Some((tenant, event)), Ok(versions)) => {
+                    self.mirror_revision(registry, &key, revision, (tenant, &event), versions)
+                }
                 (None, _) => tracing::error!(%key, "skipping a tracking plan: bad key"),
                 (_, Err(error)) => tracing::error!(%key, %error, "skipping a tracking plan"),
             }
         }
+    }
+}
+
+impl SharedPlans {
+    /// Mirrors `versions` (the key's value at `revision`) into `registry`, unless it already
+    /// holds a later revision of the key.
+    fn mirror_revision(
+        &self,
+        registry: &SchemaRegistry,
+        key: &str,
+        revision: u64,
+        (tenant, event): (TenantId, &str),
+        versions: Vec<SchemaVersion>,
+    ) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.get(key).is_some_and(|held| *held >= revision) {
+            return;
+        }
+        applied.insert(key.to_string(), revision);
+        registry.mirror(tenant, event, versions);
     }
 }
 

@@ -24,8 +24,9 @@ use crate::cluster::deadletters::{self, SharedDeadLetters, Stored};
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
-use crate::cluster::runner::PartitionRunner;
+use crate::cluster::runner::{Erasure, PartitionRunner};
 use crate::cluster::stream::EventStream;
+use crate::erasure::{ErasureJob, JobStatus, Requester};
 use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::rollup::Retention;
@@ -44,6 +45,8 @@ const RETRY: Duration = Duration::from_millis(500);
 /// How often an owner checks every tenant it has a log for against the shared rollups, so
 /// what a Redis restart lost is written again without waiting for the tenant's next events.
 const RECHECK: Duration = Duration::from_secs(5);
+/// Stream messages whose dead letters may wait in memory for the shared store.
+const MAX_UNSENT_LETTERS: usize = 4096;
 /// Bounds each owner request to Redis; a flush is one script, so this is above the largest.
 const OWNER_REDIS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,6 +66,52 @@ pub struct ProcessNode {
     /// How partitions' cold segments are written: to the same shared store, before each
     /// checkpoint (`None` when there are no checkpoints).
     pub cold: Option<ColdFlush>,
+}
+
+/// Carries out an erasure request (see `crate::cluster::erasure`) once the cold tier holds
+/// everything through its head: the tenant's segments rewritten without the user's events,
+/// the user's dead letters removed, the outcome in the job record (unless an earlier run of
+/// the same request recorded it: a new owner applies requests above the last checkpoint again).
+async fn carry_out(
+    cold: &ColdFlush,
+    letters: &SharedDeadLetters,
+    manifests: &Manifests,
+    (lease, fence): (Lease, &Fence),
+    erasure: &Erasure,
+) -> Result<(), String> {
+    let request = &erasure.request;
+    let (tenant, user) = (request.tenant, request.user.clone());
+    let report = (cold.erase_user(tenant, user, manifests, lease, fence)).await?;
+    let removed_letters =
+        (letters.erase_user(tenant, &request.user).await).map_err(|e| e.to_string())?;
+    let recorded = (crate::cluster::erasure::load_job(&cold.store, request.job).await)
+        .map_err(|e| e.to_string())?;
+    let mut job = match recorded {
+        Some(job) if job.status == JobStatus::Done => return Ok(()),
+        Some(job) => job,
+        // The ingest node writes the record before it publishes the request; if it is gone,
+        // the outcome still gets one.
+        None => ErasureJob::new(
+            request.job,
+            tenant,
+            request.user.clone(),
+            Requester::unknown(),
+        ),
+    };
+    let now = crate::event::now_micros();
+    let purge_after = cold.settings.grace_period + crate::cluster::cold::PURGE_EVERY;
+    job.status = JobStatus::Done;
+    job.through_seq = erasure.head;
+    job.removed_events = report.removed_events;
+    job.rewritten_segments = report.written_segments;
+    job.removed_segments = report.removed_segments - report.written_segments;
+    job.removed_dead_letters = removed_letters;
+    job.finished_at = Some(now);
+    job.superseded_purged_by =
+        Some(now.saturating_add(i64::try_from(purge_after.as_micros()).unwrap_or(i64::MAX)));
+    (crate::cluster::erasure::save_job(&cold.store, &job).await).map_err(|e| e.to_string())?;
+    tracing::info!(job = %job.id, %tenant, removed_events = job.removed_events, "per-user erasure done");
+    Ok(())
 }
 
 /// Writes a partition's checkpoint, then lets the stream drop what `trim_below` (this owner's
@@ -149,6 +198,18 @@ struct PartitionCopy {
     generation: AtomicU64,
     /// Tenants with a log in the copy: their last log sequence, and when they were imported.
     tenants: Mutex<HashMap<TenantId, TenantCopy>>,
+    /// What applied messages left to do that no stored checkpoint covers yet. It stays with
+    /// the copy, not the task: a later task on this copy starts after those messages.
+    owed: Mutex<Owed>,
+}
+
+/// Work owed for messages already applied to a partition copy.
+#[derive(Default)]
+struct Owed {
+    /// Dead letters not yet in the shared store.
+    letters: UnsentLetters,
+    /// Erasure requests not yet carried out by a stored checkpoint.
+    erasures: Vec<Erasure>,
 }
 
 #[derive(Clone, Default)]
@@ -175,6 +236,10 @@ impl PartitionCopy {
 
     fn tenants(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantCopy>> {
         self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn owed(&self) -> std::sync::MutexGuard<'_, Owed> {
+        self.owed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -363,7 +428,6 @@ impl ProcessNode {
         let mut upload: Option<Background<Result<Checkpointed, String>>> = None;
         // The cold tier's manifests as this task last committed them.
         let manifests = Manifests::default();
-        let mut unsent = UnsentLetters::new();
         loop {
             if last_recheck.elapsed() >= RECHECK {
                 last_recheck = Instant::now();
@@ -388,6 +452,7 @@ impl ProcessNode {
                         checkpointed = stored.covered;
                         own_previous = Some(stored.covered);
                         last_checkpoint = Instant::now();
+                        (copy.owed().erasures).retain(|erasure| erasure.seq > stored.covered);
                         self.prune_local(&copy, stored.heads);
                     }
                     Some(Some(Ok(Err(error)))) => {
@@ -396,10 +461,9 @@ impl ProcessNode {
                     _ => {}
                 }
             }
-            if !unsent.is_empty()
-                && self
-                    .store_letters(&shared.letters, (lease, &fence_key), &mut unsent)
-                    .await
+            if self
+                .store_letters(&shared.letters, (lease, &fence_key), &copy)
+                .await
             {
                 tracing::info!(partition, "fenced out of the partition");
                 return;
@@ -407,7 +471,7 @@ impl ProcessNode {
             // A checkpoint only of a state the shared rollups and dead letters include in
             // full, only of a new one, and one at a time.
             if pending.is_empty()
-                && unsent.is_empty()
+                && copy.owed().letters.is_empty()
                 && upload.is_none()
                 && last_tried.elapsed() >= self.node.config.checkpoint_every
                 && runner.covered() > checkpointed
@@ -417,9 +481,9 @@ impl ProcessNode {
                 let checkpoint = self.checkpoint(
                     (lease, &fence),
                     &copy,
-                    &manifests,
-                    runner.covered(),
-                    own_previous,
+                    (&manifests, &shared.letters),
+                    (runner.covered(), own_previous),
+                    copy.owed().erasures.clone(),
                 );
                 match checkpoint.await {
                     Ok(task) => upload = task.map(Background),
@@ -431,6 +495,15 @@ impl ProcessNode {
             crate::telemetry::cluster_checkpoint_age(partition, last_checkpoint.elapsed());
             if stopping {
                 return;
+            }
+            if copy.owed().letters.len() >= MAX_UNSENT_LETTERS {
+                // The shared store is behind: read on once it has caught up (the stream keeps
+                // the rest), so letters waiting in memory stay bounded.
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
             }
             let directory = &self.directory;
             let read = runner
@@ -444,6 +517,7 @@ impl ProcessNode {
                 )
                 .await;
             copy.covered.store(runner.covered(), Ordering::Release);
+            copy.owed().erasures.extend(runner.take_erasures());
             let pause = match read {
                 Ok(mut done) => {
                     crate::telemetry::cluster_partition_progress(
@@ -454,7 +528,8 @@ impl ProcessNode {
                     for processed in &mut done {
                         if !processed.letters.is_empty() {
                             let letters = std::mem::take(&mut processed.letters);
-                            unsent.push_back((processed.seq, processed.tenant, letters));
+                            let owed = (processed.seq, processed.tenant, letters);
+                            copy.owed().letters.push_back(owed);
                         }
                         let Some(first) = processed.outcome.first_seq else {
                             continue;
@@ -516,6 +591,8 @@ impl ProcessNode {
             .collect();
         copy.generation.fetch_add(1, Ordering::AcqRel);
         copy.tenants().clear();
+        // The checkpoint's writer did what the older copy's messages left to do.
+        *copy.owed() = Owed::default();
         let storage = self.storage.clone();
         crate::blocking::detach(move || {
             for local in replaced {
@@ -567,13 +644,15 @@ impl ProcessNode {
     /// flushing its tenants' logs to the cold tier through their heads in that state, then
     /// writing it (the partition goes on meanwhile, also while the object store is slow or
     /// down); `None` without a checkpoint store.
+    /// Erasure requests applied before `covered` are carried out after the flush and before
+    /// the checkpoint is written, so a checkpoint never covers a request not carried out.
     async fn checkpoint(
         &self,
         (lease, fence): (Lease, &Fence),
         copy: &PartitionCopy,
-        manifests: &Manifests,
-        covered: u64,
-        trim_below: Option<u64>,
+        (manifests, letters): (&Manifests, &SharedDeadLetters),
+        (covered, trim_below): (u64, Option<u64>),
+        erasures: Vec<Erasure>,
     ) -> Result<Option<JoinHandle<Result<Checkpointed, String>>>, String> {
         let Some(checkpoints) = self.checkpoints.clone() else {
             return Ok(None);
@@ -621,10 +700,14 @@ impl ProcessNode {
             .collect();
         let stream = Arc::clone(&self.node.stream);
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
-        let (manifests, fence) = (Arc::clone(manifests), fence.clone());
+        let (manifests, fence, letters) = (Arc::clone(manifests), fence.clone(), letters.clone());
         Ok(Some(tokio::spawn(async move {
             if let Some(cold) = &cold {
                 (cold.flush_partition(&storage, targets, &manifests, lease, &fence)).await?;
+                for erasure in &erasures {
+                    let owner = (lease, &fence);
+                    carry_out(cold, &letters, &manifests, owner, erasure).await?;
+                }
             }
             upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
             if let Some(cold) = &cold {
@@ -699,15 +782,22 @@ impl ProcessNode {
         &self,
         letters: &SharedDeadLetters,
         (lease, fence_key): (Lease, &str),
-        unsent: &mut UnsentLetters,
+        copy: &PartitionCopy,
     ) -> bool {
-        while let Some((seq, tenant, batch)) = unsent.front() {
-            // A deleted tenant's letters go with it.
-            if let Some(record) = self.directory.get(*tenant) {
+        loop {
+            let Some((seq, tenant, batch)) = copy.owed().letters.front().cloned() else {
+                return false;
+            };
+            // A deleted tenant's letters go with it; a tenant this node does not know yet
+            // (its directory lags) waits.
+            if !self.directory.was_removed(tenant) {
+                let Some(record) = self.directory.get(tenant) else {
+                    return false;
+                };
                 let limits = deadletters::Limits::of(&record.settings);
                 let partition = lease.partition;
                 let stored = letters
-                    .store((lease, fence_key), partition, *seq, *tenant, batch, limits)
+                    .store((lease, fence_key), partition, seq, tenant, &batch, limits)
                     .await;
                 match stored {
                     Ok(Stored::Written | Stored::Already) => {}
@@ -718,9 +808,8 @@ impl ProcessNode {
                     }
                 }
             }
-            unsent.pop_front();
+            copy.owed().letters.pop_front();
         }
-        false
     }
 
     /// Publishes a batch's items to the live fan-out, unless an earlier owner did.

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::cluster::erasure::EraseRequest;
 use crate::cluster::stream::{EventStream, PartitionReader, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
@@ -55,6 +56,28 @@ pub struct PartitionRunner {
     pending: u64,
     /// The open reader, from `next_seq` (dropped after an error).
     reader: Option<PartitionReader>,
+    /// Erasure requests read, with their stream sequence and the tenant's log head when they
+    /// were applied, until taken ([`PartitionRunner::take_erasures`]).
+    erasures: Vec<Erasure>,
+}
+
+/// An erasure request as applied: where it was in the stream, and the tenant's log head then
+/// (everything up to it came before the request).
+#[derive(Debug, Clone)]
+pub struct Erasure {
+    pub seq: u64,
+    pub request: EraseRequest,
+    /// The local id of the tenant's log.
+    pub local: TenantId,
+    pub head: u64,
+}
+
+/// What one message was.
+enum Step {
+    Batch(Processed),
+    Erasure(Erasure),
+    /// A deleted tenant's.
+    Skipped,
 }
 
 impl PartitionRunner {
@@ -66,12 +89,18 @@ impl PartitionRunner {
             next_seq: covered + 1,
             pending: 0,
             reader: None,
+            erasures: Vec::new(),
         }
     }
 
     /// The last stream sequence processed.
     pub fn covered(&self) -> u64 {
         self.next_seq - 1
+    }
+
+    /// The erasure requests applied since the last call.
+    pub fn take_erasures(&mut self) -> Vec<Erasure> {
+        std::mem::take(&mut self.erasures)
     }
 
     /// Messages the stream held, when last read, that are not processed yet.
@@ -123,9 +152,13 @@ impl PartitionRunner {
         for message in messages {
             let seq = message.seq;
             match Self::process(message, writer, &deleted, &local).await {
-                Ok(processed) => {
+                Ok(step) => {
                     self.next_seq = seq + 1;
-                    done.extend(processed);
+                    match step {
+                        Step::Batch(processed) => done.push(processed),
+                        Step::Erasure(erasure) => self.erasures.push(erasure),
+                        Step::Skipped => {}
+                    }
                 }
                 Err(error) => {
                     failed = Some(error);
@@ -149,14 +182,29 @@ impl PartitionRunner {
         writer: &LogWriter,
         deleted: &impl Fn(TenantId) -> bool,
         local: &impl Fn(TenantId) -> TenantId,
-    ) -> Result<Option<Processed>, RunError> {
+    ) -> Result<Step, RunError> {
+        if let Some(request) = EraseRequest::decode(&message.payload) {
+            let request = request?;
+            if deleted(request.tenant) {
+                return Ok(Step::Skipped);
+            }
+            let local = local(request.tenant);
+            // Each batch before it is durable, so the writer's head is the log's.
+            let head = writer.heads().get(local).unwrap_or(0);
+            return Ok(Step::Erasure(Erasure {
+                seq: message.seq,
+                request,
+                local,
+                head,
+            }));
+        }
         let WireBatch {
             tenant,
             dedup_window,
             batch,
         } = PreparedBatch::from_wire(message.payload)?;
         if deleted(tenant) {
-            return Ok(None);
+            return Ok(Step::Skipped);
         }
         let entry = decode_batch(batch.entry())?;
         let mut items = RollupItems::from_events(&entry.events, &entry.extras);
@@ -177,7 +225,7 @@ impl PartitionRunner {
                 letters.remove(*position);
             }
         }
-        Ok(Some(Processed {
+        Ok(Step::Batch(Processed {
             seq: message.seq,
             tenant,
             local,

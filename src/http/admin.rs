@@ -297,6 +297,7 @@ pub async fn erase_user(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
+    crate::http::export::reads_published_only(&state)?;
     let (tenant, user_id) = path.into_inner();
     let id = existing_tenant(&state, &tenant)?.id;
     if user_id.is_empty() || user_id.len() > 1024 {
@@ -330,6 +331,7 @@ pub async fn deletion(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
+    crate::http::export::reads_published_only(&state)?;
     let not_found = || ApiError::NotFound(format!("deletion {:?} not found", path.as_str()));
     let id = uuid::Uuid::parse_str(&path).map_err(|_| not_found())?;
     let job = (state.lifecycle.erasure(id).await)

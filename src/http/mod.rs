@@ -80,12 +80,8 @@ const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.
 
 /// Routes a cluster ingest node does not serve (yet): they change stored events, which only a
 /// partition's owner may do.
-const NOT_ON_INGEST_NODES: [&str; 4] = [
-    "/admin/v1/flush",
-    "/admin/v1/deletions/{id}",
-    "/admin/v1/tenants/{id}/rollups/rebuild",
-    "/admin/v1/tenants/{id}/users/{user_id}",
-];
+const NOT_ON_INGEST_NODES: [&str; 2] =
+    ["/admin/v1/flush", "/admin/v1/tenants/{id}/rollups/rebuild"];
 
 /// Why a node of `role` does not serve `route`, if it does not.
 fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<ApiError> {
