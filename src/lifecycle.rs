@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use crate::actors::Pipelines;
 use crate::blocking::{self, BlockingError};
+use crate::cluster::commands::Command;
+use crate::cluster::partition_of;
 use crate::erasure::{self, ErasureJob, JobStatus, Requester};
 use crate::event::Micros;
 use crate::ids::TenantId;
@@ -50,6 +52,9 @@ pub enum LifecycleError {
 
 /// How long an admin flush or erasure waits for the rollups to cover the log.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Cluster mode: how long a flush or a rollup rebuild waits for the partitions' owners (a
+/// takeover included).
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Everything a tenant's lifecycle touches.
 #[derive(Clone)]
@@ -195,7 +200,21 @@ impl TenantLifecycle {
     /// Drops the tenant's rollups and recomputes them from the log; resolves once the old ones
     /// are deleted. False if its pipeline could not take the request (busy or restarting).
     pub async fn rebuild_rollups(&self, id: TenantId) -> bool {
-        if !self.pipelines.pipeline(id).rebuild_rollups().await {
+        if let Some(node) = &self.cluster {
+            // The owner, the shared rollups' only writer, drops and rebuilds them.
+            let command = Command::RebuildRollups {
+                tenant: id,
+                id: uuid::Uuid::new_v4(),
+            };
+            let (command_id, partition) = (command.id(), partition_of(id, node.config.partitions));
+            if let Err(error) = node.send(partition, command).await {
+                tracing::warn!(tenant = %id, %error, "rollup rebuild not sent");
+                return false;
+            }
+            if !node.wait_done(vec![command_id], OWNER_WAIT).await {
+                return false;
+            }
+        } else if !self.pipelines.pipeline(id).rebuild_rollups().await {
             return false;
         }
         self.query_cache.forget(id);
@@ -242,6 +261,39 @@ impl TenantLifecycle {
     /// The admin flush: brings the watermarks up to date, then has the tenant's flusher move
     /// everything received more than `hot_retention` before now to the cold tier. Resolves
     /// with the cold watermark once that is committed.
+    /// Cluster mode: has the owners of the tenants' partitions write a checkpoint now, which
+    /// flushes each of their tenants' logs to the cold tier first; returns each tenant's cold
+    /// watermark after it.
+    pub async fn flush_shared(
+        &self,
+        node: &Arc<crate::cluster::node::ClusterNode>,
+        tenants: &[TenantId],
+    ) -> Result<Vec<(TenantId, u64)>, LifecycleError> {
+        let partitions: std::collections::BTreeSet<u16> = (tenants.iter())
+            .map(|id| partition_of(*id, node.config.partitions))
+            .collect();
+        let mut ids = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            let id = uuid::Uuid::new_v4();
+            (node.send(partition, Command::Flush { id }).await).map_err(LifecycleError::Shared)?;
+            ids.push(id);
+        }
+        if !node.wait_done(ids, OWNER_WAIT).await {
+            return Err(LifecycleError::Cold(format!(
+                "the partitions' owners did not flush within {OWNER_WAIT:?}"
+            )));
+        }
+        let mut watermarks = Vec::with_capacity(tenants.len());
+        for id in tenants {
+            let (cold, id) = (self.cold.clone(), *id);
+            let published =
+                blocking::run(move || crate::storage::cold::newest_published(&cold, id)).await?;
+            let published = published.map_err(|e| LifecycleError::Cold(e.to_string()))?;
+            watermarks.push((id, published.cold_watermark));
+        }
+        Ok(watermarks)
+    }
+
     pub async fn flush_cold(
         &self,
         id: TenantId,
@@ -281,7 +333,7 @@ impl TenantLifecycle {
 
     /// Cluster mode: records the job in the shared store and sends the request to the owner of
     /// the tenant's partition, in order with the tenant's events (see
-    /// `crate::cluster::erasure`).
+    /// `crate::cluster::commands`).
     async fn request_erasure(
         &self,
         node: &Arc<crate::cluster::node::ClusterNode>,
@@ -289,28 +341,23 @@ impl TenantLifecycle {
         user_id: String,
         requested_by: Requester,
     ) -> Result<ErasureJob, LifecycleError> {
-        use crate::cluster::erasure::{save_job, EraseRequest};
+        use crate::cluster::commands::save_job;
         let mut job = ErasureJob::new(uuid::Uuid::new_v4(), id, user_id, requested_by);
         let cold_error = |e: crate::storage::cold::ColdError| LifecycleError::Cold(e.to_string());
         save_job(&self.cold, &job).await.map_err(cold_error)?;
-        let request = EraseRequest {
+        let request = Command::EraseUser {
             tenant: id,
             job: job.id,
             user: job.user_id.clone(),
         };
         let partition = crate::cluster::partition_of(id, node.config.partitions);
-        let engines = Arc::clone(node);
-        let published = node
-            .on_engines(async move {
-                let payload = request.encode().into();
-                (engines.stream)
-                    .publish(partition, &request.job.to_string(), payload)
-                    .await
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .and_then(|published| published);
-        if let Err(error) = published {
+        if let Err(error) = node.send(partition, request).await {
+            // A publish that timed out may have been stored all the same, and carried out
+            // since: only a record still running is marked failed.
+            let current = crate::cluster::commands::load_job(&self.cold, job.id).await;
+            if !matches!(current, Ok(Some(ref recorded)) if recorded.status == JobStatus::Running) {
+                return Err(LifecycleError::Shared(error));
+            }
             job.status = JobStatus::Failed;
             job.finished_at = Some(crate::event::now_micros());
             job.error = Some(format!(
@@ -405,7 +452,7 @@ impl TenantLifecycle {
     /// An erasure job by id.
     pub async fn erasure(&self, id: uuid::Uuid) -> Result<Option<ErasureJob>, LifecycleError> {
         if self.cluster.is_some() {
-            return (crate::cluster::erasure::load_job(&self.cold, id).await)
+            return (crate::cluster::commands::load_job(&self.cold, id).await)
                 .map_err(|e| LifecycleError::Cold(e.to_string()));
         }
         let storage = self.storage.clone();

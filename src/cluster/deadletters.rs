@@ -398,6 +398,9 @@ impl SharedDeadLetters {
             }
             cursor = next;
         }
+        // A scan may return an entry more than once.
+        doomed.sort_unstable();
+        doomed.dedup();
         for chunk in doomed.chunks(PAGE_CHUNK) {
             self.update(tenant, &[], chunk).await?;
         }

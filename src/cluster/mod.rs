@@ -8,9 +8,9 @@
 pub mod bucket;
 pub mod checkpoint;
 pub mod cold;
+pub mod commands;
 pub mod deadletters;
 pub mod directory;
-pub mod erasure;
 pub mod lease;
 pub mod live;
 pub mod node;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use crate::cluster::commands::{Command, Markers};
 use crate::cluster::deadletters::SharedDeadLetters;
 use crate::cluster::directory::{self, SharedDirectory};
 use crate::cluster::plans::SharedPlans;
@@ -37,6 +38,8 @@ pub struct ClusterNode {
     pub plans: SharedPlans,
     /// Dead letters, for listing and replays (owners write them on their own connection).
     pub dead_letters: SharedDeadLetters,
+    /// Which commands sent to owners are done.
+    pub markers: Markers,
     pub rollups: SharedRollups,
     pub limits: SharedLimits,
     /// The runtime the connections live on; work that uses them is spawned there.
@@ -77,6 +80,7 @@ impl ClusterNode {
             rollups: SharedRollups::new(redis.clone(), &config.prefix),
             limits: SharedLimits::new(redis.clone(), &config.prefix),
             dead_letters: SharedDeadLetters::new(redis.clone(), &config.prefix),
+            markers: Markers::new(redis.clone(), &config.prefix),
             redis,
             stream: Arc::new(stream),
             directory,
@@ -93,6 +97,29 @@ impl ClusterNode {
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Result<T, String> {
         (self.runtime.spawn(work).await).map_err(|e| format!("engine task failed: {e}"))
+    }
+
+    /// Publishes `command` to `partition`'s stream, for its owner (see
+    /// `crate::cluster::commands`).
+    pub async fn send(self: &Arc<Self>, partition: u16, command: Command) -> Result<(), String> {
+        let engines = Arc::clone(self);
+        let published = self.on_engines(async move {
+            let id = command.id().to_string();
+            (engines
+                .stream
+                .publish(partition, &id, command.encode().into()))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        published.await.and_then(|sent| sent)
+    }
+
+    /// Waits until the owners have done every command of `ids`; false after `timeout`.
+    pub async fn wait_done(self: &Arc<Self>, ids: Vec<uuid::Uuid>, timeout: Duration) -> bool {
+        let engines = Arc::clone(self);
+        let waited = self.on_engines(async move { engines.markers.wait(&ids, timeout).await });
+        waited.await.unwrap_or(false)
     }
 
     /// Whether each engine answers, for `/readyz`.

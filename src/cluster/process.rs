@@ -8,7 +8,7 @@
 //! stream) while it runs, also after losing the partition, because any owner's state at a
 //! stream position is the same: if it owns the partition again, it continues from there.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,12 +19,13 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::checkpoint::{cold_keys, keys_kept_since, Checkpoints, Snapshot, TenantInput};
 use crate::cluster::cold::{ColdFlush, FlushTarget, Manifests, Upkeep};
+use crate::cluster::commands::{Command, Markers};
 use crate::cluster::connect_redis;
 use crate::cluster::deadletters::{self, SharedDeadLetters, Stored};
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
-use crate::cluster::runner::{Erasure, PartitionRunner};
+use crate::cluster::runner::{Applied, PartitionRunner};
 use crate::cluster::stream::EventStream;
 use crate::erasure::{ErasureJob, JobStatus, Requester};
 use crate::event::last_seq_of;
@@ -68,50 +69,77 @@ pub struct ProcessNode {
     pub cold: Option<ColdFlush>,
 }
 
-/// Carries out an erasure request (see `crate::cluster::erasure`) once the cold tier holds
+/// How long an erasure that keeps failing holds its partition's checkpoints back before it is
+/// recorded as failed (a damaged segment must not stop the partition for good).
+const ERASURE_GIVE_UP: Duration = Duration::from_secs(3600);
+
+/// Carries out an erasure request (see `crate::cluster::commands`) once the cold tier holds
 /// everything through its head: the tenant's segments rewritten without the user's events,
-/// the user's dead letters removed, the outcome in the job record (unless an earlier run of
-/// the same request recorded it: a new owner applies requests above the last checkpoint again).
-async fn carry_out(
-    cold: &ColdFlush,
-    letters: &SharedDeadLetters,
-    manifests: &Manifests,
+/// the user's dead letters removed, the outcome in the job record, which counts what each
+/// attempt removed. A job already finished is left as it is: a new owner applies requests
+/// above the last checkpoint again. An error fails the checkpoint (it is retried) until the
+/// job is [`ERASURE_GIVE_UP`] old; then the job is recorded as failed.
+async fn erase(
+    (cold, letters, manifests): (&ColdFlush, &SharedDeadLetters, &Manifests),
     (lease, fence): (Lease, &Fence),
-    erasure: &Erasure,
+    (tenant, job_id, user): (TenantId, uuid::Uuid, &str),
+    head: u64,
+    tenant_removed: bool,
 ) -> Result<(), String> {
-    let request = &erasure.request;
-    let (tenant, user) = (request.tenant, request.user.clone());
-    let report = (cold.erase_user(tenant, user, manifests, lease, fence)).await?;
-    let removed_letters =
-        (letters.erase_user(tenant, &request.user).await).map_err(|e| e.to_string())?;
-    let recorded = (crate::cluster::erasure::load_job(&cold.store, request.job).await)
-        .map_err(|e| e.to_string())?;
+    use crate::cluster::commands::{load_job, save_job};
+    let saved = |job: ErasureJob| async move {
+        (save_job(&cold.store, &job).await).map_err(|e| format!("recording erasure {job_id}: {e}"))
+    };
+    let recorded = (load_job(&cold.store, job_id).await).map_err(|e| e.to_string())?;
     let mut job = match recorded {
-        Some(job) if job.status == JobStatus::Done => return Ok(()),
+        Some(job) if job.status != JobStatus::Running => return Ok(()),
         Some(job) => job,
         // The ingest node writes the record before it publishes the request; if it is gone,
         // the outcome still gets one.
-        None => ErasureJob::new(
-            request.job,
-            tenant,
-            request.user.clone(),
-            Requester::unknown(),
-        ),
+        None => ErasureJob::new(job_id, tenant, user.to_string(), Requester::unknown()),
     };
+    job.through_seq = head;
     let now = crate::event::now_micros();
-    let purge_after = cold.settings.grace_period + crate::cluster::cold::PURGE_EVERY;
-    job.status = JobStatus::Done;
-    job.through_seq = erasure.head;
-    job.removed_events = report.removed_events;
-    job.rewritten_segments = report.written_segments;
-    job.removed_segments = report.removed_segments - report.written_segments;
-    job.removed_dead_letters = removed_letters;
-    job.finished_at = Some(now);
-    job.superseded_purged_by =
-        Some(now.saturating_add(i64::try_from(purge_after.as_micros()).unwrap_or(i64::MAX)));
-    (crate::cluster::erasure::save_job(&cold.store, &job).await).map_err(|e| e.to_string())?;
-    tracing::info!(job = %job.id, %tenant, removed_events = job.removed_events, "per-user erasure done");
-    Ok(())
+    if tenant_removed {
+        job.status = JobStatus::Failed;
+        job.finished_at = Some(now);
+        job.error = Some("the tenant was deleted (with all its data)".into());
+        return saved(job).await;
+    }
+    let outcome = async {
+        let report = (cold.erase_user(tenant, user.to_string(), manifests, lease, fence)).await?;
+        job.removed_events += report.removed_events;
+        job.rewritten_segments += report.written_segments;
+        job.removed_segments += report.removed_segments - report.written_segments;
+        let removed_letters = (letters.erase_user(tenant, user).await).map_err(|e| e.to_string());
+        job.removed_dead_letters += removed_letters?;
+        Ok::<(), String>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let purge_after = cold.settings.grace_period + crate::cluster::cold::PURGE_EVERY;
+            let purge_after = i64::try_from(purge_after.as_micros()).unwrap_or(i64::MAX);
+            job.status = JobStatus::Done;
+            job.error = None;
+            job.finished_at = Some(now);
+            job.superseded_purged_by = Some(now.saturating_add(purge_after));
+            tracing::info!(job = %job_id, %tenant, removed_events = job.removed_events, "per-user erasure done");
+            saved(job).await
+        }
+        Err(error) => {
+            let give_up = i64::try_from(ERASURE_GIVE_UP.as_micros()).unwrap_or(i64::MAX);
+            job.error = Some(error.clone());
+            if now.saturating_sub(job.requested_at) < give_up {
+                saved(job).await?;
+                return Err(error);
+            }
+            tracing::error!(job = %job_id, %tenant, %error, "per-user erasure failed");
+            job.status = JobStatus::Failed;
+            job.finished_at = Some(now);
+            saved(job).await
+        }
+    }
 }
 
 /// Writes a partition's checkpoint, then lets the stream drop what `trim_below` (this owner's
@@ -208,8 +236,11 @@ struct PartitionCopy {
 struct Owed {
     /// Dead letters not yet in the shared store.
     letters: UnsentLetters,
-    /// Erasure requests not yet carried out by a stored checkpoint.
-    erasures: Vec<Erasure>,
+    /// Erasures and flushes (`crate::cluster::commands`) no stored checkpoint covers yet: the
+    /// next checkpoint carries them out.
+    commands: Vec<Applied>,
+    /// Rollup rebuilds not done yet; no checkpoint is written before they are.
+    rebuilds: Vec<Applied>,
 }
 
 #[derive(Clone, Default)]
@@ -247,6 +278,7 @@ impl PartitionCopy {
 struct Shared {
     rollups: SharedRollups,
     letters: SharedDeadLetters,
+    markers: Markers,
 }
 
 /// Dead letters applied to the local log, not yet in the shared store: per stream message,
@@ -298,6 +330,7 @@ impl ProcessNode {
         let shared = Arc::new(Shared {
             rollups: SharedRollups::new(redis.clone(), &config.prefix).expiring(self.retention),
             letters: SharedDeadLetters::new(redis.clone(), &config.prefix),
+            markers: Markers::new(redis.clone(), &config.prefix),
         });
         let mut held: BTreeMap<u16, Lease> = BTreeMap::new();
         let mut tasks: HashMap<u16, Task> = HashMap::new();
@@ -452,7 +485,7 @@ impl ProcessNode {
                         checkpointed = stored.covered;
                         own_previous = Some(stored.covered);
                         last_checkpoint = Instant::now();
-                        (copy.owed().erasures).retain(|erasure| erasure.seq > stored.covered);
+                        (copy.owed().commands).retain(|applied| applied.seq > stored.covered);
                         self.prune_local(&copy, stored.heads);
                     }
                     Some(Some(Ok(Err(error)))) => {
@@ -468,22 +501,38 @@ impl ProcessNode {
                 tracing::info!(partition, "fenced out of the partition");
                 return;
             }
+            if self
+                .rebuild(&shared, (&fence, lease), &copy, &mut pending)
+                .await
+            {
+                tracing::info!(partition, "fenced out of the partition");
+                return;
+            }
             // A checkpoint only of a state the shared rollups and dead letters include in
-            // full, only of a new one, and one at a time.
+            // full, only of a new one, and one at a time; at once when a flush is asked for.
+            // Commands owed by an earlier task on this copy may be past `checkpointed` already.
+            let (owed_letters, owed_rebuilds, owed_commands, flush_asked) = {
+                let owed = copy.owed();
+                let flush = (owed.commands.iter())
+                    .any(|applied| matches!(applied.command, Command::Flush { .. }));
+                let counts = (owed.letters.len(), owed.rebuilds.len(), owed.commands.len());
+                (counts.0, counts.1, counts.2, flush)
+            };
             if pending.is_empty()
-                && copy.owed().letters.is_empty()
+                && owed_letters == 0
+                && owed_rebuilds == 0
                 && upload.is_none()
-                && last_tried.elapsed() >= self.node.config.checkpoint_every
-                && runner.covered() > checkpointed
+                && (flush_asked || last_tried.elapsed() >= self.node.config.checkpoint_every)
+                && (runner.covered() > checkpointed || owed_commands > 0)
                 && !stopping
             {
                 last_tried = Instant::now();
                 let checkpoint = self.checkpoint(
                     (lease, &fence),
                     &copy,
-                    (&manifests, &shared.letters),
+                    (&manifests, &shared),
                     (runner.covered(), own_previous),
-                    copy.owed().erasures.clone(),
+                    copy.owed().commands.clone(),
                 );
                 match checkpoint.await {
                     Ok(task) => upload = task.map(Background),
@@ -517,7 +566,15 @@ impl ProcessNode {
                 )
                 .await;
             copy.covered.store(runner.covered(), Ordering::Release);
-            copy.owed().erasures.extend(runner.take_erasures());
+            for applied in runner.take_commands() {
+                let mut owed = copy.owed();
+                match applied.command {
+                    Command::RebuildRollups { .. } => owed.rebuilds.push(applied),
+                    Command::EraseUser { .. } | Command::Flush { .. } => {
+                        owed.commands.push(applied)
+                    }
+                }
+            }
             let pause = match read {
                 Ok(mut done) => {
                     crate::telemetry::cluster_partition_progress(
@@ -644,15 +701,16 @@ impl ProcessNode {
     /// flushing its tenants' logs to the cold tier through their heads in that state, then
     /// writing it (the partition goes on meanwhile, also while the object store is slow or
     /// down); `None` without a checkpoint store.
-    /// Erasure requests applied before `covered` are carried out after the flush and before
-    /// the checkpoint is written, so a checkpoint never covers a request not carried out.
+    /// Erasures applied before `covered` are carried out after the flush and before the
+    /// checkpoint is written, so a checkpoint never covers one not carried out; those and the
+    /// flushes requested are marked done once it is stored.
     async fn checkpoint(
         &self,
         (lease, fence): (Lease, &Fence),
         copy: &PartitionCopy,
-        (manifests, letters): (&Manifests, &SharedDeadLetters),
+        (manifests, shared): (&Manifests, &Arc<Shared>),
         (covered, trim_below): (u64, Option<u64>),
-        erasures: Vec<Erasure>,
+        commands: Vec<Applied>,
     ) -> Result<Option<JoinHandle<Result<Checkpointed, String>>>, String> {
         let Some(checkpoints) = self.checkpoints.clone() else {
             return Ok(None);
@@ -700,16 +758,28 @@ impl ProcessNode {
             .collect();
         let stream = Arc::clone(&self.node.stream);
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
-        let (manifests, fence, letters) = (Arc::clone(manifests), fence.clone(), letters.clone());
+        let removed: HashSet<TenantId> = (commands.iter())
+            .filter_map(|applied| applied.command.tenant())
+            .filter(|tenant| self.directory.was_removed(*tenant))
+            .collect();
+        let (manifests, fence, shared) = (Arc::clone(manifests), fence.clone(), Arc::clone(shared));
         Ok(Some(tokio::spawn(async move {
             if let Some(cold) = &cold {
                 (cold.flush_partition(&storage, targets, &manifests, lease, &fence)).await?;
-                for erasure in &erasures {
-                    let owner = (lease, &fence);
-                    carry_out(cold, &letters, &manifests, owner, erasure).await?;
+                for applied in &commands {
+                    if let Command::EraseUser { tenant, job, user } = &applied.command {
+                        let stores = (cold, &shared.letters, &manifests);
+                        let what = (*tenant, *job, user.as_str());
+                        let removed = removed.contains(tenant);
+                        erase(stores, (lease, &fence), what, applied.head, removed).await?;
+                    }
                 }
             }
             upload(&checkpoints, &stream, lease, covered, trim_below, &body).await?;
+            for applied in &commands {
+                let marked = shared.markers.mark_done(applied.command.id()).await;
+                marked.map_err(|e| format!("marking a command done: {e}"))?;
+            }
             if let Some(cold) = &cold {
                 let maintained = cold.maintain_partition(upkeep, &manifests, lease, &fence);
                 if let Err(error) = maintained.await {
@@ -774,6 +844,46 @@ impl ProcessNode {
             }
         }
         false
+    }
+
+    /// Carries out the rollup rebuilds applied, oldest first, until one fails (it stays, to be
+    /// tried next round): the tenant's shared rollups are dropped, the request marked done, and
+    /// the tenant rolled up again from sequence 1 (its log, and the cold tier below it). True
+    /// when fenced out.
+    async fn rebuild(
+        &self,
+        shared: &Shared,
+        (fence, lease): (&Fence, Lease),
+        copy: &PartitionCopy,
+        pending: &mut HashMap<TenantId, u64>,
+    ) -> bool {
+        loop {
+            let Some(applied) = copy.owed().rebuilds.first().cloned() else {
+                return false;
+            };
+            let Command::RebuildRollups { tenant, id } = applied.command else {
+                copy.owed().rebuilds.remove(0);
+                continue;
+            };
+            match shared.rollups.drop_tenant(tenant, (fence, lease)).await {
+                Ok(true) => {}
+                Ok(false) => return true,
+                Err(error) => {
+                    tracing::warn!(%tenant, %error, "dropping the rollups to rebuild failed; retrying");
+                    return false;
+                }
+            }
+            let head = copy.tenants().get(&tenant).map_or(0, |t| t.head);
+            if head > 0 {
+                pending.insert(tenant, head);
+            }
+            if let Err(error) = shared.markers.mark_done(id).await {
+                tracing::warn!(%tenant, %error, "marking a rollup rebuild done failed; retrying");
+                return false;
+            }
+            tracing::info!(%tenant, "rollups dropped; rolling up again");
+            copy.owed().rebuilds.remove(0);
+        }
     }
 
     /// Writes the dead letters of applied messages to the shared store, oldest first, until one

@@ -221,6 +221,44 @@ impl SharedRollups {
         })
     }
 
+    /// Deletes the tenant's rollups (the watermark first, so a roll-up in flight elsewhere
+    /// conflicts rather than adds to a half-deleted state), if `lease` still holds the
+    /// partition's fence; false when fenced out. The owner is the rollups' only writer, so
+    /// nothing is written meanwhile; its next roll-up starts from sequence 1.
+    pub async fn drop_tenant(
+        &self,
+        tenant: TenantId,
+        fence: (&crate::cluster::lease::Fence, Lease),
+    ) -> redis::RedisResult<bool> {
+        if !fence.0.holds(fence.1).await? {
+            return Ok(false);
+        }
+        let mut redis = self.redis.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.watermark_key(tenant))
+            .query_async(&mut redis)
+            .await?;
+        let pattern = format!("{}:*", self.base(tenant));
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut redis).await?;
+            }
+            if next == 0 {
+                return Ok(true);
+            }
+            cursor = next;
+        }
+    }
+
     /// The last log sequence the stored rollups include (0: none).
     pub async fn watermark(&self, tenant: TenantId) -> redis::RedisResult<u64> {
         let mut redis = self.redis.clone();

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::cluster::erasure::EraseRequest;
+use crate::cluster::commands::Command;
 use crate::cluster::stream::{EventStream, PartitionReader, StreamError, StreamMessage};
 use crate::ids::TenantId;
 use crate::rollup::RollupItems;
@@ -56,18 +56,17 @@ pub struct PartitionRunner {
     pending: u64,
     /// The open reader, from `next_seq` (dropped after an error).
     reader: Option<PartitionReader>,
-    /// Erasure requests read, with their stream sequence and the tenant's log head when they
-    /// were applied, until taken ([`PartitionRunner::take_erasures`]).
-    erasures: Vec<Erasure>,
+    /// Commands read, until taken ([`PartitionRunner::take_commands`]).
+    commands: Vec<Applied>,
 }
 
-/// An erasure request as applied: where it was in the stream, and the tenant's log head then
-/// (everything up to it came before the request).
+/// A command as applied: where it was in the stream, and, for a tenant's, the tenant's log
+/// then (everything up to its head came before the command).
 #[derive(Debug, Clone)]
-pub struct Erasure {
+pub struct Applied {
     pub seq: u64,
-    pub request: EraseRequest,
-    /// The local id of the tenant's log.
+    pub command: Command,
+    /// The local id of the tenant's log, and its head (0: none).
     pub local: TenantId,
     pub head: u64,
 }
@@ -75,7 +74,7 @@ pub struct Erasure {
 /// What one message was.
 enum Step {
     Batch(Processed),
-    Erasure(Erasure),
+    Command(Applied),
     /// A deleted tenant's.
     Skipped,
 }
@@ -89,7 +88,7 @@ impl PartitionRunner {
             next_seq: covered + 1,
             pending: 0,
             reader: None,
-            erasures: Vec::new(),
+            commands: Vec::new(),
         }
     }
 
@@ -98,9 +97,9 @@ impl PartitionRunner {
         self.next_seq - 1
     }
 
-    /// The erasure requests applied since the last call.
-    pub fn take_erasures(&mut self) -> Vec<Erasure> {
-        std::mem::take(&mut self.erasures)
+    /// The commands applied since the last call.
+    pub fn take_commands(&mut self) -> Vec<Applied> {
+        std::mem::take(&mut self.commands)
     }
 
     /// Messages the stream held, when last read, that are not processed yet.
@@ -156,7 +155,7 @@ impl PartitionRunner {
                     self.next_seq = seq + 1;
                     match step {
                         Step::Batch(processed) => done.push(processed),
-                        Step::Erasure(erasure) => self.erasures.push(erasure),
+                        Step::Command(applied) => self.commands.push(applied),
                         Step::Skipped => {}
                     }
                 }
@@ -183,17 +182,20 @@ impl PartitionRunner {
         deleted: &impl Fn(TenantId) -> bool,
         local: &impl Fn(TenantId) -> TenantId,
     ) -> Result<Step, RunError> {
-        if let Some(request) = EraseRequest::decode(&message.payload) {
-            let request = request?;
-            if deleted(request.tenant) {
-                return Ok(Step::Skipped);
-            }
-            let local = local(request.tenant);
-            // Each batch before it is durable, so the writer's head is the log's.
-            let head = writer.heads().get(local).unwrap_or(0);
-            return Ok(Step::Erasure(Erasure {
+        if let Some(command) = Command::decode(&message.payload) {
+            let command = command?;
+            // A deleted tenant's too: its owner records that an erasure cannot be done.
+            let (local, head) = match command.tenant() {
+                Some(tenant) => {
+                    let local = local(tenant);
+                    // Each batch before it is durable, so the writer's head is the log's.
+                    (local, writer.heads().get(local).unwrap_or(0))
+                }
+                None => (TenantId(0), 0),
+            };
+            return Ok(Step::Command(Applied {
                 seq: message.seq,
-                request,
+                command,
                 local,
                 head,
             }));

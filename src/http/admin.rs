@@ -197,7 +197,7 @@ pub async fn rebuild_rollups(
     let id = existing_tenant(&state, &path)?.id;
     if !state.lifecycle.rebuild_rollups(id).await {
         return Err(ApiError::unavailable(
-            "the tenant's pipeline is busy; retry",
+            "the rebuild did not start (the tenant's pipeline is busy, or in cluster mode its partition's owner did not answer); retry",
         ));
     }
     Ok(HttpResponse::Accepted().json(serde_json::json!({
@@ -279,6 +279,15 @@ pub async fn flush(
             .map(|record| record.id)
             .collect(),
     };
+    if let Some(node) = &state.cluster {
+        crate::http::export::reads_published_only(&state)?;
+        let watermarks =
+            (state.lifecycle.flush_shared(node, &tenants).await).map_err(lifecycle_error)?;
+        let flushed: Vec<serde_json::Value> = (watermarks.into_iter())
+            .map(|(id, watermark)| serde_json::json!({"id": id.to_string(), "cold_watermark": watermark}))
+            .collect();
+        return Ok(HttpResponse::Ok().json(serde_json::json!({ "tenants": flushed })));
+    }
     let hot_retention = state.config.storage.hot_retention;
     let mut flushed = Vec::with_capacity(tenants.len());
     for id in tenants {

@@ -78,11 +78,6 @@ pub struct AppState {
 /// Routes a process node serves: it has no API of its own besides operations.
 const PROCESS_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/openapi.json"];
 
-/// Routes a cluster ingest node does not serve (yet): they change stored events, which only a
-/// partition's owner may do.
-const NOT_ON_INGEST_NODES: [&str; 2] =
-    ["/admin/v1/flush", "/admin/v1/tenants/{id}/rollups/rebuild"];
-
 /// Why a node of `role` does not serve `route`, if it does not.
 fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<ApiError> {
     use crate::cluster::Role;
@@ -92,11 +87,6 @@ fn unserved(role: Option<crate::cluster::Role>, route: Option<&str>) -> Option<A
         Role::Process if !PROCESS_ROUTES.contains(&route) => Some(ApiError::NotImplemented(
             format!("{route} is served by the cluster's ingest nodes; a process node serves only operations"),
         )),
-        Role::Ingest if NOT_ON_INGEST_NODES.contains(&route) => {
-            Some(ApiError::NotImplemented(format!(
-                "{route} is not available in cluster mode yet: it changes stored events, which only the owner of the tenant's partition may do"
-            )))
-        }
         Role::Process | Role::Ingest => None,
     }
 }
