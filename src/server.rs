@@ -327,6 +327,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 writer: Arc::clone(&writer),
                 directory: Arc::clone(&directory),
                 retention: config.rollups.retention(),
+                max_identity_ids: config.rollups.max_identity_ids,
                 default_dedup_window: config.tenant_defaults.dedup_window,
                 // A client of their own: checkpoints are written from the partitions'
                 // runtime, segments through the cold tier's, and a pooled connection must not

@@ -1117,8 +1117,27 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
             })
         })
         .collect();
+    // Then 10 anonymous visitors view, identify as users u0..u9, and click and buy under
+    // their anonymous ids: the identity links make them those users' events (rollups count
+    // them for the users from the identify on; funnels and exports resolve all of them).
+    let anonymous = |kind: &str, k: i64, n: i64| {
+        json!({
+            "type": "track", "messageId": format!("anon-{kind}-{k}"), "anonymousId": format!("anon-{k}"),
+            "event": kind, "timestamp": at(hour - 3000 + k * 60 + n),
+        })
+    };
+    let viewed: Vec<Value> = (0..10).map(|k| anonymous("Viewed", k, 0)).collect();
+    let identified: Vec<Value> = (0..10)
+        .map(|k| json!({"type": "identify", "messageId": format!("identify-{k}"), "userId": format!("u{k}"), "anonymousId": format!("anon-{k}"), "timestamp": at(hour - 3000 + k * 60 + 10)}))
+        .collect();
+    let after: Vec<Value> = (0..10)
+        .flat_map(|k| [anonymous("Clicked", k, 20), anonymous("Bought", k, 30)])
+        .collect();
+    let batches: Vec<&[Value]> = (events.chunks(100))
+        .chain([&viewed[..], &identified[..], &after[..]])
+        .collect();
     for (node, tenant) in [(&single, &on_single), (&cluster.ingest[0], &on_cluster)] {
-        for chunk in events.chunks(100) {
+        for chunk in &batches {
             let reply = node.post_json(
                 "/v1/batch",
                 Auth::Basic(&tenant.write_key),
@@ -1155,7 +1174,7 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
         rows
     };
     let (expected_rows, got_rows) = (by_name(&expected), by_name(&got));
-    assert_eq!(expected_rows.len(), 3, "{expected}");
+    assert_eq!(expected_rows.len(), 4, "{expected}");
     for ((name, count, users), (got_name, got_count, got_users)) in
         expected_rows.iter().zip(&got_rows)
     {
@@ -1183,27 +1202,30 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
     assert!(expected.abs_diff(got) <= 1, "{expected} against {got}");
 
     // The same events exported, once the owner has flushed them, and the same funnel.
-    let export = |node: &TestServer, tenant: &Tenant| -> Vec<(String, String, String, String)> {
-        let reply = node.get(
-            &format!("/v1/events/export?{range}"),
-            Auth::Bearer(&tenant.read_key),
-        );
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        let mut rows: Vec<_> = (reply.body.lines())
-            .map(|line| {
-                let event: Value = serde_json::from_str(line).unwrap();
-                let text = |key: &str| event[key].as_str().unwrap_or_default().to_string();
-                (
-                    text("messageId"),
-                    text("event"),
-                    text("userId"),
-                    text("timestamp"),
-                )
-            })
-            .collect();
-        rows.sort();
-        rows
-    };
+    let export =
+        |node: &TestServer, tenant: &Tenant| -> Vec<(String, String, String, String, String)> {
+            let reply = node.get(
+                &format!("/v1/events/export?{range}"),
+                Auth::Bearer(&tenant.read_key),
+            );
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let mut rows: Vec<_> = (reply.body.lines())
+                .map(|line| {
+                    let event: Value = serde_json::from_str(line).unwrap();
+                    let text = |key: &str| event[key].as_str().unwrap_or_default().to_string();
+                    let person = event["statsremote"]["person"].as_str().unwrap_or_default();
+                    (
+                        text("messageId"),
+                        text("event"),
+                        text("userId"),
+                        text("timestamp"),
+                        person.to_string(),
+                    )
+                })
+                .collect();
+            rows.sort();
+            rows
+        };
     let expected_export = export(&single, &on_single);
     assert_eq!(expected_export.len() as u64, stored);
     let waited = Instant::now();
@@ -1226,7 +1248,7 @@ fn the_cluster_answers_queries_as_the_single_node_does() {
     let expected_funnel = funnel(&single, &on_single);
     assert_eq!(expected_funnel, funnel(&cluster.ingest[0], &on_cluster));
     println!(
-        "single node and cluster agree: {stored} events stored of 600 sent, {expected_rows:?}, exported alike, funnel {expected_funnel}"
+        "single node and cluster agree: {stored} events stored of 640 sent, {expected_rows:?}, exported alike, funnel {expected_funnel}"
     );
 }
 
@@ -1374,7 +1396,10 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     let events: Vec<Value> = (0..200u64)
         .map(|n| event(&format!("erase-{n}"), n))
         .collect();
-    for chunk in events.chunks(50) {
+    // And user-7 identified an anonymous id: two identity links name it.
+    let identify = json!({"type": "identify", "messageId": "identify-7", "userId": "user-7", "anonymousId": "anon-7", "timestamp": "2026-01-02T03:04:05Z"});
+    let batches = (events.chunks(50)).chain([std::slice::from_ref(&identify)]);
+    for chunk in batches {
         let reply = a.post_json(
             "/v1/batch",
             Auth::Basic(&victim.write_key),
@@ -1391,13 +1416,14 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     assert_eq!(flushed.status, 200, "{}", flushed.body);
     assert_eq!(
         flushed.json()["tenants"][0]["cold_watermark"],
-        200,
+        201,
         "{}",
         flushed.body
     );
-    let all: BTreeSet<String> = (0..200).map(|n| format!("erase-{n}")).collect();
+    let mut all: BTreeSet<String> = (0..200).map(|n| format!("erase-{n}")).collect();
+    all.insert("identify-7".into());
     assert_eq!(exported(a, victim).as_ref(), Some(&all));
-    wait_total(b, victim, 200);
+    wait_total(b, victim, 201);
 
     // Asked through one node; the owner dies at once, so whether it or the next owner does
     // the work, the outcome must be the same.
@@ -1429,8 +1455,9 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
         "erasure done {:?} after the owner was killed: {job}",
         killed.elapsed()
     );
-    assert_eq!(job["removed_events"], 5, "{job}");
+    assert_eq!(job["removed_events"], 6, "{job}");
     assert_eq!(job["removed_dead_letters"], 1, "{job}");
+    assert_eq!(job["removed_identity_links"], 2, "{job}");
     let kept: BTreeSet<String> = (0..200u64)
         .filter(|n| n % 40 != 7)
         .map(|n| format!("erase-{n}"))
@@ -1441,7 +1468,7 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     assert_eq!(letters, BTreeSet::from(["refused-8".to_string()]));
 
     // A rollup rebuild (through either node) recounts from what is stored: the new owner
-    // started from a checkpoint, so from the cold tier, where the user's events are gone.
+    // started from a checkpoint, so from the cold tier, where the user's 6 events are gone.
     let rebuild = format!("/admin/v1/tenants/{}/rollups/rebuild", victim.id);
     let rebuilt = a.admin("POST", &rebuild, None);
     assert_eq!(rebuilt.status, 202, "{}", rebuilt.body);

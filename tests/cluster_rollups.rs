@@ -83,13 +83,13 @@ fn flushes_are_atomic_fenced_and_read_the_same_from_any_node() {
 
         let first = deltas(&[("a", 0, 1), ("a", 0, 2), ("b", 1, 1), ("a", 61, 3)]);
         let stored = owner
-            .flush(TENANT, lease, &fence, &first, 0, 4)
+            .flush(TENANT, lease, &fence, (&first, &[]), 0, 4)
             .await
             .unwrap();
         assert_eq!(stored, FlushOutcome::Stored);
         // The same flush again (a crash after it committed, replayed from the stream): refused.
         let again = owner
-            .flush(TENANT, lease, &fence, &first, 0, 4)
+            .flush(TENANT, lease, &fence, (&first, &[]), 0, 4)
             .await
             .unwrap();
         assert_eq!(again, FlushOutcome::Conflict { stored: 4 });
@@ -133,7 +133,7 @@ fn flushes_are_atomic_fenced_and_read_the_same_from_any_node() {
             .unwrap();
         let late = deltas(&[("a", 0, 9)]);
         let fenced = owner
-            .flush(TENANT, lease, &fence, &late, 4, 5)
+            .flush(TENANT, lease, &fence, (&late, &[]), 4, 5)
             .await
             .unwrap();
         assert_eq!(fenced, FlushOutcome::Fenced);
@@ -160,7 +160,7 @@ fn distinct_users_are_within_the_stated_error() {
         }
         let all = deltas(&events);
         let stored = owner
-            .flush(TENANT, lease, &fence, &all, 0, 1)
+            .flush(TENANT, lease, &fence, (&all, &[]), 0, 1)
             .await
             .unwrap();
         assert_eq!(stored, FlushOutcome::Stored);

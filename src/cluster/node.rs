@@ -122,6 +122,21 @@ impl ClusterNode {
         waited.await.unwrap_or(false)
     }
 
+    /// A tenant's identity links as its owner stored them with the shared rollups (`key`: the
+    /// tenant's user-hash key), for exports and funnels.
+    pub async fn identity(
+        self: &Arc<Self>,
+        tenant: crate::ids::TenantId,
+        key: [u8; 32],
+    ) -> Result<Arc<crate::identity::IdentityMap>, String> {
+        let engines = Arc::clone(self);
+        let links = self.on_engines(async move { engines.rollups.links(tenant).await });
+        let links = (links.await?).map_err(|e| format!("reading identity links: {e}"))?;
+        Ok(Arc::new(crate::identity::IdentityMap::from_stored(
+            &key, links,
+        )))
+    }
+
     /// Whether each engine answers, for `/readyz`.
     pub async fn readiness(&self) -> Vec<(&'static str, Readiness)> {
         let nats = nats_ready(self.stream.context(), self.stream.name()).await;

@@ -24,7 +24,7 @@ use crate::cluster::connect_redis;
 use crate::cluster::deadletters::{self, SharedDeadLetters, Stored};
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
-use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups};
+use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups, TenantIdentity};
 use crate::cluster::runner::{Applied, PartitionRunner};
 use crate::cluster::stream::EventStream;
 use crate::erasure::{ErasureJob, JobStatus, Requester};
@@ -58,6 +58,8 @@ pub struct ProcessNode {
     pub writer: Arc<LogWriter>,
     pub directory: Arc<TenantDirectory>,
     pub retention: Retention,
+    /// Most ids that take part in a tenant's identity links (`rollups.max_identity_ids`).
+    pub max_identity_ids: usize,
     /// The dedup window of a tenant the directory no longer has (`tenant_defaults`).
     pub default_dedup_window: Duration,
     /// Where partitions' checkpoints are kept: the cold tier's store, which the process nodes
@@ -80,11 +82,11 @@ const ERASURE_GIVE_UP: Duration = Duration::from_secs(3600);
 /// above the last checkpoint again. An error fails the checkpoint (it is retried) until the
 /// job is [`ERASURE_GIVE_UP`] old; then the job is recorded as failed.
 async fn erase(
-    (cold, letters, manifests): (&ColdFlush, &SharedDeadLetters, &Manifests),
+    (cold, shared, manifests): (&ColdFlush, &Shared, &Manifests),
     (lease, fence): (Lease, &Fence),
     (tenant, job_id, user): (TenantId, uuid::Uuid, &str),
     head: u64,
-    tenant_removed: bool,
+    hash_key: Option<[u8; 32]>,
 ) -> Result<(), String> {
     use crate::cluster::commands::{load_job, save_job};
     let saved = |job: ErasureJob| async move {
@@ -100,19 +102,23 @@ async fn erase(
     };
     job.through_seq = head;
     let now = crate::event::now_micros();
-    if tenant_removed {
+    let Some(hash_key) = hash_key else {
         job.status = JobStatus::Failed;
         job.finished_at = Some(now);
         job.error = Some("the tenant was deleted (with all its data)".into());
         return saved(job).await;
-    }
+    };
     let outcome = async {
         let report = (cold.erase_user(tenant, user.to_string(), manifests, lease, fence)).await?;
         job.removed_events += report.removed_events;
         job.rewritten_segments += report.written_segments;
         job.removed_segments += report.removed_segments - report.written_segments;
-        let removed_letters = (letters.erase_user(tenant, user).await).map_err(|e| e.to_string());
+        let removed_letters =
+            (shared.letters.erase_user(tenant, user).await).map_err(|e| e.to_string());
         job.removed_dead_letters += removed_letters?;
+        let own = crate::enrich::user_hash(&hash_key, user);
+        let removed_links = shared.rollups.forget_link(tenant, own, user).await;
+        job.removed_identity_links += removed_links.map_err(|e| format!("identity links: {e}"))?;
         Ok::<(), String>(())
     }
     .await;
@@ -229,6 +235,9 @@ struct PartitionCopy {
     /// What applied messages left to do that no stored checkpoint covers yet. It stays with
     /// the copy, not the task: a later task on this copy starts after those messages.
     owed: Mutex<Owed>,
+    /// Tenants whose stored identity links changed behind the owner's roll-ups (an erasure):
+    /// they read them again.
+    stale_identities: Mutex<HashSet<TenantId>>,
 }
 
 /// Work owed for messages already applied to a partition copy.
@@ -269,10 +278,19 @@ impl PartitionCopy {
         self.tenants.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn stale_identities(&self) -> std::sync::MutexGuard<'_, HashSet<TenantId>> {
+        self.stale_identities
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn owed(&self) -> std::sync::MutexGuard<'_, Owed> {
         self.owed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// Per tenant, the identity links an owner's roll-ups apply.
+type Identities = HashMap<TenantId, TenantIdentity>;
 
 /// What an owner writes to Redis.
 struct Shared {
@@ -450,6 +468,8 @@ impl ProcessNode {
         // Per tenant, the log sequence through which live ticks were published (those at or
         // below the shared watermark at first sight were published by an earlier owner).
         let mut live_through: HashMap<TenantId, u64> = HashMap::new();
+        // Per tenant, its identity links as this task last stored them.
+        let mut identities = Identities::new();
         let mut last_roll_up = Instant::now();
         let mut last_recheck = Instant::now();
         // When the last checkpoint was written, and when one was last started.
@@ -471,7 +491,13 @@ impl ProcessNode {
             if due && !pending.is_empty() {
                 last_roll_up = Instant::now();
                 if self
-                    .roll_up(&shared.rollups, lease, &fence_key, &copy, &mut pending)
+                    .roll_up(
+                        &shared.rollups,
+                        lease,
+                        &fence_key,
+                        &copy,
+                        (&mut pending, &mut identities),
+                    )
                     .await
                 {
                     tracing::info!(partition, "fenced out of the partition");
@@ -707,7 +733,7 @@ impl ProcessNode {
     async fn checkpoint(
         &self,
         (lease, fence): (Lease, &Fence),
-        copy: &PartitionCopy,
+        copy: &Arc<PartitionCopy>,
         (manifests, shared): (&Manifests, &Arc<Shared>),
         (covered, trim_below): (u64, Option<u64>),
         commands: Vec<Applied>,
@@ -758,20 +784,33 @@ impl ProcessNode {
             .collect();
         let stream = Arc::clone(&self.node.stream);
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
-        let removed: HashSet<TenantId> = (commands.iter())
+        // A deleted tenant's erasures have no key (they are recorded as failed); a tenant this
+        // node does not know yet is not in the map (the checkpoint waits).
+        let hash_keys: HashMap<TenantId, Option<[u8; 32]>> = (commands.iter())
             .filter_map(|applied| applied.command.tenant())
-            .filter(|tenant| self.directory.was_removed(*tenant))
+            .filter_map(|tenant| match self.directory.get(tenant) {
+                Some(record) => Some((tenant, Some(record.user_hash_key))),
+                None if self.directory.was_removed(tenant) => Some((tenant, None)),
+                None => None,
+            })
             .collect();
+        let copy = Arc::clone(copy);
         let (manifests, fence, shared) = (Arc::clone(manifests), fence.clone(), Arc::clone(shared));
         Ok(Some(tokio::spawn(async move {
             if let Some(cold) = &cold {
                 (cold.flush_partition(&storage, targets, &manifests, lease, &fence)).await?;
                 for applied in &commands {
                     if let Command::EraseUser { tenant, job, user } = &applied.command {
-                        let stores = (cold, &shared.letters, &manifests);
+                        let stores = (cold, &*shared, &manifests);
                         let what = (*tenant, *job, user.as_str());
-                        let removed = removed.contains(tenant);
-                        erase(stores, (lease, &fence), what, applied.head, removed).await?;
+                        let key = hash_keys.get(tenant).copied().ok_or_else(|| {
+                            format!(
+                                "tenant {tenant} of an erasure is not in this node's directory yet"
+                            )
+                        })?;
+                        erase(stores, (lease, &fence), what, applied.head, key).await?;
+                        // The owner's roll-ups read the tenant's links again.
+                        copy.stale_identities().insert(*tenant);
                     }
                 }
             }
@@ -819,15 +858,25 @@ impl ProcessNode {
         lease: Lease,
         fence_key: &str,
         copy: &PartitionCopy,
-        pending: &mut HashMap<TenantId, u64>,
+        (pending, identities): (&mut HashMap<TenantId, u64>, &mut Identities),
     ) -> bool {
+        for tenant in copy.stale_identities().drain() {
+            identities.remove(&tenant);
+        }
         for (tenant, head) in pending.clone() {
+            // A deleted tenant's events count each id as its own person.
+            let identity = self.directory.get(tenant).map(|record| {
+                identities.entry(tenant).or_insert_with(|| {
+                    TenantIdentity::new(record.user_hash_key, self.max_identity_ids)
+                })
+            });
             let log = LocalLog {
                 storage: &self.storage,
                 tenant,
                 local: copy.local(tenant),
                 head,
                 cold: self.cold.as_ref().map(|cold| &cold.store),
+                identity,
             };
             match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
                 // Short of the head (a range rolled up again from the cold tier, one chunk per

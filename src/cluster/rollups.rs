@@ -7,7 +7,9 @@
 //!   HyperLogLog of the bucket's users (their 8-byte user hashes);
 //! - `<prefix>:rollups:{<tenant>}:n`: the set of series names;
 //! - `<prefix>:rollups:{<tenant>}:w`: the watermark, the last sequence of the tenant's log the
-//!   rollups include.
+//!   rollups include;
+//! - `<prefix>:rollups:{<tenant>}:l`: the identity links (`crate::identity`), a hash from an
+//!   id's hash (16 hex digits) to its parent's name, stored with the rollups that applied them.
 //!
 //! A flush writes a set of [`Deltas`] and moves the watermark in one Lua script, which first
 //! checks the partition's fence against the owner's lease token ([`FENCE_CHECK`]) and the
@@ -18,12 +20,14 @@
 //! its standard error is 0.81% (the single node's 0.4%), at most 12 KiB per bucket.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redis::aio::ConnectionManager;
 use redis::Script;
 
 use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::event::Micros;
+use crate::identity::{IdentityMap, Pending, StoredLink};
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, Resolution, Retention};
 use crate::sampling::Estimate;
@@ -41,9 +45,9 @@ pub enum FlushOutcome {
     },
 }
 
-/// `KEYS`: fence, watermark, names. `ARGV`: token, expected watermark, new watermark, then
-/// operations: `c key field n` (count), `u key k hash₁..hashₖ` (users), `x key ms` (expire at),
-/// `n name`.
+/// `KEYS`: fence, watermark, names, links. `ARGV`: token, expected watermark, new watermark,
+/// then operations: `c key field n` (count), `u key k hash₁..hashₖ` (users), `x key ms`
+/// (expire at), `l id parent` (identity link), `n name`.
 const FLUSH: &str = r"
 local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
 if stored ~= tonumber(ARGV[2]) then return {2, stored} end
@@ -55,6 +59,9 @@ while at <= #ARGV do
     at = at + 4
   elseif op == 'x' then
     redis.call('PEXPIREAT', ARGV[at + 1], ARGV[at + 2])
+    at = at + 3
+  elseif op == 'l' then
+    redis.call('HSET', KEYS[4], ARGV[at + 1], ARGV[at + 2])
     at = at + 3
   elseif op == 'u' then
     local k = tonumber(ARGV[at + 2])
@@ -150,15 +157,69 @@ impl SharedRollups {
         format!("{}:n", self.base(tenant))
     }
 
-    /// Merges `deltas` (made with [`Deltas::keeping_every_user`], users rolled up) into the
-    /// stored rollups and moves the watermark from `expected` to `through`, atomically, if
-    /// `lease` still holds the partition's fence (`fence_key`) and the watermark is `expected`.
+    fn links_key(&self, tenant: TenantId) -> String {
+        format!("{}:l", self.base(tenant))
+    }
+
+    /// Forgets the id `id` (hashed `own`) in the tenant's stored links (an erasure): its own
+    /// link and those of the ids whose parent it is, which become persons of their own, as
+    /// the single node does (`crate::storage::identity::forget`). Returns how many.
+    pub async fn forget_link(
+        &self,
+        tenant: TenantId,
+        own: u64,
+        id: &str,
+    ) -> redis::RedisResult<u64> {
+        let removed: Vec<String> = (self.links(tenant).await?.into_iter())
+            .filter(|(hash, parent)| *hash == own || &**parent == id)
+            .map(|(hash, _)| format!("{hash:016x}"))
+            .collect();
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.links_key(tenant))
+            .arg(&removed)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(removed.len() as u64)
+    }
+
+    /// The tenant's stored identity links (see [`crate::identity::StoredLink`]).
+    pub async fn links(&self, tenant: TenantId) -> redis::RedisResult<Vec<StoredLink>> {
+        let mut redis = self.redis.clone();
+        let (key, mut cursor, mut links) = (self.links_key(tenant), 0u64, Vec::new());
+        loop {
+            let (next, found): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut redis)
+                .await?;
+            for (id, parent) in found {
+                match u64::from_str_radix(&id, 16) {
+                    Ok(id) => links.push((id, Arc::from(parent))),
+                    Err(_) => tracing::error!(%tenant, %id, "skipping a malformed identity link"),
+                }
+            }
+            if next == 0 {
+                return Ok(links);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Merges `deltas` (made with [`Deltas::keeping_every_user`], users rolled up) and the
+    /// identity `links` they were resolved with into the stored rollups and moves the
+    /// watermark from `expected` to `through`, atomically, if `lease` still holds the
+    /// partition's fence (`fence_key`) and the watermark is `expected`.
     pub async fn flush(
         &self,
         tenant: TenantId,
         lease: Lease,
         fence_key: &str,
-        deltas: &Deltas,
+        (deltas, links): (&Deltas, &[StoredLink]),
         expected: u64,
         through: u64,
     ) -> redis::RedisResult<FlushOutcome> {
@@ -166,6 +227,7 @@ impl SharedRollups {
         invocation
             .key(self.watermark_key(tenant))
             .key(self.names_key(tenant))
+            .key(self.links_key(tenant))
             .arg(lease.token)
             .arg(expected)
             .arg(through);
@@ -203,6 +265,9 @@ impl SharedRollups {
         }
         for name in names {
             invocation.arg("n").arg(name);
+        }
+        for (id, parent) in links {
+            invocation.arg("l").arg(format!("{id:016x}")).arg(&**parent);
         }
         let mut redis = self.redis.clone();
         let reply: redis::Value = invocation.invoke_async(&mut redis).await?;
@@ -519,6 +584,7 @@ pub async fn roll_up_tenant(
         local,
         head,
         cold,
+        mut identity,
     } = log;
     loop {
         let stored = shared.watermark(tenant).await?;
@@ -539,10 +605,15 @@ pub async fn roll_up_tenant(
             // them): they are in the cold tier, flushed before that checkpoint was written.
             if let Some(store) = cold {
                 let (from, to) = (stored + 1, (first - 1).min(stored + COLD_SEQS_PER_FLUSH));
-                if let Some(read) = cold_range(store.clone(), tenant, from, to).await? {
-                    let deltas = shared_deltas(&read.items, &retention);
+                if let Some(mut read) = cold_range(store.clone(), tenant, from, to).await? {
                     let through = read.through;
-                    let flushed = shared.flush(tenant, lease, fence_key, &deltas, stored, through);
+                    let flushed = flush_entries(
+                        (shared, tenant, identity.as_deref_mut()),
+                        (lease, fence_key),
+                        &mut read.items,
+                        (stored, through),
+                        &retention,
+                    );
                     match flushed.await? {
                         FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
                         FlushOutcome::Stored => {
@@ -569,8 +640,14 @@ pub async fn roll_up_tenant(
                 "shared rollups lost log sequences older than this owner's checkpoint; they stay uncounted"
             );
             crate::telemetry::cluster_rollup_gap(first - 1 - stored);
-            let empty = Deltas::keeping_every_user();
-            match (shared.flush(tenant, lease, fence_key, &empty, stored, first - 1)).await? {
+            let flushed = flush_entries(
+                (shared, tenant, identity.as_deref_mut()),
+                (lease, fence_key),
+                &mut [],
+                (stored, first - 1),
+                &retention,
+            );
+            match flushed.await? {
                 FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
                 FlushOutcome::Stored | FlushOutcome::Conflict { .. } => continue,
             }
@@ -581,11 +658,15 @@ pub async fn roll_up_tenant(
         else {
             return Ok(RolledUp::Through(stored));
         };
-        let deltas = shared_deltas(&batches, &retention);
-        match shared
-            .flush(tenant, lease, fence_key, &deltas, stored, through)
-            .await?
-        {
+        let mut batches = batches;
+        let flushed = flush_entries(
+            (shared, tenant, identity.as_deref_mut()),
+            (lease, fence_key),
+            &mut batches,
+            (stored, through),
+            &retention,
+        );
+        match flushed.await? {
             FlushOutcome::Fenced => return Ok(RolledUp::Fenced),
             // Stored, or another owner's write came in between: read the watermark again.
             FlushOutcome::Stored | FlushOutcome::Conflict { .. } => {}
@@ -593,15 +674,113 @@ pub async fn roll_up_tenant(
     }
 }
 
-/// The deltas of log entries' rollup items, as [`SharedRollups::flush`] takes them.
-fn shared_deltas(entries: &[(u64, crate::rollup::RollupItems)], retention: &Retention) -> Deltas {
+/// Rolls `entries` up (none: the watermark moves over a gap), with the tenant's identity links
+/// as of `stored` when it has them, and writes them with the links they made, moving the
+/// watermark from `stored` to `through`.
+async fn flush_entries(
+    (shared, tenant, identity): (&SharedRollups, TenantId, Option<&mut TenantIdentity>),
+    (lease, fence_key): (Lease, &str),
+    entries: &mut [(u64, crate::rollup::RollupItems)],
+    (stored, through): (u64, u64),
+    retention: &Retention,
+) -> Result<FlushOutcome, RollUpError> {
+    let Some(identity) = identity else {
+        let (deltas, _) = shared_deltas(entries, None, retention);
+        let flushed = shared.flush(tenant, lease, fence_key, (&deltas, &[]), stored, through);
+        return Ok(flushed.await?);
+    };
+    let links = identity.at(shared, tenant, stored).await?;
+    let (deltas, written) = shared_deltas(entries, Some(links), retention);
+    let flushed = shared.flush(
+        tenant,
+        lease,
+        fence_key,
+        (&deltas, &written),
+        stored,
+        through,
+    );
+    let flushed = flushed.await;
+    identity.flushed(written, &flushed, through);
+    Ok(flushed?)
+}
+
+/// The deltas of log entries' rollup items, as [`SharedRollups::flush`] takes them, each
+/// event counted for its person with the identity links before it and its own applied
+/// (`links`, when the tenant's are known), and the links to store with them.
+fn shared_deltas(
+    entries: &mut [(u64, crate::rollup::RollupItems)],
+    mut links: Option<&mut Pending>,
+    retention: &Retention,
+) -> (Deltas, Vec<StoredLink>) {
     let mut deltas = Deltas::keeping_every_user();
     let now = crate::event::now_micros();
-    for (_, items) in entries {
+    for (_, items) in entries.iter_mut() {
+        if let Some(links) = links.as_deref_mut() {
+            let (hashes, calls) = items.identity_parts();
+            links.apply(hashes, calls, |_, _| {});
+        }
         deltas.apply(items, retention, now);
     }
     deltas.roll_up_users();
-    deltas
+    let written = links.map_or_else(Vec::new, Pending::take_writes);
+    (deltas, written)
+}
+
+/// A tenant's identity links, for an owner's roll-ups: those stored in Redis, loaded on first
+/// use, with those applied since. They hold while the shared watermark is where this owner's
+/// last write left it; any other watermark (another owner's write, a Redis loss, a rebuild)
+/// means loading them again.
+pub struct TenantIdentity {
+    key: [u8; 32],
+    max_ids: usize,
+    /// The links, and the watermark they are valid at.
+    state: Option<(u64, Pending)>,
+}
+
+impl TenantIdentity {
+    /// `key`: the tenant's user-hash key; at most `max_ids` ids take part in links.
+    pub fn new(key: [u8; 32], max_ids: usize) -> TenantIdentity {
+        TenantIdentity {
+            key,
+            max_ids,
+            state: None,
+        }
+    }
+
+    /// The links as of the shared watermark `stored`.
+    async fn at(
+        &mut self,
+        shared: &SharedRollups,
+        tenant: TenantId,
+        stored: u64,
+    ) -> redis::RedisResult<&mut Pending> {
+        if self.state.as_ref().is_none_or(|(at, _)| *at != stored) {
+            let links = shared.links(tenant).await?;
+            let committed = Arc::new(IdentityMap::from_stored(&self.key, links));
+            self.state = Some((stored, Pending::new(committed, self.key, self.max_ids)));
+        }
+        match &mut self.state {
+            Some((_, pending)) => Ok(pending),
+            None => unreachable!("set above"),
+        }
+    }
+
+    /// What became of a flush that carried `written` and would move the watermark to
+    /// `through`.
+    fn flushed(
+        &mut self,
+        written: Vec<StoredLink>,
+        outcome: &redis::RedisResult<FlushOutcome>,
+        through: u64,
+    ) {
+        match (outcome, &mut self.state) {
+            (Ok(FlushOutcome::Stored), Some((at, pending))) => {
+                pending.stored(written);
+                *at = through;
+            }
+            _ => self.state = None,
+        }
+    }
 }
 
 /// Sequences of the cold tier rolled up per flush when Redis lost what the local log no
@@ -674,6 +853,8 @@ pub struct LocalLog<'a> {
     pub head: u64,
     /// The shared cold tier, which holds what a checkpoint's import left out of the log.
     pub cold: Option<&'a ColdStore>,
+    /// The tenant's identity links (`None`: every id counts as its own person).
+    pub identity: Option<&'a mut TenantIdentity>,
 }
 
 /// Why a roll-up could not be written.

@@ -330,6 +330,7 @@ pub(crate) mod tests {
                                 local: tenant,
                                 head,
                                 cold: None,
+                                identity: None,
                             },
                             lease,
                             &fence,

@@ -94,8 +94,16 @@ pub async fn export(
     };
     let published_only = reads_published_only(&state)?;
     let slot = state.read_slots.take(tenant.id, ReadKind::Export)?;
+    let shared_identity = match &state.cluster {
+        Some(node) => Some(
+            (node.identity(tenant.id, tenant.user_hash_key).await)
+                .map_err(ApiError::unavailable)?,
+        ),
+        None => None,
+    };
     let reader = ExportReader {
         published_only,
+        shared_identity,
         storage: state.storage.clone(),
         cold: state.cold.clone(),
         tenant: tenant.id,
@@ -169,6 +177,8 @@ fn export_cut_off() -> std::io::Error {
 struct ExportReader {
     /// Read only the cold tier's published manifest and segments (a cluster's ingest node).
     published_only: bool,
+    /// The identity links the cluster's owners stored (`None`: the node's own).
+    shared_identity: Option<Arc<IdentityMap>>,
     storage: Storage,
     cold: crate::storage::cold::ColdStore,
     tenant: TenantId,
@@ -246,6 +256,9 @@ impl ExportReader {
 
     /// The tenant's stored identity links (none once the tenant is gone).
     fn identity(&self) -> Result<Arc<IdentityMap>, crate::storage::StorageError> {
+        if let Some(shared) = &self.shared_identity {
+            return Ok(Arc::clone(shared));
+        }
         match self.directory.get(self.tenant) {
             Some(record) => {
                 crate::storage::identity::map(&self.storage, self.tenant, &record.user_hash_key)

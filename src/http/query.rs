@@ -585,6 +585,12 @@ pub async fn funnel(
     let late_arrival = state.config.reads.funnel_late_arrival;
     let published_only = crate::http::export::reads_published_only(&state)?;
     let slot = state.read_slots.take(tenant_id, ReadKind::Funnel)?;
+    let shared_identity = match &state.cluster {
+        Some(node) => {
+            Some((node.identity(tenant_id, hash_key).await).map_err(ApiError::unavailable)?)
+        }
+        None => None,
+    };
     let (reached, as_of) = crate::blocking::run(move || {
         let _slot = slot;
         let as_of = if published_only {
@@ -594,7 +600,10 @@ pub async fn funnel(
         } else {
             serde_json::to_value(as_of(&storage, &heads, tenant_id)?).unwrap_or_default()
         };
-        let identity = crate::storage::identity::map(&storage, tenant_id, &hash_key)?;
+        let identity = match shared_identity {
+            Some(shared) => shared,
+            None => crate::storage::identity::map(&storage, tenant_id, &hash_key)?,
+        };
         let span = query::FunnelSpan {
             from,
             to,
