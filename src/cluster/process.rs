@@ -24,7 +24,7 @@ use crate::cluster::connect_redis;
 use crate::cluster::deadletters::{self, SharedDeadLetters, Stored};
 use crate::cluster::lease::{Fence, Lease, Leases};
 use crate::cluster::node::ClusterNode;
-use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups, TenantIdentity};
+use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups, TenantState};
 use crate::cluster::runner::{Applied, PartitionRunner};
 use crate::cluster::stream::EventStream;
 use crate::erasure::{ErasureJob, JobStatus, Requester};
@@ -236,7 +236,7 @@ struct PartitionCopy {
     /// the copy, not the task: a later task on this copy starts after those messages.
     owed: Mutex<Owed>,
     /// Tenants whose stored identity links changed behind the owner's roll-ups (an erasure):
-    /// they read them again.
+    /// their roll-ups read them again.
     stale_identities: Mutex<HashSet<TenantId>>,
 }
 
@@ -289,8 +289,8 @@ impl PartitionCopy {
     }
 }
 
-/// Per tenant, the identity links an owner's roll-ups apply.
-type Identities = HashMap<TenantId, TenantIdentity>;
+/// Per tenant, what an owner's roll-ups carry (identity links, admitted names).
+type TenantStates = HashMap<TenantId, TenantState>;
 
 /// What an owner writes to Redis.
 struct Shared {
@@ -468,8 +468,8 @@ impl ProcessNode {
         // Per tenant, the log sequence through which live ticks were published (those at or
         // below the shared watermark at first sight were published by an earlier owner).
         let mut live_through: HashMap<TenantId, u64> = HashMap::new();
-        // Per tenant, its identity links as this task last stored them.
-        let mut identities = Identities::new();
+        // Per tenant, its identity links and admitted names as this task last stored them.
+        let mut states = TenantStates::new();
         let mut last_roll_up = Instant::now();
         let mut last_recheck = Instant::now();
         // When the last checkpoint was written, and when one was last started.
@@ -496,7 +496,7 @@ impl ProcessNode {
                         lease,
                         &fence_key,
                         &copy,
-                        (&mut pending, &mut identities),
+                        (&mut pending, &mut states),
                     )
                     .await
                 {
@@ -858,17 +858,19 @@ impl ProcessNode {
         lease: Lease,
         fence_key: &str,
         copy: &PartitionCopy,
-        (pending, identities): (&mut HashMap<TenantId, u64>, &mut Identities),
+        (pending, states): (&mut HashMap<TenantId, u64>, &mut TenantStates),
     ) -> bool {
         for tenant in copy.stale_identities().drain() {
-            identities.remove(&tenant);
+            states.remove(&tenant);
         }
         for (tenant, head) in pending.clone() {
             // A deleted tenant's events count each id as its own person.
-            let identity = self.directory.get(tenant).map(|record| {
-                identities.entry(tenant).or_insert_with(|| {
-                    TenantIdentity::new(record.user_hash_key, self.max_identity_ids)
-                })
+            let state = self.directory.get(tenant).map(|record| {
+                let state = states.entry(tenant).or_insert_with(|| {
+                    TenantState::new(record.user_hash_key, self.max_identity_ids)
+                });
+                state.max_names = record.settings.max_event_names as usize;
+                state
             });
             let log = LocalLog {
                 storage: &self.storage,
@@ -876,7 +878,7 @@ impl ProcessNode {
                 local: copy.local(tenant),
                 head,
                 cold: self.cold.as_ref().map(|cold| &cold.store),
-                identity,
+                state,
             };
             match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
                 // Short of the head (a range rolled up again from the cold tier, one chunk per

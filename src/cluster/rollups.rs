@@ -29,7 +29,7 @@ use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::event::Micros;
 use crate::identity::{IdentityMap, Pending, StoredLink};
 use crate::ids::TenantId;
-use crate::rollup::{Deltas, Resolution, Retention};
+use crate::rollup::{Deltas, NameCap, Resolution, Retention};
 use crate::sampling::Estimate;
 use crate::storage::cold::ColdStore;
 
@@ -584,7 +584,7 @@ pub async fn roll_up_tenant(
         local,
         head,
         cold,
-        mut identity,
+        mut state,
     } = log;
     loop {
         let stored = shared.watermark(tenant).await?;
@@ -608,7 +608,7 @@ pub async fn roll_up_tenant(
                 if let Some(mut read) = cold_range(store.clone(), tenant, from, to).await? {
                     let through = read.through;
                     let flushed = flush_entries(
-                        (shared, tenant, identity.as_deref_mut()),
+                        (shared, tenant, state.as_deref_mut()),
                         (lease, fence_key),
                         &mut read.items,
                         (stored, through),
@@ -641,7 +641,7 @@ pub async fn roll_up_tenant(
             );
             crate::telemetry::cluster_rollup_gap(first - 1 - stored);
             let flushed = flush_entries(
-                (shared, tenant, identity.as_deref_mut()),
+                (shared, tenant, state.as_deref_mut()),
                 (lease, fence_key),
                 &mut [],
                 (stored, first - 1),
@@ -660,7 +660,7 @@ pub async fn roll_up_tenant(
         };
         let mut batches = batches;
         let flushed = flush_entries(
-            (shared, tenant, identity.as_deref_mut()),
+            (shared, tenant, state.as_deref_mut()),
             (lease, fence_key),
             &mut batches,
             (stored, through),
@@ -675,10 +675,10 @@ pub async fn roll_up_tenant(
 }
 
 /// Rolls `entries` up (none: the watermark moves over a gap), with the tenant's identity links
-/// as of `stored` when it has them, and writes them with the links they made, moving the
-/// watermark from `stored` to `through`.
+/// and name cap as of `stored` when it has them, and writes them with the links they made,
+/// moving the watermark from `stored` to `through`.
 async fn flush_entries(
-    (shared, tenant, identity): (&SharedRollups, TenantId, Option<&mut TenantIdentity>),
+    (shared, tenant, identity): (&SharedRollups, TenantId, Option<&mut TenantState>),
     (lease, fence_key): (Lease, &str),
     entries: &mut [(u64, crate::rollup::RollupItems)],
     (stored, through): (u64, u64),
@@ -689,7 +689,12 @@ async fn flush_entries(
         let flushed = shared.flush(tenant, lease, fence_key, (&deltas, &[]), stored, through);
         return Ok(flushed.await?);
     };
-    let links = identity.at(shared, tenant, stored).await?;
+    let cap = identity.max_names;
+    let (links, names) = identity.at(shared, tenant, stored).await?;
+    let overflowed = cap_names(entries, names, cap);
+    if overflowed > 0 {
+        crate::telemetry::event_names_overflowed(&tenant.to_string(), overflowed);
+    }
     let (deltas, written) = shared_deltas(entries, Some(links), retention);
     let flushed = shared.flush(
         tenant,
@@ -702,6 +707,18 @@ async fn flush_entries(
     let flushed = flushed.await;
     identity.flushed(written, &flushed, through);
     Ok(flushed?)
+}
+
+/// Renames the events of names over the tenant's cap to [`crate::rollup::OVERFLOW_NAME`], as
+/// the single node's rollup actor does; returns how many.
+fn cap_names(
+    entries: &mut [(u64, crate::rollup::RollupItems)],
+    names: &mut NameCap,
+    cap: usize,
+) -> u64 {
+    (entries.iter_mut())
+        .map(|(_, items)| names.apply(items, cap))
+        .sum()
 }
 
 /// The deltas of log entries' rollup items, as [`SharedRollups::flush`] takes them, each
@@ -726,41 +743,47 @@ fn shared_deltas(
     (deltas, written)
 }
 
-/// A tenant's identity links, for an owner's roll-ups: those stored in Redis, loaded on first
-/// use, with those applied since. They hold while the shared watermark is where this owner's
-/// last write left it; any other watermark (another owner's write, a Redis loss, a rebuild)
-/// means loading them again.
-pub struct TenantIdentity {
+/// What an owner's roll-ups of a tenant carry from one flush to the next: its identity links
+/// (`crate::identity`) and the event names admitted under its cap (`max_event_names`), read
+/// from Redis on first use, with what was applied since. They hold while the shared watermark
+/// is where this owner's last write left it; any other watermark (another owner's write, a
+/// Redis loss, a rebuild) means reading them again.
+pub struct TenantState {
     key: [u8; 32],
     max_ids: usize,
-    /// The links, and the watermark they are valid at.
-    state: Option<(u64, Pending)>,
+    /// The tenant's `max_event_names`, as of the last roll-up.
+    pub max_names: usize,
+    /// The links and names, and the watermark they are valid at.
+    state: Option<(u64, Pending, NameCap)>,
 }
 
-impl TenantIdentity {
+impl TenantState {
     /// `key`: the tenant's user-hash key; at most `max_ids` ids take part in links.
-    pub fn new(key: [u8; 32], max_ids: usize) -> TenantIdentity {
-        TenantIdentity {
+    pub fn new(key: [u8; 32], max_ids: usize) -> TenantState {
+        TenantState {
             key,
             max_ids,
+            max_names: usize::MAX,
             state: None,
         }
     }
 
-    /// The links as of the shared watermark `stored`.
+    /// The links and names as of the shared watermark `stored`.
     async fn at(
         &mut self,
         shared: &SharedRollups,
         tenant: TenantId,
         stored: u64,
-    ) -> redis::RedisResult<&mut Pending> {
-        if self.state.as_ref().is_none_or(|(at, _)| *at != stored) {
+    ) -> redis::RedisResult<(&mut Pending, &mut NameCap)> {
+        if self.state.as_ref().is_none_or(|(at, ..)| *at != stored) {
             let links = shared.links(tenant).await?;
             let committed = Arc::new(IdentityMap::from_stored(&self.key, links));
-            self.state = Some((stored, Pending::new(committed, self.key, self.max_ids)));
+            let names = NameCap::new(shared.names(tenant).await?);
+            let pending = Pending::new(committed, self.key, self.max_ids);
+            self.state = Some((stored, pending, names));
         }
         match &mut self.state {
-            Some((_, pending)) => Ok(pending),
+            Some((_, pending, names)) => Ok((pending, names)),
             None => unreachable!("set above"),
         }
     }
@@ -774,7 +797,7 @@ impl TenantIdentity {
         through: u64,
     ) {
         match (outcome, &mut self.state) {
-            (Ok(FlushOutcome::Stored), Some((at, pending))) => {
+            (Ok(FlushOutcome::Stored), Some((at, pending, _))) => {
                 pending.stored(written);
                 *at = through;
             }
@@ -853,8 +876,9 @@ pub struct LocalLog<'a> {
     pub head: u64,
     /// The shared cold tier, which holds what a checkpoint's import left out of the log.
     pub cold: Option<&'a ColdStore>,
-    /// The tenant's identity links (`None`: every id counts as its own person).
-    pub identity: Option<&'a mut TenantIdentity>,
+    /// The tenant's identity links and name cap (`None`: every id counts as its own person
+    /// and names are not capped, as for a deleted tenant).
+    pub state: Option<&'a mut TenantState>,
 }
 
 /// Why a roll-up could not be written.

@@ -330,7 +330,7 @@ pub(crate) mod tests {
                                 local: tenant,
                                 head,
                                 cold: None,
-                                identity: None,
+                                state: None,
                             },
                             lease,
                             &fence,
