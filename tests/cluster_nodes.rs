@@ -1480,6 +1480,55 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     let rebuilt = a.admin("POST", &rebuild, None);
     assert_eq!(rebuilt.status, 202, "{}", rebuilt.body);
     wait_total(b, victim, 195);
+
+    // The same owner erases a user whose events its own log still holds: a rebuild after it
+    // recounts from the cold tier, not from that log.
+    let late: Vec<Value> = (0..10)
+        .map(|n| common::track(&format!("late-{n}"), "user-9", "Viewed"))
+        .collect();
+    let reply = b.post_json(
+        "/v1/batch",
+        Auth::Basic(&victim.write_key),
+        &json!({ "batch": late }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    wait_total(b, victim, 205);
+    let asked = a.admin(
+        "DELETE",
+        &format!("/admin/v1/tenants/{}/users/user-9", victim.id),
+        None,
+    );
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let location = format!(
+        "/admin/v1/deletions/{}",
+        asked.json()["id"].as_str().unwrap()
+    );
+    let asked_at = Instant::now();
+    loop {
+        let job = b.admin("GET", &location, None).json();
+        if job["status"] == "done" {
+            assert_eq!(job["removed_events"], 15, "{job}");
+            break;
+        }
+        assert!(asked_at.elapsed() < SETTLE, "erasure not done: {job}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rebuilt = b.admin("POST", &rebuild, None);
+    assert_eq!(rebuilt.status, 202, "{}", rebuilt.body);
+    // Rolled up again through the last of the 211 sequences: 190 events left.
+    let rebuilt_at = Instant::now();
+    loop {
+        let answer = ask(a, victim, &format!("/v1/query/events?{RANGE}"));
+        if answer["as_of"]["rolled_up_through_seq"].as_u64() >= Some(211) {
+            assert_eq!(total(&answer), 190, "{answer}");
+            break;
+        }
+        assert!(
+            rebuilt_at.elapsed() < SETTLE,
+            "not rolled up again: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let unknown = "/admin/v1/deletions/00000000-0000-4000-8000-000000000000";
     a.admin("GET", unknown, None).problem(404);
 }

@@ -376,6 +376,12 @@ impl ColdFlush {
     }
 }
 
+/// How far the tenant's cold tier goes as this owner last read or committed it (`None`: not
+/// read yet).
+pub fn cold_through(manifests: &Manifests, tenant: TenantId) -> Option<u64> {
+    (lock(manifests).get(&tenant)).map(|known| known.published.cold_watermark)
+}
+
 fn lock(manifests: &Manifests) -> std::sync::MutexGuard<'_, HashMap<TenantId, Known>> {
     manifests.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -89,6 +89,11 @@ impl Fence {
         Fence { redis, key }
     }
 
+    /// The fence's key, for scripts that check it ([`FENCE_CHECK`]).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Whether `lease` still holds the fence: no other node acquired the partition since.
     pub async fn holds(&self, lease: Lease) -> redis::RedisResult<bool> {
         let current: Option<u64> = redis::cmd("GET")

@@ -101,9 +101,16 @@ impl ClusterConfig {
                     .into(),
             );
         }
-        if self.prefix.is_empty() || self.prefix.contains(['.', ' ', '*', '>']) {
+        // NATS subjects forbid dots, spaces, `*` and `>`; Redis key patterns treat `?`, `[`,
+        // `]` and `\` as globs.
+        if self.prefix.is_empty()
+            || self
+                .prefix
+                .contains(['.', ' ', '*', '>', '?', '[', ']', '\\'])
+        {
             return Err(
-                "cluster.prefix must be non-empty, without dots, spaces, `*` or `>`".into(),
+                "cluster.prefix must be non-empty, without dots, spaces, `*`, `>`, `?`, `[`, `]` or `\\`"
+                    .into(),
             );
         }
         Ok(())

@@ -71,6 +71,17 @@ pub struct ProcessNode {
     pub cold: Option<ColdFlush>,
 }
 
+/// What the owner knows of an erasure's tenant.
+#[derive(Clone, Copy)]
+enum TenantKey {
+    /// Its user-hash key.
+    Known([u8; 32]),
+    /// Deleted, with all its data: nothing to erase.
+    Deleted,
+    /// Not in this node's directory yet.
+    Unknown,
+}
+
 /// How long an erasure that keeps failing holds its partition's checkpoints back before it is
 /// recorded as failed (a damaged segment must not stop the partition for good).
 const ERASURE_GIVE_UP: Duration = Duration::from_secs(3600);
@@ -86,7 +97,7 @@ async fn erase(
     (lease, fence): (Lease, &Fence),
     (tenant, job_id, user): (TenantId, uuid::Uuid, &str),
     head: u64,
-    hash_key: Option<[u8; 32]>,
+    hash_key: TenantKey,
 ) -> Result<(), String> {
     use crate::cluster::commands::{load_job, save_job};
     let saved = |job: ErasureJob| async move {
@@ -102,13 +113,21 @@ async fn erase(
     };
     job.through_seq = head;
     let now = crate::event::now_micros();
-    let Some(hash_key) = hash_key else {
-        job.status = JobStatus::Failed;
-        job.finished_at = Some(now);
-        job.error = Some("the tenant was deleted (with all its data)".into());
-        return saved(job).await;
+    let hash_key = match hash_key {
+        TenantKey::Known(key) => Ok(key),
+        // Errors like any other: retried, then recorded after ERASURE_GIVE_UP.
+        TenantKey::Unknown => Err(format!(
+            "tenant {tenant} is not in this node's directory yet"
+        )),
+        TenantKey::Deleted => {
+            job.status = JobStatus::Failed;
+            job.finished_at = Some(now);
+            job.error = Some("the tenant was deleted (with all its data)".into());
+            return saved(job).await;
+        }
     };
     let outcome = async {
+        let hash_key = hash_key?;
         let report = (cold.erase_user(tenant, user.to_string(), manifests, lease, fence)).await?;
         job.removed_events += report.removed_events;
         job.rewritten_segments += report.written_segments;
@@ -117,8 +136,11 @@ async fn erase(
             (shared.letters.erase_user(tenant, user).await).map_err(|e| e.to_string());
         job.removed_dead_letters += removed_letters?;
         let own = crate::enrich::user_hash(&hash_key, user);
-        let removed_links = shared.rollups.forget_link(tenant, own, user).await;
-        job.removed_identity_links += removed_links.map_err(|e| format!("identity links: {e}"))?;
+        let forgotten = (shared.rollups)
+            .forget_link(tenant, (lease, fence.key()), (own, user))
+            .await;
+        let forgotten = forgotten.map_err(|e| format!("identity links: {e}"))?;
+        job.removed_identity_links += forgotten.ok_or("lost the partition")?;
         Ok::<(), String>(())
     }
     .await;
@@ -496,7 +518,7 @@ impl ProcessNode {
                         lease,
                         &fence_key,
                         &copy,
-                        (&mut pending, &mut states),
+                        (&mut pending, &mut states, &manifests),
                     )
                     .await
                 {
@@ -786,12 +808,12 @@ impl ProcessNode {
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
         // A deleted tenant's erasures have no key (they are recorded as failed); a tenant this
         // node does not know yet is not in the map (the checkpoint waits).
-        let hash_keys: HashMap<TenantId, Option<[u8; 32]>> = (commands.iter())
+        let hash_keys: HashMap<TenantId, TenantKey> = (commands.iter())
             .filter_map(|applied| applied.command.tenant())
-            .filter_map(|tenant| match self.directory.get(tenant) {
-                Some(record) => Some((tenant, Some(record.user_hash_key))),
-                None if self.directory.was_removed(tenant) => Some((tenant, None)),
-                None => None,
+            .map(|tenant| match self.directory.get(tenant) {
+                Some(record) => (tenant, TenantKey::Known(record.user_hash_key)),
+                None if self.directory.was_removed(tenant) => (tenant, TenantKey::Deleted),
+                None => (tenant, TenantKey::Unknown),
             })
             .collect();
         let copy = Arc::clone(copy);
@@ -803,14 +825,14 @@ impl ProcessNode {
                     if let Command::EraseUser { tenant, job, user } = &applied.command {
                         let stores = (cold, &*shared, &manifests);
                         let what = (*tenant, *job, user.as_str());
-                        let key = hash_keys.get(tenant).copied().ok_or_else(|| {
-                            format!(
-                                "tenant {tenant} of an erasure is not in this node's directory yet"
-                            )
-                        })?;
-                        erase(stores, (lease, &fence), what, applied.head, key).await?;
-                        // The owner's roll-ups read the tenant's links again.
+                        let key = hash_keys.get(tenant).copied();
+                        let key = key.unwrap_or(TenantKey::Unknown);
+                        // The owner's roll-ups read the tenant's links again, before the
+                        // erasure changes them and after.
                         copy.stale_identities().insert(*tenant);
+                        let erased = erase(stores, (lease, &fence), what, applied.head, key).await;
+                        copy.stale_identities().insert(*tenant);
+                        erased?;
                     }
                 }
             }
@@ -858,26 +880,33 @@ impl ProcessNode {
         lease: Lease,
         fence_key: &str,
         copy: &PartitionCopy,
-        (pending, states): (&mut HashMap<TenantId, u64>, &mut TenantStates),
+        (pending, states, manifests): (&mut HashMap<TenantId, u64>, &mut TenantStates, &Manifests),
     ) -> bool {
         for tenant in copy.stale_identities().drain() {
             states.remove(&tenant);
         }
         for (tenant, head) in pending.clone() {
             // A deleted tenant's events count each id as its own person.
-            let state = self.directory.get(tenant).map(|record| {
-                let state = states.entry(tenant).or_insert_with(|| {
-                    TenantState::new(record.user_hash_key, self.max_identity_ids)
-                });
-                state.max_names = record.settings.max_event_names as usize;
-                state
-            });
+            let state = match self.directory.get(tenant) {
+                Some(record) => {
+                    let state = states.entry(tenant).or_insert_with(|| {
+                        TenantState::new(record.user_hash_key, self.max_identity_ids)
+                    });
+                    state.max_names = record.settings.max_event_names as usize;
+                    Some(state)
+                }
+                None if self.directory.was_removed(tenant) => None,
+                // Not in this node's directory yet: its roll-up waits, so that its identity
+                // calls and name cap are not passed over.
+                None => continue,
+            };
             let log = LocalLog {
                 storage: &self.storage,
                 tenant,
                 local: copy.local(tenant),
                 head,
                 cold: self.cold.as_ref().map(|cold| &cold.store),
+                flushed: crate::cluster::cold::cold_through(manifests, tenant).unwrap_or(0),
                 state,
             };
             match roll_up_tenant(shared, log, lease, fence_key, self.retention).await {
@@ -916,7 +945,11 @@ impl ProcessNode {
                 copy.owed().rebuilds.remove(0);
                 continue;
             };
-            match shared.rollups.drop_tenant(tenant, (fence, lease)).await {
+            match shared
+                .rollups
+                .drop_tenant(tenant, (lease, fence.key()))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return true,
                 Err(error) => {

@@ -80,11 +80,26 @@ redis.call('SET', KEYS[2], ARGV[3])
 return {1, tonumber(ARGV[3])}
 ";
 
+/// `KEYS`: fence, then keys to delete. `ARGV`: token. Returns 1 (0 when fenced out).
+const DELETE: &str = r"
+if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
+return 1
+";
+
+/// `KEYS`: fence, links. `ARGV`: token, then the fields to delete. Returns 1 (0 when fenced
+/// out).
+const FORGET: &str = r"
+if #ARGV > 1 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
+return 1
+";
+
 /// A node's handle on the shared rollups.
 pub struct SharedRollups {
     redis: ConnectionManager,
     prefix: String,
     flush: Script,
+    delete: Script,
+    forget: Script,
     /// How long a flush's buckets are kept (an owner's); `None`: as long as Redis keeps them.
     retention: Option<Retention>,
 }
@@ -97,6 +112,8 @@ impl SharedRollups {
             redis,
             prefix: prefix.to_string(),
             flush,
+            delete: Script::new(&format!("{FENCE_CHECK}\n{DELETE}")),
+            forget: Script::new(&format!("{FENCE_CHECK}\n{FORGET}")),
             retention: None,
         }
     }
@@ -163,26 +180,25 @@ impl SharedRollups {
 
     /// Forgets the id `id` (hashed `own`) in the tenant's stored links (an erasure): its own
     /// link and those of the ids whose parent it is, which become persons of their own, as
-    /// the single node does (`crate::storage::identity::forget`). Returns how many.
+    /// the single node does (`crate::storage::identity::forget`), if `lease` still holds the
+    /// partition's fence (`fence_key`). Returns how many (`None`: fenced out).
     pub async fn forget_link(
         &self,
         tenant: TenantId,
-        own: u64,
-        id: &str,
-    ) -> redis::RedisResult<u64> {
+        (lease, fence_key): (Lease, &str),
+        (own, id): (u64, &str),
+    ) -> redis::RedisResult<Option<u64>> {
         let removed: Vec<String> = (self.links(tenant).await?.into_iter())
             .filter(|(hash, parent)| *hash == own || &**parent == id)
             .map(|(hash, _)| format!("{hash:016x}"))
             .collect();
-        if removed.is_empty() {
-            return Ok(0);
+        let mut invocation = self.forget.key(fence_key);
+        invocation.key(self.links_key(tenant)).arg(lease.token);
+        for field in &removed {
+            invocation.arg(field);
         }
-        let _: i64 = redis::cmd("HDEL")
-            .arg(self.links_key(tenant))
-            .arg(&removed)
-            .query_async(&mut self.redis.clone())
-            .await?;
-        Ok(removed.len() as u64)
+        let reply: i64 = invocation.invoke_async(&mut self.redis.clone()).await?;
+        Ok((reply != 0).then_some(removed.len() as u64))
     }
 
     /// The tenant's stored identity links (see [`crate::identity::StoredLink`]).
@@ -286,24 +302,34 @@ impl SharedRollups {
         })
     }
 
-    /// Deletes the tenant's rollups (the watermark first, so a roll-up in flight elsewhere
-    /// conflicts rather than adds to a half-deleted state), if `lease` still holds the
-    /// partition's fence; false when fenced out. The owner is the rollups' only writer, so
-    /// nothing is written meanwhile; its next roll-up starts from sequence 1.
+    /// Deletes the tenant's rollups but not its identity links (as the single node's rebuild
+    /// keeps them): the watermark first, so a roll-up in flight elsewhere conflicts rather than
+    /// adds to a half-deleted state, then the rest a chunk at a time, each chunk only while
+    /// `lease` still holds the partition's fence (`fence_key`); false when fenced out. The
+    /// owner is the rollups' only writer, so nothing is written meanwhile; its next roll-up
+    /// starts from sequence 1.
     pub async fn drop_tenant(
         &self,
         tenant: TenantId,
-        fence: (&crate::cluster::lease::Fence, Lease),
+        (lease, fence_key): (Lease, &str),
     ) -> redis::RedisResult<bool> {
-        if !fence.0.holds(fence.1).await? {
+        let mut redis = self.redis.clone();
+        let delete = |keys: Vec<String>| {
+            let mut invocation = self.delete.key(fence_key);
+            for key in keys {
+                invocation.key(key);
+            }
+            invocation.arg(lease.token);
+            let mut redis = self.redis.clone();
+            async move {
+                let deleted: i64 = invocation.invoke_async(&mut redis).await?;
+                Ok::<bool, redis::RedisError>(deleted != 0)
+            }
+        };
+        if !delete(vec![self.watermark_key(tenant)]).await? {
             return Ok(false);
         }
-        let mut redis = self.redis.clone();
-        let _: i64 = redis::cmd("DEL")
-            .arg(self.watermark_key(tenant))
-            .query_async(&mut redis)
-            .await?;
-        let pattern = format!("{}:*", self.base(tenant));
+        let (pattern, links) = (format!("{}:*", self.base(tenant)), self.links_key(tenant));
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -314,8 +340,9 @@ impl SharedRollups {
                 .arg(1000)
                 .query_async(&mut redis)
                 .await?;
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut redis).await?;
+            let keys: Vec<String> = keys.into_iter().filter(|key| *key != links).collect();
+            if !keys.is_empty() && !delete(keys).await? {
+                return Ok(false);
             }
             if next == 0 {
                 return Ok(true);
@@ -584,6 +611,7 @@ pub async fn roll_up_tenant(
         local,
         head,
         cold,
+        flushed,
         mut state,
     } = log;
     loop {
@@ -600,11 +628,13 @@ pub async fn roll_up_tenant(
         .map_err(|e| RollUpError::Log(e.to_string()))?;
         // The first sequence this log holds after the watermark.
         let first = batches.first().map_or(head + 1, |(first, _)| *first);
-        if first > stored + 1 {
-            // Redis lost counts this log no longer holds (it started from a checkpoint after
-            // them): they are in the cold tier, flushed before that checkpoint was written.
+        // Rolled up again (a Redis loss, a rebuild) what the cold tier holds, or what this log
+        // no longer holds because it started from a checkpoint after them: from the cold
+        // tier, as stored now (an erasure's rewrite included).
+        if first > stored + 1 || stored < flushed {
             if let Some(store) = cold {
-                let (from, to) = (stored + 1, (first - 1).min(stored + COLD_SEQS_PER_FLUSH));
+                let to = (first - 1).max(flushed).min(stored + COLD_SEQS_PER_FLUSH);
+                let from = stored + 1;
                 if let Some(mut read) = cold_range(store.clone(), tenant, from, to).await? {
                     let through = read.through;
                     let flushed = flush_entries(
@@ -631,6 +661,8 @@ pub async fn roll_up_tenant(
                     }
                 }
             }
+        }
+        if first > stored + 1 {
             // Not in the cold tier either: nothing can write them again. Said loudly, then
             // passed over, so the partition goes on.
             tracing::error!(
@@ -876,6 +908,10 @@ pub struct LocalLog<'a> {
     pub head: u64,
     /// The shared cold tier, which holds what a checkpoint's import left out of the log.
     pub cold: Option<&'a ColdStore>,
+    /// How far the tenant's cold tier goes, as the owner knows (0: unknown). Sequences up to
+    /// it are rolled up again from the cold tier rather than the log, which still holds events
+    /// an erasure removed from the cold tier.
+    pub flushed: u64,
     /// The tenant's identity links and name cap (`None`: every id counts as its own person
     /// and names are not capped, as for a deleted tenant).
     pub state: Option<&'a mut TenantState>,

@@ -330,6 +330,7 @@ pub(crate) mod tests {
                                 local: tenant,
                                 head,
                                 cold: None,
+                                flushed: 0,
                                 state: None,
                             },
                             lease,
