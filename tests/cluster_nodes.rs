@@ -249,6 +249,20 @@ fn wait_total(node: &TestServer, tenant: &Tenant, expected: u64) -> Value {
     );
 }
 
+/// The `statsremote.person` of the exported event `message_id`.
+fn person_of(node: &TestServer, tenant: &Tenant, message_id: &str) -> String {
+    let reply = node.get(
+        &format!("/v1/events/export?{RANGE}"),
+        Auth::Bearer(&tenant.read_key),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    (reply.body.lines())
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|event| event["messageId"] == message_id)
+        .map(|event| event["statsremote"]["person"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("{message_id} not exported"))
+}
+
 /// The messageIds of the tenant's dead letters listed through `node`, `limit` per page, each
 /// listed once.
 fn listed_letters(node: &TestServer, tenant: &Tenant, limit: usize) -> BTreeSet<String> {
@@ -1405,7 +1419,10 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
         .collect();
     // And user-7 identified an anonymous id: two identity links name it.
     let identify = json!({"type": "identify", "messageId": "identify-7", "userId": "user-7", "anonymousId": "anon-7", "timestamp": "2026-01-02T03:04:05Z"});
-    let batches = (events.chunks(50)).chain([std::slice::from_ref(&identify)]);
+    // Then an event under that anonymous id: user-7's person until the erasure.
+    let anonymous = json!({"type": "track", "event": "Viewed", "messageId": "anon-7-viewed", "anonymousId": "anon-7", "timestamp": "2026-01-02T03:04:06Z"});
+    let tail = [identify, anonymous];
+    let batches = (events.chunks(50)).chain([&tail[..1], &tail[1..]]);
     for chunk in batches {
         let reply = a.post_json(
             "/v1/batch",
@@ -1423,14 +1440,15 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     assert_eq!(flushed.status, 200, "{}", flushed.body);
     assert_eq!(
         flushed.json()["tenants"][0]["cold_watermark"],
-        201,
+        202,
         "{}",
         flushed.body
     );
     let mut all: BTreeSet<String> = (0..200).map(|n| format!("erase-{n}")).collect();
-    all.insert("identify-7".into());
+    all.extend(["identify-7".to_string(), "anon-7-viewed".to_string()]);
     assert_eq!(exported(a, victim).as_ref(), Some(&all));
-    wait_total(b, victim, 201);
+    wait_total(b, victim, 202);
+    assert_eq!(person_of(a, victim, "anon-7-viewed"), "user-7");
 
     // Asked through one node; the owner dies at once, so whether it or the next owner does
     // the work, the outcome must be the same.
@@ -1465,21 +1483,26 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     assert_eq!(job["removed_events"], 6, "{job}");
     assert_eq!(job["removed_dead_letters"], 1, "{job}");
     assert_eq!(job["removed_identity_links"], 2, "{job}");
-    let kept: BTreeSet<String> = (0..200u64)
+    let mut kept: BTreeSet<String> = (0..200u64)
         .filter(|n| n % 40 != 7)
         .map(|n| format!("erase-{n}"))
         .collect();
+    kept.insert("anon-7-viewed".into());
     wait_exported(a, victim, &kept);
     wait_exported(b, victim, &kept);
     let letters = listed_letters(b, victim, 10);
     assert_eq!(letters, BTreeSet::from(["refused-8".to_string()]));
+    // The links naming the user are gone: the anonymous id is a person of its own (also for
+    // a node that read the links before).
+    assert_eq!(person_of(a, victim, "anon-7-viewed"), "anon-7");
+    assert_eq!(person_of(b, victim, "anon-7-viewed"), "anon-7");
 
     // A rollup rebuild (through either node) recounts from what is stored: the new owner
     // started from a checkpoint, so from the cold tier, where the user's 6 events are gone.
     let rebuild = format!("/admin/v1/tenants/{}/rollups/rebuild", victim.id);
     let rebuilt = a.admin("POST", &rebuild, None);
     assert_eq!(rebuilt.status, 202, "{}", rebuilt.body);
-    wait_total(b, victim, 195);
+    wait_total(b, victim, 196);
 
     // The same owner erases a user whose events its own log still holds: a rebuild after it
     // recounts from the cold tier, not from that log.
@@ -1492,7 +1515,7 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
         &json!({ "batch": late }),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    wait_total(b, victim, 205);
+    wait_total(b, victim, 206);
     let asked = a.admin(
         "DELETE",
         &format!("/admin/v1/tenants/{}/users/user-9", victim.id),
@@ -1515,12 +1538,12 @@ fn a_user_is_erased_through_any_ingest_node_also_when_the_owner_dies() {
     }
     let rebuilt = b.admin("POST", &rebuild, None);
     assert_eq!(rebuilt.status, 202, "{}", rebuilt.body);
-    // Rolled up again through the last of the 211 sequences: 190 events left.
+    // Rolled up again through the last of the 212 sequences: 191 events left.
     let rebuilt_at = Instant::now();
     loop {
         let answer = ask(a, victim, &format!("/v1/query/events?{RANGE}"));
-        if answer["as_of"]["rolled_up_through_seq"].as_u64() >= Some(211) {
-            assert_eq!(total(&answer), 190, "{answer}");
+        if answer["as_of"]["rolled_up_through_seq"].as_u64() >= Some(212) {
+            assert_eq!(total(&answer), 191, "{answer}");
             break;
         }
         assert!(

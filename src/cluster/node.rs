@@ -15,6 +15,7 @@ use crate::cluster::rollups::SharedRollups;
 use crate::cluster::stream::{connect_jetstream, EventStream};
 use crate::cluster::{connect_redis, nats_ready, redis_ready, ClusterConfig, Readiness, Role};
 use crate::config::TenantDefaults;
+use crate::identity::IdentityMap;
 use crate::tenant::TenantDirectory;
 
 /// Bounds each request of the query, limit and live connection to Redis: a query on a node
@@ -40,6 +41,8 @@ pub struct ClusterNode {
     pub dead_letters: SharedDeadLetters,
     /// Which commands sent to owners are done.
     pub markers: Markers,
+    /// Tenants' identity links as last read, with their version.
+    identities: dashmap::DashMap<crate::ids::TenantId, (u64, Arc<IdentityMap>)>,
     pub rollups: SharedRollups,
     pub limits: SharedLimits,
     /// The runtime the connections live on; work that uses them is spawned there.
@@ -81,6 +84,7 @@ impl ClusterNode {
             limits: SharedLimits::new(redis.clone(), &config.prefix),
             dead_letters: SharedDeadLetters::new(redis.clone(), &config.prefix),
             markers: Markers::new(redis.clone(), &config.prefix),
+            identities: Default::default(),
             redis,
             stream: Arc::new(stream),
             directory,
@@ -123,18 +127,38 @@ impl ClusterNode {
     }
 
     /// A tenant's identity links as its owner stored them with the shared rollups (`key`: the
-    /// tenant's user-hash key), for exports and funnels.
+    /// tenant's user-hash key), for exports and funnels: read again only when their version
+    /// changed since this node last read them.
     pub async fn identity(
         self: &Arc<Self>,
         tenant: crate::ids::TenantId,
         key: [u8; 32],
-    ) -> Result<Arc<crate::identity::IdentityMap>, String> {
+    ) -> Result<Arc<IdentityMap>, String> {
         let engines = Arc::clone(self);
-        let links = self.on_engines(async move { engines.rollups.links(tenant).await });
-        let links = (links.await?).map_err(|e| format!("reading identity links: {e}"))?;
-        Ok(Arc::new(crate::identity::IdentityMap::from_stored(
-            &key, links,
-        )))
+        let read = self.on_engines(async move {
+            let version = engines.rollups.links_version(tenant).await?;
+            let cached = engines.identities.get(&tenant).map(|entry| entry.clone());
+            if let (Some(version), Some((held, map))) = (version, cached) {
+                if held == version {
+                    return Ok(map);
+                }
+            }
+            // The version first: links written meanwhile make the next read load them again.
+            let links = engines.rollups.links(tenant).await?;
+            let map = Arc::new(IdentityMap::from_stored(&key, links));
+            match version {
+                Some(version) => {
+                    engines
+                        .identities
+                        .insert(tenant, (version, Arc::clone(&map)));
+                }
+                None => {
+                    engines.identities.remove(&tenant);
+                }
+            }
+            Ok::<_, redis::RedisError>(map)
+        });
+        (read.await?).map_err(|e| format!("reading identity links: {e}"))
     }
 
     /// Whether each engine answers, for `/readyz`.

@@ -45,13 +45,15 @@ pub enum FlushOutcome {
     },
 }
 
-/// `KEYS`: fence, watermark, names, links. `ARGV`: token, expected watermark, new watermark,
-/// then operations: `c key field n` (count), `u key k hash₁..hashₖ` (users), `x key ms`
-/// (expire at), `l id parent` (identity link), `n name`.
+/// `KEYS`: fence, watermark, names, links, links version. `ARGV`: token, expected watermark,
+/// new watermark, a new links version, then operations: `c key field n` (count),
+/// `u key k hash₁..hashₖ` (users), `x key ms` (expire at), `l id parent` (identity link),
+/// `n name`. The links version changes with every write of links.
 const FLUSH: &str = r"
 local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
 if stored ~= tonumber(ARGV[2]) then return {2, stored} end
-local at = 4
+local linked = false
+local at = 5
 while at <= #ARGV do
   local op = ARGV[at]
   if op == 'c' then
@@ -62,6 +64,7 @@ while at <= #ARGV do
     at = at + 3
   elseif op == 'l' then
     redis.call('HSET', KEYS[4], ARGV[at + 1], ARGV[at + 2])
+    linked = true
     at = at + 3
   elseif op == 'u' then
     local k = tonumber(ARGV[at + 2])
@@ -76,6 +79,7 @@ while at <= #ARGV do
     at = at + 2
   end
 end
+if linked then redis.call('SET', KEYS[5], ARGV[4]) end
 redis.call('SET', KEYS[2], ARGV[3])
 return {1, tonumber(ARGV[3])}
 ";
@@ -86,10 +90,13 @@ if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
 return 1
 ";
 
-/// `KEYS`: fence, links. `ARGV`: token, then the fields to delete. Returns 1 (0 when fenced
-/// out).
+/// `KEYS`: fence, links, links version. `ARGV`: token, a new links version, then the fields
+/// to delete. Returns 1 (0 when fenced out).
 const FORGET: &str = r"
-if #ARGV > 1 then redis.call('HDEL', KEYS[2], unpack(ARGV, 2)) end
+if #ARGV > 2 then
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 3))
+  redis.call('SET', KEYS[3], ARGV[2])
+end
 return 1
 ";
 
@@ -178,6 +185,20 @@ impl SharedRollups {
         format!("{}:l", self.base(tenant))
     }
 
+    /// A random value that changes with every write of the tenant's links (absent: none
+    /// written), so a reader can keep the links it read while it is unchanged.
+    fn links_version_key(&self, tenant: TenantId) -> String {
+        format!("{}:lv", self.base(tenant))
+    }
+
+    /// The tenant's links version (see `links_version_key`).
+    pub async fn links_version(&self, tenant: TenantId) -> redis::RedisResult<Option<u64>> {
+        redis::cmd("GET")
+            .arg(self.links_version_key(tenant))
+            .query_async(&mut self.redis.clone())
+            .await
+    }
+
     /// Forgets the id `id` (hashed `own`) in the tenant's stored links (an erasure): its own
     /// link and those of the ids whose parent it is, which become persons of their own, as
     /// the single node does (`crate::storage::identity::forget`), if `lease` still holds the
@@ -193,7 +214,11 @@ impl SharedRollups {
             .map(|(hash, _)| format!("{hash:016x}"))
             .collect();
         let mut invocation = self.forget.key(fence_key);
-        invocation.key(self.links_key(tenant)).arg(lease.token);
+        invocation
+            .key(self.links_key(tenant))
+            .key(self.links_version_key(tenant))
+            .arg(lease.token)
+            .arg(rand::random::<u64>());
         for field in &removed {
             invocation.arg(field);
         }
@@ -244,9 +269,11 @@ impl SharedRollups {
             .key(self.watermark_key(tenant))
             .key(self.names_key(tenant))
             .key(self.links_key(tenant))
+            .key(self.links_version_key(tenant))
             .arg(lease.token)
             .arg(expected)
-            .arg(through);
+            .arg(through)
+            .arg(rand::random::<u64>());
         let mut names = std::collections::BTreeSet::new();
         let mut expiring = std::collections::BTreeMap::new();
         for (resolution, name, start, delta) in deltas.buckets() {
@@ -329,7 +356,8 @@ impl SharedRollups {
         if !delete(vec![self.watermark_key(tenant)]).await? {
             return Ok(false);
         }
-        let (pattern, links) = (format!("{}:*", self.base(tenant)), self.links_key(tenant));
+        let pattern = format!("{}:*", self.base(tenant));
+        let links = [self.links_key(tenant), self.links_version_key(tenant)];
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -340,7 +368,10 @@ impl SharedRollups {
                 .arg(1000)
                 .query_async(&mut redis)
                 .await?;
-            let keys: Vec<String> = keys.into_iter().filter(|key| *key != links).collect();
+            let keys: Vec<String> = keys
+                .into_iter()
+                .filter(|key| !links.contains(key))
+                .collect();
             if !keys.is_empty() && !delete(keys).await? {
                 return Ok(false);
             }
