@@ -78,8 +78,7 @@ impl Bucket {
 
     /// Writes `key`.
     pub async fn put(&self, key: &str, value: Bytes) -> Result<u64, StreamError> {
-        (self.kv.put(key, value).await)
-            .map_err(|e| failed("writing to a shared bucket")(format!("{}: {e}", self.what)))
+        (self.kv.put(key, value).await).map_err(|e| self.error("writing to a shared bucket", e))
     }
 
     /// Writes `key` only if its revision is still `revision` (`None`: only if it has no value).
@@ -89,7 +88,7 @@ impl Bucket {
         value: Bytes,
         revision: Option<u64>,
     ) -> Result<u64, WriteError> {
-        let written = match revision {
+        match revision {
             Some(revision) => {
                 self.kv
                     .update(key, value, revision)
@@ -107,8 +106,7 @@ impl Bucket {
                     kv::CreateErrorKind::AlreadyExists => WriteError::Changed,
                     _ => WriteError::Failed(self.error("writing to a shared bucket", e)),
                 }),
-        };
-        written
+        }
     }
 
     /// Deletes `key` (a delete marker stays).

@@ -270,8 +270,21 @@ struct Owed {
     /// Erasures and flushes (`crate::cluster::commands`) no stored checkpoint covers yet: the
     /// next checkpoint carries them out.
     commands: Vec<Applied>,
-    /// Rollup rebuilds not done yet; no checkpoint is written before they are.
-    rebuilds: Vec<Applied>,
+    /// Rollup rebuilds not done yet (tenant, command id); no checkpoint is written before
+    /// they are.
+    rebuilds: VecDeque<(TenantId, uuid::Uuid)>,
+}
+
+impl Owed {
+    /// Whether a checkpoint may be written: every letter stored, every rebuild done.
+    fn settled(&self) -> bool {
+        self.letters.is_empty() && self.rebuilds.is_empty()
+    }
+
+    /// Whether a flush was asked for: a checkpoint is due at once.
+    fn flush_asked(&self) -> bool {
+        (self.commands.iter()).any(|applied| matches!(applied.command, Command::Flush { .. }))
+    }
 }
 
 #[derive(Clone, Default)]
@@ -559,19 +572,19 @@ impl ProcessNode {
             // A checkpoint only of a state the shared rollups and dead letters include in
             // full, only of a new one, and one at a time; at once when a flush is asked for.
             // Commands owed by an earlier task on this copy may be past `checkpointed` already.
-            let (owed_letters, owed_rebuilds, owed_commands, flush_asked) = {
+            let (settled, commands_owed, flush_asked) = {
                 let owed = copy.owed();
-                let flush = (owed.commands.iter())
-                    .any(|applied| matches!(applied.command, Command::Flush { .. }));
-                let counts = (owed.letters.len(), owed.rebuilds.len(), owed.commands.len());
-                (counts.0, counts.1, counts.2, flush)
+                (
+                    owed.settled(),
+                    !owed.commands.is_empty(),
+                    owed.flush_asked(),
+                )
             };
             if pending.is_empty()
-                && owed_letters == 0
-                && owed_rebuilds == 0
+                && settled
                 && upload.is_none()
                 && (flush_asked || last_tried.elapsed() >= self.node.config.checkpoint_every)
-                && (runner.covered() > checkpointed || owed_commands > 0)
+                && (runner.covered() > checkpointed || commands_owed)
                 && !stopping
             {
                 last_tried = Instant::now();
@@ -617,7 +630,7 @@ impl ProcessNode {
             for applied in runner.take_commands() {
                 let mut owed = copy.owed();
                 match applied.command {
-                    Command::RebuildRollups { .. } => owed.rebuilds.push(applied),
+                    Command::RebuildRollups { tenant, id } => owed.rebuilds.push_back((tenant, id)),
                     Command::EraseUser { .. } | Command::Flush { .. } => {
                         owed.commands.push(applied)
                     }
@@ -938,12 +951,8 @@ impl ProcessNode {
         pending: &mut HashMap<TenantId, u64>,
     ) -> bool {
         loop {
-            let Some(applied) = copy.owed().rebuilds.first().cloned() else {
+            let Some((tenant, id)) = copy.owed().rebuilds.front().copied() else {
                 return false;
-            };
-            let Command::RebuildRollups { tenant, id } = applied.command else {
-                copy.owed().rebuilds.remove(0);
-                continue;
             };
             match shared
                 .rollups
@@ -966,7 +975,7 @@ impl ProcessNode {
                 return false;
             }
             tracing::info!(%tenant, "rollups dropped; rolling up again");
-            copy.owed().rebuilds.remove(0);
+            copy.owed().rebuilds.pop_front();
         }
     }
 
