@@ -186,6 +186,19 @@ pub fn estimate_count(unsampled: u64, sampled: &[(u32, u64, f64)]) -> Estimate {
     with_error(value, variance, !sampled.is_empty())
 }
 
+/// A stored count's error: `stored` is the count as rolled up (each kept event added its
+/// weight), `sampled` each weight's kept events and their distinct users. The value stays the
+/// stored count; only the error comes from the estimate.
+pub fn stored_count_estimate(stored: u64, sampled: &[(u32, u64, f64)]) -> Estimate {
+    let weighted: u64 = sampled
+        .iter()
+        .map(|(w, kept, _)| u64::from(*w) * kept)
+        .sum();
+    let mut estimate = estimate_count(stored.saturating_sub(weighted), sampled);
+    estimate.value = stored as f64;
+    estimate
+}
+
 fn with_error(value: f64, variance: f64, sampled: bool) -> Estimate {
     let relative_error = sampled.then(|| {
         if value > 0.0 {

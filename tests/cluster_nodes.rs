@@ -1366,6 +1366,24 @@ fn sampled_users_are_scaled_in_the_cluster_as_on_the_single_node() {
         series["points"][0]["relative_error"].as_f64().is_some(),
         "{series}"
     );
+    // Count series too: the day's count of Viewed with its error, against the single node's.
+    let count_error = |node: &TestServer, tenant: &Tenant| {
+        let path = format!("/v1/query/series?event=Viewed&metric=count&interval=day&{RANGE}");
+        let point = ask(node, tenant, &path)["points"][0].clone();
+        (
+            point["value"].as_u64().unwrap(),
+            point["relative_error"].as_f64().unwrap(),
+        )
+    };
+    let (single_count, cluster_count) = (
+        count_error(&single, &on_single),
+        count_error(&cluster.ingest[0], &on_cluster),
+    );
+    println!("count series (value, relative error): single node {single_count:.3?}, cluster {cluster_count:.3?}");
+    assert!(
+        cluster_count.1 > single_count.1 / 2.0 && cluster_count.1 < single_count.1 * 2.0,
+        "{cluster_count:?} against {single_count:?}"
+    );
     // The top events too, for the count and the distinct users.
     let top = |node: &TestServer, tenant: &Tenant| {
         let answer = ask(node, tenant, &format!("/v1/query/events?{RANGE}"));

@@ -22,10 +22,17 @@ pub async fn series(
 ) -> redis::RedisResult<Vec<Point>> {
     let name = event.unwrap_or(ALL_EVENTS);
     let values: Vec<(Micros, Estimate)> = match metric {
-        Metric::Count => (shared.counts(tenant, resolution, name, from, to).await?)
-            .into_iter()
-            .map(|(ts, count)| (ts, Estimate::exact(count as f64)))
-            .collect(),
+        Metric::Count => {
+            let weights = shared.sampled_weights(tenant, name).await?;
+            let counts = shared.counts(tenant, resolution, name, from, to).await?;
+            if weights.is_empty() {
+                (counts.into_iter())
+                    .map(|(ts, count)| (ts, Estimate::exact(count as f64)))
+                    .collect()
+            } else {
+                sampled_counts(shared, tenant, resolution, name, &weights, counts).await?
+            }
+        }
         Metric::Uniques => {
             let weights = shared.sampled_weights(tenant, name).await?;
             (shared.bucket_estimates(tenant, resolution, name, &weights, from, to)).await?
@@ -37,6 +44,40 @@ pub async fn series(
             ts,
             value: estimate.rounded(),
             relative_error: estimate.relative_error,
+        })
+        .collect())
+}
+
+/// Each bucket's weighted count with the 95% bound of its error, as the single node estimates
+/// it: from each weight's kept events in the bucket and their distinct users.
+async fn sampled_counts(
+    shared: &SharedRollups,
+    tenant: TenantId,
+    resolution: Resolution,
+    name: &str,
+    weights: &[u32],
+    counts: Vec<(Micros, u64)>,
+) -> redis::RedisResult<Vec<(Micros, Estimate)>> {
+    let (Some(from), Some(last)) = (counts.first(), counts.last()) else {
+        return Ok(Vec::new());
+    };
+    let (from, to) = (from.0, last.0 + resolution.width());
+    let mut levels = Vec::with_capacity(weights.len());
+    for weight in weights {
+        let series = crate::sampling::sampled_series(name, *weight);
+        let kept = shared.counts(tenant, resolution, &series, from, to).await?;
+        let users = (shared.bucket_uniques(tenant, resolution, &series, from, to)).await?;
+        levels.push((*weight, kept, users));
+    }
+    Ok(counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ts, count))| {
+            let bucket: Vec<(u32, u64, f64)> = (levels.iter())
+                .map(|(weight, kept, users)| (*weight, kept[i].1, users[i].1 as f64))
+                .filter(|(_, kept, _)| *kept > 0)
+                .collect();
+            (ts, crate::sampling::stored_count_estimate(count, &bucket))
         })
         .collect())
 }
@@ -77,9 +118,7 @@ pub async fn event_totals(
                 levels.push((*weight, kept, users as f64));
             }
         }
-        let weighted: u64 = levels.iter().map(|(w, kept, _)| u64::from(*w) * kept).sum();
-        let mut counted = crate::sampling::estimate_count(count.saturating_sub(weighted), &levels);
-        counted.value = count as f64;
+        let counted = crate::sampling::stored_count_estimate(count, &levels);
         out.push(EventTotal {
             event,
             count,

@@ -227,13 +227,7 @@ fn count_estimate(count: u64, levels: &[Level<'_>]) -> Estimate {
             (level.weight, level.kept_events, users)
         })
         .collect();
-    let weighted: u64 = sampled
-        .iter()
-        .map(|(w, kept, _)| u64::from(*w) * kept)
-        .sum();
-    let mut estimate = sampling::estimate_count(count.saturating_sub(weighted), &sampled);
-    estimate.value = count as f64;
-    estimate
+    sampling::stored_count_estimate(count, &sampled)
 }
 
 /// Distinct users from the unsampled events' users and each weight's kept users.
