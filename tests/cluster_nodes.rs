@@ -573,13 +573,29 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     assert_eq!(series.status, 200, "{}", series.body);
     assert_eq!(series.json()["points"][0]["value"], 50 - signed_up);
 
-    // A live socket on one ingest node sees events sent through the other.
+    // A live socket on one ingest node sees events sent through the other, counted per person
+    // as the owner knows the links: `la0` was identified as `l0` (and rolled up) first.
+    let now = format!("{:?}", Instant::now());
+    let linked = json!({"batch": [
+        {"type": "identify", "userId": "l0", "anonymousId": "la0", "messageId": format!("link-{now}")},
+        common::track(&format!("linked-{now}"), "l0", "Linked")]});
+    let reply = a.post_json("/v1/batch", Auth::Basic(&tenant.write_key), &linked);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let started = Instant::now();
+    while counts(b, &tenant).map_or(0, |c| count_of(&c, "Linked")) == 0 {
+        assert!(
+            started.elapsed() < SETTLE,
+            "the link was not rolled up: {:?}",
+            counts(b, &tenant)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut socket = common::connect(b, &format!("?key={}", tenant.read_key), None).unwrap();
     common::next_tick(&mut socket);
-    let now = format!("{:?}", Instant::now());
-    let live_events: Vec<Value> = (0..3)
+    let mut live_events: Vec<Value> = (0..3)
         .map(|n| json!({"type": "track", "event": "Live", "userId": format!("l{n}"), "messageId": format!("live-{n}-{now}")}))
         .collect();
+    live_events.push(json!({"type": "track", "event": "Live", "anonymousId": "la0", "messageId": format!("live-a-{now}")}));
     let reply = a.post_json(
         "/v1/batch",
         Auth::Basic(&tenant.write_key),
@@ -589,7 +605,9 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     let sent = Instant::now();
     loop {
         let tick = common::next_tick(&mut socket);
-        if tick["minute"]["events"]["Live"]["count"] == 3 {
+        let live = &tick["minute"]["events"]["Live"];
+        if live["count"] == 4 {
+            assert_eq!(live["uniques"], 3, "la0 is l0: {tick}");
             break;
         }
         assert!(

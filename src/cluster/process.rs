@@ -665,7 +665,8 @@ impl ProcessNode {
                             tenant.head = last;
                             tenant.window = tenant.window.max(processed.dedup_window);
                         }
-                        self.publish_live(&shared.rollups, &mut live_through, processed, first)
+                        let state = states.get(&processed.tenant);
+                        (self.publish_live(&shared.rollups, &mut live_through, processed, state))
                             .await;
                     }
                     None
@@ -1021,8 +1022,11 @@ impl ProcessNode {
         shared: &SharedRollups,
         live_through: &mut HashMap<TenantId, u64>,
         processed: &crate::cluster::runner::Processed,
-        first: u64,
+        state: Option<&TenantState>,
     ) {
+        let Some(first) = processed.outcome.first_seq else {
+            return;
+        };
         let through = match live_through.get(&processed.tenant) {
             Some(through) => *through,
             None => match shared.watermark(processed.tenant).await {
@@ -1040,7 +1044,10 @@ impl ProcessNode {
         }
         live_through.insert(processed.tenant, last);
         let (redis, prefix) = (self.node.redis.clone(), self.node.config.prefix.clone());
-        let (tenant, items) = (processed.tenant, processed.items.clone());
+        let (tenant, mut items) = (processed.tenant, processed.items.clone());
+        if let Some(state) = state {
+            state.for_live(&mut items);
+        }
         tokio::spawn(async move {
             if let Err(error) = crate::cluster::live::publish(&redis, &prefix, tenant, &items).await
             {

@@ -851,6 +851,16 @@ impl TenantState {
         }
     }
 
+    /// Applies the links and the name cap as far as this owner knows them now to a batch that
+    /// goes to the live fan-out, as the single node's live counts do (no link is applied,
+    /// nothing is admitted, nothing is read from Redis).
+    pub fn for_live(&self, items: &mut crate::rollup::RollupItems) {
+        if let Some((_, pending, names)) = &self.state {
+            names.peek(items, self.max_names);
+            pending.resolve(items.identity_parts().0);
+        }
+    }
+
     /// What became of a flush that carried `written` and would move the watermark to
     /// `through`.
     fn flushed(
