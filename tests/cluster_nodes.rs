@@ -573,6 +573,13 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     assert_eq!(series.status, 200, "{}", series.body);
     assert_eq!(series.json()["points"][0]["value"], 50 - signed_up);
 
+    // The dashboard and the endpoints only it needs work on ingest nodes too.
+    assert_eq!(b.get("/", Auth::None).status, 200);
+    let own = b.get("/v1/tenant", Auth::Bearer(&tenant.read_key));
+    assert_eq!(own.json()["id"], tenant.id.as_str(), "{}", own.body);
+    let segments = b.get("/v1/segments", Auth::Bearer(&tenant.read_key));
+    assert_eq!(segments.status, 200, "{}", segments.body);
+
     // A live socket on one ingest node sees events sent through the other, counted per person
     // as the owner knows the links: `la0` was identified as `l0` (and rolled up) first.
     let now = format!("{:?}", Instant::now());

@@ -104,8 +104,8 @@ pub struct RollupActor {
     rebuild_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// When the last flush started.
     last_flush: Instant,
-    /// When the stored rollups last caught up with everything applied.
-    last_caught_up: Instant,
+    /// When the durable sequences not yet in the stored rollups became known.
+    freshness: Freshness,
     last_expiry: Option<Instant>,
     /// Identity links over the stored ones (`crate::identity`); `None` until loaded, or when the
     /// tenant is gone.
@@ -132,7 +132,7 @@ impl RollupActor {
             unfolded: Default::default(),
             rebuild_waiters: Vec::new(),
             last_flush: Instant::now(),
-            last_caught_up: Instant::now(),
+            freshness: Freshness::default(),
             last_expiry: None,
             identity: None,
         }
@@ -205,7 +205,7 @@ impl RollupActor {
         }
         self.deltas.apply(items, &self.retention, now_micros());
         self.applied_seq = crate::event::last_seq_of(first_seq, items.len());
-        self.known_head = self.known_head.max(self.applied_seq);
+        self.head_known(self.applied_seq);
     }
 
     /// Starts a new epoch in `phase`: in-memory updates are discarded and the results of storage
@@ -249,7 +249,7 @@ impl RollupActor {
                     actor.names = NameCap::new(names);
                     actor.applied_seq = watermark;
                     actor.stored_watermark = watermark;
-                    actor.known_head = actor.known_head.max(head);
+                    actor.head_known(head);
                     actor.catch_up(ctx);
                 }
                 Err(error) => {
@@ -327,7 +327,7 @@ impl RollupActor {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         // Safety net: durable entries that no push delivered are read from the log.
         if let Some(head) = self.deps.writer.heads().get(self.tenant) {
-            self.known_head = self.known_head.max(head);
+            self.head_known(head);
         }
         if self.phase == Phase::Idle {
             if self.known_head > self.applied_seq {
@@ -449,6 +449,7 @@ impl RollupActor {
     /// Bookkeeping after a stored flush.
     fn stored(&mut self, flush: &PendingFlush, took: Duration) {
         self.stored_watermark = flush.through;
+        self.report_lag();
         self.flushes += 1;
         self.note_folds(&flush.deltas, &flush.fold);
         if flush.expire {
@@ -513,7 +514,7 @@ impl RollupActor {
 
     /// A batch pushed after its entry became durable.
     fn rolled(&mut self, mut batch: RollupBatch, ctx: &mut Context<Self>) {
-        self.known_head = self.known_head.max(batch.last_seq());
+        self.head_known(batch.last_seq());
         let applying = matches!(self.phase, Phase::Idle | Phase::Flushing);
         let applied = if !applying || batch.last_seq() <= self.applied_seq {
             false
@@ -538,12 +539,54 @@ impl RollupActor {
         let _ = self.live.try_send(LiveItems(Arc::new(batch.items)));
     }
 
+    /// The tenant's log reached `head` (durable), as far as this actor knows.
+    fn head_known(&mut self, head: u64) {
+        self.known_head = self.known_head.max(head);
+        self.freshness.known(self.known_head);
+    }
+
     fn report_lag(&mut self) {
         let lag = self.known_head.saturating_sub(self.stored_watermark);
-        if lag == 0 && self.deltas.is_empty() {
-            self.last_caught_up = Instant::now();
+        self.freshness.stored(self.stored_watermark);
+        if lag > 0 {
+            // Also after a rebuild, which lowers the stored watermark below marks gone by.
+            self.freshness.known(self.known_head);
         }
-        telemetry::rollup_lag(&self.tenant_label, lag, self.last_caught_up.elapsed());
+        telemetry::rollup_lag(&self.tenant_label, lag, self.freshness.age());
+    }
+}
+
+/// When the durable sequences not yet in the stored rollups became known, as marks of (last
+/// sequence, when) at most one per [`Freshness::MARK_EVERY`], so the freshness gauge is the age
+/// of the oldest durable event the stored rollups lack (0 when they have everything), not the
+/// time since the tenant was last idle. A mark extended within its interval makes the age at
+/// most that interval too old, never too young.
+#[derive(Default)]
+struct Freshness {
+    marks: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl Freshness {
+    const MARK_EVERY: Duration = Duration::from_millis(100);
+
+    fn known(&mut self, head: u64) {
+        match self.marks.back_mut() {
+            Some((seq, _)) if *seq >= head => {}
+            Some((seq, at)) if at.elapsed() < Self::MARK_EVERY => *seq = head,
+            _ => self.marks.push_back((head, Instant::now())),
+        }
+    }
+
+    fn stored(&mut self, watermark: u64) {
+        while self.marks.front().is_some_and(|(seq, _)| *seq <= watermark) {
+            self.marks.pop_front();
+        }
+    }
+
+    fn age(&self) -> Duration {
+        self.marks
+            .front()
+            .map_or(Duration::ZERO, |(_, at)| at.elapsed())
     }
 }
 
@@ -700,6 +743,32 @@ impl StreamHandler<RollupMessage> for RollupActor {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #[test]
+    fn freshness_is_the_age_of_the_oldest_event_not_stored() {
+        use super::Freshness;
+        use std::time::Duration;
+        let mut freshness = Freshness::default();
+        assert_eq!(freshness.age(), Duration::ZERO);
+        freshness.known(10);
+        std::thread::sleep(Freshness::MARK_EVERY + Duration::from_millis(20));
+        freshness.known(20);
+        assert!(freshness.age() >= Freshness::MARK_EVERY);
+        // Stored through 10: the oldest missing event (11) became known with the second mark.
+        freshness.stored(10);
+        assert!(freshness.age() < Freshness::MARK_EVERY);
+        // Under constant load the age stays that of the oldest missing event.
+        for head in 21..40 {
+            freshness.known(head);
+        }
+        assert_eq!(freshness.marks.len(), 1);
+        freshness.stored(39);
+        assert_eq!(freshness.age(), Duration::ZERO);
+        // A head known again once stored is nothing missing.
+        freshness.known(39);
+        freshness.stored(39);
+        assert_eq!(freshness.age(), Duration::ZERO);
+    }
+
     use super::*;
     use crate::actors::child::Children;
     use crate::config::{Config, Overrides};

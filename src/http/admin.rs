@@ -14,7 +14,9 @@ use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
 use crate::ids::TenantId;
 use crate::lifecycle::LifecycleError;
-use crate::tenant::{DirectoryError, RotateWhich, SettingsPatch, TenantRecord, TenantSettings};
+use crate::tenant::{
+    DirectoryError, KeyKind, RotateWhich, SettingsPatch, TenantRecord, TenantSettings,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,7 +217,34 @@ pub async fn segments(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_admin(&req, &state.directory)?;
     let id = existing_tenant(&state, &path)?.id;
-    let published_only = crate::http::export::reads_published_only(&state)?;
+    segments_of(&state, id).await
+}
+
+/// `GET /v1/segments` (read key): the tenant's own cold segments, as the admin listing gives them.
+pub async fn own_segments(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let key = auth::header_credential(&req)?;
+    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    segments_of(&state, tenant.id).await
+}
+
+/// `GET /v1/tenant` (read key): which tenant the key reads, `{"id", "name"}`.
+pub async fn own_tenant(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let key = auth::header_credential(&req)?;
+    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": tenant.id.to_string(),
+        "name": tenant.name,
+    })))
+}
+
+async fn segments_of(state: &AppState, id: TenantId) -> Result<HttpResponse, ApiError> {
+    let published_only = crate::http::export::reads_published_only(state)?;
     let (storage, cold) = (state.storage.clone(), state.cold.clone());
     let (segments, watermark) = crate::blocking::run(move || {
         if published_only {

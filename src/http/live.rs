@@ -1,7 +1,8 @@
 //! `GET /v1/live`: live metrics over WebSocket (actix-ws).
 //!
-//! Auth: the read key as `Authorization` header, or `?key=` for browsers (which cannot set
-//! headers on a WebSocket). Each connection is one task that waits for the tenant's next tick
+//! Auth: the read key as `Authorization` header; from a browser (which cannot set headers on a
+//! WebSocket) as the subprotocols `statsremote` and `key.<read key>`, which keeps the key out
+//! of URLs and access logs (the server selects `statsremote`), or as `?key=`. Each connection is one task that waits for the tenant's next tick
 //! (a `watch` channel: only the latest tick is kept, so a slow client skips ticks rather than
 //! queueing them), and sends it, filtered to the events the client subscribed to with
 //! `{"subscribe": ["event", ...]}` (`{"subscribe": []}` or `null` = everything). The server pings
@@ -29,6 +30,25 @@ use crate::tenant::{KeyKind, KeyWatch, TenantDirectory};
 /// Largest message a client may send.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
 
+/// The subprotocol a browser offers beside `key.<read key>`.
+const SUBPROTOCOL: &str = "statsremote";
+
+/// The read key offered as a subprotocol (`statsremote, key.<read key>`), if any.
+fn offered_key(req: &HttpRequest) -> Option<String> {
+    let offered: Vec<&str> = (req.headers())
+        .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    if !offered.contains(&SUBPROTOCOL) {
+        return None;
+    }
+    (offered.iter())
+        .find_map(|protocol| protocol.strip_prefix("key."))
+        .map(str::to_string)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LiveParams {
@@ -47,9 +67,10 @@ pub async fn live(
     state: web::Data<AppState>,
     params: web::Query<LiveParams>,
 ) -> Result<HttpResponse, ApiError> {
+    let offered = offered_key(&req);
     let key = match auth::header_credential(&req)? {
         Some(key) => Some(key),
-        None => params.into_inner().key,
+        None => offered.clone().or(params.into_inner().key),
     };
     let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
     let slot = state.read_slots.take(tenant.id, ReadKind::Live)?;
@@ -57,8 +78,15 @@ pub async fn live(
         .directory
         .watch_key(key.as_deref().unwrap_or_default());
     let ticks = state.pipelines.pipeline(tenant.id).subscribe_live();
-    let (response, session, stream) = actix_ws::handle(&req, body)
+    let (mut response, session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade request: {e}")))?;
+    if offered.is_some() {
+        // A browser fails the connection unless one of the offered subprotocols is selected.
+        response.headers_mut().insert(
+            actix_web::http::header::SEC_WEBSOCKET_PROTOCOL,
+            actix_web::http::header::HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     let settings = SessionSettings {
         tenant: tenant.id.to_string(),
         ping_interval: state.config.live.ping_interval,
@@ -128,6 +156,11 @@ async fn run_session(
     let _subscribed = Subscribed::new(&settings.tenant);
     let mut filter: Option<HashSet<String>> = None;
     let mut last_seq = ticks.borrow_and_update().seq;
+    if last_seq > 0 {
+        // The latest tick goes out at once, so a new session shows numbers without waiting
+        // for the next second.
+        ticks.mark_changed();
+    }
     let mut last_heard = Instant::now();
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;

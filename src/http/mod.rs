@@ -6,6 +6,7 @@
 //! - [`query`]: series, events, uniques, funnels; [`live`]: the live WebSocket;
 //! - [`admin`]: tenants and keys; [`schemas`]: tracking plans; [`deadletter`]: dead letters;
 //! - [`ops`]: health, readiness, metrics, the OpenAPI document;
+//! - [`dashboard`]: the browser dashboard at `/` (embedded files, no API of its own);
 //! - [`auth`] and [`errors`]: who may call, and how every error is answered (problem+json);
 //! - [`deadline`]: every request body arrives within `server.body_timeout` or is cut off;
 //! - [`slots`]: per-tenant caps on exports, funnels and live connections.
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod dashboard;
 pub mod deadletter;
 pub mod deadline;
 pub mod errors;
@@ -278,6 +280,26 @@ pub fn configure(config: &mut web::ServiceConfig) {
                 .route(web::post().to(admin::rotate))
                 .default_service(web::to(method_not_allowed)),
         )
+        .service(
+            web::resource("/v1/segments")
+                .route(web::get().to(admin::own_segments))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/tenant")
+                .route(web::get().to(admin::own_tenant))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/")
+                .route(web::get().to(dashboard::index))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/ui/{file:.+}")
+                .route(web::get().to(dashboard::file))
+                .default_service(web::to(method_not_allowed)),
+        )
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))
@@ -339,7 +361,10 @@ pub fn app(
 
 /// Whether browsers may call `path` from another origin.
 fn cross_origin_allowed(path: &str) -> bool {
-    !(path.starts_with("/admin") || path.starts_with("/metrics"))
+    !(path.starts_with("/admin")
+        || path.starts_with("/metrics")
+        || path == "/"
+        || path.starts_with("/ui/"))
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -35,6 +35,13 @@ pub fn browser_env() -> Result<PathBuf, Error> {
     node_env()
 }
 
+/// Prometheus's `promtool`, unpacked from Debian's package by `scripts/promtool-env.sh` if
+/// missing (no Prometheus server is installed or started).
+pub fn promtool() -> Result<PathBuf, Error> {
+    set_up("promtool-env")?;
+    Ok(workspace_root().join("target/tools/promtool"))
+}
+
 /// Runs `scripts/<name>.sh` under `target/<name>.lock`.
 fn set_up(name: &str) -> Result<(), Error> {
     let root = workspace_root();

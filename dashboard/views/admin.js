@@ -1,0 +1,168 @@
+// Admin: the operator's view, with the admin token. Lists tenants, creates one (its keys are
+// shown once), rotates keys and changes settings through the admin API.
+
+import { ApiError, call, callWith, session } from "../api.js";
+import { announce, errorBox, field, h, select, table, utc } from "../ui.js";
+
+export const title = "Admin";
+
+export function render(main, params, app) {
+  main.append(h("h1", {}, "Admin"));
+  if (!session.adminToken) {
+    signIn(main, app);
+    return;
+  }
+  const message = h("div", { "aria-live": "polite" });
+  const list = h("div");
+  const panel = h("section", { class: "panel", hidden: true, "aria-labelledby": "panel-title" });
+  const forget = h("button", { type: "button", class: "quiet" }, "Forget the admin token");
+  forget.addEventListener("click", () => {
+    session.forgetAdminToken();
+    app.refresh();
+  });
+
+  const showKeys = (heading, keys, tenant) => {
+    const open = keys.read_key
+      ? h("button", { type: "button", onclick: () => app.signIn(keys.read_key, { id: tenant.id, name: tenant.name }) }, "Open this tenant's dashboard")
+      : null;
+    panel.replaceChildren(
+      h("h2", { id: "panel-title", tabindex: -1 }, heading),
+      h("p", { class: "warning" }, "These keys are shown only now: copy them to where your apps keep secrets."),
+      h("dl", { class: "keys" },
+        keys.write_key ? [h("dt", {}, "Write key"), h("dd", {}, h("code", { "data-key": "write" }, keys.write_key))] : null,
+        keys.read_key ? [h("dt", {}, "Read key"), h("dd", {}, h("code", { "data-key": "read" }, keys.read_key))] : null),
+      open);
+    panel.hidden = false;
+    panel.querySelector("h2").focus();
+  };
+
+  const rotate = (tenant) => {
+    const which = select([["both", "Both keys"], ["write", "Write key only"], ["read", "Read key only"]], "both", { name: "which" });
+    const form = h("form", { class: "controls" }, field("Keys to replace", which),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "danger" }, "Rotate now")));
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      try {
+        const keys = await call(`/admin/v1/tenants/${tenant.id}/rotate-keys`, { auth: "admin", method: "POST", body: { which: which.value } });
+        showKeys(`New keys of ${tenant.name}`, keys, tenant);
+        announce(`Keys of ${tenant.name} rotated; the old ones are refused from now on`);
+      } catch (error) {
+        form.append(errorBox(error));
+      }
+    });
+    panel.replaceChildren(h("h2", { id: "panel-title", tabindex: -1 }, `Rotate keys of ${tenant.name}`),
+      h("p", {}, "The replaced keys stop working at once, and live sessions using them end."), form);
+    panel.hidden = false;
+    panel.querySelector("h2").focus();
+  };
+
+  const edit = (tenant) => {
+    const inputs = Object.entries(tenant.settings).map(([name, value]) => {
+      const structured = value === null || typeof value === "object";
+      const input = structured
+        ? h("textarea", { name, rows: 3, spellcheck: "false" }, value === null ? "" : JSON.stringify(value))
+        : h("input", { name, type: typeof value === "number" ? "number" : "text", value: String(value) });
+      return { name, value, structured, input };
+    });
+    const form = h("form", { class: "controls settings" },
+      inputs.map((i) => field(i.name, i.input, i.structured ? "JSON; empty for none" : undefined)),
+      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
+    const outcome = h("div", { "aria-live": "polite" });
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      outcome.replaceChildren();
+      const changed = {};
+      try {
+        for (const i of inputs) {
+          const text = i.input.value.trim();
+          let value;
+          if (i.structured) value = text === "" ? null : JSON.parse(text);
+          else if (typeof i.value === "number") value = Number(text);
+          else value = text;
+          if (JSON.stringify(value) !== JSON.stringify(i.value)) changed[i.name] = value;
+        }
+      } catch (error) {
+        outcome.replaceChildren(errorBox(new Error(`a JSON setting does not parse: ${error.message}`)));
+        return;
+      }
+      if (Object.keys(changed).length === 0) {
+        outcome.replaceChildren(h("p", {}, "Nothing changed."));
+        return;
+      }
+      try {
+        const updated = await call(`/admin/v1/tenants/${tenant.id}`, { auth: "admin", method: "PATCH", body: { settings: changed } });
+        outcome.replaceChildren(h("p", { class: "ok" }, `Saved: ${Object.keys(changed).join(", ")}.`));
+        Object.assign(tenant, updated);
+        for (const i of inputs) i.value = updated.settings[i.name];
+        refresh();
+      } catch (error) {
+        outcome.replaceChildren(errorBox(error));
+      }
+    });
+    panel.replaceChildren(h("h2", { id: "panel-title", tabindex: -1 }, `Settings of ${tenant.name}`), form, outcome);
+    panel.hidden = false;
+    panel.querySelector("h2").focus();
+  };
+
+  const refresh = async () => {
+    try {
+      const answer = await call("/admin/v1/tenants", { auth: "admin" });
+      list.replaceChildren(table("Tenants", [
+        { label: "Name", value: (t) => t.name },
+        { label: "Id", value: (t) => h("code", {}, t.id) },
+        { label: "Created (UTC)", value: (t) => utc(t.created_at) },
+        {
+          label: "Actions",
+          value: (t) => h("div", { class: "row-actions" },
+            h("button", { type: "button", onclick: () => edit(t), "aria-label": `Settings of ${t.name}` }, "Settings"),
+            h("button", { type: "button", onclick: () => rotate(t), "aria-label": `Rotate keys of ${t.name}` }, "Rotate keys")),
+        },
+      ], answer.tenants, { "data-table": "tenants" }));
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) {
+        session.forgetAdminToken();
+        app.refresh();
+        return;
+      }
+      list.replaceChildren(errorBox(error));
+    }
+  };
+
+  const name = h("input", { type: "text", name: "name", required: true, maxlength: 200, autocomplete: "off" });
+  const create = h("form", { class: "controls", "aria-label": "Create a tenant" }, field("New tenant's name", name),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Create tenant")));
+  create.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    message.replaceChildren();
+    try {
+      const created = await call("/admin/v1/tenants", { auth: "admin", method: "POST", body: { name: name.value.trim() } });
+      name.value = "";
+      showKeys(`Tenant ${created.name} created`, created, created);
+      refresh();
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+    }
+  });
+  main.append(create, message, list, panel, forget);
+  refresh();
+}
+
+function signIn(main, app) {
+  const token = h("input", { type: "password", name: "admin-token", required: true, autocomplete: "off" });
+  const message = h("div", { "aria-live": "polite" });
+  const form = h("form", { class: "controls signin", "aria-label": "Admin sign-in" },
+    field("Admin token", token, "Printed once by the server on its first start, or STATSREMOTE_ADMIN_TOKEN. Kept in this tab only."),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Sign in as operator")));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      await callWith(token.value.trim(), "/admin/v1/tenants");
+      session.setAdminToken(token.value.trim());
+      app.refresh();
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+    }
+  });
+  main.append(form, message);
+  token.focus();
+}

@@ -1,0 +1,95 @@
+// Series: one event's (or all events') count or distinct users per minute, hour or day over a
+// range, as a chart with a table beside it, and a CSV download.
+
+import { call } from "../api.js";
+import { timeChart } from "../charts.js";
+import { announce, downloadCsv, errorBox, field, h, number, percent, query, rangeControl, select, table, utc } from "../ui.js";
+
+export const title = "Series";
+
+/** The resolution that suits a preset range. */
+const INTERVAL_FOR = { "1h": "minute", "24h": "hour", "7d": "hour", "30d": "day" };
+
+export function render(main, params) {
+  const event = h("input", { type: "text", name: "event", list: "series-events", value: params.get("event") || "", placeholder: "All events", autocomplete: "off" });
+  const names = h("datalist", { id: "series-events" });
+  const metric = select([["count", "Events (count)"], ["uniques", "Distinct users"]], params.get("metric") || "count", { name: "metric" });
+  const interval = select([["minute", "Minute"], ["hour", "Hour"], ["day", "Day"]], params.get("interval") || "hour", { name: "interval" });
+  const range = rangeControl(params.get("range") || "24h");
+  if (params.get("from") && params.get("to")) range.setCustom(params.get("from"), params.get("to"));
+  range.preset.addEventListener("change", () => {
+    if (INTERVAL_FOR[range.preset.value]) interval.value = INTERVAL_FOR[range.preset.value];
+  });
+  const message = h("div", { "aria-live": "polite" });
+  const chartBox = h("div");
+  const tableBox = h("div", { class: "series-table" });
+  const download = h("button", { type: "button", disabled: true }, "Download CSV");
+  const form = h("form", { class: "controls", "aria-label": "Series query" },
+    field("Event", event, "Leave empty for all events"), names,
+    field("Metric", metric), field("Interval", interval), range.node,
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Draw"), download));
+  main.append(h("h1", {}, "Series"), form, message,
+    h("div", { class: "chart-and-table" }, chartBox, tableBox));
+  let chart = null;
+  let points = [];
+
+  const loadNames = async (from, to) => {
+    try {
+      const answer = await call(`/v1/query/events?${query({ from, to, limit: 1000 })}`);
+      names.replaceChildren(...answer.events.map((e) => h("option", { value: e.event })));
+    } catch {
+      // Suggestions only: the series query reports errors itself.
+    }
+  };
+
+  const draw = async () => {
+    message.replaceChildren();
+    let span;
+    try {
+      span = range.value();
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+      return;
+    }
+    const name = event.value.trim();
+    const asked = { event: name, metric: metric.value, interval: interval.value, from: span.from, to: span.to };
+    history.replaceState(null, "", `#/series?${query({ ...asked, range: range.preset.value })}`);
+    loadNames(span.from, span.to);
+    let answer;
+    try {
+      answer = await call(`/v1/query/series?${query(asked)}`);
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+      return;
+    }
+    points = answer.points;
+    const what = metric.value === "count" ? "Events" : "Users";
+    const label = `${what} of ${name || "all events"} per ${interval.value}`;
+    chart?.destroy();
+    chartBox.replaceChildren();
+    chart = timeChart(chartBox, { series: [{ label: what }], label });
+    chart.setData(points.map((p) => Date.parse(p.ts) / 1000), points.map((p) => p.value));
+    const withError = points.some((p) => p.relative_error !== undefined);
+    const columns = [
+      { label: "Bucket start (UTC)", value: (p) => utc(p.ts) },
+      { label: what, value: (p) => number(p.value), numeric: true },
+    ];
+    if (withError) columns.push({ label: "± (95%)", value: (p) => (p.relative_error === undefined ? "" : percent(p.relative_error)), numeric: true });
+    tableBox.replaceChildren(table(label, columns, points, { "data-table": "series" }));
+    download.disabled = false;
+    const total = points.reduce((sum, p) => sum + p.value, 0);
+    announce(`${label}: ${points.length} buckets, ${number(total)} in all`);
+  };
+
+  download.addEventListener("click", () => {
+    const name = event.value.trim() || "all-events";
+    downloadCsv(`${name}-${metric.value}-${interval.value}.csv`, ["bucket_start", metric.value, "relative_error"],
+      points.map((p) => [p.ts, p.value, p.relative_error ?? ""]));
+  });
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    draw();
+  });
+  draw();
+  return () => chart?.destroy();
+}
