@@ -151,6 +151,25 @@ export function rangeControl(initial = "24h") {
   };
 }
 
+/**
+ * The requests of one view, newest first: `next()` gives the signal of a new request and
+ * aborts the one before (so an older answer can never overwrite a newer one), `stop()` aborts
+ * the last when the view closes. A view checks `signal.aborted` after each await.
+ */
+export function requests() {
+  let current = null;
+  return {
+    next() {
+      current?.abort();
+      current = new AbortController();
+      return current.signal;
+    },
+    stop() {
+      current?.abort();
+    },
+  };
+}
+
 /** A query string from an object, leaving out empty values. */
 export function query(params) {
   const search = new URLSearchParams();

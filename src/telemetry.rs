@@ -419,6 +419,13 @@ pub fn cluster_checkpoint_age(partition: u16, age: Duration) {
         .set(age.as_secs_f64());
 }
 
+/// Cluster mode: this node stopped working on `partition`; its gauges go back to 0.
+pub fn cluster_partition_left(partition: u16) {
+    let partition = partition.to_string();
+    gauge!(names::CLUSTER_CONSUMER_LAG, "partition" => partition.clone()).set(0.0);
+    gauge!(names::CLUSTER_CHECKPOINT_AGE, "partition" => partition).set(0.0);
+}
+
 /// Cluster mode: a checkpoint of `bytes` written.
 pub fn cluster_checkpoint_written(bytes: usize) {
     counter!(names::CLUSTER_CHECKPOINTS).increment(1);

@@ -123,7 +123,7 @@ fn the_dashboard_shows_what_the_api_answers() {
     // Sign-in: a wrong key is refused with the server's reason; the key never enters a URL.
     let wrong = seen["wrong_key_error"].as_str().unwrap();
     assert!(wrong.contains("401"), "{wrong}");
-    assert_eq!(seen["key_in_url"], false);
+    assert_eq!(seen["addresses_with_a_key"], json!([]), "{seen:#}");
     assert_eq!(seen["unlabelled"], json!([]), "every control has a label");
     assert_eq!(
         seen["keyboard_reached_series"], true,
@@ -131,13 +131,20 @@ fn the_dashboard_shows_what_the_api_answers() {
         seen["keyboard_focus"]
     );
 
-    // Live: the 25 events sent while watching are counted under their name this minute.
-    let live_top = seen["live_top"].as_array().unwrap();
-    let clicked = (live_top.iter())
-        .find(|row| row[0] == "Live Clicked")
-        .unwrap_or_else(|| panic!("{live_top:?}"));
-    assert_eq!(clicked[1], "25", "{live_top:?}");
-    assert_eq!(clicked[2], "5", "{live_top:?}");
+    // Live: the 25 events sent while watching move the second's count, the minute's total
+    // (unless a new minute began in between) and the minute's top events.
+    let live = &seen["live"];
+    assert_eq!(
+        live["seen"]["row"],
+        json!(["Live Clicked", "25", "5"]),
+        "{live}"
+    );
+    assert_eq!(live["max_events_per_second"], 25, "{live}");
+    let (before, after) = (
+        live["before"]["minute"].as_u64().unwrap(),
+        live["seen"]["minute"].as_u64().unwrap(),
+    );
+    assert!(after >= before + 25 || after == 25, "{live}");
 
     // Series: the same buckets and values as the API, in the table and in the CSV.
     let reply = server.get(
@@ -215,6 +222,16 @@ fn the_dashboard_shows_what_the_api_answers() {
     );
     let record = server.admin("GET", &format!("/admin/v1/tenants/{}", tenant.id), None);
     assert_eq!(record.json()["settings"]["max_event_names"], 500);
+    assert_eq!(seen["settings_saved"], "Saved: max_event_names, sampling.");
+    assert_eq!(seen["sampling_after_save"]["default"], 0.5, "{seen:#}");
+    // Emptied: no sampling, as the server says it.
+    assert_eq!(record.json()["settings"]["sampling"]["default"], 1.0);
+    let shown: Value =
+        serde_json::from_str(seen["sampling_shown_after_clearing"].as_str().unwrap()).unwrap();
+    assert_eq!(shown["default"].as_f64(), Some(1.0), "{shown}");
+    assert_eq!(shown["events"], json!({}), "{shown}");
+    let refused = seen["settings_refused"].as_str().unwrap();
+    assert!(refused.contains("rate_limit_burst"), "{refused}");
     assert_eq!(
         server
             .get("/v1/tenant", Auth::Bearer(&tenant.read_key))
@@ -266,12 +283,18 @@ fn the_dashboard_files_are_served_with_etags_and_a_strict_policy() {
     let head = String::from_utf8_lossy(&response[..response.len().min(1024)]).to_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-encoding: gzip"), "{head}");
+    // Another representation, another tag.
+    assert!(head.contains("-gz\""), "{head}");
     assert!(response.len() < 30_000, "{} bytes", response.len());
     let licence = server.get("/ui/vendor/uplot/LICENSE", Auth::None);
     assert!(licence.body.contains("MIT"), "{}", licence.body);
     let missing = server.get("/ui/nothing.js", Auth::None);
     assert_eq!(missing.status, 404);
     assert!(missing.body.contains("nothing.js"), "{}", missing.body);
+    assert_eq!(
+        server.request("HEAD", "/", Auth::None, &[], None).status,
+        200
+    );
     let posted = server.post_json("/", Auth::None, &json!({}));
     assert_eq!(posted.status, 405);
 }

@@ -6,6 +6,19 @@ import { announce, errorBox, field, h, select, table, utc } from "../ui.js";
 
 export const title = "Admin";
 
+/** Settings with a fixed set of values (see the README's settings table). */
+const CHOICES = {
+  schema_enforcement: ["off", "warn", "reject"],
+  unplanned_events: ["accept", "warn", "reject"],
+};
+
+const HINTS = {
+  dedup_window: "A duration, e.g. 7days or 12h",
+  deadletter_retention: "A duration, e.g. 30days",
+  deadletter_max_bytes: "A size, e.g. 256 MiB",
+  sampling: 'JSON, e.g. {"default": 1.0, "events": {"Page Viewed": 0.1}}; {} for none',
+};
+
 export function render(main, params, app) {
   main.append(h("h1", {}, "Admin"));
   if (!session.adminToken) {
@@ -58,32 +71,44 @@ export function render(main, params, app) {
 
   const edit = (tenant) => {
     const inputs = Object.entries(tenant.settings).map(([name, value]) => {
-      const structured = value === null || typeof value === "object";
-      const input = structured
-        ? h("textarea", { name, rows: 3, spellcheck: "false" }, value === null ? "" : JSON.stringify(value))
-        : h("input", { name, type: typeof value === "number" ? "number" : "text", value: String(value) });
-      return { name, value, structured, input };
+      const kind = CHOICES[name] ? "choice" : typeof value === "object" ? "json" : typeof value;
+      const input = kind === "choice"
+        ? select(CHOICES[name].map((v) => [v, v]), value, { name })
+        : kind === "json"
+          ? h("textarea", { name, rows: 3, spellcheck: "false" }, JSON.stringify(value))
+          : h("input", { name, type: kind === "number" ? "number" : "text", value: String(value) });
+      return { name, kind, input };
     });
+    const show = (settings) => {
+      for (const i of inputs) i.input.value = i.kind === "json" ? JSON.stringify(settings[i.name]) : String(settings[i.name]);
+    };
     const form = h("form", { class: "controls settings" },
-      inputs.map((i) => field(i.name, i.input, i.structured ? "JSON; empty for none" : undefined)),
+      inputs.map((i) => field(i.name, i.input, HINTS[i.name])),
       h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Save settings")));
     const outcome = h("div", { "aria-live": "polite" });
     form.addEventListener("submit", async (e) => {
       e.preventDefault();
       outcome.replaceChildren();
       const changed = {};
-      try {
-        for (const i of inputs) {
-          const text = i.input.value.trim();
-          let value;
-          if (i.structured) value = text === "" ? null : JSON.parse(text);
-          else if (typeof i.value === "number") value = Number(text);
-          else value = text;
-          if (JSON.stringify(value) !== JSON.stringify(i.value)) changed[i.name] = value;
+      for (const i of inputs) {
+        const text = i.input.value.trim();
+        let value = text;
+        if (i.kind === "json") {
+          try {
+            // Empty is the setting's "none" (`{}`: no sampling), never a JSON null.
+            value = text === "" ? {} : JSON.parse(text);
+          } catch (error) {
+            outcome.replaceChildren(errorBox(new Error(`${i.name} is not valid JSON: ${error.message}`)));
+            return;
+          }
+        } else if (i.kind === "number") {
+          value = Number(text);
+          if (text === "" || !Number.isFinite(value)) {
+            outcome.replaceChildren(errorBox(new Error(`${i.name} must be a number`)));
+            return;
+          }
         }
-      } catch (error) {
-        outcome.replaceChildren(errorBox(new Error(`a JSON setting does not parse: ${error.message}`)));
-        return;
+        if (JSON.stringify(value) !== JSON.stringify(tenant.settings[i.name])) changed[i.name] = value;
       }
       if (Object.keys(changed).length === 0) {
         outcome.replaceChildren(h("p", {}, "Nothing changed."));
@@ -93,7 +118,8 @@ export function render(main, params, app) {
         const updated = await call(`/admin/v1/tenants/${tenant.id}`, { auth: "admin", method: "PATCH", body: { settings: changed } });
         outcome.replaceChildren(h("p", { class: "ok" }, `Saved: ${Object.keys(changed).join(", ")}.`));
         Object.assign(tenant, updated);
-        for (const i of inputs) i.value = updated.settings[i.name];
+        // What the server stored, as it says it (durations and sizes in its own words).
+        show(updated.settings);
         refresh();
       } catch (error) {
         outcome.replaceChildren(errorBox(error));

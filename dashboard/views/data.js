@@ -59,9 +59,13 @@ export const deadLetters = {
       { label: "Replays", value: (l) => number(l.replays), numeric: true },
     ];
     const box = h("div");
+    const problem = h("div", { "aria-live": "polite" });
     const more = h("button", { type: "button", hidden: true }, "Older letters");
     let next = null;
     const page = async () => {
+      // One page at a time: a second click while one loads would fetch it twice.
+      more.disabled = true;
+      problem.replaceChildren();
       const path = `/v1/deadletter?limit=100${next ? `&before=${encodeURIComponent(next)}` : ""}`;
       try {
         const answer = await call(path);
@@ -70,13 +74,15 @@ export const deadLetters = {
         box.replaceChildren(table("Dead letters, newest first", columns, rows, { "data-table": "deadletters" }));
         more.hidden = !next;
       } catch (error) {
-        box.replaceChildren(errorBox(error));
+        // The letters already shown stay.
+        problem.replaceChildren(errorBox(error));
       }
+      more.disabled = false;
     };
     more.addEventListener("click", page);
     main.append(h("h1", {}, "Dead letters"),
       h("p", {}, "Events the tracking plan refused. An operator replays them through the admin API once the plan or the client is fixed."),
-      box, more);
+      box, problem, more);
     page();
   },
 };

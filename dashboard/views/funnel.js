@@ -3,7 +3,7 @@
 
 import { call } from "../api.js";
 import { barChart } from "../charts.js";
-import { announce, errorBox, field, h, number, percent, query, rangeControl, select, table } from "../ui.js";
+import { announce, errorBox, field, h, number, percent, query, rangeControl, requests, select, table } from "../ui.js";
 
 export const title = "Funnel";
 
@@ -51,6 +51,7 @@ export function render(main, params) {
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Compute")));
   main.append(h("h1", {}, "Funnel"), form, message, h("div", { class: "chart-and-table" }, chartBox, tableBox));
   let chart = null;
+  const pending = requests();
 
   const compute = async () => {
     message.replaceChildren();
@@ -66,21 +67,25 @@ export function render(main, params) {
       message.replaceChildren(errorBox(new Error("every step needs an event name")));
       return;
     }
-    call(`/v1/query/events?${query({ from: span.from, to: span.to, limit: 1000 })}`)
+    const signal = pending.next();
+    call(`/v1/query/events?${query({ from: span.from, to: span.to, limit: 1000 })}`, { signal })
       .then((answer) => names.replaceChildren(...answer.events.map((e) => h("option", { value: e.event }))))
       .catch(() => {});
-    history.replaceState(null, "", `#/funnel?${query({ steps: chosen.join("\n"), window: windowSelect.value, from: span.from, to: span.to, range: range.preset.value })}`);
+    const custom = range.preset.value === "custom";
+    history.replaceState(null, "", `#/funnel?${query({ steps: chosen.join("\n"), window: windowSelect.value, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
     let answer;
     try {
-      answer = await call("/v1/query/funnel", { method: "POST", body: { steps: chosen, window: windowSelect.value, from: span.from, to: span.to } });
+      answer = await call("/v1/query/funnel", { method: "POST", signal, body: { steps: chosen, window: windowSelect.value, from: span.from, to: span.to } });
     } catch (error) {
-      message.replaceChildren(errorBox(error));
+      if (!signal.aborted) message.replaceChildren(errorBox(error));
       return;
     }
+    if (signal.aborted) return;
     const rows = answer.steps.map((step, i) => ({
       n: i + 1,
       event: step.event,
       users: step.users,
+      error: step.relative_error,
       fromPrevious: i === 0 ? 1 : step.users / answer.steps[i - 1].users,
       fromFirst: step.users / answer.steps[0].users,
     }));
@@ -91,13 +96,16 @@ export function render(main, params) {
       values: rows.map((r) => r.users),
       label: `Funnel: users at each of ${rows.length} steps`,
     });
-    tableBox.replaceChildren(table("Users at each step", [
+    const columns = [
       { label: "Step", value: (r) => r.n, numeric: true },
       { label: "Event", value: (r) => r.event },
       { label: "Users", value: (r) => number(r.users), numeric: true },
       { label: "From previous", value: (r) => percent(r.fromPrevious), numeric: true },
       { label: "From first", value: (r) => percent(r.fromFirst), numeric: true },
-    ], rows, { "data-table": "funnel" }));
+    ];
+    // Sampled tenants' funnels are estimates.
+    if (rows.some((r) => r.error !== undefined)) columns.push({ label: "± (95%)", value: (r) => (r.error === undefined ? "" : percent(r.error)), numeric: true });
+    tableBox.replaceChildren(table("Users at each step", columns, rows, { "data-table": "funnel" }));
     const last = rows[rows.length - 1];
     announce(`Funnel computed: ${number(last.users)} users reached the last step, ${percent(last.fromFirst)} of the first`);
   };
@@ -106,5 +114,8 @@ export function render(main, params) {
     compute();
   });
   if (initial.length >= 2) compute();
-  return () => chart?.destroy();
+  return () => {
+    pending.stop();
+    chart?.destroy();
+  };
 }

@@ -3,7 +3,7 @@
 
 import { call } from "../api.js";
 import { timeChart } from "../charts.js";
-import { announce, downloadCsv, errorBox, field, h, number, percent, query, rangeControl, select, table, utc } from "../ui.js";
+import { announce, downloadCsv, errorBox, field, h, number, percent, query, rangeControl, requests, select, table, utc } from "../ui.js";
 
 export const title = "Series";
 
@@ -32,10 +32,11 @@ export function render(main, params) {
     h("div", { class: "chart-and-table" }, chartBox, tableBox));
   let chart = null;
   let points = [];
+  const pending = requests();
 
-  const loadNames = async (from, to) => {
+  const loadNames = async (from, to, signal) => {
     try {
-      const answer = await call(`/v1/query/events?${query({ from, to, limit: 1000 })}`);
+      const answer = await call(`/v1/query/events?${query({ from, to, limit: 1000 })}`, { signal });
       names.replaceChildren(...answer.events.map((e) => h("option", { value: e.event })));
     } catch {
       // Suggestions only: the series query reports errors itself.
@@ -53,15 +54,19 @@ export function render(main, params) {
     }
     const name = event.value.trim();
     const asked = { event: name, metric: metric.value, interval: interval.value, from: span.from, to: span.to };
-    history.replaceState(null, "", `#/series?${query({ ...asked, range: range.preset.value })}`);
-    loadNames(span.from, span.to);
+    // A preset stays a preset in the address (reloading shows the latest range).
+    const custom = range.preset.value === "custom";
+    history.replaceState(null, "", `#/series?${query({ ...asked, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
+    const signal = pending.next();
+    loadNames(span.from, span.to, signal);
     let answer;
     try {
-      answer = await call(`/v1/query/series?${query(asked)}`);
+      answer = await call(`/v1/query/series?${query(asked)}`, { signal });
     } catch (error) {
-      message.replaceChildren(errorBox(error));
+      if (!signal.aborted) message.replaceChildren(errorBox(error));
       return;
     }
+    if (signal.aborted) return;
     points = answer.points;
     const what = metric.value === "count" ? "Events" : "Users";
     const label = `${what} of ${name || "all events"} per ${interval.value}`;
@@ -77,8 +82,9 @@ export function render(main, params) {
     if (withError) columns.push({ label: "± (95%)", value: (p) => (p.relative_error === undefined ? "" : percent(p.relative_error)), numeric: true });
     tableBox.replaceChildren(table(label, columns, points, { "data-table": "series" }));
     download.disabled = false;
-    const total = points.reduce((sum, p) => sum + p.value, 0);
-    announce(`${label}: ${points.length} buckets, ${number(total)} in all`);
+    // Distinct users do not add up across buckets, so only counts get a total.
+    const total = metric.value === "count" ? `, ${number(points.reduce((sum, p) => sum + p.value, 0))} in all` : "";
+    announce(`${label}: ${points.length} buckets${total}`);
   };
 
   download.addEventListener("click", () => {
@@ -91,5 +97,8 @@ export function render(main, params) {
     draw();
   });
   draw();
-  return () => chart?.destroy();
+  return () => {
+    pending.stop();
+    chart?.destroy();
+  };
 }

@@ -2,7 +2,7 @@
 // name opens its series over the same range.
 
 import { call } from "../api.js";
-import { errorBox, field, h, number, percent, query, rangeControl, table } from "../ui.js";
+import { errorBox, field, h, number, percent, query, rangeControl, requests, table } from "../ui.js";
 
 export const title = "Top events";
 
@@ -17,6 +17,7 @@ export function render(main, params) {
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Show")));
   main.append(h("h1", {}, "Top events"), form, message, result);
 
+  const pending = requests();
   const show = async () => {
     message.replaceChildren();
     let span;
@@ -27,14 +28,17 @@ export function render(main, params) {
       return;
     }
     const asked = { from: span.from, to: span.to, limit: limit.value };
-    history.replaceState(null, "", `#/top?${query({ ...asked, range: range.preset.value })}`);
+    const custom = range.preset.value === "custom";
+    history.replaceState(null, "", `#/top?${query({ ...asked, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
+    const signal = pending.next();
     let answer;
     try {
-      answer = await call(`/v1/query/events?${query(asked)}`);
+      answer = await call(`/v1/query/events?${query(asked)}`, { signal });
     } catch (error) {
-      message.replaceChildren(errorBox(error));
+      if (!signal.aborted) message.replaceChildren(errorBox(error));
       return;
     }
+    if (signal.aborted) return;
     const seriesLink = (name) => h("a", {
       href: `#/series?${query({ event: name, from: span.from, to: span.to, range: "custom", interval: "hour" })}`,
     }, name);
@@ -55,4 +59,5 @@ export function render(main, params) {
     show();
   });
   show();
+  return () => pending.stop();
 }

@@ -275,6 +275,12 @@ impl Actor for SegmentFlusher {
             flusher.run(ctx)
         });
     }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // A stopped pipeline (a deleted tenant) owes nothing to the cold tier; a last value
+        // left behind would keep the lag alert firing.
+        telemetry::cold_flush_lag(&self.tenant.to_string(), 0);
+    }
 }
 
 impl ChildActor for SegmentFlusher {

@@ -542,25 +542,28 @@ impl RollupActor {
     /// The tenant's log reached `head` (durable), as far as this actor knows.
     fn head_known(&mut self, head: u64) {
         self.known_head = self.known_head.max(head);
-        self.freshness.known(self.known_head);
+        self.freshness.known(self.known_head, Instant::now());
     }
 
     fn report_lag(&mut self) {
         let lag = self.known_head.saturating_sub(self.stored_watermark);
         self.freshness.stored(self.stored_watermark);
+        let now = Instant::now();
         if lag > 0 {
             // Also after a rebuild, which lowers the stored watermark below marks gone by.
-            self.freshness.known(self.known_head);
+            self.freshness.known(self.known_head, now);
         }
-        telemetry::rollup_lag(&self.tenant_label, lag, self.freshness.age());
+        telemetry::rollup_lag(&self.tenant_label, lag, self.freshness.age(now));
     }
 }
 
 /// When the durable sequences not yet in the stored rollups became known, as marks of (last
-/// sequence, when) at most one per [`Freshness::MARK_EVERY`], so the freshness gauge is the age
-/// of the oldest durable event the stored rollups lack (0 when they have everything), not the
-/// time since the tenant was last idle. A mark extended within its interval makes the age at
-/// most that interval too old, never too young.
+/// sequence, when) at most one per [`Freshness::MARK_EVERY`] and at most [`Freshness::MAX_MARKS`],
+/// so the freshness gauge is the age of the oldest durable event the stored rollups lack (0 when
+/// they have everything), not the time since the tenant was last idle. A mark extended instead of
+/// added makes the age too old by at most its interval, never too young; but the marks live with
+/// the actor, so after a restart the backlog counts from the restart (an actor that keeps
+/// restarting is its own alert).
 #[derive(Default)]
 struct Freshness {
     marks: std::collections::VecDeque<(u64, Instant)>,
@@ -568,12 +571,15 @@ struct Freshness {
 
 impl Freshness {
     const MARK_EVERY: Duration = Duration::from_millis(100);
+    /// About 100 seconds of marks, however long the rollups are stuck.
+    const MAX_MARKS: usize = 1024;
 
-    fn known(&mut self, head: u64) {
+    fn known(&mut self, head: u64, now: Instant) {
+        let full = self.marks.len() >= Self::MAX_MARKS;
         match self.marks.back_mut() {
             Some((seq, _)) if *seq >= head => {}
-            Some((seq, at)) if at.elapsed() < Self::MARK_EVERY => *seq = head,
-            _ => self.marks.push_back((head, Instant::now())),
+            Some((seq, at)) if full || now.duration_since(*at) < Self::MARK_EVERY => *seq = head,
+            _ => self.marks.push_back((head, now)),
         }
     }
 
@@ -583,10 +589,10 @@ impl Freshness {
         }
     }
 
-    fn age(&self) -> Duration {
+    fn age(&self, now: Instant) -> Duration {
         self.marks
             .front()
-            .map_or(Duration::ZERO, |(_, at)| at.elapsed())
+            .map_or(Duration::ZERO, |(_, at)| now.duration_since(*at))
     }
 }
 
@@ -725,6 +731,12 @@ impl Actor for RollupActor {
             actor.tick(ctx)
         });
     }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // A stopped pipeline (a deleted tenant) has nothing left to roll up; a last value left
+        // behind would keep the freshness alert firing.
+        telemetry::rollup_lag(&self.tenant_label, 0, Duration::ZERO);
+    }
 }
 
 impl ChildActor for RollupActor {
@@ -746,27 +758,36 @@ mod tests {
     #[test]
     fn freshness_is_the_age_of_the_oldest_event_not_stored() {
         use super::Freshness;
-        use std::time::Duration;
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
         let mut freshness = Freshness::default();
-        assert_eq!(freshness.age(), Duration::ZERO);
-        freshness.known(10);
-        std::thread::sleep(Freshness::MARK_EVERY + Duration::from_millis(20));
-        freshness.known(20);
-        assert!(freshness.age() >= Freshness::MARK_EVERY);
-        // Stored through 10: the oldest missing event (11) became known with the second mark.
+        assert_eq!(freshness.age(at(0)), Duration::ZERO);
+        freshness.known(10, at(0));
+        freshness.known(20, at(500));
+        assert_eq!(freshness.age(at(600)), Duration::from_millis(600));
+        // Stored through 10: the oldest missing event (11) became known at 500 ms.
         freshness.stored(10);
-        assert!(freshness.age() < Freshness::MARK_EVERY);
-        // Under constant load the age stays that of the oldest missing event.
-        for head in 21..40 {
-            freshness.known(head);
+        assert_eq!(freshness.age(at(600)), Duration::from_millis(100));
+        // Under constant load the age stays that of the oldest missing event, not the time
+        // since the rollups last had everything.
+        for ms in (600..10_000).step_by(10) {
+            freshness.known(ms, at(ms));
+            freshness.stored(ms.saturating_sub(1000));
+            assert!(freshness.age(at(ms)) <= Duration::from_millis(1100), "{ms}");
         }
-        assert_eq!(freshness.marks.len(), 1);
-        freshness.stored(39);
-        assert_eq!(freshness.age(), Duration::ZERO);
+        freshness.stored(10_000);
+        assert_eq!(freshness.age(at(10_000)), Duration::ZERO);
         // A head known again once stored is nothing missing.
-        freshness.known(39);
-        freshness.stored(39);
-        assert_eq!(freshness.age(), Duration::ZERO);
+        freshness.known(10_000, at(10_000));
+        freshness.stored(10_000);
+        assert_eq!(freshness.age(at(10_000)), Duration::ZERO);
+        // Stuck rollups: the marks stop growing, and the age keeps the oldest mark's time.
+        for ms in 10_001..200_000 {
+            freshness.known(ms, at(ms));
+        }
+        assert_eq!(freshness.marks.len(), Freshness::MAX_MARKS);
+        assert_eq!(freshness.age(at(200_000)), Duration::from_millis(189_999));
     }
 
     use super::*;

@@ -433,14 +433,21 @@ impl ProcessNode {
                 );
                 let (stop_task, stopped) = watch::channel(false);
                 let fence = Fence::new(redis.clone(), leases.fence_key(*partition));
-                let handle = tokio::spawn(Arc::clone(&self).work(
+                let work = Arc::clone(&self).work(
                     Arc::clone(&shared),
                     *lease,
                     fence,
                     leases.fence_key(*partition),
                     copy,
                     stopped,
-                ));
+                );
+                let left = *partition;
+                let handle = tokio::spawn(async move {
+                    work.await;
+                    // Not this node's partition any more (or worked on again, which reports
+                    // afresh): its last lag and checkpoint age would keep alerts firing.
+                    crate::telemetry::cluster_partition_left(left);
+                });
                 tasks.insert(
                     *partition,
                     Task {

@@ -68,20 +68,25 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; \
      frame-ancestors 'none'; base-uri 'none'";
 
-/// An asset with what is computed once: its ETag and its gzip form.
+/// An asset with what is computed once: its ETag and its gzip form (with its own ETag, as a
+/// different representation).
 struct Prepared {
     asset: &'static Asset,
     etag: String,
-    gzip: Option<Vec<u8>>,
+    gzip: Option<(String, actix_web::web::Bytes)>,
 }
 
 static PREPARED: LazyLock<Vec<Prepared>> = LazyLock::new(|| {
     ASSETS
         .iter()
-        .map(|asset| Prepared {
-            asset,
-            etag: format!("\"{}\"", &blake3::hash(asset.body).to_hex()[..32]),
-            gzip: gzip(asset.body),
+        .map(|asset| {
+            let digest = blake3::hash(asset.body).to_hex();
+            Prepared {
+                asset,
+                etag: format!("\"{}\"", &digest[..32]),
+                gzip: gzip(asset.body)
+                    .map(|body| (format!("\"{}-gz\"", &digest[..32]), body.into())),
+            }
         })
         .collect()
 });
@@ -111,26 +116,28 @@ fn serve(req: &HttpRequest, name: &str) -> Result<HttpResponse, ApiError> {
             "the dashboard has no file {name:?}"
         )));
     };
+    let gzip = prepared.gzip.as_ref().filter(|_| accepts_gzip(req));
+    let etag = gzip.map_or(prepared.etag.as_str(), |(etag, _)| etag.as_str());
     let mut response = HttpResponse::Ok();
     response
-        .insert_header((header::ETAG, prepared.etag.as_str()))
+        .insert_header((header::ETAG, etag))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((header::VARY, "Accept-Encoding"))
         .insert_header((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
         .insert_header((header::X_FRAME_OPTIONS, "DENY"));
-    if matches_etag(req, &prepared.etag) {
+    if matches_etag(req, etag) {
         return Ok(response
             .status(actix_web::http::StatusCode::NOT_MODIFIED)
             .finish());
     }
     response.content_type(prepared.asset.content_type);
-    match &prepared.gzip {
-        Some(compressed) if accepts_gzip(req) => Ok(response
+    match gzip {
+        Some((_, compressed)) => Ok(response
             .insert_header((header::CONTENT_ENCODING, "gzip"))
             .body(compressed.clone())),
-        _ => Ok(response.body(prepared.asset.body)),
+        None => Ok(response.body(prepared.asset.body)),
     }
 }
 

@@ -33,18 +33,25 @@ const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// The subprotocol a browser offers beside `key.<read key>`.
 const SUBPROTOCOL: &str = "statsremote";
 
-/// The read key offered as a subprotocol (`statsremote, key.<read key>`), if any.
-fn offered_key(req: &HttpRequest) -> Option<String> {
-    let offered: Vec<&str> = (req.headers())
+/// The subprotocols the client offers.
+fn offered(req: &HttpRequest) -> impl Iterator<Item = &str> {
+    (req.headers())
         .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
-        .collect();
-    if !offered.contains(&SUBPROTOCOL) {
+}
+
+fn offers_subprotocol(req: &HttpRequest) -> bool {
+    offered(req).any(|protocol| protocol == SUBPROTOCOL)
+}
+
+/// The read key offered as a subprotocol beside `statsremote` (`key.<read key>`), if any.
+fn offered_key(req: &HttpRequest) -> Option<String> {
+    if !offers_subprotocol(req) {
         return None;
     }
-    (offered.iter())
+    offered(req)
         .find_map(|protocol| protocol.strip_prefix("key."))
         .map(str::to_string)
 }
@@ -80,7 +87,7 @@ pub async fn live(
     let ticks = state.pipelines.pipeline(tenant.id).subscribe_live();
     let (mut response, session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade request: {e}")))?;
-    if offered.is_some() {
+    if offers_subprotocol(&req) {
         // A browser fails the connection unless one of the offered subprotocols is selected.
         response.headers_mut().insert(
             actix_web::http::header::SEC_WEBSOCKET_PROTOCOL,

@@ -293,11 +293,13 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/")
                 .route(web::get().to(dashboard::index))
+                .route(web::head().to(dashboard::index))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
             web::resource("/ui/{file:.+}")
                 .route(web::get().to(dashboard::file))
+                .route(web::head().to(dashboard::file))
                 .default_service(web::to(method_not_allowed)),
         )
         .route("/healthz", web::get().to(ops::healthz))
