@@ -391,6 +391,28 @@ pub fn connect(
     query: &str,
     header_key: Option<&str>,
 ) -> Result<tungstenite::WebSocket<std::net::TcpStream>, String> {
+    let authorization = header_key.map(|key| format!("Bearer {key}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .as_deref()
+        .map(|value| ("Authorization", value))
+        .into_iter()
+        .collect();
+    connect_with_headers(server, query, &headers).map(|(socket, _)| socket)
+}
+
+/// A live WebSocket opened with `headers`; with the handshake's response, or the refusal's
+/// status (or what else went wrong).
+pub fn connect_with_headers(
+    server: &TestServer,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        tungstenite::WebSocket<std::net::TcpStream>,
+        tungstenite::handshake::client::Response,
+    ),
+    String,
+> {
     let addr = server.base.trim_start_matches("http://").to_string();
     let stream = std::net::TcpStream::connect(&addr).unwrap();
     stream
@@ -400,13 +422,12 @@ pub fn connect(
         "ws://{addr}/v1/live{query}"
     ))
     .unwrap();
-    if let Some(key) = header_key {
-        request
-            .headers_mut()
-            .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    for (name, value) in headers {
+        let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, value.parse().unwrap());
     }
     match tungstenite::client::client(request, stream) {
-        Ok((socket, _response)) => Ok(socket),
+        Ok(connected) => Ok(connected),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             Err(format!("{}", response.status().as_u16()))
         }
