@@ -318,6 +318,9 @@ pub struct ProcessingConfig {
 pub struct BenchmarkConfig {
     /// Discard events after parsing and validation (the loadtest's "ceiling" mode).
     pub ceiling_discard_events: bool,
+    /// A wait added to every fsync of the event log, to reproduce a slow disk.
+    #[serde(with = "humantime_serde")]
+    pub fsync_delay: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -142,6 +142,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "benchmark.ceiling_discard_events is ON: events are parsed and then DISCARDED, not stored"
         );
     }
+    if !config.benchmark.fsync_delay.is_zero() {
+        tracing::warn!(
+            delay = ?config.benchmark.fsync_delay,
+            "benchmark.fsync_delay is ON: every fsync of the event log is made slower on purpose"
+        );
+    }
     let descriptors = crate::descriptors::raise_and_share(
         config.server.max_connections,
         config.http_workers() + config.actor_arbiters(),
@@ -232,6 +238,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             dedup_max_age: config.storage.dedup_max_age,
             // A process node's letters go to the shared store (`crate::cluster::deadletters`).
             store_dead_letters: role != Role::Process,
+            fsync_delay: config.benchmark.fsync_delay,
         },
     )?);
     let query_cache = Arc::new(QueryCache::new(

@@ -66,12 +66,22 @@ pub mod names {
     /// Time from request start to the ingestion reply (including the fsync that covers it).
     /// Label `tenant`.
     pub const ACK_LATENCY: &str = "statsremote_ingest_ack_latency_seconds";
+    /// Time one ingestion request spent in each stage: `read` (the body), `parse`, `pipeline`
+    /// (admission, rate limit, the tenant's actor: validation, sampling, encoding), `log_queue`
+    /// (waiting for the log writer), `write` (its group being staged), `fsync`, `reply` (from
+    /// durable to the answer). Label `stage`.
+    pub const INGEST_STAGE: &str = "statsremote_ingest_stage_seconds";
     /// Requests folded into one group commit. No labels.
     pub const GROUP_COMMIT_REQUESTS: &str = "statsremote_group_commit_requests";
     /// Events written by one group commit. No labels.
     pub const GROUP_COMMIT_EVENTS: &str = "statsremote_group_commit_events";
-    /// Duration of the fsync (or buffer flush) that ends a group commit. No labels.
+    /// Duration of one fsync of the log, which covers every group staged before it. No labels.
     pub const FSYNC_LATENCY: &str = "statsremote_log_fsync_seconds";
+    /// Groups one fsync covered. No labels.
+    pub const GROUPS_PER_SYNC: &str = "statsremote_log_groups_per_sync";
+    /// From a group's writes being done to its answer: the fsync it waited for (and the one
+    /// running when it was staged). No labels.
+    pub const GROUP_COMMIT_WAIT: &str = "statsremote_group_commit_wait_seconds";
     /// Batches waiting for the log writer. No labels.
     pub const LOG_QUEUE_DEPTH: &str = "statsremote_log_queue_depth";
     /// How long the oldest request of a group waited in the writer queue. No labels.
@@ -199,6 +209,12 @@ pub fn install_metrics() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full(names::GROUPS_PER_SYNC.into()),
+                        &size_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Full(names::ROLLUP_FLUSH_BUCKETS.into()),
                         &size_buckets,
                     )
@@ -277,17 +293,31 @@ pub fn http_request(route: String, status: u16) {
     counter!(names::HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
 }
 
-/// One group commit of the log writer.
-pub fn group_committed(requests: usize, events: usize, sync: Duration) {
+/// One group commit of the log writer answered, `waited` after its writes were done (its
+/// own fsync, and the one before it when it was staged during that one).
+pub fn group_committed(requests: usize, events: usize, waited: Duration) {
     histogram!(names::GROUP_COMMIT_REQUESTS).record(requests as f64);
     histogram!(names::GROUP_COMMIT_EVENTS).record(events as f64);
-    histogram!(names::FSYNC_LATENCY).record(sync.as_secs_f64());
+    histogram!(names::GROUP_COMMIT_WAIT).record(waited.as_secs_f64());
+}
+
+/// One fsync of the log (or, buffered, one pass of the sync thread), covering `groups`.
+pub fn log_synced(groups: usize, took: Duration) {
+    histogram!(names::FSYNC_LATENCY).record(took.as_secs_f64());
+    histogram!(names::GROUPS_PER_SYNC).record(groups as f64);
 }
 
 /// One run of dedup keys written into the tables.
 pub fn dedup_ingested(keys: usize, took: Duration) {
     histogram!(names::DEDUP_INGEST).record(took.as_secs_f64());
     counter!(names::DEDUP_INGESTED_KEYS).increment(keys as u64);
+}
+
+/// Where one ingestion request's time went, stage by stage (see `http::ingest::RequestTimes`).
+pub fn ingest_stages(stages: &[(&'static str, Duration)]) {
+    for (stage, took) in stages {
+        histogram!(names::INGEST_STAGE, "stage" => *stage).record(took.as_secs_f64());
+    }
 }
 
 pub fn log_queue_wait(wait: Duration) {

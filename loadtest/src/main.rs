@@ -14,6 +14,7 @@ mod generate;
 mod hostile;
 mod queries;
 mod server;
+mod steady;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,18 +97,27 @@ struct Args {
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
     scenario: Scenario,
-    /// Finish in under a minute: 300k events per mode, at most 10 s each.
+    /// A burst, for smoke tests: 300k events per mode, at most 10 s each, no minimum time.
+    /// Its figures are labelled as a burst; the steady-state runs are the headline.
     #[arg(long)]
     quick: bool,
     /// WebSocket subscribers in the queries scenario.
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
-    /// Events to send per mode.
-    #[arg(long, default_value_t = 2_000_000)]
+    /// Events to send per mode, at least (see `--min-seconds`).
+    #[arg(long, default_value_t = 3_000_000)]
     events: u64,
+    /// Each mode runs at least this long, sending past `--events` if need be, so that the
+    /// storage engine's background work (flushes, compactions) happens during the run.
+    #[arg(long, default_value_t = 30)]
+    min_seconds: u64,
     /// Longest time per mode, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 120)]
     duration: u64,
+    /// Benchmarks only: a delay added to every fsync of the server's event log (e.g. `5ms`),
+    /// to reproduce a slow disk (`benchmark.fsync_delay`).
+    #[arg(long)]
+    fsync_delay: Option<String>,
     /// Events per request.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
@@ -195,6 +205,14 @@ struct Run {
     server_cpu_cores: Option<f64>,
     peak_rss_mb: Option<f64>,
     seconds: f64,
+    /// A short burst (`--quick`), not a steady state.
+    burst: bool,
+    /// The delay added to every fsync, if any.
+    fsync_delay: Option<String>,
+    /// Events acknowledged per one-second window.
+    windows: Option<steady::Windows>,
+    /// Mean milliseconds per request in each server stage (`steady::STAGES`).
+    stages_ms: BTreeMap<String, f64>,
 }
 
 /// Per-worker tallies, merged at the end.
@@ -251,6 +269,23 @@ fn compress(kind: Compression, body: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>
     }))
 }
 
+/// How much a run sends: at least `events`, for at least until `min_until`.
+struct Budget {
+    events: u64,
+    min_until: Instant,
+    claimed: AtomicU64,
+    /// Events acknowledged so far (for the one-second windows).
+    acked: Arc<AtomicU64>,
+}
+
+impl Budget {
+    /// Whether another batch of `batch` events is to be sent.
+    fn claim(&self, batch: u64) -> bool {
+        let before = self.claimed.fetch_add(batch, Ordering::Relaxed);
+        before + batch <= self.events || Instant::now() < self.min_until
+    }
+}
+
 /// One connection's send loop.
 #[allow(clippy::too_many_arguments)]
 fn worker(
@@ -259,7 +294,7 @@ fn worker(
     tenants: Arc<Vec<Tenant>>,
     generator: Arc<Generator>,
     args: Arc<Args>,
-    budget: Arc<AtomicU64>,
+    budget: Arc<Budget>,
     stop: Arc<AtomicBool>,
     deadline: Instant,
 ) -> Result<Tally> {
@@ -287,10 +322,7 @@ fn worker(
         Compression::Zstd => Some("zstd"),
     };
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let claimed = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-            left.checked_sub(batch)
-        });
-        if claimed.is_err() {
+        if !budget.claim(batch) {
             break;
         }
         if let Some(interval) = interval {
@@ -323,6 +355,7 @@ fn worker(
             Ok(response) => {
                 let _ = response.into_string();
                 tally.acked += batch;
+                budget.acked.fetch_add(batch, Ordering::Relaxed);
                 tally.users.merge(&users);
             }
             Err(ureq::Error::Status(code, response)) => {
@@ -363,11 +396,18 @@ fn run_mode(
         target.wait_known(tenant)?;
     }
     let from = now_rfc3339(-3600 * (i64::from(args.late_hours) + 2));
-    let budget = Arc::new(AtomicU64::new(args.events));
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_before = target.stats().map(|stats| stats.cpu);
+    let stages_before = target.metrics().map(|m| steady::StageTotals::parse(&m));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
+    let budget = Arc::new(Budget {
+        events: args.events,
+        min_until: started + Duration::from_secs(args.min_seconds.min(args.duration)),
+        claimed: AtomicU64::new(0),
+        acked: Arc::new(AtomicU64::new(0)),
+    });
+    let windows = steady::WindowCounter::start(Arc::clone(&budget.acked));
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|index| {
             let (base, tenants, generator, args, budget, stop) = (
@@ -393,6 +433,11 @@ fn run_mode(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let windows = windows.finish();
+    let stages_ms = match (stages_before, target.metrics()) {
+        (Ok(before), Ok(after)) => steady::StageTotals::parse(&after).mean_ms_since(&before),
+        _ => BTreeMap::new(),
+    };
     let after = target.stats();
     let server_cpu_cores = match (cpu_before, after) {
         (Some(before), Some(after)) => Some((after.cpu - before).as_secs_f64() / seconds),
@@ -453,6 +498,12 @@ fn run_mode(
         server_cpu_cores,
         peak_rss_mb,
         seconds,
+        burst: args.quick,
+        fsync_delay: (mode == Mode::Durable)
+            .then(|| args.fsync_delay.clone())
+            .flatten(),
+        windows,
+        stages_ms,
     };
     Ok((run, tenants))
 }
@@ -484,9 +535,13 @@ impl Run {
             Protocol::Segment => mode,
             Protocol::Posthog => format!("{mode}/ph"),
         };
-        match self.plans {
+        let planned = match self.plans {
             Plans::None => shaped,
             Plans::Every => format!("{shaped}+plan"),
+        };
+        match &self.fsync_delay {
+            Some(delay) => format!("{planned}+{delay}"),
+            None => planned,
         }
     }
 }
@@ -520,6 +575,41 @@ fn print_table(runs: &[Run]) {
             run.server_cpu_cores.map_or("-".into(), |c| format!("{c:.2}")),
             run.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")),
             ceiling.map_or("-".into(), |c| format!("{:.0}%", 100.0 * run.events_per_sec / c)),
+        );
+    }
+    if runs.iter().any(|r| r.burst) {
+        println!("(--quick: a burst of at most 10 s per mode, not a steady state)");
+    }
+    println!("\nevents/s in 1-second windows, and mean ms per request in each server stage:");
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>5} {}",
+        "mode",
+        "1s min",
+        "1s median",
+        "1s max",
+        "wins",
+        steady::STAGES.map(|s| format!("{s:>9}")).join(" ")
+    );
+    for run in runs {
+        let window = |pick: fn(&steady::Windows) -> u64| {
+            run.windows
+                .as_ref()
+                .map_or("-".to_string(), |w| pick(w).to_string())
+        };
+        let stages: Vec<String> = steady::STAGES
+            .iter()
+            .map(|stage| {
+                (run.stages_ms.get(*stage)).map_or(format!("{:>9}", "-"), |ms| format!("{ms:>9.2}"))
+            })
+            .collect();
+        println!(
+            "{:<14} {:>9} {:>9} {:>9} {:>5} {}",
+            run.label(),
+            window(|w| w.min),
+            window(|w| w.median),
+            window(|w| w.max),
+            run.windows.as_ref().map_or(0, |w| w.count),
+            stages.join(" ")
         );
     }
     for run in runs {
@@ -612,6 +702,7 @@ fn main() -> Result<()> {
     if args.quick {
         args.events = args.events.min(300_000);
         args.duration = args.duration.min(10);
+        args.min_seconds = 0;
     }
     if args.scenario == Scenario::Hostile && args.rate == 0 {
         // A moderate, held rate: the good tenant's latency, not the machine's ceiling.
@@ -669,7 +760,11 @@ fn main() -> Result<()> {
         for mode in &args.modes {
             for generator in &generators {
                 for plans in &args.plans {
-                    let mut target = Target::start(&binary, &mode.settings())?;
+                    let mut settings = mode.settings();
+                    if let (Mode::Durable, Some(delay)) = (mode, &args.fsync_delay) {
+                        settings.push(("STATSREMOTE__BENCHMARK__FSYNC_DELAY", delay.as_str()));
+                    }
+                    let mut target = Target::start(&binary, &settings)?;
                     let (run, tenants) = run_mode(*mode, *plans, &target, &args, generator)?;
                     if args.cold_report && *mode != Mode::Ceiling {
                         let report = cold::report(&target, &tenants)?;

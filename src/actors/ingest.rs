@@ -60,6 +60,8 @@ pub struct IngestOutcome {
     /// Positions of the events dropped by the tenant's sampling (never stored, never rolled
     /// up), ascending.
     pub sampled_out: Vec<usize>,
+    /// When the request went through the log writer's stages.
+    pub timing: Option<crate::storage::writer::Timing>,
 }
 
 /// A batch's events sorted by the tenant's sampling and plan.
@@ -448,6 +450,7 @@ fn by_request_position(
         dead_lettered,
         warned,
         sampled_out,
+        timing: done.timing,
     }
 }
 

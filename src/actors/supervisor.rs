@@ -206,6 +206,7 @@ mod tests {
                 dedup_filter_bytes: 0,
                 dedup_max_age: crate::storage::dedup_ingest::MAX_PENDING_AGE,
                 store_dead_letters: true,
+                fsync_delay: Duration::ZERO,
             },
         )
         .unwrap();

@@ -63,6 +63,7 @@ impl Append for StreamAppend {
                 published
                     .map(|_| AppendOutcome {
                         tenant,
+                        timing: None,
                         accepted: events,
                         duplicates: 0,
                         first_seq: None,

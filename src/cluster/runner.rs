@@ -73,7 +73,7 @@ pub struct Applied {
 
 /// What one message was.
 enum Step {
-    Batch(Processed),
+    Batch(Box<Processed>),
     Command(Applied),
     /// A deleted tenant's.
     Skipped,
@@ -154,7 +154,7 @@ impl PartitionRunner {
                 Ok(step) => {
                     self.next_seq = seq + 1;
                     match step {
-                        Step::Batch(processed) => done.push(processed),
+                        Step::Batch(processed) => done.push(*processed),
                         Step::Command(applied) => self.commands.push(applied),
                         Step::Skipped => {}
                     }
@@ -227,7 +227,7 @@ impl PartitionRunner {
                 letters.remove(*position);
             }
         }
-        Ok(Step::Batch(Processed {
+        Ok(Step::Batch(Box::new(Processed {
             seq: message.seq,
             tenant,
             local,
@@ -235,7 +235,7 @@ impl PartitionRunner {
             outcome,
             items,
             letters,
-        }))
+        })))
     }
 }
 
@@ -260,6 +260,7 @@ pub(crate) mod tests {
             dedup_filter_bytes: 1 << 20,
             dedup_max_age: Duration::from_secs(1),
             store_dead_letters: false,
+            fsync_delay: Duration::ZERO,
         };
         let writer = LogWriter::start(storage.clone(), options).unwrap();
         (storage, writer)

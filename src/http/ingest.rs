@@ -103,6 +103,7 @@ pub async fn handle(
     let limits = &state.config.limits;
     let max_body = usize::try_from(limits.max_body_bytes.as_u64()).unwrap_or(usize::MAX);
     let received = body::receive(&req, payload, max_body, state.config.server.body_timeout).await?;
+    let body_read = Instant::now();
     // Stamped once the whole body is here: a slow upload is sequenced by when it completed,
     // never before requests that completed earlier.
     let received_at = now_micros();
@@ -134,17 +135,48 @@ pub async fn handle(
                 .map_err(|e| ApiError::Internal(format!("body task failed: {e}")))??
         }
     };
-    let stored = store(
-        &req,
-        &state,
-        &tenant,
-        parsed,
-        endpoint,
-        received_at,
+    let times = RequestTimes {
         started,
-    )
-    .await?;
+        body_read,
+        parsed: Instant::now(),
+    };
+    let stored = store(&req, &state, &tenant, parsed, endpoint, received_at, times).await?;
     Ok(reply(stored))
+}
+
+/// When an ingestion request started, had its body, and had it parsed: with the writer's
+/// [`Timing`](crate::storage::writer::Timing), where the request's time went.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimes {
+    pub started: Instant,
+    pub body_read: Instant,
+    pub parsed: Instant,
+}
+
+impl RequestTimes {
+    /// Records the request's stages, up to `done` (its answer is ready).
+    fn record(&self, writer: Option<crate::storage::writer::Timing>, done: Instant) {
+        let Some(writer) = writer else {
+            return;
+        };
+        telemetry::ingest_stages(&[
+            ("read", self.body_read - self.started),
+            ("parse", self.parsed - self.body_read),
+            (
+                "pipeline",
+                writer.queued_at.saturating_duration_since(self.parsed),
+            ),
+            (
+                "log_queue",
+                writer
+                    .group_started
+                    .saturating_duration_since(writer.queued_at),
+            ),
+            ("write", writer.commit_started - writer.group_started),
+            ("fsync", writer.committed - writer.commit_started),
+            ("reply", done.saturating_duration_since(writer.committed)),
+        ]);
+    }
 }
 
 /// What storing a parsed request did.
@@ -170,7 +202,7 @@ pub async fn store(
     parsed: ParsedRequest,
     endpoint: &str,
     received_at: crate::event::Micros,
-    started: Instant,
+    times: RequestTimes,
 ) -> Result<Stored, ApiError> {
     let tenant_label = tenant.id.to_string();
     let rejected = parsed.rejected;
@@ -274,9 +306,10 @@ pub async fn store(
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,
         rejected: rejected.len(),
-        latency: started.elapsed(),
+        latency: times.started.elapsed(),
     }
     .emit();
+    times.record(outcome.timing, Instant::now());
     Ok(Stored {
         accepted: outcome.accepted,
         duplicates: outcome.duplicates,

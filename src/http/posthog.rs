@@ -73,6 +73,7 @@ pub async fn capture(
             .decoded(max_body)?
     };
     let received_at = now_micros();
+    let body_read = Instant::now();
     let json = unwrap_body(&req, &raw, &query, max_body)?;
     let limits = ParseLimits {
         max_event_bytes: usize::try_from(limits.max_event_bytes.as_u64()).unwrap_or(usize::MAX),
@@ -99,6 +100,11 @@ pub async fn capture(
     let uuids: Vec<Option<String>> = (request.parsed.events.iter())
         .map(|event| event.message_id.clone())
         .collect();
+    let times = ingest::RequestTimes {
+        started,
+        body_read,
+        parsed: Instant::now(),
+    };
     let stored = ingest::store(
         &req,
         &state,
@@ -106,7 +112,7 @@ pub async fn capture(
         request.parsed,
         endpoint,
         received_at,
-        started,
+        times,
     )
     .await?;
     Ok(reply(protocol, query.beacon.as_deref(), &stored, &uuids))

@@ -115,6 +115,11 @@ pub trait EventLog: Send + Sync {
     /// with each tenant's sequence head in `heads` (the last sequence assigned).
     fn commit(&self, heads: &[(TenantId, u64)], sync: bool) -> Result<(), StorageError>;
 
+    /// Makes durable everything committed so far without `sync`. Runs on another thread than
+    /// the appends and does not hold them up: appends made while it runs may or may not be
+    /// covered, so the writer answers a group only after a sync that started after its commit.
+    fn sync(&self) -> Result<(), StorageError>;
+
     /// The last sequence ever assigned to the tenant (0: none). Never decreases.
     fn head(&self, tenant: TenantId) -> Result<u64, StorageError>;
 

@@ -13,7 +13,7 @@
 //! the last sequence of the tenant's last entry, and always at least that.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace};
 
@@ -22,6 +22,50 @@ use crate::ids::TenantId;
 use crate::storage::event_log::{entry_events, EntryBytes, EventLog};
 use crate::storage::health::ThreadHealth;
 use crate::storage::{meta, persist_journal, purge_keys, StorageError};
+
+/// fsyncs fjall's active journal through a descriptor of its own.
+///
+/// fjall's own `persist` holds the journal's lock while it fsyncs, so every write (the next
+/// group's entries, rollups, anything) would wait for the disk. Instead, the log writer has fjall
+/// flush its journal buffer to the OS (`PersistMode::Buffer`, quick), and this fdatasyncs the
+/// file from another thread with the lock free: an fsync makes a file's written data durable
+/// through any of its descriptors. Bytes flushed before a journal rotation are in the previous
+/// file, which fjall fsyncs itself before it rotates (fjall 3.1's `Writer::rotate`, pinned by
+/// `~3.1` in Cargo.toml); so syncing the newest file, found after the flush, covers every flushed
+/// byte. Journal files are preallocated, so `fdatasync` needs no size update.
+struct JournalSync {
+    folder: std::path::PathBuf,
+    /// The newest journal's number and a descriptor of it.
+    open: Mutex<Option<(u64, std::fs::File)>>,
+}
+
+impl JournalSync {
+    fn sync(&self) -> std::io::Result<()> {
+        let newest = self.newest()?;
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.as_ref().map(|(id, _)| *id) != Some(newest) {
+            let path = self.folder.join(format!("{newest}.jnl"));
+            *open = Some((newest, std::fs::File::open(path)?));
+        }
+        match open.as_ref() {
+            Some((_, file)) => file.sync_data(),
+            None => unreachable!("opened above"),
+        }
+    }
+
+    /// The number of the newest journal file.
+    fn newest(&self) -> std::io::Result<u64> {
+        let mut newest = None;
+        for entry in std::fs::read_dir(&self.folder)? {
+            let name = entry?.file_name();
+            let number = (name.to_str())
+                .and_then(|name| name.strip_suffix(".jnl"))
+                .and_then(|number| number.parse::<u64>().ok());
+            newest = newest.max(number);
+        }
+        newest.ok_or_else(|| std::io::Error::other("the database has no journal file"))
+    }
+}
 
 /// `tenant ‖ n`, both big-endian, so a tenant's keys sort by `n`.
 pub fn tenant_key(tenant: TenantId, n: u64) -> [u8; 16] {
@@ -35,6 +79,8 @@ pub struct FjallLog {
     db: Database,
     log: Keyspace,
     meta: Keyspace,
+    /// fsyncs the journal off fjall's journal lock (see [`EventLog::sync`]).
+    journal: JournalSync,
     /// The background compaction that gives back deleted entries' space.
     reclaim: Arc<LogReclaim>,
     health: Arc<ThreadHealth>,
@@ -42,8 +88,10 @@ pub struct FjallLog {
 
 impl FjallLog {
     /// Opens (or creates) the `log` keyspace of `db`, with heads kept in `meta`.
+    /// `folder` is the database's folder, where fjall keeps its journal files (`<n>.jnl`).
     pub(super) fn open(
         db: Database,
+        folder: &std::path::Path,
         meta: Keyspace,
         memtable_bytes: u64,
         health: Arc<ThreadHealth>,
@@ -60,6 +108,10 @@ impl FjallLog {
             db,
             log,
             meta,
+            journal: JournalSync {
+                folder: folder.to_path_buf(),
+                open: Mutex::new(None),
+            },
             reclaim: Arc::default(),
             health,
         })
@@ -115,6 +167,12 @@ impl EventLog for FjallLog {
                 .map_err(StorageError::engine("recording a sequence head"))?;
         }
         persist_journal(&self.db, sync)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.journal
+            .sync()
+            .map_err(|e| StorageError::engine("persisting the journal")(fjall::Error::Io(e)))
     }
 
     fn head(&self, tenant: TenantId) -> Result<u64, StorageError> {

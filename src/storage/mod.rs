@@ -37,6 +37,7 @@ pub mod identity;
 pub mod meta;
 pub mod rollups;
 pub mod schemas;
+pub mod syncer;
 pub mod upkeep;
 pub mod writer;
 
@@ -220,6 +221,7 @@ impl Storage {
         let health: Arc<health::ThreadHealth> = Arc::default();
         let log = FjallLog::open(
             db.clone(),
+            path,
             meta.clone(),
             LOG_MEMTABLE_BYTES,
             Arc::clone(&health),

@@ -29,6 +29,7 @@ use crate::ids::TenantId;
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
 use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
+use crate::storage::syncer::{Staged, StagedGroup, SyncShared, Syncer, ToSync};
 use crate::storage::upkeep::Upkeep;
 use crate::storage::{codec, deadletters, dedup, Storage, StorageError};
 use crate::telemetry;
@@ -304,10 +305,22 @@ fn only_kept<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
         .collect()
 }
 
+/// When a request went through the writer's stages: queued, its group started being written,
+/// the group's commit (fsync) started and ended. For the request's stage metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub queued_at: Instant,
+    pub group_started: Instant,
+    pub commit_started: Instant,
+    pub committed: Instant,
+}
+
 /// What happened to a request's events; delivered once the accepted ones are durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
     pub tenant: TenantId,
+    /// The writer's stages (`None` where no local writer appended it: cluster publishes).
+    pub timing: Option<Timing>,
     pub accepted: usize,
     pub duplicates: usize,
     /// Sequence number of the first accepted event; `None` if none was accepted. The accepted
@@ -346,7 +359,7 @@ impl LogHeads {
         self.0.get(&tenant).map(|v| *v)
     }
 
-    fn advance(&self, tenant: TenantId, seq: u64) {
+    pub(crate) fn advance(&self, tenant: TenantId, seq: u64) {
         let mut entry = self.0.entry(tenant).or_insert(seq);
         if *entry < seq {
             *entry = seq;
@@ -400,12 +413,24 @@ pub struct WriterOptions {
     /// Whether letters are stored, or only checked for duplicates (a cluster's process node
     /// keeps them in the shared store instead: `crate::cluster::deadletters`).
     pub store_dead_letters: bool,
+    /// Benchmarks only: a wait added to every fsync'd commit, to stand for a slow disk
+    /// (`benchmark.fsync_delay`).
+    pub fsync_delay: Duration,
 }
 
 impl LogWriter {
     /// Starts the writer thread, after bringing the dedup tables up to the log (blocking).
     pub fn start(storage: Storage, options: WriterOptions) -> std::io::Result<LogWriter> {
         let log = storage.log_handle();
+        LogWriter::start_on(storage, log, options)
+    }
+
+    /// [`LogWriter::start`] on `log` (the storage's own, or a test's wrapper of it).
+    fn start_on(
+        storage: Storage,
+        log: Arc<dyn EventLog>,
+        options: WriterOptions,
+    ) -> std::io::Result<LogWriter> {
         dedup_ingest::recover(&storage).map_err(std::io::Error::other)?;
         let (queue, commands) = crossbeam_channel::bounded(options.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -421,6 +446,16 @@ impl LogWriter {
             filters.clone(),
         )?;
         let dedup = dedup::DedupIndex::open(ingested, filters);
+        let sync_failure = Arc::new(Mutex::new(None));
+        let syncer = Syncer::start(SyncShared {
+            log: Arc::clone(&log),
+            heads: heads.clone(),
+            key_groups,
+            healthy: Arc::clone(&healthy),
+            failure: Arc::clone(&sync_failure),
+            fsync: options.fsync,
+            fsync_delay: options.fsync_delay,
+        })?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -431,7 +466,8 @@ impl LogWriter {
                     log,
                     options,
                     dedup,
-                    key_groups,
+                    syncer,
+                    sync_failure,
                     group_keys: Vec::new(),
                     group_heads: Vec::new(),
                     groups_sent: 0,
@@ -564,16 +600,16 @@ impl Drop for AliveGuard {
     }
 }
 
-type Reply = (AppendReply, Result<AppendOutcome, StorageError>);
-
 struct Writer {
     storage: Storage,
     log: Arc<dyn EventLog>,
     options: WriterOptions,
     /// The keys of recent appends, until the dedup tables hold them.
     dedup: dedup::DedupIndex,
-    /// To the ingest thread: each durable group's new dedup keys.
-    key_groups: crossbeam_channel::Sender<ToIngest>,
+    /// The second half of each group commit: fsync, answers, heads, keys to the ingest thread.
+    syncer: Syncer,
+    /// Why the sync thread stopped persisting, once it has.
+    sync_failure: Arc<Mutex<Option<String>>>,
     /// The current group's new dedup keys with their values, and each tenant's last sequence.
     group_keys: Vec<(dedup::DedupKey, [u8; 16])>,
     group_heads: Vec<(TenantId, u64)>,
@@ -607,7 +643,7 @@ impl Writer {
                 }
             }
             telemetry::log_queue_depth(commands.len());
-            let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+            let mut replies: Vec<Staged> = Vec::with_capacity(group.len());
             let group_started = Instant::now();
             self.group_started = Some(group_started);
             let oldest_wait = group
@@ -630,7 +666,7 @@ impl Writer {
                             request.clock,
                             request.batch,
                         );
-                        replies.push((reply, outcome));
+                        replies.push((reply, request.queued_at, outcome));
                     }
                     Command::Import {
                         tenant,
@@ -644,6 +680,8 @@ impl Writer {
                     }
                     Command::Seal { tenant, reply } => {
                         self.finish_group(&mut replies);
+                        // Nothing of the tenant's is still being written once this returns.
+                        self.syncer.drain();
                         self.sealed.insert(tenant);
                         self.next_seq.remove(&tenant);
                         let _ = reply.send(());
@@ -651,7 +689,7 @@ impl Writer {
                     Command::IngestKeysNow(reply) => {
                         // After the keys of everything appended before.
                         self.finish_group(&mut replies);
-                        let _ = self.key_groups.send(ToIngest::Now(reply));
+                        self.syncer.send(ToSync::Ingest(ToIngest::Now(reply)));
                     }
                     Command::Shutdown => stopping = true,
                 }
@@ -669,55 +707,49 @@ impl Writer {
                     request.clock,
                     request.batch,
                 );
-                replies.push((reply, outcome));
+                replies.push((reply, request.queued_at, outcome));
             }
         }
         self.finish_group(&mut replies);
+        self.syncer.drain();
         if let Err(error) = self.log.commit(&[], true) {
             tracing::error!(%error, "final persist of the log failed");
         }
         tracing::info!("log writer stopped");
     }
 
-    /// Commits the group's entries and heads at once, then answers the requests.
-    fn finish_group(&mut self, replies: &mut Vec<Reply>) {
+    /// Stages the group's entries and heads (written, the journal flushed to the OS) and hands
+    /// the group to the sync thread, which answers it once an fsync covers it.
+    fn finish_group(&mut self, replies: &mut Vec<Staged>) {
         if replies.is_empty() {
             return;
         }
-        let started = Instant::now();
-        if let Some(group_started) = self.group_started.take() {
-            telemetry::log_write(started - group_started);
-        }
-        let persisted = self.log.commit(&self.group_heads, self.options.fsync);
-        let sync = started.elapsed();
-        let events: usize = replies
-            .iter()
-            .filter_map(|(_, outcome)| outcome.as_ref().ok())
-            .map(|outcome| outcome.accepted)
-            .sum();
-        telemetry::group_committed(replies.len(), events, sync);
-        match persisted {
-            Ok(()) => {
-                for (tenant, head) in &self.group_heads {
-                    self.heads.advance(*tenant, *head);
-                }
-                for (reply, outcome) in replies.drain(..) {
-                    reply(outcome);
-                }
-                self.send_keys();
+        let commit_started = Instant::now();
+        let group_started = self.group_started.take().unwrap_or(commit_started);
+        telemetry::log_write(commit_started - group_started);
+        let replies = std::mem::take(replies);
+        if let Err(error) = self.log.commit(&self.group_heads, false) {
+            tracing::error!(%error, "writing the log failed; refusing all further writes");
+            let reason = error.to_string();
+            self.failure = Some(reason.clone());
+            self.healthy.store(false, Ordering::Release);
+            for (reply, _, _) in replies {
+                reply(Err(StorageError::NotDurable(reason.clone())));
             }
-            Err(error) => {
-                tracing::error!(%error, "persisting the log failed; refusing all further writes");
-                let reason = error.to_string();
-                self.failure = Some(reason.clone());
-                self.healthy.store(false, Ordering::Release);
-                for (reply, _) in replies.drain(..) {
-                    reply(Err(StorageError::NotDurable(reason.clone())));
-                }
-                self.group_keys.clear();
-                self.group_heads.clear();
-            }
+            self.group_keys.clear();
+            self.group_heads.clear();
+            return;
         }
+        let heads = self.group_heads.clone();
+        let keys = self.take_keys();
+        self.syncer.send(ToSync::Group(StagedGroup {
+            replies,
+            heads,
+            keys,
+            group_started,
+            commit_started,
+        }));
+        self.dedup.forget_ingested();
     }
 
     /// Continues `tenant`'s log after `head`, with `keys` counted as seen (see
@@ -732,25 +764,25 @@ impl Writer {
         }
         self.group_heads.push((tenant, head));
         self.heads.advance(tenant, head);
-        self.send_keys();
-    }
-
-    /// Hands the durable group's dedup keys to the ingest thread (waiting if it is far behind)
-    /// and forgets the keys it has written.
-    fn send_keys(&mut self) {
-        if !self.group_heads.is_empty() {
-            self.groups_sent += 1;
-            let group = KeyGroup {
-                number: self.groups_sent,
-                entries: std::mem::take(&mut self.group_keys),
-                heads: std::mem::take(&mut self.group_heads),
-                synced: self.options.fsync,
-            };
-            // Fails only once the ingest thread has stopped on an error; it cleared `healthy`,
-            // and the next append is refused.
-            let _ = self.key_groups.send(group.into());
+        if let Some(keys) = self.take_keys() {
+            self.syncer.send(ToSync::Ingest(keys.into()));
         }
         self.dedup.forget_ingested();
+    }
+
+    /// The current group's dedup keys and heads, numbered, for the ingest thread once the group
+    /// is durable (`None` when the group appended nothing).
+    fn take_keys(&mut self) -> Option<KeyGroup> {
+        if self.group_heads.is_empty() {
+            return None;
+        }
+        self.groups_sent += 1;
+        Some(KeyGroup {
+            number: self.groups_sent,
+            entries: std::mem::take(&mut self.group_keys),
+            heads: std::mem::take(&mut self.group_heads),
+            synced: self.options.fsync,
+        })
     }
 
     /// Drops duplicates, assigns sequence numbers and stages the log entry. Not yet durable:
@@ -763,7 +795,12 @@ impl Writer {
         prepared: PreparedBatch,
     ) -> Result<AppendOutcome, StorageError> {
         if self.failure.is_none() && !self.healthy.load(Ordering::Acquire) {
-            self.failure = Some("writing dedup keys failed".into());
+            let synced = self.sync_failure.lock().unwrap_or_else(|p| p.into_inner());
+            self.failure = Some(
+                synced
+                    .clone()
+                    .unwrap_or_else(|| "writing dedup keys failed".into()),
+            );
         }
         if let Some(reason) = &self.failure {
             return Err(StorageError::NotDurable(reason.clone()));
@@ -832,6 +869,7 @@ impl Writer {
         let accepted = prepared.dedup_keys.len() - duplicates;
         let mut outcome = AppendOutcome {
             tenant,
+            timing: None,
             accepted,
             duplicates,
             first_seq: None,
@@ -902,6 +940,7 @@ pub(crate) mod tests {
             dedup_filter_bytes: 16 << 20,
             dedup_max_age: dedup_ingest::MAX_PENDING_AGE,
             store_dead_letters: true,
+            fsync_delay: Duration::ZERO,
         }
     }
 
@@ -914,6 +953,120 @@ pub(crate) mod tests {
         let (request, answer) = AppendRequest::answered(tenant, Duration::from_secs(3600), batch);
         writer.submit(request);
         answer.await.unwrap()
+    }
+
+    /// The storage's log, with each sync held until the test lets it go, and every append
+    /// counted: shows what the writer does while an fsync runs.
+    struct HeldSyncs {
+        log: Arc<dyn EventLog>,
+        appends: std::sync::atomic::AtomicUsize,
+        syncing: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+
+    impl EventLog for HeldSyncs {
+        fn append(
+            &self,
+            tenant: TenantId,
+            first_seq: u64,
+            entry: EntryBytes,
+        ) -> Result<(), StorageError> {
+            self.appends.fetch_add(1, Ordering::SeqCst);
+            self.log.append(tenant, first_seq, entry)
+        }
+        fn commit(&self, heads: &[(TenantId, u64)], sync: bool) -> Result<(), StorageError> {
+            self.log.commit(heads, sync)
+        }
+        fn sync(&self) -> Result<(), StorageError> {
+            let _ = self.syncing.send(());
+            let _ = self.release.recv();
+            self.log.sync()
+        }
+        fn head(&self, tenant: TenantId) -> Result<u64, StorageError> {
+            self.log.head(tenant)
+        }
+        fn read(
+            &self,
+            tenant: TenantId,
+            from_seq: u64,
+            max_entries: usize,
+        ) -> Result<Vec<(u64, EntryBytes)>, StorageError> {
+            self.log.read(tenant, from_seq, max_entries)
+        }
+        fn entry_holding(
+            &self,
+            tenant: TenantId,
+            seq: u64,
+        ) -> Result<Option<(u64, EntryBytes)>, StorageError> {
+            self.log.entry_holding(tenant, seq)
+        }
+        fn tenants(&self) -> Result<Vec<TenantId>, StorageError> {
+            self.log.tenants()
+        }
+        fn disk_bytes(&self) -> u64 {
+            self.log.disk_bytes()
+        }
+        fn delete_below(&self, tenant: TenantId, seq: u64) -> Result<u64, StorageError> {
+            self.log.delete_below(tenant, seq)
+        }
+        fn delete_tenant(&self, tenant: TenantId) -> Result<u64, StorageError> {
+            self.log.delete_tenant(tenant)
+        }
+    }
+
+    /// The group commit is pipelined: while one group's fsync runs, the next group is
+    /// written; neither is answered before an fsync that started after it was written, and
+    /// the groups written during one fsync share the next.
+    #[actix_rt::test]
+    async fn the_next_group_is_written_while_an_fsync_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 8 << 20, Default::default()).unwrap();
+        let (syncing, syncs) = crossbeam_channel::unbounded();
+        let (releases, release) = crossbeam_channel::unbounded();
+        let log = Arc::new(HeldSyncs {
+            log: storage.log_handle(),
+            appends: Default::default(),
+            syncing,
+            release,
+        });
+        let writer = LogWriter::start_on(storage.clone(), log.clone(), options()).unwrap();
+        let tenant = TenantId(7);
+        let submit = |id: &'static str| {
+            let batch = PreparedBatch::new(tenant, &batch(&[id])).unwrap();
+            let (request, answer) =
+                AppendRequest::answered(tenant, Duration::from_secs(3600), batch);
+            writer.submit(request);
+            answer
+        };
+        let first = submit("p1");
+        syncs.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The first group's fsync is held; the next two are written meanwhile.
+        let (second, third) = (submit("p2"), submit("p3"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.appends.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "not written during the fsync");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut first = first;
+        assert!(first.try_recv().is_err(), "answered before its fsync");
+        releases.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().first_seq, Some(1));
+        // One more fsync covers both groups written during the first.
+        syncs.recv_timeout(Duration::from_secs(10)).unwrap();
+        let mut second = second;
+        assert!(second.try_recv().is_err(), "answered before its fsync");
+        releases.send(()).unwrap();
+        assert_eq!(second.await.unwrap().unwrap().first_seq, Some(2));
+        let third = third.await.unwrap().unwrap();
+        assert_eq!(third.first_seq, Some(3));
+        assert!(syncs.try_recv().is_err(), "a third fsync");
+        let timing = third.timing.unwrap();
+        assert!(timing.queued_at <= timing.group_started);
+        assert!(timing.commit_started <= timing.committed);
+        // Anything later (the writer's stop) syncs freely.
+        drop(releases);
+        writer.shutdown();
     }
 
     /// A prepared batch crosses the wire whole (entry, dedup keys, dead letters, probes), and
@@ -1108,6 +1261,7 @@ pub(crate) mod tests {
     fn an_outcome_marks_the_duplicates_among_the_events() {
         let outcome = AppendOutcome {
             tenant: TenantId(1),
+            timing: None,
             accepted: 3,
             duplicates: 2,
             first_seq: Some(10),
