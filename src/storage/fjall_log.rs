@@ -29,28 +29,62 @@ use crate::storage::{meta, persist_journal, purge_keys, StorageError};
 /// group's entries, rollups, anything) would wait for the disk. Instead, the log writer has fjall
 /// flush its journal buffer to the OS (`PersistMode::Buffer`, quick), and this fdatasyncs the
 /// file from another thread with the lock free: an fsync makes a file's written data durable
-/// through any of its descriptors. Bytes flushed before a journal rotation are in the previous
-/// file, which fjall fsyncs itself before it rotates (fjall 3.1's `Writer::rotate`, pinned by
-/// `~3.1` in Cargo.toml); so syncing the newest file, found after the flush, covers every flushed
-/// byte. Journal files are preallocated, so `fdatasync` needs no size update.
+/// through any of its descriptors. What this relies on, checked in fjall 3.1's source (pinned
+/// in Cargo.toml, where a comment says to check it again on an upgrade): journals are
+/// `<database folder>/<n>.jnl`, the highest `n` being the one written to; a rotation fsyncs the
+/// old journal before it creates the next; only sealed journals are ever deleted. Bytes
+/// flushed before a rotation are in an older file, so every journal created since the last
+/// sync is synced too (and the folder, for their entries), and then the newest. fjall's own
+/// descriptor may have seen a write error that ours will not report, so the database's poison
+/// flag (set by fjall on any journal error) is checked after each sync.
 struct JournalSync {
     folder: std::path::PathBuf,
-    /// The newest journal's number and a descriptor of it.
+    /// The newest journal's number and a descriptor of it, once one sync has found it.
     open: Mutex<Option<(u64, std::fs::File)>>,
 }
 
 impl JournalSync {
-    fn sync(&self) -> std::io::Result<()> {
-        let newest = self.newest()?;
+    fn sync(&self, db: &Database) -> Result<(), StorageError> {
+        let failed =
+            |e: std::io::Error| StorageError::engine("persisting the journal")(fjall::Error::Io(e));
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.as_ref().map(|(id, _)| *id) != Some(newest) {
-            let path = self.folder.join(format!("{newest}.jnl"));
-            *open = Some((newest, std::fs::File::open(path)?));
+        let known = match open.as_ref() {
+            Some((number, _)) => *number,
+            None => self.newest().map_err(failed)?,
+        };
+        let mut newest = known;
+        while self.path(newest + 1).exists() {
+            newest += 1;
+        }
+        if open.as_ref().map(|(number, _)| *number) != Some(newest) {
+            // Journals since the one last synced: their data, then their names in the folder.
+            for number in known..newest {
+                match std::fs::File::open(self.path(number)) {
+                    Ok(file) => file.sync_data().map_err(failed)?,
+                    // Deleted: sealed, and its data already in the tables.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            std::fs::File::open(&self.folder)
+                .and_then(|folder| folder.sync_all())
+                .map_err(failed)?;
+            *open = Some((
+                newest,
+                std::fs::File::open(self.path(newest)).map_err(failed)?,
+            ));
         }
         match open.as_ref() {
-            Some((_, file)) => file.sync_data(),
+            Some((_, file)) => file.sync_data().map_err(failed)?,
             None => unreachable!("opened above"),
         }
+        // A journal error fjall met on its own descriptor poisons the database; the flush is
+        // otherwise a quick no-op under the journal's lock.
+        persist_journal(db, false)
+    }
+
+    fn path(&self, number: u64) -> std::path::PathBuf {
+        self.folder.join(format!("{number}.jnl"))
     }
 
     /// The number of the newest journal file.
@@ -170,9 +204,7 @@ impl EventLog for FjallLog {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.journal
-            .sync()
-            .map_err(|e| StorageError::engine("persisting the journal")(fjall::Error::Io(e)))
+        self.journal.sync(&self.db)
     }
 
     fn head(&self, tenant: TenantId) -> Result<u64, StorageError> {

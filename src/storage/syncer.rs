@@ -21,9 +21,13 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::ids::TenantId;
 use crate::storage::dedup_ingest::{KeyGroup, ToIngest};
 use crate::storage::event_log::EventLog;
+use crate::storage::health::ThreadHealth;
 use crate::storage::writer::{AppendOutcome, AppendReply, LogHeads, Timing};
 use crate::storage::StorageError;
 use crate::telemetry;
+
+/// The thread's name, in `/readyz` when it dies.
+const THREAD: &str = "log-sync";
 
 /// Groups staged and not yet synced, at most: beyond, the writer waits (its queue then fills
 /// and the next group is larger).
@@ -64,29 +68,52 @@ pub(crate) struct SyncShared {
     /// fsync (durable mode), or only the flush to the OS the writer did.
     pub fsync: bool,
     pub fsync_delay: Duration,
+    /// Where the thread reports its death (it then clears `healthy`).
+    pub health: Arc<ThreadHealth>,
 }
 
 pub(crate) struct Syncer {
     queue: Sender<ToSync>,
     thread: Option<JoinHandle<()>>,
+    healthy: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Syncer {
     pub(crate) fn start(shared: SyncShared) -> std::io::Result<Syncer> {
         let (queue, staged) = crossbeam_channel::bounded(MAX_STAGED_GROUPS);
+        let (healthy, failure) = (Arc::clone(&shared.healthy), Arc::clone(&shared.failure));
         let thread = std::thread::Builder::new()
             .name("log-sync".into())
-            .spawn(move || run(&shared, &staged))?;
+            .spawn(move || {
+                // A panic here clears `healthy`: the writer then refuses appends.
+                let _watch = shared
+                    .health
+                    .watch(THREAD, Some(Arc::clone(&shared.healthy)));
+                run(&shared, &staged);
+            })?;
         Ok(Syncer {
             queue,
             thread: Some(thread),
+            healthy,
+            failure,
         })
     }
 
-    /// Hands a message over (waiting while `MAX_STAGED_GROUPS` are staged). Fails only once the
-    /// thread has stopped, which it does only when this end is dropped.
+    /// Hands a message over (waiting while `MAX_STAGED_GROUPS` are staged). If the thread has
+    /// died, nothing more is written: a group is refused at once.
     pub(crate) fn send(&self, message: ToSync) {
-        let _ = self.queue.send(message);
+        let Err(crossbeam_channel::SendError(message)) = self.queue.send(message) else {
+            return;
+        };
+        let reason = "the log sync thread stopped".to_string();
+        (self.failure.lock().unwrap_or_else(|p| p.into_inner())).get_or_insert(reason.clone());
+        self.healthy.store(false, Ordering::Release);
+        if let ToSync::Group(group) = message {
+            for (reply, _, _) in group.replies {
+                reply(Err(StorageError::NotDurable(reason.clone())));
+            }
+        }
     }
 
     /// Waits until everything handed over before is synced and answered.
@@ -113,6 +140,7 @@ impl Drop for Syncer {
 fn run(shared: &SyncShared, staged: &Receiver<ToSync>) {
     let mut failed: Option<String> = None;
     while let Ok(first) = staged.recv() {
+        shared.health.checkpoint(THREAD);
         // Everything staged by now shares one sync.
         let mut batch = vec![first];
         batch.extend(staged.try_iter());

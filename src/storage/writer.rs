@@ -3,11 +3,13 @@
 //! One dedicated OS thread, the [`LogWriter`], owns all appends to the [`EventLog`]. Requests
 //! arrive on a bounded queue. The thread takes everything queued (up to `max_group_requests`),
 //! and for each request drops duplicates, assigns sequence numbers and stages the log entry.
-//! Then it commits the whole group at once (fsync in `fsync` mode) and only then answers the
-//! requests, each with facts ([`AppendOutcome`]): what the events mean is the actors' business.
-//! While it fsyncs, new requests queue up and form the next group: the busier the server, the
-//! more requests share an fsync. The group's new dedup keys then go to the [`dedup_ingest`]
-//! thread, which writes them into the dedup tables.
+//! Then it writes the group's heads, flushes the journal to the OS and hands the group to the
+//! [`syncer`](crate::storage::syncer) thread, and goes on with the next group while that one
+//! fsyncs (in `fsync` mode) and answers the requests in order, each with facts
+//! ([`AppendOutcome`]): what the events mean is the actors' business. Groups staged during an
+//! fsync share the next one: the busier the server, the more requests share an fsync. A durable
+//! group's new dedup keys then go to the [`dedup_ingest`] thread, which writes them into the
+//! dedup tables.
 //!
 //! Being the only writer makes dedup and sequence assignment race-free without locks.
 //!
@@ -455,6 +457,7 @@ impl LogWriter {
             failure: Arc::clone(&sync_failure),
             fsync: options.fsync,
             fsync_delay: options.fsync_delay,
+            health: Arc::clone(&storage.health),
         })?;
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
@@ -952,7 +955,8 @@ pub(crate) mod tests {
         let batch = PreparedBatch::new(tenant, &batch(ids)).unwrap();
         let (request, answer) = AppendRequest::answered(tenant, Duration::from_secs(3600), batch);
         writer.submit(request);
-        answer.await.unwrap()
+        // A reply dropped unanswered (its thread died) is a refusal too.
+        answer.await.unwrap_or(Err(StorageError::WriterStopped))
     }
 
     /// The storage's log, with each sync held until the test lets it go, and every append
@@ -960,6 +964,8 @@ pub(crate) mod tests {
     struct HeldSyncs {
         log: Arc<dyn EventLog>,
         appends: std::sync::atomic::AtomicUsize,
+        /// The highest sequence staged (written and flushed to the OS).
+        staged: std::sync::atomic::AtomicUsize,
         syncing: crossbeam_channel::Sender<()>,
         release: crossbeam_channel::Receiver<()>,
     }
@@ -975,11 +981,17 @@ pub(crate) mod tests {
             self.log.append(tenant, first_seq, entry)
         }
         fn commit(&self, heads: &[(TenantId, u64)], sync: bool) -> Result<(), StorageError> {
-            self.log.commit(heads, sync)
+            self.log.commit(heads, sync)?;
+            let highest = heads.iter().map(|(_, head)| *head as usize).max();
+            self.staged
+                .fetch_max(highest.unwrap_or(0), Ordering::SeqCst);
+            Ok(())
         }
         fn sync(&self) -> Result<(), StorageError> {
             let _ = self.syncing.send(());
-            let _ = self.release.recv();
+            // A schedule the test did not foresee fails it rather than hangs it.
+            (self.release.recv_timeout(Duration::from_secs(10)))
+                .map_err(|_| StorageError::NotDurable("the test never released the sync".into()))?;
             self.log.sync()
         }
         fn head(&self, tenant: TenantId) -> Result<u64, StorageError> {
@@ -1026,6 +1038,7 @@ pub(crate) mod tests {
         let log = Arc::new(HeldSyncs {
             log: storage.log_handle(),
             appends: Default::default(),
+            staged: Default::default(),
             syncing,
             release,
         });
@@ -1043,11 +1056,12 @@ pub(crate) mod tests {
         // The first group's fsync is held; the next two are written meanwhile.
         let (second, third) = (submit("p2"), submit("p3"));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while log.appends.load(Ordering::SeqCst) < 3 {
+        // Staged (written, flushed) while the first fsync is held: both of them.
+        while log.staged.load(Ordering::SeqCst) < 3 {
             assert!(Instant::now() < deadline, "not written during the fsync");
             std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(log.appends.load(Ordering::SeqCst), 3);
         let mut first = first;
         assert!(first.try_recv().is_err(), "answered before its fsync");
         releases.send(()).unwrap();
@@ -1123,7 +1137,7 @@ pub(crate) mod tests {
     /// acknowledgement of writes.
     #[actix_rt::test]
     async fn a_panicking_storage_thread_is_reported_and_stops_the_writes_it_guards() {
-        for thread in ["dedup-ingest", "storage-upkeep"] {
+        for thread in ["dedup-ingest", "storage-upkeep", "log-sync"] {
             let dir = tempfile::tempdir().unwrap();
             let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
             let writer = LogWriter::start(storage.clone(), options()).unwrap();
