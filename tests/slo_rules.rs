@@ -189,7 +189,20 @@ fn the_rules_evaluate_over_metrics_scraped_under_load() {
         }
     }
     server.wait_rollups_caught_up(&tenant.read_key);
-    let second = scrape(&server);
+    // The rollup actor reports its freshness just after its flush is stored, a moment after
+    // the query API can see the flush: scrape once it has.
+    let reported = Instant::now();
+    let second = loop {
+        let scraped = scrape(&server);
+        let age = (scraped.samples.iter())
+            .filter(|(series, _)| series.starts_with("statsremote_rollup_watermark_age_seconds"))
+            .map(|(_, age)| *age)
+            .fold(0.0, f64::max);
+        if age < 0.5 || reported.elapsed() > Duration::from_secs(5) {
+            break scraped;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
 
     // The two scrapes a minute apart, then the same pace for 40 minutes.
     let mut input_series = Vec::new();
