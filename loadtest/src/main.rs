@@ -127,6 +127,11 @@ struct Args {
     /// Tenants to spread the load over.
     #[arg(long, default_value_t = 1)]
     tenants: usize,
+    /// One heavy tenant beside light ones: this many connections send to the first tenant as
+    /// fast as they are answered, the others to the remaining tenants at `--rate` (0 is the
+    /// light tenants' baseline, alone). The report gives the light tenants' latency apart.
+    #[arg(long)]
+    heavy_connections: Option<usize>,
     /// Distinct users.
     #[arg(long, default_value_t = 100_000)]
     users: u64,
@@ -213,11 +218,16 @@ struct Run {
     windows: Option<steady::Windows>,
     /// Mean milliseconds per request in each server stage (`steady::STAGES`).
     stages_ms: BTreeMap<String, f64>,
+    /// With `--heavy-connections`: the light tenants' events/s, ack p50 and p99 (ms).
+    light: Option<(f64, f64, f64)>,
 }
 
 /// Per-worker tallies, merged at the end.
 struct Tally {
     latency: Histogram<u64>,
+    /// Requests of the light tenants (with `--heavy-connections`): latency and events acked.
+    light: Histogram<u64>,
+    light_acked: u64,
     sent: u64,
     acked: u64,
     /// Events of requests whose outcome is unknown (transport error): maybe stored.
@@ -231,6 +241,8 @@ impl Tally {
     fn new(users: u64) -> Result<Tally> {
         Ok(Tally {
             latency: Histogram::new_with_bounds(1, 120_000_000, 3)?,
+            light: Histogram::new_with_bounds(1, 120_000_000, 3)?,
+            light_acked: 0,
             sent: 0,
             acked: 0,
             uncertain: 0,
@@ -242,6 +254,8 @@ impl Tally {
 
     fn merge(&mut self, other: Tally) -> Result<()> {
         self.latency.add(&other.latency)?;
+        self.light.add(&other.light)?;
+        self.light_acked += other.light_acked;
         self.sent += other.sent;
         self.acked += other.acked;
         self.uncertain += other.uncertain;
@@ -306,14 +320,22 @@ fn worker(
     let mut rng = StdRng::seed_from_u64(index as u64 + 1);
     let mut body = Vec::with_capacity(64 * 1024);
     let batch = generator.batch_size as u64;
-    let interval = (args.rate > 0).then(|| {
-        Duration::from_secs_f64(batch as f64 * args.concurrency as f64 / args.rate as f64)
-    });
+    // With a heavy tenant: connections below `heavy` send to it, unpaced; the others share
+    // `--rate` and the remaining tenants.
+    let heavy = args
+        .heavy_connections
+        .map(|heavy| heavy.min(args.concurrency));
+    let is_heavy = heavy.is_some_and(|heavy| index < heavy);
+    let paced = heavy
+        .map_or(args.concurrency, |heavy| args.concurrency - heavy)
+        .max(1);
+    let interval = (args.rate > 0 && !is_heavy)
+        .then(|| Duration::from_secs_f64(batch as f64 * paced as f64 / args.rate as f64));
     // At a held rate, connections start spread over one interval: in step, every connection's
     // request would arrive at once, a burst no set of independent clients sends.
     let mut next_send = Instant::now()
         + interval.map_or(Duration::ZERO, |interval| {
-            interval.mul_f64(index as f64 / args.concurrency as f64)
+            interval.mul_f64(index as f64 / paced as f64)
         });
     let mut n = 0u64;
     let content_encoding = match args.compression {
@@ -332,7 +354,11 @@ fn worker(
             }
             next_send += interval;
         }
-        let tenant = &tenants[(index + n as usize) % tenants.len()];
+        let tenant = match heavy {
+            Some(_) if is_heavy || tenants.len() == 1 => &tenants[0],
+            Some(_) => &tenants[1 + (index + n as usize) % (tenants.len() - 1)],
+            None => &tenants[(index + n as usize) % tenants.len()],
+        };
         let request_id = ((index as u64) << 40) | n;
         n += 1;
         let mut users = UserSet::new(generator.users);
@@ -351,10 +377,17 @@ fn worker(
         tally.sent += batch;
         tally.bytes += body.len() as u64;
         let _ = tally.latency.record(micros.min(120_000_000));
+        let light = heavy.is_some() && !is_heavy;
+        if light {
+            let _ = tally.light.record(micros.min(120_000_000));
+        }
         match result {
             Ok(response) => {
                 let _ = response.into_string();
                 tally.acked += batch;
+                if light {
+                    tally.light_acked += batch;
+                }
                 budget.acked.fetch_add(batch, Ordering::Relaxed);
                 tally.users.merge(&users);
             }
@@ -504,6 +537,14 @@ fn run_mode(
             .flatten(),
         windows,
         stages_ms,
+        light: args.heavy_connections.map(|_| {
+            let light_ms = |q: f64| total.light.value_at_quantile(q) as f64 / 1000.0;
+            (
+                total.light_acked as f64 / seconds,
+                light_ms(0.5),
+                light_ms(0.99),
+            )
+        }),
     };
     Ok((run, tenants))
 }
@@ -613,6 +654,12 @@ fn print_table(runs: &[Run]) {
         );
     }
     for run in runs {
+        if let Some((events, p50, p99)) = run.light {
+            println!(
+                "{}: light tenants {events:.0} events/s, ack p50 {p50:.2} ms, p99 {p99:.2} ms",
+                run.label()
+            );
+        }
         if !run.errors.is_empty() {
             println!("{:?} errors: {:?}", run.mode, run.errors);
         }
