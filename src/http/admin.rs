@@ -14,9 +14,7 @@ use crate::http::errors::ApiError;
 use crate::http::{auth, AppState};
 use crate::ids::TenantId;
 use crate::lifecycle::LifecycleError;
-use crate::tenant::{
-    DirectoryError, KeyKind, RotateWhich, SettingsPatch, TenantRecord, TenantSettings,
-};
+use crate::tenant::{DirectoryError, RotateWhich, SettingsPatch, TenantRecord, TenantSettings};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,8 +223,7 @@ pub async fn own_segments(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = auth::header_credential(&req)?;
-    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let tenant = auth::read_key_tenant(&req, &state.directory)?;
     segments_of(&state, tenant.id).await
 }
 
@@ -235,8 +232,7 @@ pub async fn own_tenant(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = auth::header_credential(&req)?;
-    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let tenant = auth::read_key_tenant(&req, &state.directory)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": tenant.id.to_string(),
         "name": tenant.name,

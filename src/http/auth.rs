@@ -81,6 +81,15 @@ pub fn tenant_for_key(
     }
 }
 
+/// The tenant whose read key is in the `Authorization` header.
+pub fn read_key_tenant(
+    req: &HttpRequest,
+    directory: &TenantDirectory,
+) -> Result<Arc<TenantRecord>, ApiError> {
+    let key = header_credential(req)?;
+    tenant_for_key(directory, key.as_deref(), KeyKind::Read)
+}
+
 /// Requires `Authorization: Bearer <admin token>`.
 pub fn require_admin(req: &HttpRequest, directory: &TenantDirectory) -> Result<(), ApiError> {
     let Some(token) = header_credential(req)? else {

@@ -9,7 +9,6 @@ use crate::event::Micros;
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
 use crate::http::{admin, auth, AppState};
-use crate::tenant::KeyKind;
 
 /// Most letters one page or one replay takes.
 const MAX_LIMIT: usize = 1000;
@@ -106,8 +105,7 @@ pub async fn list(
     state: web::Data<AppState>,
     query: web::Query<LetterQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = auth::header_credential(&req)?;
-    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let tenant = auth::read_key_tenant(&req, &state.directory)?;
     let filter = query.into_inner().filter(DEFAULT_LIMIT)?;
     let store = LetterStore::of(&state.storage, state.cluster.as_ref());
     store.expire(&tenant).await.map_err(replay_error)?;

@@ -24,7 +24,7 @@ use crate::query::{self, align_range, Metric};
 use crate::rollup::Resolution;
 use crate::storage::rollups;
 use crate::telemetry;
-use crate::tenant::{KeyKind, TenantRecord};
+use crate::tenant::TenantRecord;
 
 /// Most events a `/v1/query/events` answer lists.
 const MAX_EVENTS_LIMIT: usize = 10_000;
@@ -40,8 +40,7 @@ struct AsOf {
 }
 
 fn read_tenant(req: &HttpRequest, state: &AppState) -> Result<Arc<TenantRecord>, ApiError> {
-    let key = auth::header_credential(req)?;
-    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let tenant = auth::read_key_tenant(req, &state.directory)?;
     // The rollup actor lives in the tenant's pipeline: make sure it runs (and catches up).
     state.pipelines.pipeline(tenant.id);
     Ok(tenant)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::ids::TenantId;
 use crate::schema::{prepare_retire, Registration, RegistryError, SchemaVersion, TenantPlan};
-use crate::tenant::{KeyKind, TenantRecord};
+use crate::tenant::TenantRecord;
 
 fn registry_error(error: RegistryError) -> ApiError {
     match error {
@@ -169,7 +169,6 @@ pub async fn own_plan(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = auth::header_credential(&req)?;
-    let tenant = auth::tenant_for_key(&state.directory, key.as_deref(), KeyKind::Read)?;
+    let tenant = auth::read_key_tenant(&req, &state.directory)?;
     Ok(HttpResponse::Ok().json(plan_json(&tenant, &state.schemas.plan(tenant.id))))
 }
