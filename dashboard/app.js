@@ -4,7 +4,7 @@
 // in the server's list of embedded files).
 
 import { callWith, session } from "./api.js";
-import { errorBox, field, h } from "./ui.js";
+import { h, keyForm } from "./ui.js";
 import * as live from "./views/live.js";
 import * as series from "./views/series.js";
 import * as top from "./views/top.js";
@@ -67,29 +67,21 @@ function signOut() {
 }
 
 function signInForm() {
-  const key = h("input", { type: "password", name: "read-key", required: true, autocomplete: "off", spellcheck: "false" });
-  const message = h("div", { "aria-live": "polite" });
-  const form = h("form", { class: "controls signin", "aria-label": "Sign in" },
-    field("Read key", key, "The tenant's read key (sr_read_…). It stays in this browser tab and is never put in a URL."),
-    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Sign in")));
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
-    message.replaceChildren();
-    const value = key.value.trim();
-    try {
-      const tenant = await callWith(value, "/v1/tenant");
-      app.signIn(value, tenant);
-    } catch (error) {
-      message.replaceChildren(errorBox(error));
-      key.focus();
-    }
+  const { form, message, input } = keyForm({
+    name: "read-key",
+    label: "Read key",
+    hint: "The tenant's read key (sr_read_…). It stays in this browser tab and is never put in a URL.",
+    button: "Sign in",
+    title: "Sign in",
+    check: (key) => callWith(key, "/v1/tenant"),
+    accept: (key, tenant) => app.signIn(key, tenant),
   });
   main.append(
     h("h1", {}, "Sign in"),
     h("p", {}, "Look at a tenant's events as they arrive, their series, top events and funnels."),
     form, message,
     h("p", {}, "Operators: ", h("a", { href: "#/admin" }, "sign in with the admin token"), " to manage tenants."));
-  key.focus();
+  input.focus();
 }
 
 function route() {

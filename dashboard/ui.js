@@ -1,6 +1,8 @@
 // Small DOM helpers shared by the views. Text always goes in as text (never as HTML), so
 // event names and letters from clients cannot inject markup.
 
+import { call } from "./api.js";
+
 /** An element with attributes (`on*` functions become listeners) and children. */
 export function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -111,11 +113,12 @@ function localValue(date) {
 }
 
 /**
- * Range controls: presets and a custom range of two UTC times. `value()` gives `{from, to}` as
- * RFC 3339, or throws an Error naming what is wrong with the custom range.
+ * Range controls: presets and a custom range of two UTC times, starting from the view's
+ * address (`range`, and `from` and `to` for a custom one) or `initial`. `value()` gives
+ * `{from, to}` as RFC 3339, or throws an Error naming what is wrong with the custom range.
  */
-export function rangeControl(initial = "24h") {
-  const preset = select(PRESETS.map(([v, l]) => [v, l]), initial, { name: "range" });
+export function rangeControl(params, initial) {
+  const preset = select(PRESETS.map(([v, l]) => [v, l]), params.get("range") || initial, { name: "range" });
   const now = new Date();
   const from = h("input", { type: "datetime-local", name: "from", value: localValue(new Date(now - 86_400_000)) });
   const to = h("input", { type: "datetime-local", name: "to", value: localValue(now) });
@@ -123,17 +126,30 @@ export function rangeControl(initial = "24h") {
     field("From (UTC)", from), field("To (UTC)", to));
   const sync = () => { custom.hidden = preset.value !== "custom"; };
   preset.addEventListener("change", sync);
+  if (params.get("from") && params.get("to")) {
+    preset.value = "custom";
+    from.value = params.get("from").slice(0, 16);
+    to.value = params.get("to").slice(0, 16);
+  }
   sync();
   const node = h("div", { class: "range" }, field("Time range", preset), custom);
   return {
     node,
     preset,
-    /** Sets a custom range from two RFC 3339 times. */
-    setCustom(fromIso, toIso) {
-      preset.value = "custom";
-      from.value = fromIso.slice(0, 16);
-      to.value = toIso.slice(0, 16);
-      sync();
+    /** The range, or `null` after saying in `message` what is wrong with it. */
+    checked(message) {
+      try {
+        return this.value();
+      } catch (error) {
+        message.replaceChildren(errorBox(error));
+        return null;
+      }
+    },
+    /** The range as the view's address keeps it: a preset stays a preset (reloading shows the
+     * latest range), a custom range keeps its times. */
+    address(span) {
+      const kept = preset.value === "custom";
+      return { range: preset.value, from: kept ? span.from : "", to: kept ? span.to : "" };
     },
     value() {
       if (preset.value !== "custom") {
@@ -168,6 +184,52 @@ export function requests() {
       current?.abort();
     },
   };
+}
+
+/**
+ * The answer of an API call made with `options.signal`, or `null`: aborted (a newer request
+ * or the view's end superseded it), or failed, which `message` then says.
+ */
+export async function ask(message, path, options) {
+  try {
+    const answer = await call(path, options);
+    return options.signal.aborted ? null : answer;
+  } catch (error) {
+    if (!options.signal.aborted) message.replaceChildren(errorBox(error));
+    return null;
+  }
+}
+
+/** Fills `list` (a datalist) with the names of the events over `span`, as suggestions. */
+export function suggestEvents(list, span, signal) {
+  call(`/v1/query/events?${query({ from: span.from, to: span.to, limit: 1000 })}`, { signal })
+    .then((answer) => list.replaceChildren(...answer.events.map((e) => h("option", { value: e.event }))))
+    // Suggestions only: the view's own query reports errors.
+    .catch(() => {});
+}
+
+/**
+ * A sign-in form for one secret: `check(value)` asks the server whether it works (and
+ * rejects with its reason), `accept(value, answer)` keeps it.
+ */
+export function keyForm({ name, label, hint, button, title, check, accept }) {
+  const input = h("input", { type: "password", name, required: true, autocomplete: "off", spellcheck: "false" });
+  const message = h("div", { "aria-live": "polite" });
+  const form = h("form", { class: "controls signin", "aria-label": title },
+    field(label, input, hint),
+    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, button)));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    message.replaceChildren();
+    const value = input.value.trim();
+    try {
+      accept(value, await check(value));
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+      input.focus();
+    }
+  });
+  return { form, message, input };
 }
 
 /** A query string from an object, leaving out empty values. */

@@ -2,7 +2,7 @@
 // shown once), rotates keys and changes settings through the admin API.
 
 import { ApiError, call, callWith, session } from "../api.js";
-import { announce, errorBox, field, h, select, table, utc } from "../ui.js";
+import { announce, errorBox, field, h, keyForm, select, table, utc } from "../ui.js";
 
 export const title = "Admin";
 
@@ -34,19 +34,23 @@ export function render(main, params, app) {
     app.refresh();
   });
 
+  // The one panel under the list: a tenant's keys, key rotation or settings.
+  const openPanel = (heading, ...content) => {
+    panel.replaceChildren(h("h2", { id: "panel-title", tabindex: -1 }, heading), ...content);
+    panel.hidden = false;
+    panel.querySelector("h2").focus();
+  };
+
   const showKeys = (heading, keys, tenant) => {
     const open = keys.read_key
       ? h("button", { type: "button", onclick: () => app.signIn(keys.read_key, { id: tenant.id, name: tenant.name }) }, "Open this tenant's dashboard")
       : null;
-    panel.replaceChildren(
-      h("h2", { id: "panel-title", tabindex: -1 }, heading),
+    openPanel(heading,
       h("p", { class: "warning" }, "These keys are shown only now: copy them to where your apps keep secrets."),
       h("dl", { class: "keys" },
         keys.write_key ? [h("dt", {}, "Write key"), h("dd", {}, h("code", { "data-key": "write" }, keys.write_key))] : null,
         keys.read_key ? [h("dt", {}, "Read key"), h("dd", {}, h("code", { "data-key": "read" }, keys.read_key))] : null),
       open);
-    panel.hidden = false;
-    panel.querySelector("h2").focus();
   };
 
   const rotate = (tenant) => {
@@ -63,10 +67,8 @@ export function render(main, params, app) {
         form.append(errorBox(error));
       }
     });
-    panel.replaceChildren(h("h2", { id: "panel-title", tabindex: -1 }, `Rotate keys of ${tenant.name}`),
+    openPanel(`Rotate keys of ${tenant.name}`,
       h("p", {}, "The replaced keys stop working at once, and live sessions using them end."), form);
-    panel.hidden = false;
-    panel.querySelector("h2").focus();
   };
 
   const edit = (tenant) => {
@@ -125,9 +127,7 @@ export function render(main, params, app) {
         outcome.replaceChildren(errorBox(error));
       }
     });
-    panel.replaceChildren(h("h2", { id: "panel-title", tabindex: -1 }, `Settings of ${tenant.name}`), form, outcome);
-    panel.hidden = false;
-    panel.querySelector("h2").focus();
+    openPanel(`Settings of ${tenant.name}`, form, outcome);
   };
 
   const refresh = async () => {
@@ -174,21 +174,18 @@ export function render(main, params, app) {
 }
 
 function signIn(main, app) {
-  const token = h("input", { type: "password", name: "admin-token", required: true, autocomplete: "off" });
-  const message = h("div", { "aria-live": "polite" });
-  const form = h("form", { class: "controls signin", "aria-label": "Admin sign-in" },
-    field("Admin token", token, "Printed once by the server on its first start, or STATSREMOTE_ADMIN_TOKEN. Kept in this tab only."),
-    h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Sign in as operator")));
-  form.addEventListener("submit", async (e) => {
-    e.preventDefault();
-    try {
-      await callWith(token.value.trim(), "/admin/v1/tenants");
-      session.setAdminToken(token.value.trim());
+  const { form, message, input } = keyForm({
+    name: "admin-token",
+    label: "Admin token",
+    hint: "Printed once by the server on its first start, or STATSREMOTE_ADMIN_TOKEN. Kept in this tab only.",
+    button: "Sign in as operator",
+    title: "Admin sign-in",
+    check: (token) => callWith(token, "/admin/v1/tenants"),
+    accept: (token) => {
+      session.setAdminToken(token);
       app.refresh();
-    } catch (error) {
-      message.replaceChildren(errorBox(error));
-    }
+    },
   });
   main.append(form, message);
-  token.focus();
+  input.focus();
 }

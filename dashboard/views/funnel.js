@@ -1,9 +1,8 @@
 // Funnel builder: users who did the steps in order within a window, over a range, with the
 // conversion from each step to the next and from the first.
 
-import { call } from "../api.js";
 import { barChart } from "../charts.js";
-import { announce, errorBox, field, h, number, percent, query, rangeControl, requests, select, table } from "../ui.js";
+import { announce, ask, errorBox, field, h, number, percent, query, rangeControl, requests, select, suggestEvents, table } from "../ui.js";
 
 export const title = "Funnel";
 
@@ -40,8 +39,7 @@ export function render(main, params) {
     if (steps.children.length < MAX_STEPS) addStep().focus();
   });
   const windowSelect = select(WINDOWS, params.get("window") || "1d", { name: "window" });
-  const range = rangeControl(params.get("range") || "7d");
-  if (params.get("from") && params.get("to")) range.setCustom(params.get("from"), params.get("to"));
+  const range = rangeControl(params, "7d");
   const message = h("div", { "aria-live": "polite" });
   const chartBox = h("div");
   const tableBox = h("div");
@@ -55,32 +53,19 @@ export function render(main, params) {
 
   const compute = async () => {
     message.replaceChildren();
-    let span;
-    try {
-      span = range.value();
-    } catch (error) {
-      message.replaceChildren(errorBox(error));
-      return;
-    }
+    const span = range.checked(message);
+    if (!span) return;
     const chosen = [...steps.querySelectorAll("input")].map((input) => input.value.trim());
     if (chosen.some((s) => !s)) {
       message.replaceChildren(errorBox(new Error("every step needs an event name")));
       return;
     }
     const signal = pending.next();
-    call(`/v1/query/events?${query({ from: span.from, to: span.to, limit: 1000 })}`, { signal })
-      .then((answer) => names.replaceChildren(...answer.events.map((e) => h("option", { value: e.event }))))
-      .catch(() => {});
-    const custom = range.preset.value === "custom";
-    history.replaceState(null, "", `#/funnel?${query({ steps: chosen.join("\n"), window: windowSelect.value, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
-    let answer;
-    try {
-      answer = await call("/v1/query/funnel", { method: "POST", signal, body: { steps: chosen, window: windowSelect.value, from: span.from, to: span.to } });
-    } catch (error) {
-      if (!signal.aborted) message.replaceChildren(errorBox(error));
-      return;
-    }
-    if (signal.aborted) return;
+    suggestEvents(names, span, signal);
+    history.replaceState(null, "", `#/funnel?${query({ steps: chosen.join("\n"), window: windowSelect.value, ...range.address(span) })}`);
+    const body = { steps: chosen, window: windowSelect.value, from: span.from, to: span.to };
+    const answer = await ask(message, "/v1/query/funnel", { method: "POST", signal, body });
+    if (!answer) return;
     const rows = answer.steps.map((step, i) => ({
       n: i + 1,
       event: step.event,

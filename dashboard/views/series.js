@@ -1,9 +1,8 @@
 // Series: one event's (or all events') count or distinct users per minute, hour or day over a
 // range, as a chart with a table beside it, and a CSV download.
 
-import { call } from "../api.js";
 import { timeChart } from "../charts.js";
-import { announce, downloadCsv, errorBox, field, h, number, percent, query, rangeControl, requests, select, table, utc } from "../ui.js";
+import { announce, ask, downloadCsv, field, h, number, percent, query, rangeControl, requests, select, suggestEvents, table, utc } from "../ui.js";
 
 export const title = "Series";
 
@@ -15,8 +14,7 @@ export function render(main, params) {
   const names = h("datalist", { id: "series-events" });
   const metric = select([["count", "Events (count)"], ["uniques", "Distinct users"]], params.get("metric") || "count", { name: "metric" });
   const interval = select([["minute", "Minute"], ["hour", "Hour"], ["day", "Day"]], params.get("interval") || "hour", { name: "interval" });
-  const range = rangeControl(params.get("range") || "24h");
-  if (params.get("from") && params.get("to")) range.setCustom(params.get("from"), params.get("to"));
+  const range = rangeControl(params, "24h");
   range.preset.addEventListener("change", () => {
     if (INTERVAL_FOR[range.preset.value]) interval.value = INTERVAL_FOR[range.preset.value];
   });
@@ -34,39 +32,17 @@ export function render(main, params) {
   let points = [];
   const pending = requests();
 
-  const loadNames = async (from, to, signal) => {
-    try {
-      const answer = await call(`/v1/query/events?${query({ from, to, limit: 1000 })}`, { signal });
-      names.replaceChildren(...answer.events.map((e) => h("option", { value: e.event })));
-    } catch {
-      // Suggestions only: the series query reports errors itself.
-    }
-  };
-
   const draw = async () => {
     message.replaceChildren();
-    let span;
-    try {
-      span = range.value();
-    } catch (error) {
-      message.replaceChildren(errorBox(error));
-      return;
-    }
+    const span = range.checked(message);
+    if (!span) return;
     const name = event.value.trim();
     const asked = { event: name, metric: metric.value, interval: interval.value, from: span.from, to: span.to };
-    // A preset stays a preset in the address (reloading shows the latest range).
-    const custom = range.preset.value === "custom";
-    history.replaceState(null, "", `#/series?${query({ ...asked, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
+    history.replaceState(null, "", `#/series?${query({ ...asked, ...range.address(span) })}`);
     const signal = pending.next();
-    loadNames(span.from, span.to, signal);
-    let answer;
-    try {
-      answer = await call(`/v1/query/series?${query(asked)}`, { signal });
-    } catch (error) {
-      if (!signal.aborted) message.replaceChildren(errorBox(error));
-      return;
-    }
-    if (signal.aborted) return;
+    suggestEvents(names, span, signal);
+    const answer = await ask(message, `/v1/query/series?${query(asked)}`, { signal });
+    if (!answer) return;
     points = answer.points;
     const what = metric.value === "count" ? "Events" : "Users";
     const label = `${what} of ${name || "all events"} per ${interval.value}`;

@@ -1,14 +1,12 @@
 // Top events: each event's count and distinct users over a range, largest first. An event's
 // name opens its series over the same range.
 
-import { call } from "../api.js";
-import { errorBox, field, h, number, percent, query, rangeControl, requests, table } from "../ui.js";
+import { ask, field, h, number, percent, query, rangeControl, requests, table } from "../ui.js";
 
 export const title = "Top events";
 
 export function render(main, params) {
-  const range = rangeControl(params.get("range") || "24h");
-  if (params.get("from") && params.get("to")) range.setCustom(params.get("from"), params.get("to"));
+  const range = rangeControl(params, "24h");
   const limit = h("input", { type: "number", name: "limit", min: 1, max: 10000, value: params.get("limit") || 100, inputmode: "numeric" });
   const message = h("div", { "aria-live": "polite" });
   const result = h("div");
@@ -20,25 +18,12 @@ export function render(main, params) {
   const pending = requests();
   const show = async () => {
     message.replaceChildren();
-    let span;
-    try {
-      span = range.value();
-    } catch (error) {
-      message.replaceChildren(errorBox(error));
-      return;
-    }
+    const span = range.checked(message);
+    if (!span) return;
     const asked = { from: span.from, to: span.to, limit: limit.value };
-    const custom = range.preset.value === "custom";
-    history.replaceState(null, "", `#/top?${query({ ...asked, from: custom ? span.from : "", to: custom ? span.to : "", range: range.preset.value })}`);
-    const signal = pending.next();
-    let answer;
-    try {
-      answer = await call(`/v1/query/events?${query(asked)}`, { signal });
-    } catch (error) {
-      if (!signal.aborted) message.replaceChildren(errorBox(error));
-      return;
-    }
-    if (signal.aborted) return;
+    history.replaceState(null, "", `#/top?${query({ ...asked, ...range.address(span) })}`);
+    const answer = await ask(message, `/v1/query/events?${query(asked)}`, { signal: pending.next() });
+    if (!answer) return;
     const seriesLink = (name) => h("a", {
       href: `#/series?${query({ event: name, from: span.from, to: span.to, range: "custom", interval: "hour" })}`,
     }, name);
