@@ -827,8 +827,8 @@ impl ProcessNode {
             .collect();
         let stream = Arc::clone(&self.node.stream);
         let (cold, storage) = (self.cold.clone(), self.storage.clone());
-        // A deleted tenant's erasures have no key (they are recorded as failed); a tenant this
-        // node does not know yet is not in the map (the checkpoint waits).
+        // What the node knows of each erasure's tenant: its key; deleted (the erasure is
+        // recorded as failed); or not known yet (an error like any other: retried).
         let hash_keys: HashMap<TenantId, TenantKey> = (commands.iter())
             .filter_map(|applied| applied.command.tenant())
             .map(|tenant| match self.directory.get(tenant) {
