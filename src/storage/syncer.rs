@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::ids::TenantId;
 use crate::storage::dedup_ingest::{KeyGroup, ToIngest};
 use crate::storage::event_log::EventLog;
 use crate::storage::health::ThreadHealth;
@@ -39,9 +38,8 @@ pub(crate) type Staged = (AppendReply, Instant, Result<AppendOutcome, StorageErr
 /// A group the writer staged.
 pub(crate) struct StagedGroup {
     pub replies: Vec<Staged>,
-    /// Each tenant's last sequence in the group.
-    pub heads: Vec<(TenantId, u64)>,
-    /// The group's new dedup keys, numbered (`None`: nothing was appended).
+    /// The group's new dedup keys and each tenant's last sequence, numbered (`None`: nothing
+    /// was appended).
     pub keys: Option<KeyGroup>,
     pub group_started: Instant,
     /// When the writer started committing it (its writes were done).
@@ -199,7 +197,7 @@ fn answer(shared: &SyncShared, group: StagedGroup, failed: Option<&str>, committ
         }
         return;
     }
-    for (tenant, head) in &group.heads {
+    for (tenant, head) in group.keys.iter().flat_map(|keys| &keys.heads) {
         shared.heads.advance(*tenant, *head);
     }
     for (reply, queued_at, mut outcome) in group.replies {

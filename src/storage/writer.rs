@@ -743,11 +743,9 @@ impl Writer {
             self.group_heads.clear();
             return;
         }
-        let heads = self.group_heads.clone();
         let keys = self.take_keys();
         self.syncer.send(ToSync::Group(StagedGroup {
             replies,
-            heads,
             keys,
             group_started,
             commit_started,
