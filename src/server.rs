@@ -192,6 +192,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         Default::default(),
         descriptors.storage_files,
     )?;
+    // Dedup keys are kept at least the default window, whichever tenants are known yet.
+    storage
+        .dedup_windows
+        .set_floor(config.tenant_defaults.dedup_window);
     let admin = admin_digest(&config, &storage)?;
     let cold = match config.cold.store {
         crate::config::ColdStoreKind::Local => crate::storage::cold::ColdStore::local(

@@ -13,10 +13,12 @@
 //! sort, in compactions, in table lookups) end at the first word instead of running `memcmp`
 //! over a tenant prefix that every key of a busy tenant shares (docs/decisions/0011).
 //!
-//! Entries older than their tenant's window, and all entries of a deleted tenant, are dropped
-//! during compaction ([`DedupExpiry`]); the tenant id in the value tells whose an entry is.
-//! (DESIGN.md sketches `tenant ‖ day ‖ hash` keys; one key per id plus a compaction filter gives
-//! a single point read per event instead of one per day of the window, and the same expiry.)
+//! Keys are written into a keyspace per period of time and expire with their period, a whole
+//! keyspace at a time, once every tenant's window has passed it
+//! ([`dedup_periods`](super::dedup_periods)); a lookup compares the first-seen time with the
+//! tenant's own window. (DESIGN.md sketches `tenant ‖ day ‖ hash` keys; one key per id, in
+//! keyspaces by period, gives a single point read per period instead of one per day of the
+//! window, and the same expiry, by whole tables.)
 //!
 //! Only the log writer reads this keyspace, and only its ingest thread writes it, after the
 //! events are durable: the log entries themselves hold the messageIds, so the keys of entries
@@ -27,15 +29,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use fjall::compaction::filter::{
-    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
-};
-
 use fjall::AbstractTree;
 use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
-use crate::event::{flags, now_micros, Micros, StoredEvent};
+use crate::event::{flags, Micros, StoredEvent};
 use crate::ids::TenantId;
 use crate::storage::dedup_filter::{KeyFilter, KeyFilters};
 use crate::storage::{Storage, StorageError};
@@ -108,7 +106,10 @@ impl DedupIndex {
         let first_seen = match self.recent.get(key) {
             Some((first_seen, _, owner)) if *owner == tenant => Some(*first_seen),
             _ if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
-            _ => tables_get(storage, tenant, key)?,
+            _ => {
+                let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+                tables_get(storage, tenant, key, now.saturating_sub(window_micros))?
+            }
         };
         let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
         Ok(first_seen.is_some_and(|first_seen| now.saturating_sub(first_seen) < window_micros))
@@ -140,32 +141,36 @@ impl DedupIndex {
     }
 }
 
-/// When `key` was first seen by `tenant` according to the keyspace's tables alone (not its
-/// memtables), newest table first, as the engine's own point read. A stored entry of another
+/// When `key` was last first seen by `tenant` according to the tables alone (not the memtables)
+/// of the periods that may hold keys first seen at or after `since`: newest period first, and
+/// within one newest table first, as the engine's own point read. A stored entry of another
 /// tenant (keys are seeded with the tenant, so only a 128-bit collision could match) is not a
 /// sighting.
 fn tables_get(
     storage: &Storage,
     tenant: TenantId,
     key: &DedupKey,
+    since: Micros,
 ) -> Result<Option<Micros>, StorageError> {
     let hash = lsm_tree::table::filter::standard_bloom::Builder::get_hash(key);
-    let version = storage.dedup.tree.current_version();
-    for level in version.iter_levels() {
-        for run in level.iter() {
-            let Some(table) = run.get_for_key(key) else {
-                continue;
-            };
-            let found = table
-                .get(key, SeqNo::MAX, hash)
-                .map_err(|e| StorageError::engine("reading dedup")(e.into()))?;
-            if let Some(entry) = found {
-                if entry.is_tombstone() {
-                    return Ok(None);
+    for period in storage.dedup.since(since) {
+        let version = period.keyspace.tree.current_version();
+        for level in version.iter_levels() {
+            for run in level.iter() {
+                let Some(table) = run.get_for_key(key) else {
+                    continue;
+                };
+                let found = table
+                    .get(key, SeqNo::MAX, hash)
+                    .map_err(|e| StorageError::engine("reading dedup")(e.into()))?;
+                if let Some(entry) = found {
+                    if entry.is_tombstone() {
+                        return Ok(None);
+                    }
+                    return Ok(parse_value(&entry.value)
+                        .filter(|(_, stored)| *stored == tenant.0)
+                        .map(|(first_seen, _)| first_seen));
                 }
-                return Ok(parse_value(&entry.value)
-                    .filter(|(_, stored)| *stored == tenant.0)
-                    .map(|(first_seen, _)| first_seen));
             }
         }
     }
@@ -186,87 +191,66 @@ fn parse_value(value: &[u8]) -> Option<(Micros, u64)> {
     Some((first_seen, tenant))
 }
 
-/// What the compaction filter needs to know of each tenant: its window in microseconds, or that
-/// it was deleted. Kept up to date by the tenant directory (and, for deletions before this start,
-/// from the tombstones); a tenant missing here keeps its entries (the safe side).
+/// Each tenant's dedup window, or that it was deleted. Kept up to date by the tenant directory
+/// (and, for deletions before this start, from the tombstones); the longest window, at least
+/// the default one, decides when a period of keys expires.
 #[derive(Clone, Default)]
-pub struct DedupWindows(Arc<RwLock<HashMap<u64, TenantWindow>>>);
+pub struct DedupWindows(Arc<RwLock<Windows>>);
+
+#[derive(Default)]
+struct Windows {
+    tenants: HashMap<u64, TenantWindow>,
+    /// The default window: keys are kept at least this long, whatever tenants are known.
+    floor: Duration,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TenantWindow {
-    Micros(i64),
+    Window(Duration),
     Deleted,
 }
 
 impl DedupWindows {
     pub fn set(&self, tenant: TenantId, window: Duration) {
-        let micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
-        self.put(tenant, TenantWindow::Micros(micros));
+        self.update(|windows| {
+            windows
+                .tenants
+                .insert(tenant.0, TenantWindow::Window(window));
+        });
     }
 
-    /// The tenant was deleted: compaction drops its entries.
+    /// The tenant was deleted: its window no longer keeps keys.
     pub fn deleted(&self, tenant: TenantId) {
-        self.put(tenant, TenantWindow::Deleted);
+        self.update(|windows| {
+            windows.tenants.insert(tenant.0, TenantWindow::Deleted);
+        });
     }
 
-    fn put(&self, tenant: TenantId, window: TenantWindow) {
+    /// Keys are kept at least `window` (the tenants' default window).
+    pub fn set_floor(&self, window: Duration) {
+        self.update(|windows| windows.floor = window);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Windows)) {
         let mut windows = self
             .0
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        windows.insert(tenant.0, window);
+        change(&mut windows);
     }
 
-    /// A copy for one compaction run, so items are filtered without locking.
-    fn snapshot(&self) -> HashMap<u64, TenantWindow> {
-        self.0
+    /// The longest window of any tenant not deleted, and at least the floor.
+    pub fn longest(&self) -> Duration {
+        let windows = self
+            .0
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-}
-
-/// Compaction filter factory that drops dedup entries older than their tenant's window (so the
-/// keyspace holds about one window of ids instead of every id ever seen) and those of deleted
-/// tenants.
-pub struct DedupExpiry {
-    pub windows: DedupWindows,
-}
-
-impl Factory for DedupExpiry {
-    fn name(&self) -> &str {
-        "dedup-expiry"
-    }
-
-    fn make_filter(&self, _ctx: &Context) -> Box<dyn CompactionFilter> {
-        Box::new(ExpiryFilter {
-            windows: self.windows.snapshot(),
-            now: now_micros(),
-        })
-    }
-}
-
-struct ExpiryFilter {
-    windows: HashMap<u64, TenantWindow>,
-    now: Micros,
-}
-
-impl CompactionFilter for ExpiryFilter {
-    fn filter_item(&mut self, item: ItemAccessor<'_>, _ctx: &Context) -> CompactionFilterResult {
-        let value = item.value()?;
-        let Some((first_seen, tenant)) = parse_value(&value) else {
-            return Ok(Verdict::Remove); // Not ours (an older layout): useless for lookups.
-        };
-        let expired = match self.windows.get(&tenant) {
-            None => false,
-            Some(TenantWindow::Deleted) => true,
-            Some(TenantWindow::Micros(window)) => self.now.saturating_sub(first_seen) >= *window,
-        };
-        Ok(if expired {
-            Verdict::Remove
-        } else {
-            Verdict::Keep
-        })
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (windows.tenants.values())
+            .filter_map(|window| match window {
+                TenantWindow::Window(window) => Some(*window),
+                TenantWindow::Deleted => None,
+            })
+            .fold(windows.floor, Duration::max)
     }
 }
 
@@ -288,13 +272,13 @@ pub(crate) mod tests {
 
     /// Puts keys into the tables, as the ingest thread does.
     pub(crate) fn into_tables(storage: &Storage, keys: &[DedupKey], now: Micros) {
+        let keyspace = storage.dedup.newest();
         for key in keys {
-            storage
-                .dedup
+            keyspace
                 .insert(key.to_vec(), value(TEST_TENANT, now).to_vec())
                 .unwrap();
         }
-        storage.dedup.rotate_memtable_and_wait().unwrap();
+        keyspace.rotate_memtable_and_wait().unwrap();
     }
 
     #[test]
@@ -438,49 +422,58 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn compaction_drops_entries_older_than_the_tenant_window() {
+    fn keys_are_found_in_every_period_that_may_hold_them_and_go_with_it() {
         let dir = tempfile::tempdir().unwrap();
-        let windows = DedupWindows::default();
-        let storage = Storage::open(dir.path(), 1 << 20, windows.clone()).unwrap();
-        let short = TenantId(1);
-        let long = TenantId(2);
-        let unknown = TenantId(3);
-        let deleted = TenantId(4);
-        windows.set(short, Duration::from_secs(60));
-        windows.set(long, Duration::from_secs(86_400));
-        windows.set(deleted, Duration::from_secs(86_400));
-        let now = now_micros();
-        let two_hours_ago = now - 7_200_000_000;
-        for tenant in [short, long, unknown, deleted] {
-            storage
-                .dedup
-                .insert(key(tenant, "old"), value(tenant, two_hours_ago).to_vec())
-                .unwrap();
-            storage
-                .dedup
-                .insert(key(tenant, "new"), value(tenant, now).to_vec())
-                .unwrap();
-        }
-        windows.deleted(deleted);
-        storage.dedup.rotate_memtable_and_wait().unwrap();
-        storage.dedup.major_compact().unwrap();
-        let present = |tenant, id| storage.dedup.contains_key(key(tenant, id)).unwrap();
-        assert!(!present(short, "old"), "expired entry survived compaction");
-        assert!(present(short, "new"));
-        assert!(present(long, "old"));
-        assert!(
-            present(unknown, "old"),
-            "entries of unknown tenants are kept"
-        );
-        assert!(
-            !present(deleted, "new"),
-            "a deleted tenant's entries are dropped"
-        );
-        assert_ne!(key(short, "new"), key(long, "new"), "keys are per tenant");
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let (mut index, _) = index();
+        let start = storage.dedup.all()[0].start;
         let minute = Duration::from_secs(60);
-        assert!(index
-            .seen_within(&storage, short, &key(short, "new"), now, minute)
+        let minute_micros = 60_000_000;
+        let (old, again, new) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        into_tables(&storage, &[old, again], start);
+        // A second period: `again` is seen again after a one-minute window.
+        assert!(storage
+            .dedup
+            .roll(start + 2 * minute_micros, minute)
             .unwrap());
+        into_tables(&storage, &[again, new], start + 2 * minute_micros);
+        let now = start + 2 * minute_micros + 1;
+        let seen = |index: &mut DedupIndex, key, window| {
+            index
+                .seen_within(&storage, TEST_TENANT, key, now, window)
+                .unwrap()
+        };
+        assert!(seen(&mut index, &old, minute * 3), "in the older period");
+        assert!(!seen(&mut index, &old, minute), "outside the window");
+        assert!(
+            seen(&mut index, &again, minute),
+            "the newer sighting counts"
+        );
+        assert!(seen(&mut index, &new, minute));
+        // The older period ended when the newer started: dropped once that is past the
+        // longest window, its keys with it.
+        assert_eq!(storage.dedup.expire(start + 2 * minute_micros).unwrap(), 1);
+        assert!(!seen(&mut index, &old, minute * 3));
+        assert!(seen(&mut index, &again, minute));
+    }
+
+    #[test]
+    fn the_longest_window_of_the_tenants_not_deleted_keeps_keys() {
+        let windows = DedupWindows::default();
+        let minute = Duration::from_secs(60);
+        assert_eq!(windows.longest(), Duration::ZERO);
+        windows.set_floor(minute);
+        windows.set(TenantId(1), minute * 10);
+        windows.set(TenantId(2), minute * 30);
+        assert_eq!(windows.longest(), minute * 30);
+        windows.deleted(TenantId(2));
+        assert_eq!(windows.longest(), minute * 10);
+        windows.set(TenantId(1), Duration::from_secs(1));
+        assert_eq!(windows.longest(), minute, "the floor");
+        assert_ne!(
+            key(TenantId(1), "a"),
+            key(TenantId(2), "a"),
+            "keys are per tenant"
+        );
     }
 }

@@ -16,27 +16,38 @@
 //! - The writer takes the current filter only after reading how far the ingest thread got, and
 //!   uses it until it forgets more keys.
 //!
-//! A filter cannot forget: keys that compaction expires stay in it. It is built with room for
-//! twice the keys the tables held, and rebuilt (in the background, by the `dedup-filter` thread)
-//! once that many have been added. Until the first build is done, and when the keys would need
-//! more memory than `storage.dedup_filter_memory`, lookups read the tables' own filters.
+//! A filter cannot forget, so filters come in generations (docs/decisions/0038). The ingest
+//! thread adds keys to the current filter and to a newer one, started later. Once the newer one
+//! is as old as the longest dedup window, it holds every key first seen within any window: it
+//! becomes the current one, the older is dropped and another is started. No key is read back
+//! for this. The `dedup-filter` thread builds a filter from the tables only at start, when the
+//! current filter holds more keys than it was sized for, and when a window grew longer than
+//! the current filter covers (until then lookups read the tables). Until the first build is
+//! done, and when the keys would need more memory than `storage.dedup_filter_memory`, lookups
+//! read the tables' own filters.
 
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use fastbloom::AtomicBloomFilter;
 
+use crate::event::Micros;
 use crate::storage::dedup::DedupKey;
 use crate::storage::{Storage, StorageError};
 
 /// False-positive rate a filter is sized for, when it holds as many keys as it has room for.
 const FALSE_POSITIVE_RATE: f64 = 0.01;
-/// Fewest keys a filter has room for (about 5 MB).
-const MIN_CAPACITY: u64 = 4 << 20;
+/// Fewest keys a filter has room for (about 19 MiB), and the room of the first filter built
+/// from the tables: enough that a server starting afresh under load needs no rebuild (a scan of
+/// every key) before its first generation has measured how many keys a window brings.
+const MIN_CAPACITY: u64 = 16 << 20;
+/// A generation is sized for this many times the keys its predecessor took in one window: it
+/// takes keys for two (one as the newer filter, one as the current).
+const GENERATION_ROOM: u64 = 3;
 /// Keys a build reads with one iterator; between chunks it checks whether the server is stopping.
 const SCAN_CHUNK_KEYS: u64 = 1 << 15;
 
@@ -45,15 +56,19 @@ pub struct KeyFilter {
     bloom: AtomicBloomFilter,
     capacity: u64,
     inserted: AtomicU64,
+    /// When this generation started taking keys; `None`: built from the tables (holds every
+    /// key they held).
+    since: Option<Micros>,
 }
 
 impl KeyFilter {
-    fn new(capacity: u64) -> KeyFilter {
+    fn new(capacity: u64, since: Option<Micros>) -> KeyFilter {
         let items = usize::try_from(capacity).unwrap_or(usize::MAX);
         KeyFilter {
             bloom: AtomicBloomFilter::with_false_pos(FALSE_POSITIVE_RATE).expected_items(items),
             capacity,
             inserted: AtomicU64::new(0),
+            since,
         }
     }
 
@@ -96,6 +111,11 @@ fn bytes_for(capacity: u64) -> u64 {
     u64::try_from(bits / 8).unwrap_or(u64::MAX)
 }
 
+/// Keys a filter of `bytes` has room for (about 9.6 bits a key at a 1% false-positive rate).
+fn capacity_for(bytes: u64) -> u64 {
+    bytes.saturating_mul(8) / 10
+}
+
 /// The filters shared by the log writer (reads), the ingest thread (adds keys) and the builder.
 #[derive(Clone)]
 pub struct KeyFilters(Arc<Shared>);
@@ -117,6 +137,9 @@ struct Shared {
 struct Slots {
     /// The filter lookups use; `None` until the first build, or when over the memory budget.
     current: Option<Arc<KeyFilter>>,
+    /// The next generation, started after the current one: the ingest thread adds its keys
+    /// here too.
+    newer: Option<Arc<KeyFilter>>,
     /// A filter being built: the ingest thread adds its keys here too.
     building: Option<Arc<KeyFilter>>,
 }
@@ -162,7 +185,10 @@ impl KeyFilters {
     /// thread only.
     pub fn add<'a>(&self, keys: impl Iterator<Item = &'a DedupKey> + Clone) {
         let slots = self.slots();
-        for filter in [&slots.current, &slots.building].into_iter().flatten() {
+        for filter in [&slots.current, &slots.newer, &slots.building]
+            .into_iter()
+            .flatten()
+        {
             let mut count = 0;
             for key in keys.clone() {
                 filter.insert(key);
@@ -171,6 +197,50 @@ impl KeyFilters {
             filter.inserted(count);
         }
         if slots.needs_build() {
+            let _ = self.0.rebuild.try_send(());
+        }
+    }
+
+    /// Moves the generations on at `now`, for dedup windows of at most `longest`: starts the
+    /// newer filter if there is none, and makes it current once it is `longest` old. Called by
+    /// the ingest thread only (the one that adds keys), so a generation holds every key added
+    /// since it started.
+    pub fn roll(&self, now: Micros, longest: Duration) {
+        let longest = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX);
+        let max_capacity = capacity_for(self.0.max_bytes);
+        let mut rebuild = false;
+        self.update(|slots| {
+            let Some(current) = &slots.current else {
+                return; // Built from the tables first.
+            };
+            if current
+                .since
+                .is_some_and(|since| now.saturating_sub(since) < longest)
+            {
+                // A window grew longer than the current filter covers: it may lack stored keys
+                // within it. Lookups read the tables until a filter is built from them.
+                slots.current = None;
+                slots.newer = None;
+                rebuild = true;
+                return;
+            }
+            let capacity = match &slots.newer {
+                None => current.capacity,
+                Some(newer)
+                    if newer
+                        .since
+                        .is_some_and(|s| now.saturating_sub(s) >= longest) =>
+                {
+                    let taken = newer.inserted.load(Ordering::Relaxed);
+                    slots.current = slots.newer.take();
+                    taken.saturating_mul(GENERATION_ROOM)
+                }
+                Some(_) => return,
+            };
+            let capacity = capacity.clamp(MIN_CAPACITY.min(max_capacity), max_capacity);
+            slots.newer = Some(Arc::new(KeyFilter::new(capacity, Some(now))));
+        });
+        if rebuild {
             let _ = self.0.rebuild.try_send(());
         }
     }
@@ -198,7 +268,7 @@ impl KeyFilters {
             return Ok(None);
         }
         self.0.over_budget.store(false, Ordering::Relaxed);
-        let filter = Arc::new(KeyFilter::new(capacity));
+        let filter = Arc::new(KeyFilter::new(capacity, None));
         // Registered before the scan starts: what the scan misses, the ingest thread adds.
         self.update(|slots| slots.building = Some(Arc::clone(&filter)));
         let scanned = scan_into(storage, &filter, stopping);
@@ -229,7 +299,7 @@ impl KeyFilters {
     }
 }
 
-/// Puts every key of the `dedup` keyspace into `filter`; `None` if the server began to stop.
+/// Puts every key of every period of dedup keys into `filter`; `None` if the server began to stop.
 ///
 /// In chunks of [`SCAN_CHUNK_KEYS`], each with an iterator of its own: an open iterator holds a
 /// snapshot, and one held for the whole scan (seconds, at low priority under load) would keep
@@ -241,29 +311,32 @@ fn scan_into(
     stopping: &AtomicBool,
 ) -> Result<Option<u64>, fjall::Error> {
     let mut scanned = 0u64;
-    let mut after: Bound<DedupKey> = Bound::Unbounded;
-    loop {
-        let mut chunk = 0;
-        for guard in storage.dedup.range((after, Bound::Unbounded)) {
-            let key = guard.key()?;
-            let Ok(key) = DedupKey::try_from(&key[..]) else {
-                continue; // Not a dedup key of this layout: never looked up.
-            };
-            filter.insert(&key);
-            after = Bound::Excluded(key);
-            chunk += 1;
-            if chunk == SCAN_CHUNK_KEYS {
+    for period in storage.dedup.all().iter() {
+        let mut after: Bound<DedupKey> = Bound::Unbounded;
+        loop {
+            let mut chunk = 0;
+            for guard in period.keyspace.range((after, Bound::Unbounded)) {
+                let key = guard.key()?;
+                let Ok(key) = DedupKey::try_from(&key[..]) else {
+                    continue; // Not a dedup key of this layout: never looked up.
+                };
+                filter.insert(&key);
+                after = Bound::Excluded(key);
+                chunk += 1;
+                if chunk == SCAN_CHUNK_KEYS {
+                    break;
+                }
+            }
+            scanned += chunk;
+            if stopping.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            if chunk < SCAN_CHUNK_KEYS {
                 break;
             }
         }
-        scanned += chunk;
-        if chunk < SCAN_CHUNK_KEYS {
-            return Ok(Some(scanned));
-        }
-        if stopping.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
     }
+    Ok(Some(scanned))
 }
 
 /// The `dedup-filter` thread: builds the first filter at start and a new one whenever the
@@ -393,7 +466,7 @@ pub(crate) mod tests {
     #[test]
     fn keys_added_during_a_build_reach_the_new_filter() {
         let filters = KeyFilters::new(64 << 20);
-        let building = Arc::new(KeyFilter::new(1_000));
+        let building = Arc::new(KeyFilter::new(1_000, None));
         filters.update(|slots| slots.building = Some(Arc::clone(&building)));
         let added = keys("during", 100);
         filters.add(added.iter());
@@ -418,7 +491,7 @@ pub(crate) mod tests {
             let run = keys(&format!("run{round}-"), 50);
             for key in &run {
                 let value = dedup::value(TenantId(1), 1);
-                storage.dedup.insert(&key[..], &value[..]).unwrap();
+                storage.dedup.newest().insert(&key[..], &value[..]).unwrap();
             }
             filters.add(run.iter());
             added.extend(run);
@@ -444,7 +517,7 @@ pub(crate) mod tests {
             filters.0.requests.try_recv().is_ok(),
             "without a filter, one is asked for"
         );
-        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10))));
+        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10, None))));
         filters.add(keys("a", 10).iter());
         assert!(filters.0.requests.try_recv().is_err(), "not full yet");
         filters.add(keys("b", 1).iter());
@@ -461,12 +534,58 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let filters = KeyFilters::new(1 << 20);
-        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10))));
+        filters.update(|slots| slots.current = Some(Arc::new(KeyFilter::new(10, None))));
         assert_eq!(
             filters.build(&storage, &AtomicBool::new(false)).unwrap(),
             None
         );
         assert!(filters.current().is_none());
+    }
+
+    #[test]
+    fn generations_take_over_once_they_cover_the_longest_window() {
+        let filters = KeyFilters::new(64 << 20);
+        let hour = Duration::from_secs(3600);
+        let hour_micros = 3_600_000_000;
+        filters.roll(0, hour);
+        assert!(
+            filters.current().is_none(),
+            "nothing before the first build"
+        );
+        let built = Arc::new(KeyFilter::new(1_000, None));
+        filters.update(|slots| slots.current = Some(Arc::clone(&built)));
+        let before = keys("before", 100);
+        filters.add(before.iter());
+
+        // The first generation starts; keys go into both filters.
+        filters.roll(10, hour);
+        let first = filters.slots().newer.unwrap();
+        assert_eq!(first.since, Some(10));
+        let during = keys("during", 100);
+        filters.add(during.iter());
+        assert!(during.iter().all(|key| first.may_contain(key)));
+        assert!(false_positives(&first, &before) < 10, "it starts empty");
+
+        // Not yet an hour old: the built filter stays current.
+        filters.roll(10 + hour_micros - 1, hour);
+        assert!(Arc::ptr_eq(&filters.current().unwrap(), &built));
+        // An hour old: it holds every key first seen within the hour and takes over; the next
+        // generation is sized for three times what it took.
+        filters.roll(10 + hour_micros, hour);
+        assert!(Arc::ptr_eq(&filters.current().unwrap(), &first));
+        let second = filters.slots().newer.unwrap();
+        assert_eq!(second.since, Some(10 + hour_micros));
+        assert_eq!(second.capacity, MIN_CAPACITY, "at least the smallest room");
+        assert!(filters.0.requests.try_recv().is_err(), "no build asked for");
+
+        // A window longer than the current generation covers: no filter until one is built.
+        filters.roll(10 + hour_micros + 1, hour * 2);
+        assert!(filters.current().is_none());
+        assert!(filters.slots().newer.is_none());
+        assert!(
+            filters.0.requests.try_recv().is_ok(),
+            "a build is asked for"
+        );
     }
 
     #[test]

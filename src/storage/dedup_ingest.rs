@@ -34,7 +34,7 @@ use crate::event::last_seq_of;
 use crate::ids::TenantId;
 use crate::storage::dedup::{self, DedupKey};
 use crate::storage::dedup_filter::{FilterBuilder, KeyFilters};
-use crate::storage::{event_log, meta, Storage, StorageError};
+use crate::storage::{dedup_periods, event_log, meta, Storage, StorageError};
 use crate::telemetry;
 
 /// Keys gathered before they are written as one table (8 MiB of keys and values). Until then
@@ -202,6 +202,7 @@ fn run(
     max_age: Duration,
 ) -> Result<(), StorageError> {
     let mut pending = Pending::default();
+    let mut periods = PeriodUpkeep::default();
     let mut asked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     loop {
         match received.recv_timeout(pending.wait(max_age)) {
@@ -219,6 +220,7 @@ fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         }
         storage.health.checkpoint("dedup-ingest");
+        periods.tend(storage, filters)?;
         if pending.due(max_age) || !asked.is_empty() {
             pending.ingest(storage, ingested, filters)?;
             for reply in asked.drain(..) {
@@ -230,6 +232,36 @@ fn run(
     // clean stop leaves nothing for the next start to recover.
     pending.ingest(storage, ingested, filters)?;
     storage.persist(true)
+}
+
+/// Starts and drops the periods of dedup keys ([`dedup_periods`](super::dedup_periods)), and the
+/// generations of the in-memory filter with them, at most once a second.
+#[derive(Default)]
+struct PeriodUpkeep {
+    last: Option<Instant>,
+}
+
+impl PeriodUpkeep {
+    fn tend(&mut self, storage: &Storage, filters: &KeyFilters) -> Result<(), StorageError> {
+        if self
+            .last
+            .is_some_and(|last| last.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.last = Some(Instant::now());
+        let now = crate::event::now_micros();
+        let longest = storage.dedup_windows.longest();
+        let longest_micros = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX);
+        (storage.dedup)
+            .roll(now, dedup_periods::period_length(longest))
+            .and_then(|_| storage.dedup.expire(now.saturating_sub(longest_micros)))
+            .map_err(StorageError::engine(
+                "starting or dropping a period of dedup keys",
+            ))?;
+        filters.roll(now, longest);
+        Ok(())
+    }
 }
 
 /// Writes `entries` into the dedup tables as one run, then advances the tenants' watermarks to
@@ -252,7 +284,8 @@ fn ingest(
     }
     let failed = StorageError::engine("ingesting dedup keys");
     let written = (|| {
-        let mut ingestion = storage.dedup.start_ingestion()?;
+        let keyspace = storage.dedup.newest();
+        let mut ingestion = keyspace.start_ingestion()?;
         for (key, value) in entries.iter() {
             ingestion.write(&key[..], &value[..])?;
         }
@@ -342,7 +375,7 @@ mod tests {
     use fjall::AbstractTree;
 
     fn first_seen(storage: &Storage, key: DedupKey) -> Option<i64> {
-        let value = storage.dedup.get(key).unwrap()?;
+        let value = storage.dedup.newest().get(key).unwrap()?;
         Some(i64::from_be_bytes(value[..8].try_into().unwrap()))
     }
 
@@ -491,7 +524,7 @@ mod tests {
             "ingested keys are in the filter"
         );
         assert_eq!(
-            storage.dedup.tree.active_memtable().size(),
+            storage.dedup.newest().tree.active_memtable().size(),
             0,
             "no memtable writes"
         );

@@ -158,7 +158,7 @@ impl FjallLog {
 
     /// Whether a reclaim compaction is running (tests wait for it).
     #[cfg(test)]
-    fn reclaiming(&self) -> bool {
+    pub(in crate::storage) fn reclaiming(&self) -> bool {
         self.reclaim.running.load(Ordering::SeqCst)
     }
 

@@ -29,6 +29,7 @@ pub mod deadletters;
 pub mod dedup;
 pub mod dedup_filter;
 pub mod dedup_ingest;
+pub mod dedup_periods;
 pub mod disk;
 pub mod event_log;
 pub mod fjall_log;
@@ -128,14 +129,14 @@ pub struct Storage {
     /// as the handles.
     _dedup_db: Database,
     log: Arc<FjallLog>,
-    pub(in crate::storage) dedup: Keyspace,
+    pub(in crate::storage) dedup: dedup_periods::DedupPeriods,
     pub(in crate::storage) meta: Keyspace,
     pub(in crate::storage) rollup_counts: Keyspace,
     pub(in crate::storage) rollup_users: Keyspace,
     pub(in crate::storage) deadletters: Keyspace,
     /// Bytes of each tenant's dead letters, once measured.
     deadletter_sizes: deadletters::DeadLetterSizes,
-    /// Tenants' dedup windows, read by the dedup expiry compaction filter.
+    /// Tenants' dedup windows: the longest decides when a period of dedup keys expires.
     pub dedup_windows: dedup::DedupWindows,
     /// Per-tenant lock that fences rollup flushes and deletions (see [`rollups::flush`]).
     rollup_locks: Arc<dashmap::DashMap<TenantId, Arc<std::sync::Mutex<()>>>>,
@@ -192,29 +193,24 @@ impl Storage {
             .manual_journal_persist(true)
             .journal_compression(fjall::CompressionType::None)
             .max_cached_files(Some(dedup_files))
-            .with_compaction_filter_factories({
-                let windows = dedup_windows.clone();
-                Arc::new(move |keyspace: &str| {
-                    let factory: Arc<dyn fjall::compaction::filter::Factory> =
-                        Arc::new(dedup::DedupExpiry {
-                            windows: windows.clone(),
-                        });
-                    (keyspace == "dedup").then_some(factory)
-                })
-            })
             .open()
-            .map_err(open_error)?;
+            .map_err(|source| StorageError::Open {
+                path: path.join(DEDUP_DIR),
+                source,
+            })?;
         // The dedup database's directory entry must survive a power failure like its tables.
         std::fs::File::open(path)
             .and_then(|dir| dir.sync_all())
             .map_err(|e| open_error(fjall::Error::Io(e)))?;
-        // Random keys, one point read per event; written by bulk ingestion (`dedup_ingest`).
-        let dedup = dedup_db
-            .keyspace("dedup", memtable(DEDUP_MEMTABLE_BYTES))
-            .map_err(open_error)?;
         if db.keyspace_exists("dedup") {
-            move_dedup_keyspace(&db, &dedup).map_err(open_error)?;
+            let undivided = dedup_db
+                .keyspace(dedup_periods::UNDIVIDED, memtable(DEDUP_MEMTABLE_BYTES))
+                .map_err(open_error)?;
+            move_dedup_keyspace(&db, &undivided).map_err(open_error)?;
         }
+        // Random keys, written by bulk ingestion (`dedup_ingest`), a keyspace per period.
+        let dedup = dedup_periods::DedupPeriods::open(dedup_db.clone(), crate::event::now_micros())
+            .map_err(open_error)?;
         let meta = db
             .keyspace("meta", memtable(SMALL_MEMTABLE_BYTES))
             .map_err(open_error)?;
@@ -295,10 +291,10 @@ impl Storage {
     }
 
     /// Every keyspace, in a fixed order, with its memtable size.
-    pub(crate) fn keyspaces(&self) -> [(&Keyspace, u64); 6] {
+    /// (The dedup keys' keyspaces are written by bulk ingestion only: no memtable to seal.)
+    pub(crate) fn keyspaces(&self) -> [(&Keyspace, u64); 5] {
         [
             (self.log.keyspace(), LOG_MEMTABLE_BYTES),
-            (&self.dedup, DEDUP_MEMTABLE_BYTES),
             (&self.rollup_users, ROLLUP_MEMTABLE_BYTES),
             (&self.rollup_counts, SMALL_MEMTABLE_BYTES),
             (&self.meta, SMALL_MEMTABLE_BYTES),
@@ -309,7 +305,9 @@ impl Storage {
     /// Moves everything written into compacted on-disk tables, as a long-running server has its
     /// older data: for benchmarks and tests that read such data. Blocking.
     pub fn settle(&self) -> Result<(), StorageError> {
-        for (keyspace, _) in self.keyspaces() {
+        let periods = self.dedup.all();
+        let dedup = periods.iter().map(|period| &period.keyspace);
+        for keyspace in self.keyspaces().into_iter().map(|(k, _)| k).chain(dedup) {
             keyspace
                 .rotate_memtable_and_wait()
                 .and_then(|()| keyspace.major_compact())
@@ -356,8 +354,8 @@ pub(crate) fn persist_journal(db: &Database, fsync: bool) -> Result<(), StorageE
 }
 
 /// Deletes a tenant's log, dedup watermark and rollups, durably; returns the number of log
-/// entries. (Its dedup entries, message-id hashes keyed without a tenant prefix, are dropped by
-/// compaction: see [`dedup::DedupExpiry`].) Blocking, and must only run once the log writer has
+/// entries. (Its dedup entries, message-id hashes keyed without a tenant prefix, go with their
+/// periods: see [`dedup_periods`].) Blocking, and must only run once the log writer has
 /// sealed the tenant (or at start-up).
 pub fn purge_tenant(storage: &Storage, tenant: TenantId) -> Result<u64, StorageError> {
     storage.dedup_windows.deleted(tenant);

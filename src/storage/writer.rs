@@ -1229,21 +1229,13 @@ pub(crate) mod tests {
                 .unwrap()
                 .is_empty());
             assert_eq!(storage.log().head(tenant).unwrap(), 3);
-        }
-        // The deletion's space reclaim runs on a thread of its own, which holds the database
-        // (and its lock) until it ends.
-        let started = Instant::now();
-        let storage = loop {
-            match Storage::open(dir.path(), 1 << 20, Default::default()) {
-                Err(StorageError::Open {
-                    source: fjall::Error::Locked,
-                    ..
-                }) if started.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                opened => break opened.unwrap(),
+            // The deletion's space reclaim runs on a thread of its own, which waits for the
+            // engine's workers: they stop when the database is dropped.
+            while storage.log.reclaiming() {
+                std::thread::sleep(Duration::from_millis(20));
             }
-        };
+        }
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
         let writer = LogWriter::start(storage.clone(), options()).unwrap();
         let third = append(&writer, tenant, &["d", "e"]).await;
         assert_eq!(
