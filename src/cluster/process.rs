@@ -663,13 +663,13 @@ impl ProcessNode {
                         pending.insert(processed.tenant, last);
                         {
                             let mut tenants = copy.tenants();
-                            let tenant = tenants.entry(processed.tenant).or_insert_with(|| {
-                                // Compaction expires a local id's dedup keys with this window.
+                            let tenant = tenants.entry(processed.tenant).or_default();
+                            tenant.head = last;
+                            if processed.dedup_window > tenant.window {
+                                // The local id's dedup keys are kept this long at least.
                                 (self.storage.dedup_windows)
                                     .set(processed.local, processed.dedup_window);
-                                TenantCopy::default()
-                            });
-                            tenant.head = last;
+                            }
                             tenant.window = tenant.window.max(processed.dedup_window);
                         }
                         let state = states.get(&processed.tenant);

@@ -1,12 +1,12 @@
-//! The `dedup` keyspace: which messageIds a tenant has already stored.
+//! The dedup keys: which messageIds a tenant has already stored.
 //!
 //! Key `xxh3-128(messageId, seeded with the tenant id)` (16 bytes), value the first-seen time
 //! (big-endian i64 microseconds) followed by the tenant id. An id seen within the tenant's window
 //! is a duplicate; an older entry is overwritten and the event counts as new. One lookup and one
 //! key per event, written by the [`dedup_ingest`](super::dedup_ingest) thread. The lookup reads
-//! the writer's own index of the keys not yet written ([`DedupIndex`]), then one in-memory
-//! filter of every key the tables hold ([`dedup_filter`](super::dedup_filter)), which answers the
-//! common "never seen" without touching the tables, and only then the tables.
+//! the writer's own index of the keys not yet written ([`DedupIndex`]), then an in-memory filter
+//! of every key the tables hold within the longest window ([`dedup_filter`](super::dedup_filter)),
+//! which answers the common "never seen" without touching the tables, and only then the tables.
 //!
 //! Why this key: a 16-byte key is stored inline by the engine (no pointer to chase per
 //! comparison), and starting with random hash bits, most comparisons (in the ingest thread's
@@ -103,15 +103,16 @@ impl DedupIndex {
         now: Micros,
         window: Duration,
     ) -> Result<bool, StorageError> {
+        let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+        let since = now.saturating_sub(window_micros);
+        // A filter that may lack keys of this window (it grew, or this clock is behind the
+        // filter's) is passed by: the tables answer.
+        let filter = (self.filter.as_ref()).filter(|filter| filter.covers(since));
         let first_seen = match self.recent.get(key) {
             Some((first_seen, _, owner)) if *owner == tenant => Some(*first_seen),
-            _ if self.filter.as_ref().is_some_and(|f| !f.may_contain(key)) => None,
-            _ => {
-                let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
-                tables_get(storage, tenant, key, now.saturating_sub(window_micros))?
-            }
+            _ if filter.is_some_and(|f| !f.may_contain(key)) => None,
+            _ => tables_get(storage, tenant, key, since)?,
         };
-        let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
         Ok(first_seen.is_some_and(|first_seen| now.saturating_sub(first_seen) < window_micros))
     }
 
@@ -455,6 +456,34 @@ pub(crate) mod tests {
         assert_eq!(storage.dedup.expire(start + 2 * minute_micros).unwrap(), 1);
         assert!(!seen(&mut index, &old, minute * 3));
         assert!(seen(&mut index, &again, minute));
+    }
+
+    #[test]
+    fn a_filter_younger_than_the_window_is_passed_by() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        let (mut index, _) = index();
+        let hour = Duration::from_secs(3600);
+        let hour_micros = 3_600_000_000;
+        let (stored, added) = ([1u8; 16], [2u8; 16]);
+        let now = 12 * hour_micros;
+        // Both in the tables, first seen 20 minutes ago.
+        into_tables(&storage, &[stored, added], now - hour_micros / 3);
+        // A generation started at 10 h holds only `added`.
+        let since = 10 * hour_micros;
+        let generation = KeyFilter::new(1_000, Some(since));
+        generation.insert(&added);
+        index.filter = Some(Arc::new(generation));
+        let lookup = |index: &mut DedupIndex, key, window| {
+            index
+                .seen_within(&storage, TEST_TENANT, key, now, window)
+                .unwrap()
+        };
+        // A window the generation covers: it answers (and holds only what it was given).
+        assert!(lookup(&mut index, &added, hour));
+        assert!(!lookup(&mut index, &stored, hour));
+        // A window reaching back before the generation (and its margin): the tables answer.
+        assert!(lookup(&mut index, &stored, hour * 3));
     }
 
     #[test]

@@ -45,6 +45,9 @@ const FALSE_POSITIVE_RATE: f64 = 0.01;
 /// from the tables: enough that a server starting afresh under load needs no rebuild (a scan of
 /// every key) before its first generation has measured how many keys a window brings.
 const MIN_CAPACITY: u64 = 16 << 20;
+/// See [`KeyFilter::covers`]; a generation takes over once it covers the longest window by
+/// this much.
+const CLOCK_MARGIN: Micros = 60_000_000;
 /// A generation is sized for this many times the keys its predecessor took in one window: it
 /// takes keys for two (one as the newer filter, one as the current).
 const GENERATION_ROOM: u64 = 3;
@@ -62,7 +65,7 @@ pub struct KeyFilter {
 }
 
 impl KeyFilter {
-    fn new(capacity: u64, since: Option<Micros>) -> KeyFilter {
+    pub(in crate::storage) fn new(capacity: u64, since: Option<Micros>) -> KeyFilter {
         let items = usize::try_from(capacity).unwrap_or(usize::MAX);
         KeyFilter {
             bloom: AtomicBloomFilter::with_false_pos(FALSE_POSITIVE_RATE).expected_items(items),
@@ -72,12 +75,22 @@ impl KeyFilter {
         }
     }
 
+    /// Whether this filter holds every stored key first seen at or after `since`: it was built
+    /// from the tables, or started taking keys [`CLOCK_MARGIN`] before. A key is first seen
+    /// before it is added, so a generation lacks only keys first seen before it started; the
+    /// margin covers a lookup clock ahead of this one (a process node's lookups use the ingest
+    /// node's receive time).
+    pub fn covers(&self, since: Micros) -> bool {
+        self.since
+            .is_none_or(|start| since >= start.saturating_add(CLOCK_MARGIN))
+    }
+
     /// Whether the key may be in the tables (`false`: certainly not).
     pub fn may_contain(&self, key: &DedupKey) -> bool {
         self.bloom.contains_hash(hash(key))
     }
 
-    fn insert(&self, key: &DedupKey) {
+    pub(in crate::storage) fn insert(&self, key: &DedupKey) {
         self.bloom.insert_hash(hash(key));
     }
 
@@ -213,10 +226,7 @@ impl KeyFilters {
             let Some(current) = &slots.current else {
                 return; // Built from the tables first.
             };
-            if current
-                .since
-                .is_some_and(|since| now.saturating_sub(since) < longest)
-            {
+            if !current.covers(now.saturating_sub(longest)) {
                 // A window grew longer than the current filter covers: it may lack stored keys
                 // within it. Lookups read the tables until a filter is built from them.
                 slots.current = None;
@@ -226,11 +236,7 @@ impl KeyFilters {
             }
             let capacity = match &slots.newer {
                 None => current.capacity,
-                Some(newer)
-                    if newer
-                        .since
-                        .is_some_and(|s| now.saturating_sub(s) >= longest) =>
-                {
+                Some(newer) if newer.covers(now.saturating_sub(longest)) => {
                     let taken = newer.inserted.load(Ordering::Relaxed);
                     slots.current = slots.newer.take();
                     taken.saturating_mul(GENERATION_ROOM)
@@ -566,20 +572,23 @@ pub(crate) mod tests {
         assert!(during.iter().all(|key| first.may_contain(key)));
         assert!(false_positives(&first, &before) < 10, "it starts empty");
 
-        // Not yet an hour old: the built filter stays current.
-        filters.roll(10 + hour_micros - 1, hour);
+        // Not yet an hour (and the clock margin) old: the built filter stays current.
+        let covered = 10 + hour_micros + CLOCK_MARGIN;
+        filters.roll(covered - 1, hour);
         assert!(Arc::ptr_eq(&filters.current().unwrap(), &built));
-        // An hour old: it holds every key first seen within the hour and takes over; the next
+        // Old enough: it holds every key first seen within the hour and takes over; the next
         // generation is sized for three times what it took.
-        filters.roll(10 + hour_micros, hour);
+        filters.roll(covered, hour);
         assert!(Arc::ptr_eq(&filters.current().unwrap(), &first));
+        assert!(first.covers(covered - hour_micros));
+        assert!(!first.covers(covered - hour_micros - 1));
         let second = filters.slots().newer.unwrap();
-        assert_eq!(second.since, Some(10 + hour_micros));
+        assert_eq!(second.since, Some(covered));
         assert_eq!(second.capacity, MIN_CAPACITY, "at least the smallest room");
         assert!(filters.0.requests.try_recv().is_err(), "no build asked for");
 
         // A window longer than the current generation covers: no filter until one is built.
-        filters.roll(10 + hour_micros + 1, hour * 2);
+        filters.roll(covered + 1, hour * 2);
         assert!(filters.current().is_none());
         assert!(filters.slots().newer.is_none());
         assert!(

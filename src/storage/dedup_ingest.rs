@@ -255,10 +255,11 @@ impl PeriodUpkeep {
         let longest_micros = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX);
         (storage.dedup)
             .roll(now, dedup_periods::period_length(longest))
-            .and_then(|_| storage.dedup.expire(now.saturating_sub(longest_micros)))
-            .map_err(StorageError::engine(
-                "starting or dropping a period of dedup keys",
-            ))?;
+            .map_err(StorageError::engine("starting a period of dedup keys"))?;
+        if let Err(error) = storage.dedup.expire(now.saturating_sub(longest_micros)) {
+            // Expired keys only take space until the next try.
+            tracing::warn!(%error, "dropping a period of dedup keys failed; tried again later");
+        }
         filters.roll(now, longest);
         Ok(())
     }

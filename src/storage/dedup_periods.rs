@@ -28,15 +28,14 @@ pub const UNDIVIDED: &str = "dedup";
 /// A period's keyspace is named this followed by its start (microseconds since the epoch).
 const PERIOD_PREFIX: &str = "dedup-since-";
 
-/// Shortest and longest period: at most one new keyspace a minute however short the windows,
-/// and at most a day's keys rewritten together by compactions however long they are.
+/// Shortest period: at most one new keyspace a minute however short the windows.
 const SHORTEST_PERIOD: Duration = Duration::from_secs(60);
-const LONGEST_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
-/// A period lasts an eighth of the longest window: a lookup reads at most nine of them, and the
-/// keys kept past their window are at most an eighth more than the window's.
+/// A period lasts an eighth of the longest window (at least a minute): a lookup reads at most
+/// nine of them, and the keys kept past their window are at most an eighth more than the
+/// window's.
 pub fn period_length(longest_window: Duration) -> Duration {
-    (longest_window / 8).clamp(SHORTEST_PERIOD, LONGEST_PERIOD)
+    (longest_window / 8).max(SHORTEST_PERIOD)
 }
 
 /// One period's keys.
@@ -148,28 +147,36 @@ impl DedupPeriods {
     }
 
     /// Deletes every period (the newest excepted) that ended at or before `horizon`: all its
-    /// keys were first seen before then. Returns how many were deleted. Lookups that still hold
-    /// a deleted period read it until they end; its files go after that.
+    /// keys were first seen before then. Returns how many were deleted; after a failure, the
+    /// periods not deleted stay and are tried again next time. Lookups that still hold a
+    /// deleted period read it until they end; its files go after that.
     pub fn expire(&self, horizon: Micros) -> fjall::Result<usize> {
         let all = self.all();
         let ended = all
             .windows(2)
             .take_while(|pair| pair[1].start <= horizon)
             .count();
-        if ended == 0 {
-            return Ok(0);
-        }
-        self.update(|periods| {
-            periods.drain(..ended);
-        });
+        let mut deleted = 0;
+        let mut failed = None;
         for period in &all[..ended] {
-            self.db.delete_keyspace(period.keyspace.clone())?;
+            match self.db.delete_keyspace(period.keyspace.clone()) {
+                Ok(()) => deleted += 1,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
             tracing::info!(
                 period_start = period.start,
                 "dropped the dedup keys of a period past every window"
             );
         }
-        Ok(ended)
+        if deleted > 0 {
+            self.update(|periods| {
+                periods.drain(..deleted);
+            });
+        }
+        failed.map_or(Ok(deleted), Err)
     }
 
     /// Keys in all periods, roughly.
@@ -264,6 +271,6 @@ mod tests {
         let day = Duration::from_secs(24 * 3600);
         assert_eq!(period_length(day), Duration::from_secs(3 * 3600));
         assert_eq!(period_length(Duration::from_secs(10)), SHORTEST_PERIOD);
-        assert_eq!(period_length(day * 30), LONGEST_PERIOD);
+        assert_eq!(period_length(day * 32), day * 4);
     }
 }

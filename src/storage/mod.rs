@@ -3,8 +3,9 @@
 //!
 //! - `log`: the durable event log, reached only through the [`event_log::EventLog`] seam; its
 //!   embedded implementation is [`fjall_log`], written by the [`writer`] thread (group commit).
-//! - `dedup`: `xxh3-128(messageId, tenant)` → first-seen time ‖ tenant; see [`dedup`] and
-//!   [`dedup_ingest`], the thread that writes it. It lives in a database of its own (directory
+//! - dedup keys: `xxh3-128(messageId, tenant)` → first-seen time ‖ tenant, a keyspace per
+//!   period of time ([`dedup_periods`]); see [`dedup`] and [`dedup_ingest`], the thread that
+//!   writes them. They live in a database of their own (directory
 //!   [`DEDUP_DIR`] inside the main one), because fjall holds a database's journal lock while it
 //!   finishes a bulk ingestion, fsync of the new table included, and the log writer's appends
 //!   would wait for it (docs/decisions/0004). Data dirs with `dedup` in the main database are
@@ -20,8 +21,8 @@
 //! and fsync (group commit), and metadata writes persist themselves. Nothing writes the dedup
 //! database's journal: its keys arrive by bulk ingestion only.
 //!
-//! There is no way back to a version from before the dedup database: it would not look in
-//! `db/dedup` and would count retries of earlier events again.
+//! There is no way back to a version from before the dedup database, nor from before the
+//! periods: it would not find the keys and would count retries of earlier events again.
 
 pub mod codec;
 pub mod cold;

@@ -1235,7 +1235,19 @@ pub(crate) mod tests {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let storage = Storage::open(dir.path(), 1 << 20, Default::default()).unwrap();
+        // That thread holds the database (and its lock) until it has ended.
+        let started = Instant::now();
+        let storage = loop {
+            match Storage::open(dir.path(), 1 << 20, Default::default()) {
+                Err(StorageError::Open {
+                    source: fjall::Error::Locked,
+                    ..
+                }) if started.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                opened => break opened.unwrap(),
+            }
+        };
         let writer = LogWriter::start(storage.clone(), options()).unwrap();
         let third = append(&writer, tenant, &["d", "e"]).await;
         assert_eq!(
