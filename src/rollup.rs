@@ -556,9 +556,17 @@ impl PendingUsers {
     }
 
     /// [`PendingUsers::insert`], switching to a sketch at `max_hashes` hashes.
+    ///
+    /// A user's events repeat its hash, so a full list drops its repeats before it grows: it
+    /// then takes at most twice its distinct users' room, where it grew with every event (and
+    /// turned into a dense sketch after 8192 events of a few hundred users).
     fn insert_up_to(&mut self, hash: u64, max_hashes: usize) {
         match self {
             PendingUsers::Hashes(hashes) => {
+                if hashes.len() == hashes.capacity() && hashes.len() >= 64 {
+                    hashes.sort_unstable();
+                    hashes.dedup();
+                }
                 hashes.push(hash);
                 if hashes.len() >= max_hashes {
                     self.make_sketch();
@@ -1060,6 +1068,23 @@ mod tests {
             }
             prop_assert_eq!(at, to);
         }
+    }
+
+    #[test]
+    fn repeated_users_stay_a_short_list() {
+        let mut pending = PendingUsers::default();
+        // 100,000 events of 500 users: far past the 8192 hashes a list holds.
+        for event in 0..100_000u64 {
+            let hash = crate::enrich::user_hash(&[3; 32], &(event % 500).to_string());
+            pending.insert(hash);
+        }
+        let PendingUsers::Hashes(hashes) = &pending else {
+            panic!("500 users became a sketch");
+        };
+        assert!(hashes.capacity() <= 2048, "capacity {}", hashes.capacity());
+        let mut sketch = Sketch::new();
+        pending.add_to(&mut sketch);
+        assert!(estimate(&sketch).abs_diff(500) <= 5, "{}", estimate(&sketch));
     }
 
     #[test]
