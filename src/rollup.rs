@@ -1084,7 +1084,11 @@ mod tests {
         assert!(hashes.capacity() <= 2048, "capacity {}", hashes.capacity());
         let mut sketch = Sketch::new();
         pending.add_to(&mut sketch);
-        assert!(estimate(&sketch).abs_diff(500) <= 5, "{}", estimate(&sketch));
+        assert!(
+            estimate(&sketch).abs_diff(500) <= 5,
+            "{}",
+            estimate(&sketch)
+        );
     }
 
     #[test]
