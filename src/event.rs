@@ -305,6 +305,11 @@ pub fn format_timestamp(micros: Micros) -> String {
 }
 
 /// Now, in microseconds.
+/// A duration in microseconds, saturated at `Micros::MAX` (windows, retentions, tolerances).
+pub fn duration_micros(duration: std::time::Duration) -> Micros {
+    Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
+}
+
 pub fn now_micros() -> Micros {
     i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }

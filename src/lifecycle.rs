@@ -15,7 +15,7 @@ use crate::blocking::{self, BlockingError};
 use crate::cluster::commands::Command;
 use crate::cluster::partition_of;
 use crate::erasure::{self, ErasureJob, JobStatus, Requester};
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 use crate::ids::TenantId;
 use crate::query::QueryCache;
 use crate::ratelimit::RateLimits;
@@ -301,7 +301,7 @@ impl TenantLifecycle {
     ) -> Result<u64, LifecycleError> {
         let started = crate::event::now_micros();
         self.settle_watermarks(id).await?;
-        let retention = Micros::try_from(hot_retention.as_micros()).unwrap_or(Micros::MAX);
+        let retention = duration_micros(hot_retention);
         self.live_tenant(id)?;
         let due = Due::received_before(started.saturating_sub(retention));
         (self.pipelines.pipeline(id).flush_cold(due).await).map_err(LifecycleError::Cold)

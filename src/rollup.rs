@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{EventExtras, EventKind, LogBatchView, Micros, StoredEvent};
+use crate::event::{duration_micros, EventExtras, EventKind, LogBatchView, Micros, StoredEvent};
 use crate::identity::{Link, LinkKind};
 
 /// Distinct-user sketch.
@@ -524,7 +524,7 @@ impl Retention {
             Resolution::Hour => Some(self.hour),
             Resolution::Day => self.day,
         }?;
-        let keep = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+        let keep = duration_micros(keep);
         Some(resolution.bucket(now.saturating_sub(keep)))
     }
 }

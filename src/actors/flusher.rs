@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::child::ChildActor;
 use crate::actors::PipelineDeps;
-use crate::event::{now_micros, Micros};
+use crate::event::{duration_micros, now_micros};
 use crate::ids::TenantId;
 use crate::storage::cold::{self, ColdError, CompactionPolicy, Due, Ledger, MaintenanceReport};
 use crate::telemetry;
@@ -120,7 +120,7 @@ impl SegmentFlusher {
             return;
         }
         let waiters = std::mem::take(&mut self.flushes);
-        let retention = Micros::try_from(deps.hot_retention.as_micros()).unwrap_or(Micros::MAX);
+        let retention = duration_micros(deps.hot_retention);
         let periodic = Due::received_before(now_micros().saturating_sub(retention));
         let due = waiters
             .iter()
@@ -207,13 +207,12 @@ fn pass(
         let bytes = report.segments.iter().map(|s| s.bytes).sum();
         telemetry::cold_flushed(&label, report.events, report.segments.len(), bytes);
     }
-    let micros = |d: Duration| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
     let now = now_micros();
     let raw_retention =
         (deps.directory.get(tenant)).map_or(Duration::ZERO, |record| record.settings.raw_retention);
     let settled_before = now
-        .saturating_sub(micros(deps.hot_retention))
-        .saturating_sub(micros(settings.flush_interval));
+        .saturating_sub(duration_micros(deps.hot_retention))
+        .saturating_sub(duration_micros(settings.flush_interval));
     let policy = CompactionPolicy::new(settings, settled_before);
     let mut ledger = Ledger::Local(storage);
     cold::retain_and_compact(&mut ledger, store, tenant, raw_retention, policy, now)?;
@@ -238,8 +237,7 @@ fn expire_dead_letters(
     let Some(record) = deps.directory.get(tenant) else {
         return Ok(());
     };
-    let keep =
-        Micros::try_from(record.settings.deadletter_retention.as_micros()).unwrap_or(Micros::MAX);
+    let keep = duration_micros(record.settings.deadletter_retention);
     let removed = crate::storage::deadletters::enforce_limits(
         &deps.storage,
         tenant,

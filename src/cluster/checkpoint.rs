@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::event::{flags, Micros};
+use crate::event::{duration_micros, flags, Micros};
 use crate::ids::TenantId;
 use crate::storage::cold::{ColdError, ColdStore};
 use crate::storage::dedup;
@@ -149,7 +149,7 @@ const KEEP_MORE: Duration = Duration::from_secs(3600);
 /// messages after the checkpoint were received before `now` (by as much as the owner is
 /// behind), and their windows end earlier: an hour more than the window is kept.
 pub fn keys_kept_since(window: Duration, now: Micros) -> Micros {
-    let kept = i64::try_from((window + KEEP_MORE).as_micros()).unwrap_or(i64::MAX);
+    let kept = duration_micros(window + KEEP_MORE);
     now.saturating_sub(kept)
 }
 

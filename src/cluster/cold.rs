@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cluster::lease::{Fence, Lease};
-use crate::event::{now_micros, Micros};
+use crate::event::{duration_micros, now_micros};
 use crate::ids::TenantId;
 use crate::storage::cold::manifest::{Change, ChangeKind};
 use crate::storage::cold::{
@@ -297,7 +297,7 @@ impl ColdFlush {
         writer: u64,
     ) -> Result<(), ColdError> {
         let now = now_micros();
-        let settle = Micros::try_from(self.settle.as_micros()).unwrap_or(Micros::MAX);
+        let settle = duration_micros(self.settle);
         let policy = CompactionPolicy::new(&self.settings, now.saturating_sub(settle));
         let mut ledger = Ledger::Published {
             state: published,

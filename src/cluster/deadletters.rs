@@ -23,7 +23,7 @@ use redis::Script;
 
 use crate::cluster::lease::{Lease, FENCE_CHECK};
 use crate::deadletter::hex;
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::deadletters::{key, LetterKey};
 use crate::storage::StorageError;
@@ -133,8 +133,7 @@ pub struct Limits {
 impl Limits {
     /// A tenant's limits as of now.
     pub fn of(settings: &crate::tenant::TenantSettings) -> Limits {
-        let retention =
-            i64::try_from(settings.deadletter_retention.as_micros()).unwrap_or(i64::MAX);
+        let retention = duration_micros(settings.deadletter_retention);
         Limits {
             oldest: crate::event::now_micros().saturating_sub(retention),
             max_bytes: settings.deadletter_max_bytes.as_u64(),

@@ -28,7 +28,7 @@ use crate::cluster::rollups::{roll_up_tenant, LocalLog, RolledUp, SharedRollups,
 use crate::cluster::runner::{Applied, PartitionRunner};
 use crate::cluster::stream::EventStream;
 use crate::erasure::{ErasureJob, JobStatus, Requester};
-use crate::event::last_seq_of;
+use crate::event::{duration_micros, last_seq_of};
 use crate::ids::TenantId;
 use crate::rollup::Retention;
 use crate::storage::deadletters::LetterKey;
@@ -147,7 +147,7 @@ async fn erase(
     match outcome {
         Ok(()) => {
             let purge_after = cold.settings.grace_period + crate::cluster::cold::PURGE_EVERY;
-            let purge_after = i64::try_from(purge_after.as_micros()).unwrap_or(i64::MAX);
+            let purge_after = duration_micros(purge_after);
             job.status = JobStatus::Done;
             job.error = None;
             job.finished_at = Some(now);
@@ -156,7 +156,7 @@ async fn erase(
             saved(job).await
         }
         Err(error) => {
-            let give_up = i64::try_from(ERASURE_GIVE_UP.as_micros()).unwrap_or(i64::MAX);
+            let give_up = duration_micros(ERASURE_GIVE_UP);
             job.error = Some(error.clone());
             if now.saturating_sub(job.requested_at) < give_up {
                 saved(job).await?;

@@ -26,7 +26,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 
 use crate::cluster::lease::{Lease, FENCE_CHECK};
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 use crate::identity::{IdentityMap, Pending, StoredLink};
 use crate::ids::TenantId;
 use crate::rollup::{Deltas, NameCap, Resolution, Retention};
@@ -141,7 +141,7 @@ impl SharedRollups {
             Resolution::Hour => retention.hour,
             Resolution::Day => retention.day?,
         };
-        let keep = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+        let keep = duration_micros(keep);
         Some(
             start
                 .saturating_add(resolution.width())

@@ -31,7 +31,9 @@ use std::time::Duration;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::event::{flags, BatchShared, EventKind, IncomingEvent, Micros, StoredEvent};
+use crate::event::{
+    duration_micros, flags, BatchShared, EventKind, IncomingEvent, Micros, StoredEvent,
+};
 use crate::json::{MemberKey, Members};
 
 /// What enrichment needs to know about the request and the tenant.
@@ -180,7 +182,7 @@ pub fn enrich(event: IncomingEvent, context: &EnrichContext<'_>) -> StoredEvent 
         }
     };
     let mut timestamp = corrected_timestamp(event.timestamp, event.sent_at, context.received_at);
-    let tolerance = i64::try_from(context.future_tolerance.as_micros()).unwrap_or(i64::MAX);
+    let tolerance = duration_micros(context.future_tolerance);
     if timestamp > context.received_at.saturating_add(tolerance) {
         timestamp = context.received_at;
         event_flags |= flags::CLAMPED_FUTURE;

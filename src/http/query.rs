@@ -14,7 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{format_timestamp, now_micros, parse_timestamp, Micros};
+use crate::event::{duration_micros, format_timestamp, now_micros, parse_timestamp, Micros};
 use crate::http::errors::ApiError;
 use crate::http::export::time_param;
 use crate::http::slots::ReadKind;
@@ -64,7 +64,7 @@ fn time_range(from: Option<&str>, to: Option<&str>) -> Result<(Micros, Micros), 
 }
 
 fn check_span(from: Micros, to: Micros, limit: Duration, what: &str) -> Result<(), ApiError> {
-    let limit_micros = i64::try_from(limit.as_micros()).unwrap_or(i64::MAX);
+    let limit_micros = duration_micros(limit);
     if to - from > limit_micros {
         return Err(ApiError::bad_request(format!(
             "the range from `from` to `to` is {} long; the limit for {what} is {}",
@@ -573,7 +573,7 @@ pub async fn funnel(
         return Err(ApiError::bad_request("field `from` must be before `to`"));
     }
     check_span(from, to, state.config.rollups.max_funnel_range, "a funnel")?;
-    let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+    let window_micros = duration_micros(window);
     let steps = request.steps.clone();
     let tenant_id = tenant.id;
     let hash_key = tenant.user_hash_key;

@@ -17,7 +17,7 @@ use dashmap::DashMap;
 
 use serde::Serialize;
 
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 use crate::identity::IdentityMap;
 use crate::ids::TenantId;
 use crate::rollup::{
@@ -492,8 +492,7 @@ pub fn funnel(
             let start =
                 first_seq_received_since(storage.log(), tenant, from, span.future_tolerance)?
                     .max(cold_before + 1);
-            let late_arrival =
-                Micros::try_from(span.late_arrival.as_micros()).unwrap_or(Micros::MAX);
+            let late_arrival = duration_micros(span.late_arrival);
             // Entries are appended in arrival order, give or take RECEIVE_ORDER_SLACK.
             let last_received = to
                 .saturating_add(late_arrival)

@@ -33,7 +33,7 @@ use fjall::AbstractTree;
 use lsm_tree::SeqNo;
 use rustc_hash::FxHashMap;
 
-use crate::event::{flags, Micros, StoredEvent};
+use crate::event::{duration_micros, flags, Micros, StoredEvent};
 use crate::ids::TenantId;
 use crate::storage::dedup_filter::{KeyFilter, KeyFilters};
 use crate::storage::{Storage, StorageError};
@@ -103,7 +103,7 @@ impl DedupIndex {
         now: Micros,
         window: Duration,
     ) -> Result<bool, StorageError> {
-        let window_micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+        let window_micros = duration_micros(window);
         let since = now.saturating_sub(window_micros);
         // A filter that may lack keys of this window (it grew, or this clock is behind the
         // filter's) is passed by: the tables answer.

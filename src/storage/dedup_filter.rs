@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use fastbloom::AtomicBloomFilter;
 
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 use crate::storage::dedup::DedupKey;
 use crate::storage::{Storage, StorageError};
 
@@ -219,7 +219,7 @@ impl KeyFilters {
     /// the ingest thread only (the one that adds keys), so a generation holds every key added
     /// since it started.
     pub fn roll(&self, now: Micros, longest: Duration) {
-        let longest = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX);
+        let longest = duration_micros(longest);
         let max_capacity = capacity_for(self.0.max_bytes);
         let mut rebuild = false;
         self.update(|slots| {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustc_hash::FxHashMap;
 
-use crate::event::last_seq_of;
+use crate::event::{duration_micros, last_seq_of};
 use crate::ids::TenantId;
 use crate::storage::dedup::{self, DedupKey};
 use crate::storage::dedup_filter::{FilterBuilder, KeyFilters};
@@ -252,7 +252,7 @@ impl PeriodUpkeep {
         self.last = Some(Instant::now());
         let now = crate::event::now_micros();
         let longest = storage.dedup_windows.longest();
-        let longest_micros = i64::try_from(longest.as_micros()).unwrap_or(i64::MAX);
+        let longest_micros = duration_micros(longest);
         (storage.dedup)
             .roll(now, dedup_periods::period_length(longest))
             .map_err(StorageError::engine("starting a period of dedup keys"))?;

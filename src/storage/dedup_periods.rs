@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use crate::event::Micros;
+use crate::event::{duration_micros, Micros};
 
 /// Name of the keyspace of the layout before periods (one keyspace for every key).
 pub const UNDIVIDED: &str = "dedup";
@@ -137,7 +137,7 @@ impl DedupPeriods {
 
     /// Starts a new period if the newest began `length` or more before `now`.
     pub fn roll(&self, now: Micros, length: Duration) -> fjall::Result<bool> {
-        let length = i64::try_from(length.as_micros()).unwrap_or(i64::MAX);
+        let length = duration_micros(length);
         let due =
             (self.all().last()).is_none_or(|newest| now.saturating_sub(newest.start) >= length);
         if due {

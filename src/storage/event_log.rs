@@ -35,8 +35,8 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use crate::event::{
-    last_seq_of, BatchShared, BatchSharedView, EventExtras, EventExtrasView, LogBatch,
-    LogBatchView, Micros,
+    duration_micros, last_seq_of, BatchShared, BatchSharedView, EventExtras, EventExtrasView,
+    LogBatch, LogBatchView, Micros,
 };
 use crate::ids::TenantId;
 use crate::storage::{codec, StorageError};
@@ -283,7 +283,7 @@ pub fn first_seq_received_since(
         _batch_id: u128,
         received_at: Micros,
     }
-    let tolerance = Micros::try_from(future_tolerance.as_micros()).unwrap_or(Micros::MAX);
+    let tolerance = duration_micros(future_tolerance);
     let since = from
         .saturating_sub(tolerance)
         .saturating_sub(RECEIVE_ORDER_SLACK);

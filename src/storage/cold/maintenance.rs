@@ -16,14 +16,10 @@ use arrow_array::{Array, UInt64Array};
 use super::manifest::{self, cold_watermark, segments, Change, ChangeKind, Published, Segment};
 use super::segment::{self, SegmentWriter};
 use super::{block_on, segment_path, ColdError, ColdStore};
-use crate::event::{now_micros, Micros};
+use crate::event::{duration_micros, now_micros, Micros};
 use crate::ids::TenantId;
 use crate::storage::event_log::decode_batch;
 use crate::storage::{meta, Storage, StorageError};
-
-fn micros(duration: std::time::Duration) -> Micros {
-    Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
-}
 
 /// Brings a tenant's cold tier to a committed state: finishes the log deletion of the last
 /// committed flush, moves objects the manifest does not name out of `events/` to `trash/`, and
@@ -122,7 +118,7 @@ pub fn purge_trash(
     grace: std::time::Duration,
 ) -> Result<usize, ColdError> {
     let now = now_micros();
-    let grace = micros(grace);
+    let grace = duration_micros(grace);
     let mut removed = 0;
     for object in block_on(store.list(&format!("trash/tenant={tenant}/")))? {
         let path = object.location.to_string();
@@ -225,7 +221,7 @@ pub fn retain_and_compact(
 ) -> Result<(), ColdError> {
     let label = tenant.to_string();
     if !raw_retention.is_zero() {
-        let keep_after = now.saturating_sub(micros(raw_retention));
+        let keep_after = now.saturating_sub(duration_micros(raw_retention));
         let removed = enforce_retention(ledger, store, tenant, keep_after)?;
         if removed.removed_segments > 0 {
             tracing::info!(
