@@ -108,9 +108,7 @@ impl Syncer {
         (self.failure.lock().unwrap_or_else(|p| p.into_inner())).get_or_insert(reason.clone());
         self.healthy.store(false, Ordering::Release);
         if let ToSync::Group(group) = message {
-            for (reply, _, _) in group.replies {
-                reply(Err(StorageError::NotDurable(reason.clone())));
-            }
+            refuse(group.replies, &reason);
         }
     }
 
@@ -180,6 +178,13 @@ fn run(shared: &SyncShared, staged: &Receiver<ToSync>) {
     }
 }
 
+/// Answers every request of a group with the reason its events are not durable.
+pub(crate) fn refuse(replies: Vec<Staged>, reason: &str) {
+    for (reply, _, _) in replies {
+        reply(Err(StorageError::NotDurable(reason.to_string())));
+    }
+}
+
 /// Answers a synced group (or, after a failure, refuses it) and passes its keys on.
 fn answer(shared: &SyncShared, group: StagedGroup, failed: Option<&str>, committed: Instant) {
     let events: usize = (group.replies.iter())
@@ -192,9 +197,7 @@ fn answer(shared: &SyncShared, group: StagedGroup, failed: Option<&str>, committ
         committed - group.commit_started,
     );
     if let Some(reason) = failed {
-        for (reply, _, _) in group.replies {
-            reply(Err(StorageError::NotDurable(reason.to_string())));
-        }
+        refuse(group.replies, reason);
         return;
     }
     for (tenant, head) in group.keys.iter().flat_map(|keys| &keys.heads) {

@@ -31,7 +31,7 @@ use crate::ids::TenantId;
 use crate::storage::dedup_filter::KeyFilters;
 use crate::storage::dedup_ingest::{self, DedupIngester, KeyGroup, ToIngest};
 use crate::storage::event_log::{decode_batch, encode_entry, EntryBytes, EventLog};
-use crate::storage::syncer::{Staged, StagedGroup, SyncShared, Syncer, ToSync};
+use crate::storage::syncer::{self, Staged, StagedGroup, SyncShared, Syncer, ToSync};
 use crate::storage::upkeep::Upkeep;
 use crate::storage::{codec, deadletters, dedup, Storage, StorageError};
 use crate::telemetry;
@@ -736,9 +736,7 @@ impl Writer {
             let reason = error.to_string();
             self.failure = Some(reason.clone());
             self.healthy.store(false, Ordering::Release);
-            for (reply, _, _) in replies {
-                reply(Err(StorageError::NotDurable(reason.clone())));
-            }
+            syncer::refuse(replies, &reason);
             self.group_keys.clear();
             self.group_heads.clear();
             return;
