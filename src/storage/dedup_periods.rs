@@ -53,7 +53,8 @@ pub struct DedupPeriods {
     periods: Arc<RwLock<Arc<Vec<Period>>>>,
 }
 
-fn options() -> KeyspaceCreateOptions {
+/// The options of every keyspace of dedup keys.
+pub(in crate::storage) fn options() -> KeyspaceCreateOptions {
     // Written by bulk ingestion only, so the memtable stays empty. Up to 16 runs wait in level
     // 0 before they are merged into level 1 (fjall's default is 4): each merge rewrites the
     // period's level 1, so fewer, larger merges write less, and lookups, which read level 0's

@@ -98,8 +98,6 @@ impl StorageError {
 /// default let them take gigabytes with many tenants). Smaller memtables mean more, smaller
 /// tables to compact, which costs little here (docs/decisions/0005).
 const LOG_MEMTABLE_BYTES: u64 = 8 << 20;
-/// The dedup keyspace is written by bulk ingestion only: its memtable stays empty.
-const DEDUP_MEMTABLE_BYTES: u64 = 4 << 20;
 const ROLLUP_MEMTABLE_BYTES: u64 = 8 << 20;
 const SMALL_MEMTABLE_BYTES: u64 = 4 << 20;
 
@@ -173,6 +171,11 @@ impl Storage {
             path: path.to_path_buf(),
             source,
         };
+        let dedup_path = path.join(DEDUP_DIR);
+        let dedup_error = |source| StorageError::Open {
+            path: dedup_path.clone(),
+            source,
+        };
         std::fs::create_dir_all(path).map_err(|e| open_error(fjall::Error::Io(e)))?;
         // A quarter of the block cache for the dedup tables: most lookups are answered by the
         // in-memory key filter (`dedup_filter`).
@@ -188,30 +191,27 @@ impl Storage {
             .worker_threads(engine_workers())
             .open()
             .map_err(open_error)?;
-        let dedup_db = Database::builder(path.join(DEDUP_DIR))
+        let dedup_db = Database::builder(&dedup_path)
             .cache_size(dedup_cache)
             .worker_threads(engine_workers())
             .manual_journal_persist(true)
             .journal_compression(fjall::CompressionType::None)
             .max_cached_files(Some(dedup_files))
             .open()
-            .map_err(|source| StorageError::Open {
-                path: path.join(DEDUP_DIR),
-                source,
-            })?;
+            .map_err(dedup_error)?;
         // The dedup database's directory entry must survive a power failure like its tables.
         std::fs::File::open(path)
             .and_then(|dir| dir.sync_all())
             .map_err(|e| open_error(fjall::Error::Io(e)))?;
         if db.keyspace_exists("dedup") {
             let undivided = dedup_db
-                .keyspace(dedup_periods::UNDIVIDED, memtable(DEDUP_MEMTABLE_BYTES))
-                .map_err(open_error)?;
+                .keyspace(dedup_periods::UNDIVIDED, dedup_periods::options)
+                .map_err(dedup_error)?;
             move_dedup_keyspace(&db, &undivided).map_err(open_error)?;
         }
         // Random keys, written by bulk ingestion (`dedup_ingest`), a keyspace per period.
         let dedup = dedup_periods::DedupPeriods::open(dedup_db.clone(), crate::event::now_micros())
-            .map_err(open_error)?;
+            .map_err(dedup_error)?;
         let meta = db
             .keyspace("meta", memtable(SMALL_MEMTABLE_BYTES))
             .map_err(open_error)?;
@@ -327,7 +327,7 @@ impl Storage {
 /// journal held) into `dedup`, then deletes it. A crash in between repeats the move at the next
 /// open, which writes the same entries again.
 fn move_dedup_keyspace(db: &Database, dedup: &Keyspace) -> Result<(), fjall::Error> {
-    let old = db.keyspace("dedup", memtable(DEDUP_MEMTABLE_BYTES))?;
+    let old = db.keyspace("dedup", dedup_periods::options)?;
     let mut moved = 0u64;
     let mut ingestion = dedup.start_ingestion()?;
     for guard in old.iter() {
