@@ -36,7 +36,7 @@ use rustc_hash::FxHashMap;
 use crate::event::{duration_micros, flags, Micros, StoredEvent};
 use crate::ids::TenantId;
 use crate::storage::dedup_filter::{KeyFilter, KeyFilters};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{dedup_periods, Storage, StorageError};
 
 pub type DedupKey = [u8; 16];
 
@@ -154,7 +154,8 @@ fn tables_get(
     since: Micros,
 ) -> Result<Option<Micros>, StorageError> {
     let hash = lsm_tree::table::filter::standard_bloom::Builder::get_hash(key);
-    for period in storage.dedup.since(since) {
+    let periods = storage.dedup.all();
+    for period in dedup_periods::holding_since(&periods, since).iter().rev() {
         let version = period.keyspace.tree.current_version();
         for level in version.iter_levels() {
             for run in level.iter() {

@@ -153,10 +153,7 @@ impl DedupPeriods {
     /// deleted period read it until they end; its files go after that.
     pub fn expire(&self, horizon: Micros) -> fjall::Result<usize> {
         let all = self.all();
-        let ended = all
-            .windows(2)
-            .take_while(|pair| pair[1].start <= horizon)
-            .count();
+        let ended = ended_by(&all, horizon);
         let mut deleted = 0;
         let mut failed = None;
         for period in &all[..ended] {
@@ -187,20 +184,20 @@ impl DedupPeriods {
             .map(|period| period.keyspace.approximate_len())
             .sum()
     }
+}
 
-    /// The periods that may hold a key first seen at or after `since`, newest first: a period's
-    /// keys were all first seen before the next period started.
-    pub fn since(&self, since: Micros) -> Vec<Period> {
-        let all = self.all();
-        let mut periods = Vec::new();
-        for (at, period) in all.iter().enumerate().rev() {
-            if all.get(at + 1).is_some_and(|next| next.start <= since) {
-                break;
-            }
-            periods.push(period.clone());
-        }
-        periods
-    }
+/// How many of `periods` (oldest first) ended at or before `at`: all their keys were first seen
+/// before then, since a period's keys were first seen before the next period started.
+fn ended_by(periods: &[Period], at: Micros) -> usize {
+    periods
+        .windows(2)
+        .take_while(|pair| pair[1].start <= at)
+        .count()
+}
+
+/// Those of `periods` (oldest first) that may hold a key first seen at or after `since`.
+pub fn holding_since(periods: &[Period], since: Micros) -> &[Period] {
+    &periods[ended_by(periods, since)..]
 }
 
 #[cfg(test)]
@@ -231,9 +228,17 @@ mod tests {
         periods.newest().insert([1u8; 16], [0u8; 16]).unwrap();
 
         // Newest first, from the period that may hold keys first seen at 61 s onwards.
-        let since: Vec<Micros> = periods.since(61_000_000).iter().map(|p| p.start).collect();
+        let since: Vec<Micros> = holding_since(&periods.all(), 61_000_000)
+            .iter()
+            .rev()
+            .map(|p| p.start)
+            .collect();
         assert_eq!(since, [200_000_000, 61_000_000]);
-        let since: Vec<Micros> = periods.since(60_999_999).iter().map(|p| p.start).collect();
+        let since: Vec<Micros> = holding_since(&periods.all(), 60_999_999)
+            .iter()
+            .rev()
+            .map(|p| p.start)
+            .collect();
         assert_eq!(since, [200_000_000, 61_000_000, 1_000]);
 
         // The first period ended at 61 s: past every window once the horizon reaches it.
@@ -260,9 +265,13 @@ mod tests {
         undivided.insert([2u8; 16], [0u8; 16]).unwrap();
         let periods = DedupPeriods::open(db.clone(), 5_000).unwrap();
         assert_eq!(starts(&periods), [Micros::MIN, 5_000]);
-        let since: Vec<Micros> = periods.since(4_999).iter().map(|p| p.start).collect();
+        let since: Vec<Micros> = holding_since(&periods.all(), 4_999)
+            .iter()
+            .rev()
+            .map(|p| p.start)
+            .collect();
         assert_eq!(since, [5_000, Micros::MIN]);
-        assert_eq!(periods.since(5_000).len(), 1);
+        assert_eq!(holding_since(&periods.all(), 5_000).len(), 1);
         assert_eq!(periods.expire(5_000).unwrap(), 1);
         assert!(!db.keyspace_exists(UNDIVIDED));
     }
