@@ -26,6 +26,21 @@ const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 /// for it). The test `purge_delay_option_index` checks the index against the linked library.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// No transparent huge pages for this process. mimalloc asks for them on its arenas, and where
+/// the kernel grants them on request (`madvise`, Debian's default) one touched byte makes 2 MiB
+/// resident and a purge of less than 2 MiB returns nothing: the RSS grows by hundreds of MiB
+/// past the live heap, for no measurable throughput (docs/decisions/0040). The flag is the
+/// process's, checked at every page fault, so it covers the arena mimalloc mapped before `main`.
+/// `MIMALLOC_ALLOW_THP=1` (read by mimalloc at load) is not overridden: this runs only without it.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+            eprintln!("statsremote: could not turn transparent huge pages off: {error}");
+        }
+    }
+}
+
 #[allow(unsafe_code)] // the only unsafe code outside tests: mimalloc has no safe setter
 fn tune_allocator() {
     // SAFETY: plain C call with a valid option index; it runs first in `main`, before any other
@@ -68,6 +83,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tune_allocator();
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let Command::Serve {
         config,

@@ -166,3 +166,21 @@ fn a_short_admin_token_is_refused_without_being_echoed() {
     assert!(stderr.contains("at least 16 characters"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// The server turns transparent huge pages off for itself (docs/decisions/0040), unless
+/// `MIMALLOC_ALLOW_THP` asks for them.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    fn thp_enabled(server: &common::TestServer) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let line = status.lines().find(|line| line.starts_with("THP_enabled:"));
+        line.expect("THP_enabled in /proc/PID/status (Linux 5.0 and later)")
+            .trim_start_matches("THP_enabled:")
+            .trim()
+            .to_string()
+    }
+    assert_eq!(thp_enabled(&common::TestServer::start()), "0");
+    let asked = common::TestServer::start_with_env(&[("MIMALLOC_ALLOW_THP", "1")]);
+    assert_eq!(thp_enabled(&asked), "1");
+}
