@@ -199,6 +199,8 @@ pub struct ActorsConfig {
     pub mailbox_capacity: usize,
     /// 0 = one per core.
     pub arbiters: usize,
+    /// Blocking threads per arbiter; 0 = two per core.
+    pub blocking_threads: usize,
     #[serde(with = "humantime_serde")]
     pub restart_backoff_min: Duration,
     #[serde(with = "humantime_serde")]
@@ -671,6 +673,14 @@ impl Config {
     /// Number of arbiters hosting tenant actors.
     pub fn actor_arbiters(&self) -> usize {
         non_zero_or_cores(self.actors.arbiters)
+    }
+
+    /// Most blocking threads of each actor arbiter.
+    pub fn actor_blocking_threads(&self) -> usize {
+        match self.actors.blocking_threads {
+            0 => 2 * non_zero_or_cores(0),
+            threads => threads,
+        }
     }
 
     /// Directory of the fjall database inside the data dir.

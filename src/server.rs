@@ -278,7 +278,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             hot_retention: config.storage.hot_retention,
         },
         config.actor_arbiters(),
-    ));
+        config.actor_blocking_threads(),
+    )?);
     start_lagging_pipelines(&storage, &directory, &pipelines)?;
     let rate_limits = Arc::new(RateLimits::default());
     let disk = crate::storage::disk::DiskSpace::new(

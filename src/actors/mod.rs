@@ -293,18 +293,40 @@ pub struct Pipelines {
     running: DashMap<TenantId, TenantPipeline>,
 }
 
+/// An arbiter whose runtime runs blocking work on at most `blocking_threads` threads.
+fn bounded_arbiter(blocking_threads: usize) -> std::io::Result<Arbiter> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(blocking_threads.max(1))
+        .build()?;
+    Ok(Arbiter::with_tokio_rt(move || runtime))
+}
+
 impl Pipelines {
-    /// Starts `arbiter_count` arbiters for tenant actors. Must run inside an actix System.
-    pub fn new(deps: PipelineDeps, arbiter_count: usize) -> Pipelines {
-        let arbiters: Vec<Arbiter> = (0..arbiter_count.max(1)).map(|_| Arbiter::new()).collect();
+    /// Starts `arbiter_count` arbiters for tenant actors, each running its actors' blocking
+    /// work ([`crate::blocking::run`]) on at most `blocking_threads` threads. Must run inside an
+    /// actix System.
+    ///
+    /// The bound matters with many tenants: their periodic storage work (rollup flushes, cold
+    /// passes) comes due together, and an unbounded pool starts a thread per waiting task.
+    /// Threads that start and stop again leave the allocator's pages holding the objects they
+    /// allocated, so the RSS grew with the number of tenants (docs/decisions/0041).
+    pub fn new(
+        deps: PipelineDeps,
+        arbiter_count: usize,
+        blocking_threads: usize,
+    ) -> std::io::Result<Pipelines> {
+        let arbiters = (0..arbiter_count.max(1))
+            .map(|_| bounded_arbiter(blocking_threads))
+            .collect::<std::io::Result<Vec<Arbiter>>>()?;
         let handles = arbiters.iter().map(|a| a.handle()).collect();
-        Pipelines {
+        Ok(Pipelines {
             deps: Arc::new(deps),
             arbiters: std::sync::Mutex::new(arbiters),
             handles,
             next_arbiter: AtomicUsize::new(0),
             running: DashMap::new(),
-        }
+        })
     }
 
     /// The tenant's pipeline, started if it is not running.
@@ -375,5 +397,45 @@ impl Pipelines {
             arbiter.stop();
             let _ = arbiter.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// More blocking tasks than threads: at most `blocking_threads` run at once, and the rest
+    /// still run, in turn.
+    #[test]
+    fn an_arbiter_runs_blocking_work_on_its_bounded_threads() {
+        actix_rt::System::new().block_on(async {
+            let arbiter = bounded_arbiter(2).unwrap();
+            let (done, finished) = tokio::sync::oneshot::channel();
+            arbiter.spawn(async move {
+                let running = Arc::new(AtomicUsize::new(0));
+                let most = Arc::new(AtomicUsize::new(0));
+                let tasks = (0..6).map(|_| {
+                    let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+                    crate::blocking::run(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(30));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                });
+                let ran = futures_util::future::join_all(tasks).await;
+                let _ = done.send((
+                    ran.iter().filter(|r| r.is_ok()).count(),
+                    most.load(Ordering::SeqCst),
+                ));
+            });
+            let (ran, most) = finished.await.unwrap();
+            assert_eq!(ran, 6);
+            assert_eq!(most, 2, "at most two blocking tasks at once");
+            arbiter.stop();
+            let _ = arbiter.join();
+        });
     }
 }
