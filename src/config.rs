@@ -199,7 +199,7 @@ pub struct ActorsConfig {
     pub mailbox_capacity: usize,
     /// 0 = one per core.
     pub arbiters: usize,
-    /// Blocking threads per arbiter; 0 = two per core.
+    /// Blocking threads per arbiter; 0 = 4.
     pub blocking_threads: usize,
     #[serde(with = "humantime_serde")]
     pub restart_backoff_min: Duration,
@@ -675,10 +675,10 @@ impl Config {
         non_zero_or_cores(self.actors.arbiters)
     }
 
-    /// Most blocking threads of each actor arbiter.
+    /// Most blocking threads of each actor arbiter (0 in the settings: 4).
     pub fn actor_blocking_threads(&self) -> usize {
         match self.actors.blocking_threads {
-            0 => 2 * non_zero_or_cores(0),
+            0 => DEFAULT_BLOCKING_THREADS,
             threads => threads,
         }
     }
@@ -698,6 +698,10 @@ pub fn cold_path(data_dir: &Path) -> PathBuf {
 pub fn database_path(data_dir: &Path) -> PathBuf {
     data_dir.join("db")
 }
+
+/// Blocking threads per actor arbiter by default. There is an arbiter per core already, so a
+/// constant keeps the total proportional to the cores.
+const DEFAULT_BLOCKING_THREADS: usize = 4;
 
 fn non_zero_or_cores(value: usize) -> usize {
     if value > 0 {

@@ -31,12 +31,16 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// resident and a purge of less than 2 MiB returns nothing: the RSS grows by hundreds of MiB
 /// past the live heap, for no measurable throughput (docs/decisions/0040). The flag is the
 /// process's, checked at every page fault, so it covers the arena mimalloc mapped before `main`.
-/// `MIMALLOC_ALLOW_THP=1` (read by mimalloc at load) is not overridden: this runs only without it.
+/// `MIMALLOC_ALLOW_THP=1` (read by mimalloc at load) keeps them: this runs unless it is set to a
+/// non-zero value.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
-            eprintln!("statsremote: could not turn transparent huge pages off: {error}");
+    {
+        let asked = std::env::var("MIMALLOC_ALLOW_THP").is_ok_and(|value| value.trim() != "0");
+        if !asked {
+            if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+                eprintln!("statsremote: could not turn transparent huge pages off: {error}");
+            }
         }
     }
 }

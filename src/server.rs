@@ -273,6 +273,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.rollups.max_concurrent_flushes,
             )),
+            cold_task_slots: Arc::new(tokio::sync::Semaphore::new(
+                (config.actor_blocking_threads() / 2).max(1),
+            )),
             cold: cold.clone(),
             cold_settings: config.cold.clone(),
             hot_retention: config.storage.hot_retention,

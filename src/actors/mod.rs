@@ -85,6 +85,10 @@ pub struct PipelineDeps {
     /// keeps merging its updates in memory and flushes on a later tick, so many tenants cannot
     /// oversubscribe the CPU and memory with flushes.
     pub rollup_flush_slots: Arc<tokio::sync::Semaphore>,
+    /// Cold-tier passes and erasures running at once, across all tenants: fewer than an
+    /// arbiter's blocking threads, so that tasks waiting on the object store never hold all of
+    /// an arbiter's threads and the rollup work queued behind them (docs/decisions/0041).
+    pub cold_task_slots: Arc<tokio::sync::Semaphore>,
     /// Where cold segments go, and the settings of the tenants' flushers.
     pub cold: crate::storage::cold::ColdStore,
     pub cold_settings: crate::config::ColdConfig,
@@ -295,11 +299,12 @@ pub struct Pipelines {
 
 /// An arbiter whose runtime runs blocking work on at most `blocking_threads` threads.
 fn bounded_arbiter(blocking_threads: usize) -> std::io::Result<Arbiter> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(blocking_threads.max(1))
-        .build()?;
-    Ok(Arbiter::with_tokio_rt(move || runtime))
+    Arbiter::try_with_tokio_rt(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(blocking_threads.max(1))
+            .build()
+    })
 }
 
 impl Pipelines {
@@ -433,7 +438,10 @@ mod tests {
             });
             let (ran, most) = finished.await.unwrap();
             assert_eq!(ran, 6);
-            assert_eq!(most, 2, "at most two blocking tasks at once");
+            assert!(
+                most <= 2,
+                "{most} blocking tasks at once, over the bound of two"
+            );
             arbiter.stop();
             let _ = arbiter.join();
         });
