@@ -17,28 +17,72 @@ pub async fn run<T: Send + 'static>(
         .map_err(|error| BlockingError(error.to_string()))
 }
 
-/// Runs `work` on the blocking pool once one of `slots` is free, holding it while `work` runs.
-/// The wait is asynchronous: no blocking thread is taken until a slot is. A closed semaphore is
-/// an error (the server is stopping).
-pub async fn run_with_slot<T: Send + 'static>(
-    slots: std::sync::Arc<tokio::sync::Semaphore>,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BlockingError> {
-    let slot = slots
-        .acquire_owned()
-        .await
-        .map_err(|error| BlockingError(error.to_string()))?;
-    run(move || {
-        let _slot = slot;
-        work()
-    })
-    .await
-}
-
 /// Starts `work` on the blocking pool without waiting for it (a producer that streams its
 /// results through a channel, say).
 pub fn detach(work: impl FnOnce() + Send + 'static) {
     drop(tokio::task::spawn_blocking(work));
+}
+
+/// A blocking pool of its own, for work that may wait long on something outside the server
+/// (the object store): at most `threads` such tasks run at once, and they never take the threads
+/// of the runtime that started them. Tasks beyond that wait in the pool's queue.
+pub struct Pool {
+    /// Never driven: only its blocking pool is used. `None` once finished.
+    runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl Pool {
+    pub fn new(name: &str, threads: usize) -> std::io::Result<Pool> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .thread_name(name)
+            .max_blocking_threads(threads.max(1))
+            .build()?;
+        Ok(Pool {
+            runtime: std::sync::Mutex::new(Some(runtime)),
+        })
+    }
+
+    /// Starts `work` on the pool; the future waits for it (and may be awaited on any runtime).
+    pub fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, BlockingError>> + Send + 'static {
+        let task = (self.runtime.lock())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|runtime| runtime.spawn_blocking(work));
+        async move {
+            match task {
+                Some(task) => task.await.map_err(|error| BlockingError(error.to_string())),
+                None => Err(BlockingError("the pool is shut down".into())),
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Refuses new tasks and waits up to `wait` for the running ones (shutdown). Blocking.
+    pub fn finish(&self, wait: std::time::Duration) {
+        let runtime = (self.runtime.lock())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_timeout(wait);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its blocking threads, which is not allowed on an async
+        // thread (where the last owner may be); unless `finish` ran, tasks end on their own.
+        let runtime = (self.runtime.get_mut())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -50,12 +94,12 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn work_with_a_slot_waits_for_one() {
-        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    async fn a_pool_runs_at_most_its_threads_at_once() {
+        let pool = Pool::new("test-pool", 2).unwrap();
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let tasks = (0..3).map(|_| {
+        let tasks = (0..6).map(|_| {
             let (running, most) = (Arc::clone(&running), Arc::clone(&most));
-            run_with_slot(Arc::clone(&slots), move || {
+            pool.run(move || {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -64,13 +108,19 @@ mod tests {
         });
         let ran = futures_util::future::join_all(tasks).await;
         assert!(ran.iter().all(Result::is_ok));
-        assert_eq!(
-            most.load(Ordering::SeqCst),
-            1,
-            "one slot, one task at a time"
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= 2, "{most} tasks at once on a pool of two threads");
+        let pool = run(move || {
+            pool.finish(std::time::Duration::from_secs(5));
+            pool
+        })
+        .await
+        .unwrap();
+        assert!(
+            pool.run(|| ()).await.is_err(),
+            "a finished pool refuses work"
         );
-        assert_eq!(slots.available_permits(), 1, "the slot is given back");
-        slots.close();
-        assert!(run_with_slot(slots, || ()).await.is_err());
+        // On this async thread, without blocking it.
+        drop(pool);
     }
 }

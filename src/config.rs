@@ -675,6 +675,11 @@ impl Config {
         non_zero_or_cores(self.actors.arbiters)
     }
 
+    /// Threads of the pool cold-tier passes and erasures run on: two per core.
+    pub fn cold_task_threads(&self) -> usize {
+        2 * non_zero_or_cores(0)
+    }
+
     /// Most blocking threads of each actor arbiter (0 in the settings: 4).
     pub fn actor_blocking_threads(&self) -> usize {
         match self.actors.blocking_threads {

@@ -273,9 +273,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.rollups.max_concurrent_flushes,
             )),
-            cold_task_slots: Arc::new(tokio::sync::Semaphore::new(
-                (config.actor_blocking_threads() / 2).max(1),
-            )),
+            cold_tasks: Arc::new(crate::blocking::Pool::new(
+                "cold-tasks",
+                config.cold_task_threads(),
+            )?),
             cold: cold.clone(),
             cold_settings: config.cold.clone(),
             hot_retention: config.storage.hot_retention,

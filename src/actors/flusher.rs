@@ -84,9 +84,9 @@ impl SegmentFlusher {
         self.busy = true;
         let (tenant, recovered) = (self.tenant, self.recovered);
         let deps = Arc::clone(&self.deps);
-        let slots = Arc::clone(&deps.cold_task_slots);
+        let pool = Arc::clone(&deps.cold_tasks);
         if let Some((user, reply)) = self.erasures.pop_front() {
-            let task = crate::blocking::run_with_slot(Arc::clone(&slots), move || {
+            let task = pool.run(move || {
                 crate::priority::background_thread();
                 let lock = deps.cold.tenant_lock(tenant);
                 let _changing = lock
@@ -127,7 +127,7 @@ impl SegmentFlusher {
             .iter()
             .map(|(due, _)| *due)
             .fold(periodic, Due::union);
-        let task = crate::blocking::run_with_slot(Arc::clone(&slots), move || {
+        let task = pool.run(move || {
             let lock = deps.cold.tenant_lock(tenant);
             let changing = lock
                 .lock()

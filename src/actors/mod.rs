@@ -85,10 +85,10 @@ pub struct PipelineDeps {
     /// keeps merging its updates in memory and flushes on a later tick, so many tenants cannot
     /// oversubscribe the CPU and memory with flushes.
     pub rollup_flush_slots: Arc<tokio::sync::Semaphore>,
-    /// Cold-tier passes and erasures running at once, across all tenants: fewer than an
-    /// arbiter's blocking threads, so that tasks waiting on the object store never hold all of
-    /// an arbiter's threads and the rollup work queued behind them (docs/decisions/0041).
-    pub cold_task_slots: Arc<tokio::sync::Semaphore>,
+    /// Where cold-tier passes and erasures run: a pool of their own, so that tasks waiting on
+    /// the object store never take the arbiters' bounded blocking threads, and the rollup work
+    /// queued behind them (docs/decisions/0041).
+    pub cold_tasks: Arc<crate::blocking::Pool>,
     /// Where cold segments go, and the settings of the tenants' flushers.
     pub cold: crate::storage::cold::ColdStore,
     pub cold_settings: crate::config::ColdConfig,
@@ -402,8 +402,14 @@ impl Pipelines {
             arbiter.stop();
             let _ = arbiter.join();
         }
+        // Cold-tier passes started by the stopped flushers end as they would have before.
+        self.deps.cold_tasks.finish(COLD_TASKS_FINISH);
     }
 }
+
+/// How long shutdown waits for running cold-tier passes; one cut short is recovered at the next
+/// start, like one interrupted by a crash.
+const COLD_TASKS_FINISH: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
