@@ -32,10 +32,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(name: &str, threads: usize) -> std::io::Result<Pool> {
+    /// A thread idle for `keep_alive` exits; periodic work should find its threads still there
+    /// (threads that come and go leave the allocator's pages behind, docs/decisions/0041).
+    pub fn new(
+        name: &str,
+        threads: usize,
+        keep_alive: std::time::Duration,
+    ) -> std::io::Result<Pool> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .thread_name(name)
             .max_blocking_threads(threads.max(1))
+            .thread_keep_alive(keep_alive)
             .build()?;
         Ok(Pool {
             runtime: std::sync::Mutex::new(Some(runtime)),
@@ -95,7 +102,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pool_runs_at_most_its_threads_at_once() {
-        let pool = Pool::new("test-pool", 2).unwrap();
+        let pool = Pool::new("test-pool", 2, std::time::Duration::from_secs(1)).unwrap();
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let tasks = (0..6).map(|_| {
             let (running, most) = (Arc::clone(&running), Arc::clone(&most));

@@ -276,6 +276,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             cold_tasks: Arc::new(crate::blocking::Pool::new(
                 "cold-tasks",
                 config.cold_task_threads(),
+                // Longer than the time between a tenant's passes.
+                config.cold.flush_interval * 2,
             )?),
             cold: cold.clone(),
             cold_settings: config.cold.clone(),

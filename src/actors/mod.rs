@@ -402,7 +402,8 @@ impl Pipelines {
             arbiter.stop();
             let _ = arbiter.join();
         }
-        // Cold-tier passes started by the stopped flushers end as they would have before.
+        // Cold-tier passes started by the stopped flushers get a while to end; one still running
+        // after it is cut short when the process exits, and recovered at the next start.
         self.deps.cold_tasks.finish(COLD_TASKS_FINISH);
     }
 }

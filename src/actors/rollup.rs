@@ -876,7 +876,9 @@ mod tests {
                 live: config.live.clone(),
                 future_tolerance: Duration::from_secs(3600),
                 rollup_flush_slots: Arc::new(tokio::sync::Semaphore::new(1)),
-                cold_tasks: Arc::new(crate::blocking::Pool::new("cold-tasks", 1).unwrap()),
+                cold_tasks: Arc::new(
+                    crate::blocking::Pool::new("cold-tasks", 1, Duration::from_secs(1)).unwrap(),
+                ),
                 cold: cold::ColdStore::local(&dir.path().join("cold")).unwrap(),
                 cold_settings: config.cold.clone(),
                 hot_retention: config.storage.hot_retention,
