@@ -54,10 +54,7 @@ impl Pool {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T, BlockingError>> + Send + 'static {
-        let task = (self.runtime.lock())
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(|runtime| runtime.spawn_blocking(work));
+        let task = (self.runtime().as_ref()).map(|runtime| runtime.spawn_blocking(work));
         async move {
             match task {
                 Some(task) => task.await.map_err(|error| BlockingError(error.to_string())),
@@ -65,17 +62,17 @@ impl Pool {
             }
         }
     }
-}
 
-impl Pool {
     /// Refuses new tasks and waits up to `wait` for the running ones (shutdown). Blocking.
     pub fn finish(&self, wait: std::time::Duration) {
-        let runtime = (self.runtime.lock())
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let runtime = self.runtime().take();
         if let Some(runtime) = runtime {
             runtime.shutdown_timeout(wait);
         }
+    }
+
+    fn runtime(&self) -> std::sync::MutexGuard<'_, Option<tokio::runtime::Runtime>> {
+        (self.runtime.lock()).unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -92,30 +89,47 @@ impl Drop for Pool {
     }
 }
 
+/// Counts how many of its tasks run at once, for tests of the pools' bounds.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct ConcurrencyProbe {
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[cfg(test)]
+impl ConcurrencyProbe {
+    /// A task that runs for `millis`, counted while it runs.
+    pub(crate) fn task(&self, millis: u64) -> impl FnOnce() + Send + 'static {
+        use std::sync::atomic::Ordering;
+        let probe = self.clone();
+        move || {
+            let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
+            probe.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(millis));
+            probe.running.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The most tasks that ran at once.
+    pub(crate) fn most(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
     use super::*;
 
     #[tokio::test]
     async fn a_pool_runs_at_most_its_threads_at_once() {
         let pool = Pool::new("test-pool", 2, std::time::Duration::from_secs(1)).unwrap();
-        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let tasks = (0..6).map(|_| {
-            let (running, most) = (Arc::clone(&running), Arc::clone(&most));
-            pool.run(move || {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                running.fetch_sub(1, Ordering::SeqCst);
-            })
-        });
+        let probe = ConcurrencyProbe::default();
+        let tasks = (0..6).map(|_| pool.run(probe.task(20)));
         let ran = futures_util::future::join_all(tasks).await;
         assert!(ran.iter().all(Result::is_ok));
-        let most = most.load(Ordering::SeqCst);
+        let most = probe.most();
         assert!(most <= 2, "{most} tasks at once on a pool of two threads");
         let pool = run(move || {
             pool.finish(std::time::Duration::from_secs(5));

@@ -416,7 +416,6 @@ const COLD_TASKS_FINISH: std::time::Duration = std::time::Duration::from_secs(30
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     /// More blocking tasks than threads: at most `blocking_threads` run at once, and the rest
     /// still run, in turn.
@@ -426,22 +425,10 @@ mod tests {
             let arbiter = bounded_arbiter(2).unwrap();
             let (done, finished) = tokio::sync::oneshot::channel();
             arbiter.spawn(async move {
-                let running = Arc::new(AtomicUsize::new(0));
-                let most = Arc::new(AtomicUsize::new(0));
-                let tasks = (0..6).map(|_| {
-                    let (running, most) = (Arc::clone(&running), Arc::clone(&most));
-                    crate::blocking::run(move || {
-                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                        most.fetch_max(now, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(30));
-                        running.fetch_sub(1, Ordering::SeqCst);
-                    })
-                });
+                let probe = crate::blocking::ConcurrencyProbe::default();
+                let tasks = (0..6).map(|_| crate::blocking::run(probe.task(30)));
                 let ran = futures_util::future::join_all(tasks).await;
-                let _ = done.send((
-                    ran.iter().filter(|r| r.is_ok()).count(),
-                    most.load(Ordering::SeqCst),
-                ));
+                let _ = done.send((ran.iter().filter(|r| r.is_ok()).count(), probe.most()));
             });
             let (ran, most) = finished.await.unwrap();
             assert_eq!(ran, 6);
