@@ -29,8 +29,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// No transparent huge pages for this process. mimalloc asks for them on its arenas, and where
 /// the kernel grants them on request (`madvise`, Debian's default) one touched byte makes 2 MiB
 /// resident and a purge of less than 2 MiB returns nothing: the RSS grows by hundreds of MiB
-/// past the live heap; the throughput they save is a few percent at most (docs/decisions/0040). The flag is the
-/// process's, checked at every page fault, so it covers the arena mimalloc mapped before `main`.
+/// past the live heap, for up to 10% of one tenant's throughput (docs/decisions/0040). The flag
+/// is the process's, checked at every page fault, so it covers the arena mimalloc mapped before
+/// `main`.
 /// `MIMALLOC_ALLOW_THP=1` (read by mimalloc at load) keeps them: this runs unless it is set to a
 /// non-zero value.
 fn no_transparent_huge_pages() {
