@@ -599,21 +599,30 @@ fn dead_letters_are_durable_when_acknowledged_and_expire() {
     settings(&server, &tenant, json!({"deadletter_retention": "1s"}));
     // The flusher runs once its tenant's pipeline does; a query starts it.
     server.wait_rollups_caught_up(&tenant.read_key);
+    // The pass counts the letters once their deletion is durable, after they are gone from
+    // listings: wait for both.
+    let label = format!(
+        "statsremote_dead_letters_expired_total{{tenant=\"{}\"}} ",
+        tenant.id
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let left = dead_letters(&server, &tenant, "")["items"]
             .as_array()
             .unwrap()
             .len();
-        if left == 0 {
+        let metrics = server.metrics();
+        let expired = metrics.lines().find_map(|l| l.strip_prefix(&label));
+        if let (0, Some(expired)) = (left, expired) {
+            assert_eq!(expired.trim(), "20");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{left} letters left");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} letters left, expired counter {expired:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(server
-        .metrics()
-        .contains("statsremote_dead_letters_expired_total"));
 }
 
 #[test]

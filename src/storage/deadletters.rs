@@ -242,7 +242,8 @@ pub fn page(
 }
 
 /// Deletes the tenant's letters received before `oldest`, then the oldest ones beyond
-/// `max_bytes`. Returns how many it deleted. Blocking.
+/// `max_bytes`, with the batch records stored beside them. Returns how many letters it deleted
+/// (batch records are not counted). Blocking.
 pub fn enforce_limits(
     storage: &Storage,
     tenant: TenantId,
@@ -251,7 +252,7 @@ pub fn enforce_limits(
 ) -> Result<u64, StorageError> {
     let low = time_bound(tenant, 0).to_vec();
     let high = time_bound(tenant, oldest).to_vec();
-    let mut removed = 0u64;
+    let (mut removed, mut deleted) = (0u64, 0u64);
     let mut freed = 0u64;
     let mut batch = storage.batch();
     for guard in storage.deadletters.range(low..high) {
@@ -259,8 +260,9 @@ pub fn enforce_limits(
             .into_inner()
             .map_err(StorageError::engine("expiring dead letters"))?;
         freed += (key.len() + value.len()) as u64;
+        removed += u64::from(!is_batch_record(&key));
+        deleted += 1;
         batch.remove(&storage.deadletters, key);
-        removed += 1;
     }
     let mut total = storage
         .deadletter_sizes
@@ -280,11 +282,12 @@ pub fn enforce_limits(
             let bytes = (key.len() + value.len()) as u64;
             total = total.saturating_sub(bytes);
             freed += bytes;
+            removed += u64::from(!is_batch_record(&key));
+            deleted += 1;
             batch.remove(&storage.deadletters, key);
-            removed += 1;
         }
     }
-    if removed > 0 {
+    if deleted > 0 {
         batch
             .commit()
             .map_err(StorageError::engine("deleting dead letters"))?;
