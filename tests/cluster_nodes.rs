@@ -599,6 +599,7 @@ fn any_ingest_node_serves_the_api_with_the_same_numbers() {
     }
     let mut socket = common::connect(b, &format!("?key={}", tenant.read_key), None).unwrap();
     common::next_tick(&mut socket);
+    common::clear_of_minute_end(Duration::from_secs(15));
     let mut live_events: Vec<Value> = (0..3)
         .map(|n| json!({"type": "track", "event": "Live", "userId": format!("l{n}"), "messageId": format!("live-{n}-{now}")}))
         .collect();

@@ -514,6 +514,7 @@ fn admin_flush_compaction_erasure_and_retention_agree_with_duckdb() {
     let counted = duckdb_counts(&cold_root);
     assert!(counted["users"].get("u3").is_none(), "{counted}");
     // Rollups are aggregates: they keep counting the erased events (documented).
+    server.wait_rollups_caught_up(&tenant.read_key);
     let after = totals(&server, &tenant, start - 2 * HOUR, now_secs() + HOUR);
     let counts: u64 = (after["events"].as_array().unwrap().iter())
         .filter(|row| !row["event"].as_str().unwrap().starts_with('$'))

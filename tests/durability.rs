@@ -225,7 +225,8 @@ fn dedup_holds_across_a_clean_restart() {
 fn the_dedup_window_is_per_tenant_and_expires() {
     let server = TestServer::start();
     let tenant = server.create_tenant_with(
-        serde_json::json!({"name": "short", "settings": {"dedup_window": "1s"}}),
+        // Long enough for the retry to come within it on a loaded machine.
+        serde_json::json!({"name": "short", "settings": {"dedup_window": "3s"}}),
     );
     let event = batch(vec![track("same", "u", "e")]);
     assert_eq!(
@@ -240,7 +241,7 @@ fn the_dedup_window_is_per_tenant_and_expires() {
             .json()["duplicates"],
         1
     );
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(3100));
     assert_eq!(
         server
             .post_json("/v1/batch", Auth::Basic(&tenant.write_key), &event)

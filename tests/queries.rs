@@ -477,11 +477,15 @@ fn late_events_invalidate_cached_answers() {
         .contains("statsremote_query_cache_hits_total"));
     send(&server, &tenant, &[ev("2", day + 2 * HOUR)]);
     wait_caught_up(&server, &tenant, 2);
-    assert_eq!(
-        count(&server),
-        2,
-        "the late event invalidated the cached answer"
-    );
+    // The flush invalidates the cached answers after its watermark becomes visible.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&server) != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the late event did not invalidate the cached answer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let after = minute_counts(&server);
     assert_eq!((after[60], after[120]), (1, 1), "and the cached block");
     assert_eq!(after.iter().sum::<u64>(), 2);
@@ -713,13 +717,19 @@ fn events_past_a_resolutions_retention_skip_only_that_resolution() {
         key,
     );
     assert_eq!(hour.json()["points"][0]["value"], 1);
-    let metrics = server.metrics();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("statsremote_rollup_skipped_events_total")
+    // Counted once the flush's watermark is visible, a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = server.metrics();
+        let skipped = metrics.lines().any(|l| {
+            l.starts_with("statsremote_rollup_skipped_events_total")
                 && l.contains("minute")
-                && l.ends_with(" 1")),
-        "{metrics}"
-    );
+                && l.ends_with(" 1")
+        });
+        if skipped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

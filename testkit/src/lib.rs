@@ -434,7 +434,8 @@ pub fn create_tenant(
 
 /// Waits until the tenant's stored rollups include every durable event (`as_of` of a uniques
 /// query over `from`..`to`, which describes the tenant, whatever the range); returns that
-/// sequence number.
+/// sequence number. `to` must be in the future: an answer over an ended range is cached with
+/// the `as_of` it was computed at.
 pub fn wait_rollups_caught_up(
     agent: &ureq::Agent,
     base: &str,

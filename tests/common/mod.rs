@@ -247,10 +247,18 @@ impl TestServer {
     /// Waits until the tenant's stored rollups include every durable event; returns that
     /// sequence.
     pub fn wait_rollups_caught_up(&self, read_key: &str) -> u64 {
-        // Any range works: `as_of` describes the tenant, not the range.
-        let (from, to) = ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z");
+        // `as_of` describes the tenant, not the range; the range ends in the future because an
+        // answer over an ended one is cached with the `as_of` it was computed at.
+        let at = |offset: i64| {
+            let secs = time::OffsetDateTime::now_utc().unix_timestamp() + offset;
+            time::OffsetDateTime::from_unix_timestamp(secs)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let (from, to) = (at(-86_400), at(86_400));
         let timeout = Duration::from_secs(60);
-        testkit::wait_rollups_caught_up(&self.agent, &self.base, read_key, from, to, timeout)
+        testkit::wait_rollups_caught_up(&self.agent, &self.base, read_key, &from, &to, timeout)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -432,6 +440,20 @@ pub fn connect_with_headers(
             Err(format!("{}", response.status().as_u16()))
         }
         Err(other) => Err(other.to_string()),
+    }
+}
+
+/// Sleeps, if need be, until at least `needed` is left in the current UTC minute: a live tick's
+/// minute holds that minute's events only, so events sent just before it ends may show in no
+/// tick at all.
+pub fn clear_of_minute_end(needed: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into_minute = Duration::from_millis((now.as_millis() % 60_000) as u64);
+    let left = Duration::from_secs(60) - into_minute;
+    if left < needed {
+        std::thread::sleep(left + Duration::from_millis(100));
     }
 }
 
