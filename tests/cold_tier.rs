@@ -145,8 +145,40 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     send(&server, &tenant, "old", 200, start);
     wait_flushed(&server, &tenant, 200);
 
+    // The admin listing names the same segments as the directory holds. The pass that
+    // flushed the last events may still be compacting an hour's segments: wait until both
+    // sides agree.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (files, listing) = loop {
+        let files = parquet_files(&dir.path().join("cold/events"));
+        let listing = server.admin(
+            "GET",
+            &format!("/admin/v1/tenants/{}/segments", tenant.id),
+            None,
+        );
+        assert_eq!(listing.status, 200, "{}", listing.body);
+        let listing = listing.json();
+        let mut listed: Vec<String> = listing["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                dir.path()
+                    .join("cold")
+                    .join(s["path"].as_str().unwrap())
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        listed.sort();
+        if listed == files {
+            break (files, listing);
+        }
+        assert!(Instant::now() < deadline, "{listed:?} != {files:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
     // Hourly Parquet segments, by event time, Hive style.
-    let files = parquet_files(&dir.path().join("cold/events"));
     assert!(files.len() >= 2, "{files:?}");
     let hour = rfc3339(start);
     let expected_dir = format!(
@@ -157,29 +189,7 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     );
     assert!(files.iter().any(|f| f.contains(&expected_dir)), "{files:?}");
 
-    // The admin listing names the same segments.
-    let listing = server.admin(
-        "GET",
-        &format!("/admin/v1/tenants/{}/segments", tenant.id),
-        None,
-    );
-    assert_eq!(listing.status, 200, "{}", listing.body);
-    let listing = listing.json();
     assert_eq!(listing["cold_watermark"], 200);
-    let mut listed: Vec<String> = listing["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            dir.path()
-                .join("cold")
-                .join(s["path"].as_str().unwrap())
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    listed.sort();
-    assert_eq!(listed, files);
     let rows: u64 = listing["segments"]
         .as_array()
         .unwrap()
