@@ -394,12 +394,20 @@ impl RollupActor {
         };
         let tenant = self.tenant;
         let retention = self.retention;
+        let cache = Arc::clone(&self.deps.query_cache);
         self.fenced(
             ctx,
             move |storage| {
                 crate::priority::background_thread();
                 let _slot = slot;
-                Ok(flush.run(storage, tenant, &retention))
+                let flushed = flush.run(storage, tenant, &retention);
+                // Cached answers the flush changed go right after its commit, on this thread,
+                // not after a trip through the actor's mailbox: until they go, a query can be
+                // served an answer older than the watermark another one has just shown.
+                if let (Ok(FlushOutcome::Stored), flush, _) = &flushed {
+                    cache.invalidate_late(tenant, &flush.deltas, &retention, now_micros());
+                }
+                Ok(flushed)
             },
             |actor, flushed, ctx| match flushed {
                 Ok((Ok(FlushOutcome::Stored), mut flush, took)) => {
@@ -460,12 +468,6 @@ impl RollupActor {
             flush.deltas.len(),
             took,
             &flush.deltas.skipped,
-        );
-        (self.deps.query_cache).invalidate_late(
-            self.tenant,
-            &flush.deltas,
-            &self.retention,
-            now_micros(),
         );
     }
 
