@@ -138,17 +138,43 @@ impl RollupActor {
         }
     }
 
-    /// Runs a storage task on a blocking thread; `done` gets its outcome on the actor, unless
-    /// the epoch has changed since it started (the outcome is then stale, and dropped).
+    /// Runs a storage task on a blocking thread of the actor's arbiter; `done` gets its outcome
+    /// on the actor, unless the epoch has changed since it started (the outcome is then stale,
+    /// and dropped).
     fn fenced<T: Send + 'static>(
         &mut self,
         ctx: &mut Context<Self>,
         work: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
         done: impl FnOnce(&mut Self, Result<T, String>, &mut Context<Self>) + 'static,
     ) {
-        let epoch = self.epoch;
         let storage = self.deps.storage.clone();
         let task = crate::blocking::run(move || work(&storage));
+        self.when_done(ctx, task, done);
+    }
+
+    /// [`Self::fenced`] on the cold-task pool, for reads that may wait long on the object
+    /// store: they never hold the arbiter's few blocking threads, which every tenant's flushes
+    /// need (docs/decisions/0041).
+    fn fenced_cold<T: Send + 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        work: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
+        done: impl FnOnce(&mut Self, Result<T, String>, &mut Context<Self>) + 'static,
+    ) {
+        let storage = self.deps.storage.clone();
+        let task = self.deps.cold_tasks.run(move || work(&storage));
+        self.when_done(ctx, task, done);
+    }
+
+    fn when_done<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        task: impl std::future::Future<
+                Output = Result<Result<T, StorageError>, crate::blocking::BlockingError>,
+            > + 'static,
+        done: impl FnOnce(&mut Self, Result<T, String>, &mut Context<Self>) + 'static,
+    ) {
+        let epoch = self.epoch;
         ctx.spawn(wrap_future(task).map(move |joined, actor: &mut Self, ctx| {
             if actor.epoch != epoch {
                 return;
@@ -260,51 +286,72 @@ impl RollupActor {
     }
 
     /// CatchingUp: reads the next chunk of the log after `applied_seq` and applies it; goes on
-    /// until the log's end (then Idle), flushing between chunks when a flush is due.
+    /// until the log's end (then Idle), flushing between chunks when a flush is due. Entries
+    /// the cold tier already holds are read from its segments, on the cold-task pool.
     fn catch_up(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::CatchingUp;
         let tenant = self.tenant;
         let from = self.applied_seq + 1;
         let heads = self.deps.writer.heads().clone();
-        let cold = self.deps.cold.clone();
         let cold_step = self.deps.cold_settings.max_flush_events as u64;
         self.fenced(
             ctx,
             move |storage| {
-                // Only durable entries: the rollups persist what they apply.
-                let durable = crate::query::log_head(storage, &heads, tenant)?;
                 let cold_through = cold::cold_watermark(storage, tenant)?;
                 if from <= cold_through {
                     let through = cold_through.min(from.saturating_add(cold_step));
-                    return read_cold_items(storage, &cold, tenant, from, through);
+                    return Ok(LogRead::InCold { through });
                 }
-                read_items(storage, tenant, from, durable, CATCH_UP_BATCHES)
+                // Only durable entries: the rollups persist what they apply.
+                let durable = crate::query::log_head(storage, &heads, tenant)?;
+                read_items(storage, tenant, from, durable, CATCH_UP_BATCHES).map(LogRead::Hot)
             },
-            |actor, read, ctx| {
-                let batches = match read {
-                    Ok(batches) => batches,
-                    Err(error) => {
-                        let what = "reading the log for rollups";
-                        return actor.retry_later(ctx, what, &error, Self::catch_up);
-                    }
-                };
-                if batches.is_empty() {
-                    actor.phase = Phase::Idle;
-                    return;
-                }
-                telemetry::rollup_log_reads(batches.len());
-                for (first_seq, mut items) in batches {
-                    if first_seq > actor.applied_seq {
-                        actor.apply(first_seq, &mut items);
-                    }
-                }
-                if actor.flush_due() {
-                    actor.flush(ctx);
-                } else {
-                    actor.catch_up(ctx);
+            move |actor, read, ctx| match read {
+                Ok(LogRead::Hot(batches)) => actor.caught_up_chunk(batches, ctx),
+                Ok(LogRead::InCold { through }) => actor.catch_up_cold(from, through, ctx),
+                Err(error) => {
+                    let what = "reading the log for rollups";
+                    actor.retry_later(ctx, what, &error, Self::catch_up);
                 }
             },
         );
+    }
+
+    /// CatchingUp, from cold segments: reads `from..=through` and applies it.
+    fn catch_up_cold(&mut self, from: u64, through: u64, ctx: &mut Context<Self>) {
+        let tenant = self.tenant;
+        let store = self.deps.cold.clone();
+        self.fenced_cold(
+            ctx,
+            move |storage| read_cold_items(storage, &store, tenant, from, through),
+            |actor, read, ctx| match read {
+                Ok(batches) => actor.caught_up_chunk(batches, ctx),
+                Err(error) => {
+                    let what = "reading cold segments for rollups";
+                    actor.retry_later(ctx, what, &error, Self::catch_up);
+                }
+            },
+        );
+    }
+
+    /// Applies a chunk read by a catch-up step, then flushes if one is due, or reads on (an
+    /// empty chunk: the log's end, Idle).
+    fn caught_up_chunk(&mut self, batches: Vec<(u64, RollupItems)>, ctx: &mut Context<Self>) {
+        if batches.is_empty() {
+            self.phase = Phase::Idle;
+            return;
+        }
+        telemetry::rollup_log_reads(batches.len());
+        for (first_seq, mut items) in batches {
+            if first_seq > self.applied_seq {
+                self.apply(first_seq, &mut items);
+            }
+        }
+        if self.flush_due() {
+            self.flush(ctx);
+        } else {
+            self.catch_up(ctx);
+        }
     }
 
     fn flush_due(&self) -> bool {
@@ -669,6 +716,14 @@ pub fn read_items(
 
 /// The rollup items of the cold events with sequences in `from_seq..=through`: see
 /// [`cold_items`]. Blocking.
+/// Where a catch-up step found the next entries.
+enum LogRead {
+    /// Read from the hot log (empty at its end).
+    Hot(Vec<(u64, RollupItems)>),
+    /// Already in the cold tier, through this sequence: read from its segments.
+    InCold { through: u64 },
+}
+
 fn read_cold_items(
     storage: &Storage,
     store: &cold::ColdStore,
@@ -1064,6 +1119,57 @@ mod tests {
         // One epoch for the deletion, one for the reload after it.
         assert_eq!(rebuilt.epoch, before + 2);
         assert_eq!(rig.stored_count(), 3);
+    }
+
+    #[actix_rt::test]
+    async fn a_catch_up_reads_cold_segments_on_the_cold_task_pool() {
+        let mut rig = Rig::new();
+        for _ in 0..3 {
+            rig.append(2).await;
+        }
+        let actor = rig.start();
+        until(&actor, "flushed", |s| s.stored_watermark == 6).await;
+        // The cold tier takes only what the dedup tables cover too.
+        rig.deps.writer.ingest_dedup_keys_now().await.unwrap();
+        let (deps, tenant) = (Arc::clone(&rig.deps), rig.tenant);
+        let moved = crate::blocking::run(move || {
+            cold::flush_once(
+                &deps.storage,
+                &deps.cold,
+                tenant,
+                now_micros() + 1,
+                1000,
+                None,
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(moved.through, 6);
+        // The pool's one thread is taken: a rebuild's replay of the cold entries must wait.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let blocker = rig.deps.cold_tasks.run(move || released.recv());
+        let (deleted, done) = tokio::sync::oneshot::channel();
+        rig.mailbox
+            .try_send(RollupMessage::Rebuild(deleted))
+            .ok()
+            .unwrap();
+        done.await.unwrap();
+        actix_rt::time::sleep(Duration::from_millis(300)).await;
+        let waiting = actor.send(Inspect).await.unwrap();
+        assert_eq!(
+            (waiting.phase, waiting.applied_seq),
+            (Phase::CatchingUp, 0),
+            "{waiting:?}"
+        );
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        until(&actor, "replayed from cold", |s| {
+            s.phase == Phase::Idle && s.stored_watermark == 6
+        })
+        .await;
+        assert_eq!(rig.stored_count(), 6);
     }
 
     #[actix_rt::test]
