@@ -304,7 +304,16 @@ impl RollupActor {
                 }
                 // Only durable entries: the rollups persist what they apply.
                 let durable = crate::query::log_head(storage, &heads, tenant)?;
-                read_items(storage, tenant, from, durable, CATCH_UP_BATCHES).map(LogRead::Hot)
+                let read = read_items(storage, tenant, from, durable, CATCH_UP_BATCHES)?;
+                // A cold pass that began before a rebuild may have moved entries from `from`
+                // on meanwhile and deleted them here; its commit comes before the deletion, so
+                // the watermark then shows it and the read may have skipped them.
+                let cold_through = cold::cold_watermark(storage, tenant)?;
+                if from <= cold_through {
+                    let through = cold_through.min(from.saturating_add(cold_step));
+                    return Ok(LogRead::InCold { through });
+                }
+                Ok(LogRead::Hot(read))
             },
             move |actor, read, ctx| match read {
                 Ok(LogRead::Hot(batches)) => actor.caught_up_chunk(batches, ctx),
@@ -447,14 +456,7 @@ impl RollupActor {
             move |storage| {
                 crate::priority::background_thread();
                 let _slot = slot;
-                let flushed = flush.run(storage, tenant, &retention);
-                // Cached answers the flush changed go right after its commit, on this thread,
-                // not after a trip through the actor's mailbox: until they go, a query can be
-                // served an answer older than the watermark another one has just shown.
-                if let (Ok(FlushOutcome::Stored), flush, _) = &flushed {
-                    cache.invalidate_late(tenant, &flush.deltas, &retention, now_micros());
-                }
-                Ok(flushed)
+                Ok(flush.run(storage, tenant, &retention, &cache))
             },
             |actor, flushed, ctx| match flushed {
                 Ok((Ok(FlushOutcome::Stored), mut flush, took)) => {
@@ -660,11 +662,13 @@ struct PendingFlush {
 }
 
 impl PendingFlush {
+    /// Stores the flush, drops the cached answers it changed, then expires old buckets if due.
     fn run(
         mut self,
         storage: &Storage,
         tenant: TenantId,
         retention: &Retention,
+        cache: &crate::query::QueryCache,
     ) -> (Result<FlushOutcome, StorageError>, PendingFlush, Duration) {
         let started = Instant::now();
         self.deltas.roll_up_users();
@@ -681,6 +685,12 @@ impl PendingFlush {
             self.through,
             &self.fold,
         );
+        if matches!(result, Ok(FlushOutcome::Stored)) {
+            // Right after the commit, on this thread, not after a trip through the actor's
+            // mailbox or the expiry: until they go, a query can be served an answer older than
+            // the watermark another one has just shown.
+            cache.invalidate_late(tenant, &self.deltas, retention, now_micros());
+        }
         if matches!(result, Ok(FlushOutcome::Stored)) && self.expire {
             if let Err(error) = rollups::expire(storage, tenant, retention, now_micros()) {
                 tracing::warn!(%tenant, %error, "expiring old rollups failed");
@@ -714,8 +724,6 @@ pub fn read_items(
     Ok(out)
 }
 
-/// The rollup items of the cold events with sequences in `from_seq..=through`: see
-/// [`cold_items`]. Blocking.
 /// Where a catch-up step found the next entries.
 enum LogRead {
     /// Read from the hot log (empty at its end).
@@ -724,6 +732,8 @@ enum LogRead {
     InCold { through: u64 },
 }
 
+/// The rollup items of the cold events with sequences in `from_seq..=through`: see
+/// [`cold_items`]. Blocking.
 fn read_cold_items(
     storage: &Storage,
     store: &cold::ColdStore,
@@ -1156,6 +1166,7 @@ mod tests {
             .ok()
             .unwrap();
         done.await.unwrap();
+        until(&actor, "reloaded", |s| s.phase == Phase::CatchingUp).await;
         actix_rt::time::sleep(Duration::from_millis(300)).await;
         let waiting = actor.send(Inspect).await.unwrap();
         assert_eq!(
