@@ -1003,6 +1003,16 @@ mod tests {
             }
         }
 
+        /// Asks the actor for a rebuild; the receiver is answered once the old rollups are gone.
+        fn ask_rebuild(&self) -> tokio::sync::oneshot::Receiver<()> {
+            let (deleted, done) = tokio::sync::oneshot::channel();
+            self.mailbox
+                .try_send(RollupMessage::Rebuild(deleted))
+                .ok()
+                .unwrap();
+            done
+        }
+
         fn push(&self, batch: RollupBatch) {
             self.mailbox
                 .try_send(RollupMessage::Rolled(batch))
@@ -1116,12 +1126,7 @@ mod tests {
         let actor = rig.start();
         until(&actor, "flushed", |s| s.stored_watermark == 3).await;
         let before = actor.send(Inspect).await.unwrap().epoch;
-        let (deleted, done) = tokio::sync::oneshot::channel();
-        rig.mailbox
-            .try_send(RollupMessage::Rebuild(deleted))
-            .ok()
-            .unwrap();
-        done.await.unwrap();
+        rig.ask_rebuild().await.unwrap();
         let rebuilt = until(&actor, "replayed", |s| {
             s.phase == Phase::Idle && s.stored_watermark == 3
         })
@@ -1160,12 +1165,7 @@ mod tests {
         // The pool's one thread is taken: a rebuild's replay of the cold entries must wait.
         let (release, released) = std::sync::mpsc::channel::<()>();
         let blocker = rig.deps.cold_tasks.run(move || released.recv());
-        let (deleted, done) = tokio::sync::oneshot::channel();
-        rig.mailbox
-            .try_send(RollupMessage::Rebuild(deleted))
-            .ok()
-            .unwrap();
-        done.await.unwrap();
+        rig.ask_rebuild().await.unwrap();
         until(&actor, "reloaded", |s| s.phase == Phase::CatchingUp).await;
         actix_rt::time::sleep(Duration::from_millis(300)).await;
         let waiting = actor.send(Inspect).await.unwrap();
@@ -1196,12 +1196,7 @@ mod tests {
         until(&actor, "catching up", |s| s.phase == Phase::CatchingUp).await;
         // A rebuild starts a new epoch while a chunk is being read: that chunk's result must
         // not be applied on top of the replay.
-        let (deleted, done) = tokio::sync::oneshot::channel();
-        rig.mailbox
-            .try_send(RollupMessage::Rebuild(deleted))
-            .ok()
-            .unwrap();
-        done.await.unwrap();
+        rig.ask_rebuild().await.unwrap();
         until(&actor, "replayed", |s| {
             s.phase == Phase::Idle && s.stored_watermark == total
         })
@@ -1221,11 +1216,7 @@ mod tests {
         let first = rig.append(2).await;
         rig.push(first);
         until(&actor, "waiting for a slot", |s| s.phase == Phase::Flushing).await;
-        let (deleted, done) = tokio::sync::oneshot::channel();
-        rig.mailbox
-            .try_send(RollupMessage::Rebuild(deleted))
-            .ok()
-            .unwrap();
+        let done = rig.ask_rebuild();
         drop(slot);
         tokio::time::timeout(Duration::from_secs(10), done)
             .await
