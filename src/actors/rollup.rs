@@ -1020,7 +1020,8 @@ mod tests {
                 .unwrap();
         }
 
-        /// Events counted in today's stored day bucket.
+        /// Events counted in the stored day buckets of today and yesterday (a test may cross
+        /// midnight between its appends and its checks).
         fn stored_count(&self) -> u64 {
             let day = Resolution::Day.bucket(now_micros());
             let width = Resolution::Day.width();
@@ -1029,7 +1030,7 @@ mod tests {
                 self.tenant,
                 Resolution::Day,
                 "Signed Up",
-                day,
+                day - width,
                 day + width,
             )
             .unwrap()

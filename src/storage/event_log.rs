@@ -120,6 +120,10 @@ pub trait EventLog: Send + Sync {
     /// covered, so the writer answers a group only after a sync that started after its commit.
     fn sync(&self) -> Result<(), StorageError>;
 
+    /// Tests: the writer handed a committed group of `requests` requests to the sync thread.
+    #[cfg(test)]
+    fn handed_to_sync(&self, _requests: usize) {}
+
     /// The last sequence ever assigned to the tenant (0: none). Never decreases.
     fn head(&self, tenant: TenantId) -> Result<u64, StorageError>;
 

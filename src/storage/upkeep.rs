@@ -105,7 +105,11 @@ mod tests {
             storage.meta.insert(i.to_be_bytes(), &value).unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while storage.meta.tree.table_count() < 2 && Instant::now() < deadline {
+        let sealed = || {
+            storage.meta.tree.table_count() >= 2
+                && storage.meta.tree.active_memtable().size() <= 4 << 20
+        };
+        while !sealed() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(

@@ -742,12 +742,16 @@ impl Writer {
             return;
         }
         let keys = self.take_keys();
+        #[cfg(test)]
+        let requests = replies.len();
         self.syncer.send(ToSync::Group(StagedGroup {
             replies,
             keys,
             group_started,
             commit_started,
         }));
+        #[cfg(test)]
+        self.log.handed_to_sync(requests);
         self.dedup.forget_ingested();
     }
 
@@ -962,6 +966,8 @@ pub(crate) mod tests {
         appends: std::sync::atomic::AtomicUsize,
         /// The highest sequence staged (written and flushed to the OS).
         staged: std::sync::atomic::AtomicUsize,
+        /// Requests handed to the sync thread.
+        handed: std::sync::atomic::AtomicUsize,
         syncing: crossbeam_channel::Sender<()>,
         release: crossbeam_channel::Receiver<()>,
     }
@@ -982,6 +988,9 @@ pub(crate) mod tests {
             self.staged
                 .fetch_max(highest.unwrap_or(0), Ordering::SeqCst);
             Ok(())
+        }
+        fn handed_to_sync(&self, requests: usize) {
+            self.handed.fetch_add(requests, Ordering::SeqCst);
         }
         fn sync(&self) -> Result<(), StorageError> {
             let _ = self.syncing.send(());
@@ -1035,6 +1044,7 @@ pub(crate) mod tests {
             log: storage.log_handle(),
             appends: Default::default(),
             staged: Default::default(),
+            handed: Default::default(),
             syncing,
             release,
         });
@@ -1052,8 +1062,9 @@ pub(crate) mod tests {
         // The first group's fsync is held; the next two are written meanwhile.
         let (second, third) = (submit("p2"), submit("p3"));
         let deadline = Instant::now() + Duration::from_secs(10);
-        // Staged (written, flushed) while the first fsync is held: both of them.
-        while log.staged.load(Ordering::SeqCst) < 3 {
+        // Staged (written, flushed) and handed to the sync thread while the first fsync is
+        // held: both of them.
+        while log.staged.load(Ordering::SeqCst) < 3 || log.handed.load(Ordering::SeqCst) < 3 {
             assert!(Instant::now() < deadline, "not written during the fsync");
             std::thread::sleep(Duration::from_millis(5));
         }
