@@ -513,6 +513,8 @@ pub enum Error {
     NotRunning,
     /// Something did not happen in time (a process that was to exit has been killed).
     TimedOut(String),
+    /// A service instance (redis-server, nats-server) ended as it started.
+    Exited(String),
     /// A file, `/proc` or kill(1) failed.
     Io { what: String, source: io::Error },
     /// An HTTP request failed, or its reply was not the expected one.
@@ -528,7 +530,7 @@ impl fmt::Display for Error {
                 "the server did not start (no listening line within {START_TIMEOUT:?}); its log:\n{log}"
             ),
             Error::NotRunning => f.write_str("the server process is not running"),
-            Error::TimedOut(what) => f.write_str(what),
+            Error::TimedOut(what) | Error::Exited(what) => f.write_str(what),
             Error::Io { what, source } => write!(f, "{what}: {source}"),
             Error::Http { what, detail } => write!(f, "{what}: {detail}"),
         }

@@ -4,7 +4,7 @@
 //! already run. A test can kill, restart (same port, same directory: what the engine persisted
 //! survives), pause and resume an instance; it is killed when dropped.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,6 +29,7 @@ impl Engine {
 
     fn args(self, port: u16, dir: &Path) -> Vec<String> {
         let port = port.to_string();
+        let name = instance_name(dir);
         let dir = dir.display().to_string();
         let args: Vec<&str> = match self {
             // Append-only file, fsync'd every second: a restart keeps what Redis's own
@@ -47,13 +48,25 @@ impl Engine {
                 "--appendfsync",
                 "everysec",
             ],
-            Engine::Nats => vec!["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &dir],
+            // Named after its directory, so that its greeting tells it from another instance.
+            Engine::Nats => vec![
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-sd",
+                &dir,
+                "-n",
+                &name,
+            ],
         };
         args.into_iter().map(str::to_string).collect()
     }
 
-    /// Whether the instance on `port` answers its protocol's greeting.
-    fn answers(self, port: u16) -> bool {
+    /// Whether the instance started as process `pid` in `dir` answers on `port` (not another
+    /// process that holds the port).
+    fn answers(self, port: u16, pid: u32, dir: &Path) -> bool {
         let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
             return false;
         };
@@ -61,17 +74,44 @@ impl Engine {
         let mut reader = BufReader::new(&stream);
         let mut line = String::new();
         match self {
+            // `INFO server` is a bulk reply whose lines include `process_id:<pid>`.
             Engine::Redis => {
                 let mut writer = &stream;
-                if writer.write_all(b"PING\r\n").is_err() {
+                if writer.write_all(b"INFO server\r\n").is_err() {
                     return false;
                 }
-                reader.read_line(&mut line).is_ok() && line.starts_with("+PONG")
+                // `$<length>`, then that many bytes; an error (`-LOADING ...`) is not an answer.
+                let length = match reader.read_line(&mut line) {
+                    Ok(_) => line
+                        .trim_end()
+                        .strip_prefix('$')
+                        .and_then(|n| n.parse().ok()),
+                    Err(_) => None,
+                };
+                let mut info = vec![0u8; length.unwrap_or(0)];
+                if length.is_none() || reader.read_exact(&mut info).is_err() {
+                    return false;
+                }
+                let wanted = format!("process_id:{pid}");
+                String::from_utf8_lossy(&info)
+                    .lines()
+                    .any(|line| line.trim_end() == wanted)
             }
-            // The server greets every client with its INFO line.
-            Engine::Nats => reader.read_line(&mut line).is_ok() && line.starts_with("INFO"),
+            // The server greets every client with its INFO line, which holds its name.
+            Engine::Nats => {
+                let wanted = format!("\"server_name\":\"{}\"", instance_name(dir));
+                reader.read_line(&mut line).is_ok()
+                    && line.starts_with("INFO")
+                    && line.contains(&wanted)
+            }
         }
     }
+}
+
+/// An instance's name: its directory's, unique among the instances running.
+fn instance_name(dir: &Path) -> String {
+    let base = dir.file_name().unwrap_or_default().to_string_lossy();
+    format!("testkit{base}")
 }
 
 /// One running (or stopped) instance.
@@ -84,21 +124,29 @@ pub struct Service {
 
 impl Service {
     /// Starts an instance on a free port with a new temporary directory, and waits until it
-    /// answers.
+    /// answers. The port is free when chosen but may be taken before the instance binds it
+    /// (by another test's instance): one that exits at once is started again on another port.
     pub fn start(engine: Engine) -> Result<Service, Error> {
-        let port = crate::free_port()?;
         let dir = tempfile::tempdir().map_err(|source| Error::Io {
             what: "creating a temporary directory".into(),
             source,
         })?;
         let mut service = Service {
             engine,
-            port,
+            port: crate::free_port()?,
             dir,
             child: None,
         };
-        service.spawn()?;
-        Ok(service)
+        let mut attempts = 1;
+        loop {
+            match service.spawn() {
+                Err(Error::Exited(_)) if attempts < 3 => {
+                    attempts += 1;
+                    service.port = crate::free_port()?;
+                }
+                other => return other.map(|()| service),
+            }
+        }
     }
 
     pub fn redis() -> Result<Service, Error> {
@@ -120,9 +168,17 @@ impl Service {
                 what: format!("starting {program} (scripts/services-env.sh installs it)"),
                 source,
             })?;
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.engine.answers(self.port) {
+        while !self.engine.answers(self.port, pid, self.dir.path()) {
+            if self.exited() {
+                self.kill();
+                return Err(Error::Exited(format!(
+                    "{program} exited at start (port {} taken?)",
+                    self.port
+                )));
+            }
             if Instant::now() > deadline {
                 self.kill();
                 return Err(Error::TimedOut(format!(
@@ -133,6 +189,14 @@ impl Service {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// True once the started process has ended.
+    fn exited(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        !matches!(child.try_wait(), Ok(None))
     }
 
     /// `redis://127.0.0.1:<port>` or `nats://127.0.0.1:<port>`.
@@ -191,5 +255,31 @@ impl Drop for Service {
         // A paused process must be resumed to die promptly of its SIGKILL's effects on wait.
         let _ = self.resume();
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An instance whose port was taken exits; it is reported as such, not mistaken for the
+    /// process that answers on the port.
+    #[test]
+    fn an_instance_that_cannot_bind_is_not_mistaken_for_another() {
+        for engine in [Engine::Redis, Engine::Nats] {
+            let first = Service::start(engine).unwrap();
+            let mut second = Service {
+                engine,
+                port: first.port(),
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            };
+            let started = second.spawn();
+            assert!(
+                matches!(started, Err(Error::Exited(_))),
+                "{engine:?}: {started:?}"
+            );
+        }
     }
 }
