@@ -294,13 +294,18 @@ impl RollupActor {
         let from = self.applied_seq + 1;
         let heads = self.deps.writer.heads().clone();
         let cold_step = self.deps.cold_settings.max_flush_events as u64;
+        // Where the cold tier holds `from` on, the step reads that far from its segments.
+        let in_cold = move |storage: &Storage| -> Result<Option<LogRead>, StorageError> {
+            let cold_through = cold::cold_watermark(storage, tenant)?;
+            Ok((from <= cold_through).then(|| LogRead::InCold {
+                through: cold_through.min(from.saturating_add(cold_step)),
+            }))
+        };
         self.fenced(
             ctx,
             move |storage| {
-                let cold_through = cold::cold_watermark(storage, tenant)?;
-                if from <= cold_through {
-                    let through = cold_through.min(from.saturating_add(cold_step));
-                    return Ok(LogRead::InCold { through });
+                if let Some(cold) = in_cold(storage)? {
+                    return Ok(cold);
                 }
                 // Only durable entries: the rollups persist what they apply.
                 let durable = crate::query::log_head(storage, &heads, tenant)?;
@@ -308,12 +313,7 @@ impl RollupActor {
                 // A cold pass that began before a rebuild may have moved entries from `from`
                 // on meanwhile and deleted them here; its commit comes before the deletion, so
                 // the watermark then shows it and the read may have skipped them.
-                let cold_through = cold::cold_watermark(storage, tenant)?;
-                if from <= cold_through {
-                    let through = cold_through.min(from.saturating_add(cold_step));
-                    return Ok(LogRead::InCold { through });
-                }
-                Ok(LogRead::Hot(read))
+                Ok(in_cold(storage)?.unwrap_or(LogRead::Hot(read)))
             },
             move |actor, read, ctx| match read {
                 Ok(LogRead::Hot(batches)) => actor.caught_up_chunk(batches, ctx),

@@ -252,7 +252,7 @@ pub fn enforce_limits(
 ) -> Result<u64, StorageError> {
     let low = time_bound(tenant, 0).to_vec();
     let high = time_bound(tenant, oldest).to_vec();
-    let (mut removed, mut deleted) = (0u64, 0u64);
+    let mut removed = 0u64;
     let mut freed = 0u64;
     let mut batch = storage.batch();
     for guard in storage.deadletters.range(low..high) {
@@ -261,7 +261,6 @@ pub fn enforce_limits(
             .map_err(StorageError::engine("expiring dead letters"))?;
         freed += (key.len() + value.len()) as u64;
         removed += u64::from(!is_batch_record(&key));
-        deleted += 1;
         batch.remove(&storage.deadletters, key);
     }
     let mut total = storage
@@ -283,11 +282,10 @@ pub fn enforce_limits(
             total = total.saturating_sub(bytes);
             freed += bytes;
             removed += u64::from(!is_batch_record(&key));
-            deleted += 1;
             batch.remove(&storage.deadletters, key);
         }
     }
-    if deleted > 0 {
+    if !batch.is_empty() {
         batch
             .commit()
             .map_err(StorageError::engine("deleting dead letters"))?;

@@ -81,15 +81,13 @@ impl Engine {
                     return false;
                 }
                 // `$<length>`, then that many bytes; an error (`-LOADING ...`) is not an answer.
-                let length = match reader.read_line(&mut line) {
-                    Ok(_) => line
-                        .trim_end()
-                        .strip_prefix('$')
-                        .and_then(|n| n.parse().ok()),
-                    Err(_) => None,
+                let length = (reader.read_line(&mut line).ok())
+                    .and_then(|_| line.trim_end().strip_prefix('$')?.parse().ok());
+                let Some(length) = length else {
+                    return false;
                 };
-                let mut info = vec![0u8; length.unwrap_or(0)];
-                if length.is_none() || reader.read_exact(&mut info).is_err() {
+                let mut info = vec![0u8; length];
+                if reader.read_exact(&mut info).is_err() {
                     return false;
                 }
                 let wanted = format!("process_id:{pid}");
