@@ -148,8 +148,7 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
     // The admin listing names the same segments as the directory holds. The pass that
     // flushed the last events may still be compacting an hour's segments: wait until both
     // sides agree.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (files, listing) = loop {
+    let (files, listing) = common::poll(Duration::from_secs(30), || {
         let files = parquet_files(&dir.path().join("cold/events"));
         let listing = server.admin(
             "GET",
@@ -172,11 +171,11 @@ fn flushed_events_are_read_once_across_both_tiers_and_restarts() {
             .collect();
         listed.sort();
         if listed == files {
-            break (files, listing);
+            Ok((files, listing))
+        } else {
+            Err(format!("{listed:?} != {files:?}"))
         }
-        assert!(Instant::now() < deadline, "{listed:?} != {files:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    });
 
     // Hourly Parquet segments, by event time, Hive style.
     assert!(files.len() >= 2, "{files:?}");

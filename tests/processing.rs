@@ -582,17 +582,14 @@ fn dead_letters_are_durable_when_acknowledged_and_expire() {
     }
     // The context's 60 KB are stored once, not once per letter (1.2 MB).
     let label = format!("statsremote_dead_letter_bytes{{tenant=\"{}\"}} ", tenant.id);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let bytes = loop {
+    let bytes = common::poll(std::time::Duration::from_secs(30), || {
         // The flusher runs once its tenant's pipeline does; a query starts it.
         server.wait_rollups_caught_up(&tenant.read_key);
         let metrics = server.metrics();
-        if let Some(value) = metrics.lines().find_map(|l| l.strip_prefix(&label)) {
-            break value.trim().parse::<f64>().unwrap();
-        }
-        assert!(std::time::Instant::now() < deadline, "no {label}");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+        let value = metrics.lines().find_map(|l| l.strip_prefix(&label));
+        let value = value.ok_or_else(|| format!("no {label}"))?;
+        Ok(value.trim().parse::<f64>().unwrap())
+    });
     assert!((60_000.0..200_000.0).contains(&bytes), "{bytes} bytes");
 
     // Retention: letters older than it go at the tenant's next flusher pass.
@@ -605,24 +602,18 @@ fn dead_letters_are_durable_when_acknowledged_and_expire() {
         "statsremote_dead_letters_expired_total{{tenant=\"{}\"}} ",
         tenant.id
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    let expired = common::poll(std::time::Duration::from_secs(30), || {
         let left = dead_letters(&server, &tenant, "")["items"]
             .as_array()
             .unwrap()
             .len();
         let metrics = server.metrics();
-        let expired = metrics.lines().find_map(|l| l.strip_prefix(&label));
-        if let (0, Some(expired)) = (left, expired) {
-            assert_eq!(expired.trim(), "20");
-            break;
+        match (left, metrics.lines().find_map(|l| l.strip_prefix(&label))) {
+            (0, Some(expired)) => Ok(expired.trim().to_string()),
+            (left, expired) => Err(format!("{left} letters left, expired counter {expired:?}")),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{left} letters left, expired counter {expired:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    });
+    assert_eq!(expired, "20");
 }
 
 #[test]

@@ -478,14 +478,12 @@ fn late_events_invalidate_cached_answers() {
     send(&server, &tenant, &[ev("2", day + 2 * HOUR)]);
     wait_caught_up(&server, &tenant, 2);
     // The flush invalidates the cached answers after its watermark becomes visible.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&server) != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the late event did not invalidate the cached answer"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::poll(Duration::from_secs(30), || match count(&server) {
+        2 => Ok(()),
+        n => Err(format!(
+            "the late event did not invalidate the cached answer: {n}"
+        )),
+    });
     let after = minute_counts(&server);
     assert_eq!((after[60], after[120]), (1, 1), "and the cached block");
     assert_eq!(after.iter().sum::<u64>(), 2);
@@ -718,8 +716,7 @@ fn events_past_a_resolutions_retention_skip_only_that_resolution() {
     );
     assert_eq!(hour.json()["points"][0]["value"], 1);
     // Counted once the flush's watermark is visible, a moment later.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    common::poll(Duration::from_secs(30), || {
         let metrics = server.metrics();
         let skipped = metrics.lines().any(|l| {
             l.starts_with("statsremote_rollup_skipped_events_total")
@@ -727,9 +724,9 @@ fn events_past_a_resolutions_retention_skip_only_that_resolution() {
                 && l.ends_with(" 1")
         });
         if skipped {
-            break;
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(Instant::now() < deadline, "{metrics}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }

@@ -443,6 +443,19 @@ pub fn connect_with_headers(
     }
 }
 
+/// Calls `check` every 100 ms until it gives a value, for at most `timeout`, then fails with
+/// its last reason: for what the server produces a moment after a change a test can see.
+pub fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) => assert!(std::time::Instant::now() < deadline, "{why}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Sleeps, if need be, until at least `needed` is left in the current UTC minute: a live tick's
 /// minute holds that minute's events only, so events sent just before it ends may show in no
 /// tick at all.
